@@ -1,0 +1,97 @@
+"""Backbone registry: every feature network is created by name, timm-style.
+
+A backbone module registers a factory with :func:`register`; the factory returns a
+:class:`Backbone` whose ``forward_levels`` yields the feature map of each level.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import GaussadError
+
+
+@dataclass
+class BackboneSpec:
+    """What the registry knows about a backbone before it is built."""
+
+    name: str
+    factory: Callable[..., "Backbone"]
+    input_size: int
+    level_names: tuple[str, ...]
+    needs_weights_file: bool = False
+    description: str = ""
+
+
+class Backbone(nn.Module):
+    """A frozen network that returns the feature maps of the requested levels, shallowest first."""
+
+    level_names: tuple[str, ...] = ()
+    level_channels: tuple[int, ...] = ()
+
+    def forward_levels(self, x: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
+        """Feature maps (B, C, H, W) for the given sorted level indices; stops after the deepest one."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone to the registry under ``spec.name``."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones() -> list[str]:
+    """Names of every registered backbone."""
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registry entry for ``name``; a clear error lists the valid names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise GaussadError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}") from None
+
+
+def create_backbone(name: str, input_size: int | None = None, weights: str | os.PathLike | None = None) -> Backbone:
+    """Build a backbone by name, in eval mode with gradients off."""
+    spec = get_spec(name)
+    if spec.needs_weights_file and weights is None:
+        raise GaussadError(f"backbone {name!r} has no bundled weights: pass a local weights file (--weights PATH)")
+    model = spec.factory(input_size=input_size or spec.input_size, weights=weights)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def resolve_levels(spec_levels: Sequence[str], levels: Sequence[int | str] | None) -> list[int]:
+    """Turn level names or indices into sorted unique indices; ``None`` means all levels."""
+    if levels is None:
+        return list(range(len(spec_levels)))
+    out = set()
+    for level in levels:
+        if isinstance(level, str) and level.strip().lstrip("-").isdigit():
+            level = int(level)
+        if isinstance(level, int):
+            if not 0 <= level < len(spec_levels):
+                raise GaussadError(f"level {level} out of range 0..{len(spec_levels) - 1}")
+            out.add(level)
+        elif level in spec_levels:
+            out.add(spec_levels.index(level))
+        else:
+            raise GaussadError(f"unknown level {level!r}; levels are {', '.join(spec_levels)} (or 0..{len(spec_levels) - 1})")
+    if not out:
+        raise GaussadError("at least one level must be selected")
+    return sorted(out)
+
+
+from . import efficientnet  # noqa: E402,F401  (registers the EfficientNet family)

@@ -1,0 +1,180 @@
+"""Command-line interface: ``gaussad fit | score | evaluate | backbones``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import GaussadError
+
+EPILOG = "Images: PNG, JPEG, BMP, TIFF, WebP; grayscale and RGBA are converted to RGB."
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    from .gaussian import ESTIMATORS
+
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="efficientnet-lite0", help="feature network (see `gaussad backbones`; default %(default)s)")
+    g.add_argument("--weights", help="local weights file for the backbone (.pth/.pt state dict or .safetensors); required for efficientnet-b0..b7")
+    g.add_argument("--levels", help="comma-separated levels by name or index (stem,stage1..stage7,head = 0..8); default all 9")
+    g.add_argument("--input-size", type=int, help="square input size in pixels (default: the backbone's native size)")
+    g.add_argument("--estimator", default="ledoit-wolf", choices=ESTIMATORS, help="covariance estimator or baseline (default %(default)s)")
+    g.add_argument("--reduction", default="none", choices=("none", "pca", "npca"),
+                   help="pca keeps the high-variance components, npca the low-variance ones (default %(default)s)")
+    g.add_argument("--variance", type=float, default=0.99, help="explained-variance threshold for pca/npca (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
+
+
+def _model_params(args: argparse.Namespace) -> dict:
+    return {
+        "backbone": args.backbone,
+        "weights": args.weights,
+        "levels": [s.strip() for s in args.levels.split(",") if s.strip()] if args.levels else None,
+        "input_size": args.input_size,
+        "estimator": args.estimator,
+        "reduction": None if args.reduction == "none" else args.reduction,
+        "variance": args.variance,
+        "batch_size": args.batch_size,
+    }
+
+
+def _training_images(folder: str) -> list[Path]:
+    """Images of a folder; an MVTec-layout category means its train/good."""
+    from .datasets import is_category
+    from .images import list_images
+
+    path = Path(folder)
+    return list_images(path / "train" / "good" if is_category(path) else path)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .model import GaussianAD
+
+    files = _training_images(args.train_dir)
+    model = GaussianAD(**_model_params(args), verbose=not (args.quiet or args.json))
+    model.fit(files)
+    model.save(args.output)
+    summary = {"model": str(args.output), "n_images": model.n_samples_, "backbone": model.backbone,
+               "levels": model.level_names_, "input_size": model.input_size_, "feature_dims": model.feature_dims_}
+    if args.json:
+        print(json.dumps(summary))
+    elif not args.quiet:
+        print(f"fitted on {model.n_samples_} images from {args.train_dir}; wrote {args.output}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .images import expand_sources
+    from .persistence import load
+
+    model = load(args.model)
+    model.verbose = not (args.quiet or args.json)
+    model.batch_size = args.batch_size
+    files = expand_sources(args.images)
+    levels = model.level_scores(files)
+    decisions, pvalues = model.decide(levels, args.fpr)
+    scores = levels.mean(axis=1)
+    rows = [
+        {"path": str(f), "score": float(s), "levels": dict(zip(model.level_names_, map(float, lv))),
+         "pvalue": float(p), "anomalous": bool(d)}
+        for f, s, lv, p, d in zip(files, scores, levels, pvalues, decisions)
+    ]
+    if args.json:
+        print(json.dumps({"model": str(args.model), "fpr": args.fpr, "threshold": "chi2-bonferroni", "results": rows}))
+        return 0
+    names = model.level_names_
+    width = max(len(r["path"]) for r in rows)
+    print("  ".join(["path".ljust(width), "score".rjust(8)] + [n.rjust(8) for n in names] + ["p-value".rjust(9), "decision"]))
+    for r in rows:
+        cells = [r["path"].ljust(width), f"{r['score']:8.3f}"] + [f"{r['levels'][n]:8.3f}" for n in names]
+        cells += [f"{r['pvalue']:9.2e}", "ANOMALY" if r["anomalous"] else "ok"]
+        print("  ".join(cells))
+    if not args.quiet:
+        print(f"{sum(r['anomalous'] for r in rows)} of {len(rows)} flagged at target FPR {args.fpr} "
+              "(chi-square per level, Bonferroni over levels)", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_markdown, format_table
+
+    report = evaluate(args.root, protocol=args.protocol, verbose=not args.quiet, **_model_params(args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.report:
+        Path(args.report).write_text(format_markdown(report))
+    print(format_table(report))
+    return 0
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from .backbones import get_spec, list_backbones
+
+    for name in list_backbones():
+        spec = get_spec(name)
+        print(f"{name:20s} {spec.input_size:4d} px  {spec.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gaussad",
+        description="Visual anomaly detection: a Gaussian per level of pretrained EfficientNet features, fitted on normal images only.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"gaussad {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fit", help="fit a model on a folder of normal images", epilog=EPILOG,
+                       description="Fit a model on the images of TRAIN_DIR (or its train/good if it is an MVTec category).")
+    p.add_argument("train_dir", metavar="TRAIN_DIR")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (written atomically)")
+    _model_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("score", help="score images with a fitted model", epilog=EPILOG,
+                       description="Score images: one row per image with its score, per-level distances, p-value and decision.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of the decision (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("evaluate", help="image AUROC on MVTec-layout data",
+                       description="Evaluate on ROOT, one category in MVTec layout or a folder of categories.")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("--protocol", choices=("paper", "full"), default="paper",
+                   help="paper: 5-fold KFold(shuffle, seed 0) of train/good, mean AUROC over folds; full: fit on all of train/good")
+    _model_options(p)
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
+    p.add_argument("--report", metavar="OUT.md", help="write a Markdown report to OUT.md")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("backbones", help="list the available backbones")
+    p.set_defaults(func=cmd_backbones)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GaussadError as exc:
+        print(f"gaussad: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gaussad: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

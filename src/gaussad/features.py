@@ -1,0 +1,98 @@
+"""Images -> pooled multi-level feature vectors from a frozen backbone (step 1 of the paper)."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import Backbone, create_backbone, get_spec, resolve_levels
+from .images import ImageSource, load_image, preprocess
+
+
+class PooledLevels(nn.Module):
+    """Backbone plus global average pooling of each chosen level: (B,3,S,S) -> tuple of (B, C_l)."""
+
+    def __init__(self, backbone: Backbone, levels: Sequence[int]):
+        super().__init__()
+        self.backbone = backbone
+        self.levels = list(levels)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps = self.backbone.forward_levels(x, self.levels)
+        return tuple(m.mean(dim=(2, 3)) for m in maps)
+
+
+class FeatureExtractor:
+    """Runs images through a backbone and returns one (n, C_l) float64 array per chosen level."""
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet-lite0",
+        levels: Sequence[int | str] | None = None,
+        input_size: int | None = None,
+        weights: str | os.PathLike | None = None,
+        batch_size: int = 16,
+        workers: int | None = None,
+    ):
+        spec = get_spec(backbone)
+        self.backbone_name = backbone
+        self.input_size = int(input_size or spec.input_size)
+        self.levels = resolve_levels(spec.level_names, levels)
+        self.level_names = [spec.level_names[i] for i in self.levels]
+        self.weights = weights
+        self.batch_size = batch_size
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        self._module: PooledLevels | None = None
+
+    @property
+    def module(self) -> PooledLevels:
+        """The torch module, built on first use so that constructing an extractor is cheap."""
+        if self._module is None:
+            net = create_backbone(self.backbone_name, self.input_size, self.weights)
+            self._module = PooledLevels(net, self.levels).eval()
+        return self._module
+
+    @property
+    def level_dims(self) -> list[int]:
+        """Feature dimension of each chosen level."""
+        return [self.module.backbone.level_channels[i] for i in self.levels]
+
+    def _batches(self, sources: Sequence[ImageSource]) -> Iterator[np.ndarray]:
+        """Decode and preprocess in a thread pool, keeping at most two batches in flight."""
+        size = self.input_size
+
+        def work(i: int) -> np.ndarray:
+            return preprocess(load_image(sources[i], i), size)
+
+        starts = range(0, len(sources), self.batch_size)
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending: deque = deque()
+            for start in starts:
+                pending.append([pool.submit(work, i) for i in range(start, min(start + self.batch_size, len(sources)))])
+                if len(pending) > 2:
+                    yield np.stack([f.result() for f in pending.popleft()])
+            while pending:
+                yield np.stack([f.result() for f in pending.popleft()])
+
+    def iter_features(self, sources: Sequence[ImageSource], progress=None) -> Iterator[list[np.ndarray]]:
+        """Yield per-level feature arrays batch by batch; ``progress`` is an optional tqdm-like bar."""
+        module = self.module
+        with torch.inference_mode():
+            for batch in self._batches(sources):
+                outs = module(torch.from_numpy(batch))
+                if progress is not None:
+                    progress.update(len(batch))
+                yield [o.numpy().astype(np.float64) for o in outs]
+
+    def extract(self, sources: Sequence[ImageSource], progress=None) -> list[np.ndarray]:
+        """All features of ``sources`` as one (n, C_l) array per level."""
+        chunks = list(self.iter_features(sources, progress))
+        if not chunks:
+            return [np.zeros((0, d)) for d in self.level_dims]
+        return [np.concatenate(level) for level in zip(*chunks)]

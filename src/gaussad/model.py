@@ -1,0 +1,284 @@
+"""The detector: pretrained multi-level features -> one Gaussian per level -> Mahalanobis scores."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import DataError, GaussadError
+from .features import FeatureExtractor
+from .gaussian import ESTIMATORS, REDUCTIONS, LevelGaussian, MomentStats
+from .images import ImageSource
+from .threshold import chi2_pvalue, chi2_threshold
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr, or None when progress is off."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+
+
+class GaussianAD:
+    """Anomaly detector of Rippel et al. (ICPR 2020), in scikit-learn style.
+
+    ``fit`` learns a Gaussian per feature level from normal images; ``score_samples`` returns the mean over
+    levels of the Mahalanobis distances (higher = more anomalous).
+    """
+
+    def __init__(
+        self,
+        backbone: str | None = "efficientnet-lite0",
+        levels: Sequence[int | str] | None = None,
+        input_size: int | None = None,
+        weights: str | os.PathLike | None = None,
+        estimator: str = "ledoit-wolf",
+        reduction: str | None = None,
+        variance: float = 0.99,
+        batch_size: int = 16,
+        verbose: bool = False,
+    ):
+        self.backbone = backbone
+        self.levels = levels
+        self.input_size = input_size
+        self.weights = weights
+        self.estimator = estimator
+        self.reduction = reduction
+        self.variance = variance
+        self.batch_size = batch_size
+        self.verbose = verbose
+
+    # ----- parameters and features -------------------------------------------------------------
+    def get_params(self) -> dict:
+        """Constructor parameters, as scikit-learn's ``get_params``."""
+        names = ("backbone", "levels", "input_size", "weights", "estimator", "reduction", "variance", "batch_size", "verbose")
+        return {n: getattr(self, n) for n in names}
+
+    def _validate_params(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise GaussadError(f"unknown estimator {self.estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
+        if self.reduction not in REDUCTIONS:
+            raise GaussadError(f"unknown reduction {self.reduction!r}; choose one of: none, pca, npca")
+        if self.reduction is not None and not 0.0 < float(self.variance) < 1.0:
+            raise GaussadError(f"variance must lie strictly between 0 and 1, got {self.variance}")
+        if int(self.batch_size) < 1:
+            raise GaussadError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def _extractor(self) -> FeatureExtractor:
+        """The feature extractor for this model's backbone (built once, cached)."""
+        cached = getattr(self, "_extractor_cache", None)
+        if cached is not None:
+            return cached
+        if self.backbone is None:
+            raise GaussadError("this model works on plain feature arrays (backbone=None): use fit_features/score_features")
+        levels = getattr(self, "levels_", None)
+        if levels is None:
+            levels = self.levels
+        extractor = FeatureExtractor(
+            self.backbone, levels, getattr(self, "input_size_", None) or self.input_size, self.weights, self.batch_size
+        )
+        self._extractor_cache = extractor
+        return extractor
+
+    def extract_features(self, images: Sequence[ImageSource], desc: str = "features") -> list[np.ndarray]:
+        """Per-level pooled features of ``images`` with this model's backbone."""
+        images = list(images)
+        bar = _progress(len(images), desc, self.verbose)
+        try:
+            return self._extractor().extract(images, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    # ----- fitting ------------------------------------------------------------------------------
+    def fit(self, images: Sequence[ImageSource], y=None) -> "GaussianAD":
+        """Learn one Gaussian per level from normal images (paths, PIL images or uint8 arrays)."""
+        self._validate_params()
+        self._reset()
+        images = list(images)
+        if len(images) < 2:
+            raise DataError(f"need at least 2 training images, got {len(images)}")
+        return self._fit_from_stats(self._accumulate(images, None))
+
+    def partial_fit(self, images: Sequence[ImageSource], y=None) -> "GaussianAD":
+        """Add images to the running statistics and refit; chunks give the same model as one ``fit``."""
+        self._validate_params()
+        images = list(images)
+        stats = self._accumulate(images, getattr(self, "stats_", None))
+        return self._fit_from_stats(stats, allow_few=True)
+
+    def fit_features(self, features: Sequence[np.ndarray]) -> "GaussianAD":
+        """Fit from plain per-level feature arrays (n, d_l), for users with their own features."""
+        self._validate_params()
+        self._reset()
+        feats = self._check_features(features, fitted=False)
+        if feats[0].shape[0] < 2:
+            raise DataError(f"need at least 2 training samples, got {feats[0].shape[0]}")
+        return self._fit_from_stats([MomentStats.from_array(f) for f in feats])
+
+    def partial_fit_features(self, features: Sequence[np.ndarray]) -> "GaussianAD":
+        """Add plain per-level feature arrays to the running statistics and refit."""
+        self._validate_params()
+        prev = getattr(self, "stats_", None)
+        feats = self._check_features(features, fitted=prev is not None)
+        stats = [MomentStats.from_array(f) if prev is None else s.update(f) for s, f in zip(prev or feats, feats)]
+        return self._fit_from_stats(stats, allow_few=True)
+
+    def merge(self, other: "GaussianAD") -> "GaussianAD":
+        """A new model fitted on the union of both models' training data (same settings required)."""
+        for attr in ("backbone", "levels_", "input_size_", "feature_dims_"):
+            if getattr(self, attr, None) != getattr(other, attr, None):
+                raise GaussadError(f"cannot merge models that differ in {attr.rstrip('_')}")
+        merged = GaussianAD(**self.get_params())
+        merged.levels_, merged.level_names_, merged.input_size_ = self.levels_, self.level_names_, self.input_size_
+        merged._validate_params()
+        return merged._fit_from_stats([a.merge(b) for a, b in zip(self.stats_, other.stats_)])
+
+    def _reset(self) -> None:
+        for attr in ("stats_", "gaussians_", "levels_", "level_names_", "input_size_", "feature_dims_", "n_samples_"):
+            self.__dict__.pop(attr, None)
+        self.__dict__.pop("_extractor_cache", None)
+
+    def _accumulate(self, images: list, prev: list[MomentStats] | None) -> list[MomentStats]:
+        """Stream images through the backbone, folding each batch into the moment statistics."""
+        extractor = self._extractor()
+        if prev is None:
+            self.levels_ = list(extractor.levels)
+            self.level_names_ = list(extractor.level_names)
+            self.input_size_ = extractor.input_size
+        stats = prev
+        bar = _progress(len(images), "fit", self.verbose)
+        try:
+            for batch in extractor.iter_features(images, bar):
+                stats = [MomentStats.from_array(b) for b in batch] if stats is None else [
+                    s.update(b) for s, b in zip(stats, batch)
+                ]
+        finally:
+            if bar is not None:
+                bar.close()
+        if stats is None:
+            raise DataError("no training images given")
+        return stats
+
+    def _fit_from_stats(self, stats: list[MomentStats], allow_few: bool = False) -> "GaussianAD":
+        n = stats[0].n
+        if n < 2:
+            if allow_few:
+                self.stats_ = stats
+                return self
+            raise DataError(f"need at least 2 training samples, got {n}")
+        try:
+            gaussians = [LevelGaussian.fit(s, self.estimator, self.reduction, float(self.variance)) for s in stats]
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        self.stats_ = stats
+        self.gaussians_ = gaussians
+        self.feature_dims_ = [s.dim for s in stats]
+        self.n_samples_ = n
+        if not hasattr(self, "levels_"):
+            self.levels_ = list(range(len(stats)))
+            self.level_names_ = [f"level{i}" for i in range(len(stats))]
+            self.input_size_ = None
+        return self
+
+    def _check_features(self, features: Sequence[np.ndarray], fitted: bool) -> list[np.ndarray]:
+        if isinstance(features, np.ndarray):
+            features = [features]
+        feats = [np.asarray(f, dtype=np.float64) for f in features]
+        if any(f.ndim != 2 for f in feats):
+            raise DataError("features must be a list of 2-D arrays (n_samples, n_features), one per level")
+        if len({f.shape[0] for f in feats}) != 1:
+            raise DataError("every level must have the same number of samples")
+        if fitted:
+            dims = [f.shape[1] for f in feats]
+            if dims != self.feature_dims_:
+                raise DataError(f"feature dimensions {dims} do not match the fitted model's {self.feature_dims_}")
+        for i, f in enumerate(feats):
+            bad = int((~np.isfinite(f)).any(axis=1).sum())
+            if bad:
+                raise DataError(f"level {i}: {bad} sample(s) have NaN or infinite features")
+        return feats
+
+    # ----- scoring ------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if getattr(self, "gaussians_", None) is None:
+            raise GaussadError("this GaussianAD is not fitted yet: call fit first")
+
+    def level_scores_features(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        """Mahalanobis distance of each sample to each level's Gaussian: (n, n_levels)."""
+        self._check_fitted()
+        feats = self._check_features(features, fitted=True)
+        return np.stack([g.distances(f) for g, f in zip(self.gaussians_, feats)], axis=1)
+
+    def score_features(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        """Image scores from plain features: the mean over levels of the distances."""
+        return self.level_scores_features(features).mean(axis=1)
+
+    def level_scores(self, images: Sequence[ImageSource]) -> np.ndarray:
+        """Per-level Mahalanobis distances of images: (n, n_levels)."""
+        self._check_fitted()
+        return self.level_scores_features(self.extract_features(images, "score"))
+
+    def score_samples(self, images: Sequence[ImageSource]) -> np.ndarray:
+        """Anomaly score of each image (mean over levels of the distances; higher = more anomalous)."""
+        return self.level_scores(images).mean(axis=1)
+
+    @property
+    def dofs_(self) -> list[int]:
+        """Degrees of freedom of each level's chi-square law (its dimension after reduction)."""
+        self._check_fitted()
+        return [g.dof for g in self.gaussians_]
+
+    def level_thresholds(self, fpr: float) -> np.ndarray:
+        """Per-level distance thresholds from the chi-square law at target false-positive rate ``fpr``."""
+        return np.array([chi2_threshold(k, fpr) for k in self.dofs_])
+
+    def decide(self, level_scores: np.ndarray, fpr: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+        """Decisions (1 = anomalous) and p-values from per-level distances.
+
+        An image is flagged when any level exceeds its chi-square threshold at ``fpr / n_levels`` (Bonferroni),
+        so under the Gaussian model the false-positive rate stays at most ``fpr``. The p-value is the
+        Bonferroni-adjusted minimum of the per-level chi-square p-values.
+        """
+        level_scores = np.atleast_2d(level_scores)
+        n_levels = level_scores.shape[1]
+        thresholds = np.array([chi2_threshold(k, fpr / n_levels) for k in self.dofs_])
+        pvals = np.stack([chi2_pvalue(level_scores[:, i], k) for i, k in enumerate(self.dofs_)], axis=1)
+        pvalue = np.minimum(pvals.min(axis=1) * n_levels, 1.0)
+        return (level_scores > thresholds).any(axis=1).astype(int), pvalue
+
+    def predict(self, images: Sequence[ImageSource], fpr: float = 0.01) -> np.ndarray:
+        """1 for images judged anomalous at target false-positive rate ``fpr``, else 0."""
+        return self.decide(self.level_scores(images), fpr)[0]
+
+    # ----- persistence --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted model to one file, atomically (see :mod:`gaussad.persistence`)."""
+        from .persistence import save_model
+
+        self._check_fitted()
+        save_model(self, path)
+
+    def metadata(self) -> dict:
+        """JSON-serialisable description of the fitted model (stored in the model file)."""
+        self._check_fitted()
+        return {
+            "gaussad_version": __version__,
+            "backbone": self.backbone,
+            "weights": os.fspath(self.weights) if self.weights is not None else None,
+            "levels": list(self.levels_),
+            "level_names": list(self.level_names_),
+            "input_size": self.input_size_,
+            "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": "square-bilinear"},
+            "estimator": self.estimator,
+            "reduction": self.reduction,
+            "variance": float(self.variance),
+            "n_samples": int(self.n_samples_),
+            "feature_dims": list(self.feature_dims_),
+            "gaussians": [g.meta() for g in self.gaussians_],
+        }

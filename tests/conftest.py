@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny synthetic data set in MVTec layout and the path of the real shared data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+
+# Small settings that keep every backbone test fast: low resolution, the first levels only.
+TINY = {"backbone": "efficientnet-lite0", "input_size": 64, "levels": ["stem", "stage1", "stage2", "stage3"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """A small texture data set with two categories, built once per test session."""
+    from gaussad.synthetic import build_texture_dataset
+
+    root = tmp_path_factory.mktemp("textures")
+    return build_texture_dataset(root, size=64, n_train=10, n_test_good=6, n_test_bad=6, categories=["brick", "gravel"])
+
+
+@pytest.fixture(scope="session")
+def tiny_category(tiny_root) -> Path:
+    return tiny_root / "brick"
+
+
+def needs_shared(*parts: str) -> Path:
+    """Path under ../shared/data, or skip the test where the shared data is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not present: {path}")
+    return path

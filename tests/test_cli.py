@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gaussad.cli import main
+
+from .conftest import TINY
+
+TINY_ARGS = ["--input-size", str(TINY["input_size"]), "--levels", ",".join(TINY["levels"])]
+
+
+def test_fit_score_roundtrip(tiny_category, tmp_path, capsys):
+    model = tmp_path / "brick.gaussad"
+    assert main(["fit", str(tiny_category), "-o", str(model), "--quiet", *TINY_ARGS]) == 0
+    assert model.is_file()
+    good, bad = tiny_category / "test" / "good", tiny_category / "test" / "patch"
+    capsys.readouterr()
+    assert main(["score", str(model), str(good), str(bad), "--json", "--fpr", "0.05"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["results"]
+    assert len(rows) == len(list(good.iterdir())) + len(list(bad.iterdir()))
+    first = rows[0]
+    assert set(first) == {"path", "score", "levels", "pvalue", "anomalous"}
+    assert list(first["levels"]) == TINY["levels"]
+    assert first["score"] == pytest.approx(np.mean(list(first["levels"].values())))
+    assert main(["score", str(model), str(good), "--quiet"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["path", "score"] and len(table) == 1 + len(list(good.iterdir()))
+
+
+def test_evaluate_writes_json_and_report(tiny_root, tmp_path, capsys):
+    out, report = tmp_path / "r.json", tmp_path / "r.md"
+    assert main(["evaluate", str(tiny_root), "--protocol", "paper", "--json", str(out), "--report", str(report), "--quiet", *TINY_ARGS]) == 0
+    data = json.loads(out.read_text())
+    assert data["protocol"] == "paper" and data["backbone"] == "efficientnet-lite0"
+    assert set(data["categories"]) == {"brick", "gravel"}
+    for cat in data["categories"].values():
+        assert len(cat["fold_aurocs"]) == 5 and len(cat["level_aurocs"]) == 4
+        assert cat["image_auroc"] == pytest.approx(np.mean(cat["fold_aurocs"]))
+    aurocs = [c["image_auroc"] for c in data["categories"].values()]
+    assert data["mean_image_auroc"] == pytest.approx(np.mean(aurocs))
+    assert data["sem"] == pytest.approx(np.std(aurocs, ddof=1) / np.sqrt(2))
+    assert "| brick |" in report.read_text()
+    assert "mean +/- SEM" in capsys.readouterr().out
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "gaussad", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "make_args, needle",
+    [
+        (lambda d: ["fit", str(d / "empty"), "-o", str(d / "m")], "no images found"),
+        (lambda d: ["fit", str(d / "one"), "-o", str(d / "m")], "at least 2"),
+        (lambda d: ["fit", str(d / "corrupt"), "-o", str(d / "m")], "bad.png"),
+        (lambda d: ["score", str(d / "junk.gaussad"), str(d / "one")], "junk.gaussad"),
+    ],
+)
+def test_bad_input_gives_one_clear_error_line(tmp_path, make_args, needle):
+    from PIL import Image
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "one").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "one" / "a.png")
+    (tmp_path / "corrupt").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "corrupt" / "a.png")
+    (tmp_path / "corrupt" / "bad.png").write_bytes(b"\x89PNG garbage")
+    (tmp_path / "junk.gaussad").write_bytes(b"hello")
+    proc = _run(*make_args(tmp_path), "--quiet")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gaussad: error:") and needle in lines[0], proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_help_texts():
+    proc = _run("--help")
+    assert proc.returncode == 0 and "fit" in proc.stdout and "evaluate" in proc.stdout
+    proc = _run("backbones")
+    assert "efficientnet-lite0" in proc.stdout

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from gaussad.errors import DataError, ImageError
+from gaussad.images import IMAGENET_MEAN, IMAGENET_STD, expand_sources, list_images, load_image, preprocess
+
+
+def test_modes_are_converted_to_rgb(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    gray = rgb[:, :, 0]
+    assert load_image(rgb).size == (30, 20)
+    assert np.array_equal(np.asarray(load_image(gray)), np.repeat(gray[:, :, None], 3, axis=2))
+    rgba = np.dstack([rgb, np.full((20, 30), 255, np.uint8)])
+    assert np.array_equal(np.asarray(load_image(rgba)), rgb)
+    img16 = Image.fromarray(gray.astype(np.uint16) * 257)
+    assert img16.mode.startswith("I;16")
+    path = tmp_path / "g16.png"
+    img16.save(path)
+    assert np.abs(np.asarray(load_image(path))[:, :, 0].astype(int) - gray).max() <= 1
+
+
+def test_preprocess_is_square_resize_and_imagenet_normalisation():
+    arr = np.full((10, 40, 3), 255, np.uint8)
+    x = preprocess(load_image(arr), 16)
+    assert x.shape == (3, 16, 16) and x.dtype == np.float32
+    expected = (1.0 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+    np.testing.assert_allclose(x[:, 5, 5], expected, rtol=1e-6)
+
+
+def test_bad_images_name_the_file(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"this is not a jpeg at all")
+    good = tmp_path / "ok.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(good.read_bytes()[:40])
+    for bad in (empty, junk, truncated, tmp_path / "missing.png"):
+        with pytest.raises(ImageError, match=bad.name):
+            load_image(bad)
+    with pytest.raises(ImageError, match="uint8"):
+        load_image(np.zeros((4, 4, 3), np.float32))
+
+
+def test_folders_list_images_sorted_and_empty_folder_errors(tmp_path):
+    for name in ("b.png", "a.jpg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png"]
+    assert [p.name for p in expand_sources([tmp_path / "b.png", tmp_path])] == ["b.png", "a.jpg", "b.png"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no images"):
+        list_images(empty)
