@@ -53,3 +53,28 @@ def test_folders_list_images_sorted_and_empty_folder_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="no images"):
         list_images(empty)
+
+
+def test_native_lite_normalisation_is_tf_scaling():
+    """EfficientNet-Lite's own normalisation is (x - 127) / 128, the TF training recipe."""
+    from gaussad.backbones import get_spec
+
+    arr = np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    x = preprocess(load_image(arr), 16, get_spec("efficientnet-lite0").native_normalization)
+    np.testing.assert_allclose(x, (arr.transpose(2, 0, 1).astype(np.float32) - 127) / 128, atol=1e-5)
+
+
+def test_resize_matches_cv2_inter_linear_within_one_level():
+    """The square resize samples bilinearly at pixel centres like cv2.INTER_LINEAR (the paper's albumentations)."""
+    import torch
+
+    from gaussad.images import resize_square
+
+    arr = np.random.default_rng(4).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    ours = np.asarray(resize_square(Image.fromarray(arr), 24)).astype(float)
+    t = torch.from_numpy(arr.astype(np.float32).transpose(2, 0, 1))[None]
+    ref = torch.nn.functional.interpolate(t, size=(24, 24), mode="bilinear", align_corners=False, antialias=False)
+    diff = np.abs(ours - ref[0].numpy().transpose(1, 2, 0))
+    assert diff.max() <= 1.01 and diff.mean() < 0.6
+    antialiased = np.asarray(Image.fromarray(arr).resize((24, 24), Image.BILINEAR)).astype(float)
+    assert np.abs(antialiased - ref[0].numpy().transpose(1, 2, 0)).mean() > 5

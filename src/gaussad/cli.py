@@ -26,6 +26,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reduction", default="none", choices=("none", "pca", "npca"),
                    help="pca keeps the high-variance components, npca the low-variance ones (default %(default)s)")
     g.add_argument("--variance", type=float, default=0.99, help="explained-variance threshold for pca/npca (default %(default)s)")
+    g.add_argument("--normalize", default="imagenet", choices=("imagenet", "native"),
+                   help="input normalisation: ImageNet mean/std as the paper, or the backbone's own training "
+                        "normalisation (EfficientNet-Lite: (x-127)/128); default %(default)s")
     g.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
 
 
@@ -38,6 +41,7 @@ def _model_params(args: argparse.Namespace) -> dict:
         "estimator": args.estimator,
         "reduction": None if args.reduction == "none" else args.reduction,
         "variance": args.variance,
+        "normalize": args.normalize,
         "batch_size": args.batch_size,
     }
 

@@ -70,6 +70,7 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
         "estimator": params.get("estimator", "ledoit-wolf"),
         "reduction": params.get("reduction"),
         "variance": params.get("variance", 0.99) if params.get("reduction") else None,
+        "normalize": params.get("normalize", "imagenet"),
         "categories": results,
         "n_categories": len(results),
         "mean_image_auroc": float(np.mean(aurocs)),
@@ -86,7 +87,7 @@ def format_table(report: dict[str, Any]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     title = (f"protocol={report['protocol']} backbone={report['backbone']} size={report['input_size']} "
-             f"estimator={report['estimator']} reduction={report['reduction'] or 'none'}")
+             f"estimator={report['estimator']} reduction={report['reduction'] or 'none'} normalize={report['normalize']}")
     return "\n".join([title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -95,7 +96,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     levels = report["levels"]
     out = [f"# gaussad evaluation", "",
            f"protocol `{report['protocol']}`, backbone `{report['backbone']}` at {report['input_size']} px, "
-           f"estimator `{report['estimator']}`, reduction `{report['reduction'] or 'none'}`", "",
+           f"estimator `{report['estimator']}`, reduction `{report['reduction'] or 'none'}`, "
+           f"normalisation `{report['normalize']}`", "",
            "| category | image AUROC | folds | " + " | ".join(levels) + " |",
            "|---|---|---|" + "---|" * len(levels)]
     for name, r in report["categories"].items():

@@ -12,7 +12,10 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, create_backbone, get_spec, resolve_levels
-from .images import ImageSource, load_image, preprocess
+from .errors import GaussadError
+from .images import IMAGENET, ImageSource, load_image, preprocess
+
+NORMALIZATIONS = ("imagenet", "native")
 
 
 class PooledLevels(nn.Module):
@@ -39,8 +42,12 @@ class FeatureExtractor:
         weights: str | os.PathLike | None = None,
         batch_size: int = 16,
         workers: int | None = None,
+        normalize: str = "imagenet",
     ):
         spec = get_spec(backbone)
+        if normalize not in NORMALIZATIONS:
+            raise GaussadError(f"unknown normalization {normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
+        self.normalization = IMAGENET if normalize == "imagenet" else spec.native_normalization
         self.backbone_name = backbone
         self.input_size = int(input_size or spec.input_size)
         self.levels = resolve_levels(spec.level_names, levels)
@@ -65,10 +72,10 @@ class FeatureExtractor:
 
     def _batches(self, sources: Sequence[ImageSource]) -> Iterator[np.ndarray]:
         """Decode and preprocess in a thread pool, keeping at most two batches in flight."""
-        size = self.input_size
+        size, normalization = self.input_size, self.normalization
 
         def work(i: int) -> np.ndarray:
-            return preprocess(load_image(sources[i], i), size)
+            return preprocess(load_image(sources[i], i), size, normalization)
 
         starts = range(0, len(sources), self.batch_size)
         with ThreadPoolExecutor(self.workers) as pool:

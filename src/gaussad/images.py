@@ -15,6 +15,8 @@ ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
+IMAGENET: Normalization = (IMAGENET_MEAN, IMAGENET_STD)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -88,17 +90,25 @@ def load_image(source: ImageSource, index: int | None = None) -> Image.Image:
         raise ImageError(f"{name}: cannot convert image to RGB ({exc})") from None
 
 
-def preprocess(img: Image.Image, size: int) -> np.ndarray:
-    """Square-resize an RGB image and normalise with ImageNet mean/std, as the paper does: (3, size, size) float32."""
-    resized = img.resize((size, size), Image.BILINEAR)
+def resize_square(img: Image.Image, size: int) -> Image.Image:
+    """Plain square resize, bilinear at pixel centres without antialiasing.
+
+    This is cv2.INTER_LINEAR (within one grey level), the interpolation of the paper's own code
+    (albumentations ``Resize``).
+    """
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    return img.transform((size, size), Image.AFFINE, (w / size, 0, 0, 0, h / size, 0), resample=Image.BILINEAR)
+
+
+def preprocess(img: Image.Image, size: int, normalization: Normalization = IMAGENET) -> np.ndarray:
+    """Square-resize an RGB image and normalise (ImageNet mean/std by default, as the paper): (3, size, size) float32."""
+    mean, std = normalization
+    resized = resize_square(img, size)
     arr = np.asarray(resized, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
-
-
-def load_batch(sources: Sequence[ImageSource], size: int, offset: int = 0) -> np.ndarray:
-    """Load and preprocess several images into one (n, 3, size, size) float32 array."""
-    return np.stack([preprocess(load_image(s, offset + i), size) for i, s in enumerate(sources)])
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

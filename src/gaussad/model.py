@@ -9,7 +9,7 @@ import numpy as np
 
 from . import __version__
 from .errors import DataError, GaussadError
-from .features import FeatureExtractor
+from .features import NORMALIZATIONS, FeatureExtractor
 from .gaussian import ESTIMATORS, REDUCTIONS, LevelGaussian, MomentStats
 from .images import ImageSource
 from .threshold import chi2_pvalue, chi2_threshold
@@ -40,6 +40,7 @@ class GaussianAD:
         estimator: str = "ledoit-wolf",
         reduction: str | None = None,
         variance: float = 0.99,
+        normalize: str = "imagenet",
         batch_size: int = 16,
         verbose: bool = False,
     ):
@@ -50,13 +51,15 @@ class GaussianAD:
         self.estimator = estimator
         self.reduction = reduction
         self.variance = variance
+        self.normalize = normalize
         self.batch_size = batch_size
         self.verbose = verbose
 
     # ----- parameters and features -------------------------------------------------------------
     def get_params(self) -> dict:
         """Constructor parameters, as scikit-learn's ``get_params``."""
-        names = ("backbone", "levels", "input_size", "weights", "estimator", "reduction", "variance", "batch_size", "verbose")
+        names = ("backbone", "levels", "input_size", "weights", "estimator", "reduction", "variance", "normalize", "batch_size",
+                 "verbose")
         return {n: getattr(self, n) for n in names}
 
     def _validate_params(self) -> None:
@@ -66,6 +69,8 @@ class GaussianAD:
             raise GaussadError(f"unknown reduction {self.reduction!r}; choose one of: none, pca, npca")
         if self.reduction is not None and not 0.0 < float(self.variance) < 1.0:
             raise GaussadError(f"variance must lie strictly between 0 and 1, got {self.variance}")
+        if self.normalize not in NORMALIZATIONS:
+            raise GaussadError(f"unknown normalize {self.normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
         if int(self.batch_size) < 1:
             raise GaussadError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -80,7 +85,8 @@ class GaussianAD:
         if levels is None:
             levels = self.levels
         extractor = FeatureExtractor(
-            self.backbone, levels, getattr(self, "input_size_", None) or self.input_size, self.weights, self.batch_size
+            self.backbone, levels, getattr(self, "input_size_", None) or self.input_size, self.weights, self.batch_size,
+            normalize=self.normalize,
         )
         self._extractor_cache = extractor
         return extractor
@@ -264,6 +270,13 @@ class GaussianAD:
         self._check_fitted()
         save_model(self, path)
 
+    def _normalization_meta(self) -> dict | None:
+        """Mean/std actually applied to the input (None for plain-feature models)."""
+        if self.backbone is None:
+            return None
+        mean, std = self._extractor().normalization
+        return {"mean": list(mean), "std": list(std), "resize": "square, bilinear at pixel centres (cv2 INTER_LINEAR)"}
+
     def metadata(self) -> dict:
         """JSON-serialisable description of the fitted model (stored in the model file)."""
         self._check_fitted()
@@ -274,7 +287,8 @@ class GaussianAD:
             "levels": list(self.levels_),
             "level_names": list(self.level_names_),
             "input_size": self.input_size_,
-            "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": "square-bilinear"},
+            "normalize": self.normalize,
+            "normalization": self._normalization_meta(),
             "estimator": self.estimator,
             "reduction": self.reduction,
             "variance": float(self.variance),

@@ -107,6 +107,7 @@ def load(path: str | os.PathLike) -> "GaussianAD":
             estimator=meta["estimator"],
             reduction=meta["reduction"],
             variance=meta["variance"],
+            normalize=meta["normalize"],
         )
         n_levels = len(meta["levels"])
         gaussians = [LevelGaussian.from_arrays(arrays, f"level{i}.gauss.", meta["gaussians"][i]) for i in range(n_levels)]

@@ -26,6 +26,7 @@ class BackboneSpec:
     level_names: tuple[str, ...]
     needs_weights_file: bool = False
     description: str = ""
+    native_normalization: tuple = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 class Backbone(nn.Module):

@@ -141,7 +141,11 @@ def _make_b(name: str):
     return factory
 
 
+# The Lite models were trained in TensorFlow on inputs scaled as (x - 127) / 128.
+_LITE_NORMALIZATION = ((127.0 / 255,) * 3, (128.0 / 255,) * 3)
+
 for _name, _size in _LITE_SIZES.items():
-    register(BackboneSpec(_name, _make_lite(_name), _size, LEVEL_NAMES, False, f"ImageNet {_name}, bundled weights"))
+    register(BackboneSpec(_name, _make_lite(_name), _size, LEVEL_NAMES, False, f"ImageNet {_name}, bundled weights",
+                          _LITE_NORMALIZATION))
 for _name, _size in _B_SIZES.items():
     register(BackboneSpec(_name, _make_b(_name), _size, LEVEL_NAMES, True, f"{_name}, local weights file required"))
