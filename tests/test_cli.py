@@ -82,3 +82,21 @@ def test_help_texts():
     assert proc.returncode == 0 and "fit" in proc.stdout and "evaluate" in proc.stdout
     proc = _run("backbones")
     assert "efficientnet-lite0" in proc.stdout
+
+
+def test_on_error_skip_and_fail(tiny_category, tmp_path, capsys):
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(tiny_category / "train" / "good", train)
+    (train / "zzz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    model = tmp_path / "m.gaussad"
+    assert main(["fit", str(train), "-o", str(model), "--quiet", *TINY_ARGS]) == 2
+    assert "zzz_broken.png" in capsys.readouterr().err and not model.exists()
+    assert main(["fit", str(train), "-o", str(model), "--json", "--on-error", "skip", *TINY_ARGS]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_images"] == 10 and [s["path"] for s in summary["skipped"]] == [str(train / "zzz_broken.png")]
+    assert main(["score", str(model), str(train), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["results"]) == 10 and len(out["skipped"]) == 1 and "zzz_broken.png" in out["skipped"][0]["error"]
+    assert main(["score", str(model), str(train), "--on-error", "fail", "--quiet"]) == 2

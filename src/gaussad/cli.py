@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from . import __version__
 from .errors import GaussadError
 
@@ -60,14 +62,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     files = _training_images(args.train_dir)
     model = GaussianAD(**_model_params(args), verbose=not (args.quiet or args.json))
-    model.fit(files)
+    model.fit(files, on_error=args.on_error)
     model.save(args.output)
     summary = {"model": str(args.output), "n_images": model.n_samples_, "backbone": model.backbone,
-               "levels": model.level_names_, "input_size": model.input_size_, "feature_dims": model.feature_dims_}
+               "levels": model.level_names_, "input_size": model.input_size_, "feature_dims": model.feature_dims_,
+               "skipped": [{"path": p, "error": m} for p, m in model.skipped_]}
     if args.json:
         print(json.dumps(summary))
     elif not args.quiet:
-        print(f"fitted on {model.n_samples_} images from {args.train_dir}; wrote {args.output}")
+        for path, msg in model.skipped_:
+            print(f"skipped: {msg}", file=sys.stderr)
+        print(f"fitted on {model.n_samples_} images from {args.train_dir} ({len(model.skipped_)} skipped); "
+              f"wrote {args.output}")
     return 0
 
 
@@ -79,17 +85,27 @@ def cmd_score(args: argparse.Namespace) -> int:
     model.verbose = not (args.quiet or args.json)
     model.batch_size = args.batch_size
     files = expand_sources(args.images)
-    levels = model.level_scores(files)
-    decisions, pvalues = model.decide(levels, args.fpr)
+    skipped: list = []
+    feats = model.extract_features(files, "score", on_error=args.on_error, skipped=skipped)
+    bad = {i for i, _ in skipped}
+    kept = [f for i, f in enumerate(files) if i not in bad]
+    levels = model.level_scores_features(feats) if kept else np.zeros((0, len(model.level_names_)))
+    decisions, pvalues = model.decide(levels, args.fpr) if kept else ([], [])
     scores = levels.mean(axis=1)
     rows = [
         {"path": str(f), "score": float(s), "levels": dict(zip(model.level_names_, map(float, lv))),
          "pvalue": float(p), "anomalous": bool(d)}
-        for f, s, lv, p, d in zip(files, scores, levels, pvalues, decisions)
+        for f, s, lv, p, d in zip(kept, scores, levels, pvalues, decisions)
     ]
+    errors = [{"path": str(files[i]), "error": msg} for i, msg in skipped]
     if args.json:
-        print(json.dumps({"model": str(args.model), "fpr": args.fpr, "threshold": "chi2-bonferroni", "results": rows}))
-        return 0
+        print(json.dumps({"model": str(args.model), "fpr": args.fpr, "threshold": "chi2-bonferroni", "results": rows,
+                          "skipped": errors}))
+        return 1 if errors and not rows else 0
+    for e in errors:
+        print(f"skipped: {e['error']}", file=sys.stderr)
+    if not rows:
+        raise GaussadError(f"none of the {len(files)} images could be read")
     names = model.level_names_
     width = max(len(r["path"]) for r in rows)
     print("  ".join(["path".ljust(width), "score".rjust(8)] + [n.rjust(8) for n in names] + ["p-value".rjust(9), "decision"]))
@@ -99,7 +115,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         print("  ".join(cells))
     if not args.quiet:
         print(f"{sum(r['anomalous'] for r in rows)} of {len(rows)} flagged at target FPR {args.fpr} "
-              "(chi-square per level, Bonferroni over levels)", file=sys.stderr)
+              f"(chi-square per level, Bonferroni over levels); {len(errors)} skipped", file=sys.stderr)
     return 0
 
 
@@ -138,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("train_dir", metavar="TRAIN_DIR")
     p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (written atomically)")
     _model_options(p)
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="an unreadable image stops the fit (fail, default) or is reported and left out (skip)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     p.set_defaults(func=cmd_fit)
@@ -148,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of the decision (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="skip",
+                   help="an unreadable image is reported and skipped (skip, default) or stops the run (fail)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_score)

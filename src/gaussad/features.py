@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, create_backbone, get_spec, resolve_levels
-from .errors import GaussadError
+from .errors import GaussadError, ImageError
+
+ON_ERROR = ("fail", "skip")
 from .images import IMAGENET, ImageSource, load_image, preprocess
 
 NORMALIZATIONS = ("imagenet", "native")
@@ -70,36 +72,63 @@ class FeatureExtractor:
         """Feature dimension of each chosen level."""
         return [self.module.backbone.level_channels[i] for i in self.levels]
 
-    def _batches(self, sources: Sequence[ImageSource]) -> Iterator[np.ndarray]:
-        """Decode and preprocess in a thread pool, keeping at most two batches in flight."""
+    def _batches(self, sources: Sequence[ImageSource], on_error: str,
+                 skipped: list | None) -> Iterator[tuple[np.ndarray, np.ndarray | None, int]]:
+        """Decode and preprocess in a thread pool, keeping at most two batches in flight.
+
+        Yields (indices of the images that decoded, their stacked input or None, number of images handled).
+        """
         size, normalization = self.input_size, self.normalization
 
-        def work(i: int) -> np.ndarray:
-            return preprocess(load_image(sources[i], i), size, normalization)
+        def work(i: int) -> np.ndarray | None:
+            try:
+                return preprocess(load_image(sources[i], i), size, normalization)
+            except ImageError as exc:
+                if on_error != "skip":
+                    raise
+                if skipped is not None:
+                    skipped.append((i, str(exc)))
+                return None
 
-        starts = range(0, len(sources), self.batch_size)
+        def collect(futures: list) -> tuple[np.ndarray, np.ndarray | None, int]:
+            done = [(i, f.result()) for i, f in futures]
+            kept = [(i, a) for i, a in done if a is not None]
+            idx = np.array([i for i, _ in kept], dtype=int)
+            return idx, (np.stack([a for _, a in kept]) if kept else None), len(done)
+
         with ThreadPoolExecutor(self.workers) as pool:
             pending: deque = deque()
-            for start in starts:
-                pending.append([pool.submit(work, i) for i in range(start, min(start + self.batch_size, len(sources)))])
+            for start in range(0, len(sources), self.batch_size):
+                stop = min(start + self.batch_size, len(sources))
+                pending.append([(i, pool.submit(work, i)) for i in range(start, stop)])
                 if len(pending) > 2:
-                    yield np.stack([f.result() for f in pending.popleft()])
+                    yield collect(pending.popleft())
             while pending:
-                yield np.stack([f.result() for f in pending.popleft()])
+                yield collect(pending.popleft())
 
-    def iter_features(self, sources: Sequence[ImageSource], progress=None) -> Iterator[list[np.ndarray]]:
-        """Yield per-level feature arrays batch by batch; ``progress`` is an optional tqdm-like bar."""
+    def iter_features(self, sources: Sequence[ImageSource], progress=None, on_error: str = "fail",
+                      skipped: list | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+        """Yield (source indices, per-level feature arrays) batch by batch.
+
+        ``on_error="skip"`` drops images that cannot be read, appending ``(index, message)`` to ``skipped``;
+        ``"fail"`` raises the first ImageError. ``progress`` is an optional tqdm-like bar.
+        """
+        if on_error not in ON_ERROR:
+            raise GaussadError(f"unknown on_error {on_error!r}; choose one of: {', '.join(ON_ERROR)}")
         module = self.module
         with torch.inference_mode():
-            for batch in self._batches(sources):
-                outs = module(torch.from_numpy(batch))
+            for idx, batch, handled in self._batches(sources, on_error, skipped):
                 if progress is not None:
-                    progress.update(len(batch))
-                yield [o.numpy().astype(np.float64) for o in outs]
+                    progress.update(handled)
+                if batch is None:
+                    continue
+                outs = module(torch.from_numpy(batch))
+                yield idx, [o.numpy().astype(np.float64) for o in outs]
 
-    def extract(self, sources: Sequence[ImageSource], progress=None) -> list[np.ndarray]:
-        """All features of ``sources`` as one (n, C_l) array per level."""
-        chunks = list(self.iter_features(sources, progress))
+    def extract(self, sources: Sequence[ImageSource], progress=None, on_error: str = "fail",
+                skipped: list | None = None) -> list[np.ndarray]:
+        """Features of ``sources`` as one (n_kept, C_l) array per level (all of them unless skipping)."""
+        chunks = [feats for _, feats in self.iter_features(sources, progress, on_error, skipped)]
         if not chunks:
             return [np.zeros((0, d)) for d in self.level_dims]
         return [np.concatenate(level) for level in zip(*chunks)]

@@ -91,31 +91,36 @@ class GaussianAD:
         self._extractor_cache = extractor
         return extractor
 
-    def extract_features(self, images: Sequence[ImageSource], desc: str = "features") -> list[np.ndarray]:
-        """Per-level pooled features of ``images`` with this model's backbone."""
+    def extract_features(self, images: Sequence[ImageSource], desc: str = "features", on_error: str = "fail",
+                         skipped: list | None = None) -> list[np.ndarray]:
+        """Per-level pooled features of ``images``; with ``on_error="skip"`` unreadable images are left out
+        and ``(index, message)`` pairs appended to ``skipped``."""
         images = list(images)
         bar = _progress(len(images), desc, self.verbose)
         try:
-            return self._extractor().extract(images, bar)
+            return self._extractor().extract(images, bar, on_error, skipped)
         finally:
             if bar is not None:
                 bar.close()
 
     # ----- fitting ------------------------------------------------------------------------------
-    def fit(self, images: Sequence[ImageSource], y=None) -> "GaussianAD":
-        """Learn one Gaussian per level from normal images (paths, PIL images or uint8 arrays)."""
+    def fit(self, images: Sequence[ImageSource], y=None, *, on_error: str = "fail") -> "GaussianAD":
+        """Learn one Gaussian per level from normal images (paths, PIL images or uint8 arrays).
+
+        ``on_error="skip"`` leaves out unreadable images and lists them in ``skipped_``.
+        """
         self._validate_params()
         self._reset()
         images = list(images)
         if len(images) < 2:
             raise DataError(f"need at least 2 training images, got {len(images)}")
-        return self._fit_from_stats(self._accumulate(images, None))
+        return self._fit_from_stats(self._accumulate(images, None, on_error))
 
-    def partial_fit(self, images: Sequence[ImageSource], y=None) -> "GaussianAD":
+    def partial_fit(self, images: Sequence[ImageSource], y=None, *, on_error: str = "fail") -> "GaussianAD":
         """Add images to the running statistics and refit; chunks give the same model as one ``fit``."""
         self._validate_params()
         images = list(images)
-        stats = self._accumulate(images, getattr(self, "stats_", None))
+        stats = self._accumulate(images, getattr(self, "stats_", None), on_error)
         return self._fit_from_stats(stats, allow_few=True)
 
     def fit_features(self, features: Sequence[np.ndarray]) -> "GaussianAD":
@@ -146,13 +151,17 @@ class GaussianAD:
         return merged._fit_from_stats([a.merge(b) for a, b in zip(self.stats_, other.stats_)])
 
     def _reset(self) -> None:
-        for attr in ("stats_", "gaussians_", "levels_", "level_names_", "input_size_", "feature_dims_", "n_samples_"):
+        for attr in ("stats_", "gaussians_", "levels_", "level_names_", "input_size_", "feature_dims_", "n_samples_",
+                     "skipped_"):
             self.__dict__.pop(attr, None)
         self.__dict__.pop("_extractor_cache", None)
 
-    def _accumulate(self, images: list, prev: list[MomentStats] | None) -> list[MomentStats]:
+    def _accumulate(self, images: list, prev: list[MomentStats] | None, on_error: str) -> list[MomentStats]:
         """Stream images through the backbone, folding each batch into the moment statistics."""
+        from .images import describe
+
         extractor = self._extractor()
+        skipped: list = []
         if prev is None:
             self.levels_ = list(extractor.levels)
             self.level_names_ = list(extractor.level_names)
@@ -160,15 +169,16 @@ class GaussianAD:
         stats = prev
         bar = _progress(len(images), "fit", self.verbose)
         try:
-            for batch in extractor.iter_features(images, bar):
+            for _, batch in extractor.iter_features(images, bar, on_error, skipped):
                 stats = [MomentStats.from_array(b) for b in batch] if stats is None else [
                     s.update(b) for s, b in zip(stats, batch)
                 ]
         finally:
             if bar is not None:
                 bar.close()
+        self.skipped_ = getattr(self, "skipped_", []) + [(describe(images[i], i), msg) for i, msg in skipped]
         if stats is None:
-            raise DataError("no training images given")
+            raise DataError("no readable training images given")
         return stats
 
     def _fit_from_stats(self, stats: list[MomentStats], allow_few: bool = False) -> "GaussianAD":
