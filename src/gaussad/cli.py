@@ -28,9 +28,14 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reduction", default="none", choices=("none", "pca", "npca"),
                    help="pca keeps the high-variance components, npca the low-variance ones (default %(default)s)")
     g.add_argument("--variance", type=float, default=0.99, help="explained-variance threshold for pca/npca (default %(default)s)")
-    g.add_argument("--normalize", default="imagenet", choices=("imagenet", "native"),
+    g.add_argument("--preset", choices=("paper", "recommended"),
+                   help="paper: the paper's recipe (default); recommended: the backbone's own input normalisation "
+                        "plus anomaly maps from stage4-stage7 (see README for the figures)")
+    g.add_argument("--normalize", choices=("imagenet", "native"),
                    help="input normalisation: ImageNet mean/std as the paper, or the backbone's own training "
-                        "normalisation (EfficientNet-Lite: (x-127)/128); default %(default)s")
+                        "normalisation (EfficientNet-Lite: (x-127)/128); default from --preset")
+    g.add_argument("--map-levels",
+                   help="comma-separated levels for anomaly maps, or 'none'; default from --preset")
     g.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
 
 
@@ -44,8 +49,19 @@ def _model_params(args: argparse.Namespace) -> dict:
         "reduction": None if args.reduction == "none" else args.reduction,
         "variance": args.variance,
         "normalize": args.normalize,
+        "map_levels": _map_levels(args.map_levels),
+        "preset": args.preset,
         "batch_size": args.batch_size,
     }
+
+
+def _map_levels(text: str | None) -> list[str] | None:
+    """CLI text -> map levels: None keeps the preset's, 'none' turns maps off."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return []
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def _training_images(folder: str) -> list[Path]:
@@ -82,14 +98,21 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .persistence import load
 
     model = load(args.model)
+    if args.preset and (model.preset or "paper") != args.preset:
+        raise GaussadError(f"{args.model}: fitted with preset {model.preset or 'paper'}, not {args.preset}; "
+                           f"refit with --preset {args.preset}")
     model.verbose = not (args.quiet or args.json)
     model.batch_size = args.batch_size
     files = expand_sources(args.images)
     skipped: list = []
-    feats = model.extract_features(files, "score", on_error=args.on_error, skipped=skipped)
+    if args.maps:
+        levels, amaps = model.score_with_maps(files, on_error=args.on_error, skipped=skipped)
+    else:
+        feats = model.extract_features(files, "score", on_error=args.on_error, skipped=skipped)
     bad = {i for i, _ in skipped}
     kept = [f for i, f in enumerate(files) if i not in bad]
-    levels = model.level_scores_features(feats) if kept else np.zeros((0, len(model.level_names_)))
+    if not args.maps:
+        levels = model.level_scores_features(feats) if kept else np.zeros((0, len(model.level_names_)))
     decisions, pvalues = model.decide(levels, args.fpr) if kept else ([], [])
     scores = levels.mean(axis=1)
     rows = [
@@ -97,6 +120,9 @@ def cmd_score(args: argparse.Namespace) -> int:
          "pvalue": float(p), "anomalous": bool(d)}
         for f, s, lv, p, d in zip(kept, scores, levels, pvalues, decisions)
     ]
+    if args.maps:
+        for row, path, amap in zip(rows, _write_overlays(args.maps, kept, amaps), amaps):
+            row["map"], row["map_max"] = str(path), float(amap.max())
     errors = [{"path": str(files[i]), "error": msg} for i, msg in skipped]
     if args.json:
         print(json.dumps({"model": str(args.model), "fpr": args.fpr, "threshold": "chi2-bonferroni", "results": rows,
@@ -117,6 +143,33 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"{sum(r['anomalous'] for r in rows)} of {len(rows)} flagged at target FPR {args.fpr} "
               f"(chi-square per level, Bonferroni over levels); {len(errors)} skipped", file=sys.stderr)
     return 0
+
+
+def _write_overlays(folder: str, files: list[Path], amaps: np.ndarray) -> list[Path]:
+    """Write one heat-map overlay PNG per image into ``folder`` (atomically each); returns their paths."""
+    import os
+    import tempfile
+
+    from .images import load_image
+    from .maps import overlay
+    from .persistence import publish
+
+    out_dir = Path(folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    paths = []
+    for i, (src, amap) in enumerate(zip(files, amaps)):
+        name = f"{Path(src).stem}_map.png"
+        if name in used:
+            name = f"{Path(src).stem}_{i}_map.png"
+        used.add(name)
+        target = out_dir / name
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".png", dir=out_dir)
+        os.close(fd)
+        overlay(load_image(src), amap).save(tmp, format="PNG")
+        publish(tmp, target)
+        paths.append(target)
+    return paths
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -168,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
     p.add_argument("--on-error", choices=("fail", "skip"), default="skip",
                    help="an unreadable image is reported and skipped (skip, default) or stops the run (fail)")
+    p.add_argument("--maps", metavar="DIR",
+                   help="write a heat-map overlay PNG per image into DIR (needs a model fitted with anomaly maps)")
+    p.add_argument("--preset", choices=("paper", "recommended"),
+                   help="check that the model was fitted with this preset (the preset itself is stored in the model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_score)

@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
+from . import maps
 from .datasets import Category, find_categories, kfold_indices
-from .model import GaussianAD
+from .gaussian import LevelGaussian
+from .model import GaussianAD, _progress
 
 PROTOCOLS = ("paper", "full")
 
@@ -25,19 +27,57 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def load_masks(category: Category, size: int) -> np.ndarray:
+    """Ground-truth masks of the test images at size x size (nearest neighbour); good images are all-zero."""
+    from PIL import Image
+
+    out = np.zeros((len(category.test_files), size, size), dtype=bool)
+    for i, path in enumerate(category.mask_files):
+        if path is not None:
+            with Image.open(path) as m:
+                out[i] = np.asarray(m.convert("L").resize((size, size), Image.NEAREST)) > 127
+    return out
+
+
+def extract(model: GaussianAD, files: list, desc: str, with_maps: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Pooled features of ``files`` and, if asked, their raw feature maps per map level, in one pass."""
+    extractor = model._extractor()
+    bar = _progress(len(files), desc, model.verbose)
+    pooled, fmaps = [], []
+    try:
+        for _, batch, fm in extractor.iter_features_and_maps(files, bar):
+            pooled.append(batch)
+            if with_maps:
+                fmaps.append(fm)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [np.concatenate(p) for p in zip(*pooled)], [np.concatenate(m) for m in zip(*fmaps)]
+
+
 def evaluate_category(category: Category, features: tuple[list[np.ndarray], list[np.ndarray]], params: dict[str, Any],
-                      protocol: str = "paper", seed: int = 0) -> dict[str, Any]:
-    """Fit per fold on train features, score the test features, and collect combined and per-level AUROCs."""
+                      protocol: str = "paper", seed: int = 0,
+                      feature_maps: tuple[list[np.ndarray], list[np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
+    """Fit per fold on train features, score the test features, and collect combined and per-level AUROCs.
+
+    With ``feature_maps`` (train maps, test maps, test masks) each fold also fits the anomaly-map Gaussians and
+    the pixel AUROC over all test pixels is reported.
+    """
     train, test = features
     n = train[0].shape[0]
     folds = kfold_indices(n, 5, seed) if protocol == "paper" else [(np.arange(n), np.arange(0))]
-    fold_aurocs, level_aurocs = [], []
+    fold_aurocs, level_aurocs, pixel_aurocs = [], [], []
     for keep, _ in folds:
         model = GaussianAD(**{**params, "verbose": False}).fit_features([f[keep] for f in train])
         level = model.level_scores_features(test)
         fold_aurocs.append(roc_auc(category.test_labels, level.mean(axis=1)))
         level_aurocs.append([roc_auc(category.test_labels, level[:, i]) for i in range(level.shape[1])])
-    return {
+        if feature_maps is not None:
+            train_maps, test_maps, masks = feature_maps
+            gaussians = [LevelGaussian.fit(maps.accumulate(None, [m[keep]])[0], "ledoit-wolf") for m in train_maps]
+            amaps = maps.combine(maps.level_maps(gaussians, test_maps), masks.shape[-1])
+            pixel_aurocs.append(roc_auc(masks.ravel(), amaps.ravel()))
+    result = {
         "image_auroc": float(np.mean(fold_aurocs)),
         "fold_aurocs": [float(a) for a in fold_aurocs],
         "level_aurocs": [float(a) for a in np.mean(level_aurocs, axis=0)],
@@ -45,6 +85,10 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
         "n_test_good": int((category.test_labels == 0).sum()),
         "n_test_defective": int((category.test_labels == 1).sum()),
     }
+    if pixel_aurocs:
+        result["pixel_auroc"] = float(np.mean(pixel_aurocs))
+        result["pixel_fold_aurocs"] = [float(a) for a in pixel_aurocs]
+    return result
 
 
 def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = False, **params: Any) -> dict[str, Any]:
@@ -54,39 +98,50 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
     categories = find_categories(root)
     extractor_model = GaussianAD(**params, verbose=verbose)
     extractor_model._validate_params()
+    extractor = extractor_model._extractor()
     results: dict[str, Any] = {}
     for cat in categories:
-        train = extractor_model.extract_features(cat.train_files, f"{cat.name} train")
-        test = extractor_model.extract_features(cat.test_files, f"{cat.name} test")
-        results[cat.name] = evaluate_category(cat, (train, test), params, protocol)
-    extractor = extractor_model._extractor()
+        with_maps = bool(extractor.map_levels) and cat.has_masks
+        train, train_maps = extract(extractor_model, cat.train_files, f"{cat.name} train", with_maps)
+        test, test_maps = extract(extractor_model, cat.test_files, f"{cat.name} test", with_maps)
+        fmaps = (train_maps, test_maps, load_masks(cat, extractor.input_size)) if with_maps else None
+        results[cat.name] = evaluate_category(cat, (train, test), params, protocol, feature_maps=fmaps)
     aurocs = [r["image_auroc"] for r in results.values()]
     sem = float(np.std(aurocs, ddof=1) / math.sqrt(len(aurocs))) if len(aurocs) > 1 else 0.0
-    return {
+    report = {
         "protocol": protocol,
+        "preset": params.get("preset"),
         "backbone": params.get("backbone", "efficientnet-lite0"),
         "input_size": extractor.input_size,
         "levels": extractor.level_names,
+        "map_levels": extractor.map_level_names,
         "estimator": params.get("estimator", "ledoit-wolf"),
         "reduction": params.get("reduction"),
         "variance": params.get("variance", 0.99) if params.get("reduction") else None,
-        "normalize": params.get("normalize", "imagenet"),
+        "normalize": extractor_model._setting("normalize"),
         "categories": results,
         "n_categories": len(results),
         "mean_image_auroc": float(np.mean(aurocs)),
         "sem": sem,
     }
+    pixel = [r["pixel_auroc"] for r in results.values() if "pixel_auroc" in r]
+    if pixel:
+        report["mean_pixel_auroc"] = float(np.mean(pixel))
+    return report
 
 
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table: per category the combined and per-level AUROC, then mean +/- SEM."""
     levels = report["levels"]
-    head = ["category", "AUROC"] + levels
-    rows = [[name, f"{r['image_auroc']:.4f}"] + [f"{a:.3f}" for a in r["level_aurocs"]] for name, r in report["categories"].items()]
-    rows.append([f"mean +/- SEM ({report['n_categories']})", f"{report['mean_image_auroc']:.4f} +/- {report['sem']:.4f}"] + [""] * len(levels))
+    pix = "mean_pixel_auroc" in report
+    head = ["category", "AUROC"] + (["pixel"] if pix else []) + levels
+    rows = [[name, f"{r['image_auroc']:.4f}"] + ([f"{r['pixel_auroc']:.4f}" if "pixel_auroc" in r else "-"] if pix else [])
+            + [f"{a:.3f}" for a in r["level_aurocs"]] for name, r in report["categories"].items()]
+    rows.append([f"mean +/- SEM ({report['n_categories']})", f"{report['mean_image_auroc']:.4f} +/- {report['sem']:.4f}"]
+                + ([f"{report['mean_pixel_auroc']:.4f}"] if pix else []) + [""] * len(levels))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    title = (f"protocol={report['protocol']} backbone={report['backbone']} size={report['input_size']} "
+    title = (f"protocol={report['protocol']} preset={report['preset'] or 'paper'} backbone={report['backbone']} size={report['input_size']} "
              f"estimator={report['estimator']} reduction={report['reduction'] or 'none'} normalize={report['normalize']}")
     return "\n".join([title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
@@ -98,10 +153,12 @@ def format_markdown(report: dict[str, Any]) -> str:
            f"protocol `{report['protocol']}`, backbone `{report['backbone']}` at {report['input_size']} px, "
            f"estimator `{report['estimator']}`, reduction `{report['reduction'] or 'none'}`, "
            f"normalisation `{report['normalize']}`", "",
-           "| category | image AUROC | folds | " + " | ".join(levels) + " |",
-           "|---|---|---|" + "---|" * len(levels)]
+           "| category | image AUROC | folds | pixel AUROC | " + " | ".join(levels) + " |",
+           "|---|---|---|---|" + "---|" * len(levels)]
     for name, r in report["categories"].items():
         folds = ", ".join(f"{a:.4f}" for a in r["fold_aurocs"])
-        out.append(f"| {name} | {r['image_auroc']:.4f} | {folds} | " + " | ".join(f"{a:.3f}" for a in r["level_aurocs"]) + " |")
+        pixel = f"{r['pixel_auroc']:.4f}" if "pixel_auroc" in r else "-"
+        out.append(f"| {name} | {r['image_auroc']:.4f} | {folds} | {pixel} | "
+                   + " | ".join(f"{a:.3f}" for a in r["level_aurocs"]) + " |")
     out += ["", f"Mean over {report['n_categories']} categories: {report['mean_image_auroc']:.4f} +/- {report['sem']:.4f} (SEM)", ""]
     return "\n".join(out)

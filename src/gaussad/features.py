@@ -13,24 +13,30 @@ from torch import nn
 
 from .backbones import Backbone, create_backbone, get_spec, resolve_levels
 from .errors import GaussadError, ImageError
-
-ON_ERROR = ("fail", "skip")
 from .images import IMAGENET, ImageSource, load_image, preprocess
 
+ON_ERROR = ("fail", "skip")
 NORMALIZATIONS = ("imagenet", "native")
 
 
 class PooledLevels(nn.Module):
-    """Backbone plus global average pooling of each chosen level: (B,3,S,S) -> tuple of (B, C_l)."""
+    """Backbone plus global average pooling of each chosen level: (B,3,S,S) -> tuple of (B, C_l).
 
-    def __init__(self, backbone: Backbone, levels: Sequence[int]):
+    With ``map_levels`` the spatial feature maps (B, C, H, W) of those levels follow the pooled vectors in the
+    output tuple, from the same forward pass.
+    """
+
+    def __init__(self, backbone: Backbone, levels: Sequence[int], map_levels: Sequence[int] = ()):
         super().__init__()
         self.backbone = backbone
         self.levels = list(levels)
+        self.map_levels = list(map_levels)
+        self._all = sorted(set(self.levels) | set(self.map_levels))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        maps = self.backbone.forward_levels(x, self.levels)
-        return tuple(m.mean(dim=(2, 3)) for m in maps)
+        by_level = dict(zip(self._all, self.backbone.forward_levels(x, self._all)))
+        pooled = tuple(by_level[i].mean(dim=(2, 3)) for i in self.levels)
+        return pooled + tuple(by_level[i] for i in self.map_levels)
 
 
 class FeatureExtractor:
@@ -45,6 +51,7 @@ class FeatureExtractor:
         batch_size: int = 16,
         workers: int | None = None,
         normalize: str = "imagenet",
+        map_levels: Sequence[int | str] = (),
     ):
         spec = get_spec(backbone)
         if normalize not in NORMALIZATIONS:
@@ -54,6 +61,8 @@ class FeatureExtractor:
         self.input_size = int(input_size or spec.input_size)
         self.levels = resolve_levels(spec.level_names, levels)
         self.level_names = [spec.level_names[i] for i in self.levels]
+        self.map_levels = resolve_levels(spec.level_names, map_levels) if map_levels else []
+        self.map_level_names = [spec.level_names[i] for i in self.map_levels]
         self.weights = weights
         self.batch_size = batch_size
         self.workers = workers or min(8, os.cpu_count() or 1)
@@ -64,7 +73,7 @@ class FeatureExtractor:
         """The torch module, built on first use so that constructing an extractor is cheap."""
         if self._module is None:
             net = create_backbone(self.backbone_name, self.input_size, self.weights)
-            self._module = PooledLevels(net, self.levels).eval()
+            self._module = PooledLevels(net, self.levels, self.map_levels).eval()
         return self._module
 
     @property
@@ -106,16 +115,13 @@ class FeatureExtractor:
             while pending:
                 yield collect(pending.popleft())
 
-    def iter_features(self, sources: Sequence[ImageSource], progress=None, on_error: str = "fail",
-                      skipped: list | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
-        """Yield (source indices, per-level feature arrays) batch by batch.
-
-        ``on_error="skip"`` drops images that cannot be read, appending ``(index, message)`` to ``skipped``;
-        ``"fail"`` raises the first ImageError. ``progress`` is an optional tqdm-like bar.
-        """
+    def _run(self, sources: Sequence[ImageSource], progress, on_error: str,
+             skipped: list | None) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
+        """Yield (source indices, pooled float64 arrays per level, float32 feature maps per map level)."""
         if on_error not in ON_ERROR:
             raise GaussadError(f"unknown on_error {on_error!r}; choose one of: {', '.join(ON_ERROR)}")
         module = self.module
+        n_pooled = len(self.levels)
         with torch.inference_mode():
             for idx, batch, handled in self._batches(sources, on_error, skipped):
                 if progress is not None:
@@ -123,7 +129,24 @@ class FeatureExtractor:
                 if batch is None:
                     continue
                 outs = module(torch.from_numpy(batch))
-                yield idx, [o.numpy().astype(np.float64) for o in outs]
+                yield (idx, [o.numpy().astype(np.float64) for o in outs[:n_pooled]],
+                       [o.numpy() for o in outs[n_pooled:]])
+
+    def iter_features(self, sources: Sequence[ImageSource], progress=None, on_error: str = "fail",
+                      skipped: list | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+        """Yield (source indices, per-level feature arrays) batch by batch.
+
+        ``on_error="skip"`` drops images that cannot be read, appending ``(index, message)`` to ``skipped``;
+        ``"fail"`` raises the first ImageError. ``progress`` is an optional tqdm-like bar.
+        """
+        for idx, pooled, _ in self._run(sources, progress, on_error, skipped):
+            yield idx, pooled
+
+    def iter_features_and_maps(self, sources: Sequence[ImageSource], progress=None, on_error: str = "fail",
+                               skipped: list | None = None
+                               ) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
+        """Like :meth:`iter_features`, plus the spatial feature maps (B, C, H, W) of each map level."""
+        yield from self._run(sources, progress, on_error, skipped)
 
     def extract(self, sources: Sequence[ImageSource], progress=None, on_error: str = "fail",
                 skipped: list | None = None) -> list[np.ndarray]:

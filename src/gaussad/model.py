@@ -7,12 +7,20 @@ from typing import Sequence
 
 import numpy as np
 
-from . import __version__
+from . import __version__, maps
 from .errors import DataError, GaussadError
 from .features import NORMALIZATIONS, FeatureExtractor
 from .gaussian import ESTIMATORS, REDUCTIONS, LevelGaussian, MomentStats
 from .images import ImageSource
 from .threshold import chi2_pvalue, chi2_threshold
+
+
+PRESETS: dict[str, dict] = {
+    # The paper's recipe: ImageNet mean/std, global features only.
+    "paper": {"normalize": "imagenet", "map_levels": ()},
+    # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, plus anomaly maps.
+    "recommended": {"normalize": "native", "map_levels": ("stage4", "stage5", "stage6", "stage7")},
+}
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -40,7 +48,9 @@ class GaussianAD:
         estimator: str = "ledoit-wolf",
         reduction: str | None = None,
         variance: float = 0.99,
-        normalize: str = "imagenet",
+        normalize: str | None = None,
+        map_levels: Sequence[int | str] | None = None,
+        preset: str | None = None,
         batch_size: int = 16,
         verbose: bool = False,
     ):
@@ -52,14 +62,16 @@ class GaussianAD:
         self.reduction = reduction
         self.variance = variance
         self.normalize = normalize
+        self.map_levels = map_levels
+        self.preset = preset
         self.batch_size = batch_size
         self.verbose = verbose
 
     # ----- parameters and features -------------------------------------------------------------
     def get_params(self) -> dict:
         """Constructor parameters, as scikit-learn's ``get_params``."""
-        names = ("backbone", "levels", "input_size", "weights", "estimator", "reduction", "variance", "normalize", "batch_size",
-                 "verbose")
+        names = ("backbone", "levels", "input_size", "weights", "estimator", "reduction", "variance", "normalize", "map_levels",
+                 "preset", "batch_size", "verbose")
         return {n: getattr(self, n) for n in names}
 
     def _validate_params(self) -> None:
@@ -69,10 +81,17 @@ class GaussianAD:
             raise GaussadError(f"unknown reduction {self.reduction!r}; choose one of: none, pca, npca")
         if self.reduction is not None and not 0.0 < float(self.variance) < 1.0:
             raise GaussadError(f"variance must lie strictly between 0 and 1, got {self.variance}")
-        if self.normalize not in NORMALIZATIONS:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise GaussadError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        if self._setting("normalize") not in NORMALIZATIONS:
             raise GaussadError(f"unknown normalize {self.normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
         if int(self.batch_size) < 1:
             raise GaussadError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def _setting(self, name: str):
+        """An explicit constructor value, else the preset's (the paper's recipe when no preset is given)."""
+        value = getattr(self, name)
+        return PRESETS[self.preset or "paper"][name] if value is None else value
 
     def _extractor(self) -> FeatureExtractor:
         """The feature extractor for this model's backbone (built once, cached)."""
@@ -84,9 +103,12 @@ class GaussianAD:
         levels = getattr(self, "levels_", None)
         if levels is None:
             levels = self.levels
+        map_levels = getattr(self, "map_levels_", None)
+        if map_levels is None:
+            map_levels = self._setting("map_levels")
         extractor = FeatureExtractor(
             self.backbone, levels, getattr(self, "input_size_", None) or self.input_size, self.weights, self.batch_size,
-            normalize=self.normalize,
+            normalize=self._setting("normalize"), map_levels=map_levels,
         )
         self._extractor_cache = extractor
         return extractor
@@ -114,14 +136,15 @@ class GaussianAD:
         images = list(images)
         if len(images) < 2:
             raise DataError(f"need at least 2 training images, got {len(images)}")
-        return self._fit_from_stats(self._accumulate(images, None, on_error))
+        return self._fit_from_stats(*self._accumulate(images, None, None, on_error))
 
     def partial_fit(self, images: Sequence[ImageSource], y=None, *, on_error: str = "fail") -> "GaussianAD":
         """Add images to the running statistics and refit; chunks give the same model as one ``fit``."""
         self._validate_params()
         images = list(images)
-        stats = self._accumulate(images, getattr(self, "stats_", None), on_error)
-        return self._fit_from_stats(stats, allow_few=True)
+        stats, map_stats = self._accumulate(images, getattr(self, "stats_", None), getattr(self, "map_stats_", None),
+                                            on_error)
+        return self._fit_from_stats(stats, map_stats, allow_few=True)
 
     def fit_features(self, features: Sequence[np.ndarray]) -> "GaussianAD":
         """Fit from plain per-level feature arrays (n, d_l), for users with their own features."""
@@ -145,19 +168,26 @@ class GaussianAD:
         for attr in ("backbone", "levels_", "input_size_", "feature_dims_"):
             if getattr(self, attr, None) != getattr(other, attr, None):
                 raise GaussadError(f"cannot merge models that differ in {attr.rstrip('_')}")
+        if getattr(self, "map_levels_", []) != getattr(other, "map_levels_", []):
+            raise GaussadError("cannot merge models that differ in map levels")
         merged = GaussianAD(**self.get_params())
-        merged.levels_, merged.level_names_, merged.input_size_ = self.levels_, self.level_names_, self.input_size_
+        for attr in ("levels_", "level_names_", "input_size_", "map_levels_", "map_level_names_"):
+            setattr(merged, attr, getattr(self, attr, None) or [])
+        merged.input_size_ = self.input_size_
         merged._validate_params()
-        return merged._fit_from_stats([a.merge(b) for a, b in zip(self.stats_, other.stats_)])
+        map_stats = [a.merge(b) for a, b in zip(self.map_stats_, other.map_stats_)] if self.map_stats_ else None
+        return merged._fit_from_stats([a.merge(b) for a, b in zip(self.stats_, other.stats_)], map_stats)
 
     def _reset(self) -> None:
         for attr in ("stats_", "gaussians_", "levels_", "level_names_", "input_size_", "feature_dims_", "n_samples_",
-                     "skipped_"):
+                     "skipped_", "map_levels_", "map_level_names_", "map_stats_", "map_gaussians_"):
             self.__dict__.pop(attr, None)
         self.__dict__.pop("_extractor_cache", None)
 
-    def _accumulate(self, images: list, prev: list[MomentStats] | None, on_error: str) -> list[MomentStats]:
-        """Stream images through the backbone, folding each batch into the moment statistics."""
+    def _accumulate(self, images: list, prev: list[MomentStats] | None, prev_maps: list[MomentStats] | None,
+                    on_error: str) -> tuple[list[MomentStats], list[MomentStats] | None]:
+        """Stream images through the backbone, folding each batch into the moment statistics of the pooled
+        features and (when map levels are set) of every location of the feature maps."""
         from .images import describe
 
         extractor = self._extractor()
@@ -166,40 +196,49 @@ class GaussianAD:
             self.levels_ = list(extractor.levels)
             self.level_names_ = list(extractor.level_names)
             self.input_size_ = extractor.input_size
-        stats = prev
+            self.map_levels_ = list(extractor.map_levels)
+            self.map_level_names_ = list(extractor.map_level_names)
+        stats, map_stats = prev, prev_maps
         bar = _progress(len(images), "fit", self.verbose)
         try:
-            for _, batch in extractor.iter_features(images, bar, on_error, skipped):
+            for _, batch, fmaps in extractor.iter_features_and_maps(images, bar, on_error, skipped):
                 stats = [MomentStats.from_array(b) for b in batch] if stats is None else [
                     s.update(b) for s, b in zip(stats, batch)
                 ]
+                if fmaps:
+                    map_stats = maps.accumulate(map_stats, fmaps)
         finally:
             if bar is not None:
                 bar.close()
         self.skipped_ = getattr(self, "skipped_", []) + [(describe(images[i], i), msg) for i, msg in skipped]
         if stats is None:
             raise DataError("no readable training images given")
-        return stats
+        return stats, map_stats
 
-    def _fit_from_stats(self, stats: list[MomentStats], allow_few: bool = False) -> "GaussianAD":
+    def _fit_from_stats(self, stats: list[MomentStats], map_stats: list[MomentStats] | None = None,
+                        allow_few: bool = False) -> "GaussianAD":
         n = stats[0].n
         if n < 2:
             if allow_few:
-                self.stats_ = stats
+                self.stats_, self.map_stats_ = stats, map_stats
                 return self
             raise DataError(f"need at least 2 training samples, got {n}")
         try:
             gaussians = [LevelGaussian.fit(s, self.estimator, self.reduction, float(self.variance)) for s in stats]
+            map_gaussians = [LevelGaussian.fit(s, "ledoit-wolf") for s in map_stats or []]
         except ValueError as exc:
             raise DataError(str(exc)) from None
         self.stats_ = stats
         self.gaussians_ = gaussians
+        self.map_stats_ = map_stats or []
+        self.map_gaussians_ = map_gaussians
         self.feature_dims_ = [s.dim for s in stats]
         self.n_samples_ = n
         if not hasattr(self, "levels_"):
             self.levels_ = list(range(len(stats)))
             self.level_names_ = [f"level{i}" for i in range(len(stats))]
             self.input_size_ = None
+            self.map_levels_, self.map_level_names_ = [], []
         return self
 
     def _check_features(self, features: Sequence[np.ndarray], fitted: bool) -> list[np.ndarray]:
@@ -243,6 +282,36 @@ class GaussianAD:
     def score_samples(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Anomaly score of each image (mean over levels of the distances; higher = more anomalous)."""
         return self.level_scores(images).mean(axis=1)
+
+    def anomaly_map(self, images: Sequence[ImageSource]) -> np.ndarray:
+        """Per-location anomaly maps at the model's input resolution: (n, S, S) float32.
+
+        Each map level has one Gaussian shared by all positions; a location's value is its Mahalanobis distance
+        divided by sqrt(dof) (about 1 for typical normal locations), averaged over the map levels after bilinear
+        upsampling. Resize to an image's own size with :func:`gaussad.maps.upsample`.
+        """
+        return self.score_with_maps(images)[1]
+
+    def score_with_maps(self, images: Sequence[ImageSource], on_error: str = "fail",
+                        skipped: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-level distances (n, L) and anomaly maps (n, S, S) from one pass over the images."""
+        self._check_fitted()
+        if not self.map_gaussians_:
+            raise GaussadError("this model has no anomaly maps: fit it with map_levels (or preset='recommended')")
+        images = list(images)
+        bar = _progress(len(images), "score", self.verbose)
+        pooled, out_maps = [], []
+        try:
+            for _, batch, fmaps in self._extractor().iter_features_and_maps(images, bar, on_error, skipped):
+                pooled.append(batch)
+                out_maps.append(maps.combine(maps.level_maps(self.map_gaussians_, fmaps), self.input_size_))
+        finally:
+            if bar is not None:
+                bar.close()
+        if not pooled:
+            return np.zeros((0, len(self.gaussians_))), np.zeros((0, self.input_size_, self.input_size_), np.float32)
+        feats = [np.concatenate(level) for level in zip(*pooled)]
+        return self.level_scores_features(feats), np.concatenate(out_maps)
 
     @property
     def dofs_(self) -> list[int]:
@@ -297,8 +366,12 @@ class GaussianAD:
             "levels": list(self.levels_),
             "level_names": list(self.level_names_),
             "input_size": self.input_size_,
-            "normalize": self.normalize,
+            "preset": self.preset,
+            "normalize": self._setting("normalize"),
             "normalization": self._normalization_meta(),
+            "map_levels": list(self.map_levels_),
+            "map_level_names": list(self.map_level_names_),
+            "map_gaussians": [g.meta() for g in self.map_gaussians_],
             "estimator": self.estimator,
             "reduction": self.reduction,
             "variance": float(self.variance),

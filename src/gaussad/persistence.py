@@ -35,7 +35,18 @@ def _arrays_of(model: "GaussianAD") -> dict[str, np.ndarray]:
     for i, (g, s) in enumerate(zip(model.gaussians_, model.stats_)):
         arrays.update(g.to_arrays(f"level{i}.gauss."))
         arrays.update(s.to_arrays(f"level{i}.stats."))
+    for i, (g, s) in enumerate(zip(model.map_gaussians_, model.map_stats_)):
+        arrays.update(g.to_arrays(f"map{i}.gauss."))
+        arrays.update(s.to_arrays(f"map{i}.stats."))
     return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+
+
+def publish(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Give a finished temporary file the usual permissions (0666 less the umask) and rename it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, target)
 
 
 def save_model(model: "GaussianAD", path: str | os.PathLike) -> None:
@@ -57,7 +68,7 @@ def save_model(model: "GaussianAD", path: str | os.PathLike) -> None:
         save_file(arrays, tmp, metadata=header)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -108,10 +119,15 @@ def load(path: str | os.PathLike) -> "GaussianAD":
             reduction=meta["reduction"],
             variance=meta["variance"],
             normalize=meta["normalize"],
+            map_levels=meta["map_levels"],
+            preset=meta["preset"],
         )
         n_levels = len(meta["levels"])
         gaussians = [LevelGaussian.from_arrays(arrays, f"level{i}.gauss.", meta["gaussians"][i]) for i in range(n_levels)]
         stats = [MomentStats.from_arrays(arrays, f"level{i}.stats.") for i in range(n_levels)]
+        n_maps = len(meta["map_levels"])
+        map_gaussians = [LevelGaussian.from_arrays(arrays, f"map{i}.gauss.", meta["map_gaussians"][i]) for i in range(n_maps)]
+        map_stats = [MomentStats.from_arrays(arrays, f"map{i}.stats.") for i in range(n_maps)]
         dims = [s.dim for s in stats]
         if dims != list(meta["feature_dims"]) or any(g.mean.shape != (d,) for g, d in zip(gaussians, dims)):
             raise ValueError(f"array shapes {dims} do not match the metadata {meta['feature_dims']}")
@@ -123,6 +139,10 @@ def load(path: str | os.PathLike) -> "GaussianAD":
     model.input_size_ = meta["input_size"]
     model.gaussians_ = gaussians
     model.stats_ = stats
+    model.map_levels_ = list(meta["map_levels"])
+    model.map_level_names_ = list(meta["map_level_names"])
+    model.map_gaussians_ = map_gaussians
+    model.map_stats_ = map_stats
     model.feature_dims_ = dims
     model.n_samples_ = int(meta["n_samples"])
     return model

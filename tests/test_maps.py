@@ -1,0 +1,108 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gaussad
+from gaussad import GaussianAD
+from gaussad.cli import main
+from gaussad.evaluate import roc_auc
+from gaussad.gaussian import LevelGaussian, MomentStats
+from gaussad.images import list_images
+from gaussad.maps import accumulate, combine, level_maps, overlay, upsample
+
+from .conftest import TINY
+
+TINY_MAPS = {**TINY, "map_levels": ["stage2", "stage3"], "normalize": "native"}
+
+
+def test_upsample_is_bilinear_at_pixel_centres():
+    m = np.random.default_rng(0).random((5, 7)).astype(np.float32)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(m)[None, None], size=(20, 28), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(upsample(m, (28, 20)), ref[0, 0].numpy(), atol=1e-5)
+
+
+def test_level_maps_are_per_location_mahalanobis_with_a_shared_gaussian():
+    """Each location's value equals its Mahalanobis distance under sklearn's LW fit on all training locations."""
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(6, 5, 4, 3)).astype(np.float32)
+    test = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)
+    stats = accumulate(accumulate(None, [train[:2]]), [train[2:]])
+    g = LevelGaussian.fit(stats[0], "ledoit-wolf")
+    vectors = train.transpose(0, 2, 3, 1).reshape(-1, 5).astype(np.float64)
+    lw = LedoitWolf().fit(vectors)
+    diff = test.transpose(0, 2, 3, 1).reshape(-1, 5) - vectors.mean(axis=0)
+    expected = np.sqrt(np.einsum("ij,jk,ik->i", diff, np.linalg.inv(lw.covariance_), diff)) / np.sqrt(5)
+    np.testing.assert_allclose(level_maps([g], [test])[0].ravel(), expected, rtol=1e-4)
+    combined = combine(level_maps([g, g], [test, test]), 8)
+    assert combined.shape == (2, 8, 8)
+
+
+def test_overlay_keeps_image_size_and_marks_hot_regions():
+    img = Image.fromarray(np.full((30, 40, 3), 128, np.uint8))
+    amap = np.zeros((10, 10), np.float32)
+    amap[:, 5:] = 6.0
+    out = np.asarray(overlay(img, amap)).astype(int)
+    assert out.shape == (30, 40, 3)
+    assert np.abs(out[:, 35:] - 128).sum() > np.abs(out[:, :5] - 128).sum()
+
+
+@pytest.fixture(scope="module")
+def map_model(tiny_category):
+    return GaussianAD(**TINY_MAPS).fit(list_images(tiny_category / "train" / "good"))
+
+
+def test_maps_localise_synthetic_defects(map_model, tiny_category):
+    from gaussad.datasets import load_category
+    from gaussad.evaluate import load_masks
+
+    cat = load_category(tiny_category)
+    amaps = map_model.anomaly_map(cat.test_files)
+    assert amaps.shape == (len(cat.test_files), 64, 64)
+    assert roc_auc(load_masks(cat, 64).ravel(), amaps.ravel()) > 0.7
+
+
+def test_maps_survive_save_load_and_partial_fit(map_model, tiny_category, tmp_path):
+    files = list_images(tiny_category / "train" / "good")
+    test = list_images(tiny_category / "test" / "patch")[:2]
+    path = tmp_path / "m.gaussad"
+    map_model.save(path)
+    loaded = gaussad.load(path)
+    assert loaded.map_level_names_ == ["stage2", "stage3"]
+    np.testing.assert_array_equal(loaded.anomaly_map(test), map_model.anomaly_map(test))
+    chunked = GaussianAD(**TINY_MAPS).partial_fit(files[:4]).partial_fit(files[4:])
+    np.testing.assert_allclose(chunked.anomaly_map(test), map_model.anomaly_map(test), rtol=1e-5, atol=1e-5)
+
+
+def test_presets_resolve_settings():
+    rec = GaussianAD(preset="recommended")
+    assert rec._setting("normalize") == "native" and rec._setting("map_levels")
+    assert GaussianAD()._setting("normalize") == "imagenet" and not GaussianAD()._setting("map_levels")
+    assert GaussianAD(preset="recommended", normalize="imagenet")._setting("normalize") == "imagenet"
+    with pytest.raises(gaussad.GaussadError, match="unknown preset"):
+        GaussianAD(preset="best").fit_features([np.zeros((3, 2))])
+    with pytest.raises(gaussad.GaussadError, match="no anomaly maps"):
+        GaussianAD(backbone=None).fit_features([np.random.default_rng(0).normal(size=(5, 2))]).anomaly_map([])
+
+
+def test_cli_maps_and_pixel_auroc(tiny_root, tiny_category, tmp_path, capsys):
+    args = ["--input-size", "64", "--levels", ",".join(TINY["levels"]), "--map-levels", "stage2,stage3", "--preset", "recommended"]
+    model = tmp_path / "m.gaussad"
+    assert main(["fit", str(tiny_category), "-o", str(model), "--quiet", *args]) == 0
+    maps_dir = tmp_path / "maps"
+    capsys.readouterr()
+    assert main(["score", str(model), str(tiny_category / "test" / "patch"), "--maps", str(maps_dir), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    for row in rows:
+        with Image.open(row["map"]) as im, Image.open(row["path"]) as src:
+            assert im.size == src.size
+    assert main(["score", str(model), str(tiny_category / "test" / "patch"), "--preset", "paper", "--quiet"]) == 2
+    out = tmp_path / "r.json"
+    assert main(["evaluate", str(tiny_root), "--protocol", "full", "--json", str(out), "--quiet", *args]) == 0
+    report = json.loads(out.read_text())
+    assert report["map_levels"] == ["stage2", "stage3"] and 0.5 < report["mean_pixel_auroc"] <= 1.0
+    assert all("pixel_auroc" in c for c in report["categories"].values())
