@@ -40,11 +40,22 @@ def test_evaluate_writes_json_and_report(tiny_root, tmp_path, capsys):
     for cat in data["categories"].values():
         assert len(cat["fold_aurocs"]) == 5 and len(cat["level_aurocs"]) == 4
         assert cat["image_auroc"] == pytest.approx(np.mean(cat["fold_aurocs"]))
+        assert set(cat["thresholds"]) == {"chi2", "hotelling", "conformal"}
+        for method, by_alpha in cat["thresholds"].items():
+            assert list(by_alpha) == ["0.01", "0.05", "0.1"]
+            for cell in by_alpha.values():
+                if method == "hotelling":  # 8 images per fold, 16..40 dimensions per level
+                    assert cell["fpr"] is None and "more training images than dimensions" in cell["unavailable"]
+                    continue
+                assert len(cell["fpr_folds"]) == len(cell["tpr_folds"]) == 5
+                assert cell["fpr"] == pytest.approx(np.mean(cell["fpr_folds"]))
+                assert cell["tpr"] == pytest.approx(np.mean(cell["tpr_folds"]))
     aurocs = [c["image_auroc"] for c in data["categories"].values()]
     assert data["mean_image_auroc"] == pytest.approx(np.mean(aurocs))
     assert data["sem"] == pytest.approx(np.std(aurocs, ddof=1) / np.sqrt(2))
-    assert "| brick |" in report.read_text()
-    assert "mean +/- SEM" in capsys.readouterr().out
+    assert "| brick |" in report.read_text() and "| brick | conformal | 0.05 |" in report.read_text()
+    table = capsys.readouterr().out
+    assert "mean +/- SEM" in table and "realised FPR" in table
 
 
 def _run(*args):
@@ -100,3 +111,40 @@ def test_on_error_skip_and_fail(tiny_category, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert len(out["results"]) == 10 and len(out["skipped"]) == 1 and "zzz_broken.png" in out["skipped"][0]["error"]
     assert main(["score", str(model), str(train), "--on-error", "fail", "--quiet"]) == 2
+
+
+def test_fit_with_conformal_threshold_and_score_with_each_method(tiny_category, tmp_path, capsys):
+    import gaussad
+
+    model = tmp_path / "c.gaussad"
+    assert main(["fit", str(tiny_category), "-o", str(model), "--json", "--calibration", "0.5", "--threshold",
+                 "conformal", "--fpr", "0.34", "--seed", "1", *TINY_ARGS]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["threshold"] == "conformal" and summary["fpr"] == 0.34 and summary["n_calibration"] == 5
+    cal = np.sort(gaussad.load(model).calibration_scores_)
+    assert summary["score_threshold"] == pytest.approx(cal[3])  # ceil(6 * 0.66) = 4th smallest of 5
+    good, bad = tiny_category / "test" / "good", tiny_category / "test" / "patch"
+
+    assert main(["score", str(model), str(good), str(bad), "--json"]) == 0  # the model's own method and fpr
+    out = json.loads(capsys.readouterr().out)
+    assert out["threshold"] == "conformal" and out["fpr"] == 0.34
+    for row in out["results"]:
+        assert row["pvalue"] == pytest.approx((1 + np.sum(cal >= row["score"])) / 6)
+        assert row["anomalous"] == (row["score"] > cal[3]) == (row["pvalue"] <= 0.34)
+
+    assert main(["score", str(model), str(good), "--json", "--threshold", "chi2", "--fpr", "0.05"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["threshold"] == "chi2" and out["fpr"] == 0.05 and "Bonferroni" in out["rule"]
+
+    assert main(["score", str(model), str(good), "--fpr", "0.05"]) == 0  # 5 calibration scores: no finite threshold
+    captured = capsys.readouterr()
+    assert "infinite" in captured.err and "ANOMALY" not in captured.out
+
+    assert main(["score", str(model), str(good), "--threshold", "hotelling"]) == 2
+    assert "more training images than dimensions" in capsys.readouterr().err
+
+
+def test_fit_conformal_without_calibration_is_refused(tiny_category, tmp_path, capsys):
+    model = tmp_path / "m.gaussad"
+    assert main(["fit", str(tiny_category), "-o", str(model), "--quiet", "--threshold", "conformal", *TINY_ARGS]) == 2
+    assert "--calibration" in capsys.readouterr().err and not model.exists()

@@ -127,3 +127,138 @@ def test_parameters_validated_in_fit_not_constructor(brick):
         GaussianAD(**TINY).fit(brick[0][:1])
     with pytest.raises(GaussadError, match="not fitted"):
         GaussianAD().score_features([np.zeros((1, 2))])
+
+
+# ----- thresholds: chi2 / hotelling / conformal ------------------------------------------------------------
+
+
+def _gaussian_levels(rng, n, dims=(5, 3)):
+    return [rng.normal(size=(n, d)) * np.arange(1, d + 1) + 2.0 for d in dims]
+
+
+def test_calibration_holds_out_scores_and_refits_on_all():
+    from gaussad.threshold import conformal_threshold
+
+    rng = np.random.default_rng(0)
+    train = _gaussian_levels(rng, 50)
+    model = GaussianAD(backbone=None, calibration=0.2, random_state=3, threshold="conformal", fpr=0.1)
+    model.fit_features(train)
+    # documented split: ceil(0.2 * 50) = 10 images held out by default_rng(random_state).permutation
+    held = np.sort(np.random.default_rng(3).permutation(50)[:10])
+    keep = np.setdiff1d(np.arange(50), held)
+    partial = GaussianAD(backbone=None).fit_features([f[keep] for f in train])
+    np.testing.assert_allclose(model.calibration_scores_, partial.score_features([f[held] for f in train]), rtol=1e-10)
+    # the saved statistics are those of all images
+    full = GaussianAD(backbone=None).fit_features(train)
+    assert model.n_samples_ == 50
+    test = _gaussian_levels(rng, 30)
+    np.testing.assert_allclose(model.level_scores_features(test), full.level_scores_features(test), rtol=1e-8)
+    # decisions: score above the conformal quantile, p-values (1 + #{cal >= s}) / (n + 1)
+    levels = model.level_scores_features(test)
+    decisions, pvalues = model.decide(levels)
+    scores = levels.mean(axis=1)
+    cal = model.calibration_scores_
+    np.testing.assert_array_equal(decisions, scores > conformal_threshold(cal, 0.1))
+    np.testing.assert_allclose(pvalues, [(1 + np.sum(cal >= s)) / 11 for s in scores])
+    np.testing.assert_array_equal(decisions, pvalues <= 0.1)
+    assert model.score_threshold() == np.sort(cal)[int(np.ceil(11 * 0.9)) - 1]
+    assert model.score_threshold(fpr=0.05) == np.inf  # 1/(n+1) = 0.09 > 0.05: no finite threshold
+
+
+def test_conformal_on_gaussian_features_keeps_fpr_where_chi2_fails():
+    """Over many synthetic draws (n < d, Ledoit-Wolf) the conformal FPR stays <= alpha; chi-square's is far above."""
+    rng = np.random.default_rng(11)
+    alpha, reps = 0.1, 80
+    conf, chi = np.empty(reps), np.empty(reps)
+    scale = [np.linspace(0.2, 3.0, 40), np.linspace(0.5, 1.5, 4)]
+    for r in range(reps):
+        train = [rng.normal(size=(30, s.size)) * s for s in scale]
+        test = [rng.normal(size=(60, s.size)) * s for s in scale]
+        model = GaussianAD(backbone=None, calibration=0.34, random_state=r, threshold="conformal", fpr=alpha)
+        levels = model.fit_features(train).level_scores_features(test)
+        conf[r] = model.decide(levels)[0].mean()
+        chi[r] = model.decide(levels, threshold="chi2")[0].mean()
+    se = conf.std(ddof=1) / np.sqrt(reps)
+    assert conf.mean() <= alpha + 3 * se
+    assert chi.mean() > alpha + 3 * chi.std(ddof=1) / np.sqrt(reps)
+
+
+def test_hotelling_decisions_match_scipy_and_refuse_n_below_dof():
+    from scipy.stats import f
+
+    rng = np.random.default_rng(2)
+    train = _gaussian_levels(rng, 20)
+    model = GaussianAD(backbone=None, estimator="empirical", threshold="hotelling", fpr=0.05).fit_features(train)
+    levels = model.level_scores_features(_gaussian_levels(rng, 200))
+    n, L = 20, 2
+    expected = np.array([np.sqrt(f.ppf(1 - 0.05 / L, k, n - k) * k * (n + 1) / (n - k)) for k in (5, 3)])
+    np.testing.assert_allclose(model.level_thresholds(0.05 / L, "hotelling"), expected, rtol=1e-9)
+    decisions, pvalues = model.decide(levels)
+    np.testing.assert_array_equal(decisions, (levels > expected).any(axis=1))
+    per_level = np.stack([f.sf(levels[:, i] ** 2 * (n - k) / ((n + 1) * k), k, n - k) for i, k in enumerate((5, 3))], 1)
+    np.testing.assert_allclose(pvalues, np.minimum(per_level.min(axis=1) * L, 1.0), rtol=1e-9)
+    assert model.score_threshold() == pytest.approx(expected.mean())
+    with pytest.raises(GaussadError, match=r"fitted on 4 images .*level0 5"):
+        GaussianAD(backbone=None, threshold="hotelling").fit_features(_gaussian_levels(rng, 4))
+    small = GaussianAD(backbone=None).fit_features(_gaussian_levels(rng, 4))
+    with pytest.raises(GaussadError, match="conformal threshold, fewer levels, or a pca reduction"):
+        small.decide(np.ones((1, 2)), threshold="hotelling")
+
+
+def test_chi2_score_threshold_is_a_union_bound():
+    """An image above the combined-score threshold always has a level above its Bonferroni threshold."""
+    rng = np.random.default_rng(4)
+    model = GaussianAD(backbone=None, fpr=0.2).fit_features(_gaussian_levels(rng, 500))
+    levels = model.level_scores_features(_gaussian_levels(rng, 2000))
+    above = levels.mean(axis=1) > model.score_threshold()
+    flagged = model.decide(levels)[0].astype(bool)
+    assert above.any() and np.all(flagged[above]) and flagged.sum() > above.sum()
+
+
+def test_conformal_needs_calibration_and_calibrate_provides_it():
+    rng = np.random.default_rng(6)
+    with pytest.raises(GaussadError, match="calibration"):
+        GaussianAD(backbone=None, threshold="conformal").fit_features(_gaussian_levels(rng, 20))
+    model = GaussianAD(backbone=None).fit_features(_gaussian_levels(rng, 20))
+    with pytest.raises(GaussadError, match="calibrate"):
+        model.decide(np.ones((1, 2)), threshold="conformal")
+    held = _gaussian_levels(rng, 15)
+    model.calibrate_features(held)
+    np.testing.assert_array_equal(model.calibration_scores_, model.score_features(held))
+    assert model.decide(np.full((1, 2), 100.0), fpr=0.1, threshold="conformal")[0][0] == 1
+    model.partial_fit_features(_gaussian_levels(rng, 5))
+    assert not hasattr(model, "calibration_scores_")  # they belonged to the previous model
+
+
+@pytest.mark.parametrize("params, needle", [
+    ({"threshold": "median"}, "unknown threshold"),
+    ({"fpr": 0.0}, "fpr"),
+    ({"fpr": 1.5}, "fpr"),
+    ({"calibration": 1.0}, "calibration"),
+    ({"calibration": 0.9}, "leaving fewer than 2"),
+    ({"calibration": 0.2, "random_state": 1.5}, "random_state"),
+])
+def test_threshold_parameters_validated_in_fit(params, needle):
+    model = GaussianAD(backbone=None, **params)
+    with pytest.raises(GaussadError, match=needle):
+        model.fit_features(_gaussian_levels(np.random.default_rng(0), 10))
+
+
+def test_calibration_with_images_and_save_load_keeps_the_threshold(brick, tmp_path):
+    model = GaussianAD(**TINY, calibration=0.3, threshold="conformal", fpr=0.25).fit(brick[0])
+    assert model.calibration_scores_.shape == (3,) and model.n_samples_ == 10
+    np.testing.assert_allclose(model.level_scores(brick[1]), GaussianAD(**TINY).fit(brick[0]).level_scores(brick[1]),
+                               rtol=1e-8)
+    path = tmp_path / "c.gaussad"
+    model.save(path)
+    loaded = gaussad.load(path)
+    assert (loaded.threshold, loaded.fpr, loaded.calibration, loaded.random_state) == ("conformal", 0.25, 0.3, 0)
+    np.testing.assert_array_equal(loaded.calibration_scores_, model.calibration_scores_)
+    levels = model.level_scores(brick[2])
+    for a, b in zip(loaded.decide(levels), model.decide(levels)):
+        np.testing.assert_array_equal(a, b)
+    plain = tmp_path / "p.gaussad"
+    GaussianAD(**TINY, threshold="chi2", fpr=0.05).fit(brick[0]).save(plain)
+    again = gaussad.load(plain)
+    assert (again.threshold, again.fpr, again.calibration) == ("chi2", 0.05, None)
+    assert not hasattr(again, "calibration_scores_")

@@ -73,15 +73,45 @@ def _training_images(folder: str) -> list[Path]:
     return list_images(path / "train" / "good" if is_category(path) else path)
 
 
+def _threshold_options(p: argparse.ArgumentParser) -> None:
+    from .threshold import METHODS
+
+    g = p.add_argument_group("threshold (saved in the model; `score` uses it unless told otherwise)")
+    g.add_argument("--threshold", default="chi2", choices=METHODS,
+                   help="decision rule: chi2 per level (the paper), hotelling (finite-sample F law per level) or "
+                        "conformal (quantile of held-out normal scores, needs --calibration); default %(default)s")
+    g.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default %(default)s)")
+    g.add_argument("--calibration", type=float, metavar="FRACTION",
+                   help="hold out this fraction of the images (e.g. 0.2) to compute conformal calibration scores "
+                        "with a model fitted on the rest, then refit on all images")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random calibration split (default %(default)s)")
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no infinity: an infinite threshold is written as null."""
+    return float(x) if np.isfinite(x) else None
+
+
+def _infinite_note(model, fpr: float) -> str:
+    n = model.calibration_scores_.size
+    return (f"with {n} calibration scores the conformal threshold at FPR {fpr} is infinite "
+            f"(FPR below 1/(n+1) = {1 / (n + 1):.3g}): nothing is flagged; hold out more images")
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from .model import GaussianAD
 
     files = _training_images(args.train_dir)
-    model = GaussianAD(**_model_params(args), verbose=not (args.quiet or args.json))
+    model = GaussianAD(**_model_params(args), threshold=args.threshold, fpr=args.fpr, calibration=args.calibration,
+                       random_state=args.seed, verbose=not (args.quiet or args.json))
     model.fit(files, on_error=args.on_error)
     model.save(args.output)
+    cal = getattr(model, "calibration_scores_", None)
+    limit = model.score_threshold()
     summary = {"model": str(args.output), "n_images": model.n_samples_, "backbone": model.backbone,
                "levels": model.level_names_, "input_size": model.input_size_, "feature_dims": model.feature_dims_,
+               "threshold": model.threshold, "fpr": model.fpr, "n_calibration": None if cal is None else int(cal.size),
+               "score_threshold": _finite(limit),
                "skipped": [{"path": p, "error": m} for p, m in model.skipped_]}
     if args.json:
         print(json.dumps(summary))
@@ -90,7 +120,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
             print(f"skipped: {msg}", file=sys.stderr)
         print(f"fitted on {model.n_samples_} images from {args.train_dir} ({len(model.skipped_)} skipped); "
               f"wrote {args.output}")
+        if model.threshold == "conformal" and not np.isfinite(limit):
+            print(f"warning: {_infinite_note(model, model.fpr)}", file=sys.stderr)
+        else:
+            print(f"threshold {model.threshold} at FPR {model.fpr}: score threshold {limit:.3f}"
+                  + (f" from {cal.size} held-out images" if model.threshold == "conformal" else ""))
     return 0
+
+
+RULES = {
+    "chi2": "chi-square per level, Bonferroni over levels",
+    "hotelling": "Hotelling F law per level, Bonferroni over levels",
+    "conformal": "split conformal on the image score",
+}
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -103,6 +145,9 @@ def cmd_score(args: argparse.Namespace) -> int:
                            f"refit with --preset {args.preset}")
     model.verbose = not (args.quiet or args.json)
     model.batch_size = args.batch_size
+    method = args.threshold or model.threshold
+    fpr = model.fpr if args.fpr is None else args.fpr
+    limit = model.score_threshold(fpr, method)  # fails early when the rule cannot apply to this model
     files = expand_sources(args.images)
     skipped: list = []
     if args.maps:
@@ -113,7 +158,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     kept = [f for i, f in enumerate(files) if i not in bad]
     if not args.maps:
         levels = model.level_scores_features(feats) if kept else np.zeros((0, len(model.level_names_)))
-    decisions, pvalues = model.decide(levels, args.fpr) if kept else ([], [])
+    decisions, pvalues = model.decide(levels, fpr, method) if kept else ([], [])
     scores = levels.mean(axis=1)
     rows = [
         {"path": str(f), "score": float(s), "levels": dict(zip(model.level_names_, map(float, lv))),
@@ -125,8 +170,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             row["map"], row["map_max"] = str(path), float(amap.max())
     errors = [{"path": str(files[i]), "error": msg} for i, msg in skipped]
     if args.json:
-        print(json.dumps({"model": str(args.model), "fpr": args.fpr, "threshold": "chi2-bonferroni", "results": rows,
-                          "skipped": errors}))
+        print(json.dumps({"model": str(args.model), "fpr": fpr, "threshold": method, "rule": RULES[method],
+                          "score_threshold": _finite(limit), "results": rows, "skipped": errors}))
         return 1 if errors and not rows else 0
     for e in errors:
         print(f"skipped: {e['error']}", file=sys.stderr)
@@ -140,8 +185,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         cells += [f"{r['pvalue']:9.2e}", "ANOMALY" if r["anomalous"] else "ok"]
         print("  ".join(cells))
     if not args.quiet:
-        print(f"{sum(r['anomalous'] for r in rows)} of {len(rows)} flagged at target FPR {args.fpr} "
-              f"(chi-square per level, Bonferroni over levels); {len(errors)} skipped", file=sys.stderr)
+        if method == "conformal" and not np.isfinite(limit):
+            print(f"warning: {_infinite_note(model, fpr)}", file=sys.stderr)
+        print(f"{sum(r['anomalous'] for r in rows)} of {len(rows)} flagged at target FPR {fpr} "
+              f"({RULES[method]}); {len(errors)} skipped", file=sys.stderr)
     return 0
 
 
@@ -207,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("train_dir", metavar="TRAIN_DIR")
     p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (written atomically)")
     _model_options(p)
+    _threshold_options(p)
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="an unreadable image stops the fit (fail, default) or is reported and left out (skip)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -217,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score images: one row per image with its score, per-level distances, p-value and decision.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of the decision (default %(default)s)")
+    p.add_argument("--fpr", type=float, help="target false-positive rate of the decision (default: the model's)")
+    p.add_argument("--threshold", choices=("chi2", "hotelling", "conformal"),
+                   help="decision rule (default: the model's); conformal needs a model fitted with --calibration")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
     p.add_argument("--on-error", choices=("fail", "skip"), default="skip",
                    help="an unreadable image is reported and skipped (skip, default) or stops the run (fail)")
@@ -229,11 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("evaluate", help="image AUROC on MVTec-layout data",
-                       description="Evaluate on ROOT, one category in MVTec layout or a folder of categories.")
+    p = sub.add_parser("evaluate", help="image AUROC and threshold error rates on MVTec-layout data",
+                       description="Evaluate on ROOT, one category in MVTec layout or a folder of categories: image "
+                                   "AUROC, and per threshold method (chi2, hotelling, conformal) and target FPR "
+                                   "(0.01, 0.05, 0.1) the realised FPR on test/good and TPR on defective images.")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("--protocol", choices=("paper", "full"), default="paper",
-                   help="paper: 5-fold KFold(shuffle, seed 0) of train/good, mean AUROC over folds; full: fit on all of train/good")
+                   help="paper: 5-fold KFold(shuffle, seed 0) of train/good, fit on 80%% and calibrate conformal "
+                        "thresholds on the held-out 20%%, mean over folds; full: fit on all of train/good, conformal "
+                        "calibration from 20%% of it held out before the refit")
     _model_options(p)
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--report", metavar="OUT.md", help="write a Markdown report to OUT.md")

@@ -11,10 +11,14 @@ from scipy.stats import rankdata
 
 from . import maps
 from .datasets import Category, find_categories, kfold_indices
+from .errors import GaussadError
 from .gaussian import LevelGaussian
 from .model import GaussianAD, _progress
+from .threshold import METHODS
 
 PROTOCOLS = ("paper", "full")
+ALPHAS = (0.01, 0.05, 0.1)
+FULL_CALIBRATION = 0.2  # fraction of train/good held out for conformal calibration under the full protocol
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -57,21 +61,33 @@ def extract(model: GaussianAD, files: list, desc: str, with_maps: bool) -> tuple
 
 def evaluate_category(category: Category, features: tuple[list[np.ndarray], list[np.ndarray]], params: dict[str, Any],
                       protocol: str = "paper", seed: int = 0,
-                      feature_maps: tuple[list[np.ndarray], list[np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
-    """Fit per fold on train features, score the test features, and collect combined and per-level AUROCs.
+                      feature_maps: tuple[list[np.ndarray], list[np.ndarray], np.ndarray] | None = None,
+                      level_names: list[str] | None = None) -> dict[str, Any]:
+    """Fit per fold on train features, score the test features, and collect AUROCs and threshold rates.
 
     With ``feature_maps`` (train maps, test maps, test masks) each fold also fits the anomaly-map Gaussians and
-    the pixel AUROC over all test pixels is reported.
+    the pixel AUROC over all test pixels is reported.  Conformal thresholds: with the paper protocol each
+    fold's held-out 20 % of train/good calibrates the model fitted on the other 80 %; with the full protocol
+    the model holds out ``FULL_CALIBRATION`` of train/good for calibration and then refits on all of it.
     """
     train, test = features
     n = train[0].shape[0]
+    params = {**params, "verbose": False, "threshold": "chi2", "calibration": None}
     folds = kfold_indices(n, 5, seed) if protocol == "paper" else [(np.arange(n), np.arange(0))]
-    fold_aurocs, level_aurocs, pixel_aurocs = [], [], []
-    for keep, _ in folds:
-        model = GaussianAD(**{**params, "verbose": False}).fit_features([f[keep] for f in train])
+    fold_aurocs, level_aurocs, pixel_aurocs, rates, n_cal = [], [], [], [], []
+    for keep, held in folds:
+        if protocol == "paper":
+            model = GaussianAD(**params).fit_features([f[keep] for f in train])
+            model.calibrate_features([f[held] for f in train])
+        else:
+            model = GaussianAD(**{**params, "calibration": FULL_CALIBRATION, "random_state": seed}).fit_features(train)
+        if level_names is not None:
+            model.level_names_ = list(level_names)  # plain-feature fits number their levels; name them in messages
+        n_cal.append(int(model.calibration_scores_.size))
         level = model.level_scores_features(test)
         fold_aurocs.append(roc_auc(category.test_labels, level.mean(axis=1)))
         level_aurocs.append([roc_auc(category.test_labels, level[:, i]) for i in range(level.shape[1])])
+        rates.append(_threshold_rates(model, level, category.test_labels))
         if feature_maps is not None:
             train_maps, test_maps, masks = feature_maps
             gaussians = [LevelGaussian.fit(maps.accumulate(None, [m[keep]])[0], "ledoit-wolf") for m in train_maps]
@@ -81,6 +97,8 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
         "image_auroc": float(np.mean(fold_aurocs)),
         "fold_aurocs": [float(a) for a in fold_aurocs],
         "level_aurocs": [float(a) for a in np.mean(level_aurocs, axis=0)],
+        "thresholds": _average_rates(rates),
+        "n_calibration_folds": n_cal,
         "n_train": n,
         "n_test_good": int((category.test_labels == 0).sum()),
         "n_test_defective": int((category.test_labels == 1).sum()),
@@ -89,6 +107,46 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
         result["pixel_auroc"] = float(np.mean(pixel_aurocs))
         result["pixel_fold_aurocs"] = [float(a) for a in pixel_aurocs]
     return result
+
+
+def _threshold_rates(model: GaussianAD, level: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, dict]]:
+    """Per method and alpha: realised FPR on good and TPR on defective test images, or why it is unavailable."""
+    out: dict[str, dict[str, dict]] = {}
+    for method in METHODS:
+        out[method] = {}
+        for alpha in ALPHAS:
+            try:
+                flagged = model.decide(level, alpha, method)[0].astype(bool)
+                limit = model.score_threshold(alpha, method)
+            except GaussadError as exc:
+                out[method][str(alpha)] = {"unavailable": str(exc)}
+                continue
+            out[method][str(alpha)] = {"fpr": float(flagged[labels == 0].mean()),
+                                       "tpr": float(flagged[labels == 1].mean()),
+                                       "score_threshold": float(limit) if np.isfinite(limit) else None}
+    return out
+
+
+def _average_rates(folds: list[dict[str, dict[str, dict]]]) -> dict[str, dict[str, dict]]:
+    """Mean over folds with the per-fold figures; a method unavailable in any fold is reported as such."""
+    out: dict[str, dict[str, dict]] = {}
+    for method, by_alpha in folds[0].items():
+        out[method] = {}
+        for alpha in by_alpha:
+            cells = [f[method][alpha] for f in folds]
+            missing = [c["unavailable"] for c in cells if "unavailable" in c]
+            if missing:
+                out[method][alpha] = {"fpr": None, "tpr": None, "fpr_folds": [], "tpr_folds": [],
+                                      "unavailable": missing[0]}
+                continue
+            out[method][alpha] = {
+                "fpr": float(np.mean([c["fpr"] for c in cells])),
+                "tpr": float(np.mean([c["tpr"] for c in cells])),
+                "fpr_folds": [c["fpr"] for c in cells],
+                "tpr_folds": [c["tpr"] for c in cells],
+                "score_threshold_folds": [c["score_threshold"] for c in cells],
+            }
+    return out
 
 
 def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = False, **params: Any) -> dict[str, Any]:
@@ -105,7 +163,8 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
         train, train_maps = extract(extractor_model, cat.train_files, f"{cat.name} train", with_maps)
         test, test_maps = extract(extractor_model, cat.test_files, f"{cat.name} test", with_maps)
         fmaps = (train_maps, test_maps, load_masks(cat, extractor.input_size)) if with_maps else None
-        results[cat.name] = evaluate_category(cat, (train, test), params, protocol, feature_maps=fmaps)
+        results[cat.name] = evaluate_category(cat, (train, test), params, protocol, feature_maps=fmaps,
+                                              level_names=extractor.level_names)
     aurocs = [r["image_auroc"] for r in results.values()]
     sem = float(np.std(aurocs, ddof=1) / math.sqrt(len(aurocs))) if len(aurocs) > 1 else 0.0
     report = {
@@ -143,7 +202,38 @@ def format_table(report: dict[str, Any]) -> str:
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     title = (f"protocol={report['protocol']} preset={report['preset'] or 'paper'} backbone={report['backbone']} size={report['input_size']} "
              f"estimator={report['estimator']} reduction={report['reduction'] or 'none'} normalize={report['normalize']}")
-    return "\n".join([title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    out = [title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    return "\n".join(out + [""] + _threshold_table(report))
+
+
+def _threshold_notes(name: str, r: dict[str, Any]) -> list[str]:
+    """Why cells of one category are unavailable, and where the conformal threshold is infinite."""
+    notes = []
+    for method, by_alpha in r["thresholds"].items():
+        reasons = {c["unavailable"] for c in by_alpha.values() if c["fpr"] is None}
+        notes += [f"{name} {method} n/a: {reason}" for reason in sorted(reasons)]
+        infinite = {a: sum(t is None for t in c["score_threshold_folds"]) for a, c in by_alpha.items() if c["fpr"] is not None}
+        where = [f"alpha={a} in {k} of {len(r['n_calibration_folds'])} folds" for a, k in infinite.items() if k]
+        if where:
+            notes.append(f"{name} {method}: threshold infinite, nothing flagged, at {'; '.join(where)} "
+                         f"(calibration images per fold: {', '.join(map(str, r['n_calibration_folds']))}; "
+                         "a finite threshold needs at least 1/alpha - 1)")
+    return notes
+
+
+def _threshold_table(report: dict[str, Any]) -> list[str]:
+    """Realised FPR / TPR per category, method and alpha, with the reasons for unavailable or infinite cells."""
+    head = ["category", "method"] + [f"alpha={a}" for a in ALPHAS]
+    rows, notes = [], []
+    for name, r in report["categories"].items():
+        for method, by_alpha in r["thresholds"].items():
+            rows.append([name, method] + ["n/a" if c["fpr"] is None else f"{c['fpr']:.3f}/{c['tpr']:.3f}"
+                                          for c in by_alpha.values()])
+        notes += _threshold_notes(name, r)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    title = "thresholds: realised FPR on test/good / TPR on defective at target FPR alpha (mean over folds)"
+    return [title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows] + notes
 
 
 def format_markdown(report: dict[str, Any]) -> str:
@@ -161,4 +251,20 @@ def format_markdown(report: dict[str, Any]) -> str:
         out.append(f"| {name} | {r['image_auroc']:.4f} | {folds} | {pixel} | "
                    + " | ".join(f"{a:.3f}" for a in r["level_aurocs"]) + " |")
     out += ["", f"Mean over {report['n_categories']} categories: {report['mean_image_auroc']:.4f} +/- {report['sem']:.4f} (SEM)", ""]
+    out += ["## Thresholds", "",
+            "Realised false-positive rate on test/good and true-positive rate on defective test images at target "
+            "FPR alpha (mean over folds, then per fold; `inf`: no finite conformal threshold, nothing flagged).", "",
+            "| category | method | alpha | FPR | FPR per fold | TPR | TPR per fold |", "|---|---|---|---|---|---|---|"]
+    for name, r in report["categories"].items():
+        for method, by_alpha in r["thresholds"].items():
+            for alpha, c in by_alpha.items():
+                if c["fpr"] is None:
+                    out.append(f"| {name} | {method} | {alpha} | n/a | | | |")
+                    continue
+                fpr = ", ".join(f"{v:.3f}" + ("" if t is not None else " (inf)")
+                                for v, t in zip(c["fpr_folds"], c["score_threshold_folds"]))
+                tpr = ", ".join(f"{v:.3f}" for v in c["tpr_folds"])
+                out.append(f"| {name} | {method} | {alpha} | {c['fpr']:.3f} | {fpr} | {c['tpr']:.3f} | {tpr} |")
+    notes = [n for name, r in report["categories"].items() for n in _threshold_notes(name, r)]
+    out += [""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(out)

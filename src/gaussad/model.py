@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from typing import Sequence
 
@@ -12,7 +14,15 @@ from .errors import DataError, GaussadError
 from .features import NORMALIZATIONS, FeatureExtractor
 from .gaussian import ESTIMATORS, REDUCTIONS, LevelGaussian, MomentStats
 from .images import ImageSource
-from .threshold import chi2_pvalue, chi2_threshold
+from .threshold import (
+    METHODS,
+    chi2_pvalue,
+    chi2_threshold,
+    conformal_pvalue,
+    conformal_threshold,
+    hotelling_pvalue,
+    hotelling_threshold,
+)
 
 
 PRESETS: dict[str, dict] = {
@@ -36,7 +46,9 @@ class GaussianAD:
     """Anomaly detector of Rippel et al. (ICPR 2020), in scikit-learn style.
 
     ``fit`` learns a Gaussian per feature level from normal images; ``score_samples`` returns the mean over
-    levels of the Mahalanobis distances (higher = more anomalous).
+    levels of the Mahalanobis distances (higher = more anomalous).  ``threshold`` (``chi2``, ``hotelling`` or
+    ``conformal``) and ``fpr`` are the default decision rule of ``predict``/``decide``; ``calibration``, a
+    fraction of the training images, is held out for conformal calibration scores before refitting on all.
     """
 
     def __init__(
@@ -51,6 +63,10 @@ class GaussianAD:
         normalize: str | None = None,
         map_levels: Sequence[int | str] | None = None,
         preset: str | None = None,
+        threshold: str = "chi2",
+        fpr: float = 0.01,
+        calibration: float | None = None,
+        random_state: int = 0,
         batch_size: int = 16,
         verbose: bool = False,
     ):
@@ -64,6 +80,10 @@ class GaussianAD:
         self.normalize = normalize
         self.map_levels = map_levels
         self.preset = preset
+        self.threshold = threshold
+        self.fpr = fpr
+        self.calibration = calibration
+        self.random_state = random_state
         self.batch_size = batch_size
         self.verbose = verbose
 
@@ -71,7 +91,7 @@ class GaussianAD:
     def get_params(self) -> dict:
         """Constructor parameters, as scikit-learn's ``get_params``."""
         names = ("backbone", "levels", "input_size", "weights", "estimator", "reduction", "variance", "normalize", "map_levels",
-                 "preset", "batch_size", "verbose")
+                 "preset", "threshold", "fpr", "calibration", "random_state", "batch_size", "verbose")
         return {n: getattr(self, n) for n in names}
 
     def _validate_params(self) -> None:
@@ -87,6 +107,18 @@ class GaussianAD:
             raise GaussadError(f"unknown normalize {self.normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
         if int(self.batch_size) < 1:
             raise GaussadError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.threshold not in METHODS:
+            raise GaussadError(f"unknown threshold {self.threshold!r}; choose one of: {', '.join(METHODS)}")
+        if not 0.0 < float(self.fpr) < 1.0:
+            raise GaussadError(f"fpr must lie strictly between 0 and 1, got {self.fpr}")
+        if self.calibration is not None and not 0.0 < float(self.calibration) < 1.0:
+            raise GaussadError(f"calibration must be a fraction strictly between 0 and 1, got {self.calibration}")
+        if self.random_state is not None and (isinstance(self.random_state, bool)
+                                              or not isinstance(self.random_state, numbers.Integral)):
+            raise GaussadError(f"random_state must be an integer or None, got {self.random_state!r}")
+        if self.threshold == "conformal" and self.calibration is None:
+            raise GaussadError("threshold='conformal' needs calibration scores of held-out normal images: "
+                               "set calibration (e.g. 0.2; CLI: --calibration 0.2), or fit and then call calibrate(images)")
 
     def _setting(self, name: str):
         """An explicit constructor value, else the preset's (the paper's recipe when no preset is given)."""
@@ -129,21 +161,38 @@ class GaussianAD:
     def fit(self, images: Sequence[ImageSource], y=None, *, on_error: str = "fail") -> "GaussianAD":
         """Learn one Gaussian per level from normal images (paths, PIL images or uint8 arrays).
 
-        ``on_error="skip"`` leaves out unreadable images and lists them in ``skipped_``.
+        ``on_error="skip"`` leaves out unreadable images and lists them in ``skipped_``.  With ``calibration``
+        set, that fraction of the images is held out, scored by a model fitted on the rest
+        (``calibration_scores_``), and the final model is then fitted on all images.
         """
         self._validate_params()
         self._reset()
         images = list(images)
         if len(images) < 2:
             raise DataError(f"need at least 2 training images, got {len(images)}")
-        return self._fit_from_stats(*self._accumulate(images, None, None, on_error))
+        split = self._calibration_split(len(images))
+        if split is None:
+            return self._fit_checked(*self._accumulate(images, None, None, on_error))
+        keep, held = split
+        stats, map_stats = self._accumulate([images[i] for i in keep], None, None, on_error, positions=keep)
+        self._fit_from_stats(stats, map_stats)
+        batches: list = []
+        all_stats, all_maps = self._accumulate([images[i] for i in held], stats, map_stats, on_error, positions=held,
+                                               collect=batches)
+        held_features = [np.concatenate(level) for level in zip(*batches)] if batches else None
+        return self._fit_calibrated(held_features, all_stats, all_maps)
 
     def partial_fit(self, images: Sequence[ImageSource], y=None, *, on_error: str = "fail") -> "GaussianAD":
-        """Add images to the running statistics and refit; chunks give the same model as one ``fit``."""
+        """Add images to the running statistics and refit; chunks give the same model as one ``fit``.
+
+        ``calibration`` is not applied here and earlier calibration scores are dropped (they belong to the
+        previous model): call :meth:`calibrate` on held-out normal images after the last chunk.
+        """
         self._validate_params()
         images = list(images)
         stats, map_stats = self._accumulate(images, getattr(self, "stats_", None), getattr(self, "map_stats_", None),
                                             on_error)
+        self.__dict__.pop("calibration_scores_", None)
         return self._fit_from_stats(stats, map_stats, allow_few=True)
 
     def fit_features(self, features: Sequence[np.ndarray]) -> "GaussianAD":
@@ -151,17 +200,67 @@ class GaussianAD:
         self._validate_params()
         self._reset()
         feats = self._check_features(features, fitted=False)
-        if feats[0].shape[0] < 2:
-            raise DataError(f"need at least 2 training samples, got {feats[0].shape[0]}")
-        return self._fit_from_stats([MomentStats.from_array(f) for f in feats])
+        n = feats[0].shape[0]
+        if n < 2:
+            raise DataError(f"need at least 2 training samples, got {n}")
+        split = self._calibration_split(n)
+        if split is None:
+            return self._fit_checked([MomentStats.from_array(f) for f in feats])
+        keep, held = split
+        stats = [MomentStats.from_array(f[keep]) for f in feats]
+        self._fit_from_stats(stats)
+        held_features = [f[held] for f in feats]
+        return self._fit_calibrated(held_features, [s.update(f) for s, f in zip(stats, held_features)])
 
     def partial_fit_features(self, features: Sequence[np.ndarray]) -> "GaussianAD":
-        """Add plain per-level feature arrays to the running statistics and refit."""
+        """Add plain per-level feature arrays to the running statistics and refit (drops calibration scores)."""
         self._validate_params()
         prev = getattr(self, "stats_", None)
         feats = self._check_features(features, fitted=prev is not None)
         stats = [MomentStats.from_array(f) if prev is None else s.update(f) for s, f in zip(prev or feats, feats)]
+        self.__dict__.pop("calibration_scores_", None)
         return self._fit_from_stats(stats, allow_few=True)
+
+    def calibrate(self, images: Sequence[ImageSource], *, on_error: str = "fail") -> "GaussianAD":
+        """Set ``calibration_scores_`` from held-out normal images scored by this fitted model (for conformal)."""
+        self._check_fitted()
+        return self.calibrate_features(self.extract_features(list(images), "calibration", on_error))
+
+    def calibrate_features(self, features: Sequence[np.ndarray]) -> "GaussianAD":
+        """Set ``calibration_scores_`` from plain per-level features of held-out normal samples."""
+        scores = self.score_features(features)
+        if scores.size == 0:
+            raise DataError("no calibration samples given")
+        self.calibration_scores_ = scores
+        return self
+
+    def _calibration_split(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(fit, held-out) indices for ``calibration``: ceil(fraction * n) held out, by a seeded permutation."""
+        if self.calibration is None:
+            return None
+        n_cal = math.ceil(float(self.calibration) * n)
+        if n - n_cal < 2:
+            raise DataError(f"calibration={self.calibration} holds out {n_cal} of {n} images, leaving fewer than 2 "
+                            "to fit on")
+        order = np.random.default_rng(self.random_state).permutation(n)
+        return np.sort(order[n_cal:]), np.sort(order[:n_cal])
+
+    def _fit_calibrated(self, held: list[np.ndarray] | None, stats: list[MomentStats],
+                        map_stats: list[MomentStats] | None = None) -> "GaussianAD":
+        """Score the held-out features with the current model (fitted without them), then refit on all ``stats``."""
+        if held is None or held[0].shape[0] == 0:
+            raise DataError("none of the calibration images could be read")
+        scores = self.score_features(held)
+        self._fit_checked(stats, map_stats)
+        self.calibration_scores_ = scores
+        return self
+
+    def _fit_checked(self, stats: list[MomentStats], map_stats: list[MomentStats] | None = None) -> "GaussianAD":
+        """Fit from the statistics and check that the chosen threshold can be computed for this model."""
+        self._fit_from_stats(stats, map_stats)
+        if self.threshold == "hotelling":
+            self._check_hotelling()
+        return self
 
     def merge(self, other: "GaussianAD") -> "GaussianAD":
         """A new model fitted on the union of both models' training data (same settings required)."""
@@ -180,14 +279,19 @@ class GaussianAD:
 
     def _reset(self) -> None:
         for attr in ("stats_", "gaussians_", "levels_", "level_names_", "input_size_", "feature_dims_", "n_samples_",
-                     "skipped_", "map_levels_", "map_level_names_", "map_stats_", "map_gaussians_"):
+                     "skipped_", "map_levels_", "map_level_names_", "map_stats_", "map_gaussians_", "calibration_scores_"):
             self.__dict__.pop(attr, None)
         self.__dict__.pop("_extractor_cache", None)
 
     def _accumulate(self, images: list, prev: list[MomentStats] | None, prev_maps: list[MomentStats] | None,
-                    on_error: str) -> tuple[list[MomentStats], list[MomentStats] | None]:
+                    on_error: str, positions: Sequence[int] | None = None,
+                    collect: list | None = None) -> tuple[list[MomentStats], list[MomentStats] | None]:
         """Stream images through the backbone, folding each batch into the moment statistics of the pooled
-        features and (when map levels are set) of every location of the feature maps."""
+        features and (when map levels are set) of every location of the feature maps.
+
+        ``positions`` are the images' indices in the caller's list (to name skipped in-memory images);
+        ``collect``, when given, receives each batch of pooled features.
+        """
         from .images import describe
 
         extractor = self._extractor()
@@ -202,6 +306,8 @@ class GaussianAD:
         bar = _progress(len(images), "fit", self.verbose)
         try:
             for _, batch, fmaps in extractor.iter_features_and_maps(images, bar, on_error, skipped):
+                if collect is not None:
+                    collect.append(batch)
                 stats = [MomentStats.from_array(b) for b in batch] if stats is None else [
                     s.update(b) for s, b in zip(stats, batch)
                 ]
@@ -210,7 +316,8 @@ class GaussianAD:
         finally:
             if bar is not None:
                 bar.close()
-        self.skipped_ = getattr(self, "skipped_", []) + [(describe(images[i], i), msg) for i, msg in skipped]
+        pos = list(range(len(images))) if positions is None else [int(p) for p in positions]
+        self.skipped_ = getattr(self, "skipped_", []) + [(describe(images[i], pos[i]), msg) for i, msg in skipped]
         if stats is None:
             raise DataError("no readable training images given")
         return stats, map_stats
@@ -319,27 +426,88 @@ class GaussianAD:
         self._check_fitted()
         return [g.dof for g in self.gaussians_]
 
-    def level_thresholds(self, fpr: float) -> np.ndarray:
-        """Per-level distance thresholds from the chi-square law at target false-positive rate ``fpr``."""
+    def level_thresholds(self, fpr: float, threshold: str = "chi2") -> np.ndarray:
+        """Per-level distance thresholds at false-positive rate ``fpr`` per level (``chi2`` or ``hotelling``)."""
+        if threshold == "hotelling":
+            self._check_hotelling()
+            return np.array([hotelling_threshold(k, self.n_samples_, fpr) for k in self.dofs_])
+        if threshold != "chi2":
+            raise GaussadError(f"per-level thresholds exist for chi2 and hotelling, not {threshold!r}")
         return np.array([chi2_threshold(k, fpr) for k in self.dofs_])
 
-    def decide(self, level_scores: np.ndarray, fpr: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-        """Decisions (1 = anomalous) and p-values from per-level distances.
+    def _check_hotelling(self) -> None:
+        """Refuse Hotelling thresholds where the F law is undefined (n <= dof at some level)."""
+        n = self.n_samples_
+        bad = [f"{name} {k}" for name, k in zip(self.level_names_, self.dofs_) if n <= k]
+        if bad:
+            raise GaussadError(
+                f"hotelling thresholds need more training images than dimensions at every level, but the model is "
+                f"fitted on {n} images and has {len(bad)} level(s) with as many dimensions or more ({', '.join(bad)}); "
+                "use the conformal threshold, fewer levels, or a pca reduction"
+            )
 
-        An image is flagged when any level exceeds its chi-square threshold at ``fpr / n_levels`` (Bonferroni),
-        so under the Gaussian model the false-positive rate stays at most ``fpr``. The p-value is the
-        Bonferroni-adjusted minimum of the per-level chi-square p-values.
+    def _calibration_scores(self) -> np.ndarray:
+        scores = getattr(self, "calibration_scores_", None)
+        if scores is None:
+            raise GaussadError("the conformal threshold needs calibration scores: fit with calibration=0.2 (CLI: "
+                               "--calibration 0.2) or call calibrate(held-out normal images)")
+        return scores
+
+    def _rule(self, fpr: float | None, threshold: str | None) -> tuple[float, str]:
+        """The (fpr, method) to use: the arguments, or the model's own ``fpr``/``threshold``."""
+        fpr = self.fpr if fpr is None else fpr
+        threshold = self.threshold if threshold is None else threshold
+        if threshold not in METHODS:
+            raise GaussadError(f"unknown threshold {threshold!r}; choose one of: {', '.join(METHODS)}")
+        if not 0.0 < float(fpr) < 1.0:
+            raise GaussadError(f"fpr must lie strictly between 0 and 1, got {fpr}")
+        return float(fpr), threshold
+
+    def score_threshold(self, fpr: float | None = None, threshold: str | None = None) -> float:
+        """A threshold on the image score (mean over levels) at target false-positive rate ``fpr``.
+
+        conformal: the split-conformal quantile of ``calibration_scores_`` (``inf`` when ``fpr`` is below
+        ``1 / (n_cal + 1)``).  chi2/hotelling: the mean of the per-level thresholds at ``fpr / n_levels``; an
+        image whose score exceeds it has some level above its threshold, so under the per-level laws this
+        score threshold keeps the false-positive rate at most ``fpr`` whatever the dependence between levels
+        (it flags a subset of what :meth:`decide` flags).
         """
-        level_scores = np.atleast_2d(level_scores)
+        self._check_fitted()
+        fpr, threshold = self._rule(fpr, threshold)
+        if threshold == "conformal":
+            return conformal_threshold(self._calibration_scores(), fpr)
+        return float(self.level_thresholds(fpr / len(self.gaussians_), threshold).mean())
+
+    def decide(self, level_scores: np.ndarray, fpr: float | None = None,
+               threshold: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Decisions (1 = anomalous) and p-values from per-level distances (n, n_levels).
+
+        ``fpr`` and ``threshold`` default to the model's own.  chi2 and hotelling flag an image when any
+        level exceeds its threshold at ``fpr / n_levels`` (Bonferroni), so under that law the false-positive
+        rate stays at most ``fpr``; the p-value is the Bonferroni-adjusted minimum of the per-level p-values.
+        conformal flags an image whose score (mean over levels) exceeds :meth:`score_threshold`; its p-value
+        is the conformal p-value of the score, and ``p <= fpr`` exactly for flagged images.
+        """
+        self._check_fitted()
+        fpr, threshold = self._rule(fpr, threshold)
+        level_scores = np.atleast_2d(np.asarray(level_scores, dtype=np.float64))
+        if threshold == "conformal":
+            cal = self._calibration_scores()
+            scores = level_scores.mean(axis=1)
+            return (scores > conformal_threshold(cal, fpr)).astype(int), conformal_pvalue(scores, cal)
         n_levels = level_scores.shape[1]
-        thresholds = np.array([chi2_threshold(k, fpr / n_levels) for k in self.dofs_])
-        pvals = np.stack([chi2_pvalue(level_scores[:, i], k) for i, k in enumerate(self.dofs_)], axis=1)
-        pvalue = np.minimum(pvals.min(axis=1) * n_levels, 1.0)
+        thresholds = self.level_thresholds(fpr / n_levels, threshold)
+        if threshold == "hotelling":
+            pvals = [hotelling_pvalue(level_scores[:, i], k, self.n_samples_) for i, k in enumerate(self.dofs_)]
+        else:
+            pvals = [chi2_pvalue(level_scores[:, i], k) for i, k in enumerate(self.dofs_)]
+        pvalue = np.minimum(np.stack(pvals, axis=1).min(axis=1) * n_levels, 1.0)
         return (level_scores > thresholds).any(axis=1).astype(int), pvalue
 
-    def predict(self, images: Sequence[ImageSource], fpr: float = 0.01) -> np.ndarray:
-        """1 for images judged anomalous at target false-positive rate ``fpr``, else 0."""
-        return self.decide(self.level_scores(images), fpr)[0]
+    def predict(self, images: Sequence[ImageSource], fpr: float | None = None,
+                threshold: str | None = None) -> np.ndarray:
+        """1 for images judged anomalous at target false-positive rate ``fpr`` (default: the model's), else 0."""
+        return self.decide(self.level_scores(images), fpr, threshold)[0]
 
     # ----- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -378,4 +546,10 @@ class GaussianAD:
             "n_samples": int(self.n_samples_),
             "feature_dims": list(self.feature_dims_),
             "gaussians": [g.meta() for g in self.gaussians_],
+            "threshold": self.threshold,
+            "fpr": float(self.fpr),
+            "calibration": None if self.calibration is None else float(self.calibration),
+            "random_state": None if self.random_state is None else int(self.random_state),
+            "n_calibration": None if getattr(self, "calibration_scores_", None) is None
+            else int(self.calibration_scores_.size),
         }

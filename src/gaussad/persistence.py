@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import ModelFormatError
+from .errors import GaussadError, ModelFormatError
 
 if TYPE_CHECKING:
     from .model import GaussianAD
@@ -38,6 +38,8 @@ def _arrays_of(model: "GaussianAD") -> dict[str, np.ndarray]:
     for i, (g, s) in enumerate(zip(model.map_gaussians_, model.map_stats_)):
         arrays.update(g.to_arrays(f"map{i}.gauss."))
         arrays.update(s.to_arrays(f"map{i}.stats."))
+    if getattr(model, "calibration_scores_", None) is not None:
+        arrays["calibration.scores"] = np.asarray(model.calibration_scores_, dtype=np.float64)
     return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
 
 
@@ -121,6 +123,10 @@ def load(path: str | os.PathLike) -> "GaussianAD":
             normalize=meta["normalize"],
             map_levels=meta["map_levels"],
             preset=meta["preset"],
+            threshold=meta.get("threshold", "chi2"),
+            fpr=meta.get("fpr", 0.01),
+            calibration=meta.get("calibration"),
+            random_state=meta.get("random_state", 0),
         )
         n_levels = len(meta["levels"])
         gaussians = [LevelGaussian.from_arrays(arrays, f"level{i}.gauss.", meta["gaussians"][i]) for i in range(n_levels)]
@@ -131,9 +137,15 @@ def load(path: str | os.PathLike) -> "GaussianAD":
         dims = [s.dim for s in stats]
         if dims != list(meta["feature_dims"]) or any(g.mean.shape != (d,) for g, d in zip(gaussians, dims)):
             raise ValueError(f"array shapes {dims} do not match the metadata {meta['feature_dims']}")
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        calibration = arrays.get("calibration.scores")
+        if calibration is not None and (calibration.ndim != 1 or not np.all(np.isfinite(calibration))):
+            raise ValueError("calibration scores must be a 1-D array of finite numbers")
+        if meta.get("n_calibration") != (None if calibration is None else int(calibration.size)):
+            raise ValueError(f"{meta.get('n_calibration')} calibration scores in the metadata, "
+                             f"{0 if calibration is None else calibration.size} stored")
+        model._validate_params()
+    except (KeyError, IndexError, TypeError, ValueError, GaussadError) as exc:
         raise ModelFormatError(f"{path}: inconsistent model file ({type(exc).__name__}: {exc})") from None
-    model._validate_params()
     model.levels_ = list(meta["levels"])
     model.level_names_ = list(meta["level_names"])
     model.input_size_ = meta["input_size"]
@@ -145,4 +157,6 @@ def load(path: str | os.PathLike) -> "GaussianAD":
     model.map_stats_ = map_stats
     model.feature_dims_ = dims
     model.n_samples_ = int(meta["n_samples"])
+    if calibration is not None:
+        model.calibration_scores_ = calibration
     return model
