@@ -48,7 +48,7 @@ def test_paper_protocol_calibrates_on_each_held_out_fold():
     for method in result["thresholds"].values():
         for cell in method.values():
             assert cell["fpr"] == pytest.approx(np.mean(cell["fpr_folds"]))
-    report = {"protocol": "paper", "backbone": None, "input_size": None, "levels": ["a", "b"], "estimator": "ledoit-wolf",
+    report = {"protocol": "paper", "preset": None, "backbone": None, "input_size": None, "levels": ["a", "b"], "estimator": "ledoit-wolf",
               "reduction": None, "normalize": "imagenet", "categories": {"synthetic": result}, "n_categories": 1,
               "mean_image_auroc": result["image_auroc"], "sem": 0.0}
     assert "threshold infinite" in format_table(report) and "| synthetic | hotelling | 0.1 |" in format_markdown(report)
