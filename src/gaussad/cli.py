@@ -1,4 +1,4 @@
-"""Command-line interface: ``gaussad fit | score | evaluate | backbones``."""
+"""Command-line interface: ``gaussad fit | score | evaluate | backbones | serve``."""
 
 from __future__ import annotations
 
@@ -240,6 +240,18 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import Limits, run
+    except ImportError as exc:
+        raise GaussadError(f"gaussad serve needs the service packages ({exc}): pip install 'gaussad[serve]'") from None
+
+    limits = Limits(max_file_bytes=int(args.max_file_mb * 2**20), max_files=args.max_files, max_pixels=args.max_pixels)
+    run(args.model_dir, host=args.host, port=args.port, fpr=args.fpr, limits=limits, workers=args.workers,
+        log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gaussad",
@@ -296,6 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backbones", help="list the available backbones")
     p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser("serve", help="serve the models of a folder over HTTP, with an inspection page",
+                       description="Serve every *.gaussad model of MODEL_DIR (named by file stem) over HTTP: "
+                                   "GET /health, GET /models, POST /models/NAME/score, POST /models/NAME/map, "
+                                   "the inspection page at / and the OpenAPI docs at /docs.")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
+    p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of the decisions (default %(default)s)")
+    p.add_argument("--workers", type=int, help="threads running the models (default: min(4, CPU count))")
+    p.add_argument("--max-file-mb", type=float, default=20.0, help="largest upload per image in MiB (default %(default)s)")
+    p.add_argument("--max-files", type=int, default=16, help="most images per request (default %(default)s)")
+    p.add_argument("--max-pixels", type=int, default=25_000_000, help="most pixels per image (default %(default)s)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log level; info logs every request (default %(default)s)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,248 @@
+"""Load test of `gaussad serve` on loopback: many concurrent score requests, every answer checked.
+
+    python -m bench.serve_load [--requests 200] [--concurrency 200] [--workers N] [--model FILE --images DIR]
+
+Starts `gaussad serve` as a child process on a free 127.0.0.1 port, sends ``--requests`` POST
+/models/NAME/score requests of one image each with at most ``--concurrency`` in flight, and checks that every
+one is answered 200 with the score the model gives that image in this process (relative difference < 1e-4).
+While the load runs, GET /health is polled to show that the event loop keeps answering. Prints the latency
+percentiles of the score requests and of the health probes, and the throughput.
+
+Without ``--model`` a tiny model (64 px, 4 levels) is fitted on a synthetic texture set; with ``--model`` the
+images of ``--images`` (a folder, files cycled) are sent to that model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+
+REL_TOLERANCE = 1e-4
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(model_dir: str | os.PathLike, *args: str, timeout: float = 180.0) -> Iterator[str]:
+    """Run `gaussad serve MODEL_DIR` in a child process until the block ends; yields its base URL."""
+    import gaussad
+
+    port = free_port()
+    env = dict(os.environ)
+    src = str(Path(gaussad.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    log = tempfile.TemporaryFile()
+    cmd = [sys.executable, "-m", "gaussad", "serve", str(model_dir), "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def output() -> str:
+        log.seek(0)
+        return log.read().decode(errors="replace")[-4000:]
+
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gaussad serve exited with {proc.returncode}:\n{output()}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gaussad serve did not answer within {timeout:.0f} s:\n{output()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@dataclass
+class Outcome:
+    """One request: the image sent, the HTTP status (None when no answer came), the body, the latency."""
+
+    filename: str
+    status: int | None
+    body: dict | str
+    seconds: float
+
+
+async def _post(client: httpx.AsyncClient, path: str, name: str, data: bytes) -> Outcome:
+    start = time.perf_counter()
+    try:
+        resp = await client.post(path, files=[("files", (name, data, "application/octet-stream"))])
+    except httpx.HTTPError as exc:
+        return Outcome(name, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+    try:
+        body = resp.json()
+    except ValueError:
+        body = resp.text
+    return Outcome(name, resp.status_code, body, time.perf_counter() - start)
+
+
+async def _load(url: str, model: str, images: list[tuple[str, bytes]], n: int, concurrency: int,
+                probe_every: float) -> tuple[list[Outcome], list[float], float]:
+    limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> Outcome:
+            name, data = images[i % len(images)]
+            async with gate:
+                return await _post(client, f"/models/{model}/score", name, data)
+
+        async def probe(stop: asyncio.Event) -> list[float]:
+            times = []
+            async with httpx.AsyncClient(base_url=url, timeout=600) as side:
+                while not stop.is_set():
+                    start = time.perf_counter()
+                    await side.get("/health")
+                    times.append(time.perf_counter() - start)
+                    await asyncio.sleep(probe_every)
+            return times
+
+        stop = asyncio.Event()
+        prober = asyncio.create_task(probe(stop))
+        start = time.perf_counter()
+        outcomes = await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - start
+        stop.set()
+        return list(outcomes), await prober, wall
+
+
+def run_load(url: str, model: str, images: list[tuple[str, bytes]], n: int, concurrency: int,
+             probe_every: float = 0.05) -> tuple[list[Outcome], list[float], float]:
+    """Send ``n`` one-image score requests (at most ``concurrency`` at once) while probing /health.
+
+    Returns the outcomes in request order, the health-probe latencies and the wall time of the load.
+    """
+    return asyncio.run(_load(url, model, images, n, concurrency, probe_every))
+
+
+def check(outcomes: list[Outcome], expected: dict[str, float]) -> dict:
+    """Count answers: 200 with the expected score, other statuses, 5xx, no answer, and wrong content."""
+    correct, wrong, statuses = 0, [], {}
+    for o in outcomes:
+        statuses[str(o.status)] = statuses.get(str(o.status), 0) + 1
+        if o.status != 200:
+            continue
+        try:
+            (row,) = o.body["results"]
+            ok = row["filename"] == o.filename and abs(row["score"] - expected[o.filename]) <= REL_TOLERANCE * abs(
+                expected[o.filename])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if ok:
+            correct += 1
+        else:
+            wrong.append(o)
+    return {"requests": len(outcomes), "correct": correct, "statuses": statuses,
+            "server_errors": sum(1 for o in outcomes if o.status is not None and o.status >= 500),
+            "no_answer": sum(1 for o in outcomes if o.status is None),
+            "wrong_content": len(wrong), "examples": [f"{o.filename}: {o.status} {str(o.body)[:200]}" for o in
+                                                      [x for x in outcomes if x.status != 200][:3] + wrong[:3]]}
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    """p50/p95/p99 and max in milliseconds."""
+    a = np.asarray(seconds) * 1000.0
+    if a.size == 0:
+        return {}
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+            "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max())}
+
+
+def tiny_model(folder: Path) -> tuple[Path, list[Path]]:
+    """Fit the test suite's tiny model (64 px, 4 levels) on a synthetic texture set; (model file, test images)."""
+    from gaussad import GaussianAD
+    from gaussad.images import list_images
+    from gaussad.synthetic import build_texture_dataset
+
+    root = build_texture_dataset(folder / "data", size=64, n_train=10, n_test_good=4, n_test_bad=4, categories=["brick"])
+    model = GaussianAD(backbone="efficientnet-lite0", input_size=64, levels=["stem", "stage1", "stage2", "stage3"])
+    model.fit(list_images(root / "brick" / "train" / "good"))
+    path = folder / "models" / "tiny.gaussad"
+    model.save(path)
+    images = list_images(root / "brick" / "test" / "good") + list_images(root / "brick" / "test" / "patch")
+    return path, images
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=200, help="number of score requests (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=200, help="requests in flight at once (default %(default)s)")
+    p.add_argument("--workers", type=int, help="model threads of the server (gaussad serve --workers)")
+    p.add_argument("--model", help="a model file to serve (default: a tiny model fitted on synthetic data)")
+    p.add_argument("--images", help="folder of images to send with --model")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    args = p.parse_args(argv)
+    if bool(args.model) != bool(args.images):
+        p.error("--model and --images go together")
+
+    import gaussad
+    from gaussad.images import list_images
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.model:
+            (tmp / "models").mkdir()
+            model_path = tmp / "models" / Path(args.model).name
+            model_path.symlink_to(Path(args.model).resolve())
+            images = list_images(args.images)
+        else:
+            model_path, images = tiny_model(tmp)
+        model = gaussad.load(model_path)
+        names = [f"{f.parent.name}-{f.name}" for f in images]  # test/good/000.png and test/patch/000.png differ
+        expected = dict(zip(names, map(float, model.score_samples(images))))
+        payloads = [(name, f.read_bytes()) for name, f in zip(names, images)]
+        extra = ["--log-level", "warning"] + (["--workers", str(args.workers)] if args.workers else [])
+        with serving(model_path.parent, *extra) as url:
+            outcomes, probes, wall = run_load(url, model_path.stem, payloads, args.requests, args.concurrency)
+    summary = check(outcomes, expected)
+    report = {
+        "model": args.model or "tiny synthetic (efficientnet-lite0, 64 px, 4 levels)",
+        "input_size": model.input_size_, "levels": len(model.level_names_),
+        "requests": args.requests, "concurrency": args.concurrency, "workers": args.workers, "cpus": os.cpu_count(),
+        **summary,
+        "latency": percentiles([o.seconds for o in outcomes]),
+        "health_latency_under_load": percentiles(probes), "health_probes": len(probes),
+        "wall_s": wall, "requests_per_s": args.requests / wall,
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    lat = report["latency"]
+    print(f"{summary['correct']}/{args.requests} correct, {summary['server_errors']} 5xx, {summary['no_answer']} "
+          f"unanswered; latency p50 {lat['p50_ms']:.0f} ms, p95 {lat['p95_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms; "
+          f"{report['requests_per_s']:.1f} req/s", file=sys.stderr)
+    return 0 if summary["correct"] == args.requests else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""HTTP service: score uploaded images with every model of a folder, plus an inspection page (FastAPI).
+
+Models are loaded once at start; the backbone work of a request runs in a thread pool so the event loop keeps
+answering other requests. Uploads are bounded in bytes per request and per file, in files per request and in
+pixels per image; bad input gets one 4xx answer whose ``detail`` names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from functools import partial
+from importlib import resources
+from io import BytesIO
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__
+from .errors import DataError, GaussadError, ImageError
+from .images import load_image
+from .maps import overlay
+from .model import GaussianAD
+from .persistence import load
+
+log = logging.getLogger(__name__)
+
+MODEL_SUFFIX = ".gaussad"
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+STATIC = resources.files("gaussad") / "static"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upload bounds of the service; anything beyond them is refused with 413."""
+
+    max_file_bytes: int = 20 * 2**20
+    max_files: int = 16
+    max_pixels: int = 25_000_000
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GaussadError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Whole request body: every file at its limit plus room for the multipart framing."""
+        return self.max_files * self.max_file_bytes + 2**20
+
+
+class UploadError(GaussadError):
+    """An upload the service refuses, with the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# ----- model folder ------------------------------------------------------------------------------------------
+def load_models(folder: str | os.PathLike) -> dict[str, GaussianAD]:
+    """Every ``*.gaussad`` file of ``folder`` by file stem; a file that fails to load is logged and skipped."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise DataError(f"{path}: not a folder")
+    files = sorted(p for p in path.iterdir() if p.suffix == MODEL_SUFFIX and not p.is_dir())
+    if not files:
+        raise DataError(f"{path}: no model files (*{MODEL_SUFFIX}) found")
+    models: dict[str, GaussianAD] = {}
+    for file in files:
+        try:
+            model = load(file)
+            # Scoring one blank image builds the backbone now: it is shared by the worker threads from the first
+            # request on, and a model whose backbone cannot be built (e.g. a missing weights file) is found here.
+            model.level_scores([np.zeros((8, 8, 3), np.uint8)])
+        except Exception as exc:  # noqa: BLE001 - any failure skips this one file, as documented
+            message = str(exc)
+            log.warning("skipping a model file: %s", message if str(file) in message else f"{file}: {message}")
+            continue
+        models[file.stem] = model
+    if not models:
+        raise DataError(f"{path}: none of the {len(files)} model files could be loaded (see the warnings above)")
+    return models
+
+
+# ----- results -----------------------------------------------------------------------------------------------
+def decision_rule(model: GaussianAD, fpr: float) -> dict:
+    """How ``model.decide`` flags an image at ``fpr``: the method and each level's distance threshold."""
+    n_levels = len(model.level_names_)
+    thresholds = model.level_thresholds(fpr / n_levels)
+    return {"method": "chi2-bonferroni", "fpr": fpr,
+            "level_thresholds": dict(zip(model.level_names_, map(float, thresholds)))}
+
+
+def image_results(model: GaussianAD, filenames: list[str], levels: np.ndarray, fpr: float) -> list[dict]:
+    """One result per image: score (mean of the level distances), decision, p-value and per-level distances.
+
+    The one place where the model's output becomes the service's JSON.
+    """
+    decisions, pvalues = model.decide(levels, fpr)
+    return [
+        {"filename": name, "score": float(lv.mean()), "anomalous": bool(d), "pvalue": float(p),
+         "levels": dict(zip(model.level_names_, map(float, lv)))}
+        for name, lv, d, p in zip(filenames, levels, decisions, pvalues)
+    ]
+
+
+def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
+    """What ``GET /models`` says about one model."""
+    return {"name": name, "backbone": model.backbone, "preset": model.preset or "paper",
+            "input_size": model.input_size_, "levels": list(model.level_names_), "n_samples": int(model.n_samples_),
+            "maps": bool(model.map_gaussians_), "map_levels": list(model.map_level_names_),
+            "threshold": decision_rule(model, fpr)}
+
+
+# ----- uploads -----------------------------------------------------------------------------------------------
+def decode_upload(data: bytes, filename: str, limits: Limits) -> Image.Image:
+    """Uploaded bytes -> 8-bit RGB image, EXIF-oriented; refuses oversized files and images before decoding."""
+    if len(data) > limits.max_file_bytes:
+        raise UploadError(413, f"{filename}: {len(data)} bytes exceeds the limit of {limits.max_file_bytes} bytes per file")
+    if not data:
+        raise UploadError(415, f"{filename}: empty file, not an image")
+    try:
+        img = Image.open(BytesIO(data), formats=UPLOAD_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise UploadError(413, f"{filename}: refused, too many pixels ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise UploadError(415, f"{filename}: not a PNG, JPEG, BMP, TIFF or WebP image") from None
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise UploadError(413, f"{filename}: {width}x{height} = {width * height} pixels exceeds the limit of "
+                               f"{limits.max_pixels} pixels per image")
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data fails in many ways inside PIL
+        raise UploadError(422, f"{filename}: cannot decode {img.format} image ({type(exc).__name__}: {exc})") from None
+    try:
+        return load_image(img)
+    except ImageError as exc:
+        raise UploadError(422, f"{filename}: {exc}") from None
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def score_uploads(model: GaussianAD, uploads: list[tuple[str, bytes]], fpr: float, limits: Limits,
+                  with_maps: bool) -> list[dict]:
+    """Decode and score uploads (blocking: run it in a worker thread); with maps each result has a PNG overlay."""
+    images = [decode_upload(data, name, limits) for name, data in uploads]
+    names = [name for name, _ in uploads]
+    if not with_maps:
+        return image_results(model, names, model.level_scores(images), fpr)
+    levels, amaps = model.score_with_maps(images)
+    results = image_results(model, names, levels, fpr)
+    for row, img, amap in zip(results, images, amaps):
+        row["map_max"] = float(amap.max())
+        row["overlay"] = "data:image/png;base64," + base64.b64encode(_png(overlay(img, amap))).decode("ascii")
+    return results
+
+
+def map_upload(model: GaussianAD, name: str, data: bytes, fpr: float, limits: Limits) -> tuple[bytes, dict]:
+    """The heat-map overlay PNG of one upload and its result row (blocking)."""
+    img = decode_upload(data, name, limits)
+    levels, amaps = model.score_with_maps([img])
+    row = image_results(model, [name], levels, fpr)[0]
+    row["map_max"] = float(amaps[0].max())
+    return _png(overlay(img, amaps[0])), row
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413, whether declared or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self) -> str:
+        return f"request body exceeds the limit of {self.max_bytes} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await JSONResponse({"detail": self._message()}, status_code=413)(scope, receive, send)
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                # An HTTPException passes through FastAPI's body parsing and becomes the 413 answer.
+                raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited, send)
+
+
+# ----- API schema --------------------------------------------------------------------------------------------
+class ImageResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    filename: str
+    score: float = Field(description="mean over levels of the Mahalanobis distances; higher = more anomalous")
+    anomalous: bool = Field(description="decision at the service's (or the request's) target false-positive rate")
+    pvalue: float | None = Field(None, description="Bonferroni-adjusted chi-square p-value")
+    levels: dict[str, float] = Field(description="Mahalanobis distance at each level")
+    map_max: float | None = Field(None, description="largest anomaly-map value (with maps=true)")
+    overlay: str | None = Field(None, description="heat-map overlay as a PNG data URL (with maps=true)")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    fpr: float
+    results: list[ImageResult]
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    backbone: str | None
+    preset: str
+    input_size: int | None
+    levels: list[str]
+    n_samples: int = Field(description="number of training images")
+    maps: bool = Field(description="whether the model computes anomaly maps")
+    map_levels: list[str]
+    threshold: dict
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    models: list[str]
+    limits: dict[str, int]
+
+
+def _check_settings(fpr: float, workers: int | None) -> int:
+    """Validate the service's FPR and thread count; returns the thread count (default min(4, CPUs))."""
+    if not 0.0 < fpr < 1.0:
+        raise GaussadError(f"fpr must lie strictly between 0 and 1, got {fpr}")
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise GaussadError(f"workers must be >= 1, got {workers}")
+    return workers
+
+
+# ----- the app -----------------------------------------------------------------------------------------------
+def create_app(models: Mapping[str, GaussianAD], fpr: float = 0.01, limits: Limits | None = None,
+               workers: int | None = None) -> FastAPI:
+    """The FastAPI app serving ``models`` (name -> fitted model); ``workers`` threads run the models."""
+    workers = _check_settings(fpr, workers)
+    limits = limits or Limits()
+    models = dict(models)
+    service_fpr = fpr
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="gaussad-model")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    app = FastAPI(title="gaussad", version=__version__, lifespan=lifespan,
+                  description="Visual anomaly detection with Gaussians on pretrained deep features: score images "
+                              "with the models of a folder. The inspection page is at `/`.")
+    app.add_middleware(_BodyLimit, max_bytes=limits.max_request_bytes)
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    async def in_pool(fn, *args):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args))
+        except UploadError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        except GaussadError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    def get_model(name: str) -> GaussianAD:
+        if name not in models:
+            raise HTTPException(404, f"no model named {name!r}; models: {', '.join(sorted(models))}")
+        return models[name]
+
+    async def read_uploads(files: list[UploadFile]) -> list[tuple[str, bytes]]:
+        if len(files) > limits.max_files:
+            raise HTTPException(413, f"{len(files)} files exceeds the limit of {limits.max_files} files per request")
+        out = []
+        for i, f in enumerate(files):
+            name = f.filename or f"file #{i}"
+            if f.size is not None and f.size > limits.max_file_bytes:
+                raise HTTPException(413, f"{name}: {f.size} bytes exceeds the limit of {limits.max_file_bytes} bytes per file")
+            out.append((name, await f.read()))
+        return out
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health", response_model=Health, summary="service status, model names and upload limits")
+    async def health() -> dict:
+        return {"status": "ok", "version": __version__, "models": sorted(models),
+                "limits": {**asdict(limits), "max_request_bytes": limits.max_request_bytes}}
+
+    @app.get("/models", response_model=list[ModelInfo], summary="the loaded models")
+    async def list_models() -> list[dict]:
+        return [model_info(name, models[name], service_fpr) for name in sorted(models)]
+
+    @app.post("/models/{name}/score", response_model=ScoreResponse, response_model_exclude_none=True,
+              summary="score one or more images",
+              responses={404: {"description": "unknown model"}, 413: {"description": "upload too large"},
+                         415: {"description": "not an image"}, 422: {"description": "undecodable image or bad parameter"}})
+    async def score(
+        name: str,
+        files: list[UploadFile] = File(..., description="images (PNG, JPEG, BMP, TIFF, WebP)"),
+        fpr: float | None = Query(None, gt=0, lt=1, description="target false-positive rate (default: the service's)"),
+        maps: bool = Query(False, description="add a heat-map overlay per image (models fitted with anomaly maps)"),
+    ) -> dict:
+        model = get_model(name)
+        if maps and not model.map_gaussians_:
+            raise HTTPException(422, f"model {name!r} has no anomaly maps (fit it with --preset recommended)")
+        uploads = await read_uploads(files)
+        fpr = service_fpr if fpr is None else fpr
+        results = await in_pool(score_uploads, model, uploads, fpr, limits, maps)
+        return {"model": name, "fpr": fpr, "results": results}
+
+    @app.post("/models/{name}/map", response_class=Response, summary="heat-map overlay of one image (PNG)",
+              responses={200: {"content": {"image/png": {}}, "description": "the image with its anomaly map blended over it"},
+                         404: {"description": "unknown model"}, 413: {"description": "upload too large"},
+                         415: {"description": "not an image"}, 422: {"description": "model without maps, or undecodable image"}})
+    async def heat_map(name: str, file: UploadFile = File(..., description="one image")) -> Response:
+        model = get_model(name)
+        if not model.map_gaussians_:
+            raise HTTPException(422, f"model {name!r} has no anomaly maps (fit it with --preset recommended)")
+        (upload,) = await read_uploads([file])
+        png, row = await in_pool(map_upload, model, *upload, service_fpr, limits)
+        return Response(png, media_type="image/png", headers={
+            "X-Gaussad-Score": repr(row["score"]), "X-Gaussad-Anomalous": str(row["anomalous"]).lower(),
+            "X-Gaussad-Map-Max": repr(row["map_max"])})
+
+    return app
+
+
+def run(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, fpr: float = 0.01,
+        limits: Limits | None = None, workers: int | None = None, log_level: str = "info") -> None:
+    """Load the models of ``folder`` and serve them with uvicorn until interrupted."""
+    import uvicorn
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=log_level.upper(), format="%(levelname)s:  %(message)s")
+    _check_settings(fpr, workers)
+    models = load_models(folder)
+    app = create_app(models, fpr=fpr, limits=limits, workers=workers)
+    log.info("gaussad %s serving %d model(s) from %s: %s", __version__, len(models), folder, ", ".join(sorted(models)))
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

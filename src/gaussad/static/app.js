@@ -1,0 +1,155 @@
+// gaussad inspection page: pick a model, drop or choose images, see each with its score, decision and heat map,
+// most anomalous first. Plain browser JavaScript talking to the service's JSON API; no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { models: [], maxFiles: 16, results: [], pending: 0 };
+
+function currentModel() {
+  return state.models.find((m) => m.name === $("model").value);
+}
+
+function showError(text) {
+  const line = document.createElement("div");
+  line.textContent = text;
+  $("error").append(line);
+}
+
+async function errorText(resp) {
+  try {
+    const body = await resp.json();
+    if (typeof body.detail === "string") return body.detail;
+    if (Array.isArray(body.detail)) return body.detail.map((d) => `${(d.loc || []).join(".")}: ${d.msg}`).join("; ");
+  } catch (e) { /* not JSON: fall through to the status line */ }
+  return `${resp.status} ${resp.statusText}`;
+}
+
+function describeModel() {
+  const m = currentModel();
+  if (!m) return;
+  const t = m.threshold;
+  $("model-info").textContent = `${m.backbone}, ${m.input_size} px, trained on ${m.n_samples} images; ` +
+    `decision: ${t.method} at FPR ${t.fpr}; ${m.maps ? "heat maps" : "no heat maps"}`;
+  $("maps-toggle").hidden = !m.maps;
+}
+
+function clearResults() {
+  state.results.forEach((r) => URL.revokeObjectURL(r.url));
+  state.results = [];
+  $("error").textContent = "";
+  render();
+}
+
+function levelTable(levels) {
+  const table = document.createElement("table");
+  for (const [name, value] of Object.entries(levels)) {
+    const row = table.insertRow();
+    row.insertCell().textContent = name;
+    row.insertCell().textContent = value.toFixed(3);
+  }
+  return table;
+}
+
+function card(r, showMaps) {
+  const fig = document.createElement("figure");
+  fig.className = `card ${r.anomalous ? "anomalous" : "ok"}`;
+  fig.dataset.filename = r.filename;
+  fig.dataset.score = String(r.score);
+  const img = document.createElement("img");
+  img.src = showMaps && r.overlay ? r.overlay : r.url;
+  img.alt = r.filename;
+  const cap = document.createElement("figcaption");
+  const name = document.createElement("div");
+  name.className = "filename";
+  name.textContent = r.filename;
+  const line = document.createElement("div");
+  line.className = "line";
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = r.score.toFixed(3);
+  score.title = "score: mean Mahalanobis distance over the levels";
+  const decision = document.createElement("span");
+  decision.className = "decision";
+  decision.textContent = r.anomalous ? "ANOMALY" : "ok";
+  line.append(score, decision);
+  const details = document.createElement("details");
+  const summary = document.createElement("summary");
+  const p = r.pvalue == null ? "" : r.pvalue === 0 ? "p < 1e-300; " : `p = ${r.pvalue.toExponential(2)}; `;
+  summary.textContent = `${p}levels`;
+  details.append(summary, levelTable(r.levels));
+  cap.append(name, line, details);
+  fig.append(img, cap);
+  return fig;
+}
+
+function render() {
+  const showMaps = $("show-maps").checked;
+  const sorted = [...state.results].sort((a, b) => b.score - a.score);
+  $("results").replaceChildren(...sorted.map((r) => card(r, showMaps)));
+  const flagged = state.results.filter((r) => r.anomalous).length;
+  $("status").textContent = state.pending
+    ? `scoring ${state.pending} image(s)…`
+    : state.results.length ? `${state.results.length} image(s), ${flagged} flagged` : "";
+}
+
+async function scoreChunk(model, files) {
+  const form = new FormData();
+  files.forEach((f) => form.append("files", f, f.name));
+  const url = `/models/${encodeURIComponent(model.name)}/score?maps=${model.maps}`;
+  try {
+    const resp = await fetch(url, { method: "POST", body: form });
+    if (!resp.ok) {
+      showError(await errorText(resp));
+      return;
+    }
+    const body = await resp.json();
+    if (currentModel() !== model) return; // the model was switched while this request ran
+    body.results.forEach((r, i) => state.results.push({ ...r, url: URL.createObjectURL(files[i]) }));
+  } catch (e) {
+    showError(`request failed: ${e}`);
+  } finally {
+    state.pending -= files.length;
+    render();
+  }
+}
+
+async function scoreFiles(fileList) {
+  const model = currentModel();
+  if (!model) return;
+  const files = [];
+  for (const f of fileList) {
+    if (f.type.startsWith("image/")) files.push(f);
+    else showError(`${f.name}: skipped, not an image`);
+  }
+  const chunks = [];
+  for (let i = 0; i < files.length; i += state.maxFiles) chunks.push(files.slice(i, i + state.maxFiles));
+  state.pending += files.length;
+  render();
+  await Promise.all(chunks.map((c) => scoreChunk(model, c)));
+}
+
+async function init() {
+  const [health, models] = await Promise.all(["/health", "/models"].map((u) => fetch(u).then((r) => r.json())));
+  state.maxFiles = health.limits.max_files;
+  state.models = models;
+  for (const m of models) $("model").add(new Option(m.name, m.name));
+  describeModel();
+
+  $("model").addEventListener("change", () => { clearResults(); describeModel(); });
+  $("files").addEventListener("change", (e) => { scoreFiles(e.target.files); e.target.value = ""; });
+  $("show-maps").addEventListener("change", render);
+  $("clear").addEventListener("click", clearResults);
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    scoreFiles(e.dataTransfer.files);
+  });
+  // A file dropped beside the zone must not make the browser navigate away from the page.
+  window.addEventListener("dragover", (e) => e.preventDefault());
+  window.addEventListener("drop", (e) => e.preventDefault());
+}
+
+init().catch((e) => showError(`cannot reach the service: ${e}`));
