@@ -112,7 +112,7 @@ def test_serve_cli_defaults_are_the_service_defaults():
     args = build_parser().parse_args(["serve", "models"])
     limits = Limits(max_file_bytes=int(args.max_file_mb * 2**20), max_files=args.max_files, max_pixels=args.max_pixels)
     assert limits == Limits()
-    assert (args.host, args.port, args.fpr) == ("127.0.0.1", 8000, 0.01)
+    assert (args.host, args.port, args.fpr) == ("127.0.0.1", 8000, None)
 
 
 # ----- API -----------------------------------------------------------------------------------------------------
@@ -127,11 +127,29 @@ def test_health_and_models(client, models):
         assert info["backbone"] == "efficientnet-lite0" and info["n_samples"] == 10 == model.n_samples_
         assert info["levels"] == TINY["levels"] and info["input_size"] == TINY["input_size"]
         rule = info["threshold"]
-        assert rule["method"] == "chi2-bonferroni" and rule["fpr"] == 0.01
+        assert rule["method"] == "chi2" == model.threshold and rule["fpr"] == 0.01 == model.fpr
         expected = [np.sqrt(stats.chi2.isf(0.01 / 4, d)) for d in model.feature_dims_]
         np.testing.assert_allclose(list(rule["level_thresholds"].values()), expected, rtol=1e-9)
     assert listed["maps"]["maps"] and listed["maps"]["map_levels"] == MAP_LEVELS
     assert not listed["plain"]["maps"]
+
+
+def test_models_report_their_own_conformal_rule(tiny_category):
+    """A calibrated model is served with its saved method and FPR; the score threshold is the conformal quantile."""
+    train = list_images(tiny_category / "train" / "good")
+    model = GaussianAD(**TINY, threshold="conformal", fpr=0.3, calibration=0.4).fit(train)
+    cal = np.sort(model.calibration_scores_)
+    rank = int(np.ceil((cal.size + 1) * (1 - 0.3)))
+    with TestClient(create_app({"cal": model})) as c:
+        rule = c.get("/models").json()[0]["threshold"]
+        assert rule["method"] == "conformal" and rule["fpr"] == 0.3
+        assert rule["score_threshold"] == pytest.approx(cal[rank - 1]) and "level_thresholds" not in rule
+        good = list_images(tiny_category / "test" / "good")[:2]
+        body = c.post("/models/cal/score", files=_files(good)).json()
+    assert body["fpr"] == 0.3
+    scores = model.score_samples(good)
+    expected_p = [(1 + (cal >= s).sum()) / (cal.size + 1) for s in scores]
+    np.testing.assert_allclose([r["pvalue"] for r in body["results"]], expected_p, rtol=1e-9)
 
 
 @pytest.mark.parametrize("fpr", [None, 0.4])

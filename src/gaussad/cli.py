@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
-    p.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of the decisions (default %(default)s)")
+    p.add_argument("--fpr", type=float, help="target false-positive rate of the decisions (default: each model's own)")
     p.add_argument("--workers", type=int, help="threads running the models (default: min(4, CPU count))")
     p.add_argument("--max-file-mb", type=float, default=20.0, help="largest upload per image in MiB (default %(default)s)")
     p.add_argument("--max-files", type=int, default=16, help="most images per request (default %(default)s)")

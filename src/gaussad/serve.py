@@ -96,15 +96,28 @@ def load_models(folder: str | os.PathLike) -> dict[str, GaussianAD]:
 
 
 # ----- results -----------------------------------------------------------------------------------------------
-def decision_rule(model: GaussianAD, fpr: float) -> dict:
-    """How ``model.decide`` flags an image at ``fpr``: the method and each level's distance threshold."""
-    n_levels = len(model.level_names_)
-    thresholds = model.level_thresholds(fpr / n_levels)
-    return {"method": "chi2-bonferroni", "fpr": fpr,
-            "level_thresholds": dict(zip(model.level_names_, map(float, thresholds)))}
+def effective_fpr(model: GaussianAD, fpr: float | None) -> float:
+    """The false-positive rate a decision uses: the request's or service's, else the model's own."""
+    return float(model.fpr if fpr is None else fpr)
 
 
-def image_results(model: GaussianAD, filenames: list[str], levels: np.ndarray, fpr: float) -> list[dict]:
+def decision_rule(model: GaussianAD, fpr: float | None) -> dict:
+    """How ``model.decide`` flags an image: the model's threshold method, the FPR, the score threshold
+    (None when infinite) and, for chi2/hotelling, each level's distance threshold (Bonferroni over levels)."""
+    fpr = effective_fpr(model, fpr)
+    rule: dict = {"method": model.threshold, "fpr": fpr}
+    try:
+        limit = model.score_threshold(fpr)
+        rule["score_threshold"] = float(limit) if np.isfinite(limit) else None
+        if model.threshold != "conformal":
+            thresholds = model.level_thresholds(fpr / len(model.level_names_), model.threshold)
+            rule["level_thresholds"] = dict(zip(model.level_names_, map(float, thresholds)))
+    except GaussadError as exc:
+        rule["error"] = str(exc)
+    return rule
+
+
+def image_results(model: GaussianAD, filenames: list[str], levels: np.ndarray, fpr: float | None) -> list[dict]:
     """One result per image: score (mean of the level distances), decision, p-value and per-level distances.
 
     The one place where the model's output becomes the service's JSON.
@@ -218,7 +231,7 @@ class ImageResult(BaseModel):
     model_config = ConfigDict(extra="allow")
     filename: str
     score: float = Field(description="mean over levels of the Mahalanobis distances; higher = more anomalous")
-    anomalous: bool = Field(description="decision at the service's (or the request's) target false-positive rate")
+    anomalous: bool = Field(description="decision at the request's (else the service's, else the model's) target false-positive rate")
     pvalue: float | None = Field(None, description="Bonferroni-adjusted chi-square p-value")
     levels: dict[str, float] = Field(description="Mahalanobis distance at each level")
     map_max: float | None = Field(None, description="largest anomaly-map value (with maps=true)")
@@ -251,9 +264,9 @@ class Health(BaseModel):
     limits: dict[str, int]
 
 
-def _check_settings(fpr: float, workers: int | None) -> int:
-    """Validate the service's FPR and thread count; returns the thread count (default min(4, CPUs))."""
-    if not 0.0 < fpr < 1.0:
+def _check_settings(fpr: float | None, workers: int | None) -> int:
+    """Validate the service's FPR (None: each model's own) and thread count; returns the thread count."""
+    if fpr is not None and not 0.0 < fpr < 1.0:
         raise GaussadError(f"fpr must lie strictly between 0 and 1, got {fpr}")
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
@@ -262,7 +275,7 @@ def _check_settings(fpr: float, workers: int | None) -> int:
 
 
 # ----- the app -----------------------------------------------------------------------------------------------
-def create_app(models: Mapping[str, GaussianAD], fpr: float = 0.01, limits: Limits | None = None,
+def create_app(models: Mapping[str, GaussianAD], fpr: float | None = None, limits: Limits | None = None,
                workers: int | None = None) -> FastAPI:
     """The FastAPI app serving ``models`` (name -> fitted model); ``workers`` threads run the models."""
     workers = _check_settings(fpr, workers)
@@ -326,7 +339,7 @@ def create_app(models: Mapping[str, GaussianAD], fpr: float = 0.01, limits: Limi
     async def score(
         name: str,
         files: list[UploadFile] = File(..., description="images (PNG, JPEG, BMP, TIFF, WebP)"),
-        fpr: float | None = Query(None, gt=0, lt=1, description="target false-positive rate (default: the service's)"),
+        fpr: float | None = Query(None, gt=0, lt=1, description="target false-positive rate (default: the service's --fpr, else the model's own)"),
         maps: bool = Query(False, description="add a heat-map overlay per image (models fitted with anomaly maps)"),
     ) -> dict:
         model = get_model(name)
@@ -335,7 +348,7 @@ def create_app(models: Mapping[str, GaussianAD], fpr: float = 0.01, limits: Limi
         uploads = await read_uploads(files)
         fpr = service_fpr if fpr is None else fpr
         results = await in_pool(score_uploads, model, uploads, fpr, limits, maps)
-        return {"model": name, "fpr": fpr, "results": results}
+        return {"model": name, "fpr": effective_fpr(model, fpr), "results": results}
 
     @app.post("/models/{name}/map", response_class=Response, summary="heat-map overlay of one image (PNG)",
               responses={200: {"content": {"image/png": {}}, "description": "the image with its anomaly map blended over it"},
@@ -354,7 +367,7 @@ def create_app(models: Mapping[str, GaussianAD], fpr: float = 0.01, limits: Limi
     return app
 
 
-def run(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, fpr: float = 0.01,
+def run(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, fpr: float | None = None,
         limits: Limits | None = None, workers: int | None = None, log_level: str = "info") -> None:
     """Load the models of ``folder`` and serve them with uvicorn until interrupted."""
     import uvicorn
