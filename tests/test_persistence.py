@@ -72,7 +72,7 @@ def test_foreign_files_are_refused_without_executing_code(tmp_path):
     save_file({"w": np.zeros(3)}, str(other))
     with pytest.raises(ModelFormatError, match="not a gaussad model"):
         gaussad.load(other)
-    with pytest.raises(ModelFormatError, match="not found"):
+    with pytest.raises(ModelFormatError, match="no such file"):
         gaussad.load(tmp_path / "nope.gaussad")
 
 

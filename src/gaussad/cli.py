@@ -13,7 +13,8 @@ import numpy as np
 from . import __version__
 from .errors import GaussadError
 
-EPILOG = "Images: PNG, JPEG, BMP, TIFF, WebP; grayscale and RGBA are converted to RGB."
+EPILOG = ("Images: PNG, JPEG, BMP, TIFF, WebP (the first frame of multi-frame files). Grayscale (8/16-bit), palette, "
+          "CMYK and RGBA are converted to RGB, transparency composited on black; EXIF orientation is applied.")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,25 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--map-levels",
                    help="comma-separated levels for anomaly maps, or 'none'; default from --preset")
     g.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
+    _max_pixels_option(g)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _max_pixels_option(p) -> None:
+    from .images import DEFAULT_MAX_PIXELS
+
+    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse image files with more pixels than N, checked before decoding "
+                        "(decompression-bomb guard; default %(default)s)")
 
 
 def _model_params(args: argparse.Namespace) -> dict:
@@ -52,6 +72,7 @@ def _model_params(args: argparse.Namespace) -> dict:
         "map_levels": _map_levels(args.map_levels),
         "preset": args.preset,
         "batch_size": args.batch_size,
+        "max_pixels": args.max_pixels,
     }
 
 
@@ -101,6 +122,8 @@ def _infinite_note(model, fpr: float) -> str:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .model import GaussianAD
 
+    if Path(args.output).is_dir():
+        raise GaussadError(f"{args.output}: is a folder; give the model file's name with -o")
     files = _training_images(args.train_dir)
     model = GaussianAD(**_model_params(args), threshold=args.threshold, fpr=args.fpr, calibration=args.calibration,
                        random_state=args.seed, verbose=not (args.quiet or args.json))
@@ -145,6 +168,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                            f"refit with --preset {args.preset}")
     model.verbose = not (args.quiet or args.json)
     model.batch_size = args.batch_size
+    model.max_pixels = args.max_pixels
     method = args.threshold or model.threshold
     fpr = model.fpr if args.fpr is None else args.fpr
     limit = model.score_threshold(fpr, method)  # fails early when the rule cannot apply to this model
@@ -166,7 +190,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         for f, s, lv, p, d in zip(kept, scores, levels, pvalues, decisions)
     ]
     if args.maps:
-        for row, path, amap in zip(rows, _write_overlays(args.maps, kept, amaps), amaps):
+        for row, path, amap in zip(rows, _write_overlays(args.maps, kept, amaps, args.max_pixels), amaps):
             row["map"], row["map_max"] = str(path), float(amap.max())
     errors = [{"path": str(files[i]), "error": msg} for i, msg in skipped]
     if args.json:
@@ -192,7 +216,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_overlays(folder: str, files: list[Path], amaps: np.ndarray) -> list[Path]:
+def _write_overlays(folder: str, files: list[Path], amaps: np.ndarray, max_pixels: int) -> list[Path]:
     """Write one heat-map overlay PNG per image into ``folder`` (atomically each); returns their paths."""
     import os
     import tempfile
@@ -213,7 +237,7 @@ def _write_overlays(folder: str, files: list[Path], amaps: np.ndarray) -> list[P
         target = out_dir / name
         fd, tmp = tempfile.mkstemp(prefix=".", suffix=".png", dir=out_dir)
         os.close(fd)
-        overlay(load_image(src), amap).save(tmp, format="PNG")
+        overlay(load_image(src, max_pixels=max_pixels), amap).save(tmp, format="PNG")
         publish(tmp, target)
         paths.append(target)
     return paths
@@ -281,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", choices=("chi2", "hotelling", "conformal"),
                    help="decision rule (default: the model's); conformal needs a model fitted with --calibration")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
+    _max_pixels_option(p)
     p.add_argument("--on-error", choices=("fail", "skip"), default="skip",
                    help="an unreadable image is reported and skipped (skip, default) or stops the run (fail)")
     p.add_argument("--maps", metavar="DIR",

@@ -13,7 +13,7 @@ from torch import nn
 
 from .backbones import Backbone, create_backbone, get_spec, resolve_levels
 from .errors import GaussadError, ImageError
-from .images import IMAGENET, ImageSource, load_image, preprocess
+from .images import DEFAULT_MAX_PIXELS, IMAGENET, ImageSource, check_max_pixels, load_image, preprocess
 
 ON_ERROR = ("fail", "skip")
 NORMALIZATIONS = ("imagenet", "native")
@@ -52,6 +52,7 @@ class FeatureExtractor:
         workers: int | None = None,
         normalize: str = "imagenet",
         map_levels: Sequence[int | str] = (),
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         spec = get_spec(backbone)
         if normalize not in NORMALIZATIONS:
@@ -66,6 +67,7 @@ class FeatureExtractor:
         self.weights = weights
         self.batch_size = batch_size
         self.workers = workers or min(8, os.cpu_count() or 1)
+        self.max_pixels = check_max_pixels(max_pixels)
         self._module: PooledLevels | None = None
 
     @property
@@ -87,11 +89,11 @@ class FeatureExtractor:
 
         Yields (indices of the images that decoded, their stacked input or None, number of images handled).
         """
-        size, normalization = self.input_size, self.normalization
+        size, normalization, max_pixels = self.input_size, self.normalization, self.max_pixels
 
         def work(i: int) -> np.ndarray | None:
             try:
-                return preprocess(load_image(sources[i], i), size, normalization)
+                return preprocess(load_image(sources[i], i, max_pixels), size, normalization)
             except ImageError as exc:
                 if on_error != "skip":
                     raise

@@ -46,6 +46,8 @@ ESTIMATORS: tuple[str, ...] = ("ledoit-wolf", "oas", "empirical", "diagonal", "l
 REDUCTIONS: tuple[str | None, ...] = (None, "pca", "npca")
 
 _EPS = np.finfo(np.float64).eps
+# Relative spread (see MomentStats.relative_spread) at or below which samples count as identical up to rounding.
+IDENTICAL_SPREAD = (64.0 * _EPS) ** 2
 
 
 def _check_samples(X: np.ndarray, dim: int | None = None) -> np.ndarray:
@@ -215,6 +217,14 @@ class MomentStats:
         S = self.s2 / self.n - np.outer(c, c)
         return (S + S.T) / 2.0
 
+    def relative_spread(self) -> float:
+        """trace(covariance) / mean squared norm, in [0, 1]: 0 when all samples are identical, scale-free."""
+        self._require(1)
+        c = self._centre()
+        total = float(np.trace(self.covariance()))
+        square = float((self.shift + c) @ (self.shift + c)) + total
+        return max(total, 0.0) / square if square > 0.0 else 0.0
+
     def _centred_fourth_moment(self) -> float:
         """sum_k |x_k - mean|^4, from the raw moments by expanding |y - c|^4."""
         _, _, _, s4 = _shift_moments(self.n, self.s1, self.s2, self.s3, self.s4, -self._centre())
@@ -356,6 +366,11 @@ class LevelGaussian:
         if stats.n < 2:
             raise ValueError(f"need at least 2 samples to fit a Gaussian, got {stats.n}")
         n, d = stats.n, stats.dim
+        if (estimator != "l2" or reduction is not None) and stats.relative_spread() <= IDENTICAL_SPREAD:
+            raise ValueError(
+                f"all {n} training samples are identical (up to rounding), so there is no variation to model; "
+                "train on samples that vary, or use the l2 estimator (plain distance to them)"
+            )
         mean = stats.mean()
         S = stats.covariance()
         shrinkage = 0.0
@@ -462,6 +477,10 @@ class LevelGaussian:
         )
         if "dof" in meta and int(meta["dof"]) != model.dof:
             raise ValueError(f"stored dof {meta['dof']} does not match the stored arrays (dof {model.dof})")
+        if model.chol is not None and (np.any(np.diag(model.chol) <= 0.0) or np.any(np.triu(model.chol, 1))):
+            raise ValueError("the stored Cholesky factor is not lower triangular with a positive diagonal")
+        if model.scale is not None and np.any(model.scale <= 0.0):
+            raise ValueError("the stored scales are not all positive")
         return model
 
     def meta(self) -> dict:

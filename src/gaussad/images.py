@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import BinaryIO, Iterable, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import DataError, ImageError
+from .errors import DataError, GaussadError, ImageError
+from .files import open_regular_file
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -18,6 +20,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
 IMAGENET: Normalization = (IMAGENET_MEAN, IMAGENET_STD)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# PIL decoders tried, in this order; no other decoder ever sees the bytes (EPS would start Ghostscript).
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+FORMAT_NAMES = "PNG, JPEG, BMP, TIFF or WebP"
+# PIL's own hard limit (2 * Image.MAX_IMAGE_PIXELS): 178,956,970 pixels, about 537 MB as 8-bit RGB.
+DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
 
 
 def describe(source: ImageSource, index: int | None = None) -> str:
@@ -28,14 +35,43 @@ def describe(source: ImageSource, index: int | None = None) -> str:
     return f"{kind} #{index}" if index is not None else kind
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB; 16-bit and float grayscale are rescaled, not clipped."""
+def check_max_pixels(max_pixels: int) -> int:
+    """Validate a pixel limit: a positive integer."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
+        raise GaussadError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    return int(max_pixels)
+
+
+def _scale_to_8bit(img: Image.Image, name: str) -> Image.Image:
+    """16-bit, 32-bit integer and float grayscale as 8-bit "L", rescaled by the range the values fit in.
+
+    I;16 divides by 257 (65535 -> 255). I and F use 0..1 (floats only), 0..255 or 0..65535, whichever
+    holds all values; negative, larger or non-finite values are refused rather than guessed at.
+    """
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        top = 65535
+    else:
+        if img.mode == "F" and not np.isfinite(arr).all():
+            raise ImageError(f"{name}: floating-point image contains NaN or infinite values")
+        lo, hi = (arr.min(), arr.max()) if arr.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise ImageError(f"{name}: {img.mode} image values span {lo}..{hi}, outside 0..65535; "
+                             "convert it to 8 or 16 bit")
+        top = 1 if img.mode == "F" and hi <= 1 else 255 if hi <= 255 else 65535
+    if top == 255:
+        return Image.fromarray(np.rint(arr).astype(np.uint8))
+    if img.mode == "F":
+        return Image.fromarray(np.clip(np.rint(arr.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8))
+    wide = arr.astype(np.uint32)
+    return Image.fromarray(((wide * 255 + top // 2) // top).astype(np.uint8))
+
+
+def _to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; 16-bit and float grayscale are rescaled, transparency is composited on black."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = _scale_to_8bit(img, name)
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
@@ -48,46 +84,87 @@ def _array_to_image(arr: np.ndarray, name: str) -> Image.Image:
         raise ImageError(f"{name}: arrays must be uint8 (got {arr.dtype})")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
-    if arr.ndim == 2:
-        return Image.fromarray(arr)
-    if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        return Image.fromarray(np.ascontiguousarray(arr))
-    raise ImageError(f"{name}: expected an HxW, HxWx3 or HxWx4 array, got shape {arr.shape}")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ImageError(f"{name}: expected an HxW, HxWx3 or HxWx4 array, got shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageError(f"{name}: image has no pixels (shape {arr.shape})")
+    return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def load_image(source: ImageSource, index: int | None = None) -> Image.Image:
-    """Read one image as 8-bit RGB, applying EXIF orientation; errors name the file."""
+def _identify(fh: BinaryIO, filename: str) -> ImageFile.ImageFile:
+    """Parse the header with the first accepted decoder of FORMATS, as ``Image.open(fh, formats=FORMATS)``.
+
+    Unlike ``Image.open`` this skips PIL's process-wide ``MAX_IMAGE_PIXELS`` check, so the caller's own
+    limit applies whether it is lower or higher, and no other plugin (e.g. EPS via Ghostscript) is tried.
+    """
+    from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin, WebPImagePlugin  # noqa: F401
+
+    prefix = fh.read(16)
+    for fmt in FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        verdict = accept(prefix) if accept else True
+        if not verdict or isinstance(verdict, str):
+            continue
+        fh.seek(0)
+        try:
+            return factory(fh, filename)
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue
+    raise UnidentifiedImageError(filename)
+
+
+def _decode(fh: BinaryIO, name: str, max_pixels: int) -> Image.Image:
+    """Identify, size-check, decode and orient one image file; every decoder failure becomes an ImageError."""
+    try:
+        img = _identify(fh, name)
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a {FORMAT_NAMES} image (unknown format or damaged header)") from None
+    except Exception as exc:  # a damaged header can make a decoder fail in many ways
+        raise ImageError(f"{name}: damaged image header ({type(exc).__name__}: {exc})") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(f"{name}: refused, {width}x{height} = {width * height} pixels exceeds the limit of "
+                         f"{max_pixels} (a decompression bomb? raise max_pixels / --max-pixels if it is genuine)")
+    try:
+        img.load()
+    except Exception as exc:  # truncated or corrupt data surfaces as OSError, ValueError, SyntaxError, ...
+        raise ImageError(f"{name}: cannot decode {img.format} image ({type(exc).__name__}: {exc})") from None
+    try:
+        oriented = ImageOps.exif_transpose(img)  # always a new image, detached from the file
+    except Exception as exc:
+        raise ImageError(f"{name}: damaged EXIF data ({type(exc).__name__}: {exc})") from None
+    try:
+        return _to_rgb(oriented, name)
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"{name}: cannot convert {oriented.mode} image to RGB ({type(exc).__name__}: {exc})") from None
+
+
+def load_image(source: ImageSource, index: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read one image as 8-bit RGB, applying EXIF orientation; errors name the file.
+
+    Files must be PNG, JPEG, BMP, TIFF or WebP of at most ``max_pixels`` pixels (checked from the header,
+    before decoding). Multi-frame files give their first frame.
+    """
     name = describe(source, index)
     if isinstance(source, np.ndarray):
-        img = _array_to_image(source, name)
-    elif isinstance(source, Image.Image):
-        img = source
-    elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise ImageError(f"{name}: no such file")
-        if path.is_dir():
-            raise ImageError(f"{name}: is a folder, not an image")
+        return _to_rgb(_array_to_image(source, name), name)
+    if isinstance(source, Image.Image):
+        if source.width < 1 or source.height < 1:
+            raise ImageError(f"{name}: image has no pixels")
         try:
-            with Image.open(path) as opened:
-                opened.load()
-                img = ImageOps.exif_transpose(opened)
-                if img is opened:
-                    img = opened.copy()
-        except UnidentifiedImageError:
-            raise ImageError(f"{name}: not an image file (unknown or corrupt format)") from None
-        except Image.DecompressionBombError as exc:
-            raise ImageError(f"{name}: refused, too many pixels ({exc})") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(f"{name}: cannot read image ({exc})") from None
-    else:
-        raise ImageError(f"{name}: unsupported image type {type(source).__name__}")
-    if img.width < 1 or img.height < 1:
-        raise ImageError(f"{name}: image has no pixels")
-    try:
-        return _to_rgb(img)
-    except (OSError, ValueError) as exc:
-        raise ImageError(f"{name}: cannot convert image to RGB ({exc})") from None
+            return _to_rgb(source, name)
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise ImageError(f"{name}: cannot convert {source.mode} image to RGB ({type(exc).__name__}: {exc})") from None
+    if isinstance(source, (str, os.PathLike)):
+        with open_regular_file(source, ImageError, "an image") as fh:
+            return _decode(fh, name, max_pixels)
+    raise ImageError(f"{name}: unsupported image type {type(source).__name__}")
 
 
 def resize_square(img: Image.Image, size: int) -> Image.Image:
@@ -112,11 +189,15 @@ def preprocess(img: Image.Image, size: int, normalization: Normalization = IMAGE
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Sorted image files directly inside a folder (by extension); raises if there are none."""
+    """Sorted image files directly inside a folder (by extension, sub-folders ignored); raises if there are none."""
     path = Path(folder)
     if not path.is_dir():
         raise DataError(f"{path}: not a folder")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    # Not is_file(): a broken link or a pipe named *.png is listed so that reading it reports the problem.
+    try:
+        files = sorted(p for p in path.iterdir() if not p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot list folder ({exc.strerror or exc})") from None
     if not files:
         raise DataError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return files

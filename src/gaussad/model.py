@@ -13,7 +13,7 @@ from . import __version__, maps
 from .errors import DataError, GaussadError
 from .features import NORMALIZATIONS, FeatureExtractor
 from .gaussian import ESTIMATORS, REDUCTIONS, LevelGaussian, MomentStats
-from .images import ImageSource
+from .images import DEFAULT_MAX_PIXELS, ImageSource, check_max_pixels
 from .threshold import (
     METHODS,
     chi2_pvalue,
@@ -24,6 +24,9 @@ from .threshold import (
     hotelling_threshold,
 )
 
+
+# Backbone features are float32: a relative spread below its rounding level means identical images.
+IDENTICAL_SPREAD_FLOAT32 = (64.0 * float(np.finfo(np.float32).eps)) ** 2
 
 PRESETS: dict[str, dict] = {
     # The paper's recipe: ImageNet mean/std, global features only.
@@ -49,6 +52,8 @@ class GaussianAD:
     levels of the Mahalanobis distances (higher = more anomalous).  ``threshold`` (``chi2``, ``hotelling`` or
     ``conformal``) and ``fpr`` are the default decision rule of ``predict``/``decide``; ``calibration``, a
     fraction of the training images, is held out for conformal calibration scores before refitting on all.
+    ``max_pixels`` caps the size of image files read (a decompression-bomb guard); it is an intake setting and is
+    not stored in model files.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class GaussianAD:
         random_state: int = 0,
         batch_size: int = 16,
         verbose: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self.backbone = backbone
         self.levels = levels
@@ -86,12 +92,14 @@ class GaussianAD:
         self.random_state = random_state
         self.batch_size = batch_size
         self.verbose = verbose
+        self.max_pixels = max_pixels
 
     # ----- parameters and features -------------------------------------------------------------
     def get_params(self) -> dict:
         """Constructor parameters, as scikit-learn's ``get_params``."""
         names = ("backbone", "levels", "input_size", "weights", "estimator", "reduction", "variance", "normalize", "map_levels",
-                 "preset", "threshold", "fpr", "calibration", "random_state", "batch_size", "verbose")
+                 "preset", "threshold", "fpr", "calibration", "random_state", "batch_size", "verbose",
+                 "max_pixels")
         return {n: getattr(self, n) for n in names}
 
     def _validate_params(self) -> None:
@@ -107,6 +115,7 @@ class GaussianAD:
             raise GaussadError(f"unknown normalize {self.normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
         if int(self.batch_size) < 1:
             raise GaussadError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_max_pixels(self.max_pixels)
         if self.threshold not in METHODS:
             raise GaussadError(f"unknown threshold {self.threshold!r}; choose one of: {', '.join(METHODS)}")
         if not 0.0 < float(self.fpr) < 1.0:
@@ -140,7 +149,7 @@ class GaussianAD:
             map_levels = self._setting("map_levels")
         extractor = FeatureExtractor(
             self.backbone, levels, getattr(self, "input_size_", None) or self.input_size, self.weights, self.batch_size,
-            normalize=self._setting("normalize"), map_levels=map_levels,
+            normalize=self._setting("normalize"), map_levels=map_levels, max_pixels=self.max_pixels,
         )
         self._extractor_cache = extractor
         return extractor
@@ -303,9 +312,15 @@ class GaussianAD:
             self.map_levels_ = list(extractor.map_levels)
             self.map_level_names_ = list(extractor.map_level_names)
         stats, map_stats = prev, prev_maps
+        pos = list(range(len(images))) if positions is None else [int(p) for p in positions]
         bar = _progress(len(images), "fit", self.verbose)
         try:
-            for _, batch, fmaps in extractor.iter_features_and_maps(images, bar, on_error, skipped):
+            for idx, batch, fmaps in extractor.iter_features_and_maps(images, bar, on_error, skipped):
+                finite = np.all([np.isfinite(b).all(axis=1) for b in batch], axis=0)
+                if not finite.all():
+                    first = int(idx[np.argmin(finite)])
+                    raise DataError(f"{describe(images[first], pos[first])}: the backbone gave NaN or infinite features "
+                                    f"for {int((~finite).sum())} image(s) of this batch (damaged weights file?)")
                 if collect is not None:
                     collect.append(batch)
                 stats = [MomentStats.from_array(b) for b in batch] if stats is None else [
@@ -316,11 +331,20 @@ class GaussianAD:
         finally:
             if bar is not None:
                 bar.close()
-        pos = list(range(len(images))) if positions is None else [int(p) for p in positions]
         self.skipped_ = getattr(self, "skipped_", []) + [(describe(images[i], pos[i]), msg) for i, msg in skipped]
         if stats is None:
             raise DataError("no readable training images given")
+        self._check_spread(stats)
         return stats, map_stats
+
+    def _check_spread(self, stats: list[MomentStats]) -> None:
+        """Refuse training images whose features vary only at float32 rounding level (identical images)."""
+        if self.estimator == "l2" and self.reduction is None:
+            return
+        for name, s in zip(self.level_names_, stats):
+            if s.n >= 2 and s.relative_spread() <= IDENTICAL_SPREAD_FLOAT32:
+                raise DataError(f"the {s.n} training images give identical features at level {name} (up to float32 "
+                                "rounding): there is no variation to model; use images that show the normal variation")
 
     def _fit_from_stats(self, stats: list[MomentStats], map_stats: list[MomentStats] | None = None,
                         allow_few: bool = False) -> "GaussianAD":

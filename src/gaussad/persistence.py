@@ -1,28 +1,46 @@
-"""Model files: arrays in safetensors plus JSON metadata; loading never executes code, saving is atomic."""
+"""Model files: arrays in safetensors plus JSON metadata; loading never executes code, saving is atomic.
+
+Loading reads the bytes, refuses pickles and zip archives (PyTorch checkpoints) outright, parses the
+safetensors container (a JSON header and raw little-endian arrays, nothing executable), checks a SHA-256
+checksum over the metadata and every array, then validates the metadata schema and every array's dtype,
+shape and finiteness against it. The checksum detects damage; a deliberately forged file that recomputes
+it still has to pass the strict validation, and can at worst describe a nonsensical but harmless model.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import GaussadError, ModelFormatError
+from .files import open_regular_file
 
 if TYPE_CHECKING:
     from .model import GaussianAD
 
 FORMAT_NAME = "gaussad-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the metadata as well as the arrays
+MAX_INPUT_SIZE = 4096  # largest network input side accepted from a model file (B7 uses 600)
+_FOREIGN_MAGIC = (
+    (b"PK\x03\x04", "a zip archive, such as a PyTorch .pth/.pt checkpoint"),
+    (b"\x80", "a Python pickle"),
+    (b"\x93NUMPY", "a NumPy .npy file"),
+    (b"\x89HDF", "an HDF5 file"),
+)
 
 
-def _checksum(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 over every array's name, dtype, shape and bytes, in name order."""
+def _checksum(arrays: dict[str, np.ndarray], meta: str) -> str:
+    """SHA-256 over the metadata JSON and every array's name, dtype, shape and bytes, in name order."""
     h = hashlib.sha256()
+    h.update(f"meta|{len(meta)}|".encode())
+    h.update(meta.encode())
     for key in sorted(arrays):
         a = np.ascontiguousarray(arrays[key])
         h.update(f"{key}|{a.dtype.str}|{a.shape}|".encode())
@@ -51,67 +69,192 @@ def publish(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
     os.replace(tmp, target)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` to the descriptor ``fd``."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_model(model: "GaussianAD", path: str | os.PathLike) -> None:
-    """Write ``model`` to ``path`` through a temporary file and an atomic rename."""
-    from safetensors.numpy import save_file
+    """Write ``model`` to ``path`` through a temporary file and an atomic rename.
+
+    An interruption at any point leaves either the previous file or the complete new one, and no temporary.
+    """
+    from safetensors.numpy import save
 
     path = Path(path)
     arrays = _arrays_of(model)
-    header = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "meta": json.dumps(model.metadata()),
-        "checksum": _checksum(arrays),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    meta = json.dumps(model.metadata())
+    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "meta": meta,
+              "checksum": _checksum(arrays, meta)}
+    data = save(arrays, metadata=header)
+    if path.is_dir():
+        raise GaussadError(f"{path}: is a folder; give the model file's name")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        save_file(arrays, tmp, metadata=header)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as exc:
+        raise GaussadError(f"{path}: cannot write model ({exc.strerror or exc})") from None
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise GaussadError(f"{path}: cannot write model ({exc.strerror or exc})") from None
         raise
+    _fsync_dir(path.parent)
+
+
+def _header_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors buffer that safetensors itself has already parsed."""
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("__metadata__ is not an object")
+    return meta
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """Validated metadata and arrays of a model file; any problem raises ModelFormatError naming the file."""
-    from safetensors import safe_open
+    """Checked metadata and arrays of a model file; any problem raises ModelFormatError naming the file."""
+    from safetensors.numpy import load as load_safetensors
 
     path = Path(path)
-    if not path.is_file():
-        raise ModelFormatError(f"{path}: model file not found")
+    with open_regular_file(path, ModelFormatError, "a model file") as fh:
+        data = fh.read()
+    for magic, kind in _FOREIGN_MAGIC:
+        if data.startswith(magic):
+            raise ModelFormatError(f"{path}: not a gaussad model file ({kind}); gaussad model files are "
+                                   "safetensors and are never unpickled")
     try:
-        with safe_open(str(path), framework="np") as fh:
-            header = fh.metadata() or {}
-            arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+        arrays = load_safetensors(data)
+        header = _header_metadata(data)
     except Exception as exc:  # safetensors raises several types for foreign or damaged files
-        raise ModelFormatError(f"{path}: not a gaussad model file ({type(exc).__name__}: {exc})") from None
+        raise ModelFormatError(f"{path}: not a gaussad model file, or a damaged one ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})") from None
     if header.get("format") != FORMAT_NAME:
         raise ModelFormatError(f"{path}: not a gaussad model file (a safetensors file without gaussad metadata)")
     version = header.get("format_version")
     if version != str(FORMAT_VERSION):
         raise ModelFormatError(
-            f"{path}: model format version {version}, but this gaussad reads version {FORMAT_VERSION}; refit the model"
+            f"{path}: model format version {str(version)[:20]}, but this gaussad reads version {FORMAT_VERSION}; "
+            "refit the model"
         )
-    if header.get("checksum") != _checksum(arrays):
-        raise ModelFormatError(f"{path}: model file is damaged (array checksum mismatch)")
+    meta_json = header.get("meta")
+    if not isinstance(meta_json, str) or header.get("checksum") != _checksum(arrays, meta_json):
+        raise ModelFormatError(f"{path}: model file is damaged (checksum mismatch)")
     try:
-        meta = json.loads(header["meta"])
-    except (KeyError, json.JSONDecodeError) as exc:
+        meta = json.loads(meta_json)
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise ModelFormatError(f"{path}: damaged model metadata ({exc})") from None
-    return meta, arrays
+    return meta, {k: np.array(v) for k, v in arrays.items()}
+
+
+def _need(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_int(value: Any, lo: int, hi: float = math.inf) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_meta(meta: Any) -> None:
+    """Check the metadata schema: types, ranges and consistent lengths (ValueError says what is wrong)."""
+    from .features import NORMALIZATIONS
+    from .gaussian import ESTIMATORS, REDUCTIONS
+    from .model import PRESETS
+
+    _need(isinstance(meta, dict), "metadata is not a JSON object")
+    missing = [k for k in ("backbone", "weights", "levels", "level_names", "input_size", "normalize", "estimator",
+                           "reduction", "variance", "n_samples", "feature_dims", "gaussians", "preset", "map_levels",
+                           "map_level_names", "map_gaussians") if k not in meta]
+    _need(not missing, f"metadata lacks {', '.join(missing)}")
+    _need(meta["backbone"] is None or isinstance(meta["backbone"], str), "backbone must be a name or null")
+    _need(meta["weights"] is None or isinstance(meta["weights"], str), "weights must be a path or null")
+    levels, names, dims = meta["levels"], meta["level_names"], meta["feature_dims"]
+    _need(isinstance(levels, list) and len(levels) >= 1 and all(_is_int(v, 0) for v in levels)
+          and len(set(levels)) == len(levels), "levels must be a non-empty list of distinct non-negative integers")
+    _need(isinstance(names, list) and len(names) == len(levels) and all(isinstance(v, str) for v in names),
+          "level_names must be one name per level")
+    _need(isinstance(dims, list) and len(dims) == len(levels) and all(_is_int(v, 1) for v in dims),
+          "feature_dims must be one positive integer per level")
+    size = meta["input_size"]
+    _need(size is None or _is_int(size, 1, MAX_INPUT_SIZE), f"input_size must be 1..{MAX_INPUT_SIZE} or null")
+    _need(meta["normalize"] in NORMALIZATIONS, f"unknown normalize {str(meta['normalize'])[:40]!r}")
+    _need(meta["estimator"] in ESTIMATORS, f"unknown estimator {str(meta['estimator'])[:40]!r}")
+    _need(meta["reduction"] in REDUCTIONS, f"unknown reduction {str(meta['reduction'])[:40]!r}")
+    _need(_is_number(meta["variance"]) and 0.0 < meta["variance"] < 1.0, "variance must lie in (0, 1)")
+    _need(_is_int(meta["n_samples"], 2), "n_samples must be an integer >= 2")
+    _need(meta["preset"] is None or meta["preset"] in PRESETS, f"unknown preset {str(meta['preset'])[:40]!r}")
+    map_levels, map_names, map_gaussians = meta["map_levels"], meta["map_level_names"], meta["map_gaussians"]
+    _need(isinstance(map_levels, list) and all(_is_int(v, 0) for v in map_levels)
+          and len(set(map_levels)) == len(map_levels), "map_levels must be a list of distinct non-negative integers")
+    _need(isinstance(map_names, list) and len(map_names) == len(map_levels) and all(isinstance(v, str) for v in map_names),
+          "map_level_names must be one name per map level")
+    _need(isinstance(map_gaussians, list) and len(map_gaussians) == len(map_levels)
+          and all(isinstance(g, dict) and g.get("estimator") == "ledoit-wolf" and g.get("reduction") is None
+                  and _is_number(g.get("shrinkage", 0.0)) and 0.0 <= g.get("shrinkage", 0.0) <= 1.0
+                  for g in map_gaussians),
+          "map_gaussians must describe every map level (Ledoit-Wolf, no reduction)")
+    gaussians = meta["gaussians"]
+    _need(isinstance(gaussians, list) and len(gaussians) == len(levels), "gaussians must describe every level")
+    for i, g in enumerate(gaussians):
+        _need(isinstance(g, dict) and g.get("estimator") == meta["estimator"] and g.get("reduction") == meta["reduction"],
+              f"level {i}: estimator/reduction differ from the model's")
+        _need(_is_number(g.get("shrinkage", 0.0)) and 0.0 <= g.get("shrinkage", 0.0) <= 1.0,
+              f"level {i}: shrinkage must lie in [0, 1]")
+        _need(g.get("variance") is None or _is_number(g["variance"]), f"level {i}: variance must be a number")
+        _need("dof" not in g or _is_int(g["dof"], 1, dims[i]), f"level {i}: dof must be 1..{dims[i]}")
+
+
+def _validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int) -> None:
+    """Every array the model reads is float64 (the sample counts int64) and finite."""
+    used = tuple(f"level{i}." for i in range(n_levels)) + tuple(f"map{i}." for i in range(n_maps)) + ("calibration.",)
+    for key, a in arrays.items():
+        if not key.startswith(used):
+            continue
+        if key.endswith(".stats.n"):
+            _need(a.dtype == np.int64 and a.size == 1 and a.ndim <= 1, f"array {key} must be one int64")
+        else:
+            _need(a.dtype == np.float64, f"array {key} has dtype {a.dtype}, expected float64")
+            _need(bool(np.isfinite(a).all()), f"array {key} contains NaN or infinite values")
 
 
 def load(path: str | os.PathLike) -> "GaussianAD":
-    """Load a model written by :meth:`GaussianAD.save`."""
+    """Load a model written by :meth:`GaussianAD.save`; anything else raises ModelFormatError."""
     from .gaussian import LevelGaussian, MomentStats
     from .model import GaussianAD
 
     meta, arrays = read_model_file(path)
     try:
+        _validate_meta(meta)
+        n_levels, n_maps = len(meta["levels"]), len(meta["map_levels"])
+        _validate_arrays(arrays, n_levels, n_maps)
         model = GaussianAD(
             backbone=meta["backbone"],
             levels=meta["levels"],
@@ -128,24 +271,27 @@ def load(path: str | os.PathLike) -> "GaussianAD":
             calibration=meta.get("calibration"),
             random_state=meta.get("random_state", 0),
         )
-        n_levels = len(meta["levels"])
         gaussians = [LevelGaussian.from_arrays(arrays, f"level{i}.gauss.", meta["gaussians"][i]) for i in range(n_levels)]
         stats = [MomentStats.from_arrays(arrays, f"level{i}.stats.") for i in range(n_levels)]
-        n_maps = len(meta["map_levels"])
         map_gaussians = [LevelGaussian.from_arrays(arrays, f"map{i}.gauss.", meta["map_gaussians"][i]) for i in range(n_maps)]
         map_stats = [MomentStats.from_arrays(arrays, f"map{i}.stats.") for i in range(n_maps)]
         dims = [s.dim for s in stats]
-        if dims != list(meta["feature_dims"]) or any(g.mean.shape != (d,) for g, d in zip(gaussians, dims)):
+        if dims != list(meta["feature_dims"]) or any(g.dim != d for g, d in zip(gaussians, dims)):
             raise ValueError(f"array shapes {dims} do not match the metadata {meta['feature_dims']}")
+        if any(g.dim != s.dim for g, s in zip(map_gaussians, map_stats)):
+            raise ValueError("map Gaussians and map statistics differ in dimension")
         calibration = arrays.get("calibration.scores")
         if calibration is not None and (calibration.ndim != 1 or not np.all(np.isfinite(calibration))):
             raise ValueError("calibration scores must be a 1-D array of finite numbers")
         if meta.get("n_calibration") != (None if calibration is None else int(calibration.size)):
             raise ValueError(f"{meta.get('n_calibration')} calibration scores in the metadata, "
                              f"{0 if calibration is None else calibration.size} stored")
+        counts = {s.n for s in stats}
+        if counts != {meta["n_samples"]}:
+            raise ValueError(f"sample counts {sorted(counts)} do not match n_samples {meta['n_samples']}")
         model._validate_params()
     except (KeyError, IndexError, TypeError, ValueError, GaussadError) as exc:
-        raise ModelFormatError(f"{path}: inconsistent model file ({type(exc).__name__}: {exc})") from None
+        raise ModelFormatError(f"{path}: inconsistent model file ({type(exc).__name__}: {str(exc)[:300]})") from None
     model.levels_ = list(meta["levels"])
     model.level_names_ = list(meta["level_names"])
     model.input_size_ = meta["input_size"]
