@@ -71,7 +71,9 @@ def _to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
     """Convert any PIL mode to 8-bit RGB; 16-bit and float grayscale are rescaled, transparency is composited on black."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         img = _scale_to_8bit(img, name)
-    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode == "La":  # premultiplied; PIL converts it only to LA
+        img = img.convert("LA")
+    if img.mode in ("RGBA", "RGBa", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)

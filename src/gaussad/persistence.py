@@ -1,7 +1,7 @@
 """Model files: arrays in safetensors plus JSON metadata; loading never executes code, saving is atomic.
 
-Loading reads the bytes, refuses pickles and zip archives (PyTorch checkpoints) outright, parses the
-safetensors container (a JSON header and raw little-endian arrays, nothing executable), checks a SHA-256
+Loading reads the bytes, parses them as a safetensors container (a JSON header and raw little-endian arrays,
+nothing executable; pickles and zip archives such as PyTorch checkpoints fail here and are named), checks a SHA-256
 checksum over the metadata and every array, then validates the metadata schema and every array's dtype,
 shape and finiteness against it. The checksum detects damage; a deliberately forged file that recomputes
 it still has to pass the strict validation, and can at worst describe a nonsensical but harmless model.
@@ -142,14 +142,14 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray
     path = Path(path)
     with open_regular_file(path, ModelFormatError, "a model file") as fh:
         data = fh.read()
-    for magic, kind in _FOREIGN_MAGIC:
-        if data.startswith(magic):
-            raise ModelFormatError(f"{path}: not a gaussad model file ({kind}); gaussad model files are "
-                                   "safetensors and are never unpickled")
     try:
         arrays = load_safetensors(data)
         header = _header_metadata(data)
     except Exception as exc:  # safetensors raises several types for foreign or damaged files
+        for magic, kind in _FOREIGN_MAGIC:  # only now: a safetensors header length can start with these bytes
+            if data.startswith(magic):
+                raise ModelFormatError(f"{path}: not a gaussad model file ({kind}); gaussad model files are "
+                                       "safetensors and are never unpickled") from None
         raise ModelFormatError(f"{path}: not a gaussad model file, or a damaged one ({type(exc).__name__}: "
                                f"{str(exc)[:200]})") from None
     if header.get("format") != FORMAT_NAME:
