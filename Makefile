@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SHARED ?= ../shared/data
 
-.PHONY: demo test venv clean
+.PHONY: demo test fuzz venv clean
 
 venv: $(STAMP)
 
@@ -23,5 +23,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The fuzzers of tests/test_fuzz.py at 10,000 random cases each (make test runs 200 fixed ones).
+fuzz: $(STAMP)
+	GAUSSAD_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q -m fuzz --hypothesis-show-statistics
+
 clean:
-	rm -rf $(VENV) demo-data out .pytest_cache
+	rm -rf $(VENV) demo-data out .pytest_cache .hypothesis

@@ -191,6 +191,11 @@ FORGERIES = {
                             "level 1: estimator/reduction differ"),
     "shrinkage-out-of-range": (lambda m: m["gaussians"][0].__setitem__("shrinkage", -0.5), None,
                                "shrinkage must lie in [0, 1]"),
+    "map-levels-without-names": (_set("map_levels", [4]), None, "map_level_names must be one name per map level"),
+    "map-gaussian-estimator": (lambda m: m.update(map_levels=[4], map_level_names=["stage4"],
+                                                  map_gaussians=[{"estimator": "oas", "reduction": None}]), None,
+                               "map_gaussians must describe every map level"),
+    "unknown-preset": (_set("preset", "fastest"), None, "unknown preset 'fastest'"),
     "meta-not-an-object": (lambda m: (m.clear(), m.update({"0": 1})) and None, None, "metadata lacks"),
 }
 

@@ -46,6 +46,8 @@ ESTIMATORS: tuple[str, ...] = ("ledoit-wolf", "oas", "empirical", "diagonal", "l
 REDUCTIONS: tuple[str | None, ...] = (None, "pca", "npca")
 
 _EPS = np.finfo(np.float64).eps
+# Largest accepted magnitude of a value: fourth moments of d-dim vectors must stay far below float64's 1.8e308.
+MAX_ABS = 1e60
 # Relative spread (see MomentStats.relative_spread) at or below which samples count as identical up to rounding.
 IDENTICAL_SPREAD = (64.0 * _EPS) ** 2
 
@@ -64,6 +66,10 @@ def _check_samples(X: np.ndarray, dim: int | None = None) -> np.ndarray:
     if not finite.all():
         bad = int(np.count_nonzero(~finite.all(axis=1)))
         raise ValueError(f"{bad} of {X.shape[0]} rows contain NaN or infinite values")
+    big = float(np.abs(X).max()) if X.size else 0.0
+    if big > MAX_ABS:
+        raise ValueError(f"values up to {big:.3g} in magnitude: above {MAX_ABS:.0e} the moment statistics would "
+                         "overflow; rescale the data")
     return X
 
 
@@ -477,8 +483,12 @@ class LevelGaussian:
         )
         if "dof" in meta and int(meta["dof"]) != model.dof:
             raise ValueError(f"stored dof {meta['dof']} does not match the stored arrays (dof {model.dof})")
-        if model.chol is not None and (np.any(np.diag(model.chol) <= 0.0) or np.any(np.triu(model.chol, 1))):
-            raise ValueError("the stored Cholesky factor is not lower triangular with a positive diagonal")
+        if model.chol is not None:
+            diag = np.diag(model.chol)
+            if np.any(diag <= 0.0) or np.any(np.triu(model.chol, 1)):
+                raise ValueError("the stored Cholesky factor is not lower triangular with a positive diagonal")
+            if np.any(diag**2 <= model.dof * _EPS * np.einsum("ij,ij->i", model.chol, model.chol)):
+                raise ValueError("the stored covariance is numerically singular")  # the test fit applies, see _cholesky
         if model.scale is not None and np.any(model.scale <= 0.0):
             raise ValueError("the stored scales are not all positive")
         return model

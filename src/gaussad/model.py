@@ -12,7 +12,7 @@ import numpy as np
 from . import __version__, maps
 from .errors import DataError, GaussadError
 from .features import NORMALIZATIONS, FeatureExtractor
-from .gaussian import ESTIMATORS, REDUCTIONS, LevelGaussian, MomentStats
+from .gaussian import ESTIMATORS, MAX_ABS, REDUCTIONS, LevelGaussian, MomentStats
 from .images import DEFAULT_MAX_PIXELS, ImageSource, check_max_pixels
 from .threshold import (
     METHODS,
@@ -388,6 +388,9 @@ class GaussianAD:
             bad = int((~np.isfinite(f)).any(axis=1).sum())
             if bad:
                 raise DataError(f"level {i}: {bad} sample(s) have NaN or infinite features")
+            if f.size and np.abs(f).max() > MAX_ABS:
+                raise DataError(f"level {i}: feature values up to {np.abs(f).max():.3g} exceed {MAX_ABS:.0e}, where "
+                                "the moment statistics would overflow; rescale the features")
         return feats
 
     # ----- scoring ------------------------------------------------------------------------------
@@ -399,7 +402,13 @@ class GaussianAD:
         """Mahalanobis distance of each sample to each level's Gaussian: (n, n_levels)."""
         self._check_fitted()
         feats = self._check_features(features, fitted=True)
-        return np.stack([g.distances(f) for g, f in zip(self.gaussians_, feats)], axis=1)
+        try:
+            scores = np.stack([g.distances(f) for g, f in zip(self.gaussians_, feats)], axis=1)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        if np.isnan(scores).any():
+            raise DataError("the model gives NaN distances: its statistics are damaged (a forged model file?)")
+        return scores
 
     def score_features(self, features: Sequence[np.ndarray]) -> np.ndarray:
         """Image scores from plain features: the mean over levels of the distances."""
