@@ -144,15 +144,20 @@ def _paths(value, prefix=()):
             yield from _paths(v, prefix + (i,))
 
 
+@lru_cache(maxsize=None)
+def _parsed_seed(i: int) -> tuple[str, dict]:
+    meta, arrays = read_model_file(_write(f"seed{i}.gaussad", model_seeds()[i]))
+    return json.dumps(meta), arrays
+
+
 @st.composite
 def forged(draw) -> bytes:
     """A valid model with its metadata and arrays edited, then re-signed with a correct checksum (a forger's
     file): exercises the validation behind the checksum."""
     from safetensors.numpy import save
 
-    seed = model_seeds()[draw(st.integers(0, len(model_seeds()) - 1))]
-    path = _write("seed.gaussad", seed)
-    meta, arrays = read_model_file(path)
+    text, stored = _parsed_seed(draw(st.integers(0, len(model_seeds()) - 1)))
+    meta, arrays = json.loads(text), {k: v.copy() for k, v in stored.items()}
     for _ in range(draw(st.integers(1, 3))):
         if draw(st.booleans()):
             paths = [p for p in _paths(meta) if p]
@@ -172,8 +177,10 @@ def forged(draw) -> bytes:
                 del arrays[key]
             elif action == "poke" and a.size:
                 a = a.copy().reshape(-1)
-                pokes = [0, -1, 1, 2**62] if a.dtype.kind == "i" else [np.nan, np.inf, -np.inf, 0, -1, 1e300, -1e-300]
-                a[draw(st.integers(0, a.size - 1))] = draw(st.sampled_from(pokes))
+                pokes = ([0, -1, 1, int(np.iinfo(a.dtype).max)] if a.dtype.kind == "i"
+                         else [np.nan, np.inf, -np.inf, 0, -1, 1e300, -1e-300])
+                with np.errstate(all="ignore"):
+                    a[draw(st.integers(0, a.size - 1))] = draw(st.sampled_from(pokes))
                 arrays[key] = a.reshape(arrays[key].shape)
             elif action == "reshape":
                 arrays[key] = a.reshape(-1)

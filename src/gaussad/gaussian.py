@@ -487,8 +487,10 @@ class LevelGaussian:
             diag = np.diag(model.chol)
             if np.any(diag <= 0.0) or np.any(np.triu(model.chol, 1)):
                 raise ValueError("the stored Cholesky factor is not lower triangular with a positive diagonal")
-            if np.any(diag**2 <= model.dof * _EPS * np.einsum("ij,ij->i", model.chol, model.chol)):
-                raise ValueError("the stored covariance is numerically singular")  # the test fit applies, see _cholesky
+            top = np.abs(model.chol).max(axis=1)  # rows scaled to their largest entry, so nothing overflows
+            ratio = diag / top / np.linalg.norm(model.chol / top[:, None], axis=1)
+            if np.any(ratio**2 <= model.dof * _EPS):  # the test that fitting applies, see _cholesky
+                raise ValueError("the stored covariance is numerically singular")
         if model.scale is not None and np.any(model.scale <= 0.0):
             raise ValueError("the stored scales are not all positive")
         return model
