@@ -5,9 +5,11 @@ Cases per fuzzer come from GAUSSAD_FUZZ_EXAMPLES: a short run (200, deterministi
 ``make fuzz``.
 """
 
+import atexit
 import io
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from functools import lru_cache
@@ -35,6 +37,7 @@ FUZZ = settings(
 )
 FUZZ_MAX_PIXELS = 1 << 20  # keeps each case small; mutated headers otherwise ask for up to 178 Mpx
 WORKDIR = Path(tempfile.mkdtemp(prefix="gaussad-fuzz-"))
+atexit.register(shutil.rmtree, WORKDIR, ignore_errors=True)
 
 pytestmark = pytest.mark.fuzz
 
