@@ -91,7 +91,8 @@ PROBE = [np.random.default_rng(9).normal(size=(4, 6)), np.random.default_rng(10)
 
 @lru_cache(maxsize=None)
 def model_seeds() -> tuple[bytes, ...]:
-    """Valid model files of every estimator and reduction, and one with anomaly-map Gaussians."""
+    """Valid model files of every estimator and reduction, one with conformal calibration scores and one with
+    anomaly-map Gaussians."""
     rng = np.random.default_rng(0)
     train = [rng.normal(size=(25, 6)), rng.normal(size=(25, 3))]
     out = []
@@ -100,6 +101,9 @@ def model_seeds() -> tuple[bytes, ...]:
         path = WORKDIR / f"seed-{estimator}-{reduction}.gaussad"
         GaussianAD(backbone=None, estimator=estimator, reduction=reduction, variance=0.8).fit_features(train).save(path)
         out.append(path.read_bytes())
+    calibrated = GaussianAD(backbone=None, threshold="conformal", fpr=0.1, calibration=0.2).fit_features(train)
+    calibrated.save(WORKDIR / "seed-calibrated.gaussad")
+    out.append((WORKDIR / "seed-calibrated.gaussad").read_bytes())
     with_maps = GaussianAD(backbone=None).fit_features(train)  # map Gaussians as an image model with maps has them
     with_maps.map_levels_, with_maps.map_level_names_ = [4], ["stage4"]
     with_maps.map_stats_ = [MomentStats.from_array(rng.normal(size=(40, 5)))]

@@ -196,6 +196,11 @@ FORGERIES = {
                                                   map_gaussians=[{"estimator": "oas", "reduction": None}]), None,
                                "map_gaussians must describe every map level"),
     "unknown-preset": (_set("preset", "fastest"), None, "unknown preset 'fastest'"),
+    "unknown-threshold": (_set("threshold", "banana"), None, "unknown threshold 'banana'"),
+    "fpr-out-of-range": (_set("fpr", 2.0), None, "fpr must lie strictly between 0 and 1"),
+    "calibration-count": (_set("n_calibration", 5), None, "5 calibration scores in the metadata, 0 stored"),
+    "nan-calibration": (lambda m: m.__setitem__("n_calibration", 2),
+                        lambda a: a.__setitem__("calibration.scores", np.array([1.0, np.nan])), "NaN or infinite"),
     "meta-not-an-object": (lambda m: (m.clear(), m.update({"0": 1})) and None, None, "metadata lacks"),
 }
 
