@@ -1,0 +1,58 @@
+"""Cost of anomaly maps: scoring time with maps vs without, same images, same model, one run.
+
+    python -m bench.maps_overhead --data ../shared/data/mvtec_ad/bottle [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from gaussad import GaussianAD
+from gaussad.datasets import load_category
+
+
+def best_of(fn, repeats: int) -> float:
+    """Fastest wall time of ``repeats`` calls (the least disturbed by other work on the machine)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.maps_overhead", description=__doc__)
+    parser.add_argument("--data", required=True, help="one category in MVTec layout")
+    parser.add_argument("--backbone", default="efficientnet-lite0")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+
+    cat = load_category(args.data)
+    model = GaussianAD(backbone=args.backbone, preset="recommended").fit(cat.train_files)
+    no_maps = GaussianAD(backbone=args.backbone, preset="recommended", map_levels=[]).fit(cat.train_files)
+    files = cat.test_files
+    no_maps.level_scores(files[:8])  # warm-up: backbones built, caches filled
+    model.score_with_maps(files[:8])
+    plain = best_of(lambda: no_maps.level_scores(files), args.repeats)
+    with_maps = best_of(lambda: model.score_with_maps(files), args.repeats)
+    result = {
+        "data": str(Path(args.data)),
+        "n_images": len(files),
+        "score_img_s": len(files) / plain,
+        "score_with_maps_img_s": len(files) / with_maps,
+        "maps_cost_ratio": with_maps / plain,
+    }
+    print(f"{len(files)} images: score {result['score_img_s']:.1f} img/s, score+maps {result['score_with_maps_img_s']:.1f} img/s, "
+          f"maps cost x{result['maps_cost_ratio']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
