@@ -137,12 +137,17 @@ def _decode(fh: BinaryIO, name: str, max_pixels: int) -> Image.Image:
         oriented = ImageOps.exif_transpose(img)  # always a new image, detached from the file
     except Exception as exc:
         raise ImageError(f"{name}: damaged EXIF data ({type(exc).__name__}: {exc})") from None
+    return _convert(oriented, name)
+
+
+def _convert(img: Image.Image, name: str) -> Image.Image:
+    """:func:`_to_rgb` with any unexpected conversion failure turned into an ImageError naming the source."""
     try:
-        return _to_rgb(oriented, name)
+        return _to_rgb(img, name)
     except ImageError:
         raise
     except Exception as exc:
-        raise ImageError(f"{name}: cannot convert {oriented.mode} image to RGB ({type(exc).__name__}: {exc})") from None
+        raise ImageError(f"{name}: cannot convert {img.mode} image to RGB ({type(exc).__name__}: {exc})") from None
 
 
 def load_image(source: ImageSource, index: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -157,12 +162,7 @@ def load_image(source: ImageSource, index: int | None = None, max_pixels: int = 
     if isinstance(source, Image.Image):
         if source.width < 1 or source.height < 1:
             raise ImageError(f"{name}: image has no pixels")
-        try:
-            return _to_rgb(source, name)
-        except ImageError:
-            raise
-        except Exception as exc:
-            raise ImageError(f"{name}: cannot convert {source.mode} image to RGB ({type(exc).__name__}: {exc})") from None
+        return _convert(source, name)
     if isinstance(source, (str, os.PathLike)):
         with open_regular_file(source, ImageError, "an image") as fh:
             return _decode(fh, name, max_pixels)
