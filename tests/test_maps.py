@@ -9,7 +9,7 @@ import gaussad
 from gaussad import GaussianAD
 from gaussad.cli import main
 from gaussad.evaluate import roc_auc
-from gaussad.gaussian import LevelGaussian, MomentStats
+from gaussad.gaussian import LevelGaussian
 from gaussad.images import list_images
 from gaussad.maps import accumulate, combine, level_maps, overlay, upsample
 

@@ -239,7 +239,7 @@ def _threshold_table(report: dict[str, Any]) -> list[str]:
 def format_markdown(report: dict[str, Any]) -> str:
     """The same table as Markdown, for --report."""
     levels = report["levels"]
-    out = [f"# gaussad evaluation", "",
+    out = ["# gaussad evaluation", "",
            f"protocol `{report['protocol']}`, backbone `{report['backbone']}` at {report['input_size']} px, "
            f"estimator `{report['estimator']}`, reduction `{report['reduction'] or 'none'}`, "
            f"normalisation `{report['normalize']}`", "",

@@ -7,7 +7,7 @@ A backbone module registers a factory with :func:`register`; the factory returns
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
