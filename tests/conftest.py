@@ -12,6 +12,21 @@ SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").r
 TINY = {"backbone": "efficientnet-lite0", "input_size": 64, "levels": ["stem", "stage1", "stage2", "stage3"]}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory) -> Path:
+    """Exported ONNX graphs go to a per-session folder, never the user's cache."""
+    import os
+
+    path = tmp_path_factory.mktemp("onnx-cache")
+    old = os.environ.get("GAUSSAD_CACHE")
+    os.environ["GAUSSAD_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("GAUSSAD_CACHE", None)
+    else:
+        os.environ["GAUSSAD_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     """A small texture data set with two categories, built once per test session."""

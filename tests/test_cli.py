@@ -148,3 +148,17 @@ def test_fit_conformal_without_calibration_is_refused(tiny_category, tmp_path, c
     model = tmp_path / "m.gaussad"
     assert main(["fit", str(tiny_category), "-o", str(model), "--quiet", "--threshold", "conformal", *TINY_ARGS]) == 2
     assert "--calibration" in capsys.readouterr().err and not model.exists()
+
+
+def test_engine_option_gives_the_same_scores(tiny_category, tmp_path, capsys):
+    model = tmp_path / "brick.gaussad"
+    assert main(["fit", str(tiny_category), "-o", str(model), "--quiet", "--engine", "torch", *TINY_ARGS]) == 0
+    bad = tiny_category / "test" / "patch"
+    scores = {}
+    for engine in ("onnxruntime", "torch"):
+        capsys.readouterr()
+        assert main(["score", str(model), str(bad), "--json", "--engine", engine]) == 0
+        scores[engine] = [r["score"] for r in json.loads(capsys.readouterr().out)["results"]]
+    np.testing.assert_allclose(scores["onnxruntime"], scores["torch"], rtol=1e-4)
+    with pytest.raises(SystemExit):
+        main(["score", str(model), str(bad), "--engine", "tensorrt"])

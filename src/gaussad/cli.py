@@ -39,6 +39,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="comma-separated levels for anomaly maps, or 'none'; default from --preset")
     g.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
     _max_pixels_option(g)
+    _engine_option(g)
 
 
 def _positive_int(text: str) -> int:
@@ -59,6 +60,15 @@ def _max_pixels_option(p) -> None:
                         "(decompression-bomb guard; default %(default)s)")
 
 
+def _engine_option(p) -> None:
+    from .engine import ENGINES
+
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="inference engine: onnxruntime (the network exported once to ONNX, cached under "
+                        "$GAUSSAD_CACHE or ~/.cache/gaussad), torch (eager), or auto = onnxruntime when installed "
+                        "(default %(default)s); both give the same scores")
+
+
 def _model_params(args: argparse.Namespace) -> dict:
     return {
         "backbone": args.backbone,
@@ -73,6 +83,7 @@ def _model_params(args: argparse.Namespace) -> dict:
         "preset": args.preset,
         "batch_size": args.batch_size,
         "max_pixels": args.max_pixels,
+        "engine": args.engine,
     }
 
 
@@ -172,6 +183,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     method = args.threshold or model.threshold
     fpr = model.fpr if args.fpr is None else args.fpr
     limit = model.score_threshold(fpr, method)  # fails early when the rule cannot apply to this model
+    model.engine = args.engine
     files = expand_sources(args.images)
     skipped: list = []
     if args.maps:
@@ -306,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decision rule (default: the model's); conformal needs a model fitted with --calibration")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
     _max_pixels_option(p)
+    _engine_option(p)
     p.add_argument("--on-error", choices=("fail", "skip"), default="skip",
                    help="an unreadable image is reported and skipped (skip, default) or stops the run (fail)")
     p.add_argument("--maps", metavar="DIR",

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Backbone, create_backbone, get_spec, resolve_levels
+from .backbones import Backbone, create_backbone, get_spec, resolve_levels, weights_file
+from .engine import Engine, TorchEngine, cached_onnx_engine, cpu_count, graph_key, resolve_engine
 from .errors import GaussadError, ImageError
 from .images import DEFAULT_MAX_PIXELS, IMAGENET, ImageSource, check_max_pixels, load_image, preprocess
 
@@ -40,7 +41,13 @@ class PooledLevels(nn.Module):
 
 
 class FeatureExtractor:
-    """Runs images through a backbone and returns one (n, C_l) float64 array per chosen level."""
+    """Runs images through a backbone and returns one (n, C_l) float64 array per chosen level.
+
+    Images are decoded and resized in a thread pool while the engine (ONNX Runtime by default, or torch eager)
+    runs the previous batch; only a few batches are held at once, whatever the number of images.
+    ``engine`` is "onnxruntime", "torch" or "auto" (ONNX Runtime when installed); ``draft`` lets large JPEGs
+    decode at reduced scale (see :func:`gaussad.images.load_image`).
+    """
 
     def __init__(
         self,
@@ -53,6 +60,8 @@ class FeatureExtractor:
         normalize: str = "imagenet",
         map_levels: Sequence[int | str] = (),
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        engine: str = "auto",
+        draft: bool = True,
     ):
         spec = get_spec(backbone)
         if normalize not in NORMALIZATIONS:
@@ -66,9 +75,12 @@ class FeatureExtractor:
         self.map_level_names = [spec.level_names[i] for i in self.map_levels]
         self.weights = weights
         self.batch_size = batch_size
-        self.workers = workers or min(8, os.cpu_count() or 1)
+        self.workers = workers or cpu_count()
         self.max_pixels = check_max_pixels(max_pixels)
+        self.engine = resolve_engine(engine)
+        self.draft = draft
         self._module: PooledLevels | None = None
+        self._runner: Engine | None = None
 
     @property
     def module(self) -> PooledLevels:
@@ -79,9 +91,27 @@ class FeatureExtractor:
         return self._module
 
     @property
+    def runner(self) -> Engine:
+        """The inference engine, built on first use (the ONNX graph comes from the on-disk cache when present)."""
+        if self._runner is None:
+            if self.engine == "onnxruntime":
+                key = graph_key("pooled-maps" if self.map_levels else "pooled", self.backbone_name,
+                                weights_file(self.backbone_name, self.weights), self.input_size, self.levels,
+                                self.map_levels)
+                self._runner = cached_onnx_engine(lambda: self.module, self.input_size, key)
+            else:
+                self._runner = TorchEngine(self.module)
+        return self._runner
+
+    @property
     def level_dims(self) -> list[int]:
         """Feature dimension of each chosen level."""
         return [self.module.backbone.level_channels[i] for i in self.levels]
+
+    def prepare(self, source: ImageSource, index: int | None = None) -> np.ndarray:
+        """One image decoded, square-resized and normalised: the (3, S, S) float32 network input."""
+        draft = self.input_size if self.draft else None
+        return preprocess(load_image(source, index, self.max_pixels, draft), self.input_size, self.normalization)
 
     def _batches(self, sources: Sequence[ImageSource], on_error: str,
                  skipped: list | None) -> Iterator[tuple[np.ndarray, np.ndarray | None, int]]:
@@ -89,11 +119,9 @@ class FeatureExtractor:
 
         Yields (indices of the images that decoded, their stacked input or None, number of images handled).
         """
-        size, normalization, max_pixels = self.input_size, self.normalization, self.max_pixels
-
         def work(i: int) -> np.ndarray | None:
             try:
-                return preprocess(load_image(sources[i], i, max_pixels), size, normalization)
+                return self.prepare(sources[i], i)
             except ImageError as exc:
                 if on_error != "skip":
                     raise
@@ -122,17 +150,15 @@ class FeatureExtractor:
         """Yield (source indices, pooled float64 arrays per level, float32 feature maps per map level)."""
         if on_error not in ON_ERROR:
             raise GaussadError(f"unknown on_error {on_error!r}; choose one of: {', '.join(ON_ERROR)}")
-        module = self.module
+        runner = self.runner
         n_pooled = len(self.levels)
-        with torch.inference_mode():
-            for idx, batch, handled in self._batches(sources, on_error, skipped):
-                if progress is not None:
-                    progress.update(handled)
-                if batch is None:
-                    continue
-                outs = module(torch.from_numpy(batch))
-                yield (idx, [o.numpy().astype(np.float64) for o in outs[:n_pooled]],
-                       [o.numpy() for o in outs[n_pooled:]])
+        for idx, batch, handled in self._batches(sources, on_error, skipped):
+            if progress is not None:
+                progress.update(handled)
+            if batch is None:
+                continue
+            outs = runner.run(batch)
+            yield idx, [o.astype(np.float64) for o in outs[:n_pooled]], list(outs[n_pooled:])
 
     def iter_features(self, sources: Sequence[ImageSource], progress=None, on_error: str = "fail",
                       skipped: list | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:

@@ -115,7 +115,7 @@ def _identify(fh: BinaryIO, filename: str) -> ImageFile.ImageFile:
     raise UnidentifiedImageError(filename)
 
 
-def _decode(fh: BinaryIO, name: str, max_pixels: int) -> Image.Image:
+def _decode(fh: BinaryIO, name: str, max_pixels: int, draft: int | None = None) -> Image.Image:
     """Identify, size-check, decode and orient one image file; every decoder failure becomes an ImageError."""
     try:
         img = _identify(fh, name)
@@ -130,6 +130,8 @@ def _decode(fh: BinaryIO, name: str, max_pixels: int) -> Image.Image:
         raise ImageError(f"{name}: refused, {width}x{height} = {width * height} pixels exceeds the limit of "
                          f"{max_pixels} (a decompression bomb? raise max_pixels / --max-pixels if it is genuine)")
     try:
+        if draft and img.format == "JPEG":
+            img.draft(img.mode, (draft, draft))
         img.load()
     except Exception as exc:  # truncated or corrupt data surfaces as OSError, ValueError, SyntaxError, ...
         raise ImageError(f"{name}: cannot decode {img.format} image ({type(exc).__name__}: {exc})") from None
@@ -150,11 +152,14 @@ def _convert(img: Image.Image, name: str) -> Image.Image:
         raise ImageError(f"{name}: cannot convert {img.mode} image to RGB ({type(exc).__name__}: {exc})") from None
 
 
-def load_image(source: ImageSource, index: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source: ImageSource, index: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft: int | None = None) -> Image.Image:
     """Read one image as 8-bit RGB, applying EXIF orientation; errors name the file.
 
     Files must be PNG, JPEG, BMP, TIFF or WebP of at most ``max_pixels`` pixels (checked from the header,
-    before decoding). Multi-frame files give their first frame.
+    before decoding). Multi-frame files give their first frame. With ``draft=S`` a JPEG file at least 2*S
+    pixels on both sides is decoded at 1/2, 1/4 or 1/8 scale (PIL's draft mode, much faster), never below S
+    on either side; other files decode in full.
     """
     name = describe(source, index)
     if isinstance(source, np.ndarray):
@@ -165,7 +170,7 @@ def load_image(source: ImageSource, index: int | None = None, max_pixels: int = 
         return _convert(source, name)
     if isinstance(source, (str, os.PathLike)):
         with open_regular_file(source, ImageError, "an image") as fh:
-            return _decode(fh, name, max_pixels)
+            return _decode(fh, name, max_pixels, draft)
     raise ImageError(f"{name}: unsupported image type {type(source).__name__}")
 
 

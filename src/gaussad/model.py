@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__, maps
+from .engine import resolve_engine
 from .errors import DataError, GaussadError
 from .features import NORMALIZATIONS, FeatureExtractor
 from .gaussian import ESTIMATORS, MAX_ABS, REDUCTIONS, LevelGaussian, MomentStats
@@ -73,6 +74,7 @@ class GaussianAD:
         calibration: float | None = None,
         random_state: int = 0,
         batch_size: int = 16,
+        engine: str = "auto",
         verbose: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
@@ -91,6 +93,7 @@ class GaussianAD:
         self.calibration = calibration
         self.random_state = random_state
         self.batch_size = batch_size
+        self.engine = engine
         self.verbose = verbose
         self.max_pixels = max_pixels
 
@@ -99,7 +102,7 @@ class GaussianAD:
         """Constructor parameters, as scikit-learn's ``get_params``."""
         names = ("backbone", "levels", "input_size", "weights", "estimator", "reduction", "variance", "normalize", "map_levels",
                  "preset", "threshold", "fpr", "calibration", "random_state", "batch_size", "verbose",
-                 "max_pixels")
+                 "max_pixels", "engine")
         return {n: getattr(self, n) for n in names}
 
     def _validate_params(self) -> None:
@@ -128,6 +131,7 @@ class GaussianAD:
         if self.threshold == "conformal" and self.calibration is None:
             raise GaussadError("threshold='conformal' needs calibration scores of held-out normal images: "
                                "set calibration (e.g. 0.2; CLI: --calibration 0.2), or fit and then call calibrate(images)")
+        resolve_engine(self.engine)
 
     def _setting(self, name: str):
         """An explicit constructor value, else the preset's (the paper's recipe when no preset is given)."""
@@ -150,6 +154,7 @@ class GaussianAD:
         extractor = FeatureExtractor(
             self.backbone, levels, getattr(self, "input_size_", None) or self.input_size, self.weights, self.batch_size,
             normalize=self._setting("normalize"), map_levels=map_levels, max_pixels=self.max_pixels,
+            engine=self.engine,
         )
         self._extractor_cache = extractor
         return extractor

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -27,6 +28,7 @@ class BackboneSpec:
     needs_weights_file: bool = False
     description: str = ""
     native_normalization: tuple = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    bundled_weights: Callable[[], Path] | None = None
 
 
 class Backbone(nn.Module):
@@ -72,6 +74,14 @@ def create_backbone(name: str, input_size: int | None = None, weights: str | os.
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def weights_file(name: str, weights: str | os.PathLike | None = None) -> Path | None:
+    """The weights file a backbone is built from: the user's file, else the bundled one (None if neither)."""
+    if weights is not None:
+        return Path(weights)
+    spec = get_spec(name)
+    return spec.bundled_weights() if spec.bundled_weights is not None else None
 
 
 def resolve_levels(spec_levels: Sequence[str], levels: Sequence[int | str] | None) -> list[int]:

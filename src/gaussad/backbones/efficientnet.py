@@ -6,6 +6,7 @@ Levels follow the paper: the stem, the last block of each of the 7 stages, and t
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -146,6 +147,6 @@ _LITE_NORMALIZATION = ((127.0 / 255,) * 3, (128.0 / 255,) * 3)
 
 for _name, _size in _LITE_SIZES.items():
     register(BackboneSpec(_name, _make_lite(_name), _size, LEVEL_NAMES, False, f"ImageNet {_name}, bundled weights",
-                          _LITE_NORMALIZATION))
+                          _LITE_NORMALIZATION, partial(_bundled_weights, _name)))
 for _name, _size in _B_SIZES.items():
     register(BackboneSpec(_name, _make_b(_name), _size, LEVEL_NAMES, True, f"{_name}, local weights file required"))

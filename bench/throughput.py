@@ -1,0 +1,310 @@
+"""End-to-end throughput of fit and score against the paper's pipeline and against this machine's limits.
+
+    python -m bench.throughput --data DIR [--json OUT] [--runs N] [--rss-images N]
+
+DIR is an MVTec-layout category (fit on train/good, score test/*) or a plain folder of images (fit and score
+on all of them). In one run, on the same images, it times:
+
+- reference: the paper's pipeline, images decoded one after another with PIL and the network in torch eager;
+- ours: GaussianAD.fit from a fresh object (building the network and the engine included) and score_samples;
+- the decode limit: decoding, resizing and normalising alone, in a thread pool over all cores;
+- the compute limit: the feature network alone in ONNX Runtime on random input.
+
+The combined limit is 1 / (decode time + network time) per image, each at full use of the cores: the best a
+pipeline can do when decoding and the network share the same cores. Peak RSS is that of `gaussad score` run
+as a child process on ``--rss-images`` images (the score set cycled), with the model fitted here.
+Each timing is the best of ``--runs`` repetitions; the machine's load is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or the platform's description elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _busy_jiffies() -> int | None:
+    """CPU time (all cores, in clock ticks) the whole machine has spent busy since boot."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields[:8]) - idle
+
+
+class LoadMeter:
+    """Share of the machine's CPU time taken by other processes between start and stop."""
+
+    def __enter__(self) -> "LoadMeter":
+        self.wall, self.own, self.busy = time.perf_counter(), sum(os.times()[:4]), _busy_jiffies()
+        self.loadavg_before = os.getloadavg()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self.wall
+        own = sum(os.times()[:4]) - self.own
+        busy = _busy_jiffies()
+        self.loadavg_after = os.getloadavg()
+        self.others = None
+        if busy is not None and self.busy is not None:
+            others = (busy - self.busy) / os.sysconf("SC_CLK_TCK") - own
+            self.others = max(0.0, others / (wall * (os.cpu_count() or 1)))
+
+
+def split_images(data: Path) -> tuple[list[Path], list[Path]]:
+    """Training and scoring images of a category (train/good, test/*) or of a plain folder (all, twice)."""
+    from gaussad.datasets import find_categories, is_category
+    from gaussad.images import list_images
+
+    if is_category(data):
+        cat = find_categories(data)[0]
+        return list(cat.train_files), list(cat.test_files)
+    files = list_images(data)
+    return files, files
+
+
+def reference_features(module, files: list[Path], size: int, batch_size: int) -> list[np.ndarray]:
+    """The paper's pipeline: each image decoded and resized in turn, then batches through torch eager."""
+    import torch
+
+    from gaussad.images import load_image, preprocess
+
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(files), batch_size):
+            batch = np.stack([preprocess(load_image(f), size) for f in files[start:start + batch_size]])
+            chunks.append([o.numpy().astype(np.float64) for o in module(torch.from_numpy(batch))])
+    return [np.concatenate(level) for level in zip(*chunks)]
+
+
+def time_reference(args, train: list[Path], test: list[Path]) -> dict:
+    """Fit and score with the reference pipeline; the network is built inside the fit timing."""
+    from gaussad import GaussianAD
+    from gaussad.features import FeatureExtractor
+
+    t0 = time.perf_counter()
+    fe = FeatureExtractor(args.backbone, input_size=args.input_size, engine="torch")
+    module, size = fe.module, fe.input_size
+    model = GaussianAD(backbone=None).fit_features(reference_features(module, train, size, args.batch_size))
+    t1 = time.perf_counter()
+    scores = model.score_features(reference_features(module, test, size, args.batch_size))
+    t2 = time.perf_counter()
+    return {"fit_s": t1 - t0, "score_s": t2 - t1, "scores": scores}
+
+
+def time_ours(args, train: list[Path], test: list[Path]) -> dict:
+    """Fit from a fresh GaussianAD (network, engine and all) and score the test images."""
+    from gaussad import GaussianAD
+
+    t0 = time.perf_counter()
+    model = GaussianAD(args.backbone, input_size=args.input_size, batch_size=args.batch_size, engine=args.engine)
+    model.fit(train)
+    t1 = time.perf_counter()
+    scores = model.score_samples(test)
+    t2 = time.perf_counter()
+    return {"fit_s": t1 - t0, "score_s": t2 - t1, "scores": scores, "model": model}
+
+
+def time_decode(extractor, files: list[Path]) -> float:
+    """Seconds to decode, resize and normalise every file, one thread per core."""
+    from gaussad.engine import cpu_count
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(cpu_count()) as pool:
+        for _ in pool.map(extractor.prepare, files):
+            pass
+    return time.perf_counter() - t0
+
+
+def time_backbone(extractor, n_images: int, batch_size: int) -> float:
+    """Seconds per image of the feature network alone in ONNX Runtime on random input (after one warm-up)."""
+    engine = extractor.runner
+    s = extractor.input_size
+    batch = np.random.default_rng(0).standard_normal((batch_size, 3, s, s), dtype=np.float32)
+    engine.run(batch)
+    n_batches = max(2, -(-n_images // batch_size))
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        engine.run(batch)
+    return (time.perf_counter() - t0) / (n_batches * batch_size)
+
+
+def score_child(model_path: Path, files: list[Path], engine: str, batch_size: int) -> dict:
+    """Run `gaussad score --json` on ``files`` in a child process: its wall time and peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        listing, out = Path(tmp) / "files.txt", Path(tmp) / "out.json"
+        listing.write_text("\n".join(map(str, files)))
+        code = ("import sys; from gaussad.cli import main; "
+                "files = open(sys.argv[1]).read().split('\\n'); "
+                "sys.exit(main(['score', sys.argv[2], *files, '--json', '--quiet', '--engine', sys.argv[3], "
+                "'--batch-size', sys.argv[4]]))")
+        t0 = time.perf_counter()
+        with open(out, "w") as fh:
+            proc = subprocess.Popen([sys.executable, "-c", code, str(listing), str(model_path), engine,
+                                     str(batch_size)], stdout=fh)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"gaussad score exited with {proc.returncode}")
+        n = len(json.loads(out.read_text())["results"])
+    if n != len(files):
+        raise RuntimeError(f"gaussad score returned {n} results for {len(files)} images")
+    return {"images": n, "wall_s": wall, "img_s": n / wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def run(args) -> dict:
+    import onnxruntime
+    import torch
+
+    import gaussad
+    from gaussad.engine import cpu_count
+    from gaussad.features import FeatureExtractor
+
+    train, test = split_images(Path(args.data))
+    files = train + test
+    for f in files:  # every pipeline reads from the page cache
+        f.read_bytes()
+    extractor = FeatureExtractor(args.backbone, input_size=args.input_size, engine="onnxruntime")
+    extractor.prepare(files[0])
+
+    best: dict[str, float] = {}
+
+    def keep(name: str, seconds: float) -> None:
+        best[name] = min(seconds, best.get(name, float("inf")))
+
+    with LoadMeter() as load:
+        for r in range(args.runs):
+            keep("decode_s_per_img", time_decode(extractor, files) / len(files))
+            keep("backbone_s_per_img", time_backbone(extractor, len(test), args.batch_size))
+            ref = time_reference(args, train, test)
+            keep("ref_fit_s", ref["fit_s"])
+            keep("ref_score_s", ref["score_s"])
+            ours = time_ours(args, train, test)
+            keep("fit_s", ours["fit_s"])
+            keep("score_s", ours["score_s"])
+            if not args.quiet:
+                print(f"run {r + 1}/{args.runs}: reference fit {ref['fit_s']:.2f} s, score {ref['score_s']:.2f} s; "
+                      f"ours fit {ours['fit_s']:.2f} s, score {ours['score_s']:.2f} s", file=sys.stderr)
+    rel = np.abs(ours["scores"] - ref["scores"]) / np.abs(ref["scores"])
+
+    rss_files = [test[i % len(test)] for i in range(args.rss_images or len(test))]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = Path(tmp) / "model.gad"
+        ours["model"].save(model_path)
+        child = score_child(model_path, rss_files, args.engine, args.batch_size)
+
+    decode_img_s = 1 / best["decode_s_per_img"]
+    backbone_img_s = 1 / best["backbone_s_per_img"]
+    limit = 1 / (best["decode_s_per_img"] + best["backbone_s_per_img"])
+    score_img_s = len(test) / best["score_s"]
+    reference_img_s = len(test) / best["ref_score_s"]
+    fit_img_s = len(train) / best["fit_s"]
+    reference_fit_img_s = len(train) / best["ref_fit_s"]
+    return {
+        "data": str(args.data),
+        "n_fit": len(train),
+        "n_score": len(test),
+        "reference_img_s": reference_img_s,
+        "score_img_s": score_img_s,
+        "fit_img_s": fit_img_s,
+        "limit_img_s": limit,
+        "ratio_vs_reference": score_img_s / reference_img_s,
+        "fraction_of_limit": score_img_s / limit,
+        "peak_rss_mb": child["peak_rss_mb"],
+        "reference_fit_img_s": reference_fit_img_s,
+        "fit_ratio_vs_reference": fit_img_s / reference_fit_img_s,
+        "fit_wall_s": best["fit_s"],
+        "fit_fraction_of_limit": fit_img_s / limit,
+        "decode_img_s": decode_img_s,
+        "backbone_img_s": backbone_img_s,
+        "max_rel_score_diff_vs_reference": float(rel.max()),
+        "cli_score_images": child["images"],
+        "cli_score_img_s": child["img_s"],
+        "runs": args.runs,
+        "backbone": args.backbone,
+        "input_size": extractor.input_size,
+        "batch_size": args.batch_size,
+        "engine": args.engine,
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cores": cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load.loadavg_before],
+            "loadavg_after": [round(x, 2) for x in load.loadavg_after],
+            "cpu_share_taken_by_other_processes": None if load.others is None else round(load.others, 3),
+        },
+        "versions": {"gaussad": gaussad.__version__, "torch": torch.__version__,
+                     "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
+    }
+
+
+def format_table(res: dict) -> str:
+    """The human-readable summary printed after a run."""
+    m = res["machine"]
+    rows = [
+        ("reference score (serial PIL + torch eager)", f"{res['reference_img_s']:.1f} img/s"),
+        ("ours score", f"{res['score_img_s']:.1f} img/s"),
+        ("reference fit", f"{res['reference_fit_img_s']:.1f} img/s"),
+        ("ours fit", f"{res['fit_img_s']:.1f} img/s ({res['fit_wall_s']:.2f} s for {res['n_fit']} images)"),
+        ("decode limit (all cores)", f"{res['decode_img_s']:.1f} img/s"),
+        ("network limit (ONNX Runtime, random input)", f"{res['backbone_img_s']:.1f} img/s"),
+        ("combined limit", f"{res['limit_img_s']:.1f} img/s"),
+        ("score ratio vs reference", f"{res['ratio_vs_reference']:.2f}"),
+        ("score fraction of limit", f"{res['fraction_of_limit']:.2f}"),
+        ("fit ratio vs reference", f"{res['fit_ratio_vs_reference']:.2f}"),
+        (f"peak RSS, gaussad score of {res['cli_score_images']} images",
+         f"{res['peak_rss_mb']:.0f} MB ({res['cli_score_img_s']:.1f} img/s with start-up)"),
+        ("max relative score difference vs reference", f"{res['max_rel_score_diff_vs_reference']:.1e}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    head = (f"{res['data']}: fit {res['n_fit']} / score {res['n_score']} images, {res['backbone']} at "
+            f"{res['input_size']} px, batch {res['batch_size']}, engine {res['engine']}, best of {res['runs']}\n"
+            f"{m['cpu_model']}, {m['cores']} cores; load average {m['loadavg_before'][0]} -> "
+            f"{m['loadavg_after'][0]}; CPU share taken by other processes {m['cpu_share_taken_by_other_processes']}")
+    return "\n".join([head] + [f"  {k.ljust(width)}  {v}" for k, v in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="an MVTec-layout category or a folder of images")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--input-size", type=int, help="default: the backbone's native size")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--engine", default="onnxruntime", choices=("onnxruntime", "torch"), help="engine of 'ours'")
+    p.add_argument("--runs", type=int, default=1, help="repetitions; each timing is the best of them (default 1)")
+    p.add_argument("--rss-images", type=int, default=0,
+                   help="images scored by the child `gaussad score` whose peak RSS is reported (the score set "
+                        "cycled; default: the score set once)")
+    p.add_argument("--quiet", action="store_true", help="print only the final table")
+    args = p.parse_args(argv)
+    res = run(args)
+    print(format_table(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

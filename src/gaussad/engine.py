@@ -1,0 +1,203 @@
+"""Inference engines: run a torch feature module in torch eager or, exported once to ONNX, in ONNX Runtime.
+
+An engine maps a float32 input batch (B, 3, S, S) to the module's outputs as float32 arrays. The ONNX graph is
+cached on disk under a key of everything that shapes it, so the export happens once per backbone, weights,
+input size, levels and package version. Any module returning a tuple of tensors with the batch first can be
+exported (pooled vectors, followed by spatial feature maps when map levels are asked for).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import GaussadError
+
+ENGINES = ("auto", "onnxruntime", "torch")
+OPSET = 17
+
+
+class Engine(Protocol):
+    """What the feature pipeline needs from an engine."""
+
+    name: str
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Outputs of the module for a float32 (B, 3, S, S) batch, as float32 arrays."""
+        ...
+
+
+def onnxruntime_available() -> bool:
+    """Whether ONNX Runtime can be imported here."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_engine(engine: str) -> str:
+    """The concrete engine for a requested name: ``auto`` is onnxruntime when installed, else torch."""
+    if engine not in ENGINES:
+        raise GaussadError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if engine == "auto":
+        return "onnxruntime" if onnxruntime_available() else "torch"
+    if engine == "onnxruntime" and not onnxruntime_available():
+        raise GaussadError("engine 'onnxruntime' needs the onnxruntime package (pip install onnxruntime); "
+                           "or use engine 'torch'")
+    return engine
+
+
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cache_dir() -> Path:
+    """Where exported graphs are kept: $GAUSSAD_CACHE, else ~/.cache/gaussad."""
+    env = os.environ.get("GAUSSAD_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "gaussad"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TorchEngine:
+    """The module in torch eager, under inference mode."""
+
+    name = "torch"
+
+    def __init__(self, module: nn.Module):
+        self.module = module.eval()
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        with torch.inference_mode():
+            return [o.numpy() for o in self.module(torch.from_numpy(batch))]
+
+
+class OnnxRuntimeEngine:
+    """An ONNX graph in an ONNX Runtime CPU session with one intra-op thread per core."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or cpu_count()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Decoding threads share the cores: idle ORT workers sleep instead of spinning.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        source = model if isinstance(model, bytes) else os.fspath(model)
+        self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+
+
+def export_onnx(module: nn.Module, input_size: int, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialised ONNX graph of ``module`` for a (batch, 3, input_size, input_size) input, batch axis dynamic."""
+    import onnx
+
+    example = torch.zeros(2, 3, input_size, input_size)
+    with torch.inference_mode():
+        n_out = len(module(example))
+    outputs = [f"out{i}" for i in range(n_out)]
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
+        torch.onnx.export(
+            module, (example,), buf, dynamo=False, opset_version=OPSET, input_names=["input"], output_names=outputs,
+            dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+        )
+    model = onnx.load_from_string(buf.getvalue())
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
+    return model.SerializeToString()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def graph_key(graph: str, backbone: str, weights: str | os.PathLike | None, input_size: int,
+              levels: Sequence[int], map_levels: Sequence[int] = ()) -> dict[str, str]:
+    """Everything that determines an exported graph, as strings (stored in the graph's metadata too).
+
+    ``graph`` names what the module computes (e.g. "pooled"); ``weights`` is the file the backbone loads.
+    """
+    return {
+        "gaussad.graph": graph,
+        "gaussad.backbone": backbone,
+        "gaussad.weights_sha256": file_digest(weights) if weights is not None else "none",
+        "gaussad.input_size": str(int(input_size)),
+        "gaussad.levels": ",".join(map(str, levels)),
+        "gaussad.map_levels": ",".join(map(str, map_levels)),
+        "gaussad.version": __version__,
+        "gaussad.torch": torch.__version__,
+        "gaussad.opset": str(OPSET),
+    }
+
+
+def cached_onnx_engine(build: Callable[[], nn.Module], input_size: int, key: dict[str, str],
+                       directory: str | os.PathLike | None = None) -> OnnxRuntimeEngine:
+    """An ONNX Runtime engine for the module ``build()`` makes, built and exported only when no valid cached
+    graph matches ``key``.
+
+    A cache file that is damaged or was made for another key is rebuilt; an unwritable cache folder means
+    the graph is exported to memory for this process only.
+    """
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(directory) if directory is not None else cache_dir()
+    path = path / f"{key['gaussad.backbone']}-{key['gaussad.graph']}-{digest}.onnx"
+    if path.is_file():
+        try:
+            engine = OnnxRuntimeEngine(path)
+        except Exception:  # onnxruntime raises its own types for a truncated or foreign file: rebuild it
+            engine = None
+        if engine is not None and all(engine.metadata.get(k) == v for k, v in key.items()):
+            return engine
+    data = export_onnx(build(), input_size, key)
+    try:
+        _write_atomic(path, data)
+    except OSError as exc:
+        warnings.warn(f"gaussad: cannot cache the ONNX graph in {path.parent} ({exc}); exporting it on each run",
+                      stacklevel=2)
+        return OnnxRuntimeEngine(data)
+    return OnnxRuntimeEngine(path)

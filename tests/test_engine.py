@@ -1,0 +1,183 @@
+"""Inference engines: ONNX Runtime against torch eager, the on-disk graph cache, the streaming pipeline."""
+
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gaussad import GaussadError, GaussianAD
+from gaussad import engine as engine_mod
+from gaussad.features import FeatureExtractor
+from gaussad.images import list_images, load_image
+
+from .conftest import TINY
+
+TINY_FE = {"backbone": TINY["backbone"], "input_size": TINY["input_size"], "levels": TINY["levels"]}
+
+
+@pytest.fixture(scope="module")
+def images(tiny_category):
+    return list_images(tiny_category / "train" / "good") + list_images(tiny_category / "test" / "good")
+
+
+def _relative_gap(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_auto_engine_is_onnxruntime_and_unknown_names_are_refused(monkeypatch):
+    assert engine_mod.resolve_engine("auto") == "onnxruntime"
+    assert FeatureExtractor(**TINY_FE).engine == "onnxruntime"
+    with pytest.raises(GaussadError, match="unknown engine"):
+        FeatureExtractor(**TINY_FE, engine="tensorrt")
+    with pytest.raises(GaussadError, match="unknown engine"):
+        GaussianAD(**TINY, engine="tensorrt").fit([np.zeros((8, 8), np.uint8)] * 2)
+    monkeypatch.setattr(engine_mod, "onnxruntime_available", lambda: False)
+    assert engine_mod.resolve_engine("auto") == "torch"
+    with pytest.raises(GaussadError, match="pip install onnxruntime"):
+        engine_mod.resolve_engine("onnxruntime")
+
+
+def test_onnxruntime_features_match_torch(images):
+    ort = FeatureExtractor(**TINY_FE, engine="onnxruntime", batch_size=4).extract(images)
+    ref = FeatureExtractor(**TINY_FE, engine="torch", batch_size=4).extract(images)
+    assert [f.shape for f in ort] == [f.shape for f in ref] == [(len(images), d) for d in (32, 16, 24, 40)]
+    for a, b in zip(ort, ref):
+        assert a.dtype == np.float64
+        assert _relative_gap(a, b) < 1e-4
+
+
+def test_all_levels_at_native_size_match_torch(images):
+    """The full 9-level graph of the paper at 224 px, on random input (one batch, to stay quick)."""
+    fe_ort = FeatureExtractor(TINY["backbone"], engine="onnxruntime")
+    fe_torch = FeatureExtractor(TINY["backbone"], engine="torch")
+    x = np.random.default_rng(0).standard_normal((3, 3, 224, 224), dtype=np.float32)
+    for a, b in zip(fe_ort.runner.run(x), fe_torch.runner.run(x)):
+        assert _relative_gap(a, b) < 1e-4
+
+
+def test_scores_agree_across_engines(tiny_category):
+    train = list_images(tiny_category / "train" / "good")
+    test = list_images(tiny_category / "test" / "patch")
+    scores = {e: GaussianAD(**TINY, engine=e).fit(train).score_samples(test) for e in ("onnxruntime", "torch")}
+    np.testing.assert_allclose(scores["onnxruntime"], scores["torch"], rtol=1e-4)
+
+
+def test_graph_is_exported_once_and_keyed(tmp_path, monkeypatch):
+    monkeypatch.setenv("GAUSSAD_CACHE", str(tmp_path))
+    x = np.random.default_rng(1).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    first = FeatureExtractor(**TINY_FE).runner.run(x)
+    files = list(tmp_path.glob("*.onnx"))
+    assert len(files) == 1 and files[0].name.startswith("efficientnet-lite0-pooled-")
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the cached graph matches")
+
+    monkeypatch.setattr(engine_mod, "export_onnx", no_export)
+    again = FeatureExtractor(**TINY_FE)
+    for a, b in zip(again.runner.run(x), first):
+        np.testing.assert_array_equal(a, b)
+    assert again._module is None  # a cache hit does not even build the torch network
+    monkeypatch.undo()
+    monkeypatch.setenv("GAUSSAD_CACHE", str(tmp_path))
+    FeatureExtractor(**{**TINY_FE, "levels": ["stem", "stage1"]}).runner
+    FeatureExtractor(**{**TINY_FE, "input_size": 32}).runner
+    assert len(list(tmp_path.glob("*.onnx"))) == 3
+    assert not [p for p in tmp_path.iterdir() if p.suffix != ".onnx"]  # no temporary files left behind
+
+
+def test_graph_key_follows_the_weights_file(tmp_path):
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    a.write_bytes(b"one set of weights")
+    b.write_bytes(b"another set of weights")
+    key_a = engine_mod.graph_key("pooled", "efficientnet-b0", a, 64, [0, 1])
+    key_b = engine_mod.graph_key("pooled", "efficientnet-b0", b, 64, [0, 1])
+    assert key_a["gaussad.weights_sha256"] != key_b["gaussad.weights_sha256"]
+    assert {k for k in key_a if key_a[k] != key_b[k]} == {"gaussad.weights_sha256"}
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other-key"])
+def test_damaged_or_foreign_cache_file_is_rebuilt(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("GAUSSAD_CACHE", str(tmp_path))
+    x = np.random.default_rng(2).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    expected = FeatureExtractor(**TINY_FE).runner.run(x)
+    (path,) = tmp_path.glob("*.onnx")
+    good = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"\x00not an onnx file" * 100)
+    elif damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    else:  # a valid graph, but exported for other levels: its stored key does not match
+        other = engine_mod.export_onnx(FeatureExtractor(**{**TINY_FE, "levels": ["stem"]}).module, 64,
+                                       {"gaussad.levels": "0"})
+        path.write_bytes(other)
+    got = FeatureExtractor(**TINY_FE).runner.run(x)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert len(got) == len(expected)
+    assert path.read_bytes() != b"" and engine_mod.OnnxRuntimeEngine(path).metadata["gaussad.levels"] == "0,1,2,3"
+
+
+def test_unwritable_cache_falls_back_to_memory(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("GAUSSAD_CACHE", str(blocker / "cache"))
+    x = np.random.default_rng(3).standard_normal((1, 3, 64, 64), dtype=np.float32)
+    with pytest.warns(UserWarning, match="cannot cache the ONNX graph"):
+        out = FeatureExtractor(**TINY_FE).runner.run(x)
+    assert [o.shape for o in out] == [(1, 32), (1, 16), (1, 24), (1, 40)]
+
+
+class CountingSources:
+    """A sequence of generated images that records how far ahead of the consumer it has been read."""
+
+    def __init__(self, n: int):
+        self.n, self.requested = n, set()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        self.requested.add(i)
+        return np.full((40, 40, 3), i % 256, np.uint8)
+
+
+def test_streaming_reads_only_a_few_batches_ahead():
+    sources = CountingSources(120)
+    fe = FeatureExtractor(**{**TINY_FE, "levels": ["stem"]}, batch_size=8, workers=2)
+    seen, max_ahead = 0, 0
+    for idx, feats in fe.iter_features(sources):
+        np.testing.assert_array_equal(idx, np.arange(seen, seen + len(idx)))
+        seen += len(idx)
+        max_ahead = max(max_ahead, len(sources.requested) - seen)
+    assert seen == 120
+    assert max_ahead <= 3 * 8
+
+
+def test_jpeg_draft_only_for_large_jpegs(tmp_path):
+    rng = np.random.default_rng(4)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((600, 600), Image.BICUBIC))
+    big, small, png = tmp_path / "big.jpg", tmp_path / "small.jpg", tmp_path / "big.png"
+    Image.fromarray(smooth).save(big, quality=95)
+    Image.fromarray(smooth[:100, :100]).save(small, quality=95)
+    Image.fromarray(smooth).save(png)
+    assert load_image(big, draft=64).size == (75, 75)  # 600 px: 1/8 scale keeps both sides >= 64
+    assert load_image(big, draft=200).size == (300, 300)
+    assert load_image(big, draft=301).size == (600, 600)  # under 2x the input: full decode
+    assert load_image(small, draft=64).size == (100, 100)
+    assert load_image(png, draft=64).size == (600, 600)
+    gray = tmp_path / "gray.jpg"
+    Image.fromarray(smooth[:, :, 0]).save(gray, quality=95)
+    assert load_image(gray, draft=100).mode == "RGB" and load_image(gray, draft=100).size == (150, 150)
+    full = FeatureExtractor(**TINY_FE, draft=False).prepare(big)
+    drafted = FeatureExtractor(**TINY_FE).prepare(big)
+    assert drafted.shape == full.shape == (3, 64, 64)
+    assert np.abs(drafted - full).mean() < 0.03  # same picture, small pixel differences (normalised units)
+
+
+def test_warnings_do_not_leak_from_export(tmp_path, monkeypatch):
+    monkeypatch.setenv("GAUSSAD_CACHE", str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FeatureExtractor(**{**TINY_FE, "levels": ["stem"]}).runner
