@@ -13,7 +13,8 @@ on all of them). In one run, on the same images, it times:
 The combined limit is 1 / (decode time + network time) per image, each at full use of the cores: the best a
 pipeline can do when decoding and the network share the same cores. Peak RSS is that of `gaussad score` run
 as a child process on ``--rss-images`` images (the score set cycled), with the model fitted here.
-Each timing is the best of ``--runs`` repetitions; the machine's load is recorded with the results.
+Each timing is the best of ``--runs`` repetitions (every run is kept in the JSON too); the share of the
+CPU taken by other processes is recorded with the results.
 """
 
 from __future__ import annotations
@@ -150,28 +151,38 @@ def time_backbone(extractor, n_images: int, batch_size: int) -> float:
     return (time.perf_counter() - t0) / (n_batches * batch_size)
 
 
+# Run in the child: `gaussad score` in-process, then its own peak RSS. VmHWM belongs to the child's address
+# space alone; ru_maxrss would also count the (large) parent's pages held at the fork.
+_CHILD = """
+import resource, sys
+from gaussad.cli import main
+listing, model, engine, batch, peak = sys.argv[1:]
+code = main(["score", model, *open(listing).read().split("\\n"), "--json", "--quiet", "--engine", engine,
+             "--batch-size", batch])
+try:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+except OSError:
+    hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open(peak, "w").write(str(hwm))
+sys.exit(code)
+"""
+
+
 def score_child(model_path: Path, files: list[Path], engine: str, batch_size: int) -> dict:
     """Run `gaussad score --json` on ``files`` in a child process: its wall time and peak RSS."""
     with tempfile.TemporaryDirectory() as tmp:
-        listing, out = Path(tmp) / "files.txt", Path(tmp) / "out.json"
+        listing, out, peak = Path(tmp) / "files.txt", Path(tmp) / "out.json", Path(tmp) / "peak"
         listing.write_text("\n".join(map(str, files)))
-        code = ("import sys; from gaussad.cli import main; "
-                "files = open(sys.argv[1]).read().split('\\n'); "
-                "sys.exit(main(['score', sys.argv[2], *files, '--json', '--quiet', '--engine', sys.argv[3], "
-                "'--batch-size', sys.argv[4]]))")
         t0 = time.perf_counter()
         with open(out, "w") as fh:
-            proc = subprocess.Popen([sys.executable, "-c", code, str(listing), str(model_path), engine,
-                                     str(batch_size)], stdout=fh)
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
+            subprocess.run([sys.executable, "-c", _CHILD, str(listing), str(model_path), engine, str(batch_size),
+                            str(peak)], stdout=fh, check=True)
         wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f"gaussad score exited with {proc.returncode}")
         n = len(json.loads(out.read_text())["results"])
+        peak_kb = int(peak.read_text())
     if n != len(files):
         raise RuntimeError(f"gaussad score returned {n} results for {len(files)} images")
-    return {"images": n, "wall_s": wall, "img_s": n / wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {"images": n, "wall_s": wall, "img_s": n / wall, "peak_rss_mb": peak_kb / 1024}
 
 
 def run(args) -> dict:
@@ -189,24 +200,27 @@ def run(args) -> dict:
     extractor = FeatureExtractor(args.backbone, input_size=args.input_size, engine="onnxruntime")
     extractor.prepare(files[0])
 
-    best: dict[str, float] = {}
-
-    def keep(name: str, seconds: float) -> None:
-        best[name] = min(seconds, best.get(name, float("inf")))
-
+    extractor.runner  # export the graph now if the cache lacks it, outside every timing
+    runs = []
     with LoadMeter() as load:
         for r in range(args.runs):
-            keep("decode_s_per_img", time_decode(extractor, files) / len(files))
-            keep("backbone_s_per_img", time_backbone(extractor, len(test), args.batch_size))
-            ref = time_reference(args, train, test)
-            keep("ref_fit_s", ref["fit_s"])
-            keep("ref_score_s", ref["score_s"])
-            ours = time_ours(args, train, test)
-            keep("fit_s", ours["fit_s"])
-            keep("score_s", ours["score_s"])
+            with LoadMeter() as run_load:
+                t = {"decode_s_per_img": time_decode(extractor, files) / len(files),
+                     "backbone_s_per_img": time_backbone(extractor, len(test), args.batch_size)}
+                ref = time_reference(args, train, test)
+                ours = time_ours(args, train, test)
+            t.update(ref_fit_s=ref["fit_s"], ref_score_s=ref["score_s"], fit_s=ours["fit_s"], score_s=ours["score_s"])
+            limit = 1 / (t["decode_s_per_img"] + t["backbone_s_per_img"])
+            t.update(fraction_of_limit=len(test) / t["score_s"] / limit,
+                     ratio_vs_reference=t["ref_score_s"] / t["score_s"], others_cpu_share=run_load.others)
+            runs.append(t)
             if not args.quiet:
                 print(f"run {r + 1}/{args.runs}: reference fit {ref['fit_s']:.2f} s, score {ref['score_s']:.2f} s; "
-                      f"ours fit {ours['fit_s']:.2f} s, score {ours['score_s']:.2f} s", file=sys.stderr)
+                      f"ours fit {ours['fit_s']:.2f} s, score {ours['score_s']:.2f} s; score fraction of limit "
+                      f"{t['fraction_of_limit']:.2f}, ratio {t['ratio_vs_reference']:.2f}", file=sys.stderr,
+                      flush=True)
+    best = {k: min(run[k] for run in runs) for k in ("decode_s_per_img", "backbone_s_per_img", "ref_fit_s",
+                                                      "ref_score_s", "fit_s", "score_s")}
     rel = np.abs(ours["scores"] - ref["scores"]) / np.abs(ref["scores"])
 
     rss_files = [test[i % len(test)] for i in range(args.rss_images or len(test))]
@@ -243,6 +257,7 @@ def run(args) -> dict:
         "cli_score_images": child["images"],
         "cli_score_img_s": child["img_s"],
         "runs": args.runs,
+        "per_run": runs,
         "backbone": args.backbone,
         "input_size": extractor.input_size,
         "batch_size": args.batch_size,
