@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SHARED ?= ../shared/data
 
-.PHONY: demo test fuzz venv clean
+.PHONY: demo test fuzz bench venv clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,12 @@ test: $(STAMP)
 # The fuzzers of tests/test_fuzz.py at 10,000 random cases each (make test runs 200 fixed ones).
 fuzz: $(STAMP)
 	GAUSSAD_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q -m fuzz --hypothesis-show-statistics
+
+# Throughput against the paper's pipeline and this machine's limits (see BENCHMARKS.md); JSON in out/.
+bench: $(STAMP)
+	mkdir -p out
+	$(BIN)/python -m bench.throughput --data $(SHARED)/mvtec_ad/bottle --runs 3 --json out/bench-bottle.json
+	$(BIN)/python -m bench.throughput --data $(SHARED)/magnetic_tile --runs 3 --rss-images 5000 --json out/bench-magnetic_tile.json
 
 clean:
 	rm -rf $(VENV) demo-data out .pytest_cache .hypothesis
