@@ -47,6 +47,22 @@ def test_onnxruntime_features_match_torch(images):
         assert _relative_gap(a, b) < 1e-4
 
 
+def test_feature_maps_match_torch_and_get_their_own_graph(images, tmp_path, monkeypatch):
+    monkeypatch.setenv("GAUSSAD_CACHE", str(tmp_path))
+    out = {}
+    for engine in ("onnxruntime", "torch"):
+        fe = FeatureExtractor(**TINY_FE, map_levels=["stage2", "stage3"], engine=engine, batch_size=4)
+        runs = list(fe.iter_features_and_maps(images[:6]))
+        out[engine] = [np.concatenate(level) for level in zip(*[pooled + maps for _, pooled, maps in runs])]
+    shapes = [a.shape for a in out["onnxruntime"]]
+    assert shapes[4:] == [(6, 24, 16, 16), (6, 40, 8, 8)]
+    for a, b in zip(out["onnxruntime"], out["torch"]):
+        assert a.shape == b.shape and _relative_gap(a, b) < 1e-4
+    FeatureExtractor(**TINY_FE).runner
+    names = [p.name for p in tmp_path.glob("*.onnx")]
+    assert len(names) == 2 and sum(n.startswith("efficientnet-lite0-pooled-maps-") for n in names) == 1
+
+
 def test_all_levels_at_native_size_match_torch(images):
     """The full 9-level graph of the paper at 224 px, on random input (one batch, to stay quick)."""
     fe_ort = FeatureExtractor(TINY["backbone"], engine="onnxruntime")
