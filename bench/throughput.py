@@ -293,6 +293,10 @@ def format_table(res: dict) -> str:
         ("max relative score difference vs reference", f"{res['max_rel_score_diff_vs_reference']:.1e}"),
     ]
     width = max(len(k) for k, _ in rows)
+    others = m["cpu_share_taken_by_other_processes"]
+    if others is not None and others > 0.1:
+        rows.append(("WARNING", f"other processes took {others:.0%} of the CPU during the timings: "
+                                "the figures are not this machine's; rerun on a quiet machine"))
     head = (f"{res['data']}: fit {res['n_fit']} / score {res['n_score']} images, {res['backbone']} at "
             f"{res['input_size']} px, batch {res['batch_size']}, engine {res['engine']}, best of {res['runs']}\n"
             f"{m['cpu_model']}, {m['cores']} cores; load average {m['loadavg_before'][0]} -> "
