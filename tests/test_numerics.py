@@ -40,7 +40,7 @@ def test_nan_features_from_the_backbone_name_the_image():
     """Damaged network weights (here: one NaN weight) make the features NaN; the fit stops and names an image."""
     import torch
 
-    model = GaussianAD(**TINY)
+    model = GaussianAD(**TINY, engine="torch")  # the damage is done to the torch network in memory
     with torch.no_grad():
         next(model._extractor().module.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(DataError, match="array #0: the backbone gave NaN or infinite features for 3 image"):
