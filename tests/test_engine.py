@@ -34,7 +34,7 @@ def test_auto_engine_is_onnxruntime_and_unknown_names_are_refused(monkeypatch):
         GaussianAD(**TINY, engine="tensorrt").fit([np.zeros((8, 8), np.uint8)] * 2)
     monkeypatch.setattr(engine_mod, "onnxruntime_available", lambda: False)
     assert engine_mod.resolve_engine("auto") == "torch"
-    with pytest.raises(GaussadError, match="pip install onnxruntime"):
+    with pytest.raises(GaussadError, match="pip install onnx onnxruntime"):
         engine_mod.resolve_engine("onnxruntime")
 
 
@@ -110,6 +110,14 @@ def test_graph_key_follows_the_weights_file(tmp_path):
     key_b = engine_mod.graph_key("pooled", "efficientnet-b0", b, 64, [0, 1])
     assert key_a["gaussad.weights_sha256"] != key_b["gaussad.weights_sha256"]
     assert {k for k in key_a if key_a[k] != key_b[k]} == {"gaussad.weights_sha256"}
+
+
+def test_missing_weights_file_is_a_clear_error_with_either_engine(tmp_path):
+    for engine in ("onnxruntime", "torch"):
+        with pytest.raises(GaussadError, match="weights file not found"):
+            FeatureExtractor("efficientnet-b0", input_size=64, weights=tmp_path / "absent.pth", engine=engine).runner
+        with pytest.raises(GaussadError, match="weights file not found"):
+            FeatureExtractor("efficientnet-b0", input_size=64, weights=tmp_path, engine=engine).runner
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "other-key"])

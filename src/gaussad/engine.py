@@ -39,8 +39,9 @@ class Engine(Protocol):
 
 
 def onnxruntime_available() -> bool:
-    """Whether ONNX Runtime can be imported here."""
+    """Whether ONNX Runtime, and onnx for the export, can be imported here."""
     try:
+        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
         return False
@@ -48,14 +49,14 @@ def onnxruntime_available() -> bool:
 
 
 def resolve_engine(engine: str) -> str:
-    """The concrete engine for a requested name: ``auto`` is onnxruntime when installed, else torch."""
+    """The concrete engine for a requested name: ``auto`` is onnxruntime when installed (with onnx), else torch."""
     if engine not in ENGINES:
         raise GaussadError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
     if engine == "auto":
         return "onnxruntime" if onnxruntime_available() else "torch"
     if engine == "onnxruntime" and not onnxruntime_available():
-        raise GaussadError("engine 'onnxruntime' needs the onnxruntime package (pip install onnxruntime); "
-                           "or use engine 'torch'")
+        raise GaussadError("engine 'onnxruntime' needs the onnx and onnxruntime packages (pip install onnx "
+                           "onnxruntime); or use engine 'torch'")
     return engine
 
 
@@ -162,12 +163,18 @@ def graph_key(graph: str, backbone: str, weights: str | os.PathLike | None, inpu
               levels: Sequence[int], map_levels: Sequence[int] = ()) -> dict[str, str]:
     """Everything that determines an exported graph, as strings (stored in the graph's metadata too).
 
-    ``graph`` names what the module computes (e.g. "pooled"); ``weights`` is the file the backbone loads.
+    ``graph`` names what the module computes (e.g. "pooled"); ``weights`` is the file the backbone loads. A
+    weights path that is not a readable file hashes as "none": no graph is ever cached under it, since
+    building the backbone from it fails with the loader's own error.
     """
+    try:
+        weights_sha256 = file_digest(weights) if weights is not None else "none"
+    except OSError:
+        weights_sha256 = "none"
     return {
         "gaussad.graph": graph,
         "gaussad.backbone": backbone,
-        "gaussad.weights_sha256": file_digest(weights) if weights is not None else "none",
+        "gaussad.weights_sha256": weights_sha256,
         "gaussad.input_size": str(int(input_size)),
         "gaussad.levels": ",".join(map(str, levels)),
         "gaussad.map_levels": ",".join(map(str, map_levels)),
