@@ -78,6 +78,79 @@ def test_maps_survive_save_load_and_partial_fit(map_model, tiny_category, tmp_pa
     np.testing.assert_allclose(chunked.anomaly_map(test), map_model.anomaly_map(test), rtol=1e-5, atol=1e-5)
 
 
+TINY_NEAREST = {**TINY_MAPS, "map_method": "nearest", "map_pool": 3, "map_coreset": 1.0}
+
+
+@pytest.fixture(scope="module")
+def nearest_model(tiny_category):
+    return GaussianAD(**TINY_NEAREST).fit(list_images(tiny_category / "train" / "good"))
+
+
+def _raw_maps(model, files):
+    """Per map level (n, C, H, W) feature maps straight from the extractor."""
+    chunks = [fm for _, _, fm in model._extractor().iter_features_and_maps(files)]
+    return [np.concatenate(level) for level in zip(*chunks)]
+
+
+def test_nearest_maps_equal_brute_force_and_localise(nearest_model, tiny_category):
+    """Every map value is the distance of the 3x3-averaged location to the nearest training location over the bank's
+    scale (scipy cdist, torch pooling and bilinear upsampling as the reference), and the maps find the defects."""
+    from scipy.spatial.distance import cdist
+
+    from gaussad.datasets import load_category
+    from gaussad.evaluate import load_masks
+
+    cat = load_category(tiny_category)
+    pool = lambda f: torch.nn.functional.avg_pool2d(torch.from_numpy(f), 3, 1, 1, count_include_pad=False)
+    train = _raw_maps(nearest_model, list_images(tiny_category / "train" / "good"))
+    test = _raw_maps(nearest_model, cat.test_files)
+    levels = []
+    for bank, tr, te in zip(nearest_model.map_banks_, train, test):
+        vecs = lambda f: pool(f).permute(0, 2, 3, 1).reshape(-1, f.shape[1]).numpy()
+        d = cdist(vecs(te), vecs(tr)).min(axis=1).reshape(te.shape[0], 1, *te.shape[2:]) / bank.scale
+        levels.append(torch.nn.functional.interpolate(torch.from_numpy(d), size=(64, 64), mode="bilinear",
+                                                      align_corners=False)[:, 0].numpy())
+    amaps = nearest_model.anomaly_map(cat.test_files)
+    np.testing.assert_allclose(amaps, np.mean(levels, axis=0), rtol=1e-3, atol=1e-3)
+    assert roc_auc(load_masks(cat, 64).ravel(), amaps.ravel()) > 0.7
+
+
+def test_nearest_maps_survive_save_load_chunks_and_merge(nearest_model, tiny_category, tmp_path):
+    files = list_images(tiny_category / "train" / "good")
+    test = list_images(tiny_category / "test" / "patch")[:2]
+    path = tmp_path / "m.gaussad"
+    nearest_model.save(path)
+    loaded = gaussad.load(path)
+    assert loaded._setting("map_method") == "nearest" and loaded._setting("map_pool") == 3
+    expected = nearest_model.anomaly_map(test)
+    np.testing.assert_array_equal(loaded.anomaly_map(test), expected)
+    chunked = GaussianAD(**TINY_NEAREST).partial_fit(files[:1]).partial_fit(files[1:4]).partial_fit(files[4:])
+    np.testing.assert_allclose(chunked.anomaly_map(test), expected, rtol=1e-5, atol=1e-5)
+    half = len(files) // 2
+    merged = GaussianAD(**TINY_NEAREST).fit(files[:half]).merge(GaussianAD(**TINY_NEAREST).fit(files[half:]))
+    np.testing.assert_allclose(merged.anomaly_map(test), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(gaussad.GaussadError, match="differ in map_method"):
+        nearest_model.merge(GaussianAD(**TINY_MAPS).fit(files))
+
+
+def test_coreset_bank_keeps_its_fraction_and_grows_with_partial_fit(tiny_category):
+    files = list_images(tiny_category / "train" / "good")
+    model = GaussianAD(**{**TINY_NEAREST, "map_coreset": 0.25}).fit(files[:4])
+    first = model.map_banks_[0]
+    assert len(first.vectors) == int(np.ceil(0.25 * first.seen))
+    model.partial_fit(files[4:])
+    grown = model.map_banks_[0]
+    assert grown.seen > first.seen and len(grown.vectors) == int(np.ceil(0.25 * grown.seen))
+    assert {v.tobytes() for v in first.vectors} <= {v.tobytes() for v in grown.vectors}
+
+
+def test_map_parameters_are_validated():
+    for kwargs, needle in (({"map_method": "knn"}, "unknown map_method"), ({"map_pool": 2}, "map_pool must be an odd"),
+                           ({"map_coreset": 0.0}, "map_coreset must be a fraction")):
+        with pytest.raises(gaussad.GaussadError, match=needle):
+            GaussianAD(backbone=None, **kwargs).fit_features([np.zeros((3, 2))])
+
+
 def test_presets_resolve_settings():
     rec = GaussianAD(preset="recommended")
     assert rec._setting("normalize") == "native" and rec._setting("map_levels")

@@ -212,6 +212,48 @@ def test_forged_model_with_valid_checksum(model_path, case):
     _refused(model_path, needle)
 
 
+FMAPS = [np.random.default_rng(7).normal(size=(6, 3, 4, 4))]
+
+
+@pytest.fixture
+def bank_model_path(tmp_path):
+    """A model with a nearest-neighbour memory bank for one (feature-array) map level."""
+    path = tmp_path / "bank.gaussad"
+    model = GaussianAD(backbone=None, map_method="nearest", map_coreset=0.5).fit_features(TRAIN)
+    model.map_levels_, model.map_level_names_ = [4], ["stage4"]
+    model.fit_map_features(FMAPS).save(path)
+    return path
+
+
+def test_bank_model_round_trip(bank_model_path):
+    model = gaussad.load(bank_model_path)
+    assert model._setting("map_method") == "nearest" and len(model.map_banks_[0].vectors) == 48
+    _forge(bank_model_path)
+    again = gaussad.load(bank_model_path)
+    np.testing.assert_array_equal(again.anomaly_map_features(FMAPS, 8), model.anomaly_map_features(FMAPS, 8))
+
+
+BANK_FORGERIES = {
+    "nan-bank": (None, lambda a: a["bank0.vectors"].__setitem__((0, 0), np.nan), "bank0.vectors contains NaN"),
+    "float64-bank": (None, lambda a: a.__setitem__("bank0.vectors", a["bank0.vectors"].astype(np.float64)),
+                     "non-empty 2-D float32"),
+    "short-ids": (None, lambda a: a.__setitem__("bank0.ids", a["bank0.ids"][:-1]), "one non-negative int64"),
+    "missing-bank": (None, lambda a: a.pop("bank0.ids"), "memory bank 0 is missing"),
+    "bank-bigger-than-seen": (lambda m: m["map_banks"][0].__setitem__("seen", 3), None, "more vectors than"),
+    "negative-scale": (lambda m: m["map_banks"][0].__setitem__("scale", -1.0), None, "map_banks must describe"),
+    "bank-for-gaussian-maps": (_set("map_method", "gaussian"), None, "map_banks must describe"),
+    "unknown-map-method": (_set("map_method", "knn"), None, "unknown map_method 'knn'"),
+    "even-map-pool": (_set("map_pool", 2), None, "map_pool must be an odd integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BANK_FORGERIES))
+def test_forged_bank_with_valid_checksum(bank_model_path, case):
+    edit_meta, edit_arrays, needle = BANK_FORGERIES[case]
+    _forge(bank_model_path, edit_meta, edit_arrays)
+    _refused(bank_model_path, needle)
+
+
 @pytest.mark.parametrize("text, needle", [("{not json", "damaged model metadata"), ("[" * 100_000, "damaged model metadata"),
                                           ("[1, 2]", "metadata is not a JSON object")], ids=["invalid", "deep", "list"])
 def test_forged_metadata_json(model_path, text, needle):

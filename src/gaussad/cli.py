@@ -31,12 +31,21 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variance", type=float, default=0.99, help="explained-variance threshold for pca/npca (default %(default)s)")
     g.add_argument("--preset", choices=("paper", "recommended"),
                    help="paper: the paper's recipe (default); recommended: the backbone's own input normalisation "
-                        "plus anomaly maps from stage4-stage7 (see README for the figures)")
+                        "plus nearest-neighbour anomaly maps from stage6-stage7 (see README for the figures)")
     g.add_argument("--normalize", choices=("imagenet", "native"),
                    help="input normalisation: ImageNet mean/std as the paper, or the backbone's own training "
                         "normalisation (EfficientNet-Lite: (x-127)/128); default from --preset")
     g.add_argument("--map-levels",
                    help="comma-separated levels for anomaly maps, or 'none'; default from --preset")
+    g.add_argument("--map-method", choices=("gaussian", "nearest"),
+                   help="anomaly-map scoring: one Gaussian per level shared by all positions, or the distance to the "
+                        "nearest location of a memory bank of training locations; default from --preset")
+    g.add_argument("--map-pool", type=_positive_int, metavar="K",
+                   help="average location vectors over K x K neighbourhoods before scoring them (odd K; 1 = off); "
+                        "default from --preset")
+    g.add_argument("--map-coreset", type=float, default=0.1, metavar="F",
+                   help="fraction of the training locations kept in each memory bank (greedy k-centre coreset; "
+                        "nearest maps only; default %(default)s)")
     g.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
     _max_pixels_option(g)
     _engine_option(g)
@@ -80,6 +89,9 @@ def _model_params(args: argparse.Namespace) -> dict:
         "variance": args.variance,
         "normalize": args.normalize,
         "map_levels": _map_levels(args.map_levels),
+        "map_method": args.map_method,
+        "map_pool": args.map_pool,
+        "map_coreset": args.map_coreset,
         "preset": args.preset,
         "batch_size": args.batch_size,
         "max_pixels": args.max_pixels,

@@ -9,10 +9,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from . import maps
 from .datasets import Category, find_categories, kfold_indices
 from .errors import GaussadError
-from .gaussian import LevelGaussian
 from .model import GaussianAD, _progress
 from .threshold import METHODS
 
@@ -65,8 +63,8 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
                       level_names: list[str] | None = None) -> dict[str, Any]:
     """Fit per fold on train features, score the test features, and collect AUROCs and threshold rates.
 
-    With ``feature_maps`` (train maps, test maps, test masks) each fold also fits the anomaly-map Gaussians and
-    the pixel AUROC over all test pixels is reported.  Conformal thresholds: with the paper protocol each
+    With ``feature_maps`` (train maps, test maps, test masks) each fold also fits the anomaly maps, and the pixel
+    AUROC over all test pixels and the image AUROC of the maps' maxima are reported.  Conformal thresholds: with the paper protocol each
     fold's held-out 20 % of train/good calibrates the model fitted on the other 80 %; with the full protocol
     the model holds out ``FULL_CALIBRATION`` of train/good for calibration and then refits on all of it.
     """
@@ -74,7 +72,7 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
     n = train[0].shape[0]
     params = {**params, "verbose": False, "threshold": "chi2", "calibration": None}
     folds = kfold_indices(n, 5, seed) if protocol == "paper" else [(np.arange(n), np.arange(0))]
-    fold_aurocs, level_aurocs, pixel_aurocs, rates, n_cal = [], [], [], [], []
+    fold_aurocs, level_aurocs, pixel_aurocs, max_map_aurocs, rates, n_cal = [], [], [], [], [], []
     for keep, held in folds:
         if protocol == "paper":
             model = GaussianAD(**params).fit_features([f[keep] for f in train])
@@ -90,9 +88,10 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
         rates.append(_threshold_rates(model, level, category.test_labels))
         if feature_maps is not None:
             train_maps, test_maps, masks = feature_maps
-            gaussians = [LevelGaussian.fit(maps.accumulate(None, [m[keep]])[0], "ledoit-wolf") for m in train_maps]
-            amaps = maps.combine(maps.level_maps(gaussians, test_maps), masks.shape[-1])
+            model.fit_map_features([m[keep] for m in train_maps])
+            amaps = model.anomaly_map_features(test_maps, masks.shape[-1])
             pixel_aurocs.append(roc_auc(masks.ravel(), amaps.ravel()))
+            max_map_aurocs.append(roc_auc(category.test_labels, amaps.reshape(len(amaps), -1).max(axis=1)))
     result = {
         "image_auroc": float(np.mean(fold_aurocs)),
         "fold_aurocs": [float(a) for a in fold_aurocs],
@@ -106,6 +105,7 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
     if pixel_aurocs:
         result["pixel_auroc"] = float(np.mean(pixel_aurocs))
         result["pixel_fold_aurocs"] = [float(a) for a in pixel_aurocs]
+        result["max_map_auroc"] = float(np.mean(max_map_aurocs))
     return result
 
 
@@ -174,6 +174,8 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
         "input_size": extractor.input_size,
         "levels": extractor.level_names,
         "map_levels": extractor.map_level_names,
+        "map_method": extractor_model._setting("map_method") if extractor.map_levels else None,
+        "map_pool": extractor_model._setting("map_pool") if extractor.map_levels else None,
         "estimator": params.get("estimator", "ledoit-wolf"),
         "reduction": params.get("reduction"),
         "variance": params.get("variance", 0.99) if params.get("reduction") else None,

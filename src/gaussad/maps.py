@@ -1,5 +1,6 @@
-"""Anomaly maps: per level, one Gaussian shared by all positions of the feature map; each location is scored
-by its Mahalanobis distance, levels are upsampled and averaged into one map per image."""
+"""Anomaly maps: location vectors of feature maps (optionally averaged over small neighbourhoods), scored per
+level by a Gaussian shared by all positions (Mahalanobis distance) or by a memory bank (:mod:`gaussad.bank`);
+levels are upsampled and averaged into one map per image."""
 
 from __future__ import annotations
 
@@ -14,10 +15,30 @@ from .gaussian import LevelGaussian, MomentStats
 _STOPS = np.array([[0, 0, 64], [0, 96, 192], [64, 192, 96], [240, 160, 0], [255, 255, 160]], dtype=np.float64)
 
 
-def patch_vectors(fmap: np.ndarray) -> np.ndarray:
-    """(B, C, H, W) feature maps -> (B*H*W, C) float64 vectors, one per location."""
+def patch_vectors(fmap: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """(B, C, H, W) feature maps -> (B*H*W, C) vectors, one per location (row-major over B, H, W)."""
     b, c, h, w = fmap.shape
-    return np.ascontiguousarray(fmap.transpose(0, 2, 3, 1).reshape(-1, c), dtype=np.float64)
+    return np.ascontiguousarray(fmap.transpose(0, 2, 3, 1).reshape(-1, c), dtype=dtype)
+
+
+def local_mean(fmap: np.ndarray, size: int) -> np.ndarray:
+    """Mean of each location's ``size`` x ``size`` neighbourhood in (B, C, H, W) maps, over the positions inside
+    the map (so border locations average fewer neighbours); ``size`` 1 returns the maps unchanged."""
+    if size == 1:
+        return fmap
+    r = size // 2
+    b, c, h, w = fmap.shape
+    padded = np.zeros((b, c, h + 2 * r, w + 2 * r), dtype=np.float32)
+    padded[:, :, r:r + h, r:r + w] = fmap
+    ones = np.zeros((h + 2 * r, w + 2 * r), dtype=np.float32)
+    ones[r:r + h, r:r + w] = 1.0
+    total = np.zeros((b, c, h, w), dtype=np.float32)
+    count = np.zeros((h, w), dtype=np.float32)
+    for dy in range(size):
+        for dx in range(size):
+            total += padded[:, :, dy:dy + h, dx:dx + w]
+            count += ones[dy:dy + h, dx:dx + w]
+    return total / count
 
 
 def accumulate(stats: list[MomentStats] | None, fmaps: Sequence[np.ndarray]) -> list[MomentStats]:

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__, maps
+from .bank import NearestBank
 from .engine import resolve_engine
 from .errors import DataError, GaussadError
 from .features import NORMALIZATIONS, FeatureExtractor
@@ -31,10 +32,13 @@ IDENTICAL_SPREAD_FLOAT32 = (64.0 * float(np.finfo(np.float32).eps)) ** 2
 
 PRESETS: dict[str, dict] = {
     # The paper's recipe: ImageNet mean/std, global features only.
-    "paper": {"normalize": "imagenet", "map_levels": ()},
-    # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, plus anomaly maps.
-    "recommended": {"normalize": "native", "map_levels": ("stage4", "stage5", "stage6", "stage7")},
+    "paper": {"normalize": "imagenet", "map_levels": (), "map_method": "gaussian", "map_pool": 1},
+    # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, plus nearest-neighbour
+    # anomaly maps over 3 x 3 neighbourhoods of the deep levels.
+    "recommended": {"normalize": "native", "map_levels": ("stage6", "stage7"), "map_method": "nearest",
+                    "map_pool": 3},
 }
+MAP_METHODS = ("gaussian", "nearest")
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -68,6 +72,9 @@ class GaussianAD:
         variance: float = 0.99,
         normalize: str | None = None,
         map_levels: Sequence[int | str] | None = None,
+        map_method: str | None = None,
+        map_pool: int | None = None,
+        map_coreset: float = 0.1,
         preset: str | None = None,
         threshold: str = "chi2",
         fpr: float = 0.01,
@@ -87,6 +94,9 @@ class GaussianAD:
         self.variance = variance
         self.normalize = normalize
         self.map_levels = map_levels
+        self.map_method = map_method
+        self.map_pool = map_pool
+        self.map_coreset = map_coreset
         self.preset = preset
         self.threshold = threshold
         self.fpr = fpr
@@ -101,7 +111,7 @@ class GaussianAD:
     def get_params(self) -> dict:
         """Constructor parameters, as scikit-learn's ``get_params``."""
         names = ("backbone", "levels", "input_size", "weights", "estimator", "reduction", "variance", "normalize", "map_levels",
-                 "preset", "threshold", "fpr", "calibration", "random_state", "batch_size", "verbose",
+                 "map_method", "map_pool", "map_coreset", "preset", "threshold", "fpr", "calibration", "random_state", "batch_size", "verbose",
                  "max_pixels", "engine")
         return {n: getattr(self, n) for n in names}
 
@@ -116,6 +126,13 @@ class GaussianAD:
             raise GaussadError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
         if self._setting("normalize") not in NORMALIZATIONS:
             raise GaussadError(f"unknown normalize {self.normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
+        if self._setting("map_method") not in MAP_METHODS:
+            raise GaussadError(f"unknown map_method {self.map_method!r}; choose one of: {', '.join(MAP_METHODS)}")
+        pool = self._setting("map_pool")
+        if isinstance(pool, bool) or not isinstance(pool, numbers.Integral) or pool < 1 or pool % 2 == 0:
+            raise GaussadError(f"map_pool must be an odd integer >= 1 (a neighbourhood side), got {pool!r}")
+        if not 0.0 < float(self.map_coreset) <= 1.0:
+            raise GaussadError(f"map_coreset must be a fraction in (0, 1], got {self.map_coreset}")
         if int(self.batch_size) < 1:
             raise GaussadError(f"batch_size must be >= 1, got {self.batch_size}")
         check_max_pixels(self.max_pixels)
@@ -185,16 +202,19 @@ class GaussianAD:
         if len(images) < 2:
             raise DataError(f"need at least 2 training images, got {len(images)}")
         split = self._calibration_split(len(images))
+        parts = self._bank_parts()
         if split is None:
-            return self._fit_checked(*self._accumulate(images, None, None, on_error))
+            stats, map_stats = self._accumulate(images, None, None, on_error, bank_parts=parts)
+            return self._fit_checked(stats, map_stats, parts)
         keep, held = split
-        stats, map_stats = self._accumulate([images[i] for i in keep], None, None, on_error, positions=keep)
+        stats, map_stats = self._accumulate([images[i] for i in keep], None, None, on_error, positions=keep,
+                                            bank_parts=parts)
         self._fit_from_stats(stats, map_stats)
         batches: list = []
         all_stats, all_maps = self._accumulate([images[i] for i in held], stats, map_stats, on_error, positions=held,
-                                               collect=batches)
+                                               collect=batches, bank_parts=parts)
         held_features = [np.concatenate(level) for level in zip(*batches)] if batches else None
-        return self._fit_calibrated(held_features, all_stats, all_maps)
+        return self._fit_calibrated(held_features, all_stats, all_maps, parts)
 
     def partial_fit(self, images: Sequence[ImageSource], y=None, *, on_error: str = "fail") -> "GaussianAD":
         """Add images to the running statistics and refit; chunks give the same model as one ``fit``.
@@ -204,10 +224,11 @@ class GaussianAD:
         """
         self._validate_params()
         images = list(images)
+        parts = self._bank_parts()
         stats, map_stats = self._accumulate(images, getattr(self, "stats_", None), getattr(self, "map_stats_", None),
-                                            on_error)
+                                            on_error, bank_parts=parts)
         self.__dict__.pop("calibration_scores_", None)
-        return self._fit_from_stats(stats, map_stats, allow_few=True)
+        return self._fit_from_stats(stats, map_stats, parts, allow_few=True)
 
     def fit_features(self, features: Sequence[np.ndarray]) -> "GaussianAD":
         """Fit from plain per-level feature arrays (n, d_l), for users with their own features."""
@@ -260,18 +281,19 @@ class GaussianAD:
         return np.sort(order[n_cal:]), np.sort(order[:n_cal])
 
     def _fit_calibrated(self, held: list[np.ndarray] | None, stats: list[MomentStats],
-                        map_stats: list[MomentStats] | None = None) -> "GaussianAD":
+                        map_stats: list[MomentStats] | None = None, bank_parts: list | None = None) -> "GaussianAD":
         """Score the held-out features with the current model (fitted without them), then refit on all ``stats``."""
         if held is None or held[0].shape[0] == 0:
             raise DataError("none of the calibration images could be read")
         scores = self.score_features(held)
-        self._fit_checked(stats, map_stats)
+        self._fit_checked(stats, map_stats, bank_parts)
         self.calibration_scores_ = scores
         return self
 
-    def _fit_checked(self, stats: list[MomentStats], map_stats: list[MomentStats] | None = None) -> "GaussianAD":
+    def _fit_checked(self, stats: list[MomentStats], map_stats: list[MomentStats] | None = None,
+                     bank_parts: list | None = None) -> "GaussianAD":
         """Fit from the statistics and check that the chosen threshold can be computed for this model."""
-        self._fit_from_stats(stats, map_stats)
+        self._fit_from_stats(stats, map_stats, bank_parts)
         if self.threshold == "hotelling":
             self._check_hotelling()
         return self
@@ -283,28 +305,34 @@ class GaussianAD:
                 raise GaussadError(f"cannot merge models that differ in {attr.rstrip('_')}")
         if getattr(self, "map_levels_", []) != getattr(other, "map_levels_", []):
             raise GaussadError("cannot merge models that differ in map levels")
+        for name in ("map_method", "map_pool"):
+            if self._setting(name) != other._setting(name):
+                raise GaussadError(f"cannot merge models that differ in {name}")
         merged = GaussianAD(**self.get_params())
         for attr in ("levels_", "level_names_", "input_size_", "map_levels_", "map_level_names_"):
             setattr(merged, attr, getattr(self, attr, None) or [])
         merged.input_size_ = self.input_size_
         merged._validate_params()
         map_stats = [a.merge(b) for a, b in zip(self.map_stats_, other.map_stats_)] if self.map_stats_ else None
+        merged.map_banks_ = [a.merge(b) for a, b in zip(self.map_banks_, other.map_banks_)]
         return merged._fit_from_stats([a.merge(b) for a, b in zip(self.stats_, other.stats_)], map_stats)
 
     def _reset(self) -> None:
         for attr in ("stats_", "gaussians_", "levels_", "level_names_", "input_size_", "feature_dims_", "n_samples_",
-                     "skipped_", "map_levels_", "map_level_names_", "map_stats_", "map_gaussians_", "calibration_scores_"):
+                     "skipped_", "map_levels_", "map_level_names_", "map_stats_", "map_gaussians_", "map_banks_",
+                     "calibration_scores_"):
             self.__dict__.pop(attr, None)
         self.__dict__.pop("_extractor_cache", None)
 
     def _accumulate(self, images: list, prev: list[MomentStats] | None, prev_maps: list[MomentStats] | None,
-                    on_error: str, positions: Sequence[int] | None = None,
-                    collect: list | None = None) -> tuple[list[MomentStats], list[MomentStats] | None]:
+                    on_error: str, positions: Sequence[int] | None = None, collect: list | None = None,
+                    bank_parts: list | None = None) -> tuple[list[MomentStats], list[MomentStats] | None]:
         """Stream images through the backbone, folding each batch into the moment statistics of the pooled
-        features and (when map levels are set) of every location of the feature maps.
+        features and (when map levels are set) either the statistics of every location of the feature maps
+        (``gaussian`` maps) or, per level, the location vectors with their image ids into ``bank_parts``.
 
-        ``positions`` are the images' indices in the caller's list (to name skipped in-memory images);
-        ``collect``, when given, receives each batch of pooled features.
+        ``positions`` are the images' indices in the caller's list (to name skipped in-memory images, and as image
+        ids after those already in the banks); ``collect``, when given, receives each batch of pooled features.
         """
         from .images import describe
 
@@ -318,6 +346,7 @@ class GaussianAD:
             self.map_level_names_ = list(extractor.map_level_names)
         stats, map_stats = prev, prev_maps
         pos = list(range(len(images))) if positions is None else [int(p) for p in positions]
+        first_id = max((int(b.ids.max()) + 1 for b in getattr(self, "map_banks_", []) if b.ids.size), default=0)
         bar = _progress(len(images), "fit", self.verbose)
         try:
             for idx, batch, fmaps in extractor.iter_features_and_maps(images, bar, on_error, skipped):
@@ -331,7 +360,12 @@ class GaussianAD:
                 stats = [MomentStats.from_array(b) for b in batch] if stats is None else [
                     s.update(b) for s, b in zip(stats, batch)
                 ]
-                if fmaps:
+                fmaps = [maps.local_mean(f, self._setting("map_pool")) for f in fmaps]
+                if fmaps and bank_parts is not None:
+                    batch_ids = first_id + np.asarray([pos[i] for i in idx], dtype=np.int64)
+                    for level, f in zip(bank_parts, fmaps):
+                        level.append((maps.patch_vectors(f, np.float32), np.repeat(batch_ids, f.shape[2] * f.shape[3])))
+                elif fmaps:
                     map_stats = maps.accumulate(map_stats, fmaps)
         finally:
             if bar is not None:
@@ -351,12 +385,37 @@ class GaussianAD:
                 raise DataError(f"the {s.n} training images give identical features at level {name} (up to float32 "
                                 "rounding): there is no variation to model; use images that show the normal variation")
 
+    def _bank_parts(self) -> list | None:
+        """Per-map-level lists to collect location vectors into when this model's maps use memory banks."""
+        if self._setting("map_method") != "nearest":
+            return None
+        levels = getattr(self, "map_levels_", None) if hasattr(self, "stats_") else None
+        wanted = self._setting("map_levels") if levels is None else levels
+        return [[] for _ in wanted or ()]
+
+    def _fit_banks(self, bank_parts: list | None) -> list[NearestBank]:
+        """Banks extended with the collected location vectors (new banks when there are none yet)."""
+        banks = getattr(self, "map_banks_", None) or []
+        if not bank_parts or not bank_parts[0]:
+            return banks
+        seed = 0 if self.random_state is None else int(self.random_state)
+        out = []
+        for i, level in enumerate(bank_parts):
+            vectors = np.concatenate([v for v, _ in level])
+            ids = np.concatenate([k for _, k in level])
+            try:
+                out.append(NearestBank.build(vectors, ids, float(self.map_coreset), seed, banks[i] if banks else None))
+            except ValueError as exc:
+                raise DataError(f"map level {self.map_level_names_[i]}: {exc}") from None
+        return out
+
     def _fit_from_stats(self, stats: list[MomentStats], map_stats: list[MomentStats] | None = None,
-                        allow_few: bool = False) -> "GaussianAD":
+                        bank_parts: list | None = None, allow_few: bool = False) -> "GaussianAD":
         n = stats[0].n
+        banks = self._fit_banks(bank_parts)
         if n < 2:
             if allow_few:
-                self.stats_, self.map_stats_ = stats, map_stats
+                self.stats_, self.map_stats_, self.map_banks_ = stats, map_stats, banks
                 return self
             raise DataError(f"need at least 2 training samples, got {n}")
         try:
@@ -368,6 +427,7 @@ class GaussianAD:
         self.gaussians_ = gaussians
         self.map_stats_ = map_stats or []
         self.map_gaussians_ = map_gaussians
+        self.map_banks_ = banks
         self.feature_dims_ = [s.dim for s in stats]
         self.n_samples_ = n
         if not hasattr(self, "levels_"):
@@ -431,9 +491,11 @@ class GaussianAD:
     def anomaly_map(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Per-location anomaly maps at the model's input resolution: (n, S, S) float32.
 
-        Each map level has one Gaussian shared by all positions; a location's value is its Mahalanobis distance
-        divided by sqrt(dof) (about 1 for typical normal locations), averaged over the map levels after bilinear
-        upsampling. Resize to an image's own size with :func:`gaussad.maps.upsample`.
+        Location vectors are first averaged over ``map_pool`` x ``map_pool`` neighbourhoods. ``gaussian`` maps:
+        each map level has one Gaussian shared by all positions, a location's value is its Mahalanobis distance
+        divided by sqrt(dof). ``nearest`` maps: a location's value is its distance to the nearest vector of the
+        level's memory bank divided by the bank's scale. Either way typical normal locations score about 1; levels
+        are averaged after bilinear upsampling. Resize to an image's own size with :func:`gaussad.maps.upsample`.
         """
         return self.score_with_maps(images)[1]
 
@@ -441,7 +503,7 @@ class GaussianAD:
                         skipped: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-level distances (n, L) and anomaly maps (n, S, S) from one pass over the images."""
         self._check_fitted()
-        if not self.map_gaussians_:
+        if not self.has_maps:
             raise GaussadError("this model has no anomaly maps: fit it with map_levels (or preset='recommended')")
         images = list(images)
         bar = _progress(len(images), "score", self.verbose)
@@ -449,7 +511,7 @@ class GaussianAD:
         try:
             for _, batch, fmaps in self._extractor().iter_features_and_maps(images, bar, on_error, skipped):
                 pooled.append(batch)
-                out_maps.append(maps.combine(maps.level_maps(self.map_gaussians_, fmaps), self.input_size_))
+                out_maps.append(maps.combine(self._level_maps(fmaps), self.input_size_))
         finally:
             if bar is not None:
                 bar.close()
@@ -457,6 +519,46 @@ class GaussianAD:
             return np.zeros((0, len(self.gaussians_))), np.zeros((0, self.input_size_, self.input_size_), np.float32)
         feats = [np.concatenate(level) for level in zip(*pooled)]
         return self.level_scores_features(feats), np.concatenate(out_maps)
+
+    def fit_map_features(self, fmaps: Sequence[np.ndarray]) -> "GaussianAD":
+        """Fit only the anomaly-map part from raw per-map-level feature maps (n, C, H, W) of normal images (one
+        image per row), replacing any earlier one; for evaluation harnesses that reuse extracted feature maps."""
+        self._validate_params()
+        fmaps = [maps.local_mean(np.asarray(f, dtype=np.float32), self._setting("map_pool")) for f in fmaps]
+        if self._setting("map_method") == "nearest":
+            parts = [[(maps.patch_vectors(f, np.float32), np.repeat(np.arange(f.shape[0]), f.shape[2] * f.shape[3]))]
+                     for f in fmaps]
+            self.map_banks_, self.map_gaussians_, self.map_stats_ = [], [], []
+            self.map_banks_ = self._fit_banks(parts)
+        else:
+            self.map_stats_ = maps.accumulate(None, fmaps)
+            self.map_gaussians_ = [LevelGaussian.fit(s, "ledoit-wolf") for s in self.map_stats_]
+            self.map_banks_ = []
+        return self
+
+    def anomaly_map_features(self, fmaps: Sequence[np.ndarray], size: int | None = None) -> np.ndarray:
+        """Anomaly maps (n, size, size) from raw per-map-level feature maps (n, C, H, W); size defaults to the
+        model's input size."""
+        if not self.has_maps:
+            raise GaussadError("this model has no anomaly maps: fit it with map_levels (or preset='recommended')")
+        return maps.combine(self._level_maps([np.asarray(f, dtype=np.float32) for f in fmaps]),
+                            size or self.input_size_)
+
+    @property
+    def has_maps(self) -> bool:
+        """Whether this fitted model computes anomaly maps."""
+        return bool(getattr(self, "map_gaussians_", None) or getattr(self, "map_banks_", None))
+
+    def _level_maps(self, fmaps: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per map level (B, H_l, W_l) float32 maps of a batch of feature maps, by this model's map method."""
+        fmaps = [maps.local_mean(f, self._setting("map_pool")) for f in fmaps]
+        try:
+            if self.map_banks_:
+                return [bank.distances(maps.patch_vectors(f, np.float32)).reshape(f.shape[0], *f.shape[2:])
+                        for bank, f in zip(self.map_banks_, fmaps)]
+            return maps.level_maps(self.map_gaussians_, fmaps)
+        except ValueError as exc:
+            raise DataError(f"the model's anomaly-map statistics do not fit this backbone's feature maps ({exc})") from None
 
     @property
     def dofs_(self) -> list[int]:
@@ -578,6 +680,10 @@ class GaussianAD:
             "map_levels": list(self.map_levels_),
             "map_level_names": list(self.map_level_names_),
             "map_gaussians": [g.meta() for g in self.map_gaussians_],
+            "map_method": self._setting("map_method"),
+            "map_pool": int(self._setting("map_pool")),
+            "map_coreset": float(self.map_coreset),
+            "map_banks": [{"seen": b.seen, "scale": b.scale} for b in self.map_banks_],
             "estimator": self.estimator,
             "reduction": self.reduction,
             "variance": float(self.variance),

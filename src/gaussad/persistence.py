@@ -56,6 +56,9 @@ def _arrays_of(model: "GaussianAD") -> dict[str, np.ndarray]:
     for i, (g, s) in enumerate(zip(model.map_gaussians_, model.map_stats_)):
         arrays.update(g.to_arrays(f"map{i}.gauss."))
         arrays.update(s.to_arrays(f"map{i}.stats."))
+    for i, b in enumerate(model.map_banks_):
+        arrays[f"bank{i}.vectors"] = b.vectors
+        arrays[f"bank{i}.ids"] = b.ids
     if getattr(model, "calibration_scores_", None) is not None:
         arrays["calibration.scores"] = np.asarray(model.calibration_scores_, dtype=np.float64)
     return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
@@ -187,7 +190,7 @@ def _validate_meta(meta: Any) -> None:
     """Check the metadata schema: types, ranges and consistent lengths (ValueError says what is wrong)."""
     from .features import NORMALIZATIONS
     from .gaussian import ESTIMATORS, REDUCTIONS
-    from .model import PRESETS
+    from .model import MAP_METHODS, PRESETS
 
     _need(isinstance(meta, dict), "metadata is not a JSON object")
     missing = [k for k in ("backbone", "weights", "levels", "level_names", "input_size", "normalize", "estimator",
@@ -216,7 +219,17 @@ def _validate_meta(meta: Any) -> None:
           and len(set(map_levels)) == len(map_levels), "map_levels must be a list of distinct non-negative integers")
     _need(isinstance(map_names, list) and len(map_names) == len(map_levels) and all(isinstance(v, str) for v in map_names),
           "map_level_names must be one name per map level")
-    _need(isinstance(map_gaussians, list) and len(map_gaussians) == len(map_levels)
+    method, pool, coreset = (meta.get("map_method", "gaussian"), meta.get("map_pool", 1),
+                             meta.get("map_coreset", 0.1))
+    _need(method in MAP_METHODS, f"unknown map_method {str(method)[:40]!r}")
+    _need(_is_int(pool, 1, 15) and pool % 2 == 1, "map_pool must be an odd integer 1..15")
+    _need(_is_number(coreset) and 0.0 < coreset <= 1.0, "map_coreset must lie in (0, 1]")
+    banks = meta.get("map_banks", [])
+    _need(isinstance(banks, list) and len(banks) == (len(map_levels) if method == "nearest" else 0)
+          and all(isinstance(b, dict) and _is_int(b.get("seen"), 1) and _is_number(b.get("scale"))
+                  and b["scale"] > 0.0 for b in banks),
+          "map_banks must describe every map level of a nearest-neighbour model (seen >= 1, scale > 0)")
+    _need(isinstance(map_gaussians, list) and len(map_gaussians) == (len(map_levels) if method == "gaussian" else 0)
           and all(isinstance(g, dict) and g.get("estimator") == "ledoit-wolf" and g.get("reduction") is None
                   and _is_number(g.get("shrinkage", 0.0)) and 0.0 <= g.get("shrinkage", 0.0) <= 1.0
                   for g in map_gaussians),
@@ -232,9 +245,18 @@ def _validate_meta(meta: Any) -> None:
         _need("dof" not in g or _is_int(g["dof"], 1, dims[i]), f"level {i}: dof must be 1..{dims[i]}")
 
 
-def _validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int) -> None:
-    """Every array the model reads is float64 (the sample counts int64) and finite."""
+def _validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int, n_banks: int) -> None:
+    """Every array the model reads is float64 (sample counts and bank image ids int64, bank vectors float32) and
+    finite."""
     used = tuple(f"level{i}." for i in range(n_levels)) + tuple(f"map{i}." for i in range(n_maps)) + ("calibration.",)
+    for i in range(n_banks):
+        vectors, ids = arrays.get(f"bank{i}.vectors"), arrays.get(f"bank{i}.ids")
+        _need(vectors is not None and ids is not None, f"memory bank {i} is missing")
+        _need(vectors.dtype == np.float32 and vectors.ndim == 2 and vectors.shape[0] >= 1 and vectors.shape[1] >= 1,
+              f"array bank{i}.vectors must be a non-empty 2-D float32 array")
+        _need(bool(np.isfinite(vectors).all()), f"array bank{i}.vectors contains NaN or infinite values")
+        _need(ids.dtype == np.int64 and ids.shape == (vectors.shape[0],) and bool((ids >= 0).all()),
+              f"array bank{i}.ids must hold one non-negative int64 per bank vector")
     for key, a in arrays.items():
         if not key.startswith(used):
             continue
@@ -247,14 +269,15 @@ def _validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int) 
 
 def load(path: str | os.PathLike) -> "GaussianAD":
     """Load a model written by :meth:`GaussianAD.save`; anything else raises ModelFormatError."""
+    from .bank import NearestBank
     from .gaussian import LevelGaussian, MomentStats
     from .model import GaussianAD
 
     meta, arrays = read_model_file(path)
     try:
         _validate_meta(meta)
-        n_levels, n_maps = len(meta["levels"]), len(meta["map_levels"])
-        _validate_arrays(arrays, n_levels, n_maps)
+        n_levels, n_maps, n_banks = len(meta["levels"]), len(meta["map_gaussians"]), len(meta.get("map_banks", []))
+        _validate_arrays(arrays, n_levels, n_maps, n_banks)
         model = GaussianAD(
             backbone=meta["backbone"],
             levels=meta["levels"],
@@ -265,6 +288,9 @@ def load(path: str | os.PathLike) -> "GaussianAD":
             variance=meta["variance"],
             normalize=meta["normalize"],
             map_levels=meta["map_levels"],
+            map_method=meta.get("map_method", "gaussian"),
+            map_pool=meta.get("map_pool", 1),
+            map_coreset=meta.get("map_coreset", 0.1),
             preset=meta["preset"],
             threshold=meta.get("threshold", "chi2"),
             fpr=meta.get("fpr", 0.01),
@@ -275,6 +301,10 @@ def load(path: str | os.PathLike) -> "GaussianAD":
         stats = [MomentStats.from_arrays(arrays, f"level{i}.stats.") for i in range(n_levels)]
         map_gaussians = [LevelGaussian.from_arrays(arrays, f"map{i}.gauss.", meta["map_gaussians"][i]) for i in range(n_maps)]
         map_stats = [MomentStats.from_arrays(arrays, f"map{i}.stats.") for i in range(n_maps)]
+        map_banks = [NearestBank(arrays[f"bank{i}.vectors"], arrays[f"bank{i}.ids"], b["seen"], meta.get("map_coreset", 0.1),
+                                 float(b["scale"])) for i, b in enumerate(meta.get("map_banks", []))]
+        if any(len(b.vectors) > b.seen for b in map_banks):
+            raise ValueError("a memory bank holds more vectors than the locations it summarises")
         dims = [s.dim for s in stats]
         if dims != list(meta["feature_dims"]) or any(g.dim != d for g, d in zip(gaussians, dims)):
             raise ValueError(f"array shapes {dims} do not match the metadata {meta['feature_dims']}")
@@ -301,6 +331,7 @@ def load(path: str | os.PathLike) -> "GaussianAD":
     model.map_level_names_ = list(meta["map_level_names"])
     model.map_gaussians_ = map_gaussians
     model.map_stats_ = map_stats
+    model.map_banks_ = map_banks
     model.feature_dims_ = dims
     model.n_samples_ = int(meta["n_samples"])
     if calibration is not None:

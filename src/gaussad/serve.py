@@ -134,7 +134,7 @@ def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
     """What ``GET /models`` says about one model."""
     return {"name": name, "backbone": model.backbone, "preset": model.preset or "paper",
             "input_size": model.input_size_, "levels": list(model.level_names_), "n_samples": int(model.n_samples_),
-            "maps": bool(model.map_gaussians_), "map_levels": list(model.map_level_names_),
+            "maps": model.has_maps, "map_levels": list(model.map_level_names_),
             "threshold": decision_rule(model, fpr)}
 
 
@@ -343,7 +343,7 @@ def create_app(models: Mapping[str, GaussianAD], fpr: float | None = None, limit
         maps: bool = Query(False, description="add a heat-map overlay per image (models fitted with anomaly maps)"),
     ) -> dict:
         model = get_model(name)
-        if maps and not model.map_gaussians_:
+        if maps and not model.has_maps:
             raise HTTPException(422, f"model {name!r} has no anomaly maps (fit it with --preset recommended)")
         uploads = await read_uploads(files)
         fpr = service_fpr if fpr is None else fpr
@@ -356,7 +356,7 @@ def create_app(models: Mapping[str, GaussianAD], fpr: float | None = None, limit
                          415: {"description": "not an image"}, 422: {"description": "model without maps, or undecodable image"}})
     async def heat_map(name: str, file: UploadFile = File(..., description="one image")) -> Response:
         model = get_model(name)
-        if not model.map_gaussians_:
+        if not model.has_maps:
             raise HTTPException(422, f"model {name!r} has no anomaly maps (fit it with --preset recommended)")
         (upload,) = await read_uploads([file])
         png, row = await in_pool(map_upload, model, *upload, service_fpr, limits)
