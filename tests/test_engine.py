@@ -205,3 +205,29 @@ def test_warnings_do_not_leak_from_export(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FeatureExtractor(**{**TINY_FE, "levels": ["stem"]}).runner
+
+
+def test_aspect_kept_inputs_match_torch_and_keep_the_order(tmp_path, monkeypatch):
+    """Images of several sizes run in runs of equal shape through the any-size graph; features come back in input
+    order and equal scoring each image alone, and ONNX Runtime matches torch on them."""
+    monkeypatch.setenv("GAUSSAD_CACHE", str(tmp_path))
+    rng = np.random.default_rng(6)
+    sizes = [(64, 64), (40, 100), (40, 100), (100, 40), (64, 64), (30, 120), (40, 100)]
+    imgs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
+    out = {}
+    for engine in ("onnxruntime", "torch"):
+        fe = FeatureExtractor(**TINY_FE, map_levels=["stage3"], engine=engine, batch_size=4, resize="aspect")
+        runs = list(fe.iter_features_and_maps(imgs))
+        assert np.concatenate([idx for idx, _, _ in runs]).tolist() == list(range(len(imgs)))
+        out[engine] = runs
+        alone = [fe.extract([img])[0][0] for img in imgs]
+        np.testing.assert_allclose(fe.extract(imgs)[0], np.stack(alone), rtol=1e-5, atol=1e-6)
+    for (_, pa, ma), (_, pb, mb) in zip(out["onnxruntime"], out["torch"]):
+        assert ma[0].shape == mb[0].shape and ma[0].shape[2] != 0
+        for a, b in zip(pa + ma, pb + mb):
+            assert _relative_gap(a, b) < 1e-4
+    from gaussad.images import aspect_size
+
+    expected = [aspect_size(w, h, TINY["input_size"]) for w, h in sizes]
+    got = [m[0].shape[2:] for _, _, m in out["torch"] for _ in range(m[0].shape[0])]
+    assert got == [(th // 8, tw // 8) for tw, th in expected]  # stage3 has stride 8

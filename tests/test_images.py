@@ -78,3 +78,29 @@ def test_resize_matches_cv2_inter_linear_within_one_level():
     assert diff.max() <= 1.01 and diff.mean() < 0.6
     antialiased = np.asarray(Image.fromarray(arr).resize((24, 24), Image.BILINEAR)).astype(float)
     assert np.abs(antialiased - ref[0].numpy().transpose(1, 2, 0)).mean() > 5
+
+
+@pytest.mark.parametrize("width, height", [(224, 224), (103, 400), (632, 222), (900, 900), (5000, 10), (1, 1)])
+def test_aspect_size_keeps_proportions_at_about_the_same_area(width, height):
+    from gaussad.images import aspect_size
+
+    tw, th = aspect_size(width, height, 224)
+    assert tw % 32 == 0 and th % 32 == 0 and 32 <= tw <= 8 * 224 and 32 <= th <= 8 * 224
+    if max(width / height, height / width) < 8:
+        assert abs(np.log((tw / th) / (width / height))) < 0.35
+        assert 0.6 < tw * th / 224**2 < 1.6
+
+
+def test_aspect_resize_is_the_square_interpolation_at_another_size():
+    """resize='aspect' samples like the square resize, only to the aspect-kept size (checked against torch)."""
+    import torch
+
+    from gaussad.images import aspect_size, resize_to
+
+    arr = np.random.default_rng(5).integers(0, 256, (150, 60, 3), dtype=np.uint8)
+    tw, th = aspect_size(60, 150, 64)
+    ours = np.asarray(resize_to(Image.fromarray(arr), 64, "aspect")).astype(float)
+    assert ours.shape == (th, tw, 3) and th > tw
+    t = torch.from_numpy(arr.astype(np.float32).transpose(2, 0, 1))[None]
+    ref = torch.nn.functional.interpolate(t, size=(th, tw), mode="bilinear", align_corners=False, antialias=False)
+    assert np.abs(ours - ref[0].numpy().transpose(1, 2, 0)).max() <= 1.01

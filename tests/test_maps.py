@@ -11,7 +11,7 @@ from gaussad.cli import main
 from gaussad.evaluate import roc_auc
 from gaussad.gaussian import LevelGaussian
 from gaussad.images import list_images
-from gaussad.maps import accumulate, combine, level_maps, overlay, upsample
+from gaussad.maps import accumulate, combine, level_maps, overlay, to_grid, upsample
 
 from .conftest import TINY
 
@@ -40,6 +40,23 @@ def test_level_maps_are_per_location_mahalanobis_with_a_shared_gaussian():
     np.testing.assert_allclose(level_maps([g], [test])[0].ravel(), expected, rtol=1e-4)
     combined = combine(level_maps([g, g], [test, test]), 8)
     assert combined.shape == (2, 8, 8)
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (15, 10), (8, 8)])
+def test_to_grid_is_adaptive_average_pooling(shape):
+    rng = np.random.default_rng(2)
+    fine, coarse = rng.normal(size=(2, 3, *shape)).astype(np.float32), rng.normal(size=(2, 4, 8, 5)).astype(np.float32)
+    grid = (8, min(5, shape[1]))
+    got = to_grid([fine, coarse])
+    ref = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(fine), grid).numpy()
+    np.testing.assert_allclose(got[0], ref, rtol=1e-5, atol=1e-6)
+    assert got[1].shape[2:] == ref.shape[2:]
+    pooled = lambda f: torch.nn.functional.avg_pool2d(torch.from_numpy(f), 3, 1, 1, count_include_pad=False)
+    got = to_grid([fine, coarse], 3)
+    np.testing.assert_allclose(got[0], torch.nn.functional.adaptive_avg_pool2d(pooled(fine), grid).numpy(), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(got[1], torch.nn.functional.adaptive_avg_pool2d(pooled(coarse), grid).numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_overlay_keeps_image_size_and_marks_hot_regions():
@@ -93,21 +110,24 @@ def _raw_maps(model, files):
 
 
 def test_nearest_maps_equal_brute_force_and_localise(nearest_model, tiny_category):
-    """Every map value is the distance of the 3x3-averaged location to the nearest training location over the bank's
-    scale (scipy cdist, torch pooling and bilinear upsampling as the reference), and the maps find the defects."""
+    """Every map value is the distance of the 3x3-averaged location, averaged down to the coarsest level's grid, to the
+    nearest training location over the bank's scale (scipy cdist, torch pooling and bilinear upsampling as the
+    reference), and the maps find the defects."""
     from scipy.spatial.distance import cdist
 
     from gaussad.datasets import load_category
     from gaussad.evaluate import load_masks
 
     cat = load_category(tiny_category)
-    pool = lambda f: torch.nn.functional.avg_pool2d(torch.from_numpy(f), 3, 1, 1, count_include_pad=False)
+    grid = min(f.shape[2] for f in _raw_maps(nearest_model, cat.test_files[:1]))
+    pool = lambda f: torch.nn.functional.adaptive_avg_pool2d(
+        torch.nn.functional.avg_pool2d(torch.from_numpy(f), 3, 1, 1, count_include_pad=False), grid)
     train = _raw_maps(nearest_model, list_images(tiny_category / "train" / "good"))
     test = _raw_maps(nearest_model, cat.test_files)
     levels = []
     for bank, tr, te in zip(nearest_model.map_banks_, train, test):
         vecs = lambda f: pool(f).permute(0, 2, 3, 1).reshape(-1, f.shape[1]).numpy()
-        d = cdist(vecs(te), vecs(tr)).min(axis=1).reshape(te.shape[0], 1, *te.shape[2:]) / bank.scale
+        d = cdist(vecs(te), vecs(tr)).min(axis=1).reshape(te.shape[0], 1, grid, grid) / bank.scale
         levels.append(torch.nn.functional.interpolate(torch.from_numpy(d), size=(64, 64), mode="bilinear",
                                                       align_corners=False)[:, 0].numpy())
     amaps = nearest_model.anomaly_map(cat.test_files)
@@ -179,3 +199,28 @@ def test_cli_maps_and_pixel_auroc(tiny_root, tiny_category, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["map_levels"] == ["stage2", "stage3"] and 0.5 < report["mean_pixel_auroc"] <= 1.0
     assert all("pixel_auroc" in c for c in report["categories"].values())
+
+
+def test_aspect_kept_maps_of_mixed_sizes(tiny_category):
+    """With resize='aspect' images of different proportions are scored in runs of equal shape: maps come back in
+    input order at S x S, equal to scoring each image alone and to the raw-feature-map path used by evaluate."""
+    from gaussad.evaluate import extract
+
+    def crops(folder):
+        out = []
+        for i, path in enumerate(list_images(folder)):
+            arr = np.asarray(Image.open(path).convert("RGB"))
+            out.append(arr[:, : 32 + 8 * (i % 4)] if i % 2 else arr[: 40 + 8 * (i % 3)])
+        return out
+
+    train, test = crops(tiny_category / "train" / "good"), crops(tiny_category / "test" / "patch")
+    model = GaussianAD(**{**TINY_NEAREST, "resize": "aspect"}).fit(train)
+    amaps = model.anomaly_map(test)
+    assert amaps.shape == (len(test), 64, 64)
+    alone = np.concatenate([model.anomaly_map([img]) for img in test])
+    np.testing.assert_allclose(amaps, alone, rtol=1e-5, atol=1e-5)
+    _, train_maps = extract(model, train, "train", True)
+    _, test_maps = extract(model, test, "test", True)
+    assert len({m[0].shape for m in test_maps}) > 1
+    refit = GaussianAD(**{**TINY_NEAREST, "resize": "aspect"}).fit_map_features(train_maps)
+    np.testing.assert_allclose(refit.anomaly_map_features(test_maps, 64), amaps, rtol=1e-4, atol=1e-4)

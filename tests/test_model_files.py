@@ -212,7 +212,7 @@ def test_forged_model_with_valid_checksum(model_path, case):
     _refused(model_path, needle)
 
 
-FMAPS = [np.random.default_rng(7).normal(size=(6, 3, 4, 4))]
+FMAPS = [[m] for m in np.random.default_rng(7).normal(size=(6, 3, 4, 4))]  # per image, one map level
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ scores about 1 on every level whatever the level's units.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -36,10 +37,14 @@ def greedy_coreset(x: np.ndarray, size: int, start: np.ndarray | None = None, se
         d2 = norms[:, None] + np.einsum("ij,ij->i", c, c)[None] - 2.0 * (x @ c.T)
         mind = np.minimum(mind, d2.min(axis=1))
     mind[chosen] = -1.0
+    d = np.empty(n, dtype=np.float32)
     while len(chosen) < size:
         i = int(np.argmax(mind))
         chosen.append(i)
-        mind = np.minimum(mind, norms + norms[i] - 2.0 * (x @ x[i]))
+        np.dot(x, x[i] * np.float32(-2.0), out=d)
+        d += norms
+        d += norms[i]
+        np.minimum(mind, d, out=mind)
         mind[i] = -1.0
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
@@ -120,10 +125,23 @@ class NearestBank:
                                         np.concatenate([self.ids, other.ids + shift]), self.seen + other.seen,
                                         self.fraction)
 
+    @cached_property
+    def _augmented(self) -> np.ndarray:
+        """(d + 1, m) matrix [-2 * members^T; |members|^2]: with a query row [q, 1] one product gives
+        |m|^2 - 2 q.m for every member, whose minimum plus |q|^2 is the squared nearest distance."""
+        v = self.vectors
+        return np.ascontiguousarray(np.vstack([-2.0 * v.T, np.einsum("ij,ij->i", v, v)[None]]), dtype=np.float32)
+
     def distances(self, vectors: np.ndarray) -> np.ndarray:
         """Nearest-member distance of each row of ``vectors`` divided by ``scale`` (about 1 for normal ones)."""
         if not np.isfinite(self.scale):
             raise ValueError("a nearest-neighbour bank needs location vectors of at least 2 images")
         if vectors.shape[-1] != self.vectors.shape[1]:
             raise ValueError(f"vectors have {vectors.shape[-1]} dimensions, the bank {self.vectors.shape[1]}")
-        return nearest_distances(vectors, self.vectors) / np.float32(self.scale)
+        q = np.ascontiguousarray(vectors, dtype=np.float32)
+        out = np.empty(len(q), dtype=np.float32)
+        for lo in range(0, len(q), _BLOCK):
+            qb = q[lo:lo + _BLOCK]
+            g = np.hstack([qb, np.ones((len(qb), 1), np.float32)]) @ self._augmented
+            out[lo:lo + len(qb)] = g.min(axis=1) + np.einsum("ij,ij->i", qb, qb)
+        return np.sqrt(np.maximum(out, 0.0)) / np.float32(self.scale)

@@ -35,6 +35,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--normalize", choices=("imagenet", "native"),
                    help="input normalisation: ImageNet mean/std as the paper, or the backbone's own training "
                         "normalisation (EfficientNet-Lite: (x-127)/128); default from --preset")
+    g.add_argument("--resize", choices=("square", "aspect"),
+                   help="square: plain resize to S x S as the paper; aspect: keep the image's proportions at about "
+                        "S x S pixels (sides multiples of 32); default from --preset")
     g.add_argument("--map-levels",
                    help="comma-separated levels for anomaly maps, or 'none'; default from --preset")
     g.add_argument("--map-method", choices=("gaussian", "nearest"),
@@ -88,6 +91,7 @@ def _model_params(args: argparse.Namespace) -> dict:
         "reduction": None if args.reduction == "none" else args.reduction,
         "variance": args.variance,
         "normalize": args.normalize,
+        "resize": args.resize,
         "map_levels": _map_levels(args.map_levels),
         "map_method": args.map_method,
         "map_pool": args.map_pool,

@@ -123,20 +123,26 @@ class OnnxRuntimeEngine:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
 
 
-def export_onnx(module: nn.Module, input_size: int, metadata: dict[str, str] | None = None) -> bytes:
-    """Serialised ONNX graph of ``module`` for a (batch, 3, input_size, input_size) input, batch axis dynamic."""
+def export_onnx(module: nn.Module, input_size: int, metadata: dict[str, str] | None = None,
+                any_size: bool = False) -> bytes:
+    """Serialised ONNX graph of ``module`` for a (batch, 3, input_size, input_size) input, batch axis dynamic;
+    with ``any_size`` the height and width axes (and those of spatial outputs) are dynamic too."""
     import onnx
 
     example = torch.zeros(2, 3, input_size, input_size)
     with torch.inference_mode():
-        n_out = len(module(example))
-    outputs = [f"out{i}" for i in range(n_out)]
+        shapes = [o.shape for o in module(example)]
+    outputs = [f"out{i}" for i in range(len(shapes))]
+    spatial = {2: "height", 3: "width"} if any_size else {}
+    axes = {"input": {0: "batch", **spatial}}
+    for name, shape in zip(outputs, shapes):
+        axes[name] = {0: "batch", **({2: f"{name}_height", 3: f"{name}_width"} if any_size and len(shape) == 4 else {})}
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
         torch.onnx.export(
             module, (example,), buf, dynamo=False, opset_version=OPSET, input_names=["input"], output_names=outputs,
-            dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+            dynamic_axes=axes,
         )
     model = onnx.load_from_string(buf.getvalue())
     for key, value in (metadata or {}).items():
@@ -185,7 +191,7 @@ def graph_key(graph: str, backbone: str, weights: str | os.PathLike | None, inpu
 
 
 def cached_onnx_engine(build: Callable[[], nn.Module], input_size: int, key: dict[str, str],
-                       directory: str | os.PathLike | None = None) -> OnnxRuntimeEngine:
+                       directory: str | os.PathLike | None = None, any_size: bool = False) -> OnnxRuntimeEngine:
     """An ONNX Runtime engine for the module ``build()`` makes, built and exported only when no valid cached
     graph matches ``key``.
 
@@ -202,7 +208,7 @@ def cached_onnx_engine(build: Callable[[], nn.Module], input_size: int, key: dic
             engine = None
         if engine is not None and all(engine.metadata.get(k) == v for k, v in key.items()):
             return engine
-    data = export_onnx(build(), input_size, key)
+    data = export_onnx(build(), input_size, key, any_size)
     try:
         _write_atomic(path, data)
     except OSError as exc:

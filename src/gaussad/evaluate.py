@@ -41,8 +41,9 @@ def load_masks(category: Category, size: int) -> np.ndarray:
     return out
 
 
-def extract(model: GaussianAD, files: list, desc: str, with_maps: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Pooled features of ``files`` and, if asked, their raw feature maps per map level, in one pass."""
+def extract(model: GaussianAD, files: list, desc: str, with_maps: bool) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    """Pooled features of ``files`` and, if asked, their raw feature maps (per image, one (C, H, W) array per map
+    level: sizes differ between images with the aspect-kept resize), in one pass."""
     extractor = model._extractor()
     bar = _progress(len(files), desc, model.verbose)
     pooled, fmaps = [], []
@@ -50,16 +51,16 @@ def extract(model: GaussianAD, files: list, desc: str, with_maps: bool) -> tuple
         for _, batch, fm in extractor.iter_features_and_maps(files, bar):
             pooled.append(batch)
             if with_maps:
-                fmaps.append(fm)
+                fmaps.extend(list(image) for image in zip(*fm))
     finally:
         if bar is not None:
             bar.close()
-    return [np.concatenate(p) for p in zip(*pooled)], [np.concatenate(m) for m in zip(*fmaps)]
+    return [np.concatenate(p) for p in zip(*pooled)], fmaps
 
 
 def evaluate_category(category: Category, features: tuple[list[np.ndarray], list[np.ndarray]], params: dict[str, Any],
                       protocol: str = "paper", seed: int = 0,
-                      feature_maps: tuple[list[np.ndarray], list[np.ndarray], np.ndarray] | None = None,
+                      feature_maps: tuple[list, list, np.ndarray] | None = None,
                       level_names: list[str] | None = None) -> dict[str, Any]:
     """Fit per fold on train features, score the test features, and collect AUROCs and threshold rates.
 
@@ -88,7 +89,7 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
         rates.append(_threshold_rates(model, level, category.test_labels))
         if feature_maps is not None:
             train_maps, test_maps, masks = feature_maps
-            model.fit_map_features([m[keep] for m in train_maps])
+            model.fit_map_features([train_maps[i] for i in keep])
             amaps = model.anomaly_map_features(test_maps, masks.shape[-1])
             pixel_aurocs.append(roc_auc(masks.ravel(), amaps.ravel()))
             max_map_aurocs.append(roc_auc(category.test_labels, amaps.reshape(len(amaps), -1).max(axis=1)))
@@ -180,6 +181,7 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
         "reduction": params.get("reduction"),
         "variance": params.get("variance", 0.99) if params.get("reduction") else None,
         "normalize": extractor_model._setting("normalize"),
+        "resize": extractor_model._setting("resize"),
         "categories": results,
         "n_categories": len(results),
         "mean_image_auroc": float(np.mean(aurocs)),

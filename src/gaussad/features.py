@@ -14,7 +14,7 @@ from torch import nn
 from .backbones import Backbone, create_backbone, get_spec, resolve_levels, weights_file
 from .engine import Engine, TorchEngine, cached_onnx_engine, cpu_count, graph_key, resolve_engine
 from .errors import GaussadError, ImageError
-from .images import DEFAULT_MAX_PIXELS, IMAGENET, ImageSource, check_max_pixels, load_image, preprocess
+from .images import DEFAULT_MAX_PIXELS, IMAGENET, RESIZES, ImageSource, check_max_pixels, load_image, preprocess
 
 ON_ERROR = ("fail", "skip")
 NORMALIZATIONS = ("imagenet", "native")
@@ -62,6 +62,7 @@ class FeatureExtractor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         engine: str = "auto",
         draft: bool = True,
+        resize: str = "square",
     ):
         spec = get_spec(backbone)
         if normalize not in NORMALIZATIONS:
@@ -79,6 +80,9 @@ class FeatureExtractor:
         self.max_pixels = check_max_pixels(max_pixels)
         self.engine = resolve_engine(engine)
         self.draft = draft
+        if resize not in RESIZES:
+            raise GaussadError(f"unknown resize {resize!r}; choose one of: {', '.join(RESIZES)}")
+        self.resize = resize
         self._module: PooledLevels | None = None
         self._runner: Engine | None = None
 
@@ -95,10 +99,11 @@ class FeatureExtractor:
         """The inference engine, built on first use (the ONNX graph comes from the on-disk cache when present)."""
         if self._runner is None:
             if self.engine == "onnxruntime":
-                key = graph_key("pooled-maps" if self.map_levels else "pooled", self.backbone_name,
-                                weights_file(self.backbone_name, self.weights), self.input_size, self.levels,
-                                self.map_levels)
-                self._runner = cached_onnx_engine(lambda: self.module, self.input_size, key)
+                graph = ("pooled-maps" if self.map_levels else "pooled") + ("-anysize" if self.resize == "aspect" else "")
+                key = graph_key(graph, self.backbone_name, weights_file(self.backbone_name, self.weights),
+                                self.input_size, self.levels, self.map_levels)
+                self._runner = cached_onnx_engine(lambda: self.module, self.input_size, key,
+                                                  any_size=self.resize == "aspect")
             else:
                 self._runner = TorchEngine(self.module)
         return self._runner
@@ -109,15 +114,18 @@ class FeatureExtractor:
         return [self.module.backbone.level_channels[i] for i in self.levels]
 
     def prepare(self, source: ImageSource, index: int | None = None) -> np.ndarray:
-        """One image decoded, square-resized and normalised: the (3, S, S) float32 network input."""
+        """One image decoded, resized and normalised: the (3, H, W) float32 network input (H = W = S when square)."""
         draft = self.input_size if self.draft else None
-        return preprocess(load_image(source, index, self.max_pixels, draft), self.input_size, self.normalization)
+        return preprocess(load_image(source, index, self.max_pixels, draft), self.input_size, self.normalization,
+                          self.resize)
 
     def _batches(self, sources: Sequence[ImageSource], on_error: str,
                  skipped: list | None) -> Iterator[tuple[np.ndarray, np.ndarray | None, int]]:
         """Decode and preprocess in a thread pool, keeping at most two batches in flight.
 
-        Yields (indices of the images that decoded, their stacked input or None, number of images handled).
+        Yields (indices of the images that decoded, their stacked input or None, number of images handled), in the
+        order of ``sources``; with the aspect-kept resize a batch is split into runs of consecutive images of equal
+        input shape, the count going with the first.
         """
         def work(i: int) -> np.ndarray | None:
             try:
@@ -129,11 +137,19 @@ class FeatureExtractor:
                     skipped.append((i, str(exc)))
                 return None
 
-        def collect(futures: list) -> tuple[np.ndarray, np.ndarray | None, int]:
+        def collect(futures: list) -> Iterator[tuple[np.ndarray, np.ndarray | None, int]]:
             done = [(i, f.result()) for i, f in futures]
             kept = [(i, a) for i, a in done if a is not None]
-            idx = np.array([i for i, _ in kept], dtype=int)
-            return idx, (np.stack([a for _, a in kept]) if kept else None), len(done)
+            if not kept:
+                yield np.zeros(0, dtype=int), None, len(done)
+                return
+            start = 0
+            for end in range(1, len(kept) + 1):
+                if end == len(kept) or kept[end][1].shape != kept[start][1].shape:
+                    run = kept[start:end]
+                    yield (np.array([i for i, _ in run], dtype=int), np.stack([a for _, a in run]),
+                           len(done) if start == 0 else 0)
+                    start = end
 
         with ThreadPoolExecutor(self.workers) as pool:
             pending: deque = deque()
@@ -141,9 +157,9 @@ class FeatureExtractor:
                 stop = min(start + self.batch_size, len(sources))
                 pending.append([(i, pool.submit(work, i)) for i in range(start, stop)])
                 if len(pending) > 2:
-                    yield collect(pending.popleft())
+                    yield from collect(pending.popleft())
             while pending:
-                yield collect(pending.popleft())
+                yield from collect(pending.popleft())
 
     def _run(self, sources: Sequence[ImageSource], progress, on_error: str,
              skipped: list | None) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from pathlib import Path
@@ -186,10 +187,36 @@ def resize_square(img: Image.Image, size: int) -> Image.Image:
     return img.transform((size, size), Image.AFFINE, (w / size, 0, 0, 0, h / size, 0), resample=Image.BILINEAR)
 
 
-def preprocess(img: Image.Image, size: int, normalization: Normalization = IMAGENET) -> np.ndarray:
-    """Square-resize an RGB image and normalise (ImageNet mean/std by default, as the paper): (3, size, size) float32."""
+RESIZES = ("square", "aspect")
+ASPECT_STEP = 32  # aspect-kept sides are multiples of the backbone's largest stride, so every level divides evenly
+
+
+def aspect_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the image's aspect ratio and about ``size``**2 pixels, each side a multiple of 32 in
+    32..8*size."""
+    k = size / math.sqrt(width * height)
+    side = lambda v: int(min(max(round(v * k / ASPECT_STEP), 1), 8 * size // ASPECT_STEP)) * ASPECT_STEP
+    return max(side(width), ASPECT_STEP), max(side(height), ASPECT_STEP)
+
+
+def resize_to(img: Image.Image, size: int, resize: str = "square") -> Image.Image:
+    """``square``: :func:`resize_square`; ``aspect``: the same interpolation to :func:`aspect_size`, keeping the
+    image's proportions (elongated parts are not stretched unevenly)."""
+    if resize == "square":
+        return resize_square(img, size)
+    w, h = img.size
+    tw, th = aspect_size(w, h, size)
+    if (w, h) == (tw, th):
+        return img
+    return img.transform((tw, th), Image.AFFINE, (w / tw, 0, 0, 0, h / th, 0), resample=Image.BILINEAR)
+
+
+def preprocess(img: Image.Image, size: int, normalization: Normalization = IMAGENET,
+               resize: str = "square") -> np.ndarray:
+    """Resize an RGB image (see :func:`resize_to`) and normalise (ImageNet mean/std by default, as the paper):
+    (3, H, W) float32, H = W = size for the square resize."""
     mean, std = np.asarray(normalization[0], np.float32), np.asarray(normalization[1], np.float32)
-    pixels = np.asarray(resize_square(img, size)).transpose(2, 0, 1)
+    pixels = np.asarray(resize_to(img, size, resize)).transpose(2, 0, 1)
     # (x / 255 - mean) / std as one multiply-add written straight into the output: ten times faster than
     # the textbook form, equal to it within float32 rounding.
     out = np.empty(pixels.shape, np.float32)

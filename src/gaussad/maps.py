@@ -4,7 +4,7 @@ levels are upsampled and averaged into one map per image."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -21,24 +21,35 @@ def patch_vectors(fmap: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     return np.ascontiguousarray(fmap.transpose(0, 2, 3, 1).reshape(-1, c), dtype=dtype)
 
 
+def _box(n: int, size: int) -> np.ndarray:
+    """(n, n) matrix averaging each position's ``size`` neighbours along one axis, over those inside 0..n-1."""
+    r = size // 2
+    idx = np.arange(n)
+    m = (np.abs(idx[:, None] - idx[None]) <= r).astype(np.float32)
+    return m / m.sum(axis=1, keepdims=True)
+
+
+def _separable(fmap: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``rows @ f @ cols.T`` for every (B, C) slice of (B, C, H, W) maps: one separable linear resampling."""
+    return np.einsum("oh,bchw,pw->bcop", rows, np.asarray(fmap, dtype=np.float32), cols, optimize=True)
+
+
 def local_mean(fmap: np.ndarray, size: int) -> np.ndarray:
     """Mean of each location's ``size`` x ``size`` neighbourhood in (B, C, H, W) maps, over the positions inside
     the map (so border locations average fewer neighbours); ``size`` 1 returns the maps unchanged."""
     if size == 1:
         return fmap
-    r = size // 2
-    b, c, h, w = fmap.shape
-    padded = np.zeros((b, c, h + 2 * r, w + 2 * r), dtype=np.float32)
-    padded[:, :, r:r + h, r:r + w] = fmap
-    ones = np.zeros((h + 2 * r, w + 2 * r), dtype=np.float32)
-    ones[r:r + h, r:r + w] = 1.0
-    total = np.zeros((b, c, h, w), dtype=np.float32)
-    count = np.zeros((h, w), dtype=np.float32)
-    for dy in range(size):
-        for dx in range(size):
-            total += padded[:, :, dy:dy + h, dx:dx + w]
-            count += ones[dy:dy + h, dx:dx + w]
-    return total / count
+    return _separable(fmap, _box(fmap.shape[2], size), _box(fmap.shape[3], size))
+
+
+def shape_groups(per_image: Sequence[Sequence[np.ndarray]]) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    """Runs of consecutive images whose per-level (C, H, W) maps have equal shapes, as (image indices, per-level
+    (b, C, H, W) stacks); images of one size form a single run."""
+    start = 0
+    for end in range(1, len(per_image) + 1):
+        if end == len(per_image) or [f.shape for f in per_image[end]] != [f.shape for f in per_image[start]]:
+            yield np.arange(start, end), [np.stack(level) for level in zip(*per_image[start:end])]
+            start = end
 
 
 def accumulate(stats: list[MomentStats] | None, fmaps: Sequence[np.ndarray]) -> list[MomentStats]:
@@ -67,11 +78,42 @@ def upsample(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def combine(per_level: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """Mean over levels of the maps upsampled to size x size: (B, size, size) float32."""
+    """Mean over levels of the maps upsampled to size x size: (B, size, size) float32. Levels on one grid are
+    averaged before upsampling, which gives the same result (bilinear interpolation is linear) at less cost."""
+    if len({m.shape for m in per_level}) == 1:
+        per_level = [np.mean(per_level, axis=0)]
     b = per_level[0].shape[0]
     return np.stack([
         np.mean([upsample(level[i], (size, size)) for level in per_level], axis=0) for i in range(b)
     ]).astype(np.float32)
+
+
+def _bins(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) averaging matrix of adaptive average pooling: output i averages inputs
+    floor(i * n_in / n_out) .. ceil((i + 1) * n_in / n_out) - 1."""
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def to_grid(fmaps: Sequence[np.ndarray], size: int = 1) -> list[np.ndarray]:
+    """Average (B, C, H, W) maps over ``size`` x ``size`` neighbourhoods (as :func:`local_mean`), then down to the
+    grid of the coarsest one (adaptive average pooling; 2 x 2 blocks for a stride-16 level under a stride-32 one),
+    so every level has one vector per cell of that grid; both steps are applied as one separable product."""
+    h = min(f.shape[2] for f in fmaps)
+    w = min(f.shape[3] for f in fmaps)
+    out = []
+    for f in fmaps:
+        if f.shape[2:] == (h, w):
+            out.append(local_mean(f, size))
+            continue
+        rows, cols = _bins(f.shape[2], h), _bins(f.shape[3], w)
+        if size > 1:
+            rows, cols = rows @ _box(f.shape[2], size), cols @ _box(f.shape[3], size)
+        out.append(_separable(f, rows, cols))
+    return out
 
 
 def heat_colors(values: np.ndarray) -> np.ndarray:

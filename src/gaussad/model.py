@@ -15,7 +15,7 @@ from .engine import resolve_engine
 from .errors import DataError, GaussadError
 from .features import NORMALIZATIONS, FeatureExtractor
 from .gaussian import ESTIMATORS, MAX_ABS, REDUCTIONS, LevelGaussian, MomentStats
-from .images import DEFAULT_MAX_PIXELS, ImageSource, check_max_pixels
+from .images import DEFAULT_MAX_PIXELS, RESIZES, ImageSource, check_max_pixels
 from .threshold import (
     METHODS,
     chi2_pvalue,
@@ -32,11 +32,12 @@ IDENTICAL_SPREAD_FLOAT32 = (64.0 * float(np.finfo(np.float32).eps)) ** 2
 
 PRESETS: dict[str, dict] = {
     # The paper's recipe: ImageNet mean/std, global features only.
-    "paper": {"normalize": "imagenet", "map_levels": (), "map_method": "gaussian", "map_pool": 1},
+    "paper": {"normalize": "imagenet", "resize": "square", "map_levels": (), "map_method": "gaussian", "map_pool": 1},
     # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, plus nearest-neighbour
     # anomaly maps over 3 x 3 neighbourhoods of the deep levels.
-    "recommended": {"normalize": "native", "map_levels": ("stage6", "stage7"), "map_method": "nearest",
-                    "map_pool": 3},
+    "recommended": {"normalize": "native", "resize": "aspect",
+                    "map_levels": ("stage2", "stage3", "stage4", "stage5", "stage6", "stage7"),
+                    "map_method": "nearest", "map_pool": 3},
 }
 MAP_METHODS = ("gaussian", "nearest")
 
@@ -71,6 +72,7 @@ class GaussianAD:
         reduction: str | None = None,
         variance: float = 0.99,
         normalize: str | None = None,
+        resize: str | None = None,
         map_levels: Sequence[int | str] | None = None,
         map_method: str | None = None,
         map_pool: int | None = None,
@@ -93,6 +95,7 @@ class GaussianAD:
         self.reduction = reduction
         self.variance = variance
         self.normalize = normalize
+        self.resize = resize
         self.map_levels = map_levels
         self.map_method = map_method
         self.map_pool = map_pool
@@ -110,7 +113,7 @@ class GaussianAD:
     # ----- parameters and features -------------------------------------------------------------
     def get_params(self) -> dict:
         """Constructor parameters, as scikit-learn's ``get_params``."""
-        names = ("backbone", "levels", "input_size", "weights", "estimator", "reduction", "variance", "normalize", "map_levels",
+        names = ("backbone", "levels", "input_size", "weights", "estimator", "reduction", "variance", "normalize", "resize", "map_levels",
                  "map_method", "map_pool", "map_coreset", "preset", "threshold", "fpr", "calibration", "random_state", "batch_size", "verbose",
                  "max_pixels", "engine")
         return {n: getattr(self, n) for n in names}
@@ -126,6 +129,8 @@ class GaussianAD:
             raise GaussadError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
         if self._setting("normalize") not in NORMALIZATIONS:
             raise GaussadError(f"unknown normalize {self.normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
+        if self._setting("resize") not in RESIZES:
+            raise GaussadError(f"unknown resize {self.resize!r}; choose one of: {', '.join(RESIZES)}")
         if self._setting("map_method") not in MAP_METHODS:
             raise GaussadError(f"unknown map_method {self.map_method!r}; choose one of: {', '.join(MAP_METHODS)}")
         pool = self._setting("map_pool")
@@ -171,7 +176,7 @@ class GaussianAD:
         extractor = FeatureExtractor(
             self.backbone, levels, getattr(self, "input_size_", None) or self.input_size, self.weights, self.batch_size,
             normalize=self._setting("normalize"), map_levels=map_levels, max_pixels=self.max_pixels,
-            engine=self.engine,
+            engine=self.engine, resize=self._setting("resize"),
         )
         self._extractor_cache = extractor
         return extractor
@@ -360,7 +365,8 @@ class GaussianAD:
                 stats = [MomentStats.from_array(b) for b in batch] if stats is None else [
                     s.update(b) for s, b in zip(stats, batch)
                 ]
-                fmaps = [maps.local_mean(f, self._setting("map_pool")) for f in fmaps]
+                if fmaps:
+                    fmaps = self._map_inputs(fmaps)
                 if fmaps and bank_parts is not None:
                     batch_ids = first_id + np.asarray([pos[i] for i in idx], dtype=np.int64)
                     for level, f in zip(bank_parts, fmaps):
@@ -505,13 +511,18 @@ class GaussianAD:
         self._check_fitted()
         if not self.has_maps:
             raise GaussadError("this model has no anomaly maps: fit it with map_levels (or preset='recommended')")
+        from threadpoolctl import threadpool_limits
+
         images = list(images)
         bar = _progress(len(images), "score", self.verbose)
         pooled, out_maps = [], []
+        # Map products are small: one BLAS thread, so that idle BLAS threads do not spin on the cores the inference
+        # engine needs (BENCHMARKS.md: maps cost x2.15 of scoring without this limit, x1.87 with it).
         try:
-            for _, batch, fmaps in self._extractor().iter_features_and_maps(images, bar, on_error, skipped):
-                pooled.append(batch)
-                out_maps.append(maps.combine(self._level_maps(fmaps), self.input_size_))
+            with threadpool_limits(1, user_api="blas"):
+                for _, batch, fmaps in self._extractor().iter_features_and_maps(images, bar, on_error, skipped):
+                    pooled.append(batch)
+                    out_maps.append(maps.combine(self._level_maps(fmaps), self.input_size_))
         finally:
             if bar is not None:
                 bar.close()
@@ -520,38 +531,55 @@ class GaussianAD:
         feats = [np.concatenate(level) for level in zip(*pooled)]
         return self.level_scores_features(feats), np.concatenate(out_maps)
 
-    def fit_map_features(self, fmaps: Sequence[np.ndarray]) -> "GaussianAD":
-        """Fit only the anomaly-map part from raw per-map-level feature maps (n, C, H, W) of normal images (one
-        image per row), replacing any earlier one; for evaluation harnesses that reuse extracted feature maps."""
+    def fit_map_features(self, per_image: Sequence[Sequence[np.ndarray]]) -> "GaussianAD":
+        """Fit only the anomaly-map part from raw feature maps of normal images (per image, one (C, H, W) array per
+        map level), replacing any earlier one; for evaluation harnesses that reuse extracted feature maps."""
         self._validate_params()
-        fmaps = [maps.local_mean(np.asarray(f, dtype=np.float32), self._setting("map_pool")) for f in fmaps]
+        if len(per_image) < 2:
+            raise DataError(f"need feature maps of at least 2 training images, got {len(per_image)}")
+        groups = [(idx, self._map_inputs(fm)) for idx, fm in maps.shape_groups(per_image)]
+        self.map_banks_, self.map_gaussians_, self.map_stats_ = [], [], []
         if self._setting("map_method") == "nearest":
-            parts = [[(maps.patch_vectors(f, np.float32), np.repeat(np.arange(f.shape[0]), f.shape[2] * f.shape[3]))]
-                     for f in fmaps]
-            self.map_banks_, self.map_gaussians_, self.map_stats_ = [], [], []
+            parts: list[list] = [[] for _ in groups[0][1]]
+            for idx, fm in groups:
+                for level, f in zip(parts, fm):
+                    level.append((maps.patch_vectors(f, np.float32), np.repeat(idx, f.shape[2] * f.shape[3])))
             self.map_banks_ = self._fit_banks(parts)
         else:
-            self.map_stats_ = maps.accumulate(None, fmaps)
-            self.map_gaussians_ = [LevelGaussian.fit(s, "ledoit-wolf") for s in self.map_stats_]
-            self.map_banks_ = []
+            stats = None
+            for _, fm in groups:
+                stats = maps.accumulate(stats, fm)
+            self.map_stats_ = stats
+            self.map_gaussians_ = [LevelGaussian.fit(s, "ledoit-wolf") for s in stats]
         return self
 
-    def anomaly_map_features(self, fmaps: Sequence[np.ndarray], size: int | None = None) -> np.ndarray:
-        """Anomaly maps (n, size, size) from raw per-map-level feature maps (n, C, H, W); size defaults to the
-        model's input size."""
+    def anomaly_map_features(self, per_image: Sequence[Sequence[np.ndarray]], size: int | None = None) -> np.ndarray:
+        """Anomaly maps (n, size, size) from raw feature maps (per image, one (C, H, W) array per map level); size
+        defaults to the model's input size."""
         if not self.has_maps:
             raise GaussadError("this model has no anomaly maps: fit it with map_levels (or preset='recommended')")
-        return maps.combine(self._level_maps([np.asarray(f, dtype=np.float32) for f in fmaps]),
-                            size or self.input_size_)
+        size = size or self.input_size_
+        out = np.empty((len(per_image), size, size), dtype=np.float32)
+        for idx, fm in maps.shape_groups(per_image):
+            out[idx] = maps.combine(self._level_maps([f.astype(np.float32) for f in fm]), size)
+        return out
 
     @property
     def has_maps(self) -> bool:
         """Whether this fitted model computes anomaly maps."""
         return bool(getattr(self, "map_gaussians_", None) or getattr(self, "map_banks_", None))
 
+    def _map_inputs(self, fmaps: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Feature maps as the map method scores them: averaged over ``map_pool`` neighbourhoods and, for memory
+        banks, down to the coarsest map level's grid (so each image costs that grid's number of bank queries)."""
+        pool = self._setting("map_pool")
+        if self._setting("map_method") == "nearest":
+            return maps.to_grid(fmaps, pool)
+        return [maps.local_mean(np.asarray(f, dtype=np.float32), pool) for f in fmaps]
+
     def _level_maps(self, fmaps: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Per map level (B, H_l, W_l) float32 maps of a batch of feature maps, by this model's map method."""
-        fmaps = [maps.local_mean(f, self._setting("map_pool")) for f in fmaps]
+        """Per map level (B, H_l, W_l) float32 maps of a batch of raw feature maps, by this model's map method."""
+        fmaps = self._map_inputs(fmaps)
         try:
             if self.map_banks_:
                 return [bank.distances(maps.patch_vectors(f, np.float32)).reshape(f.shape[0], *f.shape[2:])
@@ -662,7 +690,8 @@ class GaussianAD:
         if self.backbone is None:
             return None
         mean, std = self._extractor().normalization
-        return {"mean": list(mean), "std": list(std), "resize": "square, bilinear at pixel centres (cv2 INTER_LINEAR)"}
+        shape = "square" if self._setting("resize") == "square" else "aspect kept, about S*S pixels, sides multiples of 32"
+        return {"mean": list(mean), "std": list(std), "resize": f"{shape}, bilinear at pixel centres (cv2 INTER_LINEAR)"}
 
     def metadata(self) -> dict:
         """JSON-serialisable description of the fitted model (stored in the model file)."""
@@ -677,6 +706,7 @@ class GaussianAD:
             "preset": self.preset,
             "normalize": self._setting("normalize"),
             "normalization": self._normalization_meta(),
+            "resize": self._setting("resize"),
             "map_levels": list(self.map_levels_),
             "map_level_names": list(self.map_level_names_),
             "map_gaussians": [g.meta() for g in self.map_gaussians_],

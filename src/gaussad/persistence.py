@@ -189,6 +189,7 @@ def _is_number(value: Any) -> bool:
 def _validate_meta(meta: Any) -> None:
     """Check the metadata schema: types, ranges and consistent lengths (ValueError says what is wrong)."""
     from .features import NORMALIZATIONS
+    from .images import RESIZES
     from .gaussian import ESTIMATORS, REDUCTIONS
     from .model import MAP_METHODS, PRESETS
 
@@ -209,6 +210,7 @@ def _validate_meta(meta: Any) -> None:
     size = meta["input_size"]
     _need(size is None or _is_int(size, 1, MAX_INPUT_SIZE), f"input_size must be 1..{MAX_INPUT_SIZE} or null")
     _need(meta["normalize"] in NORMALIZATIONS, f"unknown normalize {str(meta['normalize'])[:40]!r}")
+    _need(meta.get("resize", "square") in RESIZES, f"unknown resize {str(meta.get('resize'))[:40]!r}")
     _need(meta["estimator"] in ESTIMATORS, f"unknown estimator {str(meta['estimator'])[:40]!r}")
     _need(meta["reduction"] in REDUCTIONS, f"unknown reduction {str(meta['reduction'])[:40]!r}")
     _need(_is_number(meta["variance"]) and 0.0 < meta["variance"] < 1.0, "variance must lie in (0, 1)")
@@ -287,6 +289,7 @@ def load(path: str | os.PathLike) -> "GaussianAD":
             reduction=meta["reduction"],
             variance=meta["variance"],
             normalize=meta["normalize"],
+            resize=meta.get("resize", "square"),
             map_levels=meta["map_levels"],
             map_method=meta.get("map_method", "gaussian"),
             map_pool=meta.get("map_pool", 1),
