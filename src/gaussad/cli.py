@@ -24,14 +24,16 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", default="efficientnet-lite0", help="feature network (see `gaussad backbones`; default %(default)s)")
     g.add_argument("--weights", help="local weights file for the backbone (.pth/.pt state dict or .safetensors); required for efficientnet-b0..b7")
     g.add_argument("--levels", help="comma-separated levels by name or index (stem,stage1..stage7,head = 0..8); default all 9")
-    g.add_argument("--input-size", type=int, help="square input size in pixels (default: the backbone's native size)")
+    g.add_argument("--input-size", type=int, help="input size S in pixels: the side of the square input, or with "
+                   "--resize aspect the side of a square of the same area (default: the backbone's native size)")
     g.add_argument("--estimator", default="ledoit-wolf", choices=ESTIMATORS, help="covariance estimator or baseline (default %(default)s)")
     g.add_argument("--reduction", default="none", choices=("none", "pca", "npca"),
                    help="pca keeps the high-variance components, npca the low-variance ones (default %(default)s)")
     g.add_argument("--variance", type=float, default=0.99, help="explained-variance threshold for pca/npca (default %(default)s)")
     g.add_argument("--preset", choices=("paper", "recommended"),
-                   help="paper: the paper's recipe (default); recommended: the backbone's own input normalisation "
-                        "plus nearest-neighbour anomaly maps from stage6-stage7 (see README for the figures)")
+                   help="paper: the paper's recipe (default); recommended: the backbone's own input normalisation, "
+                        "aspect-kept resize, and nearest-neighbour anomaly maps from stage2-stage7 (see README for "
+                        "the figures)")
     g.add_argument("--normalize", choices=("imagenet", "native"),
                    help="input normalisation: ImageNet mean/std as the paper, or the backbone's own training "
                         "normalisation (EfficientNet-Lite: (x-127)/128); default from --preset")

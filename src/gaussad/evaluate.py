@@ -197,15 +197,19 @@ def format_table(report: dict[str, Any]) -> str:
     """A plain-text table: per category the combined and per-level AUROC, then mean +/- SEM."""
     levels = report["levels"]
     pix = "mean_pixel_auroc" in report
-    head = ["category", "AUROC"] + (["pixel"] if pix else []) + levels
-    rows = [[name, f"{r['image_auroc']:.4f}"] + ([f"{r['pixel_auroc']:.4f}" if "pixel_auroc" in r else "-"] if pix else [])
+    head = ["category", "AUROC"] + (["pixel", "map-max"] if pix else []) + levels
+    rows = [[name, f"{r['image_auroc']:.4f}"]
+            + ([f"{r[k]:.4f}" if k in r else "-" for k in ("pixel_auroc", "max_map_auroc")] if pix else [])
             + [f"{a:.3f}" for a in r["level_aurocs"]] for name, r in report["categories"].items()]
     rows.append([f"mean +/- SEM ({report['n_categories']})", f"{report['mean_image_auroc']:.4f} +/- {report['sem']:.4f}"]
-                + ([f"{report['mean_pixel_auroc']:.4f}"] if pix else []) + [""] * len(levels))
+                + ([f"{report['mean_pixel_auroc']:.4f}", ""] if pix else []) + [""] * len(levels))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     title = (f"protocol={report['protocol']} preset={report['preset'] or 'paper'} backbone={report['backbone']} size={report['input_size']} "
-             f"estimator={report['estimator']} reduction={report['reduction'] or 'none'} normalize={report['normalize']}")
+             f"estimator={report['estimator']} reduction={report['reduction'] or 'none'} normalize={report['normalize']} "
+             f"resize={report.get('resize', 'square')}"
+             + (f" maps={report['map_method']}:{','.join(report['map_levels'])} pool={report['map_pool']}"
+                if report.get("map_levels") else ""))
     out = [title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
     return "\n".join(out + [""] + _threshold_table(report))
 
@@ -246,13 +250,16 @@ def format_markdown(report: dict[str, Any]) -> str:
     out = ["# gaussad evaluation", "",
            f"protocol `{report['protocol']}`, backbone `{report['backbone']}` at {report['input_size']} px, "
            f"estimator `{report['estimator']}`, reduction `{report['reduction'] or 'none'}`, "
-           f"normalisation `{report['normalize']}`", "",
-           "| category | image AUROC | folds | pixel AUROC | " + " | ".join(levels) + " |",
-           "|---|---|---|---|" + "---|" * len(levels)]
+           f"normalisation `{report['normalize']}`, resize `{report.get('resize', 'square')}`"
+           + (f", anomaly maps `{report['map_method']}` from {', '.join(report['map_levels'])} (pool {report['map_pool']})"
+              if report.get("map_levels") else ""), "",
+           "| category | image AUROC | folds | pixel AUROC | image AUROC of map maxima | " + " | ".join(levels) + " |",
+           "|---|---|---|---|---|" + "---|" * len(levels)]
     for name, r in report["categories"].items():
         folds = ", ".join(f"{a:.4f}" for a in r["fold_aurocs"])
         pixel = f"{r['pixel_auroc']:.4f}" if "pixel_auroc" in r else "-"
-        out.append(f"| {name} | {r['image_auroc']:.4f} | {folds} | {pixel} | "
+        peak = f"{r['max_map_auroc']:.4f}" if "max_map_auroc" in r else "-"
+        out.append(f"| {name} | {r['image_auroc']:.4f} | {folds} | {pixel} | {peak} | "
                    + " | ".join(f"{a:.3f}" for a in r["level_aurocs"]) + " |")
     out += ["", f"Mean over {report['n_categories']} categories: {report['mean_image_auroc']:.4f} +/- {report['sem']:.4f} (SEM)", ""]
     out += ["## Thresholds", "",

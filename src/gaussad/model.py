@@ -33,8 +33,8 @@ IDENTICAL_SPREAD_FLOAT32 = (64.0 * float(np.finfo(np.float32).eps)) ** 2
 PRESETS: dict[str, dict] = {
     # The paper's recipe: ImageNet mean/std, global features only.
     "paper": {"normalize": "imagenet", "resize": "square", "map_levels": (), "map_method": "gaussian", "map_pool": 1},
-    # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, plus nearest-neighbour
-    # anomaly maps over 3 x 3 neighbourhoods of the deep levels.
+    # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, the images' proportions kept,
+    # and nearest-neighbour anomaly maps over 3 x 3 neighbourhoods of stage2-stage7 on the stage7 grid.
     "recommended": {"normalize": "native", "resize": "aspect",
                     "map_levels": ("stage2", "stage3", "stage4", "stage5", "stage6", "stage7"),
                     "map_method": "nearest", "map_pool": 3},
@@ -59,7 +59,9 @@ class GaussianAD:
     ``conformal``) and ``fpr`` are the default decision rule of ``predict``/``decide``; ``calibration``, a
     fraction of the training images, is held out for conformal calibration scores before refitting on all.
     ``max_pixels`` caps the size of image files read (a decompression-bomb guard); it is an intake setting and is
-    not stored in model files.
+    not stored in model files. ``map_levels``, ``map_method`` (``gaussian`` or ``nearest``), ``map_pool`` and
+    ``map_coreset`` set the anomaly maps (:meth:`anomaly_map`); ``resize`` is ``square`` (the paper's) or
+    ``aspect``; settings left at None come from ``preset`` (``paper`` by default, or ``recommended``).
     """
 
     def __init__(
