@@ -219,9 +219,7 @@ FMAPS = [[m] for m in np.random.default_rng(7).normal(size=(6, 3, 4, 4))]  # per
 def bank_model_path(tmp_path):
     """A model with a nearest-neighbour memory bank for one (feature-array) map level."""
     path = tmp_path / "bank.gaussad"
-    model = GaussianAD(backbone=None, map_method="nearest", map_coreset=0.5).fit_features(TRAIN)
-    model.map_levels_, model.map_level_names_ = [4], ["stage4"]
-    model.fit_map_features(FMAPS).save(path)
+    GaussianAD(backbone=None, map_method="nearest", map_coreset=0.5).fit_features(TRAIN).fit_map_features(FMAPS).save(path)
     return path
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import __version__, maps
 from .bank import NearestBank
+from .backbones import get_spec, resolve_levels
 from .engine import resolve_engine
 from .errors import DataError, GaussadError
 from .features import NORMALIZATIONS, FeatureExtractor
@@ -539,6 +540,17 @@ class GaussianAD:
         self._validate_params()
         if len(per_image) < 2:
             raise DataError(f"need feature maps of at least 2 training images, got {len(per_image)}")
+        if not getattr(self, "map_levels_", None):
+            if self.backbone is not None:
+                names = get_spec(self.backbone).level_names
+                self.map_levels_ = resolve_levels(names, self._setting("map_levels"))
+                self.map_level_names_ = [names[i] for i in self.map_levels_]
+            else:
+                self.map_levels_ = list(range(len(per_image[0])))
+                self.map_level_names_ = [f"map{i}" for i in self.map_levels_]
+        if len(self.map_levels_) != len(per_image[0]):
+            raise DataError(f"feature maps of {len(per_image[0])} levels given, the model has {len(self.map_levels_)} "
+                            "map levels")
         groups = [(idx, self._map_inputs(fm)) for idx, fm in maps.shape_groups(per_image)]
         self.map_banks_, self.map_gaussians_, self.map_stats_ = [], [], []
         if self._setting("map_method") == "nearest":
