@@ -16,7 +16,7 @@ import numpy as np
 
 PROJECTION_DIM = 128  # coreset selection runs on a random projection of this size (Johnson-Lindenstrauss)
 SCALE_SAMPLE = 2048  # members sampled to estimate the scale
-_BLOCK = 4096  # query rows per distance block (bounds the temporary to _BLOCK x bank size)
+_BLOCK = 1024  # rows per distance block: bounds the temporary to _BLOCK x bank size floats
 
 
 def greedy_coreset(x: np.ndarray, size: int, start: np.ndarray | None = None, seed: int = 0) -> np.ndarray:

@@ -10,8 +10,8 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__, maps
-from .bank import NearestBank
 from .backbones import get_spec, resolve_levels
+from .bank import NearestBank
 from .engine import resolve_engine
 from .errors import DataError, GaussadError
 from .features import NORMALIZATIONS, FeatureExtractor
@@ -116,9 +116,9 @@ class GaussianAD:
     # ----- parameters and features -------------------------------------------------------------
     def get_params(self) -> dict:
         """Constructor parameters, as scikit-learn's ``get_params``."""
-        names = ("backbone", "levels", "input_size", "weights", "estimator", "reduction", "variance", "normalize", "resize", "map_levels",
-                 "map_method", "map_pool", "map_coreset", "preset", "threshold", "fpr", "calibration", "random_state", "batch_size", "verbose",
-                 "max_pixels", "engine")
+        names = ("backbone", "levels", "input_size", "weights", "estimator", "reduction", "variance", "normalize",
+                 "resize", "map_levels", "map_method", "map_pool", "map_coreset", "preset", "threshold", "fpr",
+                 "calibration", "random_state", "batch_size", "verbose", "max_pixels", "engine")
         return {n: getattr(self, n) for n in names}
 
     def _validate_params(self) -> None:
@@ -225,9 +225,10 @@ class GaussianAD:
         return self._fit_calibrated(held_features, all_stats, all_maps, parts)
 
     def partial_fit(self, images: Sequence[ImageSource], y=None, *, on_error: str = "fail") -> "GaussianAD":
-        """Add images to the running statistics and refit; chunks give the same model as one ``fit``.
+        """Add images to the running statistics and refit; chunks give the same statistics as one ``fit``.
 
-        ``calibration`` is not applied here and earlier calibration scores are dropped (they belong to the
+        Memory banks of ``nearest`` maps keep their members and add the new images' locations greedily, so with a
+        coreset below 1 they differ from one fit's banks. ``calibration`` is not applied here and earlier calibration scores are dropped (they belong to the
         previous model): call :meth:`calibrate` on held-out normal images after the last chunk.
         """
         self._validate_params()
@@ -307,7 +308,8 @@ class GaussianAD:
         return self
 
     def merge(self, other: "GaussianAD") -> "GaussianAD":
-        """A new model fitted on the union of both models' training data (same settings required)."""
+        """A new model fitted on the union of both models' training data (same settings required; memory banks are
+        joined as they are)."""
         for attr in ("backbone", "levels_", "input_size_", "feature_dims_"):
             if getattr(self, attr, None) != getattr(other, attr, None):
                 raise GaussadError(f"cannot merge models that differ in {attr.rstrip('_')}")
