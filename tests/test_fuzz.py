@@ -87,12 +87,13 @@ def _write(name: str, data: bytes) -> Path:
 # ----- model loader --------------------------------------------------------------------------------------
 
 PROBE = [np.random.default_rng(9).normal(size=(4, 6)), np.random.default_rng(10).normal(size=(4, 3))]
+PROBE_MAPS = [[m] for m in np.random.default_rng(11).normal(size=(2, 5, 3, 3))]  # per image, one map level
 
 
 @lru_cache(maxsize=None)
 def model_seeds() -> tuple[bytes, ...]:
-    """Valid model files of every estimator and reduction, one with conformal calibration scores and one with
-    anomaly-map Gaussians."""
+    """Valid model files of every estimator and reduction, one with conformal calibration scores, one with
+    anomaly-map Gaussians and one with a nearest-neighbour memory bank."""
     rng = np.random.default_rng(0)
     train = [rng.normal(size=(25, 6)), rng.normal(size=(25, 3))]
     out = []
@@ -110,6 +111,9 @@ def model_seeds() -> tuple[bytes, ...]:
     with_maps.map_gaussians_ = [LevelGaussian.fit(with_maps.map_stats_[0], "ledoit-wolf")]
     with_maps.save(WORKDIR / "seed-maps.gaussad")
     out.append((WORKDIR / "seed-maps.gaussad").read_bytes())
+    banked = GaussianAD(backbone=None, map_method="nearest", map_coreset=0.5).fit_features(train)
+    banked.fit_map_features([[m] for m in rng.normal(size=(6, 5, 3, 3))]).save(WORKDIR / "seed-bank.gaussad")
+    out.append((WORKDIR / "seed-bank.gaussad").read_bytes())
     return tuple(out)
 
 
@@ -122,9 +126,11 @@ def _check_loaded_model(path: Path) -> None:
         return
     try:
         scores = model.level_scores_features(PROBE)
+        amaps = model.anomaly_map_features(PROBE_MAPS, 8) if model.has_maps else np.zeros(1)
     except GaussadError:
         return
     assert not np.isnan(scores).any() and np.all(scores >= 0)
+    assert not np.isnan(amaps).any() and np.all(amaps >= 0)
 
 
 @FUZZ
@@ -268,3 +274,5 @@ def test_fuzz_seeds_are_valid():
     for data in model_seeds():
         model = gaussad.load(_write("seed.gaussad", data))
         assert np.all(np.isfinite(model.level_scores_features(PROBE)))
+        if model.has_maps:
+            assert np.all(np.isfinite(model.anomaly_map_features(PROBE_MAPS, 8)))
