@@ -89,3 +89,18 @@ def test_local_mean_is_average_pooling_without_padding(size):
     f = np.random.default_rng(5).normal(size=(2, 4, 6, 5)).astype(np.float32)
     ref = torch.nn.functional.avg_pool2d(torch.from_numpy(f), size, 1, size // 2, count_include_pad=False).numpy()
     np.testing.assert_allclose(local_mean(f, size), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_large_sets_are_subsampled_chunk_by_chunk(monkeypatch):
+    """Past CHUNK rows the bank is the union of the chunks' own coresets, each at the bank's fraction."""
+    import gaussad.bank as bank_mod
+
+    monkeypatch.setattr(bank_mod, "CHUNK", 100)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(250, 4)).astype(np.float32)
+    ids = np.repeat(np.arange(25), 10)
+    bank = NearestBank.build(x, ids, fraction=0.2)
+    parts = [(0, 83), (83, 167), (167, 250)]
+    expected = np.concatenate([x[lo:hi][greedy_coreset(x[lo:hi], int(np.ceil(0.2 * (hi - lo))))] for lo, hi in parts])
+    np.testing.assert_array_equal(bank.vectors, expected)
+    assert bank.seen == 250

@@ -16,6 +16,7 @@ import numpy as np
 
 PROJECTION_DIM = 128  # coreset selection runs on a random projection of this size (Johnson-Lindenstrauss)
 SCALE_SAMPLE = 2048  # members sampled to estimate the scale
+CHUNK = 65536  # larger sets of new vectors are subsampled in consecutive chunks of about this many rows
 _BLOCK = 1024  # rows per distance block: bounds the temporary to _BLOCK x bank size floats
 
 
@@ -47,6 +48,18 @@ def greedy_coreset(x: np.ndarray, size: int, start: np.ndarray | None = None, se
         np.minimum(mind, d, out=mind)
         mind[i] = -1.0
     return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of ceil(n / size) consecutive, near-equal parts of range(n)."""
+    bounds = np.linspace(0, n, -(-n // size) + 1).round().astype(int)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _coreset_indices(x: np.ndarray, size: int, start: np.ndarray | None, seed: int) -> np.ndarray:
+    """Rows of ``x`` kept: ``size`` of them (at least the ``start`` rows, at least one), all when that is every row."""
+    size = max(size, 1 if start is None else len(start))
+    return np.arange(len(x)) if size >= len(x) else greedy_coreset(x, size, start, seed)
 
 
 def nearest_distances(queries: np.ndarray, bank: np.ndarray, exclude: tuple[np.ndarray, np.ndarray] | None = None
@@ -81,7 +94,10 @@ class NearestBank:
     def build(cls, vectors: np.ndarray, ids: np.ndarray, fraction: float, seed: int = 0,
               base: "NearestBank | None" = None) -> "NearestBank":
         """A bank of ``ceil(fraction * seen)`` vectors from ``vectors`` (n, d) with image ids ``ids`` (n,); with
-        ``base``, its members are kept and new ones are chosen from ``vectors`` (incremental fitting)."""
+        ``base``, its members are kept and new ones are chosen from ``vectors`` (incremental fitting). Without a
+        base, more than ``CHUNK`` vectors are subsampled chunk by chunk (consecutive rows), which keeps the
+        selection's working set small enough for the CPU caches, at the price of no deduplication across
+        chunks."""
         vectors = np.asarray(vectors, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
         if vectors.ndim != 2 or len(ids) != len(vectors):
@@ -95,8 +111,11 @@ class NearestBank:
             start = np.arange(len(base.vectors))
         else:
             pool, pool_ids, start = vectors, ids, None
-        size = max(int(np.ceil(fraction * seen)), 1 if start is None else len(start))
-        keep = np.arange(len(pool)) if size >= len(pool) else greedy_coreset(pool, size, start, seed)
+        if start is None and len(pool) > CHUNK:
+            keep = np.concatenate([lo + _coreset_indices(pool[lo:hi], int(np.ceil(fraction * (hi - lo))), None, seed)
+                                   for lo, hi in _chunks(len(pool), CHUNK)])
+        else:
+            keep = _coreset_indices(pool, int(np.ceil(fraction * seen)), start, seed)
         return cls.from_members(pool[keep], pool_ids[keep], seen, fraction, seed)
 
     @classmethod
