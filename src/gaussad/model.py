@@ -414,6 +414,7 @@ class GaussianAD:
         for i, level in enumerate(bank_parts):
             vectors = np.concatenate([v for v, _ in level])
             ids = np.concatenate([k for _, k in level])
+            level.clear()  # the per-batch copies are no longer needed: keeps the peak memory to one level's copy
             try:
                 out.append(NearestBank.build(vectors, ids, float(self.map_coreset), seed, banks[i] if banks else None))
             except ValueError as exc:
