@@ -239,6 +239,8 @@ BANK_FORGERIES = {
     "missing-bank": (None, lambda a: a.pop("bank0.ids"), "memory bank 0 is missing"),
     "bank-bigger-than-seen": (lambda m: m["map_banks"][0].__setitem__("seen", 3), None, "more vectors than"),
     "negative-scale": (lambda m: m["map_banks"][0].__setitem__("scale", -1.0), None, "map_banks must describe"),
+    "vanishing-scale": (lambda m: m["map_banks"][0].__setitem__("scale", 1e-300), None, "map_banks must describe"),
+    "huge-bank-values": (None, lambda a: a["bank0.vectors"].__setitem__((0, 0), 1e30), "where float32 distances"),
     "bank-for-gaussian-maps": (_set("map_method", "gaussian"), None, "map_banks must describe"),
     "unknown-map-method": (_set("map_method", "knn"), None, "unknown map_method 'knn'"),
     "even-map-pool": (_set("map_pool", 2), None, "map_pool must be an odd integer"),

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 FORMAT_NAME = "gaussad-model"
 FORMAT_VERSION = 2  # 2: the checksum covers the metadata as well as the arrays
 MAX_INPUT_SIZE = 4096  # largest network input side accepted from a model file (B7 uses 600)
+MAX_BANK_ABS = 1e15  # bank values (and scales) beyond this would overflow float32 squared distances
+MIN_BANK_SCALE = 1e-30  # smaller scales round to 0 in float32
 _FOREIGN_MAGIC = (
     (b"PK\x03\x04", "a zip archive, such as a PyTorch .pth/.pt checkpoint"),
     (b"\x80", "a Python pickle"),
@@ -189,8 +191,8 @@ def _is_number(value: Any) -> bool:
 def _validate_meta(meta: Any) -> None:
     """Check the metadata schema: types, ranges and consistent lengths (ValueError says what is wrong)."""
     from .features import NORMALIZATIONS
-    from .images import RESIZES
     from .gaussian import ESTIMATORS, REDUCTIONS
+    from .images import RESIZES
     from .model import MAP_METHODS, PRESETS
 
     _need(isinstance(meta, dict), "metadata is not a JSON object")
@@ -229,8 +231,9 @@ def _validate_meta(meta: Any) -> None:
     banks = meta.get("map_banks", [])
     _need(isinstance(banks, list) and len(banks) == (len(map_levels) if method == "nearest" else 0)
           and all(isinstance(b, dict) and _is_int(b.get("seen"), 1) and _is_number(b.get("scale"))
-                  and b["scale"] > 0.0 for b in banks),
-          "map_banks must describe every map level of a nearest-neighbour model (seen >= 1, scale > 0)")
+                  and MIN_BANK_SCALE <= b["scale"] <= MAX_BANK_ABS for b in banks),
+          f"map_banks must describe every map level of a nearest-neighbour model (seen >= 1, scale in "
+          f"[{MIN_BANK_SCALE:g}, {MAX_BANK_ABS:g}])")
     _need(isinstance(map_gaussians, list) and len(map_gaussians) == (len(map_levels) if method == "gaussian" else 0)
           and all(isinstance(g, dict) and g.get("estimator") == "ledoit-wolf" and g.get("reduction") is None
                   and _is_number(g.get("shrinkage", 0.0)) and 0.0 <= g.get("shrinkage", 0.0) <= 1.0
@@ -257,6 +260,8 @@ def _validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int, 
         _need(vectors.dtype == np.float32 and vectors.ndim == 2 and vectors.shape[0] >= 1 and vectors.shape[1] >= 1,
               f"array bank{i}.vectors must be a non-empty 2-D float32 array")
         _need(bool(np.isfinite(vectors).all()), f"array bank{i}.vectors contains NaN or infinite values")
+        _need(float(np.abs(vectors).max()) <= MAX_BANK_ABS,
+              f"array bank{i}.vectors holds values beyond {MAX_BANK_ABS:g}, where float32 distances overflow")
         _need(ids.dtype == np.int64 and ids.shape == (vectors.shape[0],) and bool((ids >= 0).all()),
               f"array bank{i}.ids must hold one non-negative int64 per bank vector")
     for key, a in arrays.items():
