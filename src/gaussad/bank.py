@@ -32,11 +32,7 @@ def greedy_coreset(x: np.ndarray, size: int, start: np.ndarray | None = None, se
     x = np.ascontiguousarray(x, dtype=np.float32)
     norms = np.einsum("ij,ij->i", x, x)
     chosen = list(np.asarray(start, dtype=np.int64)) if start is not None and len(start) else [int(rng.integers(n))]
-    mind = np.full(n, np.inf, dtype=np.float32)
-    for lo in range(0, len(chosen), _BLOCK):
-        c = x[chosen[lo:lo + _BLOCK]]
-        d2 = norms[:, None] + np.einsum("ij,ij->i", c, c)[None] - 2.0 * (x @ c.T)
-        mind = np.minimum(mind, d2.min(axis=1))
+    mind = _nearest_squared(x, _prepare(x[chosen]))
     mind[chosen] = -1.0
     d = np.empty(n, dtype=np.float32)
     while len(chosen) < size:
@@ -62,21 +58,34 @@ def _coreset_indices(x: np.ndarray, size: int, start: np.ndarray | None, seed: i
     return np.arange(len(x)) if size >= len(x) else greedy_coreset(x, size, start, seed)
 
 
+def _prepare(bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(-2 * bank^T, |bank rows|^2) in float32: what :func:`_nearest_squared` multiplies queries with."""
+    b = np.ascontiguousarray(bank, dtype=np.float32)
+    return np.ascontiguousarray(b.T * np.float32(-2.0)), np.einsum("ij,ij->i", b, b)
+
+
+def _nearest_squared(queries: np.ndarray, prepared: tuple[np.ndarray, np.ndarray],
+                     exclude: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Squared Euclidean distance from each query row to its nearest bank row, the bank given as :func:`_prepare`
+    makes it (float32, may dip below 0 by rounding), block by block: min over the bank of |b|^2 - 2 q.b, + |q|^2."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    minus_2bt, bn = prepared
+    out = np.empty(len(q), dtype=np.float32)
+    for lo in range(0, len(q), _BLOCK):
+        qb = q[lo:lo + _BLOCK]
+        g = qb @ minus_2bt
+        g += bn
+        if exclude is not None:
+            g[exclude[0][lo:lo + _BLOCK, None] == exclude[1][None]] = np.inf
+        out[lo:lo + len(qb)] = g.min(axis=1) + np.einsum("ij,ij->i", qb, qb)
+    return out
+
+
 def nearest_distances(queries: np.ndarray, bank: np.ndarray, exclude: tuple[np.ndarray, np.ndarray] | None = None
                       ) -> np.ndarray:
     """Euclidean distance from each query row to its nearest bank row (float32); ``exclude=(query_ids, bank_ids)``
     skips bank rows with the query's own id."""
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    b = np.ascontiguousarray(bank, dtype=np.float32)
-    bn = np.einsum("ij,ij->i", b, b)
-    out = np.empty(len(q), dtype=np.float32)
-    for lo in range(0, len(q), _BLOCK):
-        qb = q[lo:lo + _BLOCK]
-        d2 = np.einsum("ij,ij->i", qb, qb)[:, None] + bn[None] - 2.0 * (qb @ b.T)
-        if exclude is not None:
-            d2[exclude[0][lo:lo + _BLOCK, None] == exclude[1][None]] = np.inf
-        out[lo:lo + len(qb)] = d2.min(axis=1)
-    return np.sqrt(np.maximum(out, 0.0))
+    return np.sqrt(np.maximum(_nearest_squared(queries, _prepare(bank), exclude), 0.0))
 
 
 @dataclass(frozen=True)
@@ -145,11 +154,9 @@ class NearestBank:
                                         self.fraction)
 
     @cached_property
-    def _augmented(self) -> np.ndarray:
-        """(d + 1, m) matrix [-2 * members^T; |members|^2]: with a query row [q, 1] one product gives
-        |m|^2 - 2 q.m for every member, whose minimum plus |q|^2 is the squared nearest distance."""
-        v = self.vectors
-        return np.ascontiguousarray(np.vstack([-2.0 * v.T, np.einsum("ij,ij->i", v, v)[None]]), dtype=np.float32)
+    def _prepared(self) -> tuple[np.ndarray, np.ndarray]:
+        """The members as :func:`_nearest_squared` takes them, computed once per bank."""
+        return _prepare(self.vectors)
 
     def distances(self, vectors: np.ndarray) -> np.ndarray:
         """Nearest-member distance of each row of ``vectors`` divided by ``scale`` (about 1 for normal ones)."""
@@ -157,10 +164,4 @@ class NearestBank:
             raise ValueError("a nearest-neighbour bank needs location vectors of at least 2 images")
         if vectors.shape[-1] != self.vectors.shape[1]:
             raise ValueError(f"vectors have {vectors.shape[-1]} dimensions, the bank {self.vectors.shape[1]}")
-        q = np.ascontiguousarray(vectors, dtype=np.float32)
-        out = np.empty(len(q), dtype=np.float32)
-        for lo in range(0, len(q), _BLOCK):
-            qb = q[lo:lo + _BLOCK]
-            g = np.hstack([qb, np.ones((len(qb), 1), np.float32)]) @ self._augmented
-            out[lo:lo + len(qb)] = g.min(axis=1) + np.einsum("ij,ij->i", qb, qb)
-        return np.sqrt(np.maximum(out, 0.0)) / np.float32(self.scale)
+        return np.sqrt(np.maximum(_nearest_squared(vectors, self._prepared), 0.0)) / np.float32(self.scale)
