@@ -371,13 +371,8 @@ class GaussianAD:
                     s.update(b) for s, b in zip(stats, batch)
                 ]
                 if fmaps:
-                    fmaps = self._map_inputs(fmaps)
-                if fmaps and bank_parts is not None:
-                    batch_ids = first_id + np.asarray([pos[i] for i in idx], dtype=np.int64)
-                    for level, f in zip(bank_parts, fmaps):
-                        level.append((maps.patch_vectors(f, np.float32), np.repeat(batch_ids, f.shape[2] * f.shape[3])))
-                elif fmaps:
-                    map_stats = maps.accumulate(map_stats, fmaps)
+                    map_stats = self._fold_maps(map_stats, bank_parts, fmaps,
+                                                first_id + np.asarray([pos[i] for i in idx], dtype=np.int64))
         finally:
             if bar is not None:
                 bar.close()
@@ -395,6 +390,17 @@ class GaussianAD:
             if s.n >= 2 and s.relative_spread() <= IDENTICAL_SPREAD_FLOAT32:
                 raise DataError(f"the {s.n} training images give identical features at level {name} (up to float32 "
                                 "rounding): there is no variation to model; use images that show the normal variation")
+
+    def _fold_maps(self, map_stats: list[MomentStats] | None, bank_parts: list | None, fmaps: Sequence[np.ndarray],
+                   image_ids: np.ndarray) -> list[MomentStats] | None:
+        """Add a batch of raw feature maps (images ``image_ids``) to the map statistics, or with ``bank_parts`` to
+        the location vectors collected per level for the memory banks; returns the map statistics."""
+        fmaps = self._map_inputs(fmaps)
+        if bank_parts is None:
+            return maps.accumulate(map_stats, fmaps)
+        for level, f in zip(bank_parts, fmaps):
+            level.append((maps.patch_vectors(f, np.float32), np.repeat(image_ids, f.shape[2] * f.shape[3])))
+        return map_stats
 
     def _bank_parts(self) -> list | None:
         """Per-map-level lists to collect location vectors into when this model's maps use memory banks."""
@@ -554,18 +560,14 @@ class GaussianAD:
         if len(self.map_levels_) != len(per_image[0]):
             raise DataError(f"feature maps of {len(per_image[0])} levels given, the model has {len(self.map_levels_)} "
                             "map levels")
-        groups = [(idx, self._map_inputs(fm)) for idx, fm in maps.shape_groups(per_image)]
         self.map_banks_, self.map_gaussians_, self.map_stats_ = [], [], []
-        if self._setting("map_method") == "nearest":
-            parts: list[list] = [[] for _ in groups[0][1]]
-            for idx, fm in groups:
-                for level, f in zip(parts, fm):
-                    level.append((maps.patch_vectors(f, np.float32), np.repeat(idx, f.shape[2] * f.shape[3])))
+        parts = [[] for _ in per_image[0]] if self._setting("map_method") == "nearest" else None
+        stats = None
+        for idx, fm in maps.shape_groups(per_image):
+            stats = self._fold_maps(stats, parts, fm, idx)
+        if parts is not None:
             self.map_banks_ = self._fit_banks(parts)
         else:
-            stats = None
-            for _, fm in groups:
-                stats = maps.accumulate(stats, fm)
             self.map_stats_ = stats
             self.map_gaussians_ = [LevelGaussian.fit(s, "ledoit-wolf") for s in stats]
         return self
