@@ -175,16 +175,21 @@ def load_image(source: ImageSource, index: int | None = None, max_pixels: int = 
     raise ImageError(f"{name}: unsupported image type {type(source).__name__}")
 
 
-def resize_square(img: Image.Image, size: int) -> Image.Image:
-    """Plain square resize, bilinear at pixel centres without antialiasing.
+def resize_bilinear(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize bilinearly at pixel centres without antialiasing (any PIL mode, float maps included).
 
     This is cv2.INTER_LINEAR (within one grey level), the interpolation of the paper's own code
     (albumentations ``Resize``).
     """
     w, h = img.size
-    if (w, h) == (size, size):
+    if (w, h) == (width, height):
         return img
-    return img.transform((size, size), Image.AFFINE, (w / size, 0, 0, 0, h / size, 0), resample=Image.BILINEAR)
+    return img.transform((width, height), Image.AFFINE, (w / width, 0, 0, 0, h / height, 0), resample=Image.BILINEAR)
+
+
+def resize_square(img: Image.Image, size: int) -> Image.Image:
+    """Plain square resize to size x size (:func:`resize_bilinear`), as the paper."""
+    return resize_bilinear(img, size, size)
 
 
 RESIZES = ("square", "aspect")
@@ -204,11 +209,7 @@ def resize_to(img: Image.Image, size: int, resize: str = "square") -> Image.Imag
     image's proportions (elongated parts are not stretched unevenly)."""
     if resize == "square":
         return resize_square(img, size)
-    w, h = img.size
-    tw, th = aspect_size(w, h, size)
-    if (w, h) == (tw, th):
-        return img
-    return img.transform((tw, th), Image.AFFINE, (w / tw, 0, 0, 0, h / th, 0), resample=Image.BILINEAR)
+    return resize_bilinear(img, *aspect_size(*img.size, size))
 
 
 def preprocess(img: Image.Image, size: int, normalization: Normalization = IMAGENET,

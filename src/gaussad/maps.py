@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .gaussian import LevelGaussian, MomentStats
+from .images import resize_bilinear
 
 # Five stops of a dark-blue -> red -> yellow ramp for heat-map overlays.
 _STOPS = np.array([[0, 0, 64], [0, 96, 192], [64, 192, 96], [240, 160, 0], [255, 255, 160]], dtype=np.float64)
@@ -71,10 +72,8 @@ def level_maps(gaussians: Sequence[LevelGaussian], fmaps: Sequence[np.ndarray]) 
 
 def upsample(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of one 2-D map to (width, height), sampled at pixel centres."""
-    h, w = m.shape
     img = Image.fromarray(np.ascontiguousarray(m, dtype=np.float32), mode="F")
-    out = img.transform(size, Image.AFFINE, (w / size[0], 0, 0, 0, h / size[1], 0), resample=Image.BILINEAR)
-    return np.asarray(out, dtype=np.float32)
+    return np.asarray(resize_bilinear(img, *size), dtype=np.float32)
 
 
 def combine(per_level: Sequence[np.ndarray], size: int) -> np.ndarray:
