@@ -4,6 +4,7 @@ levels are upsampled and averaged into one map per image."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -22,12 +23,16 @@ def patch_vectors(fmap: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     return np.ascontiguousarray(fmap.transpose(0, 2, 3, 1).reshape(-1, c), dtype=dtype)
 
 
+@lru_cache(maxsize=256)
 def _box(n: int, size: int) -> np.ndarray:
-    """(n, n) matrix averaging each position's ``size`` neighbours along one axis, over those inside 0..n-1."""
+    """(n, n) matrix averaging each position's ``size`` neighbours along one axis, over those inside 0..n-1
+    (cached, read-only: every batch of one shape uses the same)."""
     r = size // 2
     idx = np.arange(n)
     m = (np.abs(idx[:, None] - idx[None]) <= r).astype(np.float32)
-    return m / m.sum(axis=1, keepdims=True)
+    m /= m.sum(axis=1, keepdims=True)
+    m.flags.writeable = False
+    return m
 
 
 def _separable(fmap: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -87,13 +92,15 @@ def combine(per_level: Sequence[np.ndarray], size: int) -> np.ndarray:
     ]).astype(np.float32)
 
 
+@lru_cache(maxsize=256)
 def _bins(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) averaging matrix of adaptive average pooling: output i averages inputs
-    floor(i * n_in / n_out) .. ceil((i + 1) * n_in / n_out) - 1."""
+    floor(i * n_in / n_out) .. ceil((i + 1) * n_in / n_out) - 1 (cached, read-only)."""
     m = np.zeros((n_out, n_in), dtype=np.float32)
     for i in range(n_out):
         lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
         m[i, lo:hi] = 1.0 / (hi - lo)
+    m.flags.writeable = False
     return m
 
 
