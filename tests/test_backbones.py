@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from gaussad.backbones import create_backbone, get_spec, list_backbones, resolve_levels
-from gaussad.backbones.efficientnet import LEVEL_NAMES, _bundled_weights, read_state_dict
+from gaussad.backbones.base import read_state_dict
+from gaussad.backbones.efficientnet import LEVEL_NAMES, _bundled_weights
 from gaussad.errors import GaussadError
 from gaussad.images import load_image, preprocess
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Backbone, create_backbone, get_spec, resolve_levels, weights_file
+from .backbones import create_backbone, get_spec, resolve_levels, weights_file
+from .backbones.base import Backbone
 from .engine import Engine, TorchEngine, cached_onnx_engine, cpu_count, graph_key, resolve_engine
 from .errors import GaussadError, ImageError
 from .images import DEFAULT_MAX_PIXELS, IMAGENET, RESIZES, ImageSource, check_max_pixels, load_image, preprocess

@@ -1,7 +1,10 @@
 """Backbone registry: every feature network is created by name, timm-style.
 
-A backbone module registers a factory with :func:`register`; the factory returns a
-:class:`Backbone` whose ``forward_levels`` yields the feature map of each level.
+A family module (``efficientnet``) registers a :class:`BackboneSpec` per network with :func:`register`; the
+spec says what is known before building (input size, level names, normalisation, weights), and its factory
+builds a :class:`gaussad.backbones.base.Backbone` (a torch module whose ``forward_levels`` yields the feature
+map of each level). This module and the family modules import no torch: listing backbones and resolving
+levels stay light, and torch is imported only when a factory runs.
 """
 
 from __future__ import annotations
@@ -9,12 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import GaussadError
+
+if TYPE_CHECKING:
+    from .base import Backbone
 
 
 @dataclass
@@ -29,17 +32,6 @@ class BackboneSpec:
     description: str = ""
     native_normalization: tuple = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     bundled_weights: Callable[[], Path] | None = None
-
-
-class Backbone(nn.Module):
-    """A frozen network that returns the feature maps of the requested levels, shallowest first."""
-
-    level_names: tuple[str, ...] = ()
-    level_channels: tuple[int, ...] = ()
-
-    def forward_levels(self, x: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
-        """Feature maps (B, C, H, W) for the given sorted level indices; stops after the deepest one."""
-        raise NotImplementedError
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -64,7 +56,7 @@ def get_spec(name: str) -> BackboneSpec:
         raise GaussadError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}") from None
 
 
-def create_backbone(name: str, input_size: int | None = None, weights: str | os.PathLike | None = None) -> Backbone:
+def create_backbone(name: str, input_size: int | None = None, weights: str | os.PathLike | None = None) -> "Backbone":
     """Build a backbone by name, in eval mode with gradients off."""
     spec = get_spec(name)
     if spec.needs_weights_file and weights is None:

@@ -1,0 +1,64 @@
+"""What every backbone network shares (torch): the level-returning module base and code-free weight loading."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import GaussadError
+
+
+class Backbone(nn.Module):
+    """A frozen network that returns the feature maps of the requested levels, shallowest first."""
+
+    level_names: tuple[str, ...] = ()
+    level_channels: tuple[int, ...] = ()
+
+    def forward_levels(self, x: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
+        """Feature maps (B, C, H, W) for the given sorted level indices; stops after the deepest one."""
+        raise NotImplementedError
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a weights file without executing code: safetensors, or a torch file with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise GaussadError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any parse failure of a foreign file becomes one clear message
+        raise GaussadError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GaussadError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def load_strict(net: nn.Module, state: dict[str, torch.Tensor], source: str, what: str,
+                ignore: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``net`` strictly (keys starting with a prefix in ``ignore`` left out on both sides, a
+    ``module.`` prefix of data-parallel checkpoints dropped); mismatches give one error naming the keys."""
+    state = {k.removeprefix("module."): v for k, v in state.items()
+             if not k.removeprefix("module.").startswith(ignore or ("\0",))}
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith(ignore or ("\0",))}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or bad_shape:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape))
+            if keys
+        )
+        raise GaussadError(f"{source}: weights do not fit this {what} ({detail})")
+    net.load_state_dict(state, strict=False)
