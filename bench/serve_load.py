@@ -154,7 +154,7 @@ def check(outcomes: list[Outcome], expected: dict[str, float]) -> dict:
             continue
         try:
             (row,) = o.body["results"]
-            ok = row["filename"] == o.filename and abs(row["score"] - expected[o.filename]) <= REL_TOLERANCE * abs(
+            ok = row["path"] == o.filename and abs(row["score"] - expected[o.filename]) <= REL_TOLERANCE * abs(
                 expected[o.filename])
         except (KeyError, TypeError, ValueError):
             ok = False

@@ -23,9 +23,8 @@ from PIL import Image
 
 import gaussad
 from gaussad import GaussadError, GaussianAD, ImageError, ModelFormatError
-from gaussad.gaussian import LevelGaussian, MomentStats
 from gaussad.images import load_image
-from gaussad.persistence import FORMAT_NAME, FORMAT_VERSION, _checksum, read_model_file
+from gaussad.persistence import FORMAT_NAME, FORMAT_VERSION, checksum, read_model_file
 
 EXAMPLES = int(os.environ.get("GAUSSAD_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(
@@ -106,9 +105,7 @@ def model_seeds() -> tuple[bytes, ...]:
     calibrated.save(WORKDIR / "seed-calibrated.gaussad")
     out.append((WORKDIR / "seed-calibrated.gaussad").read_bytes())
     with_maps = GaussianAD(backbone=None).fit_features(train)  # map Gaussians as an image model with maps has them
-    with_maps.map_levels_, with_maps.map_level_names_ = [4], ["stage4"]
-    with_maps.map_stats_ = [MomentStats.from_array(rng.normal(size=(40, 5)))]
-    with_maps.map_gaussians_ = [LevelGaussian.fit(with_maps.map_stats_[0], "ledoit-wolf")]
+    with_maps.fit_map_features([[m] for m in rng.normal(size=(6, 5, 4, 4))])
     with_maps.save(WORKDIR / "seed-maps.gaussad")
     out.append((WORKDIR / "seed-maps.gaussad").read_bytes())
     banked = GaussianAD(backbone=None, map_method="nearest", map_coreset=0.5).fit_features(train)
@@ -207,7 +204,7 @@ def forged(draw) -> bytes:
                 arrays[f"level{draw(st.integers(0, 3))}.gauss.{draw(st.text('abcs', max_size=6))}"] = np.zeros(3)
     text = json.dumps(meta)
     header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "meta": text,
-              "checksum": _checksum(arrays, text)}
+              "checksum": checksum(arrays, text)}
     return save(arrays, metadata=header)
 
 

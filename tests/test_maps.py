@@ -105,7 +105,7 @@ def nearest_model(tiny_category):
 
 def _raw_maps(model, files):
     """Per map level (n, C, H, W) feature maps straight from the extractor."""
-    chunks = [fm for _, _, fm in model._extractor().iter_features_and_maps(files)]
+    chunks = [fm for _, _, fm in model.iter_features(files)]
     return [np.concatenate(level) for level in zip(*chunks)]
 
 
@@ -141,7 +141,7 @@ def test_nearest_maps_survive_save_load_chunks_and_merge(nearest_model, tiny_cat
     path = tmp_path / "m.gaussad"
     nearest_model.save(path)
     loaded = gaussad.load(path)
-    assert loaded._setting("map_method") == "nearest" and loaded._setting("map_pool") == 3
+    assert loaded.setting("map_method") == "nearest" and loaded.setting("map_pool") == 3
     expected = nearest_model.anomaly_map(test)
     np.testing.assert_array_equal(loaded.anomaly_map(test), expected)
     chunked = GaussianAD(**TINY_NEAREST).partial_fit(files[:1]).partial_fit(files[1:4]).partial_fit(files[4:])
@@ -173,9 +173,9 @@ def test_map_parameters_are_validated():
 
 def test_presets_resolve_settings():
     rec = GaussianAD(preset="recommended")
-    assert rec._setting("normalize") == "native" and rec._setting("map_levels")
-    assert GaussianAD()._setting("normalize") == "imagenet" and not GaussianAD()._setting("map_levels")
-    assert GaussianAD(preset="recommended", normalize="imagenet")._setting("normalize") == "imagenet"
+    assert rec.setting("normalize") == "native" and rec.setting("map_levels")
+    assert GaussianAD().setting("normalize") == "imagenet" and not GaussianAD().setting("map_levels")
+    assert GaussianAD(preset="recommended", normalize="imagenet").setting("normalize") == "imagenet"
     with pytest.raises(gaussad.GaussadError, match="unknown preset"):
         GaussianAD(preset="best").fit_features([np.zeros((3, 2))])
     with pytest.raises(gaussad.GaussadError, match="no anomaly maps"):

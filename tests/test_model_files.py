@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import gaussad
-import gaussad.persistence as persistence
+import gaussad.files as files
 from gaussad import GaussadError, GaussianAD, ModelFormatError
-from gaussad.persistence import FORMAT_NAME, FORMAT_VERSION, _checksum, read_model_file
+from gaussad.persistence import FORMAT_NAME, FORMAT_VERSION, checksum, read_model_file
 
 RNG = np.random.default_rng(0)
 TRAIN = [RNG.normal(size=(30, 8)), RNG.normal(size=(30, 4))]
@@ -43,7 +43,7 @@ def _forge(path, edit_meta=None, edit_arrays=None, meta_json=None):
         edit_arrays(arrays)
     text = json.dumps(meta) if meta_json is None else meta_json
     header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "meta": text,
-              "checksum": _checksum(arrays, text)}
+              "checksum": checksum(arrays, text)}
     path.write_bytes(save(arrays, metadata=header))
 
 
@@ -132,7 +132,7 @@ def test_other_format_version(model_path, version):
 
     meta, arrays = read_model_file(model_path)
     text = json.dumps(meta)
-    header = {"format": FORMAT_NAME, "meta": text, "checksum": _checksum(arrays, text)}
+    header = {"format": FORMAT_NAME, "meta": text, "checksum": checksum(arrays, text)}
     if version is not None:
         header["format_version"] = version
     model_path.write_bytes(save(arrays, metadata=header))
@@ -197,7 +197,7 @@ FORGERIES = {
                                "map_gaussians must describe every map level"),
     "unknown-preset": (_set("preset", "fastest"), None, "unknown preset 'fastest'"),
     "unknown-threshold": (_set("threshold", "banana"), None, "unknown threshold 'banana'"),
-    "fpr-out-of-range": (_set("fpr", 2.0), None, "fpr must lie strictly between 0 and 1"),
+    "fpr-out-of-range": (_set("fpr", 2.0), None, "fpr must be a fraction in (0, 1)"),
     "calibration-count": (_set("n_calibration", 5), None, "5 calibration scores in the metadata, 0 stored"),
     "nan-calibration": (lambda m: m.__setitem__("n_calibration", 2),
                         lambda a: a.__setitem__("calibration.scores", np.array([1.0, np.nan])), "NaN or infinite"),
@@ -225,7 +225,7 @@ def bank_model_path(tmp_path):
 
 def test_bank_model_round_trip(bank_model_path):
     model = gaussad.load(bank_model_path)
-    assert model._setting("map_method") == "nearest" and len(model.map_banks_[0].vectors) == 48
+    assert model.setting("map_method") == "nearest" and len(model.map_banks_[0].vectors) == 48
     _forge(bank_model_path)
     again = gaussad.load(bank_model_path)
     np.testing.assert_array_equal(again.anomaly_map_features(FMAPS, 8), model.anomaly_map_features(FMAPS, 8))
@@ -334,7 +334,7 @@ def _half_then(exc):
 def test_failed_save_keeps_the_previous_model_and_leaves_no_temp(model_path, monkeypatch, exc):
     before = model_path.read_bytes()
     newer = GaussianAD(backbone=None, estimator="oas").fit_features(TRAIN)
-    monkeypatch.setattr(persistence, "_write_all", _half_then(exc))
+    monkeypatch.setattr(files, "write_all", _half_then(exc))
     with pytest.raises(GaussadError if isinstance(exc, OSError) else KeyboardInterrupt) as info:
         newer.save(model_path)
     if isinstance(exc, OSError):
@@ -352,7 +352,7 @@ def test_failed_rename_keeps_the_previous_model(model_path, monkeypatch):
     def refuse(src, dst):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(persistence.os, "replace", refuse)
+    monkeypatch.setattr(files.os, "replace", refuse)
     with pytest.raises(GaussadError, match="cannot write model"):
         GaussianAD(backbone=None, estimator="oas").fit_features(TRAIN).save(model_path)
     assert model_path.read_bytes() == before
@@ -369,7 +369,7 @@ def test_hard_kill_mid_write_keeps_the_previous_model(model_path):
             os.write(fd, data[: len(data) // 2])
             os._exit(9)  # no cleanup, no exception handlers: as SIGKILL or a power cut
 
-        persistence._write_all = dying
+        files.write_all = dying
         GaussianAD(backbone=None, estimator="oas").fit_features(TRAIN).save(model_path)
         return 0, "not killed"
 
@@ -393,7 +393,7 @@ def test_save_into_a_folder_or_unwritable_place(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(persistence.os, "open", denied)
+    monkeypatch.setattr(files.os, "open", denied)
     with pytest.raises(GaussadError, match="cannot write model \\(Permission denied\\)"):
         model.save(tmp_path / "m.gaussad")
     assert list(tmp_path.iterdir()) == [tmp_path / "dir.gaussad"]

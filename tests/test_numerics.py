@@ -42,7 +42,7 @@ def test_nan_features_from_the_backbone_name_the_image():
 
     model = GaussianAD(**TINY, engine="torch")  # the damage is done to the torch network in memory
     with torch.no_grad():
-        next(model._extractor().module.parameters()).view(-1)[0] = float("nan")
+        next(model.feature_extractor().module.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(DataError, match="array #0: the backbone gave NaN or infinite features for 3 image"):
         model.partial_fit([_texture(i) for i in range(3)])  # fit() would rebuild the network; both share _accumulate
 

@@ -161,7 +161,7 @@ def test_score_matches_the_library(client, model_dir, test_images, fpr):
     assert body["model"] == "plain" and body["fpr"] == (fpr or 0.01)
     rows = body["results"]
     levels, scores, pvalues, decisions = _expected(model_dir / "plain.gaussad", test_images, fpr or 0.01)
-    assert [r["filename"] for r in rows] == [p.name for p in test_images]
+    assert [r["path"] for r in rows] == [p.name for p in test_images]
     np.testing.assert_allclose([r["score"] for r in rows], scores, rtol=1e-5)
     np.testing.assert_allclose([list(r["levels"].values()) for r in rows], levels, rtol=1e-5)
     assert all(list(r["levels"]) == TINY["levels"] for r in rows)

@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .errors import DataError, GaussadError, ImageError, ModelFormatError  # noqa: E402
-from .model import GaussianAD  # noqa: E402
-from .persistence import load  # noqa: E402
+from .errors import DataError, GaussadError, ImageError, InvalidParameterError, ModelFormatError, NotFittedError  # noqa: E402
+from .model import GaussianAD, load  # noqa: E402
 
-__all__ = ["GaussianAD", "load", "GaussadError", "DataError", "ImageError", "ModelFormatError", "__version__"]
+__all__ = ["GaussianAD", "load", "GaussadError", "DataError", "ImageError", "ModelFormatError", "InvalidParameterError",
+           "NotFittedError", "__version__"]

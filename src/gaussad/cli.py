@@ -18,100 +18,17 @@ EPILOG = ("Images: PNG, JPEG, BMP, TIFF, WebP (the first frame of multi-frame fi
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    from .gaussian import ESTIMATORS
+    """The model's options, from the parameter table (:mod:`gaussad.params`)."""
+    from . import params
 
-    g = p.add_argument_group("model")
-    g.add_argument("--backbone", default="efficientnet-lite0", help="feature network (see `gaussad backbones`; default %(default)s)")
-    g.add_argument("--weights", help="local weights file for the backbone (.pth/.pt state dict or .safetensors); required for efficientnet-b0..b7")
-    g.add_argument("--levels", help="comma-separated levels by name or index (stem,stage1..stage7,head = 0..8); default all 9")
-    g.add_argument("--input-size", type=int, help="input size S in pixels: the side of the square input, or with "
-                   "--resize aspect the side of a square of the same area (default: the backbone's native size)")
-    g.add_argument("--estimator", default="ledoit-wolf", choices=ESTIMATORS, help="covariance estimator or baseline (default %(default)s)")
-    g.add_argument("--reduction", default="none", choices=("none", "pca", "npca"),
-                   help="pca keeps the high-variance components, npca the low-variance ones (default %(default)s)")
-    g.add_argument("--variance", type=float, default=0.99, help="explained-variance threshold for pca/npca (default %(default)s)")
-    g.add_argument("--preset", choices=("paper", "recommended"),
-                   help="paper: the paper's recipe (default); recommended: the backbone's own input normalisation, "
-                        "aspect-kept resize, and nearest-neighbour anomaly maps from stage2-stage7 (see README for "
-                        "the figures)")
-    g.add_argument("--normalize", choices=("imagenet", "native"),
-                   help="input normalisation: ImageNet mean/std as the paper, or the backbone's own training "
-                        "normalisation (EfficientNet-Lite: (x-127)/128); default from --preset")
-    g.add_argument("--resize", choices=("square", "aspect"),
-                   help="square: plain resize to S x S as the paper; aspect: keep the image's proportions at about "
-                        "S x S pixels (sides multiples of 32); default from --preset")
-    g.add_argument("--map-levels",
-                   help="comma-separated levels for anomaly maps, or 'none'; default from --preset")
-    g.add_argument("--map-method", choices=("gaussian", "nearest"),
-                   help="anomaly-map scoring: one Gaussian per level shared by all positions, or the distance to the "
-                        "nearest location of a memory bank of training locations; default from --preset")
-    g.add_argument("--map-pool", type=_positive_int, metavar="K",
-                   help="average location vectors over K x K neighbourhoods before scoring them (odd K; 1 = off); "
-                        "default from --preset")
-    g.add_argument("--map-coreset", type=float, default=0.1, metavar="F",
-                   help="fraction of the training locations kept in each memory bank (greedy k-centre coreset; "
-                        "nearest maps only; default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
-    _max_pixels_option(g)
-    _engine_option(g)
+    params.add_options(p.add_argument_group("model"), params.cli_names("model"))
+    params.add_options(p.add_argument_group("intake"), params.cli_names("intake"))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _model_params(args: argparse.Namespace, *groups: str) -> dict:
+    from . import params
 
-
-def _max_pixels_option(p) -> None:
-    from .images import DEFAULT_MAX_PIXELS
-
-    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help="refuse image files with more pixels than N, checked before decoding "
-                        "(decompression-bomb guard; default %(default)s)")
-
-
-def _engine_option(p) -> None:
-    from .engine import ENGINES
-
-    p.add_argument("--engine", default="auto", choices=ENGINES,
-                   help="inference engine: onnxruntime (the network exported once to ONNX, cached under "
-                        "$GAUSSAD_CACHE or ~/.cache/gaussad), torch (eager), or auto = onnxruntime when installed "
-                        "(default %(default)s); both give the same scores")
-
-
-def _model_params(args: argparse.Namespace) -> dict:
-    return {
-        "backbone": args.backbone,
-        "weights": args.weights,
-        "levels": [s.strip() for s in args.levels.split(",") if s.strip()] if args.levels else None,
-        "input_size": args.input_size,
-        "estimator": args.estimator,
-        "reduction": None if args.reduction == "none" else args.reduction,
-        "variance": args.variance,
-        "normalize": args.normalize,
-        "resize": args.resize,
-        "map_levels": _map_levels(args.map_levels),
-        "map_method": args.map_method,
-        "map_pool": args.map_pool,
-        "map_coreset": args.map_coreset,
-        "preset": args.preset,
-        "batch_size": args.batch_size,
-        "max_pixels": args.max_pixels,
-        "engine": args.engine,
-    }
-
-
-def _map_levels(text: str | None) -> list[str] | None:
-    """CLI text -> map levels: None keeps the preset's, 'none' turns maps off."""
-    if text is None:
-        return None
-    if text.strip().lower() == "none":
-        return []
-    return [s.strip() for s in text.split(",") if s.strip()]
+    return params.from_args(args, params.cli_names("model", "intake", *groups))
 
 
 def _training_images(folder: str) -> list[Path]:
@@ -124,17 +41,10 @@ def _training_images(folder: str) -> list[Path]:
 
 
 def _threshold_options(p: argparse.ArgumentParser) -> None:
-    from .threshold import METHODS
+    from . import params
 
-    g = p.add_argument_group("threshold (saved in the model; `score` uses it unless told otherwise)")
-    g.add_argument("--threshold", default="chi2", choices=METHODS,
-                   help="decision rule: chi2 per level (the paper), hotelling (finite-sample F law per level) or "
-                        "conformal (quantile of held-out normal scores, needs --calibration); default %(default)s")
-    g.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default %(default)s)")
-    g.add_argument("--calibration", type=float, metavar="FRACTION",
-                   help="hold out this fraction of the images (e.g. 0.2) to compute conformal calibration scores "
-                        "with a model fitted on the rest, then refit on all images")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random calibration split (default %(default)s)")
+    params.add_options(p.add_argument_group("threshold (saved in the model; `score` uses it unless told otherwise)"),
+                       params.cli_names("threshold"))
 
 
 def _finite(x: float) -> float | None:
@@ -154,8 +64,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if Path(args.output).is_dir():
         raise GaussadError(f"{args.output}: is a folder; give the model file's name with -o")
     files = _training_images(args.train_dir)
-    model = GaussianAD(**_model_params(args), threshold=args.threshold, fpr=args.fpr, calibration=args.calibration,
-                       random_state=args.seed, verbose=not (args.quiet or args.json))
+    model = GaussianAD(**_model_params(args, "threshold"), verbose=not (args.quiet or args.json))
     model.fit(files, on_error=args.on_error)
     model.save(args.output)
     cal = getattr(model, "calibration_scores_", None)
@@ -188,20 +97,19 @@ RULES = {
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from . import params
     from .images import expand_sources
-    from .persistence import load
+    from .model import load
+    from .results import result_rows
 
     model = load(args.model)
     if args.preset and (model.preset or "paper") != args.preset:
         raise GaussadError(f"{args.model}: fitted with preset {model.preset or 'paper'}, not {args.preset}; "
                            f"refit with --preset {args.preset}")
-    model.verbose = not (args.quiet or args.json)
-    model.batch_size = args.batch_size
-    model.max_pixels = args.max_pixels
+    model.set_params(verbose=not (args.quiet or args.json), **params.from_args(args, params.cli_names("intake")))
     method = args.threshold or model.threshold
     fpr = model.fpr if args.fpr is None else args.fpr
     limit = model.score_threshold(fpr, method)  # fails early when the rule cannot apply to this model
-    model.engine = args.engine
     files = expand_sources(args.images)
     skipped: list = []
     if args.maps:
@@ -213,12 +121,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not args.maps:
         levels = model.level_scores_features(feats) if kept else np.zeros((0, len(model.level_names_)))
     decisions, pvalues = model.decide(levels, fpr, method) if kept else ([], [])
-    scores = levels.mean(axis=1)
-    rows = [
-        {"path": str(f), "score": float(s), "levels": dict(zip(model.level_names_, map(float, lv))),
-         "pvalue": float(p), "anomalous": bool(d)}
-        for f, s, lv, p, d in zip(kept, scores, levels, pvalues, decisions)
-    ]
+    rows = result_rows(kept, model.level_names_, levels, decisions, pvalues)
     if args.maps:
         for row, path, amap in zip(rows, _write_overlays(args.maps, kept, amaps, args.max_pixels), amaps):
             row["map"], row["map_max"] = str(path), float(amap.max())
@@ -248,15 +151,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def _write_overlays(folder: str, files: list[Path], amaps: np.ndarray, max_pixels: int) -> list[Path]:
     """Write one heat-map overlay PNG per image into ``folder`` (atomically each); returns their paths."""
-    import os
-    import tempfile
-
+    from .files import write_atomic
     from .images import load_image
     from .maps import overlay
-    from .persistence import publish
 
     out_dir = Path(folder)
-    out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     paths = []
     for i, (src, amap) in enumerate(zip(files, amaps)):
@@ -264,23 +163,21 @@ def _write_overlays(folder: str, files: list[Path], amaps: np.ndarray, max_pixel
         if name in used:
             name = f"{Path(src).stem}_{i}_map.png"
         used.add(name)
-        target = out_dir / name
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".png", dir=out_dir)
-        os.close(fd)
-        overlay(load_image(src, max_pixels=max_pixels), amap).save(tmp, format="PNG")
-        publish(tmp, target)
-        paths.append(target)
+        image = overlay(load_image(src, max_pixels=max_pixels), amap)
+        paths.append(write_atomic(out_dir / name, lambda fh, image=image: image.save(fh, format="PNG"), "overlay"))
     return paths
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_markdown, format_table
 
+    from .files import write_atomic
+
     report = evaluate(args.root, protocol=args.protocol, verbose=not args.quiet, **_model_params(args))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode(), "JSON report")
     if args.report:
-        Path(args.report).write_text(format_markdown(report))
+        write_atomic(args.report, format_markdown(report).encode(), "report")
     print(format_table(report))
     return 0
 
@@ -307,6 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import params
     parser = argparse.ArgumentParser(
         prog="gaussad",
         description="Visual anomaly detection: a Gaussian per level of pretrained EfficientNet features, fitted on normal images only.",
@@ -331,12 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score images: one row per image with its score, per-level distances, p-value and decision.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--fpr", type=float, help="target false-positive rate of the decision (default: the model's)")
-    p.add_argument("--threshold", choices=("chi2", "hotelling", "conformal"),
-                   help="decision rule (default: the model's); conformal needs a model fitted with --calibration")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
-    _max_pixels_option(p)
-    _engine_option(p)
+    params.add_options(p, ("fpr", "threshold"), model_defaults=True)
+    params.add_options(p, params.cli_names("intake"))
     p.add_argument("--on-error", choices=("fail", "skip"), default="skip",
                    help="an unreadable image is reported and skipped (skip, default) or stops the run (fail)")
     p.add_argument("--maps", metavar="DIR",

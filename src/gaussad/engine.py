@@ -12,19 +12,21 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import warnings
+from importlib import metadata
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
 from . import __version__
 from .errors import GaussadError
+from .files import write_atomic
+from .params import ENGINES
 
-ENGINES = ("auto", "onnxruntime", "torch")
+if TYPE_CHECKING:
+    from torch import nn
+
 OPSET = 17
 
 
@@ -88,10 +90,12 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: "nn.Module"):
         self.module = module.eval()
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        import torch
+
         with torch.inference_mode():
             return [o.numpy() for o in self.module(torch.from_numpy(batch))]
 
@@ -123,11 +127,12 @@ class OnnxRuntimeEngine:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
 
 
-def export_onnx(module: nn.Module, input_size: int, metadata: dict[str, str] | None = None,
+def export_onnx(module: "nn.Module", input_size: int, meta: dict[str, str] | None = None,
                 any_size: bool = False) -> bytes:
     """Serialised ONNX graph of ``module`` for a (batch, 3, input_size, input_size) input, batch axis dynamic;
     with ``any_size`` the height and width axes (and those of spatial outputs) are dynamic too."""
     import onnx
+    import torch
 
     example = torch.zeros(2, 3, input_size, input_size)
     with torch.inference_mode():
@@ -145,24 +150,9 @@ def export_onnx(module: nn.Module, input_size: int, metadata: dict[str, str] | N
             dynamic_axes=axes,
         )
     model = onnx.load_from_string(buf.getvalue())
-    for key, value in (metadata or {}).items():
+    for key, value in (meta or {}).items():
         model.metadata_props.add(key=key, value=value)
     return model.SerializeToString()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def graph_key(graph: str, backbone: str, weights: str | os.PathLike | None, input_size: int,
@@ -185,12 +175,12 @@ def graph_key(graph: str, backbone: str, weights: str | os.PathLike | None, inpu
         "gaussad.levels": ",".join(map(str, levels)),
         "gaussad.map_levels": ",".join(map(str, map_levels)),
         "gaussad.version": __version__,
-        "gaussad.torch": torch.__version__,
+        "gaussad.torch": metadata.version("torch"),
         "gaussad.opset": str(OPSET),
     }
 
 
-def cached_onnx_engine(build: Callable[[], nn.Module], input_size: int, key: dict[str, str],
+def cached_onnx_engine(build: Callable[[], "nn.Module"], input_size: int, key: dict[str, str],
                        directory: str | os.PathLike | None = None, any_size: bool = False) -> OnnxRuntimeEngine:
     """An ONNX Runtime engine for the module ``build()`` makes, built and exported only when no valid cached
     graph matches ``key``.
@@ -210,8 +200,8 @@ def cached_onnx_engine(build: Callable[[], nn.Module], input_size: int, key: dic
             return engine
     data = export_onnx(build(), input_size, key, any_size)
     try:
-        _write_atomic(path, data)
-    except OSError as exc:
+        write_atomic(path, data, "ONNX graph")
+    except GaussadError as exc:
         warnings.warn(f"gaussad: cannot cache the ONNX graph in {path.parent} ({exc}); exporting it on each run",
                       stacklevel=2)
         return OnnxRuntimeEngine(data)

@@ -9,9 +9,25 @@ class ImageError(GaussadError):
     """An image that cannot be read or converted; the message names the file."""
 
 
+class UnknownImageFormatError(ImageError):
+    """Bytes that are not an image of an accepted format."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image with more pixels than the limit, refused from its header before decoding."""
+
+
 class DataError(GaussadError):
     """A data folder or image collection that cannot be used (empty, wrong layout, too few images)."""
 
 
 class ModelFormatError(GaussadError):
     """A model file that is not a gaussad model, is from another format version, or is damaged."""
+
+
+class InvalidParameterError(GaussadError, ValueError):
+    """A parameter value outside its allowed range (a ``ValueError``, as scikit-learn raises)."""
+
+
+class NotFittedError(GaussadError, ValueError, AttributeError):
+    """A model used before ``fit``; a ``ValueError`` and an ``AttributeError``, like scikit-learn's."""

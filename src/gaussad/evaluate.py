@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
+from . import params as parameters
 from .datasets import Category, find_categories, kfold_indices
 from .errors import GaussadError
-from .model import GaussianAD, _progress
+from .model import GaussianAD
 from .threshold import METHODS
 
 PROTOCOLS = ("paper", "full")
@@ -44,17 +45,11 @@ def load_masks(category: Category, size: int) -> np.ndarray:
 def extract(model: GaussianAD, files: list, desc: str, with_maps: bool) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
     """Pooled features of ``files`` and, if asked, their raw feature maps (per image, one (C, H, W) array per map
     level: sizes differ between images with the aspect-kept resize), in one pass."""
-    extractor = model._extractor()
-    bar = _progress(len(files), desc, model.verbose)
     pooled, fmaps = [], []
-    try:
-        for _, batch, fm in extractor.iter_features_and_maps(files, bar):
-            pooled.append(batch)
-            if with_maps:
-                fmaps.extend(list(image) for image in zip(*fm))
-    finally:
-        if bar is not None:
-            bar.close()
+    for _, batch, fm in model.iter_features(files, desc):
+        pooled.append(batch)
+        if with_maps:
+            fmaps.extend(list(image) for image in zip(*fm))
     return [np.concatenate(p) for p in zip(*pooled)], fmaps
 
 
@@ -76,12 +71,11 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
     fold_aurocs, level_aurocs, pixel_aurocs, max_map_aurocs, rates, n_cal = [], [], [], [], [], []
     for keep, held in folds:
         if protocol == "paper":
-            model = GaussianAD(**params).fit_features([f[keep] for f in train])
+            model = GaussianAD(**params).fit_features([f[keep] for f in train], level_names)
             model.calibrate_features([f[held] for f in train])
         else:
-            model = GaussianAD(**{**params, "calibration": FULL_CALIBRATION, "random_state": seed}).fit_features(train)
-        if level_names is not None:
-            model.level_names_ = list(level_names)  # plain-feature fits number their levels; name them in messages
+            model = GaussianAD(**{**params, "calibration": FULL_CALIBRATION, "random_state": seed}).fit_features(
+                train, level_names)
         n_cal.append(int(model.calibration_scores_.size))
         level = model.level_scores_features(test)
         fold_aurocs.append(roc_auc(category.test_labels, level.mean(axis=1)))
@@ -156,8 +150,8 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
         raise ValueError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     categories = find_categories(root)
     extractor_model = GaussianAD(**params, verbose=verbose)
-    extractor_model._validate_params()
-    extractor = extractor_model._extractor()
+    parameters.validate(extractor_model.get_params())
+    extractor = extractor_model.feature_extractor()
     results: dict[str, Any] = {}
     for cat in categories:
         with_maps = bool(extractor.map_levels) and cat.has_masks
@@ -175,13 +169,13 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
         "input_size": extractor.input_size,
         "levels": extractor.level_names,
         "map_levels": extractor.map_level_names,
-        "map_method": extractor_model._setting("map_method") if extractor.map_levels else None,
-        "map_pool": extractor_model._setting("map_pool") if extractor.map_levels else None,
+        "map_method": extractor_model.setting("map_method") if extractor.map_levels else None,
+        "map_pool": extractor_model.setting("map_pool") if extractor.map_levels else None,
         "estimator": params.get("estimator", "ledoit-wolf"),
         "reduction": params.get("reduction"),
         "variance": params.get("variance", 0.99) if params.get("reduction") else None,
-        "normalize": extractor_model._setting("normalize"),
-        "resize": extractor_model._setting("resize"),
+        "normalize": extractor_model.setting("normalize"),
+        "resize": extractor_model.setting("resize"),
         "categories": results,
         "n_categories": len(results),
         "mean_image_auroc": float(np.mean(aurocs)),

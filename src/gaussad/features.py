@@ -7,38 +7,20 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
-import numpy as np
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from .backbones import create_backbone, get_spec, resolve_levels, weights_file
-from .backbones.base import Backbone
-from .engine import Engine, TorchEngine, cached_onnx_engine, cpu_count, graph_key, resolve_engine
+import numpy as np
+
+from .backbones import get_spec, resolve_levels, weights_file
+from .engine import Engine, cpu_count, graph_key, resolve_engine
 from .errors import GaussadError, ImageError
-from .images import DEFAULT_MAX_PIXELS, IMAGENET, RESIZES, ImageSource, check_max_pixels, load_image, preprocess
+from .images import IMAGENET, ImageSource, check_max_pixels, load_image, preprocess
+from .params import DEFAULT_MAX_PIXELS, NORMALIZATIONS, RESIZES
+
+if TYPE_CHECKING:
+    from .backbones.base import PooledLevels
 
 ON_ERROR = ("fail", "skip")
-NORMALIZATIONS = ("imagenet", "native")
-
-
-class PooledLevels(nn.Module):
-    """Backbone plus global average pooling of each chosen level: (B,3,S,S) -> tuple of (B, C_l).
-
-    With ``map_levels`` the spatial feature maps (B, C, H, W) of those levels follow the pooled vectors in the
-    output tuple, from the same forward pass.
-    """
-
-    def __init__(self, backbone: Backbone, levels: Sequence[int], map_levels: Sequence[int] = ()):
-        super().__init__()
-        self.backbone = backbone
-        self.levels = list(levels)
-        self.map_levels = list(map_levels)
-        self._all = sorted(set(self.levels) | set(self.map_levels))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        by_level = dict(zip(self._all, self.backbone.forward_levels(x, self._all)))
-        pooled = tuple(by_level[i].mean(dim=(2, 3)) for i in self.levels)
-        return pooled + tuple(by_level[i] for i in self.map_levels)
 
 
 class FeatureExtractor:
@@ -84,13 +66,16 @@ class FeatureExtractor:
         if resize not in RESIZES:
             raise GaussadError(f"unknown resize {resize!r}; choose one of: {', '.join(RESIZES)}")
         self.resize = resize
-        self._module: PooledLevels | None = None
+        self._module: "PooledLevels | None" = None
         self._runner: Engine | None = None
 
     @property
-    def module(self) -> PooledLevels:
-        """The torch module, built on first use so that constructing an extractor is cheap."""
+    def module(self) -> "PooledLevels":
+        """The torch module, built on first use so that constructing an extractor is cheap (and imports no torch)."""
         if self._module is None:
+            from .backbones import create_backbone
+            from .backbones.base import PooledLevels
+
             net = create_backbone(self.backbone_name, self.input_size, self.weights)
             self._module = PooledLevels(net, self.levels, self.map_levels).eval()
         return self._module
@@ -103,9 +88,13 @@ class FeatureExtractor:
                 graph = ("pooled-maps" if self.map_levels else "pooled") + ("-anysize" if self.resize == "aspect" else "")
                 key = graph_key(graph, self.backbone_name, weights_file(self.backbone_name, self.weights),
                                 self.input_size, self.levels, self.map_levels)
+                from .engine import cached_onnx_engine
+
                 self._runner = cached_onnx_engine(lambda: self.module, self.input_size, key,
                                                   any_size=self.resize == "aspect")
             else:
+                from .engine import TorchEngine
+
                 self._runner = TorchEngine(self.module)
         return self._runner
 
@@ -200,3 +189,49 @@ class FeatureExtractor:
         if not chunks:
             return [np.zeros((0, d)) for d in self.level_dims]
         return [np.concatenate(level) for level in zip(*chunks)]
+
+
+def normalization_meta(backbone: str | None, normalize: str, resize: str) -> dict | None:
+    """Mean/std and resize actually applied to the input, as model files describe them (None without backbone)."""
+    if backbone is None:
+        return None
+    mean, std = IMAGENET if normalize == "imagenet" else get_spec(backbone).native_normalization
+    shape = "square" if resize == "square" else "aspect kept, about S*S pixels, sides multiples of 32"
+    return {"mean": list(mean), "std": list(std), "resize": f"{shape}, bilinear at pixel centres (cv2 INTER_LINEAR)"}
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr, or None when progress is off."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+
+
+class ExtractorCache:
+    """One :class:`FeatureExtractor` for a model: rebuilt only when a setting that shapes the network changes
+    (an extractor holds an inference session); batch size and pixel limit are set on each use."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.extractor: FeatureExtractor | None = None
+
+    def get(self, settings: dict, layout=None) -> FeatureExtractor:
+        """The extractor for resolved model ``settings``; a fitted model's ``layout`` fixes levels and input size."""
+        spec = get_spec(settings["backbone"])
+        map_levels = settings["map_levels"]
+        key = (settings["backbone"], settings["weights"],
+               tuple(layout.levels if layout else resolve_levels(spec.level_names, settings["levels"])),
+               (layout.input_size if layout else settings["input_size"]) or spec.input_size,
+               settings["normalize"], settings["resize"],
+               tuple(layout.map_levels if layout else resolve_levels(spec.level_names, map_levels) if map_levels else ()),
+               settings["engine"])
+        if self.extractor is None or self.key != key:
+            backbone, weights, levels, size, normalize, resize, maps, engine = key
+            self.extractor = FeatureExtractor(backbone, list(levels), size, weights, int(settings["batch_size"]),
+                                              normalize=normalize, map_levels=list(maps), engine=engine,
+                                              max_pixels=settings["max_pixels"], resize=resize)
+            self.key = key
+        self.extractor.batch_size, self.extractor.max_pixels = int(settings["batch_size"]), int(settings["max_pixels"])
+        return self.extractor

@@ -1,11 +1,14 @@
-"""Opening input files safely: regular files only, with one clear error for every way that can fail."""
+"""Files in and out: opening input files safely (regular files only, one clear error for every way that can fail)
+and writing outputs atomically (model files, the engine cache, CLI outputs)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat
-from typing import BinaryIO
+from pathlib import Path
+from typing import BinaryIO, Callable
 
 from .errors import GaussadError
 
@@ -49,3 +52,64 @@ def open_regular_file(path: str | os.PathLike, error: type[GaussadError], kind: 
         os.close(fd)
         raise
 
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` to the descriptor ``fd``."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make a rename in ``folder`` durable; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], what: str = "file") -> Path:
+    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically; returns the path.
+
+    The bytes go to a hidden temporary file in the same folder, are flushed to disk, get the usual permissions
+    (0666 less the umask) and are renamed over ``path``; the folder is synced so the rename survives a crash.
+    An interruption at any point leaves either the previous file or the complete new one, and no temporary.
+    Failures raise :class:`GaussadError` naming ``path`` and saying what could not be written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise GaussadError(f"{path}: is a folder; give the {what}'s name")
+    tmp = path.with_name(f".{path.name[:200]}.{secrets.token_hex(6)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as exc:
+        raise GaussadError(f"{path}: cannot write {what} ({exc.strerror or exc})") from None
+    try:
+        try:
+            if callable(data):
+                with os.fdopen(os.dup(fd), "wb") as fh:
+                    data(fh)
+            else:
+                write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise GaussadError(f"{path}: cannot write {what} ({exc.strerror or exc})") from None
+        raise
+    fsync_folder(path.parent)
+    return path

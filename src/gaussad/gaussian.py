@@ -42,8 +42,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-ESTIMATORS: tuple[str, ...] = ("ledoit-wolf", "oas", "empirical", "diagonal", "l2")
-REDUCTIONS: tuple[str | None, ...] = (None, "pca", "npca")
+from .params import ESTIMATORS, REDUCTIONS  # noqa: E402  (the choices are declared once, in the parameter table)
 
 _EPS = np.finfo(np.float64).eps
 # Largest accepted magnitude of a value: fourth moments of d-dim vectors must stay far below float64's 1.8e308.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -11,10 +12,11 @@ from typing import BinaryIO, Iterable, Union
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import DataError, GaussadError, ImageError
+from .errors import DataError, GaussadError, ImageError, ImageTooLargeError, UnknownImageFormatError
 from .files import open_regular_file
+from .params import DEFAULT_MAX_PIXELS
 
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,15 +26,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # PIL decoders tried, in this order; no other decoder ever sees the bytes (EPS would start Ghostscript).
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 FORMAT_NAMES = "PNG, JPEG, BMP, TIFF or WebP"
-# PIL's own hard limit (2 * Image.MAX_IMAGE_PIXELS): 178,956,970 pixels, about 537 MB as 8-bit RGB.
-DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
 
 
 def describe(source: ImageSource, index: int | None = None) -> str:
     """A short name for an image source, used in error messages and reports."""
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
-    kind = "PIL image" if isinstance(source, Image.Image) else "array"
+    kind = "PIL image" if isinstance(source, Image.Image) else "bytes" if isinstance(source, bytes) else "array"
     return f"{kind} #{index}" if index is not None else kind
 
 
@@ -121,14 +121,14 @@ def _decode(fh: BinaryIO, name: str, max_pixels: int, draft: int | None = None) 
     try:
         img = _identify(fh, name)
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not a {FORMAT_NAMES} image (unknown format or damaged header)") from None
+        raise UnknownImageFormatError(f"{name}: not a {FORMAT_NAMES} image (unknown format or damaged header)") from None
     except Exception as exc:  # a damaged header can make a decoder fail in many ways
         raise ImageError(f"{name}: damaged image header ({type(exc).__name__}: {exc})") from None
     width, height = img.size
     if width < 1 or height < 1:
         raise ImageError(f"{name}: image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise ImageError(f"{name}: refused, {width}x{height} = {width * height} pixels exceeds the limit of "
+        raise ImageTooLargeError(f"{name}: refused, {width}x{height} = {width * height} pixels exceeds the limit of "
                          f"{max_pixels} (a decompression bomb? raise max_pixels / --max-pixels if it is genuine)")
     try:
         if draft and img.format == "JPEG":
@@ -154,15 +154,20 @@ def _convert(img: Image.Image, name: str) -> Image.Image:
 
 
 def load_image(source: ImageSource, index: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-               draft: int | None = None) -> Image.Image:
-    """Read one image as 8-bit RGB, applying EXIF orientation; errors name the file.
+               draft: int | None = None, name: str | None = None) -> Image.Image:
+    """Read one image (a file, the bytes of a file such as an upload, a PIL image or a uint8 array) as 8-bit RGB,
+    applying EXIF orientation; errors name the file (or ``name``, e.g. an upload's filename).
 
     Files must be PNG, JPEG, BMP, TIFF or WebP of at most ``max_pixels`` pixels (checked from the header,
     before decoding). Multi-frame files give their first frame. With ``draft=S`` a JPEG file at least 2*S
     pixels on both sides is decoded at 1/2, 1/4 or 1/8 scale (PIL's draft mode, much faster), never below S
     on either side; other files decode in full.
     """
-    name = describe(source, index)
+    name = name or describe(source, index)
+    if isinstance(source, bytes):
+        if not source:
+            raise UnknownImageFormatError(f"{name}: empty file, not an image")
+        return _decode(io.BytesIO(source), name, max_pixels, draft)
     if isinstance(source, np.ndarray):
         return _to_rgb(_array_to_image(source, name), name)
     if isinstance(source, Image.Image):
@@ -192,7 +197,6 @@ def resize_square(img: Image.Image, size: int) -> Image.Image:
     return resize_bilinear(img, size, size)
 
 
-RESIZES = ("square", "aspect")
 ASPECT_STEP = 32  # aspect-kept sides are multiples of the backbone's largest stride, so every level divides evenly
 
 
@@ -248,3 +252,12 @@ def expand_sources(items: Iterable[str | os.PathLike]) -> list[Path]:
         path = Path(item)
         out.extend(list_images(path) if path.is_dir() else [path])
     return out
+
+
+def image_list(images: Iterable[ImageSource] | str | os.PathLike) -> list[ImageSource]:
+    """A list of image sources; a folder or file name given where a list is expected is refused (it would
+    otherwise be read character by character)."""
+    if isinstance(images, (str, bytes, os.PathLike)):
+        raise DataError(f"{os.fsdecode(images)}: give a list of images; for a folder use "
+                        "gaussad.images.list_images(folder)")
+    return list(images)

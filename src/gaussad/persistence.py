@@ -13,21 +13,19 @@ import hashlib
 import json
 import math
 import os
-import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from . import params
 from .errors import GaussadError, ModelFormatError
-from .files import open_regular_file
-
-if TYPE_CHECKING:
-    from .model import GaussianAD
+from .files import open_regular_file, write_atomic
+from .params import ESTIMATORS, MAP_METHODS, MAX_INPUT_SIZE, MAX_MAP_POOL, NORMALIZATIONS, PRESETS, REDUCTIONS, RESIZES
+from .state import DetectorState
 
 FORMAT_NAME = "gaussad-model"
 FORMAT_VERSION = 2  # 2: the checksum covers the metadata as well as the arrays
-MAX_INPUT_SIZE = 4096  # largest network input side accepted from a model file (B7 uses 600)
 MAX_BANK_ABS = 1e15  # bank values (and scales) beyond this would overflow float32 squared distances
 MIN_BANK_SCALE = 1e-30  # smaller scales round to 0 in float32
 _FOREIGN_MAGIC = (
@@ -38,7 +36,7 @@ _FOREIGN_MAGIC = (
 )
 
 
-def _checksum(arrays: dict[str, np.ndarray], meta: str) -> str:
+def checksum(arrays: dict[str, np.ndarray], meta: str) -> str:
     """SHA-256 over the metadata JSON and every array's name, dtype, shape and bytes, in name order."""
     h = hashlib.sha256()
     h.update(f"meta|{len(meta)}|".encode())
@@ -50,85 +48,14 @@ def _checksum(arrays: dict[str, np.ndarray], meta: str) -> str:
     return h.hexdigest()
 
 
-def _arrays_of(model: "GaussianAD") -> dict[str, np.ndarray]:
-    arrays: dict[str, np.ndarray] = {}
-    for i, (g, s) in enumerate(zip(model.gaussians_, model.stats_)):
-        arrays.update(g.to_arrays(f"level{i}.gauss."))
-        arrays.update(s.to_arrays(f"level{i}.stats."))
-    for i, (g, s) in enumerate(zip(model.map_gaussians_, model.map_stats_)):
-        arrays.update(g.to_arrays(f"map{i}.gauss."))
-        arrays.update(s.to_arrays(f"map{i}.stats."))
-    for i, b in enumerate(model.map_banks_):
-        arrays[f"bank{i}.vectors"] = b.vectors
-        arrays[f"bank{i}.ids"] = b.ids
-    if getattr(model, "calibration_scores_", None) is not None:
-        arrays["calibration.scores"] = np.asarray(model.calibration_scores_, dtype=np.float64)
-    return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-
-
-def publish(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Give a finished temporary file the usual permissions (0666 less the umask) and rename it into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, target)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write every byte of ``data`` to the descriptor ``fd``."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable; a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_model(model: "GaussianAD", path: str | os.PathLike) -> None:
-    """Write ``model`` to ``path`` through a temporary file and an atomic rename.
-
-    An interruption at any point leaves either the previous file or the complete new one, and no temporary.
-    """
+def save_model(path: str | os.PathLike, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Write a model file (metadata and arrays) to ``path`` atomically (:func:`gaussad.files.write_atomic`)."""
     from safetensors.numpy import save
 
-    path = Path(path)
-    arrays = _arrays_of(model)
-    meta = json.dumps(model.metadata())
-    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "meta": meta,
-              "checksum": _checksum(arrays, meta)}
-    data = save(arrays, metadata=header)
-    if path.is_dir():
-        raise GaussadError(f"{path}: is a folder; give the model file's name")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as exc:
-        raise GaussadError(f"{path}: cannot write model ({exc.strerror or exc})") from None
-    try:
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise GaussadError(f"{path}: cannot write model ({exc.strerror or exc})") from None
-        raise
-    _fsync_dir(path.parent)
+    meta_json = json.dumps(meta)
+    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "meta": meta_json,
+              "checksum": checksum(arrays, meta_json)}
+    write_atomic(path, save(arrays, metadata=header), "model file")
 
 
 def _header_metadata(data: bytes) -> dict:
@@ -166,7 +93,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray
             "refit the model"
         )
     meta_json = header.get("meta")
-    if not isinstance(meta_json, str) or header.get("checksum") != _checksum(arrays, meta_json):
+    if not isinstance(meta_json, str) or header.get("checksum") != checksum(arrays, meta_json):
         raise ModelFormatError(f"{path}: model file is damaged (checksum mismatch)")
     try:
         meta = json.loads(meta_json)
@@ -188,13 +115,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _validate_meta(meta: Any) -> None:
+def validate_meta(meta: Any) -> None:
     """Check the metadata schema: types, ranges and consistent lengths (ValueError says what is wrong)."""
-    from .features import NORMALIZATIONS
-    from .gaussian import ESTIMATORS, REDUCTIONS
-    from .images import RESIZES
-    from .model import MAP_METHODS, PRESETS
-
     _need(isinstance(meta, dict), "metadata is not a JSON object")
     missing = [k for k in ("backbone", "weights", "levels", "level_names", "input_size", "normalize", "estimator",
                            "reduction", "variance", "n_samples", "feature_dims", "gaussians", "preset", "map_levels",
@@ -226,7 +148,7 @@ def _validate_meta(meta: Any) -> None:
     method, pool, coreset = (meta.get("map_method", "gaussian"), meta.get("map_pool", 1),
                              meta.get("map_coreset", 0.1))
     _need(method in MAP_METHODS, f"unknown map_method {str(method)[:40]!r}")
-    _need(_is_int(pool, 1, 15) and pool % 2 == 1, "map_pool must be an odd integer 1..15")
+    _need(_is_int(pool, 1, MAX_MAP_POOL) and pool % 2 == 1, f"map_pool must be an odd integer 1..{MAX_MAP_POOL}")
     _need(_is_number(coreset) and 0.0 < coreset <= 1.0, "map_coreset must lie in (0, 1]")
     banks = meta.get("map_banks", [])
     _need(isinstance(banks, list) and len(banks) == (len(map_levels) if method == "nearest" else 0)
@@ -250,7 +172,7 @@ def _validate_meta(meta: Any) -> None:
         _need("dof" not in g or _is_int(g["dof"], 1, dims[i]), f"level {i}: dof must be 1..{dims[i]}")
 
 
-def _validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int, n_banks: int) -> None:
+def validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int, n_banks: int) -> None:
     """Every array the model reads is float64 (sample counts and bank image ids int64, bank vectors float32) and
     finite."""
     used = tuple(f"level{i}." for i in range(n_levels)) + tuple(f"map{i}." for i in range(n_maps)) + ("calibration.",)
@@ -274,74 +196,16 @@ def _validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int, 
             _need(bool(np.isfinite(a).all()), f"array {key} contains NaN or infinite values")
 
 
-def load(path: str | os.PathLike) -> "GaussianAD":
-    """Load a model written by :meth:`GaussianAD.save`; anything else raises ModelFormatError."""
-    from .bank import NearestBank
-    from .gaussian import LevelGaussian, MomentStats
-    from .model import GaussianAD
 
+def read_model(path: str | os.PathLike) -> tuple[dict[str, Any], DetectorState]:
+    """The constructor parameters and the learned state of a model file, every part checked; any problem raises
+    ModelFormatError naming the file."""
     meta, arrays = read_model_file(path)
     try:
-        _validate_meta(meta)
-        n_levels, n_maps, n_banks = len(meta["levels"]), len(meta["map_gaussians"]), len(meta.get("map_banks", []))
-        _validate_arrays(arrays, n_levels, n_maps, n_banks)
-        model = GaussianAD(
-            backbone=meta["backbone"],
-            levels=meta["levels"],
-            input_size=meta["input_size"],
-            weights=meta["weights"],
-            estimator=meta["estimator"],
-            reduction=meta["reduction"],
-            variance=meta["variance"],
-            normalize=meta["normalize"],
-            resize=meta.get("resize", "square"),
-            map_levels=meta["map_levels"],
-            map_method=meta.get("map_method", "gaussian"),
-            map_pool=meta.get("map_pool", 1),
-            map_coreset=meta.get("map_coreset", 0.1),
-            preset=meta["preset"],
-            threshold=meta.get("threshold", "chi2"),
-            fpr=meta.get("fpr", 0.01),
-            calibration=meta.get("calibration"),
-            random_state=meta.get("random_state", 0),
-        )
-        gaussians = [LevelGaussian.from_arrays(arrays, f"level{i}.gauss.", meta["gaussians"][i]) for i in range(n_levels)]
-        stats = [MomentStats.from_arrays(arrays, f"level{i}.stats.") for i in range(n_levels)]
-        map_gaussians = [LevelGaussian.from_arrays(arrays, f"map{i}.gauss.", meta["map_gaussians"][i]) for i in range(n_maps)]
-        map_stats = [MomentStats.from_arrays(arrays, f"map{i}.stats.") for i in range(n_maps)]
-        map_banks = [NearestBank(arrays[f"bank{i}.vectors"], arrays[f"bank{i}.ids"], b["seen"], meta.get("map_coreset", 0.1),
-                                 float(b["scale"])) for i, b in enumerate(meta.get("map_banks", []))]
-        if any(len(b.vectors) > b.seen for b in map_banks):
-            raise ValueError("a memory bank holds more vectors than the locations it summarises")
-        dims = [s.dim for s in stats]
-        if dims != list(meta["feature_dims"]) or any(g.dim != d for g, d in zip(gaussians, dims)):
-            raise ValueError(f"array shapes {dims} do not match the metadata {meta['feature_dims']}")
-        if any(g.dim != s.dim for g, s in zip(map_gaussians, map_stats)):
-            raise ValueError("map Gaussians and map statistics differ in dimension")
-        calibration = arrays.get("calibration.scores")
-        if calibration is not None and (calibration.ndim != 1 or not np.all(np.isfinite(calibration))):
-            raise ValueError("calibration scores must be a 1-D array of finite numbers")
-        if meta.get("n_calibration") != (None if calibration is None else int(calibration.size)):
-            raise ValueError(f"{meta.get('n_calibration')} calibration scores in the metadata, "
-                             f"{0 if calibration is None else calibration.size} stored")
-        counts = {s.n for s in stats}
-        if counts != {meta["n_samples"]}:
-            raise ValueError(f"sample counts {sorted(counts)} do not match n_samples {meta['n_samples']}")
-        model._validate_params()
+        validate_meta(meta)
+        validate_arrays(arrays, len(meta["levels"]), len(meta["map_gaussians"]), len(meta.get("map_banks", [])))
+        values = params.from_stored(meta)
+        params.validate(values)
+        return values, DetectorState.from_arrays({**meta, **values}, arrays)
     except (KeyError, IndexError, TypeError, ValueError, GaussadError) as exc:
         raise ModelFormatError(f"{path}: inconsistent model file ({type(exc).__name__}: {str(exc)[:300]})") from None
-    model.levels_ = list(meta["levels"])
-    model.level_names_ = list(meta["level_names"])
-    model.input_size_ = meta["input_size"]
-    model.gaussians_ = gaussians
-    model.stats_ = stats
-    model.map_levels_ = list(meta["map_levels"])
-    model.map_level_names_ = list(meta["map_level_names"])
-    model.map_gaussians_ = map_gaussians
-    model.map_stats_ = map_stats
-    model.map_banks_ = map_banks
-    model.feature_dims_ = dims
-    model.n_samples_ = int(meta["n_samples"])
-    if calibration is not None:
-        model.calibration_scores_ = calibration
-    return model

@@ -24,21 +24,20 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .errors import DataError, GaussadError, ImageError
+from .errors import DataError, GaussadError, ImageError, ImageTooLargeError, UnknownImageFormatError
 from .images import load_image
 from .maps import overlay
-from .model import GaussianAD
-from .persistence import load
+from .model import GaussianAD, load
+from .results import result_rows
 
 log = logging.getLogger(__name__)
 
 MODEL_SUFFIX = ".gaussad"
-UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 STATIC = resources.files("gaussad") / "static"
 
 
@@ -118,16 +117,9 @@ def decision_rule(model: GaussianAD, fpr: float | None) -> dict:
 
 
 def image_results(model: GaussianAD, filenames: list[str], levels: np.ndarray, fpr: float | None) -> list[dict]:
-    """One result per image: score (mean of the level distances), decision, p-value and per-level distances.
-
-    The one place where the model's output becomes the service's JSON.
-    """
+    """One result row per image (:func:`gaussad.results.result_rows`, as ``gaussad score --json``)."""
     decisions, pvalues = model.decide(levels, fpr)
-    return [
-        {"filename": name, "score": float(lv.mean()), "anomalous": bool(d), "pvalue": float(p),
-         "levels": dict(zip(model.level_names_, map(float, lv)))}
-        for name, lv, d, p in zip(filenames, levels, decisions, pvalues)
-    ]
+    return list(result_rows(filenames, model.level_names_, levels, decisions, pvalues))
 
 
 def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
@@ -140,30 +132,18 @@ def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
 
 # ----- uploads -----------------------------------------------------------------------------------------------
 def decode_upload(data: bytes, filename: str, limits: Limits) -> Image.Image:
-    """Uploaded bytes -> 8-bit RGB image, EXIF-oriented; refuses oversized files and images before decoding."""
+    """Uploaded bytes -> 8-bit RGB image, EXIF-oriented (:func:`gaussad.images.load_image`, as for files); refuses
+    oversized files, and images over the pixel limit before decoding."""
     if len(data) > limits.max_file_bytes:
         raise UploadError(413, f"{filename}: {len(data)} bytes exceeds the limit of {limits.max_file_bytes} bytes per file")
-    if not data:
-        raise UploadError(415, f"{filename}: empty file, not an image")
     try:
-        img = Image.open(BytesIO(data), formats=UPLOAD_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise UploadError(413, f"{filename}: refused, too many pixels ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise UploadError(415, f"{filename}: not a PNG, JPEG, BMP, TIFF or WebP image") from None
-    width, height = img.size
-    if width * height > limits.max_pixels:
-        raise UploadError(413, f"{filename}: {width}x{height} = {width * height} pixels exceeds the limit of "
-                               f"{limits.max_pixels} pixels per image")
-    try:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data fails in many ways inside PIL
-        raise UploadError(422, f"{filename}: cannot decode {img.format} image ({type(exc).__name__}: {exc})") from None
-    try:
-        return load_image(img)
+        return load_image(bytes(data), max_pixels=limits.max_pixels, name=filename)
+    except UnknownImageFormatError as exc:
+        raise UploadError(415, str(exc)) from None
+    except ImageTooLargeError as exc:
+        raise UploadError(413, str(exc)) from None
     except ImageError as exc:
-        raise UploadError(422, f"{filename}: {exc}") from None
+        raise UploadError(422, str(exc)) from None
 
 
 def _png(img: Image.Image) -> bytes:
@@ -229,7 +209,7 @@ class _BodyLimit:
 # ----- API schema --------------------------------------------------------------------------------------------
 class ImageResult(BaseModel):
     model_config = ConfigDict(extra="allow")
-    filename: str
+    path: str = Field(description="the upload's filename (the key `gaussad score --json` uses for the image's path)")
     score: float = Field(description="mean over levels of the Mahalanobis distances; higher = more anomalous")
     anomalous: bool = Field(description="decision at the request's (else the service's, else the model's) target false-positive rate")
     pvalue: float | None = Field(None, description="Bonferroni-adjusted chi-square p-value")

@@ -24,7 +24,7 @@ import numbers
 import numpy as np
 from scipy import stats
 
-METHODS: tuple[str, ...] = ("chi2", "hotelling", "conformal")
+from .params import THRESHOLDS as METHODS  # noqa: E402  (declared once, in the parameter table)
 
 
 def _check_dof(dof: int) -> int:

@@ -23,6 +23,26 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
 
+class PooledLevels(nn.Module):
+    """Backbone plus global average pooling of each chosen level: (B,3,S,S) -> tuple of (B, C_l).
+
+    With ``map_levels`` the spatial feature maps (B, C, H, W) of those levels follow the pooled vectors in the
+    output tuple, from the same forward pass.
+    """
+
+    def __init__(self, backbone: Backbone, levels: Sequence[int], map_levels: Sequence[int] = ()):
+        super().__init__()
+        self.backbone = backbone
+        self.levels = list(levels)
+        self.map_levels = list(map_levels)
+        self._all = sorted(set(self.levels) | set(self.map_levels))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        by_level = dict(zip(self._all, self.backbone.forward_levels(x, self._all)))
+        pooled = tuple(by_level[i].mean(dim=(2, 3)) for i in self.levels)
+        return pooled + tuple(by_level[i] for i in self.map_levels)
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a weights file without executing code: safetensors, or a torch file with weights_only=True."""
     path = Path(path)

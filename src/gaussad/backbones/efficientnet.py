@@ -41,7 +41,8 @@ def _make_lite(name: str):
     def factory(input_size: int, weights: str | os.PathLike | None = None) -> "EfficientNetBackbone":
         from .efficientnet_net import build_lite
 
-        return build_lite(name, input_size, Path(weights) if weights is not None else _bundled_weights(name))
+        return build_lite(name, input_size, Path(weights) if weights is not None else _bundled_weights(name),
+                          LEVEL_NAMES)
 
     return factory
 
@@ -50,7 +51,7 @@ def _make_b(name: str):
     def factory(input_size: int, weights: str | os.PathLike | None = None) -> "EfficientNetBackbone":
         from .efficientnet_net import build_b
 
-        return build_b(name, input_size, weights)
+        return build_b(name, input_size, weights, LEVEL_NAMES)
 
     return factory
 

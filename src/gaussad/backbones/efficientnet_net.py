@@ -11,17 +11,15 @@ from torch import nn
 
 from ..errors import GaussadError
 from .base import Backbone, load_strict, read_state_dict
-from .efficientnet import LEVEL_NAMES
 
 
 class EfficientNetBackbone(Backbone):
     """Wraps an EfficientNet (lukemelas layout) and exposes its 9 paper levels."""
 
-    level_names = LEVEL_NAMES
-
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, level_names: Sequence[str]):
         super().__init__()
         self.net = net
+        self.level_names = tuple(level_names)
         blocks = list(net._blocks)
         starts = [i for i, b in enumerate(blocks) if b._block_args.input_filters != b._block_args.output_filters]
         if len(starts) != 7 or starts[0] != 0:
@@ -62,20 +60,20 @@ def _load_into(net: nn.Module, weights: str | os.PathLike) -> None:
     load_strict(net, read_state_dict(weights), str(weights), "EfficientNet", ignore=("_fc.",))
 
 
-def build_lite(name: str, input_size: int, weights: Path) -> EfficientNetBackbone:
+def build_lite(name: str, input_size: int, weights: Path, level_names: Sequence[str]) -> EfficientNetBackbone:
     """EfficientNet-Lite ``name`` (efficientnet_lite_pytorch) loaded from ``weights``."""
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name(name, image_size=input_size)
     _load_into(net, weights)
-    return EfficientNetBackbone(net)
+    return EfficientNetBackbone(net, level_names)
 
 
-def build_b(name: str, input_size: int, weights: str | os.PathLike) -> EfficientNetBackbone:
+def build_b(name: str, input_size: int, weights: str | os.PathLike, level_names: Sequence[str]) -> EfficientNetBackbone:
     """EfficientNet-B ``name`` (efficientnet_pytorch) loaded from ``weights``."""
     from efficientnet_pytorch import EfficientNet
 
     net = EfficientNet.from_name(name, image_size=input_size)
     net.set_swish(memory_efficient=False)
     _load_into(net, weights)
-    return EfficientNetBackbone(net)
+    return EfficientNetBackbone(net, level_names)

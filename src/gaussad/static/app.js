@@ -53,15 +53,15 @@ function levelTable(levels) {
 function card(r, showMaps) {
   const fig = document.createElement("figure");
   fig.className = `card ${r.anomalous ? "anomalous" : "ok"}`;
-  fig.dataset.filename = r.filename;
+  fig.dataset.filename = r.path;
   fig.dataset.score = String(r.score);
   const img = document.createElement("img");
   img.src = showMaps && r.overlay ? r.overlay : r.url;
-  img.alt = r.filename;
+  img.alt = r.path;
   const cap = document.createElement("figcaption");
   const name = document.createElement("div");
   name.className = "filename";
-  name.textContent = r.filename;
+  name.textContent = r.path;
   const line = document.createElement("div");
   line.className = "line";
   const score = document.createElement("span");

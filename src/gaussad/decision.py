@@ -1,0 +1,106 @@
+"""Decision rules: a threshold method and a target false-positive rate turned into score thresholds, p-values and
+decisions for a fitted state (on top of :mod:`gaussad.threshold`'s laws)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .errors import GaussadError
+from .params import check_value
+from .threshold import (
+    chi2_pvalue,
+    chi2_threshold,
+    conformal_pvalue,
+    conformal_threshold,
+    hotelling_pvalue,
+    hotelling_threshold,
+)
+
+
+class Calibrated(Protocol):
+    """What a rule needs of a fitted state."""
+
+    dofs: list[int]
+    n_samples: int
+    calibration_scores: np.ndarray | None
+
+    @property
+    def layout(self): ...
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """``method`` (chi2, hotelling or conformal) at target false-positive rate ``fpr``.
+
+    chi2 and hotelling flag an image when any level exceeds its threshold at ``fpr / n_levels`` (Bonferroni), so
+    under that law the false-positive rate stays at most ``fpr``; the p-value is the Bonferroni-adjusted minimum
+    of the per-level p-values. conformal flags an image whose score (mean over levels) exceeds the split-conformal
+    quantile of the calibration scores; its p-value is the conformal p-value, ``p <= fpr`` exactly when flagged.
+    """
+
+    method: str
+    fpr: float
+
+    def __post_init__(self) -> None:
+        check_value("threshold", self.method)
+        check_value("fpr", self.fpr)
+        object.__setattr__(self, "fpr", float(self.fpr))
+
+    def level_thresholds(self, state: Calibrated, fpr: float | None = None) -> np.ndarray:
+        """Per-level distance thresholds at false-positive rate ``fpr`` per level (default: the rule's)."""
+        fpr = self.fpr if fpr is None else fpr
+        if self.method == "hotelling":
+            self.check(state)
+            return np.array([hotelling_threshold(k, state.n_samples, fpr) for k in state.dofs])
+        if self.method != "chi2":
+            raise GaussadError(f"per-level thresholds exist for chi2 and hotelling, not {self.method!r}")
+        return np.array([chi2_threshold(k, fpr) for k in state.dofs])
+
+    def check(self, state: Calibrated) -> None:
+        """Refuse a rule that cannot apply to ``state``: Hotelling where n <= dof at some level, conformal
+        without calibration scores."""
+        if self.method == "hotelling":
+            n = state.n_samples
+            bad = [f"{name} {k}" for name, k in zip(state.layout.level_names, state.dofs) if n <= k]
+            if bad:
+                raise GaussadError(
+                    f"hotelling thresholds need more training images than dimensions at every level, but the model "
+                    f"is fitted on {n} images and has {len(bad)} level(s) with as many dimensions or more "
+                    f"({', '.join(bad)}); use the conformal threshold, fewer levels, or a pca reduction")
+        if self.method == "conformal" and state.calibration_scores is None:
+            raise GaussadError("the conformal threshold needs calibration scores: fit with calibration=0.2 (CLI: "
+                               "--calibration 0.2) or call calibrate(held-out normal images)")
+
+    def score_threshold(self, state: Calibrated) -> float:
+        """A threshold on the image score (mean over levels).
+
+        conformal: the split-conformal quantile of the calibration scores (``inf`` when ``fpr`` is below
+        ``1 / (n_cal + 1)``). chi2/hotelling: the mean of the per-level thresholds at ``fpr / n_levels``; an image
+        whose score exceeds it has some level above its threshold, so under the per-level laws this score
+        threshold keeps the false-positive rate at most ``fpr`` (it flags a subset of what :meth:`decide` flags).
+        """
+        self.check(state)
+        if self.method == "conformal":
+            return conformal_threshold(state.calibration_scores, self.fpr)
+        return float(self.level_thresholds(state, self.fpr / len(state.dofs)).mean())
+
+    def decide(self, state: Calibrated, level_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decisions (1 = anomalous) and p-values from per-level distances (n, n_levels)."""
+        self.check(state)
+        level_scores = np.atleast_2d(np.asarray(level_scores, dtype=np.float64))
+        if self.method == "conformal":
+            cal = state.calibration_scores
+            scores = level_scores.mean(axis=1)
+            return (scores > conformal_threshold(cal, self.fpr)).astype(int), conformal_pvalue(scores, cal)
+        n_levels = level_scores.shape[1]
+        thresholds = self.level_thresholds(state, self.fpr / n_levels)
+        if self.method == "hotelling":
+            pvals = [hotelling_pvalue(level_scores[:, i], k, state.n_samples) for i, k in enumerate(state.dofs)]
+        else:
+            pvals = [chi2_pvalue(level_scores[:, i], k) for i, k in enumerate(state.dofs)]
+        pvalue = np.minimum(np.stack(pvals, axis=1).min(axis=1) * n_levels, 1.0)
+        return (level_scores > thresholds).any(axis=1).astype(int), pvalue
+

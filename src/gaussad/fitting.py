@@ -1,0 +1,250 @@
+"""Fitting: streaming statistics for ``fit``, batches of pooled features and raw feature maps folded into moment statistics
+and memory-bank candidates, so that no image is held after its batch (plain numpy)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from . import maps
+from .bank import NearestBank
+from .decision import DecisionRule
+from .errors import DataError, InvalidParameterError
+from .gaussian import LevelGaussian, MomentStats
+from .state import DetectorState, Layout, feature_settings, prepare_maps
+
+# Backbone features are float32: a relative spread below its rounding level means identical images.
+IDENTICAL_SPREAD_FLOAT32 = (64.0 * float(np.finfo(np.float32).eps)) ** 2
+
+
+class Accumulator:
+    """Running statistics of the pooled features, plus per map level either the statistics of every location
+    (``gaussian`` maps) or the location vectors with their image ids (``nearest`` maps: ``bank_parts``).
+
+    ``prepare`` turns raw feature maps into the vectors the map method scores (:meth:`DetectorState.map_inputs`).
+    """
+
+    def __init__(self, map_method: str, n_map_levels: int, prepare, stats: list[MomentStats] | None = None,
+                 map_stats: list[MomentStats] | None = None):
+        self.stats = stats
+        self.map_stats = map_stats or None
+        self.prepare = prepare
+        self.bank_parts: list[list] | None = [[] for _ in range(n_map_levels)] if map_method == "nearest" else None
+
+    def add(self, pooled: Sequence[np.ndarray], fmaps: Sequence[np.ndarray] = (),
+            image_ids: np.ndarray | None = None) -> None:
+        """Fold one batch: pooled (B, C_l) arrays per level and, when map levels are set, raw (B, C, H, W) maps."""
+        self.stats = [MomentStats.from_array(b) for b in pooled] if self.stats is None else [
+            s.update(b) for s, b in zip(self.stats, pooled)]
+        if fmaps:
+            self.add_maps(fmaps, image_ids)
+
+    def add_maps(self, fmaps: Sequence[np.ndarray], image_ids: np.ndarray) -> None:
+        """Fold one batch of raw (B, C, H, W) feature maps, one per map level, of images ``image_ids``."""
+        fmaps = self.prepare(fmaps)
+        if self.bank_parts is None:
+            self.map_stats = maps.accumulate(self.map_stats, fmaps)
+            return
+        for level, f in zip(self.bank_parts, fmaps):
+            level.append((maps.patch_vectors(f, np.float32), np.repeat(image_ids, f.shape[2] * f.shape[3])))
+
+    def banks(self, base: list[NearestBank], fraction: float, seed: int, names: Sequence[str]) -> list[NearestBank]:
+        """Banks extended with the collected location vectors (new banks when ``base`` is empty); the collected
+        vectors are freed level by level, keeping the peak memory to one level's copy."""
+        if not self.bank_parts or not self.bank_parts[0]:
+            return base
+        out = []
+        for i, level in enumerate(self.bank_parts):
+            vectors = np.concatenate([v for v, _ in level])
+            ids = np.concatenate([k for _, k in level])
+            level.clear()
+            try:
+                out.append(NearestBank.build(vectors, ids, fraction, seed, base[i] if base else None))
+            except ValueError as exc:
+                raise DataError(f"map level {names[i]}: {exc}") from None
+        return out
+
+
+def check_finite(pooled: Sequence[np.ndarray], idx: np.ndarray, name_of) -> None:
+    """Refuse a batch in which the backbone gave NaN or infinite features (``name_of(i)`` names source i)."""
+    finite = np.all([np.isfinite(b).all(axis=1) for b in pooled], axis=0)
+    if not finite.all():
+        first = int(idx[np.argmin(finite)])
+        raise DataError(f"{name_of(first)}: the backbone gave NaN or infinite features for {int((~finite).sum())} "
+                        "image(s) of this batch (damaged weights file?)")
+
+
+def check_spread(stats: Iterable[MomentStats], names: Sequence[str]) -> None:
+    """Refuse training images whose features vary only at float32 rounding level (identical images)."""
+    for name, s in zip(names, stats):
+        if s.n >= 2 and s.relative_spread() <= IDENTICAL_SPREAD_FLOAT32:
+            raise DataError(f"the {s.n} training images give identical features at level {name} (up to float32 "
+                            "rounding): there is no variation to model; use images that show the normal variation")
+
+
+def calibration_split(n: int, fraction: float | None, seed: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(fit, held-out) indices: ceil(fraction * n) held out by a seeded permutation; None without a fraction."""
+    if fraction is None:
+        return None
+    n_cal = math.ceil(float(fraction) * n)
+    if n - n_cal < 2:
+        raise DataError(f"calibration={fraction} holds out {n_cal} of {n} images, leaving fewer than 2 to fit on")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_cal:]), np.sort(order[:n_cal])
+
+
+class Trainer:
+    """What ``fit`` does, for one set of resolved settings (:func:`gaussad.params.resolved`): images or plain
+    feature arrays in, a :class:`DetectorState` out.
+
+    ``batches(images, desc, on_error, skipped)`` yields (indices, pooled features per level, raw feature maps per
+    map level) batch by batch (the feature extractor, with its progress bar); ``layout`` is what it extracts.
+    Images left out by ``on_error="skip"`` are added to ``skipped`` as (name, message).
+    """
+
+    def __init__(self, settings: dict[str, Any], batches: Callable | None = None, layout: Layout | None = None):
+        self.settings, self.batches, self.layout = settings, batches, layout
+        self.skipped: list[tuple[str, str]] = []
+
+    # ----- images ----------------------------------------------------------------------------------------------
+    def fit_images(self, images: list, on_error: str = "fail") -> DetectorState:
+        """A state from normal images; with ``calibration`` a fraction is held out and scored by a model fitted on
+        the rest (the calibration scores), and the state is then fitted on all images."""
+        if len(images) < 2:
+            raise DataError(f"need at least 2 training images, got {len(images)}")
+        split = calibration_split(len(images), self.settings["calibration"], self.settings["random_state"])
+        acc = self._accumulator(self.layout)
+        if split is None:
+            self._stream(images, acc, self.layout, on_error=on_error)
+            return self._checked(self._finish(acc, self.layout))
+        keep, held = split
+        self._stream([images[i] for i in keep], acc, self.layout, keep, on_error=on_error)
+        partial = self._from_stats(self.layout, acc.stats)
+        batches: list = []
+        self._stream([images[i] for i in held], acc, self.layout, held, batches, on_error=on_error)
+        if not batches:
+            raise DataError("none of the calibration images could be read")
+        scores = partial.level_distances([np.concatenate(level) for level in zip(*batches)]).mean(axis=1)
+        return self._checked(self._finish(acc, self.layout)).with_calibration(scores)
+
+    def partial_fit_images(self, images: list, prev: DetectorState | None, on_error: str = "fail") -> DetectorState:
+        """``prev`` (None: nothing yet) plus the statistics of ``images``; calibration scores are dropped."""
+        layout = self.layout
+        if prev is not None:
+            refuse_differences(prev.layout.differences(replace(prev.layout, settings=layout.settings)))
+            layout = prev.layout
+        acc = self._accumulator(layout, prev)
+        first_id = max((int(b.ids.max()) + 1 for b in prev.map_banks if b.ids.size), default=0) if prev else 0
+        self._stream(images, acc, layout, first_id=first_id, on_error=on_error)
+        return self._finish(acc, layout, prev, allow_few=True)
+
+    # ----- plain feature arrays --------------------------------------------------------------------------------
+    def fit_arrays(self, feats: list[np.ndarray], layout: Layout) -> DetectorState:
+        """A state from checked per-level arrays (n, d_l), with calibration as :meth:`fit_images`."""
+        n = feats[0].shape[0]
+        if n < 2:
+            raise DataError(f"need at least 2 training samples, got {n}")
+        split = calibration_split(n, self.settings["calibration"], self.settings["random_state"])
+        if split is None:
+            return self._checked(self._from_stats(layout, [MomentStats.from_array(f) for f in feats]))
+        keep, held = split
+        stats = [MomentStats.from_array(f[keep]) for f in feats]
+        held_features = [f[held] for f in feats]
+        scores = self._from_stats(layout, stats).level_distances(held_features).mean(axis=1)
+        state = self._from_stats(layout, [s.update(f) for s, f in zip(stats, held_features)])
+        return self._checked(state).with_calibration(scores)
+
+    def partial_fit_arrays(self, feats: list[np.ndarray], prev: DetectorState | None) -> DetectorState:
+        """``prev`` plus the statistics of checked per-level arrays; calibration scores are dropped."""
+        stats = [MomentStats.from_array(f) if prev is None else s.update(f)
+                 for s, f in zip(prev.stats if prev else feats, feats)]
+        return self._from_stats(prev.layout if prev is not None else Layout.plain(len(feats)), stats, allow_few=True)
+
+    def fit_maps(self, state: DetectorState, per_image: Sequence[Sequence[np.ndarray]]) -> DetectorState:
+        """``state`` with its anomaly-map part replaced by one fitted on raw feature maps (per image, one (C, H, W)
+        array per map level: the state's, else those of the settings, numbered map0, map1, ... without a
+        backbone)."""
+        if len(per_image) < 2:
+            raise DataError(f"need feature maps of at least 2 training images, got {len(per_image)}")
+        layout = state.layout if state.layout.map_levels else self._map_layout(state.layout, len(per_image[0]))
+        if len(layout.map_levels) != len(per_image[0]):
+            raise DataError(f"feature maps of {len(per_image[0])} levels given, the model has {len(layout.map_levels)} "
+                            "map levels")
+        acc = self._accumulator(layout)
+        for idx, fm in maps.shape_groups(per_image):
+            acc.add_maps(fm, idx)
+        banks = acc.banks([], float(self.settings["map_coreset"]), self._seed(), layout.map_level_names)
+        map_stats = acc.map_stats or []
+        return replace(state, layout=layout, map_method=self.settings["map_method"],
+                       map_pool=int(self.settings["map_pool"]), map_stats=map_stats, map_banks=banks,
+                       map_gaussians=[LevelGaussian.fit(s, "ledoit-wolf") for s in map_stats])
+
+    def _map_layout(self, layout: Layout, n_maps: int) -> Layout:
+        if self.settings["backbone"] is None:
+            return replace(layout, map_levels=list(range(n_maps)), map_level_names=[f"map{i}" for i in range(n_maps)])
+        from .backbones import get_spec, resolve_levels
+
+        names = get_spec(self.settings["backbone"]).level_names
+        levels = resolve_levels(names, self.settings["map_levels"])
+        return replace(layout, map_levels=levels, map_level_names=[names[i] for i in levels])
+
+    # ----- steps -----------------------------------------------------------------------------------------------
+    def _seed(self) -> int:
+        return 0 if self.settings["random_state"] is None else int(self.settings["random_state"])
+
+    def _accumulator(self, layout: Layout, prev: DetectorState | None = None) -> Accumulator:
+        method, pool = self.settings["map_method"], int(self.settings["map_pool"])
+        return Accumulator(method, len(layout.map_levels), lambda f: prepare_maps(f, method, pool),
+                           prev.stats if prev else None, prev.map_stats if prev else None)
+
+    def _stream(self, images: list, acc: Accumulator, layout: Layout, positions: Sequence[int] | None = None,
+                collect: list | None = None, first_id: int = 0, on_error: str = "fail") -> None:
+        """Fold images into ``acc``; ``positions`` are their indices in the caller's list (to name them, and as
+        image ids after ``first_id``); ``collect`` receives each batch of pooled features."""
+        from .images import describe
+
+        pos = list(range(len(images))) if positions is None else [int(p) for p in positions]
+        skipped: list = []
+        for idx, batch, fmaps in self.batches(images, "fit", on_error, skipped):
+            check_finite(batch, idx, lambda i: describe(images[i], pos[i]))
+            if collect is not None:
+                collect.append(batch)
+            acc.add(batch, fmaps, first_id + np.asarray([pos[i] for i in idx], dtype=np.int64))
+        self.skipped += [(describe(images[i], pos[i]), msg) for i, msg in skipped]
+        if acc.stats is None:
+            raise DataError("no readable training images given")
+        if not (self.settings["estimator"] == "l2" and self.settings["reduction"] is None):
+            check_spread(acc.stats, layout.level_names)
+
+    def _from_stats(self, layout: Layout, stats: list[MomentStats], allow_few: bool = False) -> DetectorState:
+        s = self.settings
+        return DetectorState.fit(layout, stats, s["estimator"], s["reduction"], float(s["variance"]), allow_few=allow_few)
+
+    def _finish(self, acc: Accumulator, layout: Layout, prev: DetectorState | None = None,
+                allow_few: bool = False) -> DetectorState:
+        s = self.settings
+        banks = acc.banks(prev.map_banks if prev else [], float(s["map_coreset"]), self._seed(), layout.map_level_names)
+        return DetectorState.fit(layout, acc.stats, s["estimator"], s["reduction"], float(s["variance"]),
+                                 s["map_method"], int(s["map_pool"]), acc.map_stats, banks, allow_few)
+
+    def _checked(self, state: DetectorState) -> DetectorState:
+        """Refuse a state on which the model's own threshold cannot be computed (Hotelling with n <= dof)."""
+        if self.settings["threshold"] == "hotelling":
+            DecisionRule("hotelling", self.settings["fpr"]).check(state)
+        return state
+
+
+def layout_of(extractor: Any, settings: dict[str, Any]) -> Layout:
+    """The layout of the features a :class:`~gaussad.features.FeatureExtractor` gives, made with ``settings``."""
+    return Layout(list(extractor.levels), list(extractor.level_names), extractor.input_size,
+                  list(extractor.map_levels), list(extractor.map_level_names), feature_settings(settings))
+
+
+def refuse_differences(differences: list[str]) -> None:
+    """Refuse to combine statistics of features that differ (merge, partial_fit), naming the differences."""
+    if differences:
+        raise InvalidParameterError(f"cannot combine statistics of different features: they differ in "
+                                    f"{'; '.join(differences)}")

@@ -1,0 +1,371 @@
+"""The parameter table: every setting of :class:`gaussad.GaussianAD` declared once, with the presets beside it.
+
+Each :class:`Param` holds the default, the check of a value, the help text, whether model files store it and
+how the command line spells it. ``get_params``/``set_params``, validation (at ``fit``, ``merge`` and load), the
+model-file metadata and the CLI options all derive from :data:`PARAMS`, so adding a parameter means one row
+here plus its line in ``GaussianAD.__init__`` (a test checks that the two agree).
+
+This module knows no numerics, images or torch: choice lists that belong to other modules are plain tuples here.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import GaussadError, InvalidParameterError
+
+ESTIMATORS = ("ledoit-wolf", "oas", "empirical", "diagonal", "l2")
+REDUCTIONS = (None, "pca", "npca")
+NORMALIZATIONS = ("imagenet", "native")
+RESIZES = ("square", "aspect")
+MAP_METHODS = ("gaussian", "nearest")
+THRESHOLDS = ("chi2", "hotelling", "conformal")
+ENGINES = ("auto", "onnxruntime", "torch")
+MAX_INPUT_SIZE = 4096  # largest network input side (EfficientNet-B7 uses 600)
+MAX_MAP_POOL = 15
+# PIL's own hard limit (2 * Image.MAX_IMAGE_PIXELS): 178,956,970 pixels, about 537 MB as 8-bit RGB.
+DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's recipe: ImageNet mean/std, global features only.
+    "paper": {"normalize": "imagenet", "resize": "square", "map_levels": (), "map_method": "gaussian", "map_pool": 1},
+    # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, the images' proportions kept,
+    # and nearest-neighbour anomaly maps over 3 x 3 neighbourhoods of stage2-stage7 on the stage7 grid.
+    "recommended": {"normalize": "native", "resize": "aspect",
+                    "map_levels": ("stage2", "stage3", "stage4", "stage5", "stage6", "stage7"),
+                    "map_method": "nearest", "map_pool": 3},
+}
+
+
+def _fail(name: str, expected: str, value: Any) -> None:
+    raise InvalidParameterError(f"{name} must be {expected}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def choice(options: Iterable[Any]) -> Callable[[str, Any], None]:
+    options = tuple(options)
+
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, (str, type(None))) or value not in options:
+            shown = ", ".join("none" if o is None else str(o) for o in options)
+            raise InvalidParameterError(f"unknown {name} {value!r}; choose one of: {shown}")
+
+    return check
+
+
+def integer(lo: int, hi: float = math.inf, odd: bool = False) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if not _is_int(value) or not lo <= value <= hi or (odd and value % 2 == 0):
+            span = f">= {lo}" if hi == math.inf else f"{lo}..{hi}"
+            _fail(name, f"an {'odd ' if odd else ''}integer {span}", value)
+
+    return check
+
+
+def fraction(include_one: bool = False) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if not _is_real(value) or not (0.0 < float(value) < 1.0 or (include_one and float(value) == 1.0)):
+            _fail(name, f"a fraction in (0, 1{']' if include_one else ')'}", value)
+
+    return check
+
+
+def optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    def checked(name: str, value: Any) -> None:
+        if value is not None:
+            check(name, value)
+
+    return checked
+
+
+def _levels(name: str, value: Any) -> None:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        _fail(name, "a list of level names or indices", value)
+    for level in value:
+        if not (isinstance(level, str) or _is_int(level)):
+            _fail(name, "a list of level names or indices", value)
+
+
+def _backbone(name: str, value: Any) -> None:
+    from .backbones import list_backbones
+
+    if value is not None and value not in list_backbones():
+        raise InvalidParameterError(f"unknown backbone {value!r}; choose one of: {', '.join(list_backbones())}")
+
+
+def _path(name: str, value: Any) -> None:
+    if not isinstance(value, (str, os.PathLike)):
+        _fail(name, "a file path", value)
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, numbers.Integral)):
+        _fail(name, "True or False", value)
+
+
+def _seed(name: str, value: Any) -> None:
+    if not _is_int(value) or not 0 <= value < 2**63:
+        _fail(name, "a non-negative integer or None", value)
+
+
+# ----- command-line spelling ----------------------------------------------------------------------------------
+def _text_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _map_level_list(text: str) -> list[str]:
+    """'none' turns maps off; otherwise comma-separated levels."""
+    return [] if text.strip().lower() == "none" else _text_list(text)
+
+
+def _none_or_text(text: str) -> str | None:
+    return None if text == "none" else text
+
+
+def _int_text(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
+def _float_text(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: ``check(name, value)`` raises :class:`InvalidParameterError` for a bad value.
+
+    ``stored``: written to model files; ``learned`` names the fitted attribute whose value is stored instead
+    (the levels actually resolved, for example). ``preset``: None means "the preset's value". ``flag`` and
+    ``parse`` spell it on the command line (no flag: not a CLI option); ``group`` is the CLI option group.
+    """
+
+    name: str
+    default: Any
+    check: Callable[[str, Any], None]
+    help: str
+    stored: bool = True
+    learned: str | None = None
+    preset: bool = False
+    flag: str | None = None
+    parse: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    choices: tuple | None = None
+    group: str = "model"
+
+
+PARAMS: tuple[Param, ...] = (
+    Param("backbone", "efficientnet-lite0", _backbone, "feature network (see `gaussad backbones`)",
+          flag="--backbone"),
+    Param("levels", None, optional(_levels),
+          "comma-separated levels by name or index (stem,stage1..stage7,head = 0..8); default all",
+          learned="levels_", flag="--levels", parse=_text_list),
+    Param("input_size", None, optional(integer(1, MAX_INPUT_SIZE)),
+          "input size S in pixels: the side of the square input, or with --resize aspect the side of a square of "
+          "the same area; default the backbone's native size", learned="input_size_", flag="--input-size",
+          parse=_int_text, metavar="S"),
+    Param("weights", None, optional(_path),
+          "local weights file for the backbone (.pth/.pt state dict or .safetensors); required for "
+          "efficientnet-b0..b7", flag="--weights", parse=str, metavar="FILE"),
+    Param("estimator", "ledoit-wolf", choice(ESTIMATORS), "covariance estimator or baseline", flag="--estimator",
+          choices=ESTIMATORS),
+    Param("reduction", None, choice(REDUCTIONS),
+          "pca keeps the high-variance components, npca the low-variance ones", flag="--reduction",
+          parse=_none_or_text, choices=("none", "pca", "npca")),
+    Param("variance", 0.99, fraction(), "explained-variance threshold for pca/npca", flag="--variance",
+          parse=_float_text),
+    Param("normalize", None, optional(choice(NORMALIZATIONS)),
+          "input normalisation: ImageNet mean/std as the paper, or the backbone's own training normalisation "
+          "(EfficientNet-Lite: (x-127)/128)", preset=True, flag="--normalize", choices=NORMALIZATIONS),
+    Param("resize", None, optional(choice(RESIZES)),
+          "square: plain resize to S x S as the paper; aspect: keep the image's proportions at about S x S "
+          "pixels (sides multiples of 32)", preset=True, flag="--resize", choices=RESIZES),
+    Param("map_levels", None, optional(_levels), "comma-separated levels for anomaly maps, or 'none'",
+          learned="map_levels_", preset=True, flag="--map-levels", parse=_map_level_list),
+    Param("map_method", None, optional(choice(MAP_METHODS)),
+          "anomaly-map scoring: one Gaussian per level shared by all positions, or the distance to the nearest "
+          "location of a memory bank of training locations", preset=True, flag="--map-method", choices=MAP_METHODS),
+    Param("map_pool", None, optional(integer(1, MAX_MAP_POOL, odd=True)),
+          "average location vectors over K x K neighbourhoods before scoring them (odd K; 1 = off)", preset=True,
+          flag="--map-pool", parse=_int_text, metavar="K"),
+    Param("map_coreset", 0.1, fraction(include_one=True),
+          "fraction of the training locations kept in each memory bank (greedy k-centre coreset; nearest maps "
+          "only)", flag="--map-coreset", parse=_float_text, metavar="F"),
+    Param("preset", None, optional(choice(PRESETS)),
+          "paper: the paper's recipe (default); recommended: the backbone's own input normalisation, aspect-kept "
+          "resize, and nearest-neighbour anomaly maps from stage2-stage7 (see README for the figures)",
+          flag="--preset", choices=tuple(PRESETS)),
+    Param("threshold", "chi2", choice(THRESHOLDS),
+          "decision rule: chi2 per level (the paper), hotelling (finite-sample F law per level) or conformal "
+          "(quantile of held-out normal scores, needs --calibration)", flag="--threshold", choices=THRESHOLDS,
+          group="threshold"),
+    Param("fpr", 0.01, fraction(), "target false-positive rate", flag="--fpr", parse=_float_text,
+          group="threshold"),
+    Param("calibration", None, optional(fraction()),
+          "hold out this fraction of the images (e.g. 0.2) to compute conformal calibration scores with a model "
+          "fitted on the rest, then refit on all images", flag="--calibration", parse=_float_text,
+          metavar="FRACTION", group="threshold"),
+    Param("random_state", 0, optional(_seed), "seed of the random calibration split and of the coreset",
+          flag="--seed", parse=_int_text, metavar="N", group="threshold"),
+    Param("batch_size", 16, integer(1, 4096), "images per forward pass", stored=False, flag="--batch-size",
+          parse=_int_text, metavar="N", group="intake"),
+    Param("engine", "auto", choice(ENGINES),
+          "inference engine: onnxruntime (the network exported once to ONNX, cached under $GAUSSAD_CACHE or "
+          "~/.cache/gaussad), torch (eager), or auto = onnxruntime when installed; both give the same scores",
+          stored=False, flag="--engine", choices=ENGINES, group="intake"),
+    Param("verbose", False, _boolean, "progress bars on stderr", stored=False),
+    Param("max_pixels", DEFAULT_MAX_PIXELS, integer(1),
+          "refuse image files with more pixels than N, checked before decoding (decompression-bomb guard)",
+          stored=False, flag="--max-pixels", parse=_int_text, metavar="N", group="intake"),
+)
+BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
+
+
+def defaults() -> dict[str, Any]:
+    """Every parameter at its default."""
+    return {p.name: p.default for p in PARAMS}
+
+
+def effective(params: Mapping[str, Any], name: str) -> Any:
+    """A parameter's value in use: the explicit one, else the preset's (the paper's recipe when none is given)."""
+    value = params[name]
+    if value is None and BY_NAME[name].preset:
+        return PRESETS[params.get("preset") or "paper"][name]
+    return value
+
+
+def resolved(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Every parameter's value in use (:func:`effective`)."""
+    return {name: effective(params, name) for name in params}
+
+
+def check_value(name: str, value: Any) -> None:
+    """Check one value against its row of the table."""
+    BY_NAME[name].check(name, value)
+
+
+def validate(params: Mapping[str, Any]) -> None:
+    """Check every parameter, then the combinations; the first problem raises :class:`InvalidParameterError`."""
+    unknown = sorted(set(params) - set(BY_NAME))
+    if unknown:
+        raise InvalidParameterError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(BY_NAME)}")
+    for p in PARAMS:
+        p.check(p.name, params.get(p.name, p.default))
+    if params.get("backbone") is not None:
+        from .backbones import get_spec, resolve_levels
+
+        names = get_spec(params["backbone"]).level_names
+        for name in ("levels", "map_levels"):
+            value = effective(params, name)
+            if value is not None and (name == "levels" or list(value)):
+                try:
+                    resolve_levels(names, value)
+                except GaussadError as exc:
+                    raise InvalidParameterError(f"{name}: {exc}") from None
+    if params.get("threshold") == "conformal" and params.get("calibration") is None:
+        raise InvalidParameterError(
+            "threshold='conformal' needs calibration scores of held-out normal images: set calibration (e.g. 0.2; "
+            "CLI: --calibration 0.2), or fit and then call calibrate(images)")
+
+
+def numpydoc(indent: str = "    ") -> str:
+    """A numpydoc ``Parameters`` section of the table (for :class:`GaussianAD`'s docstring)."""
+    lines = [f"{indent}Parameters", f"{indent}----------"]
+    for p in PARAMS:
+        kind = "None = the preset's" if p.preset else f"default {p.default!r}"
+        lines += [f"{indent}{p.name} : {kind}", f"{indent}    {p.help}" + ("" if p.stored else " (not stored in model files)")]
+    return "\n".join(lines) + "\n"
+
+
+# ----- model files ---------------------------------------------------------------------------------------------
+def _json_value(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def stored_values(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored, not learned, parameters as model files keep them: preset settings written out resolved."""
+    return {p.name: _json_value(effective(params, p.name)) for p in PARAMS if p.stored and p.learned is None}
+
+
+def from_stored(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor parameters of a model file's metadata; keys that older files lack get the value those files
+    meant (the paper's preset settings, the default threshold)."""
+    out = {}
+    for p in PARAMS:
+        if not p.stored:
+            continue
+        fallback = PRESETS["paper"][p.name] if p.preset else p.default
+        out[p.name] = meta.get(p.name, fallback)
+    return out
+
+
+# ----- command line --------------------------------------------------------------------------------------------
+def add_options(parser: Any, names: Iterable[str], model_defaults: bool = False) -> None:
+    """Add the CLI options of ``names`` to an argparse parser or group. ``model_defaults``: the default is None,
+    meaning "the value stored in the model", and the help says so."""
+    import argparse
+
+    for name in names:
+        p = BY_NAME[name]
+
+        def parse(text: str, p: Param = p) -> Any:
+            try:
+                value = p.parse(text) if p.parse else text
+                p.check(p.name, value)
+            except (ValueError, GaussadError) as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+            return value
+
+        if model_defaults:
+            default, note = None, "default: the model's"
+        elif p.preset:
+            default, note = None, "default from --preset"
+        else:
+            default = p.default
+            note = None if default is None else f"default {'none' if default is None else default}"
+        kwargs: dict[str, Any] = {"default": default, "help": p.help + (f"; {note}" if note else "")}
+        if p.choices is not None:
+            kwargs["choices"] = p.choices  # spelled as text; from_args applies ``parse`` (e.g. "none" -> None)
+        else:
+            kwargs["type"] = parse
+        if p.metavar:
+            kwargs["metavar"] = p.metavar
+        parser.add_argument(p.flag, dest=name, **kwargs)
+
+
+def from_args(args: Any, names: Iterable[str]) -> dict[str, Any]:
+    """The parameters of ``names`` from parsed CLI arguments (choice texts through their ``parse``)."""
+    out = {}
+    for name in names:
+        p, value = BY_NAME[name], getattr(args, name)
+        out[name] = p.parse(value) if p.choices is not None and p.parse is not None and value is not None else value
+    return out
+
+
+def cli_names(*groups: str) -> list[str]:
+    """Names of the CLI parameters of the given groups, in table order."""
+    return [p.name for p in PARAMS if p.flag is not None and p.group in groups]

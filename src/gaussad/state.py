@@ -1,0 +1,262 @@
+"""The learned state of a detector: per-level statistics and Gaussians, the anomaly-map part (Gaussians shared by
+all positions, or memory banks) and the calibration scores. Plain numpy: it knows nothing of images, torch or files
+(model files read and write it through :meth:`DetectorState.to_arrays` / :meth:`DetectorState.from_arrays`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import maps
+from .bank import NearestBank
+from .errors import DataError, GaussadError
+from .gaussian import MAX_ABS, LevelGaussian, MomentStats
+
+# The settings besides the layout that shape the features (statistics made with others cannot be combined).
+FEATURE_SETTINGS = ("backbone", "weights", "normalize", "resize", "map_method", "map_pool")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which backbone levels a state describes, at which input size, and the other settings that shaped its
+    features (``settings``: values of :data:`FEATURE_SETTINGS`)."""
+
+    levels: list[int]
+    level_names: list[str]
+    input_size: int | None
+    map_levels: list[int] = field(default_factory=list)
+    map_level_names: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=lambda: {"backbone": None})
+
+    @classmethod
+    def plain(cls, n_levels: int) -> "Layout":
+        """Plain feature arrays: levels numbered ``level0``, ``level1``, ..."""
+        return cls(list(range(n_levels)), [f"level{i}" for i in range(n_levels)], None)
+
+    def differences(self, other: "Layout") -> list[str]:
+        """What differs between the features of two layouts, as 'name (a vs b)' texts."""
+        pairs = {"levels": (self.levels, other.levels), "input size": (self.input_size, other.input_size),
+                 "map levels": (self.map_levels, other.map_levels)}
+        pairs.update({k: (self.settings.get(k), other.settings.get(k)) for k in set(self.settings) | set(other.settings)})
+        return [f"{name} ({a!r} vs {b!r})" for name, (a, b) in sorted(pairs.items()) if a != b]
+
+
+def feature_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`FEATURE_SETTINGS` of resolved parameter values (only the backbone for plain features)."""
+    if values.get("backbone") is None:
+        return {"backbone": None}
+    out = {k: values[k] for k in FEATURE_SETTINGS}
+    out["weights"] = None if out["weights"] is None else os.fspath(out["weights"])
+    return out
+
+
+def check_features(features: Sequence[np.ndarray], dims: list[int] | None = None) -> list[np.ndarray]:
+    """Plain per-level feature arrays as float64 (n, d_l), checked: 2-D, equal sample counts, the fitted
+    dimensions ``dims`` when given, finite and small enough for the moment statistics."""
+    if isinstance(features, np.ndarray):
+        features = [features]
+    feats = [np.asarray(f, dtype=np.float64) for f in features]
+    if not feats or any(f.ndim != 2 for f in feats):
+        raise DataError("features must be a list of 2-D arrays (n_samples, n_features), one per level")
+    if len({f.shape[0] for f in feats}) != 1:
+        raise DataError("every level must have the same number of samples")
+    if any(f.shape[1] == 0 for f in feats):
+        raise DataError("every level needs at least one feature (an array of shape (n, 0) was given)")
+    if dims is not None and [f.shape[1] for f in feats] != list(dims):
+        raise DataError(f"feature dimensions {[f.shape[1] for f in feats]} do not match the fitted model's {list(dims)}")
+    for i, f in enumerate(feats):
+        bad = int((~np.isfinite(f)).any(axis=1).sum())
+        if bad:
+            raise DataError(f"level {i}: {bad} sample(s) have NaN or infinite features")
+        if f.size and np.abs(f).max() > MAX_ABS:
+            raise DataError(f"level {i}: feature values up to {np.abs(f).max():.3g} exceed {MAX_ABS:.0e}, where "
+                            "the moment statistics would overflow; rescale the features")
+    return feats
+
+
+def prepare_maps(fmaps: Sequence[np.ndarray], method: str, pool: int) -> list[np.ndarray]:
+    """Raw feature maps as a map method scores them: averaged over ``pool`` x ``pool`` neighbourhoods and, for
+    memory banks (``nearest``), down to the coarsest map level's grid (so each image costs that grid's number of
+    bank queries)."""
+    if method == "nearest":
+        return maps.to_grid(fmaps, pool)
+    return [maps.local_mean(np.asarray(f, dtype=np.float32), pool) for f in fmaps]
+
+
+@dataclass
+class DetectorState:
+    """Everything ``fit`` learns. ``gaussians`` is empty while fewer than 2 samples were seen (incremental fitting
+    keeps the statistics until then)."""
+
+    layout: Layout
+    stats: list[MomentStats]
+    gaussians: list[LevelGaussian]
+    map_method: str = "gaussian"
+    map_pool: int = 1
+    map_stats: list[MomentStats] = field(default_factory=list)
+    map_gaussians: list[LevelGaussian] = field(default_factory=list)
+    map_banks: list[NearestBank] = field(default_factory=list)
+    calibration_scores: np.ndarray | None = None
+
+    # ----- building --------------------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, layout: Layout, stats: list[MomentStats], estimator: str, reduction: str | None, variance: float,
+            map_method: str = "gaussian", map_pool: int = 1, map_stats: list[MomentStats] | None = None,
+            map_banks: list[NearestBank] | None = None, allow_few: bool = False) -> "DetectorState":
+        """Gaussians from moment statistics (``allow_few``: keep fewer than 2 samples without Gaussians)."""
+        n = stats[0].n
+        if n < 2 and not allow_few:
+            raise DataError(f"need at least 2 training samples, got {n}")
+        try:
+            gaussians = [LevelGaussian.fit(s, estimator, reduction, float(variance)) for s in stats] if n >= 2 else []
+            map_gaussians = [LevelGaussian.fit(s, "ledoit-wolf") for s in map_stats or []] if n >= 2 else []
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        return cls(layout, stats, gaussians, map_method, int(map_pool), list(map_stats or []), map_gaussians,
+                   list(map_banks or []))
+
+    def with_calibration(self, scores: np.ndarray | None) -> "DetectorState":
+        """The same state with other calibration scores (None: without)."""
+        return replace(self, calibration_scores=None if scores is None else np.asarray(scores, dtype=np.float64))
+
+    def merge(self, other: "DetectorState", estimator: str, reduction: str | None, variance: float) -> "DetectorState":
+        """The state of the union of both training sets: statistics added exactly, memory banks joined."""
+        map_stats = [a.merge(b) for a, b in zip(self.map_stats, other.map_stats)]
+        banks = [a.merge(b) for a, b in zip(self.map_banks, other.map_banks)]
+        return DetectorState.fit(self.layout, [a.merge(b) for a, b in zip(self.stats, other.stats)], estimator,
+                                 reduction, variance, self.map_method, self.map_pool, map_stats, banks)
+
+    # ----- facts -----------------------------------------------------------------------------------------------
+    @property
+    def fitted(self) -> bool:
+        return bool(self.gaussians)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.stats[0].n)
+
+    @property
+    def feature_dims(self) -> list[int]:
+        return [s.dim for s in self.stats]
+
+    @property
+    def dofs(self) -> list[int]:
+        """Degrees of freedom of each level's chi-square law (its dimension after reduction)."""
+        return [g.dof for g in self.gaussians]
+
+    @property
+    def has_maps(self) -> bool:
+        return bool(self.map_gaussians or self.map_banks)
+
+    # ----- scoring ---------------------------------------------------------------------------------------------
+    def level_distances(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        """Mahalanobis distance of each sample to each level's Gaussian: (n, n_levels)."""
+        try:
+            scores = np.stack([g.distances(f) for g, f in zip(self.gaussians, features)], axis=1)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        if np.isnan(scores).any():
+            raise DataError("the model gives NaN distances: its statistics are damaged (a forged model file?)")
+        return scores
+
+    def with_maps(self) -> "DetectorState":
+        """This state, refused when it has no anomaly maps."""
+        if not self.has_maps:
+            raise GaussadError("this model has no anomaly maps: fit it with map_levels (or preset='recommended')")
+        return self
+
+    def level_maps(self, fmaps: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per map level (B, H_l, W_l) float32 maps of a batch of raw feature maps, by this state's map method.
+
+        Location vectors are first averaged over ``map_pool`` x ``map_pool`` neighbourhoods. ``gaussian`` maps:
+        each map level has one Gaussian shared by all positions, a location's value is its Mahalanobis distance
+        divided by sqrt(dof). ``nearest`` maps: a location's value is its distance to the nearest vector of the
+        level's memory bank divided by the bank's scale. Either way typical normal locations score about 1.
+        """
+        fmaps = prepare_maps(fmaps, self.map_method, self.map_pool)
+        try:
+            if self.map_banks:
+                return [bank.distances(maps.patch_vectors(f, np.float32)).reshape(f.shape[0], *f.shape[2:])
+                        for bank, f in zip(self.map_banks, fmaps)]
+            return maps.level_maps(self.map_gaussians, fmaps)
+        except ValueError as exc:
+            raise DataError(f"the model's anomaly-map statistics do not fit this backbone's feature maps ({exc})") from None
+
+    def anomaly_maps(self, fmaps: Sequence[np.ndarray], size: int) -> np.ndarray:
+        """(B, size, size) maps of a batch of raw feature maps: levels upsampled and averaged."""
+        return maps.combine(self.level_maps(fmaps), size)
+
+    def anomaly_maps_of(self, per_image: Sequence[Sequence[np.ndarray]], size: int | None = None) -> np.ndarray:
+        """(n, size, size) maps from raw feature maps given per image (one (C, H, W) array per map level; shapes
+        may differ between images); size defaults to the input size."""
+        size = size or self.layout.input_size
+        out = np.empty((len(per_image), size, size), dtype=np.float32)
+        for idx, fm in maps.shape_groups(per_image):
+            out[idx] = self.anomaly_maps([f.astype(np.float32) for f in fm], size)
+        return out
+
+    # ----- model files -----------------------------------------------------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays a model file stores, by name."""
+        arrays: dict[str, np.ndarray] = {}
+        for i, (g, s) in enumerate(zip(self.gaussians, self.stats)):
+            arrays.update(g.to_arrays(f"level{i}.gauss."))
+            arrays.update(s.to_arrays(f"level{i}.stats."))
+        for i, (g, s) in enumerate(zip(self.map_gaussians, self.map_stats)):
+            arrays.update(g.to_arrays(f"map{i}.gauss."))
+            arrays.update(s.to_arrays(f"map{i}.stats."))
+        for i, b in enumerate(self.map_banks):
+            arrays[f"bank{i}.vectors"] = b.vectors
+            arrays[f"bank{i}.ids"] = b.ids
+        if self.calibration_scores is not None:
+            arrays["calibration.scores"] = np.asarray(self.calibration_scores, dtype=np.float64)
+        return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+
+    def metadata(self) -> dict[str, Any]:
+        """The learned part of a model file's metadata."""
+        lay = self.layout
+        return {
+            "levels": list(lay.levels), "level_names": list(lay.level_names), "input_size": lay.input_size,
+            "map_levels": list(lay.map_levels), "map_level_names": list(lay.map_level_names),
+            "map_gaussians": [g.meta() for g in self.map_gaussians],
+            "map_banks": [{"seen": b.seen, "scale": b.scale} for b in self.map_banks],
+            "n_samples": self.n_samples, "feature_dims": self.feature_dims,
+            "gaussians": [g.meta() for g in self.gaussians],
+            "n_calibration": None if self.calibration_scores is None else int(self.calibration_scores.size),
+        }
+
+    @classmethod
+    def from_arrays(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "DetectorState":
+        """Rebuild a state from a model file's (schema-checked) metadata and arrays; inconsistencies raise
+        ValueError."""
+        n_levels, n_maps = len(meta["levels"]), len(meta["map_gaussians"])
+        gaussians = [LevelGaussian.from_arrays(arrays, f"level{i}.gauss.", meta["gaussians"][i]) for i in range(n_levels)]
+        stats = [MomentStats.from_arrays(arrays, f"level{i}.stats.") for i in range(n_levels)]
+        map_gaussians = [LevelGaussian.from_arrays(arrays, f"map{i}.gauss.", meta["map_gaussians"][i])
+                         for i in range(n_maps)]
+        map_stats = [MomentStats.from_arrays(arrays, f"map{i}.stats.") for i in range(n_maps)]
+        banks = [NearestBank(arrays[f"bank{i}.vectors"], arrays[f"bank{i}.ids"], b["seen"], meta["map_coreset"],
+                             float(b["scale"])) for i, b in enumerate(meta.get("map_banks", []))]
+        if any(len(b.vectors) > b.seen for b in banks):
+            raise ValueError("a memory bank holds more vectors than the locations it summarises")
+        dims = [s.dim for s in stats]
+        if dims != list(meta["feature_dims"]) or any(g.dim != d for g, d in zip(gaussians, dims)):
+            raise ValueError(f"array shapes {dims} do not match the metadata {meta['feature_dims']}")
+        if any(g.dim != s.dim for g, s in zip(map_gaussians, map_stats)):
+            raise ValueError("map Gaussians and map statistics differ in dimension")
+        calibration = arrays.get("calibration.scores")
+        if calibration is not None and (calibration.ndim != 1 or not np.all(np.isfinite(calibration))):
+            raise ValueError("calibration scores must be a 1-D array of finite numbers")
+        if meta.get("n_calibration") != (None if calibration is None else int(calibration.size)):
+            raise ValueError(f"{meta.get('n_calibration')} calibration scores in the metadata, "
+                             f"{0 if calibration is None else calibration.size} stored")
+        counts = {s.n for s in stats}
+        if counts != {meta["n_samples"]}:
+            raise ValueError(f"sample counts {sorted(counts)} do not match n_samples {meta['n_samples']}")
+        layout = Layout(list(meta["levels"]), list(meta["level_names"]), meta["input_size"], list(meta["map_levels"]),
+                        list(meta["map_level_names"]), feature_settings(meta))
+        return cls(layout, stats, gaussians, meta["map_method"], int(meta["map_pool"]), map_stats, map_gaussians,
+                   banks, calibration)

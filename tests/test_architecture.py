@@ -1,0 +1,211 @@
+"""The code's shape: one parameter table behind every spelling of a parameter, the scikit-learn contract, a light
+``import gaussad``, no import cycles, no use of another module's private names, a thin model.py, and model files of
+gaussad 0.1.0 still loading with the same scores."""
+
+import ast
+import copy
+import inspect
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gaussad
+from gaussad import GaussadError, GaussianAD, InvalidParameterError, NotFittedError, params
+from gaussad.cli import build_parser
+
+SRC = Path(gaussad.__file__).parent
+DATA = Path(__file__).parent / "data"
+
+
+def _modules() -> dict[str, Path]:
+    return {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in SRC.rglob("*.py")}
+
+
+def _imports(name: str, path: Path) -> list[tuple[str, list[str]]]:
+    """(imported gaussad module, names taken from it) for every import statement, lazy ones included."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(max(node.level - 1, 0)):
+                base = base.rpartition(".")[0]
+            module = (f"{base}.{node.module}" if node.module else base) if node.level else node.module or ""
+            out.append((module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+    return [(m, names) for m, names in out if m == "gaussad" or m.startswith("gaussad.")]
+
+
+def test_no_import_cycles_in_the_package():
+    modules = _modules()
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        for module, names in _imports(name, path):
+            for target in [f"{module}.{n}" for n in names if f"{module}.{n}" in modules] or [module]:
+                if target in modules and target != name and not name.startswith(target + "."):
+                    graph[name].add(target)  # a package's __init__ importing its submodules is not a cycle
+    # every module's own package __init__ runs first anyway: leave those edges out
+    graph = {m: {t for t in ts if not (m.startswith(t + ".") or t == "gaussad")} for m, ts in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                pytest.fail("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_no_module_uses_another_modules_private_names():
+    modules = _modules()
+    offences = []
+    for name, path in modules.items():
+        for module, names in _imports(name, path):
+            offences += [f"{name} imports {module}.{n}" for n in names if n.startswith("_") and not n.startswith("__")]
+    assert not offences
+
+
+def test_model_module_stays_thin():
+    assert len((SRC / "model.py").read_text().splitlines()) <= 350
+
+
+def test_every_parameter_is_in_the_table_and_everywhere_it_should_be(tmp_path):
+    signature = inspect.signature(GaussianAD.__init__).parameters
+    names = [n for n in signature if n != "self"]
+    assert names == [p.name for p in params.PARAMS]
+    assert {n: signature[n].default for n in names} == params.defaults()
+    assert set(GaussianAD().get_params()) == set(names)
+    # the CLI options of fit are exactly the table's rows with a flag
+    fit = build_parser()._subparsers._group_actions[0].choices["fit"]
+    dests = {a.dest for a in fit._actions}
+    assert {p.name for p in params.PARAMS if p.flag} <= dests
+    assert not ({"seed", "reduction_text"} & dests)
+    # model files store exactly the stored rows, learned ones from the fitted state
+    rng = np.random.default_rng(0)
+    model = GaussianAD(backbone=None, fpr=0.05).fit_features([rng.normal(size=(20, 3))])
+    meta = model.metadata()
+    assert {p.name for p in params.PARAMS if p.stored} <= set(meta)
+    assert not {p.name for p in params.PARAMS if not p.stored} & set(meta)
+    model.save(tmp_path / "m.gaussad")
+    loaded = gaussad.load(tmp_path / "m.gaussad")
+    kept = [p.name for p in params.PARAMS if p.stored and p.learned is None]
+    assert {k: loaded.setting(k) for k in kept} == {k: model.setting(k) for k in kept}
+
+
+def test_scikit_learn_clone_set_params_and_errors():
+    from sklearn.base import clone
+
+    est = GaussianAD(preset="recommended", fpr=0.02)
+    twin = clone(est)
+    assert twin is not est and twin.get_params() == est.get_params() and "state_" not in vars(twin)
+    assert est.set_params(fpr=0.05) is est and est.fpr == 0.05
+    with pytest.raises(ValueError, match="invalid parameter"):
+        est.set_params(nonsense=1)
+    with pytest.raises(NotFittedError) as info:
+        GaussianAD().score_features([np.zeros((1, 3))])
+    assert isinstance(info.value, ValueError) and isinstance(info.value, AttributeError)
+    assert isinstance(info.value, GaussadError)
+    with pytest.raises(InvalidParameterError) as info:
+        GaussianAD(backbone=None, fpr=2.0).fit_features([np.zeros((3, 2))])
+    assert isinstance(info.value, ValueError) and isinstance(info.value, GaussadError)
+    assert not hasattr(GaussianAD(), "n_samples_")  # fitted attributes are absent before fit
+
+
+def test_import_and_plain_features_need_no_torch_or_onnx():
+    code = """
+import sys
+
+
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "onnx", "onnxruntime"):
+            raise ImportError(f"{name} is blocked in this test")
+
+
+sys.meta_path.insert(0, Blocked())
+import numpy as np
+import gaussad
+rng = np.random.default_rng(0)
+m = gaussad.GaussianAD(backbone=None).fit_features([rng.normal(size=(30, 4)), rng.normal(size=(30, 2))])
+s = m.score_features([rng.normal(size=(3, 4)), rng.normal(size=(3, 2))])
+assert s.shape == (3,) and np.isfinite(s).all()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    out = subprocess.run([sys.executable, "-c", "import gaussad, sys; assert 'torch' not in sys.modules"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_intake_settings_take_effect_after_first_use(tiny_category):
+    from .conftest import TINY
+
+    files = sorted((tiny_category / "train" / "good").iterdir())[:4]
+    model = GaussianAD(**TINY, engine="torch").fit(files)
+    first = model.feature_extractor()
+    model.set_params(batch_size=3, max_pixels=10)
+    assert model.feature_extractor() is first and first.batch_size == 3
+    with pytest.raises(GaussadError, match="exceeds the limit of 10"):
+        model.score_samples(files[:1])
+    model.set_params(max_pixels=params.DEFAULT_MAX_PIXELS, engine="onnxruntime")
+    assert model.feature_extractor().engine == "onnxruntime"
+    np.testing.assert_allclose(model.score_samples(files), GaussianAD(**TINY, engine="torch").fit(files)
+                               .score_samples(files), rtol=1e-4)
+    with pytest.raises(InvalidParameterError, match="batch_size"):
+        model.set_params(batch_size=-1).score_samples(files)
+
+
+def test_fitted_models_copy_and_pickle(tiny_category):
+    from .conftest import TINY
+
+    files = sorted((tiny_category / "train" / "good").iterdir())[:4]
+    model = GaussianAD(**TINY).fit(files)
+    expected = model.score_samples(files)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        np.testing.assert_allclose(twin.score_samples(files), expected, rtol=1e-6)
+
+
+def test_model_files_of_version_0_1_0_load_with_the_same_results():
+    expected = json.loads((DATA / "expected-0.1.0.json").read_text())
+    plain = gaussad.load(DATA / "plain-0.1.0.gaussad")
+    test = [np.array(t) for t in expected["plain"]["test"]]
+    levels = plain.level_scores_features(test)
+    np.testing.assert_allclose(levels, expected["plain"]["levels"], rtol=1e-12)
+    decisions, pvalues = plain.decide(levels)
+    assert decisions.tolist() == expected["plain"]["decisions"]
+    np.testing.assert_allclose(pvalues, expected["plain"]["pvalues"], rtol=1e-12)
+    image = gaussad.load(DATA / "image-0.1.0.gaussad")
+    inputs = list(np.load(DATA / "image-0.1.0-inputs.npy"))
+    lv, amaps = image.score_with_maps(inputs)
+    np.testing.assert_allclose(lv, expected["image"]["levels"], rtol=1e-4)
+    np.testing.assert_allclose(amaps.reshape(len(inputs), -1).max(1), expected["image"]["map_max"], rtol=1e-4)
+    np.testing.assert_allclose(amaps.reshape(len(inputs), -1).mean(1), expected["image"]["map_mean"], rtol=1e-4)
+
+
+def test_merge_and_partial_fit_refuse_other_features(tiny_category, tmp_path):
+    from .conftest import TINY
+
+    files = sorted((tiny_category / "train" / "good").iterdir())[:6]
+    a = GaussianAD(**TINY).fit(files[:3])
+    b = GaussianAD(**{**TINY, "normalize": "native"}).fit(files[3:])
+    with pytest.raises(InvalidParameterError, match="normalize"):
+        a.merge(b)
+    a.save(tmp_path / "a.gaussad")
+    loaded = gaussad.load(tmp_path / "a.gaussad")
+    loaded.backbone = "efficientnet-lite1"
+    with pytest.raises(InvalidParameterError, match="backbone"):
+        loaded.partial_fit(files[3:])
