@@ -22,7 +22,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="efficientnet-lite0", help="feature network (see `gaussad backbones`; default %(default)s)")
-    g.add_argument("--weights", help="local weights file for the backbone (.pth/.pt state dict or .safetensors); required for efficientnet-b0..b7")
+    g.add_argument("--weights", help="local weights file for the backbone (.pth/.pt state dict or .safetensors); required for efficientnet-b0..b7 and the ResNets")
     g.add_argument("--levels", help="comma-separated levels by name or index (stem,stage1..stage7,head = 0..8); default all 9")
     g.add_argument("--input-size", type=int, help="input size S in pixels: the side of the square input, or with "
                    "--resize aspect the side of a square of the same area (default: the backbone's native size)")
