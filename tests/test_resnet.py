@@ -59,6 +59,15 @@ def test_registry_lists_resnets_as_needing_a_weights_file():
         create_backbone("resnet18")
 
 
+def test_cli_lists_resnets(capsys):
+    from gaussad.cli import main
+
+    assert main(["backbones"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    for name in RESNETS:
+        assert rows[name].endswith("local weights file required")
+
+
 def test_state_dict_layout_is_torchvisions():
     state = create("resnet18").state_dict()
     for key, shape in RESNET18_KEYS.items():
@@ -98,6 +107,17 @@ def test_user_file_loads_strictly(tmp_path, r18_file, suffix):
     headless = tmp_path / "headless.pth"
     torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, headless)
     create_backbone("resnet18", weights=headless)
+
+
+def test_wrapped_data_parallel_checkpoint_loads(tmp_path, r18_file):
+    """A {"state_dict": ...} wrapper with DataParallel's module. prefix loads, classifier included."""
+    _, ref = r18_file
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, path)
+    bb = create_backbone("resnet18", weights=path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(bb(x), ref(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name,channels", [("resnet18", (64, 64, 128, 256, 512)),
