@@ -209,3 +209,11 @@ def test_merge_and_partial_fit_refuse_other_features(tiny_category, tmp_path):
     loaded.backbone = "efficientnet-lite1"
     with pytest.raises(InvalidParameterError, match="backbone"):
         loaded.partial_fit(files[3:])
+
+
+def test_recommended_preset_takes_the_backbones_map_levels():
+    assert GaussianAD(preset="recommended").setting("map_levels") == (
+        "stage2", "stage3", "stage4", "stage5", "stage6", "stage7")
+    assert GaussianAD(backbone="resnet18", preset="recommended").setting("map_levels") == ("layer2", "layer3")
+    assert GaussianAD(backbone="resnet18").setting("map_levels") == ()
+    assert GaussianAD(backbone=None, preset="recommended").setting("map_levels") == ()

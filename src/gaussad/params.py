@@ -30,13 +30,14 @@ MAX_MAP_POOL = 15
 # PIL's own hard limit (2 * Image.MAX_IMAGE_PIXELS): 178,956,970 pixels, about 537 MB as 8-bit RGB.
 DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
 
+BACKBONE_MAP_LEVELS = "backbone"  # a preset's map levels: those the backbone's registry entry recommends
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe: ImageNet mean/std, global features only.
     "paper": {"normalize": "imagenet", "resize": "square", "map_levels": (), "map_method": "gaussian", "map_pool": 1},
     # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, the images' proportions kept,
-    # and nearest-neighbour anomaly maps over 3 x 3 neighbourhoods of stage2-stage7 on the stage7 grid.
-    "recommended": {"normalize": "native", "resize": "aspect",
-                    "map_levels": ("stage2", "stage3", "stage4", "stage5", "stage6", "stage7"),
+    # and nearest-neighbour anomaly maps over 3 x 3 neighbourhoods of the backbone's map levels (its registry entry's
+    # ``map_levels``: stage2-stage7 for EfficientNet, on the stage7 grid; layer2-layer3 for ResNet).
+    "recommended": {"normalize": "native", "resize": "aspect", "map_levels": BACKBONE_MAP_LEVELS,
                     "map_method": "nearest", "map_pool": 3},
 }
 
@@ -174,7 +175,8 @@ PARAMS: tuple[Param, ...] = (
     Param("backbone", "efficientnet-lite0", _backbone, "feature network (see `gaussad backbones`)",
           flag="--backbone"),
     Param("levels", None, optional(_levels),
-          "comma-separated levels by name or index (stem,stage1..stage7,head = 0..8); default all",
+          "comma-separated levels by name or index (EfficientNet: stem,stage1..stage7,head = 0..8; ResNet: "
+          "stem,layer1..layer4 = 0..4); default all",
           learned="levels_", flag="--levels", parse=_text_list),
     Param("input_size", None, optional(integer(1, MAX_INPUT_SIZE)),
           "input size S in pixels: the side of the square input, or with --resize aspect the side of a square of "
@@ -182,7 +184,7 @@ PARAMS: tuple[Param, ...] = (
           parse=_int_text, metavar="S"),
     Param("weights", None, optional(_path),
           "local weights file for the backbone (.pth/.pt state dict or .safetensors); required for "
-          "efficientnet-b0..b7", flag="--weights", parse=str, metavar="FILE"),
+          "efficientnet-b0..b7 and the ResNets", flag="--weights", parse=str, metavar="FILE"),
     Param("estimator", "ledoit-wolf", choice(ESTIMATORS), "covariance estimator or baseline", flag="--estimator",
           choices=ESTIMATORS),
     Param("reduction", None, choice(REDUCTIONS),
@@ -246,7 +248,11 @@ def effective(params: Mapping[str, Any], name: str) -> Any:
     """A parameter's value in use: the explicit one, else the preset's (the paper's recipe when none is given)."""
     value = params[name]
     if value is None and BY_NAME[name].preset:
-        return PRESETS[params.get("preset") or "paper"][name]
+        value = PRESETS[params.get("preset") or "paper"][name]
+        if value == BACKBONE_MAP_LEVELS:
+            from .backbones import get_spec
+
+            return get_spec(params["backbone"]).map_levels if params.get("backbone") is not None else ()
     return value
 
 

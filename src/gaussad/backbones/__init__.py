@@ -1,10 +1,10 @@
 """Backbone registry: every feature network is created by name, timm-style.
 
-A family module (``efficientnet``) registers a :class:`BackboneSpec` per network with :func:`register`; the
-spec says what is known before building (input size, level names, normalisation, weights), and its factory
-builds a :class:`gaussad.backbones.base.Backbone` (a torch module whose ``forward_levels`` yields the feature
-map of each level). This module and the family modules import no torch: listing backbones and resolving
-levels stay light, and torch is imported only when a factory runs.
+A family module (``efficientnet``, ``resnet``) registers a :class:`BackboneSpec` per network with
+:func:`register`; the spec says what is known before building (input size, level names, recommended map levels,
+normalisation, weights), and its factory builds a :class:`gaussad.backbones.base.Backbone` (a torch module whose
+``forward_levels`` yields the feature map of each level). This module and the family modules import no torch:
+listing backbones and resolving levels stay light, and torch is imported only when a factory runs.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class BackboneSpec:
     description: str = ""
     native_normalization: tuple = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     bundled_weights: Callable[[], Path] | None = None
+    # The backbone's recommended levels for the nearest-neighbour anomaly maps (names from ``level_names``).
+    map_levels: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -98,3 +100,4 @@ def resolve_levels(spec_levels: Sequence[str], levels: Sequence[int | str] | Non
 
 
 from . import efficientnet  # noqa: E402,F401  (registers the EfficientNet family)
+from . import resnet  # noqa: E402,F401  (registers the ResNet family)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -56,12 +57,26 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any parse failure of a foreign file becomes one clear message
-        raise GaussadError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+        raise GaussadError(f"{path}: cannot read weights ({_one_line(exc)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GaussadError(f"{path}: not a state dict of tensors")
     return state
+
+
+def _one_line(exc: Exception) -> str:
+    """A loader's exception as one short line: torch's multi-line weights-only refusal is cut to its cause."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    cause = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if cause:
+        found = cause.group(1).strip()
+        if found.startswith("Unsupported global"):  # a pickled object (class, function) other than tensors
+            found = found.split(" was not an allowed global")[0]
+            return (f"refused: it holds pickled objects, not only tensors ({found}); only plain state dicts load, "
+                    f"with weights_only=True")
+        return f"not a torch weights file ({found})"
+    return f"{type(exc).__name__}: {' '.join(text.split())}"[:300]
 
 
 def load_strict(net: nn.Module, state: dict[str, torch.Tensor], source: str, what: str,

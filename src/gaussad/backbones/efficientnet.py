@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from .efficientnet_net import EfficientNetBackbone
 
 LEVEL_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "head")
+# Recommended anomaly-map levels: nearest-neighbour maps of stage2-stage7 on the stage7 grid.
+MAP_LEVELS = ("stage2", "stage3", "stage4", "stage5", "stage6", "stage7")
 
 _LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 _B_SIZES = {f"efficientnet-b{i}": s for i, s in enumerate((224, 240, 260, 300, 380, 456, 528, 600))}
@@ -61,6 +63,7 @@ _LITE_NORMALIZATION = ((127.0 / 255,) * 3, (128.0 / 255,) * 3)
 
 for _name, _size in _LITE_SIZES.items():
     register(BackboneSpec(_name, _make_lite(_name), _size, LEVEL_NAMES, False, f"ImageNet {_name}, bundled weights",
-                          _LITE_NORMALIZATION, partial(_bundled_weights, _name)))
+                          _LITE_NORMALIZATION, partial(_bundled_weights, _name), MAP_LEVELS))
 for _name, _size in _B_SIZES.items():
-    register(BackboneSpec(_name, _make_b(_name), _size, LEVEL_NAMES, True, f"{_name}, local weights file required"))
+    register(BackboneSpec(_name, _make_b(_name), _size, LEVEL_NAMES, True, f"{_name}, local weights file required",
+                          map_levels=MAP_LEVELS))
