@@ -42,8 +42,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(model_dir: str | os.PathLike, *args: str, timeout: float = 180.0) -> Iterator[str]:
-    """Run `gaussad serve MODEL_DIR` in a child process until the block ends; yields its base URL."""
+def serving(model_dir: str | os.PathLike, *args: str, timeout: float = 180.0,
+            procs: list | None = None) -> Iterator[str]:
+    """Run `gaussad serve MODEL_DIR` in a child process until the block ends; yields its base URL (the process is
+    appended to ``procs`` when given)."""
     import gaussad
 
     port = free_port()
@@ -53,6 +55,8 @@ def serving(model_dir: str | os.PathLike, *args: str, timeout: float = 180.0) ->
     log = tempfile.TemporaryFile()
     cmd = [sys.executable, "-m", "gaussad", "serve", str(model_dir), "--port", str(port), *args]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if procs is not None:
+        procs.append(proc)
     url = f"http://127.0.0.1:{port}"
 
     def output() -> str:

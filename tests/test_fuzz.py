@@ -6,6 +6,7 @@ Cases per fuzzer come from GAUSSAD_FUZZ_EXAMPLES: a short run (200, deterministi
 """
 
 import atexit
+import functools
 import io
 import json
 import os
@@ -273,3 +274,75 @@ def test_fuzz_seeds_are_valid():
         assert np.all(np.isfinite(model.level_scores_features(PROBE)))
         if model.has_maps:
             assert np.all(np.isfinite(model.anomaly_map_features(PROBE_MAPS, 8)))
+
+
+# ----- the service's multipart parsing and query parameters ------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _service():
+    """A TestClient of the service with one tiny plain-feature-free image model (8 px input, stem level only):
+    cheap enough to score thousands of uploads."""
+    from fastapi.testclient import TestClient
+
+    from gaussad.serve import Limits, create_app
+
+    rng = np.random.default_rng(0)
+    train = [(rng.random((12, 12, 3)) * 255).astype(np.uint8) for _ in range(6)]
+    model = GaussianAD(input_size=32, levels=["stem"], map_levels=["stem"], map_method="nearest").fit(train)
+    client = TestClient(create_app({"m": model}, limits=Limits(max_file_bytes=1 << 16, max_files=4,
+                                                             max_pixels=FUZZ_MAX_PIXELS)))
+    client.__enter__()
+    atexit.register(client.__exit__, None, None, None)
+    return client
+
+
+_QUERY_VALUES = st.one_of(st.text(max_size=12), st.sampled_from(
+    ["0", "1", "-1", "0.05", "1e-12", "5e-324", "nan", "inf", "-inf", "true", "false", "1" * 400, "0x10", ""]))
+
+
+@st.composite
+def multipart(draw) -> tuple[str, bytes, str]:
+    """A request: (query string, body, content type): well-formed multipart with mutated images, or a mangled
+    body (random bytes, cut boundaries, wrong field names, odd filenames, missing headers)."""
+    boundary = draw(st.sampled_from(["b", "x" * 70, "----gaussad", "a b", ""]))
+    parts = []
+    for _ in range(draw(st.integers(0, 5))):
+        field = draw(st.sampled_from(["files", "files", "file", "other", ""]))
+        filename = draw(st.one_of(st.sampled_from(["a.png", "../../etc/passwd", "", "x" * 300, "é.png", 'q"t.png']),
+                                  st.text(max_size=20)))
+        data = draw(mutated("image")) if draw(st.booleans()) else draw(st.binary(max_size=64))
+        header = f'Content-Disposition: form-data; name="{field}"; filename="{filename}"'.encode("utf-8", "replace")
+        if draw(st.integers(0, 9)) == 0:
+            header = draw(st.binary(max_size=40))
+        parts.append(b"--" + boundary.encode() + b"\r\n" + header + b"\r\n\r\n" + data + b"\r\n")
+    body = b"".join(parts) + (b"--" + boundary.encode() + b"--\r\n" if draw(st.booleans()) else b"")
+    if draw(st.integers(0, 9)) == 0:
+        body = draw(st.binary(max_size=256))
+    elif draw(st.integers(0, 4)) == 0 and body:
+        body = body[: draw(st.integers(0, len(body)))]
+    ctype = draw(st.sampled_from([f"multipart/form-data; boundary={boundary}", "multipart/form-data",
+                                  "application/octet-stream", "text/plain", f"multipart/mixed; boundary={boundary}"]))
+    query = "&".join(f"{k}={v}" for k, v in draw(st.lists(st.tuples(st.sampled_from(["fpr", "maps", "x"]),
+                                                                   _QUERY_VALUES), max_size=3)))
+    return query, body, ctype
+
+
+@FUZZ
+@given(multipart(), st.sampled_from(["score", "map"]), st.sampled_from(["m", "nope", "m%00", "%2e%2e"]))
+def test_fuzz_service_multipart_and_query(request, endpoint, name):
+    query, body, ctype = request
+    import httpx
+
+    try:
+        resp = _service().post(f"/models/{name}/{endpoint}?{query}", content=body, headers={"content-type": ctype})
+    except httpx.InvalidURL:
+        return  # the client refuses the URL itself; nothing reached the service
+    assert resp.status_code in (200, 400, 404, 413, 415, 422, 503), (resp.status_code, resp.text[:300])
+    if resp.status_code != 200:
+        detail = resp.json()["detail"]
+        assert detail and "Traceback" not in str(detail)
+    elif endpoint == "score":
+        rows = resp.json()["results"]
+        assert all(np.isfinite(r["score"]) and 0.0 <= r["pvalue"] <= 1.0 for r in rows)
+    else:
+        assert resp.headers["content-type"] == "image/png" and resp.content.startswith(b"\x89PNG")

@@ -197,7 +197,7 @@ FORGERIES = {
                                "map_gaussians must describe every map level"),
     "unknown-preset": (_set("preset", "fastest"), None, "unknown preset 'fastest'"),
     "unknown-threshold": (_set("threshold", "banana"), None, "unknown threshold 'banana'"),
-    "fpr-out-of-range": (_set("fpr", 2.0), None, "fpr must be a fraction in (0, 1)"),
+    "fpr-out-of-range": (_set("fpr", 2.0), None, "fpr must be a fraction in [1e-12, 1)"),
     "calibration-count": (_set("n_calibration", 5), None, "5 calibration scores in the metadata, 0 stored"),
     "nan-calibration": (lambda m: m.__setitem__("n_calibration", 2),
                         lambda a: a.__setitem__("calibration.scores", np.array([1.0, np.nan])), "NaN or infinite"),
@@ -338,7 +338,7 @@ def test_failed_save_keeps_the_previous_model_and_leaves_no_temp(model_path, mon
     with pytest.raises(GaussadError if isinstance(exc, OSError) else KeyboardInterrupt) as info:
         newer.save(model_path)
     if isinstance(exc, OSError):
-        assert "cannot write model (No space left on device)" in str(info.value)
+        assert "cannot write model file (No space left on device)" in str(info.value)
     assert model_path.read_bytes() == before
     assert [p.name for p in model_path.parent.iterdir()] == [model_path.name]
     monkeypatch.undo()
@@ -394,7 +394,7 @@ def test_save_into_a_folder_or_unwritable_place(tmp_path, monkeypatch):
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(files.os, "open", denied)
-    with pytest.raises(GaussadError, match="cannot write model \\(Permission denied\\)"):
+    with pytest.raises(GaussadError, match="cannot write model file \\(Permission denied\\)"):
         model.save(tmp_path / "m.gaussad")
     assert list(tmp_path.iterdir()) == [tmp_path / "dir.gaussad"]
 

@@ -59,10 +59,10 @@ def _infinite_note(model, fpr: float) -> str:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from .files import check_output
     from .model import GaussianAD
 
-    if Path(args.output).is_dir():
-        raise GaussadError(f"{args.output}: is a folder; give the model file's name with -o")
+    check_output(args.output, "model file")
     files = _training_images(args.train_dir)
     model = GaussianAD(**_model_params(args, "threshold"), verbose=not (args.quiet or args.json))
     model.fit(files, on_error=args.on_error)
@@ -100,8 +100,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     from . import params
     from .images import expand_sources
     from .model import load
+    from .files import check_output
     from .results import result_rows
 
+    if args.maps:
+        check_output(args.maps, "overlay", folder=True)
     model = load(args.model)
     if args.preset and (model.preset or "paper") != args.preset:
         raise GaussadError(f"{args.model}: fitted with preset {model.preset or 'paper'}, not {args.preset}; "
@@ -123,8 +126,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     decisions, pvalues = model.decide(levels, fpr, method) if kept else ([], [])
     rows = result_rows(kept, model.level_names_, levels, decisions, pvalues)
     if args.maps:
-        for row, path, amap in zip(rows, _write_overlays(args.maps, kept, amaps, args.max_pixels), amaps):
-            row["map"], row["map_max"] = str(path), float(amap.max())
+        written = _write_overlays(args.maps, kept, amaps, args.max_pixels, args.on_error)
+        for row, (path, error), amap in zip(rows, written, amaps):
+            row["map_max"] = float(amap.max())
+            row["map"] = None if path is None else str(path)
+            if error is not None:
+                row["map_error"] = error
     errors = [{"path": str(files[i]), "error": msg} for i, msg in skipped]
     if args.json:
         print(json.dumps({"model": str(args.model), "fpr": fpr, "threshold": method, "rule": RULES[method],
@@ -149,8 +156,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_overlays(folder: str, files: list[Path], amaps: np.ndarray, max_pixels: int) -> list[Path]:
-    """Write one heat-map overlay PNG per image into ``folder`` (atomically each); returns their paths."""
+def _write_overlays(folder: str, files: list[Path], amaps: np.ndarray, max_pixels: int,
+                    on_error: str = "fail") -> list[tuple[Path | None, str | None]]:
+    """Write one heat-map overlay PNG per image into ``folder`` (atomically each); returns (path, None) per image,
+    or with ``on_error="skip"`` (None, message) for an image that can no longer be read (changed since scoring)."""
+    from .errors import ImageError
     from .files import write_atomic
     from .images import load_image
     from .maps import overlay
@@ -163,15 +173,25 @@ def _write_overlays(folder: str, files: list[Path], amaps: np.ndarray, max_pixel
         if name in used:
             name = f"{Path(src).stem}_{i}_map.png"
         used.add(name)
-        image = overlay(load_image(src, max_pixels=max_pixels), amap)
-        paths.append(write_atomic(out_dir / name, lambda fh, image=image: image.save(fh, format="PNG"), "overlay"))
+        try:
+            image = overlay(load_image(src, max_pixels=max_pixels), amap)
+        except ImageError as exc:
+            if on_error != "skip":
+                raise
+            paths.append((None, f"no overlay: {exc}"))
+            continue
+        paths.append((write_atomic(out_dir / name, lambda fh, image=image: image.save(fh, format="PNG"), "overlay"),
+                      None))
     return paths
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_markdown, format_table
+    from .files import check_output, write_atomic
 
-    from .files import write_atomic
+    for path, what in ((args.json, "JSON report"), (args.report, "report")):
+        if path:
+            check_output(path, what)
 
     report = evaluate(args.root, protocol=args.protocol, verbose=not args.quiet, **_model_params(args))
     if args.json:
@@ -197,10 +217,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise GaussadError(f"gaussad serve needs the service packages ({exc}): pip install 'gaussad[serve]'") from None
 
-    limits = Limits(max_file_bytes=int(args.max_file_mb * 2**20), max_files=args.max_files, max_pixels=args.max_pixels)
+    limits = Limits(max_file_bytes=int(args.max_file_mb * 2**20), max_files=args.max_files, max_pixels=args.max_pixels,
+                    max_pixels_in_flight=args.max_pixels_in_flight)
     run(args.model_dir, host=args.host, port=args.port, fpr=args.fpr, limits=limits, workers=args.workers,
         log_level=args.log_level)
     return 0
+
+
+def _bounded(kind: type, lo: float, hi: float):
+    """An argparse type: a finite ``kind`` (int or float) in [lo, hi]."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not (lo <= value <= hi):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"expected a value in {lo:g}..{hi:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _table_value(name: str, kind: type):
+    """An argparse type checked by the parameter table's rule for ``name``."""
+    from . import params
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+            params.check_value(name, value)
+        except (ValueError, GaussadError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,20 +315,42 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the inspection page at / and the OpenAPI docs at /docs.")
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
-    p.add_argument("--fpr", type=float, help="target false-positive rate of the decisions (default: each model's own)")
-    p.add_argument("--workers", type=int, help="threads running the models (default: min(4, CPU count))")
-    p.add_argument("--max-file-mb", type=float, default=20.0, help="largest upload per image in MiB (default %(default)s)")
-    p.add_argument("--max-files", type=int, default=16, help="most images per request (default %(default)s)")
-    p.add_argument("--max-pixels", type=int, default=25_000_000, help="most pixels per image (default %(default)s)")
+    p.add_argument("--port", type=_bounded(int, 1, 65535), default=8000, help="port to listen on (default %(default)s)")
+    p.add_argument("--fpr", type=_table_value("fpr", float),
+                   help="target false-positive rate of the decisions (default: each model's own)")
+    p.add_argument("--workers", type=_bounded(int, 1, 256), help="threads running the models (default: min(4, CPU count))")
+    p.add_argument("--max-file-mb", type=_bounded(float, 1 / 1024, 4096), default=20.0,
+                   help="largest upload per image in MiB (default %(default)s)")
+    p.add_argument("--max-files", type=_bounded(int, 1, 1024), default=16,
+                   help="most images per request (default %(default)s)")
+    p.add_argument("--max-pixels", type=_bounded(int, 1, 2**31), default=25_000_000,
+                   help="most pixels per image (default %(default)s)")
+    p.add_argument("--max-pixels-in-flight", type=_bounded(int, 1, 2**40), default=100_000_000, metavar="N",
+                   help="decoded pixels in flight across the service; a request that finds no room within 2 s is "
+                        "answered 503 with Retry-After (default %(default)s, about 300 MB)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level; info logs every request (default %(default)s)")
     p.set_defaults(func=cmd_serve)
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that clean-up (temporary files) runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    else:
+        previous = None
     try:
         return args.func(args)
     except GaussadError as exc:
@@ -287,6 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gaussad: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("gaussad: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

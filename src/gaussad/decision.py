@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import GaussadError
+from .errors import DataError, GaussadError
 from .params import check_value
 from .threshold import (
     chi2_pvalue,
@@ -29,6 +29,22 @@ class Calibrated(Protocol):
 
     @property
     def layout(self): ...
+
+
+def check_distances(level_scores: np.ndarray, n_levels: int) -> np.ndarray:
+    """Per-level distances as a float64 (n, n_levels) array; anything else (another shape, NaN or negative
+    values, non-numbers) raises DataError: a decision on them would be silently wrong."""
+    try:
+        d = np.atleast_2d(np.asarray(level_scores, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise DataError("level distances must be numbers") from None
+    if d.ndim != 2 or d.shape[1] != n_levels:
+        raise DataError(f"level distances must be an (n, {n_levels}) array, one column per level; got shape {d.shape}")
+    if np.isnan(d).any():
+        raise DataError(f"{int(np.isnan(d).any(axis=1).sum())} row(s) of level distances are NaN: no decision possible")
+    if (d < 0).any():
+        raise DataError("level distances must be non-negative (they are Mahalanobis distances, not squared or signed)")
+    return d
 
 
 @dataclass(frozen=True)
@@ -59,9 +75,15 @@ class DecisionRule:
             raise GaussadError(f"per-level thresholds exist for chi2 and hotelling, not {self.method!r}")
         return np.array([chi2_threshold(k, fpr) for k in state.dofs])
 
-    def check(self, state: Calibrated) -> None:
+    def check(self, state: Calibrated, context: str = "") -> None:
         """Refuse a rule that cannot apply to ``state``: Hotelling where n <= dof at some level, conformal
-        without calibration scores."""
+        without calibration scores (``context`` starts the message)."""
+        try:
+            self._check(state)
+        except GaussadError as exc:
+            raise GaussadError(f"{context}{exc}") from None
+
+    def _check(self, state: Calibrated) -> None:
         if self.method == "hotelling":
             n = state.n_samples
             bad = [f"{name} {k}" for name, k in zip(state.layout.level_names, state.dofs) if n <= k]
@@ -90,7 +112,7 @@ class DecisionRule:
     def decide(self, state: Calibrated, level_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Decisions (1 = anomalous) and p-values from per-level distances (n, n_levels)."""
         self.check(state)
-        level_scores = np.atleast_2d(np.asarray(level_scores, dtype=np.float64))
+        level_scores = check_distances(level_scores, len(state.dofs))
         if self.method == "conformal":
             cal = state.calibration_scores
             scores = level_scores.mean(axis=1)

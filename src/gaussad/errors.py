@@ -17,8 +17,9 @@ class ImageTooLargeError(ImageError):
     """An image with more pixels than the limit, refused from its header before decoding."""
 
 
-class DataError(GaussadError):
-    """A data folder or image collection that cannot be used (empty, wrong layout, too few images)."""
+class DataError(GaussadError, ValueError):
+    """Data that cannot be used: a folder or image collection (empty, wrong layout, too few images), or arrays of the
+    wrong shape or with NaN values (a ``ValueError``)."""
 
 
 class ModelFormatError(GaussadError):

@@ -4,9 +4,11 @@ and writing outputs atomically (model files, the engine cache, CLI outputs)."""
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import secrets
 import stat
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -75,20 +77,76 @@ def fsync_folder(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+STALE_TEMP_SECONDS = 3600.0  # a temporary of ours this old is left from a killed run: removed on the next write
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def check_output(path: str | os.PathLike, what: str = "file", folder: bool = False) -> Path:
+    """Check, before any work, that ``path`` can be written as a ``what`` (a file, or with ``folder`` a folder of
+    outputs): not a folder (not a file), a name the file system accepts, and the nearest existing parent a
+    writable folder. Raises :class:`GaussadError` naming the path and the problem."""
+    path = Path(path)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if len(os.fsencode(path.name)) > _name_max(parent if parent.is_dir() else Path(".")):
+        raise GaussadError(f"{path}: file name too long ({len(os.fsencode(path.name))} bytes; the file system "
+                           f"allows {_name_max(parent if parent.is_dir() else Path('.'))})")
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise GaussadError(f"{path}: exists and is not a folder; give a folder for the {what}s")
+        if path.is_dir():
+            parent = path
+    elif path.is_dir():
+        raise GaussadError(f"{path}: is a folder; give the {what}'s name")
+    if not parent.is_dir():
+        raise GaussadError(f"{path}: cannot write the {what} ({parent} is not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GaussadError(f"{path}: cannot write the {what} (permission denied in {parent})")
+    return path
+
+
+def _temp_name(path: Path) -> str:
+    """A hidden temporary beside ``path``, within the file system's name limit whatever the target's length."""
+    return f".{path.name[:200]}.{secrets.token_hex(6)}.tmp"
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temporaries of ``path`` that a killed run left behind (ours by name, older than an hour)."""
+    try:
+        leftovers = list(path.parent.glob(f".{glob.escape(path.name[:200])}.????????????.tmp"))
+    except OSError:
+        return
+    for old in leftovers:
+        try:
+            if time.time() - old.lstat().st_mtime > STALE_TEMP_SECONDS and old.is_file():
+                old.unlink()
+        except OSError:
+            pass
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], what: str = "file") -> Path:
     """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically; returns the path.
 
     The bytes go to a hidden temporary file in the same folder, are flushed to disk, get the usual permissions
     (0666 less the umask) and are renamed over ``path``; the folder is synced so the rename survives a crash.
-    An interruption at any point leaves either the previous file or the complete new one, and no temporary.
+    An interruption at any point leaves either the previous file or the complete new one, and no temporary
+    (a kill that allows no clean-up leaves one, which the next write to ``path`` removes once an hour old).
     Failures raise :class:`GaussadError` naming ``path`` and saying what could not be written.
     """
     path = Path(path)
     if path.is_dir():
         raise GaussadError(f"{path}: is a folder; give the {what}'s name")
-    tmp = path.with_name(f".{path.name[:200]}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(_temp_name(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as exc:
         raise GaussadError(f"{path}: cannot write {what} ({exc.strerror or exc})") from None

@@ -28,10 +28,23 @@ FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 FORMAT_NAMES = "PNG, JPEG, BMP, TIFF or WebP"
 
 
+class NamedBytes(bytes):
+    """The bytes of an image file with the name to use in messages (an upload's filename)."""
+
+    name: str
+
+    def __new__(cls, data: bytes, name: str) -> "NamedBytes":
+        obj = super().__new__(cls, data)
+        obj.name = name
+        return obj
+
+
 def describe(source: ImageSource, index: int | None = None) -> str:
     """A short name for an image source, used in error messages and reports."""
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
+    if isinstance(source, NamedBytes):
+        return source.name
     kind = "PIL image" if isinstance(source, Image.Image) else "bytes" if isinstance(source, bytes) else "array"
     return f"{kind} #{index}" if index is not None else kind
 
@@ -116,8 +129,16 @@ def _identify(fh: BinaryIO, filename: str) -> ImageFile.ImageFile:
     raise UnidentifiedImageError(filename)
 
 
-def _decode(fh: BinaryIO, name: str, max_pixels: int, draft: int | None = None) -> Image.Image:
-    """Identify, size-check, decode and orient one image file; every decoder failure becomes an ImageError."""
+def probe(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image file's bytes from its header alone, checked like :func:`load_image` checks it
+    (format, at least one pixel, at most ``max_pixels``) but without decoding the pixels."""
+    if not data:
+        raise UnknownImageFormatError(f"{name}: empty file, not an image")
+    return _open(io.BytesIO(data), name, max_pixels).size
+
+
+def _open(fh: BinaryIO, name: str, max_pixels: int) -> ImageFile.ImageFile:
+    """Identify and size-check one image file (header only); failures become ImageErrors."""
     try:
         img = _identify(fh, name)
     except UnidentifiedImageError:
@@ -130,6 +151,12 @@ def _decode(fh: BinaryIO, name: str, max_pixels: int, draft: int | None = None) 
     if width * height > max_pixels:
         raise ImageTooLargeError(f"{name}: refused, {width}x{height} = {width * height} pixels exceeds the limit of "
                          f"{max_pixels} (a decompression bomb? raise max_pixels / --max-pixels if it is genuine)")
+    return img
+
+
+def _decode(fh: BinaryIO, name: str, max_pixels: int, draft: int | None = None) -> Image.Image:
+    """Identify, size-check, decode and orient one image file; every decoder failure becomes an ImageError."""
+    img = _open(fh, name, max_pixels)
     try:
         if draft and img.format == "JPEG":
             img.draft(img.mode, (draft, draft))

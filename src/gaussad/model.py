@@ -101,7 +101,6 @@ class GaussianAD:
         """Copies leave the feature extractor (an inference session) behind; it is rebuilt on first use."""
         return {k: v for k, v in self.__dict__.items() if k != "_extractors"}
 
-    # ----- learned state ------------------------------------------------------------------------------------
     def _state(self, need_fit: bool = True) -> DetectorState:
         state = self.__dict__.get("state_")
         if state is None or (need_fit and not state.fitted):
@@ -327,8 +326,11 @@ class GaussianAD:
 
     # ----- model files --------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted model to one file, atomically (see :mod:`gaussad.persistence`)."""
-        save_model(path, self.metadata(), self._state().to_arrays())
+        """Write the fitted model to one file, atomically (:mod:`gaussad.persistence`); refused, as loading would
+        refuse it, when its own rule cannot apply (conformal without calibration scores, e.g. after ``merge``)."""
+        state = self._state()
+        self.rule().check(state, f"{os.fspath(path)}: not saved: ")
+        save_model(path, self.metadata(), state.to_arrays())
 
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable description of the fitted model (stored in the model file)."""

@@ -27,6 +27,9 @@ THRESHOLDS = ("chi2", "hotelling", "conformal")
 ENGINES = ("auto", "onnxruntime", "torch")
 MAX_INPUT_SIZE = 4096  # largest network input side (EfficientNet-B7 uses 600)
 MAX_MAP_POOL = 15
+# Smallest target false-positive rate: below it the per-level rates (fpr / levels) approach float64's underflow and
+# thresholds stop being computable; no inspection runs at 1e-12 anyway.
+MIN_FPR = 1e-12
 # PIL's own hard limit (2 * Image.MAX_IMAGE_PIXELS): 178,956,970 pixels, about 537 MB as 8-bit RGB.
 DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
 
@@ -74,10 +77,13 @@ def integer(lo: int, hi: float = math.inf, odd: bool = False) -> Callable[[str, 
     return check
 
 
-def fraction(include_one: bool = False) -> Callable[[str, Any], None]:
+def fraction(include_one: bool = False, minimum: float = 0.0) -> Callable[[str, Any], None]:
+    """A number in (0, 1) (``include_one``: (0, 1]; ``minimum``: [minimum, 1))."""
     def check(name: str, value: Any) -> None:
-        if not _is_real(value) or not (0.0 < float(value) < 1.0 or (include_one and float(value) == 1.0)):
-            _fail(name, f"a fraction in (0, 1{']' if include_one else ')'}", value)
+        low_ok = _is_real(value) and (float(value) >= minimum if minimum else float(value) > 0.0)
+        if not low_ok or not (float(value) < 1.0 or (include_one and float(value) == 1.0)):
+            span = f"[{minimum:g}, 1)" if minimum else f"(0, 1{']' if include_one else ')'}"
+            _fail(name, f"a fraction in {span}", value)
 
     return check
 
@@ -91,7 +97,9 @@ def optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
 
 
 def _levels(name: str, value: Any) -> None:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+    if isinstance(value, str) or _is_int(value):
+        return  # one level
+    if isinstance(value, bytes) or not isinstance(value, Iterable):
         _fail(name, "a list of level names or indices", value)
     for level in value:
         if not (isinstance(level, str) or _is_int(level)):
@@ -217,7 +225,7 @@ PARAMS: tuple[Param, ...] = (
           "decision rule: chi2 per level (the paper), hotelling (finite-sample F law per level) or conformal "
           "(quantile of held-out normal scores, needs --calibration)", flag="--threshold", choices=THRESHOLDS,
           group="threshold"),
-    Param("fpr", 0.01, fraction(), "target false-positive rate", flag="--fpr", parse=_float_text,
+    Param("fpr", 0.01, fraction(minimum=MIN_FPR), "target false-positive rate", flag="--fpr", parse=_float_text,
           group="threshold"),
     Param("calibration", None, optional(fraction()),
           "hold out this fraction of the images (e.g. 0.2) to compute conformal calibration scores with a model "

@@ -22,6 +22,7 @@ from . import params
 from .errors import GaussadError, ModelFormatError
 from .files import open_regular_file, write_atomic
 from .params import ESTIMATORS, MAP_METHODS, MAX_INPUT_SIZE, MAX_MAP_POOL, NORMALIZATIONS, PRESETS, REDUCTIONS, RESIZES
+from .decision import DecisionRule
 from .state import DetectorState
 
 FORMAT_NAME = "gaussad-model"
@@ -206,6 +207,8 @@ def read_model(path: str | os.PathLike) -> tuple[dict[str, Any], DetectorState]:
         validate_arrays(arrays, len(meta["levels"]), len(meta["map_gaussians"]), len(meta.get("map_banks", [])))
         values = params.from_stored(meta)
         params.validate(values)
-        return values, DetectorState.from_arrays({**meta, **values}, arrays)
+        state = DetectorState.from_arrays({**meta, **values}, arrays)
+        DecisionRule(values["threshold"], values["fpr"]).check(state)  # the model's own rule must apply
+        return values, state
     except (KeyError, IndexError, TypeError, ValueError, GaussadError) as exc:
         raise ModelFormatError(f"{path}: inconsistent model file ({type(exc).__name__}: {str(exc)[:300]})") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ctypes
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +29,10 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__
+from . import __version__, params
 from .errors import DataError, GaussadError, ImageError, ImageTooLargeError, UnknownImageFormatError
-from .images import load_image
+from .engine import cpu_count
+from .images import NamedBytes, load_image, probe
 from .maps import overlay
 from .model import GaussianAD, load
 from .results import result_rows
@@ -48,6 +50,10 @@ class Limits:
     max_file_bytes: int = 20 * 2**20
     max_files: int = 16
     max_pixels: int = 25_000_000
+    # Decoded pixels in flight across the service (see ``request_cost``); a request that does not fit within
+    # ``busy_seconds`` is answered 503 with Retry-After. 100 Mpx is about 300 MB of decoded RGB.
+    max_pixels_in_flight: int = 100_000_000
+    busy_seconds: int = 2
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -131,19 +137,76 @@ def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
 
 
 # ----- uploads -----------------------------------------------------------------------------------------------
-def decode_upload(data: bytes, filename: str, limits: Limits) -> Image.Image:
-    """Uploaded bytes -> 8-bit RGB image, EXIF-oriented (:func:`gaussad.images.load_image`, as for files); refuses
-    oversized files, and images over the pixel limit before decoding."""
+OVERLAY_SIDE = 1600  # overlays of larger images are drawn at this longest side: plenty to look at, bounded memory
+
+
+def _upload_error(exc: ImageError) -> UploadError:
+    status = 415 if isinstance(exc, UnknownImageFormatError) else 413 if isinstance(exc, ImageTooLargeError) else 422
+    return UploadError(status, str(exc))
+
+
+def probe_upload(data: bytes, filename: str, limits: Limits) -> int:
+    """Pixels of an upload from its header, refusing oversized files and images (413), non-images (415) and
+    damaged headers (422) before anything is decoded."""
     if len(data) > limits.max_file_bytes:
         raise UploadError(413, f"{filename}: {len(data)} bytes exceeds the limit of {limits.max_file_bytes} bytes per file")
     try:
-        return load_image(bytes(data), max_pixels=limits.max_pixels, name=filename)
-    except UnknownImageFormatError as exc:
-        raise UploadError(415, str(exc)) from None
-    except ImageTooLargeError as exc:
-        raise UploadError(413, str(exc)) from None
+        width, height = probe(data, filename, limits.max_pixels)
     except ImageError as exc:
-        raise UploadError(422, str(exc)) from None
+        raise _upload_error(exc) from None
+    return width * height
+
+
+def decode_upload(data: bytes, filename: str, limits: Limits, side: int | None = None) -> Image.Image:
+    """Uploaded bytes -> 8-bit RGB image, EXIF-oriented (:func:`gaussad.images.load_image`, as for files); with
+    ``side``, shrunk to at most that longest side."""
+    probe_upload(data, filename, limits)
+    try:
+        img = load_image(bytes(data), max_pixels=limits.max_pixels, name=filename)
+    except ImageError as exc:
+        raise _upload_error(exc) from None
+    if side is not None and max(img.size) > side:
+        img.thumbnail((side, side), Image.BILINEAR)
+    return img
+
+
+def request_cost(pixels: list[int]) -> int:
+    """Decoded pixels a request holds at once: images are decoded by the extractor's threads (one per core) and
+    then one at a time for overlays, each freed once resized; never more than all of them."""
+    return min(sum(pixels), (cpu_count() + 1) * max(pixels, default=0))
+
+
+def _return_memory() -> None:
+    """Hand freed heap memory back to the system after a request (glibc keeps it otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PixelBudget:
+    """Admission control: requests hold their :func:`request_cost` of a service-wide pixel budget while they run.
+    A request waits at most ``wait`` seconds for room, else it is refused (503); one request alone is always
+    admitted, however large, so that the per-request limits alone decide what is too large."""
+
+    def __init__(self, capacity: int, wait: float):
+        self.capacity, self.wait, self.used = capacity, wait, 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self, cost: int) -> bool:
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(
+                    lambda: self.used == 0 or self.used + cost <= self.capacity), self.wait)
+            except asyncio.TimeoutError:
+                return False
+            self.used += cost
+            return True
+
+    async def release(self, cost: int) -> None:
+        async with self._changed:
+            self.used -= cost
+            self._changed.notify_all()
 
 
 def _png(img: Image.Image) -> bytes:
@@ -154,26 +217,36 @@ def _png(img: Image.Image) -> bytes:
 
 def score_uploads(model: GaussianAD, uploads: list[tuple[str, bytes]], fpr: float, limits: Limits,
                   with_maps: bool) -> list[dict]:
-    """Decode and score uploads (blocking: run it in a worker thread); with maps each result has a PNG overlay."""
-    images = [decode_upload(data, name, limits) for name, data in uploads]
+    """Score checked uploads (blocking: run it in a worker thread); with maps each result has a PNG overlay.
+
+    The model's extractor decodes the uploads a few at a time, each freed once resized; overlays are drawn one
+    image at a time, at most ``OVERLAY_SIDE`` pixels on the longest side.
+    """
+    sources = [NamedBytes(data, name) for name, data in uploads]
     names = [name for name, _ in uploads]
-    if not with_maps:
-        return image_results(model, names, model.level_scores(images), fpr)
-    levels, amaps = model.score_with_maps(images)
-    results = image_results(model, names, levels, fpr)
-    for row, img, amap in zip(results, images, amaps):
-        row["map_max"] = float(amap.max())
-        row["overlay"] = "data:image/png;base64," + base64.b64encode(_png(overlay(img, amap))).decode("ascii")
-    return results
+    try:
+        if not with_maps:
+            return image_results(model, names, model.level_scores(sources), fpr)
+        levels, amaps = model.score_with_maps(sources)
+        results = image_results(model, names, levels, fpr)
+        for row, (name, data), amap in zip(results, uploads, amaps):
+            row["map_max"] = float(amap.max())
+            img = decode_upload(data, name, limits, OVERLAY_SIDE)
+            row["overlay"] = "data:image/png;base64," + base64.b64encode(_png(overlay(img, amap))).decode("ascii")
+            del img
+        return results
+    except ImageError as exc:
+        raise _upload_error(exc) from None
+    finally:
+        del sources
+        _return_memory()
 
 
 def map_upload(model: GaussianAD, name: str, data: bytes, fpr: float, limits: Limits) -> tuple[bytes, dict]:
     """The heat-map overlay PNG of one upload and its result row (blocking)."""
-    img = decode_upload(data, name, limits)
-    levels, amaps = model.score_with_maps([img])
-    row = image_results(model, [name], levels, fpr)[0]
-    row["map_max"] = float(amaps[0].max())
-    return _png(overlay(img, amaps[0])), row
+    row = score_uploads(model, [(name, data)], fpr, limits, with_maps=True)[0]
+    png = base64.b64decode(row.pop("overlay").split(",", 1)[1])
+    return png, row
 
 
 class _BodyLimit:
@@ -246,8 +319,8 @@ class Health(BaseModel):
 
 def _check_settings(fpr: float | None, workers: int | None) -> int:
     """Validate the service's FPR (None: each model's own) and thread count; returns the thread count."""
-    if fpr is not None and not 0.0 < fpr < 1.0:
-        raise GaussadError(f"fpr must lie strictly between 0 and 1, got {fpr}")
+    if fpr is not None:
+        params.check_value("fpr", fpr)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise GaussadError(f"workers must be >= 1, got {workers}")
@@ -299,6 +372,22 @@ def create_app(models: Mapping[str, GaussianAD], fpr: float | None = None, limit
             out.append((name, await f.read()))
         return out
 
+    budget = PixelBudget(limits.max_pixels_in_flight, limits.busy_seconds)
+
+    async def run_admitted(uploads: list[tuple[str, bytes]], fn, *args):
+        """Check the uploads' headers, wait for room in the pixel budget (503 when none comes), run ``fn``."""
+        try:
+            cost = request_cost([probe_upload(data, name, limits) for name, data in uploads])
+        except UploadError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        if not await budget.acquire(cost):
+            raise HTTPException(503, f"busy: {budget.used} of {budget.capacity} decoded pixels in flight; retry shortly",
+                                headers={"Retry-After": str(max(1, limits.busy_seconds))})
+        try:
+            return await in_pool(fn, *args)
+        finally:
+            await budget.release(cost)
+
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
@@ -319,7 +408,7 @@ def create_app(models: Mapping[str, GaussianAD], fpr: float | None = None, limit
     async def score(
         name: str,
         files: list[UploadFile] = File(..., description="images (PNG, JPEG, BMP, TIFF, WebP)"),
-        fpr: float | None = Query(None, gt=0, lt=1, description="target false-positive rate (default: the service's --fpr, else the model's own)"),
+        fpr: float | None = Query(None, ge=params.MIN_FPR, lt=1, description="target false-positive rate (default: the service's --fpr, else the model's own)"),
         maps: bool = Query(False, description="add a heat-map overlay per image (models fitted with anomaly maps)"),
     ) -> dict:
         model = get_model(name)
@@ -327,7 +416,7 @@ def create_app(models: Mapping[str, GaussianAD], fpr: float | None = None, limit
             raise HTTPException(422, f"model {name!r} has no anomaly maps (fit it with --preset recommended)")
         uploads = await read_uploads(files)
         fpr = service_fpr if fpr is None else fpr
-        results = await in_pool(score_uploads, model, uploads, fpr, limits, maps)
+        results = await run_admitted(uploads, score_uploads, model, uploads, fpr, limits, maps)
         return {"model": name, "fpr": effective_fpr(model, fpr), "results": results}
 
     @app.post("/models/{name}/map", response_class=Response, summary="heat-map overlay of one image (PNG)",
@@ -339,7 +428,7 @@ def create_app(models: Mapping[str, GaussianAD], fpr: float | None = None, limit
         if not model.has_maps:
             raise HTTPException(422, f"model {name!r} has no anomaly maps (fit it with --preset recommended)")
         (upload,) = await read_uploads([file])
-        png, row = await in_pool(map_upload, model, *upload, service_fpr, limits)
+        png, row = await run_admitted([upload], map_upload, model, *upload, service_fpr, limits)
         return Response(png, media_type="image/png", headers={
             "X-Gaussad-Score": repr(row["score"]), "X-Gaussad-Anomalous": str(row["anomalous"]).lower(),
             "X-Gaussad-Map-Max": repr(row["map_max"])})

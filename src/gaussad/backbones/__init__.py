@@ -9,6 +9,7 @@ listing backbones and resolving levels stay light, and torch is imported only wh
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +83,14 @@ def resolve_levels(spec_levels: Sequence[str], levels: Sequence[int | str] | Non
     """Turn level names or indices into sorted unique indices; ``None`` means all levels."""
     if levels is None:
         return list(range(len(spec_levels)))
+    if isinstance(levels, (str, numbers.Integral)):
+        levels = [levels]  # one level
     out = set()
     for level in levels:
         if isinstance(level, str) and level.strip().lstrip("-").isdigit():
             level = int(level)
-        if isinstance(level, int):
+        if isinstance(level, numbers.Integral) and not isinstance(level, bool):
+            level = int(level)
             if not 0 <= level < len(spec_levels):
                 raise GaussadError(f"level {level} out of range 0..{len(spec_levels) - 1}")
             out.add(level)
