@@ -174,6 +174,9 @@ class Trainer:
             raise DataError(f"feature maps of {len(per_image[0])} levels given, the model has {len(layout.map_levels)} "
                             "map levels")
         acc = self._accumulator(layout)
+        channels = {tuple(np.shape(f)[0] for f in image) for image in per_image}
+        if len(channels) != 1 or any(np.ndim(f) != 3 for image in per_image for f in image):
+            raise DataError("feature maps must be (C, H, W) arrays with the same channels C for every image")
         for idx, fm in maps.shape_groups(per_image):
             acc.add_maps(fm, idx)
         banks = acc.banks([], float(self.settings["map_coreset"]), self._seed(), layout.map_level_names)

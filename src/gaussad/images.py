@@ -45,7 +45,8 @@ def describe(source: ImageSource, index: int | None = None) -> str:
         return os.fspath(source)
     if isinstance(source, NamedBytes):
         return source.name
-    kind = "PIL image" if isinstance(source, Image.Image) else "bytes" if isinstance(source, bytes) else "array"
+    kind = ("PIL image" if isinstance(source, Image.Image) else "bytes" if isinstance(source, bytes)
+            else "array" if isinstance(source, np.ndarray) else "image")
     return f"{kind} #{index}" if index is not None else kind
 
 

@@ -182,9 +182,8 @@ class GaussianAD:
     def fit(self, images: Sequence["ImageSource"], y=None, *, on_error: str = "fail") -> "GaussianAD":
         """Learn one Gaussian per level from normal images (paths, PIL images or uint8 arrays).
 
-        ``on_error="skip"`` leaves out unreadable images and lists them in ``skipped_``. With ``calibration``
-        set, that fraction of the images is held out, scored by a model fitted on the rest
-        (``calibration_scores_``), and the final model is then fitted on all images.
+        ``on_error="skip"`` leaves out unreadable images and lists them in ``skipped_``. With ``calibration`` that
+        fraction is held out and scored by a model fitted on the rest (``calibration_scores_``), then all are fitted.
         """
         images = image_list(images)
         self.__dict__.pop("state_", None)
@@ -196,10 +195,9 @@ class GaussianAD:
     def partial_fit(self, images: Sequence["ImageSource"], y=None, *, on_error: str = "fail") -> "GaussianAD":
         """Add images to the running statistics and refit; chunks give the same statistics as one ``fit``.
 
-        Memory banks of ``nearest`` maps keep their members and add the new images' locations greedily, so with a
-        coreset below 1 they differ from one fit's banks. Calibration scores are dropped (they belong to the
-        previous model): call :meth:`calibrate` on held-out normal images after the last chunk. The settings
-        that shape the features must be those the model was fitted with.
+        Memory banks of ``nearest`` maps keep their members and add the new images' locations greedily (with a
+        coreset below 1 they differ from one fit's). Calibration scores are dropped: call :meth:`calibrate` after
+        the last chunk. The settings that shape the features must be those the model was fitted with.
         """
         images, trainer = image_list(images), self._trainer()
         trainer.skipped = self.skipped_ = self.__dict__.get("skipped_", [])
@@ -246,6 +244,8 @@ class GaussianAD:
     def merge(self, other: "GaussianAD") -> "GaussianAD":
         """A new model fitted on the union of both models' training data (the settings that shape the features
         must agree; memory banks are joined as they are)."""
+        if not isinstance(other, GaussianAD):
+            raise InvalidParameterError(f"merge takes another GaussianAD, got {type(other).__name__}")
         mine, theirs = self._state(), other._state()
         refuse_differences(mine.layout.differences(theirs.layout)
                            + ([] if mine.feature_dims == theirs.feature_dims else ["feature dimensions"]))

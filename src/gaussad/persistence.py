@@ -72,6 +72,8 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray
     """Checked metadata and arrays of a model file; any problem raises ModelFormatError naming the file."""
     from safetensors.numpy import load as load_safetensors
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise ModelFormatError(f"a model file's path is needed, got {type(path).__name__}")
     path = Path(path)
     with open_regular_file(path, ModelFormatError, "a model file") as fh:
         data = fh.read()
