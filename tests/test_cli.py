@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+import gaussad
 from gaussad.cli import main
 
 from .conftest import TINY
@@ -144,10 +145,21 @@ def test_fit_with_conformal_threshold_and_score_with_each_method(tiny_category, 
     assert "more training images than dimensions" in capsys.readouterr().err
 
 
-def test_fit_conformal_without_calibration_is_refused(tiny_category, tmp_path, capsys):
+def test_fit_conformal_without_calibration_calibrates_by_cross_validation(tiny_category, tmp_path, capsys):
     model = tmp_path / "m.gaussad"
-    assert main(["fit", str(tiny_category), "-o", str(model), "--quiet", "--threshold", "conformal", *TINY_ARGS]) == 2
-    assert "--calibration" in capsys.readouterr().err and not model.exists()
+    assert main(["fit", str(tiny_category), "-o", str(model), "--threshold", "conformal", "--fpr", "0.1",
+                 *TINY_ARGS]) == 0
+    out = capsys.readouterr().out
+    assert "calibration: 10 out-of-fold scores (cross-conformal, 5 folds)" in out
+    assert "finite conformal threshold for FPR >= 0.0909" in out
+    summary = gaussad.load(model).summary()
+    assert summary["calibration"]["method"] == "cv" and summary["calibration"]["n_scores"] == 10
+    assert summary["calibration"]["score_threshold"] == pytest.approx(summary["threshold"]["score_threshold"])
+    assert main(["fit", str(tiny_category), "-o", str(model), "--json", "--calibration", "cv", "--calibration-folds",
+                 "3", *TINY_ARGS]) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    assert fitted["threshold"] == "chi2" and fitted["calibration"]["method"] == "cv"
+    assert fitted["calibration"]["min_fpr"] == pytest.approx(1 / 11) and fitted["n_calibration"] == 10
 
 
 def test_engine_option_gives_the_same_scores(tiny_category, tmp_path, capsys):

@@ -217,8 +217,8 @@ def test_chi2_score_threshold_is_a_union_bound():
 
 def test_conformal_needs_calibration_and_calibrate_provides_it():
     rng = np.random.default_rng(6)
-    with pytest.raises(GaussadError, match="calibration"):
-        GaussianAD(backbone=None, threshold="conformal").fit_features(_gaussian_levels(rng, 20))
+    assert GaussianAD(backbone=None, threshold="conformal").fit_features(
+        _gaussian_levels(rng, 20)).state_.calibration_method == "cv"  # the default below 500 images
     model = GaussianAD(backbone=None).fit_features(_gaussian_levels(rng, 20))
     with pytest.raises(GaussadError, match="calibrate"):
         model.decide(np.ones((1, 2)), threshold="conformal")

@@ -144,6 +144,9 @@ def test_models_report_their_own_conformal_rule(tiny_category):
         rule = c.get("/models").json()[0]["threshold"]
         assert rule["method"] == "conformal" and rule["fpr"] == 0.3
         assert rule["score_threshold"] == pytest.approx(cal[rank - 1]) and "level_thresholds" not in rule
+        calibration = c.get("/models").json()[0]["calibration"]
+        assert calibration == {"method": "split", "n_scores": 4, "min_fpr": pytest.approx(0.2), "fpr": 0.3,
+                               "score_threshold": pytest.approx(cal[rank - 1])}
         good = list_images(tiny_category / "test" / "good")[:2]
         body = c.post("/models/cal/score", files=_files(good)).json()
     assert body["fpr"] == 0.3

@@ -55,7 +55,8 @@ def _finite(x: float) -> float | None:
 def _infinite_note(model, fpr: float) -> str:
     n = model.calibration_scores_.size
     return (f"with {n} calibration scores the conformal threshold at FPR {fpr} is infinite "
-            f"(FPR below 1/(n+1) = {1 / (n + 1):.3g}): nothing is flagged; hold out more images")
+            f"(FPR below 1/(n+1) = {1 / (n + 1):.3g}): nothing is flagged; use more images (with --calibration cv "
+            "every training image gives a calibration score)")
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -69,10 +70,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     model.save(args.output)
     cal = getattr(model, "calibration_scores_", None)
     limit = model.score_threshold()
+    calibration = model.summary()["calibration"]
     summary = {"model": str(args.output), "n_images": model.n_samples_, "backbone": model.backbone,
                "levels": model.level_names_, "input_size": model.input_size_, "feature_dims": model.feature_dims_,
                "threshold": model.threshold, "fpr": model.fpr, "n_calibration": None if cal is None else int(cal.size),
-               "score_threshold": _finite(limit),
+               "score_threshold": _finite(limit), "calibration": calibration,
                "skipped": [{"path": p, "error": m} for p, m in model.skipped_]}
     if args.json:
         print(json.dumps(summary))
@@ -81,12 +83,24 @@ def cmd_fit(args: argparse.Namespace) -> int:
             print(f"skipped: {msg}", file=sys.stderr)
         print(f"fitted on {model.n_samples_} images from {args.train_dir} ({len(model.skipped_)} skipped); "
               f"wrote {args.output}")
+        if calibration is not None:
+            print(_calibration_line(calibration, min(model.calibration_folds, model.n_samples_)))
         if model.threshold == "conformal" and not np.isfinite(limit):
             print(f"warning: {_infinite_note(model, model.fpr)}", file=sys.stderr)
         else:
-            print(f"threshold {model.threshold} at FPR {model.fpr}: score threshold {limit:.3f}"
-                  + (f" from {cal.size} held-out images" if model.threshold == "conformal" else ""))
+            print(f"threshold {model.threshold} at FPR {model.fpr}: score threshold {limit:.3f}")
     return 0
+
+
+CALIBRATIONS = {"cv": "out-of-fold scores (cross-conformal, {folds} folds)", "split": "held-out images (split conformal)",
+                "calibrate": "images given to calibrate()", None: "calibration scores"}
+
+
+def _calibration_line(c: dict, folds: int | None = None) -> str:
+    """One line on a model's calibration scores (:func:`gaussad.decision.calibration_summary`)."""
+    limit = "infinite (nothing flagged)" if c["score_threshold"] is None else f"{c['score_threshold']:.3f}"
+    return (f"calibration: {c['n_scores']} {CALIBRATIONS[c['method']].format(folds=folds or 'K')}; finite conformal "
+            f"threshold for FPR >= {c['min_fpr']:.3g}; conformal score threshold at FPR {c['fpr']}: {limit}")
 
 
 RULES = {
@@ -193,7 +207,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if path:
             check_output(path, what)
 
-    report = evaluate(args.root, protocol=args.protocol, verbose=not args.quiet, **_model_params(args))
+    if args.html:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise GaussadError("--html needs matplotlib: pip install 'gaussad[report]'") from None
+    details: dict | None = {} if args.html else None
+    report = evaluate(args.root, protocol=args.protocol, verbose=not args.quiet, details=details, **_model_params(args))
+    if args.html:
+        from .report import render_html
+
+        write_atomic(args.html, render_html(report, details).encode(), "HTML report")
     if args.json:
         write_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode(), "JSON report")
     if args.report:
@@ -303,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--report", metavar="OUT.md", help="write a Markdown report to OUT.md")
+    p.add_argument("--html", metavar="OUT.html",
+                   help="write a self-contained HTML report (ROC curves, score histograms with the thresholds, AUROC per "
+                        "level, the most anomalous good and least anomalous defective images; needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 

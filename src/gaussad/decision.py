@@ -53,8 +53,9 @@ class DecisionRule:
 
     chi2 and hotelling flag an image when any level exceeds its threshold at ``fpr / n_levels`` (Bonferroni), so
     under that law the false-positive rate stays at most ``fpr``; the p-value is the Bonferroni-adjusted minimum
-    of the per-level p-values. conformal flags an image whose score (mean over levels) exceeds the split-conformal
-    quantile of the calibration scores; its p-value is the conformal p-value, ``p <= fpr`` exactly when flagged.
+    of the per-level p-values. conformal flags an image whose score (mean over levels) exceeds the conformal
+    quantile of the calibration scores (held-out or out-of-fold scores: the rank ``ceil((n + 1)(1 - fpr))`` either
+    way); its p-value is the conformal p-value, ``p <= fpr`` exactly when flagged.
     """
 
     method: str
@@ -93,8 +94,8 @@ class DecisionRule:
                     f"is fitted on {n} images and has {len(bad)} level(s) with as many dimensions or more "
                     f"({', '.join(bad)}); use the conformal threshold, fewer levels, or a pca reduction")
         if self.method == "conformal" and state.calibration_scores is None:
-            raise GaussadError("the conformal threshold needs calibration scores: fit with calibration=0.2 (CLI: "
-                               "--calibration 0.2) or call calibrate(held-out normal images)")
+            raise GaussadError("the conformal threshold needs calibration scores: fit with threshold='conformal' or "
+                               "calibration='cv' (CLI: --calibration cv) or call calibrate(held-out normal images)")
 
     def score_threshold(self, state: Calibrated) -> float:
         """A threshold on the image score (mean over levels).
@@ -126,3 +127,31 @@ class DecisionRule:
         pvalue = np.minimum(np.stack(pvals, axis=1).min(axis=1) * n_levels, 1.0)
         return (level_scores > thresholds).any(axis=1).astype(int), pvalue
 
+
+
+def calibration_summary(state: Calibrated, fpr: float) -> dict | None:
+    """The calibration scores in brief (None without): how they were made (split, cv, calibrate; None in files of
+    older versions), how many, the smallest target FPR with a finite conformal threshold (``1 / (n + 1)``) and the
+    conformal score threshold at ``fpr`` (None: infinite)."""
+    cal = state.calibration_scores
+    if cal is None:
+        return None
+    limit = conformal_threshold(cal, fpr)
+    return {"method": getattr(state, "calibration_method", None), "n_scores": int(cal.size),
+            "min_fpr": 1.0 / (cal.size + 1), "fpr": float(fpr),
+            "score_threshold": float(limit) if np.isfinite(limit) else None}
+
+
+def summary(rule: DecisionRule, state: Calibrated) -> dict:
+    """A fitted state and its decision rule in brief: levels, input size, training images, maps, the rule (method,
+    target FPR, score threshold, or the reason it cannot apply) and :func:`calibration_summary`."""
+    out = {"levels": list(state.layout.level_names), "input_size": state.layout.input_size,
+           "n_samples": int(state.n_samples), "maps": bool(getattr(state, "has_maps", False)),
+           "threshold": {"method": rule.method, "fpr": rule.fpr}}
+    try:
+        limit = rule.score_threshold(state)
+        out["threshold"]["score_threshold"] = float(limit) if np.isfinite(limit) else None
+    except GaussadError as exc:
+        out["threshold"]["error"] = str(exc)
+    out["calibration"] = calibration_summary(state, rule.fpr)
+    return out

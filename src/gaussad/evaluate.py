@@ -17,6 +17,7 @@ from .threshold import METHODS
 
 PROTOCOLS = ("paper", "full")
 ALPHAS = (0.01, 0.05, 0.1)
+GALLERY = 4  # the report shows this many most anomalous good and least anomalous defective test images
 FULL_CALIBRATION = 0.2  # fraction of train/good held out for conformal calibration under the full protocol
 
 
@@ -56,13 +57,17 @@ def extract(model: GaussianAD, files: list, desc: str, with_maps: bool) -> tuple
 def evaluate_category(category: Category, features: tuple[list[np.ndarray], list[np.ndarray]], params: dict[str, Any],
                       protocol: str = "paper", seed: int = 0,
                       feature_maps: tuple[list, list, np.ndarray] | None = None,
-                      level_names: list[str] | None = None) -> dict[str, Any]:
+                      level_names: list[str] | None = None, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit per fold on train features, score the test features, and collect AUROCs and threshold rates.
 
     With ``feature_maps`` (train maps, test maps, test masks) each fold also fits the anomaly maps, and the pixel
     AUROC over all test pixels and the image AUROC of the maps' maxima are reported.  Conformal thresholds: with the paper protocol each
     fold's held-out 20 % of train/good calibrates the model fitted on the other 80 %; with the full protocol
     the model holds out ``FULL_CALIBRATION`` of train/good for calibration and then refits on all of it.
+
+    ``details`` (a dict, for the HTML report) receives the test scores of every fold (``fold_scores``), and the
+    indices of the first fold's :data:`GALLERY` most anomalous good and least anomalous defective test images
+    (``gallery``) with their anomaly maps (``gallery_maps``, when maps are fitted); the returned figures do not change.
     """
     train, test = features
     n = train[0].shape[0]
@@ -79,12 +84,15 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
         n_cal.append(int(model.calibration_scores_.size))
         level = model.level_scores_features(test)
         fold_aurocs.append(roc_auc(category.test_labels, level.mean(axis=1)))
+        gallery = _gallery(details, level.mean(axis=1), category.test_labels)
         level_aurocs.append([roc_auc(category.test_labels, level[:, i]) for i in range(level.shape[1])])
         rates.append(_threshold_rates(model, level, category.test_labels))
         if feature_maps is not None:
             train_maps, test_maps, masks = feature_maps
             model.fit_map_features([train_maps[i] for i in keep])
             amaps = model.anomaly_map_features(test_maps, masks.shape[-1])
+            if gallery is not None:
+                details["gallery_maps"] = amaps[gallery]
             pixel_aurocs.append(roc_auc(masks.ravel(), amaps.ravel()))
             max_map_aurocs.append(roc_auc(category.test_labels, amaps.reshape(len(amaps), -1).max(axis=1)))
     result = {
@@ -102,6 +110,20 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
         result["pixel_fold_aurocs"] = [float(a) for a in pixel_aurocs]
         result["max_map_auroc"] = float(np.mean(max_map_aurocs))
     return result
+
+
+def _gallery(details: dict[str, Any] | None, scores: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+    """Record a fold's test scores in ``details``; on the first fold, pick the gallery of the report (indices of
+    the most anomalous good and least anomalous defective images, in that order) and return it."""
+    if details is None:
+        return None
+    details.setdefault("fold_scores", []).append(scores)
+    if len(details["fold_scores"]) > 1:
+        return None
+    good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    details["gallery"] = np.r_[good[np.argsort(-scores[good], kind="stable")][:GALLERY],
+                               bad[np.argsort(scores[bad], kind="stable")][:GALLERY]].astype(np.int64)
+    return details["gallery"]
 
 
 def _threshold_rates(model: GaussianAD, level: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, dict]]:
@@ -144,8 +166,11 @@ def _average_rates(folds: list[dict[str, dict[str, dict]]]) -> dict[str, dict[st
     return out
 
 
-def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = False, **params: Any) -> dict[str, Any]:
-    """Evaluate every category under ``root`` with the given GaussianAD parameters; returns the JSON report."""
+def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = False,
+             details: dict[str, Any] | None = None, **params: Any) -> dict[str, Any]:
+    """Evaluate every category under ``root`` with the given GaussianAD parameters; returns the JSON report.
+    ``details`` (a dict) receives per category name the category and what :func:`evaluate_category` records for the
+    HTML report (:mod:`gaussad.report`)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     categories = find_categories(root)
@@ -158,8 +183,9 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
         train, train_maps = extract(extractor_model, cat.train_files, f"{cat.name} train", with_maps)
         test, test_maps = extract(extractor_model, cat.test_files, f"{cat.name} test", with_maps)
         fmaps = (train_maps, test_maps, load_masks(cat, extractor.input_size)) if with_maps else None
+        extra = None if details is None else details.setdefault(cat.name, {"category": cat})
         results[cat.name] = evaluate_category(cat, (train, test), params, protocol, feature_maps=fmaps,
-                                              level_names=extractor.level_names)
+                                              level_names=extractor.level_names, details=extra)
     aurocs = [r["image_auroc"] for r in results.values()]
     sem = float(np.std(aurocs, ddof=1) / math.sqrt(len(aurocs))) if len(aurocs) > 1 else 0.0
     report = {

@@ -1,5 +1,6 @@
 """Fitting: streaming statistics for ``fit``, batches of pooled features and raw feature maps folded into moment statistics
-and memory-bank candidates, so that no image is held after its batch (plain numpy)."""
+and memory-bank candidates, so that no image is held after its batch, and the calibration scores of the conformal rule
+(split, or cross-conformal from per-fold statistics gathered in the same pass) (plain numpy)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .bank import NearestBank
 from .decision import DecisionRule
 from .errors import DataError, InvalidParameterError
 from .gaussian import LevelGaussian, MomentStats
+from .params import calibration_for
 from .state import DetectorState, Layout, feature_settings, prepare_maps
 
 # Backbone features are float32: a relative spread below its rounding level means identical images.
@@ -96,6 +98,58 @@ def calibration_split(n: int, fraction: float | None, seed: int | None) -> tuple
     return np.sort(order[n_cal:]), np.sort(order[:n_cal])
 
 
+def cv_folds(n: int, k: int, seed: int | None) -> np.ndarray:
+    """Fold number of each of ``n`` positions: a seeded permutation cut into ``min(k, n)`` near-equal folds."""
+    k = min(int(k), n)
+    if n - math.ceil(n / k) < 2:
+        raise DataError(f"cross-conformal calibration with {k} folds of {n} images leaves fewer than 2 images to fit "
+                        "each fold's model on")
+    fold = np.empty(n, dtype=np.int64)
+    for f, part in enumerate(np.array_split(np.random.default_rng(seed).permutation(n), k)):
+        fold[part] = f
+    return fold
+
+
+class CrossFolds:
+    """Cross-conformal calibration, collected in the one streaming pass of ``fit``: each fold's moment statistics and
+    the pooled features of every image. The model without fold f is the statistics of all images minus fold f's
+    (:meth:`MomentStats.subtract`); it scores fold f's images, so every image gets an out-of-fold score."""
+
+    def __init__(self, fold_of: np.ndarray):
+        self.fold_of = fold_of
+        self.stats: list[list[MomentStats] | None] = [None] * (int(fold_of.max()) + 1)
+        self.features: list[list[np.ndarray]] = []
+        self.positions: list[np.ndarray] = []
+
+    def add(self, positions: np.ndarray, pooled: Sequence[np.ndarray]) -> None:
+        """Fold one batch of pooled features (per level, rows in ``positions`` order) into its folds' statistics."""
+        positions = np.asarray(positions, dtype=np.int64)
+        self.features.append(list(pooled))
+        self.positions.append(positions)
+        folds = self.fold_of[positions]
+        for f in np.unique(folds):
+            part = [b[folds == f] for b in pooled]
+            prev = self.stats[f]
+            self.stats[f] = [MomentStats.from_array(b) for b in part] if prev is None else [
+                s.update(b) for s, b in zip(prev, part)]
+
+    def scores(self, total: list[MomentStats], fit: Callable[[list[MomentStats]], DetectorState]) -> np.ndarray:
+        """Out-of-fold image scores, in the order of the images' positions; ``fit`` makes a state of statistics."""
+        if not self.positions:
+            raise DataError("none of the calibration images could be read")
+        positions = np.concatenate(self.positions)
+        feats = [np.concatenate(level) for level in zip(*self.features)]
+        folds = self.fold_of[positions]
+        scores = np.empty(positions.size)
+        for f, fold_stats in enumerate(self.stats):
+            if fold_stats is None:
+                continue
+            rows = folds == f
+            state = fit([t.subtract(s) for t, s in zip(total, fold_stats)])
+            scores[rows] = state.level_distances([x[rows] for x in feats]).mean(axis=1)
+        return scores[np.argsort(positions, kind="stable")]
+
+
 class Trainer:
     """What ``fit`` does, for one set of resolved settings (:func:`gaussad.params.resolved`): images or plain
     feature arrays in, a :class:`DetectorState` out.
@@ -115,8 +169,14 @@ class Trainer:
         the rest (the calibration scores), and the state is then fitted on all images."""
         if len(images) < 2:
             raise DataError(f"need at least 2 training images, got {len(images)}")
-        split = calibration_split(len(images), self.settings["calibration"], self.settings["random_state"])
+        calibration = self.calibration(len(images))
         acc = self._accumulator(self.layout)
+        if calibration == "cv":
+            folds = CrossFolds(cv_folds(len(images), self.settings["calibration_folds"], self.settings["random_state"]))
+            self._stream(images, acc, self.layout, collect=folds.add, on_error=on_error)
+            scores = folds.scores(acc.stats, lambda stats: self._from_stats(self.layout, stats))
+            return self._checked(self._finish(acc, self.layout)).with_calibration(scores, "cv")
+        split = calibration_split(len(images), calibration, self.settings["random_state"])
         if split is None:
             self._stream(images, acc, self.layout, on_error=on_error)
             return self._checked(self._finish(acc, self.layout))
@@ -124,11 +184,16 @@ class Trainer:
         self._stream([images[i] for i in keep], acc, self.layout, keep, on_error=on_error)
         partial = self._from_stats(self.layout, acc.stats)
         batches: list = []
-        self._stream([images[i] for i in held], acc, self.layout, held, batches, on_error=on_error)
+        self._stream([images[i] for i in held], acc, self.layout, held, lambda _, b: batches.append(b),
+                     on_error=on_error)
         if not batches:
             raise DataError("none of the calibration images could be read")
         scores = partial.level_distances([np.concatenate(level) for level in zip(*batches)]).mean(axis=1)
-        return self._checked(self._finish(acc, self.layout)).with_calibration(scores)
+        return self._checked(self._finish(acc, self.layout)).with_calibration(scores, "split")
+
+    def calibration(self, n: int) -> str | float | None:
+        """The calibration used on ``n`` images (:func:`gaussad.params.calibration_for`)."""
+        return calibration_for(self.settings, n)
 
     def partial_fit_images(self, images: list, prev: DetectorState | None, on_error: str = "fail") -> DetectorState:
         """``prev`` (None: nothing yet) plus the statistics of ``images``; calibration scores are dropped."""
@@ -147,7 +212,14 @@ class Trainer:
         n = feats[0].shape[0]
         if n < 2:
             raise DataError(f"need at least 2 training samples, got {n}")
-        split = calibration_split(n, self.settings["calibration"], self.settings["random_state"])
+        calibration = self.calibration(n)
+        if calibration == "cv":
+            folds = CrossFolds(cv_folds(n, self.settings["calibration_folds"], self.settings["random_state"]))
+            folds.add(np.arange(n), feats)
+            stats = [MomentStats.from_array(f) for f in feats]
+            scores = folds.scores(stats, lambda fold_stats: self._from_stats(layout, fold_stats))
+            return self._checked(self._from_stats(layout, stats)).with_calibration(scores, "cv")
+        split = calibration_split(n, calibration, self.settings["random_state"])
         if split is None:
             return self._checked(self._from_stats(layout, [MomentStats.from_array(f) for f in feats]))
         keep, held = split
@@ -155,7 +227,7 @@ class Trainer:
         held_features = [f[held] for f in feats]
         scores = self._from_stats(layout, stats).level_distances(held_features).mean(axis=1)
         state = self._from_stats(layout, [s.update(f) for s, f in zip(stats, held_features)])
-        return self._checked(state).with_calibration(scores)
+        return self._checked(state).with_calibration(scores, "split")
 
     def partial_fit_arrays(self, feats: list[np.ndarray], prev: DetectorState | None) -> DetectorState:
         """``prev`` plus the statistics of checked per-level arrays; calibration scores are dropped."""
@@ -204,18 +276,19 @@ class Trainer:
                            prev.stats if prev else None, prev.map_stats if prev else None)
 
     def _stream(self, images: list, acc: Accumulator, layout: Layout, positions: Sequence[int] | None = None,
-                collect: list | None = None, first_id: int = 0, on_error: str = "fail") -> None:
+                collect: Callable | None = None, first_id: int = 0, on_error: str = "fail") -> None:
         """Fold images into ``acc``; ``positions`` are their indices in the caller's list (to name them, and as
-        image ids after ``first_id``); ``collect`` receives each batch of pooled features."""
+        image ids after ``first_id``); ``collect(positions, pooled)`` receives each batch of pooled features."""
         from .images import describe
 
         pos = list(range(len(images))) if positions is None else [int(p) for p in positions]
         skipped: list = []
         for idx, batch, fmaps in self.batches(images, "fit", on_error, skipped):
             check_finite(batch, idx, lambda i: describe(images[i], pos[i]))
+            where = np.asarray([pos[i] for i in idx], dtype=np.int64)
             if collect is not None:
-                collect.append(batch)
-            acc.add(batch, fmaps, first_id + np.asarray([pos[i] for i in idx], dtype=np.int64))
+                collect(where, batch)
+            acc.add(batch, fmaps, first_id + where)
         self.skipped += [(describe(images[i], pos[i]), msg) for i, msg in skipped]
         if acc.stats is None:
             raise DataError("no readable training images given")

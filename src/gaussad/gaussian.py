@@ -99,7 +99,7 @@ class MomentStats:
     ``s3 = sum(|y|^2 y)`` and ``s4 = sum(|y|^4)``.  The shift is the mean of the
     first data seen and then stays fixed, which keeps the raw moments well
     conditioned for data with a large common offset.  Instances are immutable
-    in use: :meth:`update` and :meth:`merge` return new objects.
+    in use: :meth:`update`, :meth:`merge` and :meth:`subtract` return new objects.
     """
 
     __slots__ = ("n", "shift", "s1", "s2", "s3", "s4")
@@ -182,6 +182,24 @@ class MomentStats:
         e = other.shift - self.shift
         s1, s2, s3, s4 = _shift_moments(other.n, other.s1, other.s2, other.s3, other.s4, e)
         return self._add(MomentStats(other.n, self.shift, s1, s2, s3, s4))
+
+    def subtract(self, other: MomentStats) -> MomentStats:
+        """The downdate: new statistics of this sample *without* the sub-sample ``other`` (which must be part of
+        it), exact up to rounding: ``a.merge(b).subtract(b)`` has the moments of ``a``. Cross-validation folds
+        use it, the model of all images minus one fold being the model fitted without that fold."""
+        if not isinstance(other, MomentStats):
+            raise TypeError(f"can only subtract MomentStats, got {type(other).__name__}")
+        if other.dim != self.dim:
+            raise ValueError(f"cannot subtract statistics of dimension {other.dim} from {self.dim}")
+        if other.n > self.n:
+            raise ValueError(f"cannot subtract {other.n} samples from statistics of {self.n}")
+        if other.n == 0:
+            return self._copy()
+        if other.n == self.n:
+            return MomentStats.empty(self.dim)
+        e = other.shift - self.shift
+        s1, s2, s3, s4 = _shift_moments(other.n, other.s1, other.s2, other.s3, other.s4, e)
+        return MomentStats(self.n - other.n, self.shift, self.s1 - s1, self.s2 - s2, self.s3 - s3, self.s4 - s4)
 
     def _add(self, other: MomentStats) -> MomentStats:
         """Sum of two statistics that share the same shift."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from . import __version__, params
-from .decision import DecisionRule
+from .decision import DecisionRule, summary
 from .errors import DataError, GaussadError, InvalidParameterError, NotFittedError
 from .features import normalization_meta
 from .fitting import Trainer, layout_of, refuse_differences
@@ -67,16 +67,16 @@ class GaussianAD:
                  normalize: str | None = None, resize: str | None = None,
                  map_levels: Sequence[int | str] | None = None, map_method: str | None = None,
                  map_pool: int | None = None, map_coreset: float = 0.1, preset: str | None = None,
-                 threshold: str = "chi2", fpr: float = 0.01, calibration: float | None = None,
-                 random_state: int | None = 0, batch_size: int = 16, engine: str = "auto", verbose: bool = False,
-                 max_pixels: int = params.DEFAULT_MAX_PIXELS):
+                 threshold: str = "chi2", fpr: float = 0.01, calibration: float | str | None = None,
+                 calibration_folds: int = 5, random_state: int | None = 0, batch_size: int = 16, engine: str = "auto",
+                 verbose: bool = False, max_pixels: int = params.DEFAULT_MAX_PIXELS):
         self.backbone, self.levels, self.input_size, self.weights = backbone, levels, input_size, weights
         self.estimator, self.reduction, self.variance = estimator, reduction, variance
         self.normalize, self.resize = normalize, resize
         self.map_levels, self.map_method, self.map_pool, self.map_coreset = map_levels, map_method, map_pool, map_coreset
-        self.preset, self.threshold, self.fpr, self.calibration = preset, threshold, fpr, calibration
-        self.random_state, self.batch_size, self.engine = random_state, batch_size, engine
-        self.verbose, self.max_pixels = verbose, max_pixels
+        self.preset, self.threshold, self.fpr = preset, threshold, fpr
+        self.calibration, self.calibration_folds, self.random_state = calibration, calibration_folds, random_state
+        self.batch_size, self.engine, self.verbose, self.max_pixels = batch_size, engine, verbose, max_pixels
 
     # ----- parameters ---------------------------------------------------------------------------------------
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -97,8 +97,7 @@ class GaussianAD:
         """The value in use of a parameter: the explicit one, else the preset's."""
         return params.effective(self.get_params(), name)
 
-    def __getstate__(self) -> dict:
-        """Copies leave the feature extractor (an inference session) behind; it is rebuilt on first use."""
+    def __getstate__(self) -> dict:  # copies leave the feature extractor (an inference session) behind
         return {k: v for k, v in self.__dict__.items() if k != "_extractors"}
 
     def _state(self, need_fit: bool = True) -> DetectorState:
@@ -163,8 +162,7 @@ class GaussianAD:
                 bar.close()
 
     def extract_features(self, images: Sequence["ImageSource"], desc: str = "features", on_error: str = "fail",
-                         skipped: list | None = None) -> list[np.ndarray]:
-        """Per-level pooled features of ``images``, one (n_kept, C_l) array per level."""
+                         skipped: list | None = None) -> list[np.ndarray]:  # one (n_kept, C_l) array per level
         chunks = [pooled for _, pooled, _ in self.iter_features(images, desc, on_error, skipped)]
         if not chunks:
             return [np.zeros((0, d)) for d in self.feature_extractor().level_dims]
@@ -182,8 +180,8 @@ class GaussianAD:
     def fit(self, images: Sequence["ImageSource"], y=None, *, on_error: str = "fail") -> "GaussianAD":
         """Learn one Gaussian per level from normal images (paths, PIL images or uint8 arrays).
 
-        ``on_error="skip"`` leaves out unreadable images and lists them in ``skipped_``. With ``calibration`` that
-        fraction is held out and scored by a model fitted on the rest (``calibration_scores_``), then all are fitted.
+        ``on_error="skip"`` leaves out unreadable images (listed in ``skipped_``). ``calibration_scores_``: with
+        ``calibration="cv"`` out-of-fold scores of every image, with a fraction those of the held-out images.
         """
         images = image_list(images)
         self.__dict__.pop("state_", None)
@@ -238,12 +236,11 @@ class GaussianAD:
         scores = self.score_features(features)
         if scores.size == 0:
             raise DataError("no calibration samples given")
-        self.state_ = self._state().with_calibration(scores)
+        self.state_ = self._state().with_calibration(scores, "calibrate")
         return self
 
     def merge(self, other: "GaussianAD") -> "GaussianAD":
-        """A new model fitted on the union of both models' training data (the settings that shape the features
-        must agree; memory banks are joined as they are)."""
+        """A new model fitted on the union of both training sets (feature settings must agree; banks are joined)."""
         if not isinstance(other, GaussianAD):
             raise InvalidParameterError(f"merge takes another GaussianAD, got {type(other).__name__}")
         mine, theirs = self._state(), other._state()
@@ -274,8 +271,7 @@ class GaussianAD:
         return self.level_scores(images).mean(axis=1)
 
     def anomaly_map(self, images: Sequence["ImageSource"]) -> np.ndarray:
-        """Per-location anomaly maps at the model's input resolution: (n, S, S) float32, typical normal locations
-        about 1 (:meth:`DetectorState.level_maps`); resize to an image's size with :func:`gaussad.maps.upsample`."""
+        """Anomaly maps (n, S, S) float32 at the input size, normal locations about 1 (:meth:`DetectorState.level_maps`)."""
         return self.score_with_maps(images)[1]
 
     def score_with_maps(self, images: Sequence["ImageSource"], on_error: str = "fail",
@@ -331,6 +327,10 @@ class GaussianAD:
         state = self._state()
         self.rule().check(state, f"{os.fspath(path)}: not saved: ")
         save_model(path, self.metadata(), state.to_arrays())
+
+    def summary(self) -> dict[str, Any]:
+        """The fitted model in brief: backbone, levels, training images, decision rule and its calibration."""
+        return {"backbone": self.backbone, "preset": self.preset or "paper", **summary(self.rule(), self._state())}
 
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable description of the fitted model (stored in the model file)."""

@@ -33,6 +33,11 @@ MIN_FPR = 1e-12
 # PIL's own hard limit (2 * Image.MAX_IMAGE_PIXELS): 178,956,970 pixels, about 537 MB as 8-bit RGB.
 DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
 
+# With threshold='conformal' and no calibration given: cross-conformal below CV_BELOW training images (every image
+# calibrates), else the DEFAULT_SPLIT fraction held out (one extra fit instead of K).
+CV_BELOW = 500
+DEFAULT_SPLIT = 0.2
+
 BACKBONE_MAP_LEVELS = "backbone"  # a preset's map levels: those the backbone's registry entry recommends
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe: ImageNet mean/std, global features only.
@@ -88,6 +93,14 @@ def fraction(include_one: bool = False, minimum: float = 0.0) -> Callable[[str, 
     return check
 
 
+def _calibration(name: str, value: Any) -> None:
+    if value != "cv":
+        try:
+            fraction()(name, value)
+        except InvalidParameterError:
+            _fail(name, "a fraction in (0, 1) to hold out, or 'cv' (cross-conformal)", value)
+
+
 def optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
     def checked(name: str, value: Any) -> None:
         if value is not None:
@@ -140,6 +153,10 @@ def _map_level_list(text: str) -> list[str]:
 
 def _none_or_text(text: str) -> str | None:
     return None if text == "none" else text
+
+
+def _calibration_text(text: str) -> str | float:
+    return text if text == "cv" else _float_text(text)
 
 
 def _int_text(text: str) -> int:
@@ -223,14 +240,19 @@ PARAMS: tuple[Param, ...] = (
           flag="--preset", choices=tuple(PRESETS)),
     Param("threshold", "chi2", choice(THRESHOLDS),
           "decision rule: chi2 per level (the paper), hotelling (finite-sample F law per level) or conformal "
-          "(quantile of held-out normal scores, needs --calibration)", flag="--threshold", choices=THRESHOLDS,
+          "(quantile of held-out or out-of-fold normal scores; see --calibration)", flag="--threshold", choices=THRESHOLDS,
           group="threshold"),
     Param("fpr", 0.01, fraction(minimum=MIN_FPR), "target false-positive rate", flag="--fpr", parse=_float_text,
           group="threshold"),
-    Param("calibration", None, optional(fraction()),
-          "hold out this fraction of the images (e.g. 0.2) to compute conformal calibration scores with a model "
-          "fitted on the rest, then refit on all images", flag="--calibration", parse=_float_text,
-          metavar="FRACTION", group="threshold"),
+    Param("calibration", None, optional(_calibration),
+          "conformal calibration scores: 'cv' (cross-conformal: every image scored by a model fitted without its "
+          "fold) or a fraction to hold out (e.g. 0.2, split conformal); the final model is fitted on all images. "
+          f"Default: none, except with the conformal threshold: cv below {CV_BELOW} training images, else "
+          f"{DEFAULT_SPLIT}", flag="--calibration", parse=_calibration_text, metavar="cv|FRACTION",
+          group="threshold"),
+    Param("calibration_folds", 5, integer(2, 1000),
+          "folds of cross-conformal calibration (calibration='cv'); fewer images than folds: one image per fold",
+          flag="--calibration-folds", parse=_int_text, metavar="K", group="threshold"),
     Param("random_state", 0, optional(_seed), "seed of the random calibration split and of the coreset",
           flag="--seed", parse=_int_text, metavar="N", group="threshold"),
     Param("batch_size", 16, integer(1, 4096), "images per forward pass", stored=False, flag="--batch-size",
@@ -292,10 +314,14 @@ def validate(params: Mapping[str, Any]) -> None:
                     resolve_levels(names, value)
                 except GaussadError as exc:
                     raise InvalidParameterError(f"{name}: {exc}") from None
-    if params.get("threshold") == "conformal" and params.get("calibration") is None:
-        raise InvalidParameterError(
-            "threshold='conformal' needs calibration scores of held-out normal images: set calibration (e.g. 0.2; "
-            "CLI: --calibration 0.2), or fit and then call calibrate(images)")
+
+
+def calibration_for(params: Mapping[str, Any], n: int) -> str | float | None:
+    """The calibration ``fit`` uses on ``n`` images: the given one; with the conformal threshold and none given,
+    'cv' below :data:`CV_BELOW` images, else :data:`DEFAULT_SPLIT`; otherwise None."""
+    if params.get("calibration") is not None or params.get("threshold") != "conformal":
+        return params.get("calibration")
+    return "cv" if n < CV_BELOW else DEFAULT_SPLIT
 
 
 def numpydoc(indent: str = "    ") -> str:

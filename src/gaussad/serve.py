@@ -34,6 +34,7 @@ from .errors import DataError, GaussadError, ImageError, ImageTooLargeError, Unk
 from .engine import cpu_count
 from .images import NamedBytes, load_image, probe
 from .maps import overlay
+from .decision import calibration_summary
 from .model import GaussianAD, load
 from .results import result_rows
 
@@ -133,7 +134,8 @@ def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
     return {"name": name, "backbone": model.backbone, "preset": model.preset or "paper",
             "input_size": model.input_size_, "levels": list(model.level_names_), "n_samples": int(model.n_samples_),
             "maps": model.has_maps, "map_levels": list(model.map_level_names_),
-            "threshold": decision_rule(model, fpr)}
+            "threshold": decision_rule(model, fpr),
+            "calibration": calibration_summary(model.state_, effective_fpr(model, fpr))}
 
 
 # ----- uploads -----------------------------------------------------------------------------------------------

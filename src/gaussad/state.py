@@ -17,6 +17,9 @@ from .gaussian import MAX_ABS, LevelGaussian, MomentStats
 
 # The settings besides the layout that shape the features (statistics made with others cannot be combined).
 FEATURE_SETTINGS = ("backbone", "weights", "normalize", "resize", "map_method", "map_pool")
+# How calibration scores were made: a held-out fraction (split conformal), out-of-fold scores (cross-conformal), or
+# other normal images scored by the final model (``calibrate``).
+CALIBRATIONS = ("split", "cv", "calibrate")
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class DetectorState:
     map_gaussians: list[LevelGaussian] = field(default_factory=list)
     map_banks: list[NearestBank] = field(default_factory=list)
     calibration_scores: np.ndarray | None = None
+    calibration_method: str | None = None  # how the scores were made: split, cv, calibrate (None: unknown/none)
 
     # ----- building --------------------------------------------------------------------------------------------
     @classmethod
@@ -118,9 +122,11 @@ class DetectorState:
         return cls(layout, stats, gaussians, map_method, int(map_pool), list(map_stats or []), map_gaussians,
                    list(map_banks or []))
 
-    def with_calibration(self, scores: np.ndarray | None) -> "DetectorState":
-        """The same state with other calibration scores (None: without)."""
-        return replace(self, calibration_scores=None if scores is None else np.asarray(scores, dtype=np.float64))
+    def with_calibration(self, scores: np.ndarray | None, method: str | None = None) -> "DetectorState":
+        """The same state with other calibration scores (None: without), made by ``method`` (:data:`CALIBRATIONS`)."""
+        if scores is None:
+            return replace(self, calibration_scores=None, calibration_method=None)
+        return replace(self, calibration_scores=np.asarray(scores, dtype=np.float64), calibration_method=method)
 
     def merge(self, other: "DetectorState", estimator: str, reduction: str | None, variance: float) -> "DetectorState":
         """The state of the union of both training sets: statistics added exactly, memory banks joined."""
@@ -226,6 +232,7 @@ class DetectorState:
             "n_samples": self.n_samples, "feature_dims": self.feature_dims,
             "gaussians": [g.meta() for g in self.gaussians],
             "n_calibration": None if self.calibration_scores is None else int(self.calibration_scores.size),
+            "calibration_method": self.calibration_method,
         }
 
     @classmethod
@@ -258,5 +265,8 @@ class DetectorState:
             raise ValueError(f"sample counts {sorted(counts)} do not match n_samples {meta['n_samples']}")
         layout = Layout(list(meta["levels"]), list(meta["level_names"]), meta["input_size"], list(meta["map_levels"]),
                         list(meta["map_level_names"]), feature_settings(meta))
+        method = meta.get("calibration_method")
+        if method is not None and (method not in CALIBRATIONS or calibration is None):
+            raise ValueError(f"calibration_method must be one of {', '.join(CALIBRATIONS)} with calibration scores")
         return cls(layout, stats, gaussians, meta["map_method"], int(meta["map_pool"]), map_stats, map_gaussians,
-                   banks, calibration)
+                   banks, calibration, method)

@@ -1,0 +1,190 @@
+"""The evaluation report as one self-contained HTML file: per category the ROC curves, score histograms with the
+thresholds, per-level AUROC, and the most anomalous good and least anomalous defective test images (heat maps when the
+model has maps). Figures are drawn with matplotlib (Agg backend) and embedded as base64 PNG: the file opens from disk
+with no server and no network."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+import numpy as np
+
+METHOD_STYLES = {"conformal": "-", "chi2": "--", "hotelling": ":"}
+ALPHA_COLOURS = {"0.01": "#b2182b", "0.05": "#ef8a62", "0.1": "#67a9cf"}
+THUMBNAIL = 192
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+.figures { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; }
+figcaption { font-size: .85em; color: #555; max-width: 420px; }
+table { border-collapse: collapse; font-size: .9em; margin: .5em 0; }
+td, th { border: 1px solid #ccc; padding: .2em .6em; text-align: right; } th { background: #f3f3f3; }
+.gallery { display: flex; flex-wrap: wrap; gap: .8em; } .tile { font-size: .8em; text-align: center; width: 200px; }
+.tile img { width: 192px; height: auto; display: block; margin: 0 auto; } .meta { color: #555; }
+"""
+
+
+def _png(fig) -> str:
+    """A matplotlib figure as a data URL (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every threshold (ties kept together), from (0, 0) to (1, 1)."""
+    labels = np.asarray(labels).astype(bool)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    s, y = np.asarray(scores, dtype=np.float64)[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last index of each run of equal scores
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    return np.r_[0.0, fp / max((~labels).sum(), 1)], np.r_[0.0, tp / max(labels.sum(), 1)]
+
+
+def _roc_figure(name: str, labels: np.ndarray, fold_scores: list[np.ndarray], aurocs: list[float]) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for i, (scores, auc) in enumerate(zip(fold_scores, aurocs)):
+        fpr, tpr = roc_points(labels, scores)
+        ax.step(fpr, tpr, where="post", lw=1.2, label=f"fold {i + 1}: AUROC {auc:.4f}" if len(aurocs) > 1
+                else f"AUROC {auc:.4f}")
+    ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls=":")
+    ax.set(xlabel="false-positive rate (good test images)", ylabel="true-positive rate (defective)",
+           title=f"{name}: ROC", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.legend(loc="lower right", fontsize=7)
+    return _png(fig)
+
+
+def _histogram_figure(name: str, labels: np.ndarray, scores: np.ndarray, thresholds: dict[str, dict]) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    good, bad = scores[labels == 0], scores[labels == 1]
+    bins = np.histogram_bin_edges(scores, bins=30)
+    ax.hist(good, bins=bins, alpha=0.6, color="#4daf4a", label=f"good ({good.size})")
+    ax.hist(bad, bins=bins, alpha=0.6, color="#984ea3", label=f"defective ({bad.size})")
+    top = ax.get_ylim()[1]
+    for method, by_alpha in thresholds.items():
+        for alpha, cell in by_alpha.items():
+            limit = (cell.get("score_threshold_folds") or [None])[0]
+            if limit is None or not np.isfinite(limit):
+                continue
+            ax.axvline(limit, color=ALPHA_COLOURS.get(alpha, "k"), ls=METHOD_STYLES.get(method, "-"), lw=1.3,
+                       label=f"{method} at alpha {alpha}")
+    ax.set_ylim(0, top)
+    ax.set(xlabel="image score (mean Mahalanobis distance over levels)", ylabel="test images",
+           title=f"{name}: test scores and thresholds (fold 1)")
+    ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
+def _levels_figure(name: str, level_names: list[str], aurocs: list[float], combined: float) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    ax.bar(range(len(aurocs)), aurocs, color="#377eb8")
+    ax.axhline(combined, color="#e41a1c", lw=1, label=f"combined score {combined:.4f}")
+    ax.set_xticks(range(len(aurocs)), level_names, rotation=45, ha="right")
+    ax.set(ylabel="image AUROC", ylim=(min(0.5, min(aurocs) - 0.05), 1.0), title=f"{name}: AUROC per level")
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def _gallery(detail: dict[str, Any], scores: np.ndarray) -> str:
+    """Thumbnails of the gallery images, with their heat maps beside them when the model has maps."""
+    from .images import load_image
+    from .maps import overlay
+
+    cat = detail["category"]
+    maps = detail.get("gallery_maps")
+    tiles = []
+    for k, idx in enumerate(detail.get("gallery", [])):
+        path = cat.test_files[idx]
+        try:
+            image = load_image(path)
+        except Exception as exc:  # an unreadable file must not stop the report
+            tiles.append(f'<div class="tile">{html.escape(path.name)}: {html.escape(str(exc))}</div>')
+            continue
+        scale = THUMBNAIL / max(image.size)
+        thumb_size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+        shown = [("image", image.resize(thumb_size))]
+        if maps is not None:
+            shown.append(("heat map", overlay(image, maps[k]).resize(thumb_size)))
+        kind = "good" if cat.test_labels[idx] == 0 else cat.test_defects[idx]
+        imgs = "".join(f'<img class="thumbnail" alt="{label}: {html.escape(path.name)}" src="{_image_url(im)}">'
+                       for label, im in shown)
+        map_max = f", map max {float(maps[k].max()):.2f}" if maps is not None else ""
+        tiles.append(f'<div class="tile">{imgs}<div>{html.escape(path.parent.name)}/{html.escape(path.name)}</div>'
+                     f'<div class="meta">{kind}, score {scores[idx]:.3f}{map_max}</div></div>')
+    return '<div class="gallery">' + "".join(tiles) + "</div>"
+
+
+def _threshold_table(result: dict[str, Any]) -> str:
+    rows = []
+    for method, by_alpha in result["thresholds"].items():
+        cells = []
+        for cell in by_alpha.values():
+            if cell["fpr"] is None:
+                cells.append("<td>n/a</td>")
+                continue
+            inf = sum(t is None for t in cell.get("score_threshold_folds", []))
+            cells.append(f"<td>{cell['fpr']:.3f} / {cell['tpr']:.3f}" + (f" ({inf} inf)" if inf else "") + "</td>")
+        rows.append(f"<tr><th>{method}</th>{''.join(cells)}</tr>")
+    head = "".join(f"<th>alpha {a}</th>" for a in next(iter(result["thresholds"].values())))
+    return (f"<table><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
+            "<p class=meta>realised FPR on good test images / TPR on defective ones, mean over folds "
+            "(inf: folds without a finite conformal threshold)</p>")
+
+
+def render_html(report: dict[str, Any], details: dict[str, Any]) -> str:
+    """The report as one HTML page (:func:`gaussad.evaluate.evaluate` with ``details``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    head = (f"protocol {report['protocol']}, preset {report['preset'] or 'paper'}, backbone {report['backbone']} at "
+            f"{report['input_size']} px, estimator {report['estimator']}, normalisation {report['normalize']}, "
+            f"resize {report.get('resize', 'square')}"
+            + (f", anomaly maps {report['map_method']} from {', '.join(report['map_levels'])}" if report.get("map_levels")
+               else ""))
+    out = ["<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>gaussad evaluation</title>",
+           f"<style>{STYLE}</style></head><body><h1>gaussad evaluation</h1><p>{html.escape(head)}</p>",
+           f"<p>Mean image AUROC over {report['n_categories']} categories: {report['mean_image_auroc']:.4f}</p>"]
+    for name, result in report["categories"].items():
+        detail = details[name]
+        labels = detail["category"].test_labels
+        fold_scores = detail["fold_scores"]
+        pixel = f", pixel AUROC {result['pixel_auroc']:.4f}" if "pixel_auroc" in result else ""
+        maps = "gallery_maps" in detail
+        out += [f'<section class="category" id="{html.escape(name)}"><h2>{html.escape(name)}</h2>',
+                f"<p>image AUROC {result['image_auroc']:.4f}{pixel}; {result['n_train']} training images, "
+                f"{result['n_test_good']} good and {result['n_test_defective']} defective test images</p>",
+                '<div class="figures">',
+                f'<figure><img class="roc" alt="ROC curve of {html.escape(name)}" '
+                f'src="{_roc_figure(name, labels, fold_scores, result["fold_aurocs"])}">'
+                "<figcaption>ROC curve of the image score, one per fold</figcaption></figure>",
+                f'<figure><img class="histogram" alt="score histogram of {html.escape(name)}" '
+                f'src="{_histogram_figure(name, labels, fold_scores[0], result["thresholds"])}">'
+                "<figcaption>Scores of the first fold's model; vertical lines: its score thresholds per method "
+                "(line style) and alpha (colour); infinite thresholds are not drawn</figcaption></figure>",
+                f'<figure><img class="levels" alt="AUROC per level of {html.escape(name)}" '
+                f'src="{_levels_figure(name, report["levels"], result["level_aurocs"], result["image_auroc"])}">'
+                "<figcaption>Image AUROC of each level's distance alone (mean over folds)</figcaption></figure>",
+                "</div>", _threshold_table(result),
+                f"<h3>Most anomalous good and least anomalous defective test images (fold 1)"
+                f"{', with heat maps' if maps else ''}</h3>", _gallery(detail, fold_scores[0]), "</section>"]
+    out.append("</body></html>")
+    return "\n".join(out)
