@@ -245,3 +245,29 @@ def test_bad_api_input_raises_gaussad_errors(make):
     with pytest.raises(GaussadError) as info:
         make()
     assert isinstance(info.value, ValueError) and str(info.value)
+
+
+def test_a_conformal_model_file_without_calibration_scores_is_refused_at_load(tmp_path):
+    import json
+
+    from gaussad.persistence import read_model_file, save_model
+
+    path = tmp_path / "m.gaussad"
+    GaussianAD(backbone=None).fit_features(TRAIN).save(path)
+    meta, arrays = read_model_file(path)
+    save_model(path, {**meta, "threshold": "conformal", "calibration": 0.2}, arrays)  # signed, but unusable
+    with pytest.raises(gaussad.ModelFormatError, match="conformal threshold needs calibration scores"):
+        gaussad.load(path)
+    assert json.dumps(meta)  # the untouched metadata stays serialisable
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: GaussianAD(backbone=None).fit_features(TRAIN).merge("x"), InvalidParameterError, "another GaussianAD"),
+    (lambda: gaussad.load(None), gaussad.ModelFormatError, "path is needed"),
+    (lambda: GaussianAD(backbone=None, map_method="nearest").fit_features(TRAIN).fit_map_features(
+        [[np.ones((2, 3, 3))], [np.ones((3, 3, 3))]]), DataError, "same channels"),
+    (lambda: GaussianAD(input_size=32, levels=["stem"]).fit([1, 2, 3]), gaussad.ImageError, "image #0: unsupported"),
+])
+def test_more_bad_api_input(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
