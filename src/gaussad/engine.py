@@ -121,6 +121,8 @@ class OnnxRuntimeEngine:
         source = model if isinstance(model, bytes) else os.fspath(model)
         self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        # Each output's second axis (channels): static in every exported graph, known without torch.
+        self.channels = [o.shape[1] for o in self.session.get_outputs()]
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:

@@ -75,6 +75,48 @@ def fsync_folder(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _limit(folder: Path, name: str, fallback: int) -> int:
+    try:
+        return os.pathconf(folder, name)
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no such limit
+        return fallback
+
+
+def check_output(path: str | os.PathLike, what: str = "file", folder: bool = False) -> Path:
+    """Refuse, before any work is done, an output that could not be written: a folder where a file is wanted (or a
+    file where a folder is), a name or path too long, a path through a file, a folder nobody may write into or a
+    read-only file system. Folders that do not exist yet are fine (the writers create them). Returns the path."""
+    path = Path(path)
+    absolute = Path(os.path.abspath(path))
+    existing = absolute  # os.path's tests answer False rather than raise, even for names too long
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+
+    def fail(reason: str) -> GaussadError:
+        return GaussadError(f"{path}: cannot write {what} ({reason})")
+
+    if any(len(os.fsencode(part)) > _limit(existing, "PC_NAME_MAX", 255) for part in absolute.parts):
+        raise fail("file name too long")
+    if len(os.fsencode(str(absolute))) >= _limit(existing, "PC_PATH_MAX", 4096):
+        raise fail("path too long")
+    if os.path.isdir(path) and not folder:
+        raise GaussadError(f"{path}: is a folder; give the {what}'s name")
+    if os.path.lexists(path) and not os.path.isdir(path) and folder:
+        raise GaussadError(f"{path}: not a folder; give a folder for the {what}")
+    where = existing if existing != absolute else absolute if folder else absolute.parent
+    if not os.path.isdir(where):
+        raise fail(f"{where} is not a folder")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise fail(f"permission denied in {where}")
+    try:
+        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):
+        read_only = False
+    if read_only:
+        raise fail(f"{where} is on a read-only file system")
+    return path
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], what: str = "file") -> Path:
     """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically; returns the path.
 
