@@ -191,7 +191,7 @@ def test_cli_maps_and_pixel_auroc(tiny_root, tiny_category, tmp_path, capsys):
     assert main(["score", str(model), str(tiny_category / "test" / "patch"), "--maps", str(maps_dir), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["results"]
     for row in rows:
-        with Image.open(row["map"]) as im, Image.open(row["path"]) as src:
+        with Image.open(row["map"]) as im, Image.open(tiny_category / "test" / "patch" / row["path"]) as src:
             assert im.size == src.size
     assert main(["score", str(model), str(tiny_category / "test" / "patch"), "--preset", "paper", "--quiet"]) == 2
     out = tmp_path / "r.json"

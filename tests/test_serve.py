@@ -173,6 +173,15 @@ def test_score_matches_the_library(client, model_dir, test_images, fpr):
     assert all("overlay" not in r for r in rows)
 
 
+def test_uploads_keep_their_relative_paths(client, test_images):
+    """The page sends a folder's files by their path inside it (webkitRelativePath); rows keep that name."""
+    data = test_images[0].read_bytes()
+    files = [("files", (name, data, "image/png")) for name in ("test/good/000.png", "test/crack/000.png")]
+    resp = client.post("/models/plain/score", files=files)
+    assert resp.status_code == 200, resp.text
+    assert [r["path"] for r in resp.json()["results"]] == ["test/good/000.png", "test/crack/000.png"]
+
+
 def test_score_with_maps_gives_overlays_at_the_image_size(client, model_dir, test_images):
     crop = test_images[-1]
     resp = client.post("/models/maps/score", files=_files([test_images[0], crop]), params={"maps": "true"})
@@ -378,5 +387,14 @@ def test_page_in_chromium_shows_scores_decisions_and_maps_sorted(served, model_d
             page.wait_for_function("document.getElementById('error').textContent.length > 0")
             assert "notes.png: not a PNG" in page.inner_text("#error")
             assert page.locator("#results .card").count() == 3
+
+            # A folder picked with its sub-folders: the cards show each file's path inside it.
+            for sub, image in (("a", test_images[0]), ("b", test_images[1])):
+                (tmp_path / "pick" / sub).mkdir(parents=True)
+                (tmp_path / "pick" / sub / "x.png").write_bytes(image.read_bytes())
+            page.set_input_files("#folder", str(tmp_path / "pick"))
+            page.wait_for_function("document.querySelectorAll('#results .card').length === 5")
+            names = page.eval_on_selector_all("#results .filename", "ns => ns.map(n => n.textContent)")
+            assert {"pick/a/x.png", "pick/b/x.png"} <= set(names)
         finally:
             browser.close()

@@ -3,7 +3,21 @@
 __version__ = "0.1.0"
 
 from .errors import DataError, GaussadError, ImageError, InvalidParameterError, ModelFormatError, NotFittedError  # noqa: E402
-from .model import GaussianAD, load  # noqa: E402
 
 __all__ = ["GaussianAD", "load", "GaussadError", "DataError", "ImageError", "ModelFormatError", "InvalidParameterError",
            "NotFittedError", "__version__"]
+
+
+def __getattr__(name: str):
+    """``GaussianAD`` and ``load`` are imported on first use (numpy, scipy), so that ``gaussad --help`` and the
+    other command-line start-ups need not wait for them."""
+    if name in ("GaussianAD", "load"):
+        from . import model
+
+        globals()[name] = value = getattr(model, name)
+        return value
+    raise AttributeError(f"module 'gaussad' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

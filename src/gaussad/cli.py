@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Sequence
 
-import numpy as np
-
+# Only what answers --help and argument errors is imported here: numpy, scipy, the model and the network are
+# imported by the command that needs them (bench/startup.py measures the start-up).
 from . import __version__
 from .errors import GaussadError
 
@@ -31,13 +33,21 @@ def _model_params(args: argparse.Namespace, *groups: str) -> dict:
     return params.from_args(args, params.cli_names("model", "intake", *groups))
 
 
-def _training_images(folder: str) -> list[Path]:
-    """Images of a folder; an MVTec-layout category means its train/good."""
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (exit 2) like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _training_images(folder: str, recursive: bool) -> tuple[list[Path], list[str]]:
+    """Images of a folder (and its sub-folders when ``recursive``) with their names relative to it; an MVTec-layout
+    category means its train/good."""
     from .datasets import is_category
-    from .images import list_images
+    from .images import find_images
 
     path = Path(folder)
-    return list_images(path / "train" / "good" if is_category(path) else path)
+    return find_images([path / "train" / "good" if is_category(path) else path], recursive)
 
 
 def _threshold_options(p: argparse.ArgumentParser) -> None:
@@ -49,7 +59,7 @@ def _threshold_options(p: argparse.ArgumentParser) -> None:
 
 def _finite(x: float) -> float | None:
     """JSON has no infinity: an infinite threshold is written as null."""
-    return float(x) if np.isfinite(x) else None
+    return float(x) if math.isfinite(x) else None
 
 
 def _infinite_note(model, fpr: float) -> str:
@@ -60,14 +70,22 @@ def _infinite_note(model, fpr: float) -> str:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from . import params
     from .files import check_output
+
+    # What needs no work first: the output, the settings, the image list; then the model (numpy, the network).
+    if os.path.isdir(args.output):  # os.path answers False where Path.is_dir raises (a name too long)
+        raise GaussadError(f"{args.output}: is a folder; give the model file's name with -o")
+    check_output(args.output, "model")
+    settings = _model_params(args, "threshold")
+    params.validate({**params.defaults(), **settings})
+    files, names = _training_images(args.train_dir, args.recursive)
     from .model import GaussianAD
 
-    check_output(args.output, "model file")
-    files = _training_images(args.train_dir)
-    model = GaussianAD(**_model_params(args, "threshold"), verbose=not (args.quiet or args.json))
+    model = GaussianAD(**settings, verbose=not (args.quiet or args.json))
     model.fit(files, on_error=args.on_error)
     model.save(args.output)
+    name_of = {str(f): n for f, n in zip(files, names)}
     cal = getattr(model, "calibration_scores_", None)
     limit = model.score_threshold()
     calibration = model.summary()["calibration"]
@@ -75,7 +93,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                "levels": model.level_names_, "input_size": model.input_size_, "feature_dims": model.feature_dims_,
                "threshold": model.threshold, "fpr": model.fpr, "n_calibration": None if cal is None else int(cal.size),
                "score_threshold": _finite(limit), "calibration": calibration,
-               "skipped": [{"path": p, "error": m} for p, m in model.skipped_]}
+               "skipped": [{"path": name_of.get(p, p), "error": m} for p, m in model.skipped_]}
     if args.json:
         print(json.dumps(summary))
     elif not args.quiet:
@@ -85,7 +103,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
               f"wrote {args.output}")
         if calibration is not None:
             print(_calibration_line(calibration, min(model.calibration_folds, model.n_samples_)))
-        if model.threshold == "conformal" and not np.isfinite(limit):
+        if model.threshold == "conformal" and not math.isfinite(limit):
             print(f"warning: {_infinite_note(model, model.fpr)}", file=sys.stderr)
         else:
             print(f"threshold {model.threshold} at FPR {model.fpr}: score threshold {limit:.3f}")
@@ -112,7 +130,15 @@ RULES = {
 
 def cmd_score(args: argparse.Namespace) -> int:
     from . import params
-    from .images import expand_sources
+    from .files import check_output
+    from .images import find_images
+
+    # What needs no work first: the overlay folder and the image list; then the model and the network.
+    if args.maps:
+        check_output(args.maps, "overlays", folder=True)
+    files, names = find_images(args.images, args.recursive)
+    import numpy as np
+
     from .model import load
     from .files import check_output
     from .results import result_rows
@@ -127,7 +153,6 @@ def cmd_score(args: argparse.Namespace) -> int:
     method = args.threshold or model.threshold
     fpr = model.fpr if args.fpr is None else args.fpr
     limit = model.score_threshold(fpr, method)  # fails early when the rule cannot apply to this model
-    files = expand_sources(args.images)
     skipped: list = []
     if args.maps:
         levels, amaps = model.score_with_maps(files, on_error=args.on_error, skipped=skipped)
@@ -135,18 +160,19 @@ def cmd_score(args: argparse.Namespace) -> int:
         feats = model.extract_features(files, "score", on_error=args.on_error, skipped=skipped)
     bad = {i for i, _ in skipped}
     kept = [f for i, f in enumerate(files) if i not in bad]
+    kept_names = [n for i, n in enumerate(names) if i not in bad]
     if not args.maps:
         levels = model.level_scores_features(feats) if kept else np.zeros((0, len(model.level_names_)))
     decisions, pvalues = model.decide(levels, fpr, method) if kept else ([], [])
-    rows = result_rows(kept, model.level_names_, levels, decisions, pvalues)
+    rows = result_rows(kept_names, model.level_names_, levels, decisions, pvalues)
     if args.maps:
-        written = _write_overlays(args.maps, kept, amaps, args.max_pixels, args.on_error)
+        written = _write_overlays(args.maps, kept, kept_names, amaps, args.max_pixels, args.on_error)
         for row, (path, error), amap in zip(rows, written, amaps):
             row["map_max"] = float(amap.max())
             row["map"] = None if path is None else str(path)
             if error is not None:
                 row["map_error"] = error
-    errors = [{"path": str(files[i]), "error": msg} for i, msg in skipped]
+    errors = [{"path": names[i], "error": msg} for i, msg in sorted(skipped)]
     if args.json:
         print(json.dumps({"model": str(args.model), "fpr": fpr, "threshold": method, "rule": RULES[method],
                           "score_threshold": _finite(limit), "results": rows, "skipped": errors}))
@@ -163,30 +189,48 @@ def cmd_score(args: argparse.Namespace) -> int:
         cells += [f"{r['pvalue']:9.2e}", "ANOMALY" if r["anomalous"] else "ok"]
         print("  ".join(cells))
     if not args.quiet:
-        if method == "conformal" and not np.isfinite(limit):
+        if method == "conformal" and not math.isfinite(limit):
             print(f"warning: {_infinite_note(model, fpr)}", file=sys.stderr)
         print(f"{sum(r['anomalous'] for r in rows)} of {len(rows)} flagged at target FPR {fpr} "
               f"({RULES[method]}); {len(errors)} skipped", file=sys.stderr)
     return 0
 
 
-def _write_overlays(folder: str, files: list[Path], amaps: np.ndarray, max_pixels: int,
+def overlay_names(names: Sequence[str]) -> list[str]:
+    """Relative overlay file names that mirror the images' names, all distinct: ``good/000.png`` ->
+    ``good/000_map.png``. The parts of a name that would leave the folder (a root, ``..``) are dropped or become
+    ``up``; a name already taken (the same stem twice, ``x.png`` and ``x.jpg``; case-insensitively, for file systems
+    that ignore case) becomes ``x_map-2.png``, ``x_map-3.png``, ... A name that would be too long is shortened."""
+    used: set[str] = set()
+    out = []
+    for name in names:
+        path = PurePath(name)
+        parts = ["up" if p == ".." else p for p in path.parts[1 if path.anchor else 0:-1] if p not in ("", ".")]
+        stem = path.stem or "image"
+        while len(stem.encode("utf-8", "surrogateescape")) > 230:  # room for "_map-N.png" within 255 bytes
+            stem = stem[:-1]
+        candidate, k = "/".join(parts + [f"{stem}_map.png"]), 1
+        while candidate.casefold() in used:
+            k += 1
+            candidate = "/".join(parts + [f"{stem}_map-{k}.png"])
+        used.add(candidate.casefold())
+        out.append(candidate)
+    return out
+
+
+def _write_overlays(folder: str, files: list[Path], names: list[str], amaps, max_pixels: int,
                     on_error: str = "fail") -> list[tuple[Path | None, str | None]]:
-    """Write one heat-map overlay PNG per image into ``folder`` (atomically each); returns (path, None) per image,
-    or with ``on_error="skip"`` (None, message) for an image that can no longer be read (changed since scoring)."""
+    """Write one heat-map overlay PNG per image into ``folder`` (atomically each), named by :func:`overlay_names`;
+    returns (path, None) per image, or with ``on_error="skip"`` (None, message) for an image that can no longer be
+    read (changed since scoring)."""
     from .errors import ImageError
     from .files import write_atomic
     from .images import load_image
     from .maps import overlay
 
     out_dir = Path(folder)
-    used: set[str] = set()
     paths = []
-    for i, (src, amap) in enumerate(zip(files, amaps)):
-        name = f"{Path(src).stem}_map.png"
-        if name in used:
-            name = f"{Path(src).stem}_{i}_map.png"
-        used.add(name)
+    for src, name, amap in zip(files, overlay_names(names), amaps):
         try:
             image = overlay(load_image(src, max_pixels=max_pixels), amap)
         except ImageError as exc:
@@ -200,12 +244,14 @@ def _write_overlays(folder: str, files: list[Path], amaps: np.ndarray, max_pixel
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_markdown, format_table
+    from . import params
     from .files import check_output, write_atomic
 
     for path, what in ((args.json, "JSON report"), (args.report, "report")):
         if path:
             check_output(path, what)
+    params.validate({**params.defaults(), **_model_params(args)})
+    from .evaluate import evaluate, format_markdown, format_table
 
     if args.html:
         try:
@@ -277,9 +323,15 @@ def _table_value(name: str, kind: type):
     return parse
 
 
+def _recursion_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-recursive", dest="recursive", action="store_false",
+                   help="take only the images directly inside a folder, not those of its sub-folders (which are "
+                        "walked by default, in sorted order; hidden folders and symbolic-link loops are skipped)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import params
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gaussad",
         description="Visual anomaly detection: a Gaussian per level of pretrained EfficientNet features, fitted on normal images only.",
         epilog=EPILOG,
@@ -288,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("fit", help="fit a model on a folder of normal images", epilog=EPILOG,
-                       description="Fit a model on the images of TRAIN_DIR (or its train/good if it is an MVTec category).")
+                       description="Fit a model on the images of TRAIN_DIR and its sub-folders (or of its train/good "
+                                   "if it is an MVTec category).")
     p.add_argument("train_dir", metavar="TRAIN_DIR")
     p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (written atomically)")
     _model_options(p)
@@ -297,10 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an unreadable image stops the fit (fail, default) or is reported and left out (skip)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+    _recursion_option(p)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("score", help="score images with a fitted model", epilog=EPILOG,
-                       description="Score images: one row per image with its score, per-level distances, p-value and decision.")
+                       description="Score images: one row per image with its score, per-level distances, p-value and "
+                                   "decision. A folder's images, its sub-folders' included, are named by their path "
+                                   "relative to it (good/000.png, crack/000.png); with several folders or files, by "
+                                   "that path prefixed with the folder as given.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     params.add_options(p, ("fpr", "threshold"), model_defaults=True)
@@ -308,11 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=("fail", "skip"), default="skip",
                    help="an unreadable image is reported and skipped (skip, default) or stops the run (fail)")
     p.add_argument("--maps", metavar="DIR",
-                   help="write a heat-map overlay PNG per image into DIR (needs a model fitted with anomaly maps)")
+                   help="write a heat-map overlay PNG per image into DIR, mirroring the images' names (good/000.png "
+                        "-> DIR/good/000_map.png; repeated names get -2, -3, ...); needs a model fitted with anomaly maps")
     p.add_argument("--preset", choices=("paper", "recommended"),
                    help="check that the model was fitted with this preset (the preset itself is stored in the model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _recursion_option(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("evaluate", help="image AUROC and threshold error rates on MVTec-layout data",

@@ -41,13 +41,18 @@ class Engine(Protocol):
 
 
 def onnxruntime_available() -> bool:
-    """Whether ONNX Runtime, and onnx for the export, can be imported here."""
+    """Whether ONNX Runtime can be imported here, and onnx (for the export) is installed.
+
+    onnx is looked up, not imported: importing it takes most of a second and only an export needs it.
+    """
+    import importlib.util
+
     try:
-        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
-    except ImportError:
+
+        return importlib.util.find_spec("onnx") is not None
+    except (ImportError, ValueError):  # ValueError: a module entry without a spec (sys.modules["onnx"] = None)
         return False
-    return True
 
 
 def resolve_engine(engine: str) -> str:
@@ -121,6 +126,8 @@ class OnnxRuntimeEngine:
         source = model if isinstance(model, bytes) else os.fspath(model)
         self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        # Each output's second axis (channels): static in every exported graph, known without torch.
+        self.channels = [o.shape[1] for o in self.session.get_outputs()]
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:

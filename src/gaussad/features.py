@@ -100,7 +100,13 @@ class FeatureExtractor:
 
     @property
     def level_dims(self) -> list[int]:
-        """Feature dimension of each chosen level."""
+        """Feature dimension of each chosen level (from the ONNX graph when that is the engine: no torch needed)."""
+        if self.engine == "onnxruntime":
+            from .engine import OnnxRuntimeEngine
+
+            runner = self.runner
+            if isinstance(runner, OnnxRuntimeEngine):
+                return [int(c) for c in runner.channels[:len(self.levels)]]
         return [self.module.backbone.level_channels[i] for i in self.levels]
 
     def prepare(self, source: ImageSource, index: int | None = None) -> np.ndarray:

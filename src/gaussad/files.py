@@ -80,35 +80,45 @@ def fsync_folder(folder: str | os.PathLike) -> None:
 STALE_TEMP_SECONDS = 3600.0  # a temporary of ours this old is left from a killed run: removed on the next write
 
 
-def _name_max(folder: Path) -> int:
+def _limit(folder: Path, name: str, fallback: int) -> int:
     try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
-        return 255
+        return os.pathconf(folder, name)
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no such limit
+        return fallback
 
 
 def check_output(path: str | os.PathLike, what: str = "file", folder: bool = False) -> Path:
-    """Check, before any work, that ``path`` can be written as a ``what`` (a file, or with ``folder`` a folder of
-    outputs): not a folder (not a file), a name the file system accepts, and the nearest existing parent a
-    writable folder. Raises :class:`GaussadError` naming the path and the problem."""
+    """Refuse, before any work is done, an output that could not be written: a folder where a file is wanted (or a
+    file where a folder is), a name or path too long, a path through a file, a folder nobody may write into or a
+    read-only file system. Folders that do not exist yet are fine (the writers create them). Returns the path."""
     path = Path(path)
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if len(os.fsencode(path.name)) > _name_max(parent if parent.is_dir() else Path(".")):
-        raise GaussadError(f"{path}: file name too long ({len(os.fsencode(path.name))} bytes; the file system "
-                           f"allows {_name_max(parent if parent.is_dir() else Path('.'))})")
-    if folder:
-        if path.exists() and not path.is_dir():
-            raise GaussadError(f"{path}: exists and is not a folder; give a folder for the {what}s")
-        if path.is_dir():
-            parent = path
-    elif path.is_dir():
+    absolute = Path(os.path.abspath(path))
+    existing = absolute  # os.path's tests answer False rather than raise, even for names too long
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+
+    def fail(reason: str) -> GaussadError:
+        return GaussadError(f"{path}: cannot write {what} ({reason})")
+
+    if any(len(os.fsencode(part)) > _limit(existing, "PC_NAME_MAX", 255) for part in absolute.parts):
+        raise fail("file name too long")
+    if len(os.fsencode(str(absolute))) >= _limit(existing, "PC_PATH_MAX", 4096):
+        raise fail("path too long")
+    if os.path.isdir(path) and not folder:
         raise GaussadError(f"{path}: is a folder; give the {what}'s name")
-    if not parent.is_dir():
-        raise GaussadError(f"{path}: cannot write the {what} ({parent} is not a folder)")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise GaussadError(f"{path}: cannot write the {what} (permission denied in {parent})")
+    if os.path.lexists(path) and not os.path.isdir(path) and folder:
+        raise GaussadError(f"{path}: not a folder; give a folder for the {what}")
+    where = existing if existing != absolute else absolute if folder else absolute.parent
+    if not os.path.isdir(where):
+        raise fail(f"{where} is not a folder")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise fail(f"permission denied in {where}")
+    try:
+        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):
+        read_only = False
+    if read_only:
+        raise fail(f"{where} is on a read-only file system")
     return path
 
 

@@ -258,28 +258,81 @@ def preprocess(img: Image.Image, size: int, normalization: Normalization = IMAGE
     return out
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Sorted image files directly inside a folder (by extension, sub-folders ignored); raises if there are none."""
-    path = Path(folder)
-    if not path.is_dir():
-        raise DataError(f"{path}: not a folder")
-    # Not is_file(): a broken link or a pipe named *.png is listed so that reading it reports the problem.
+def _is_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder (following links); False when it cannot be looked at (a name too long, ...),
+    so that reading it reports the problem."""
     try:
-        files = sorted(p for p in path.iterdir() if not p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot list folder ({exc.strerror or exc})") from None
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, following links; None when it cannot be read."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Sorted image files (by extension) inside a folder; raises if there are none.
+
+    With ``recursive`` the sub-folders are walked too, links to folders followed; a folder that is one of its own
+    ancestors (a symbolic link loop) and hidden sub-folders (``.git``, ``.ipynb_checkpoints``, ...) are skipped.
+    Files are sorted by their path, component by component, so each sub-folder's images stay together.
+    """
+    path = Path(folder)
+    if not _is_dir(path):
+        raise DataError(f"{path}: not a folder")
+    files: list[Path] = []
+    stack = [(path, frozenset([_identity(path)]))]
+    while stack:
+        here, ancestors = stack.pop()
+        # Not is_file(): a broken link or a pipe named *.png is listed so that reading it reports the problem.
+        try:
+            entries = list(here.iterdir())
+        except OSError as exc:
+            raise DataError(f"{here}: cannot list folder ({exc.strerror or exc})") from None
+        for p in entries:
+            if not p.is_dir():
+                if p.suffix.lower() in IMAGE_EXTENSIONS:
+                    files.append(p)
+            elif recursive and not p.name.startswith("."):
+                ident = _identity(p)
+                if ident is not None and ident not in ancestors:
+                    stack.append((p, ancestors | {ident}))
     if not files:
-        raise DataError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return files
+        where = " in it or its sub-folders" if recursive else ""
+        raise DataError(f"{path}: no images found{where} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return sorted(files)
 
 
-def expand_sources(items: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand a mix of image files and folders (their images, sorted) into a list of files."""
-    out: list[Path] = []
+def find_images(items: Iterable[str | os.PathLike], recursive: bool = False) -> tuple[list[Path], list[str]]:
+    """Expand a mix of image files and folders into image files and the names results give them.
+
+    A folder's images (see :func:`list_images`) are named by their path relative to the folder, so that
+    ``good/000.png`` and ``crack/000.png`` stay apart; when several items are given, that path is prefixed with
+    the folder as given. A file is named as given. An empty folder raises before anything is read.
+    """
+    items = [Path(item) for item in items]
+    files: list[Path] = []
+    names: list[str] = []
     for item in items:
-        path = Path(item)
-        out.extend(list_images(path) if path.is_dir() else [path])
-    return out
+        if not _is_dir(item):
+            files.append(item)
+            names.append(str(item))
+            continue
+        found = list_images(item, recursive)
+        files += found
+        names += [str(p.relative_to(item) if len(items) == 1 else p) for p in found]
+    return files, names
+
+
+def expand_sources(items: Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
+    """Expand a mix of image files and folders (their images, sorted; see :func:`list_images`) into a list of files."""
+    return find_images(items, recursive)[0]
 
 
 def image_list(images: Iterable[ImageSource] | str | os.PathLike) -> list[ImageSource]:

@@ -9,6 +9,12 @@ function currentModel() {
   return state.models.find((m) => m.name === $("model").value);
 }
 
+// A file's name as shown and sent: its path inside the chosen folder (webkitRelativePath, e.g. "test/good/000.png")
+// when it came from the folder picker, so that same-named files of different sub-folders stay apart; else its name.
+function fileName(f) {
+  return f.webkitRelativePath || f.name;
+}
+
 function showError(text) {
   const line = document.createElement("div");
   line.textContent = text;
@@ -94,7 +100,7 @@ function render() {
 
 async function scoreChunk(model, files) {
   const form = new FormData();
-  files.forEach((f) => form.append("files", f, f.name));
+  files.forEach((f) => form.append("files", f, fileName(f)));
   const url = `/models/${encodeURIComponent(model.name)}/score?maps=${model.maps}`;
   try {
     const resp = await fetch(url, { method: "POST", body: form });
@@ -119,7 +125,7 @@ async function scoreFiles(fileList) {
   const files = [];
   for (const f of fileList) {
     if (f.type.startsWith("image/")) files.push(f);
-    else showError(`${f.name}: skipped, not an image`);
+    else showError(`${fileName(f)}: skipped, not an image`);
   }
   const chunks = [];
   for (let i = 0; i < files.length; i += state.maxFiles) chunks.push(files.slice(i, i + state.maxFiles));
@@ -136,7 +142,9 @@ async function init() {
   describeModel();
 
   $("model").addEventListener("change", () => { clearResults(); describeModel(); });
-  $("files").addEventListener("change", (e) => { scoreFiles(e.target.files); e.target.value = ""; });
+  for (const id of ["files", "folder"]) {
+    $(id).addEventListener("change", (e) => { scoreFiles(e.target.files); e.target.value = ""; });
+  }
   $("show-maps").addEventListener("change", render);
   $("clear").addEventListener("click", clearResults);
   const drop = $("drop");
