@@ -127,7 +127,7 @@ def test_maps_of_same_named_images_never_overwrite_one_another(map_model, tiny_c
 
 
 @pytest.mark.parametrize("case", ["output is a folder", "parent is a file", "name too long", "unwritable parent",
-                                  "maps is a file", "empty folder", "unknown level", "conformal alone",
+                                  "maps is a file", "empty folder", "unknown level",
                                   "report name too long"])
 def test_errors_that_need_no_work_come_before_any_model_or_image(case, tiny_category, map_model, tmp_path, capsys,
                                                                  monkeypatch):
@@ -152,7 +152,6 @@ def test_errors_that_need_no_work_come_before_any_model_or_image(case, tiny_cate
         "maps is a file": (score + ["--maps", str(tmp_path / "file")], "not a folder"),
         "empty folder": (["score", str(map_model), str(tmp_path / "empty")], "no images found"),
         "unknown level": (fit[:-1] + ["stage9", "-o", str(tmp_path / "m")], "unknown level 'stage9'"),
-        "conformal alone": (fit + ["-o", str(tmp_path / "m"), "--threshold", "conformal"], "--calibration"),
         "report name too long": (["evaluate", str(tiny_category), "--report", str(tmp_path / ("r" * 300))],
                                  "file name too long"),
     }[case]
