@@ -224,3 +224,67 @@ def test_aspect_kept_maps_of_mixed_sizes(tiny_category):
     assert len({m[0].shape for m in test_maps}) > 1
     refit = GaussianAD(**{**TINY_NEAREST, "resize": "aspect"}).fit_map_features(train_maps)
     np.testing.assert_allclose(refit.anomaly_map_features(test_maps, 64), amaps, rtol=1e-4, atol=1e-4)
+
+
+def test_to_finest_is_patchcore_upsample_and_concatenate():
+    """Every level averaged 3 x 3 at its own resolution (torch avg_pool2d without padding counts), upsampled bilinearly
+    (torch interpolate, pixel centres) to the finest grid, channels concatenated."""
+    from gaussad.maps import to_finest
+
+    rng = np.random.default_rng(3)
+    fine, coarse = rng.normal(size=(2, 3, 12, 10)).astype(np.float32), rng.normal(size=(2, 4, 6, 5)).astype(np.float32)
+    pool = lambda f: torch.nn.functional.avg_pool2d(torch.from_numpy(f), 3, 1, 1, count_include_pad=False)
+    up = torch.nn.functional.interpolate(pool(coarse), size=(12, 10), mode="bilinear", align_corners=False)
+    (got,) = to_finest([fine, coarse], 3)
+    assert got.shape == (2, 7, 12, 10)
+    np.testing.assert_allclose(got, torch.cat([pool(fine), up], dim=1).numpy(), rtol=1e-5, atol=1e-5)
+    (plain,) = to_finest([fine, coarse], 1)
+    np.testing.assert_allclose(plain[:, :3], fine)
+
+
+def test_finest_grid_maps_have_one_bank_localise_and_survive_save_load(tiny_category, tmp_path):
+    """map_grid='finest': one bank of concatenated vectors on the finest map level's grid; the maps equal the brute
+    force distance of the concatenated vectors, find the defects and come back unchanged from a model file."""
+    from scipy.spatial.distance import cdist
+
+    from gaussad.datasets import load_category
+    from gaussad.evaluate import hit_rate, load_masks
+    from gaussad.maps import to_finest
+
+    settings = {**TINY_NEAREST, "map_grid": "finest"}
+    files = list_images(tiny_category / "train" / "good")
+    model = GaussianAD(**settings).fit(files)
+    assert len(model.map_banks_) == 1
+    cat = load_category(tiny_category)
+    train, test = _raw_maps(model, files), _raw_maps(model, cat.test_files)
+    (tr,), (te,) = to_finest(train, 3), to_finest(test, 3)
+    assert model.map_banks_[0].vectors.shape[1] == tr.shape[1] == sum(f.shape[1] for f in train)
+    vecs = lambda f: f.transpose(0, 2, 3, 1).reshape(-1, f.shape[1])
+    d = cdist(vecs(te), vecs(tr)).min(axis=1).reshape(te.shape[0], 1, *te.shape[2:]) / model.map_banks_[0].scale
+    ref = torch.nn.functional.interpolate(torch.from_numpy(d.astype(np.float32)), size=(64, 64), mode="bilinear",
+                                          align_corners=False)[:, 0].numpy()
+    amaps = model.anomaly_map(cat.test_files)
+    np.testing.assert_allclose(amaps, ref, rtol=1e-3, atol=1e-3)  # map_coreset 1.0: the bank holds every location
+    masks = load_masks(cat, 64)
+    assert roc_auc(masks.ravel(), amaps.ravel()) > 0.7
+    assert hit_rate(amaps, masks, cat.test_labels) >= 0.5
+    path = tmp_path / "finest.gaussad"
+    model.save(path)
+    loaded = gaussad.load(path)
+    assert loaded.setting("map_grid") == "finest"
+    np.testing.assert_allclose(loaded.anomaly_map(cat.test_files[:2]), amaps[:2], rtol=1e-5, atol=1e-5)
+    with pytest.raises(gaussad.GaussadError, match="map_grid"):
+        model.merge(GaussianAD(**TINY_NEAREST).fit(files))
+
+
+def test_hit_rate_counts_map_maxima_inside_masks():
+    from gaussad.evaluate import hit_rate
+
+    amaps = np.zeros((3, 4, 4), np.float32)
+    masks = np.zeros((3, 4, 4), bool)
+    labels = np.array([0, 1, 1])
+    masks[1, 0, 0] = masks[2, 3, 3] = True
+    amaps[1, 0, 0] = 5.0  # inside
+    amaps[2, 0, 0] = 5.0  # outside
+    assert hit_rate(amaps, masks, labels) == 0.5
+    assert hit_rate(amaps, masks, np.array([0, 0, 0])) is None

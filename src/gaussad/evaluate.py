@@ -31,6 +31,17 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def hit_rate(amaps: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> float | None:
+    """Share of defective images (``labels`` 1) whose map maximum (the first one, row-major) lies inside their
+    defect mask; None when no defective image has a non-empty mask."""
+    rows = [i for i in np.flatnonzero(labels == 1) if masks[i].any()]
+    if not rows:
+        return None
+    flat = amaps[rows].reshape(len(rows), -1)
+    peaks = flat.argmax(axis=1)
+    return float(np.mean(masks[rows].reshape(len(rows), -1)[np.arange(len(rows)), peaks] > 0))
+
+
 def load_masks(category: Category, size: int) -> np.ndarray:
     """Ground-truth masks of the test images at size x size (nearest neighbour); good images are all-zero."""
     from PIL import Image
@@ -73,7 +84,7 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
     n = train[0].shape[0]
     params = {**params, "verbose": False, "threshold": "chi2", "calibration": None}
     folds = kfold_indices(n, 5, seed) if protocol == "paper" else [(np.arange(n), np.arange(0))]
-    fold_aurocs, level_aurocs, pixel_aurocs, max_map_aurocs, rates, n_cal = [], [], [], [], [], []
+    fold_aurocs, level_aurocs, pixel_aurocs, max_map_aurocs, rates, n_cal, hits = [], [], [], [], [], [], []
     for keep, held in folds:
         if protocol == "paper":
             model = GaussianAD(**params).fit_features([f[keep] for f in train], level_names)
@@ -95,6 +106,7 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
                 details["gallery_maps"] = amaps[gallery]
             pixel_aurocs.append(roc_auc(masks.ravel(), amaps.ravel()))
             max_map_aurocs.append(roc_auc(category.test_labels, amaps.reshape(len(amaps), -1).max(axis=1)))
+            hits.append(hit_rate(amaps, masks, category.test_labels))
     result = {
         "image_auroc": float(np.mean(fold_aurocs)),
         "fold_aurocs": [float(a) for a in fold_aurocs],
@@ -109,6 +121,8 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
         result["pixel_auroc"] = float(np.mean(pixel_aurocs))
         result["pixel_fold_aurocs"] = [float(a) for a in pixel_aurocs]
         result["max_map_auroc"] = float(np.mean(max_map_aurocs))
+        if all(h is not None for h in hits):
+            result["hit_rate"] = float(np.mean(hits))
     return result
 
 
@@ -197,6 +211,7 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
         "map_levels": extractor.map_level_names,
         "map_method": extractor_model.setting("map_method") if extractor.map_levels else None,
         "map_pool": extractor_model.setting("map_pool") if extractor.map_levels else None,
+        "map_grid": extractor_model.setting("map_grid") if extractor.map_levels else None,
         "estimator": params.get("estimator", "ledoit-wolf"),
         "reduction": params.get("reduction"),
         "variance": params.get("variance", 0.99) if params.get("reduction") else None,
@@ -217,18 +232,19 @@ def format_table(report: dict[str, Any]) -> str:
     """A plain-text table: per category the combined and per-level AUROC, then mean +/- SEM."""
     levels = report["levels"]
     pix = "mean_pixel_auroc" in report
-    head = ["category", "AUROC"] + (["pixel", "map-max"] if pix else []) + levels
+    head = ["category", "AUROC"] + (["pixel", "map-max", "hit"] if pix else []) + levels
     rows = [[name, f"{r['image_auroc']:.4f}"]
-            + ([f"{r[k]:.4f}" if k in r else "-" for k in ("pixel_auroc", "max_map_auroc")] if pix else [])
+            + ([f"{r[k]:.4f}" if k in r else "-" for k in ("pixel_auroc", "max_map_auroc", "hit_rate")] if pix else [])
             + [f"{a:.3f}" for a in r["level_aurocs"]] for name, r in report["categories"].items()]
     rows.append([f"mean +/- SEM ({report['n_categories']})", f"{report['mean_image_auroc']:.4f} +/- {report['sem']:.4f}"]
-                + ([f"{report['mean_pixel_auroc']:.4f}", ""] if pix else []) + [""] * len(levels))
+                + ([f"{report['mean_pixel_auroc']:.4f}", "", ""] if pix else []) + [""] * len(levels))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     title = (f"protocol={report['protocol']} preset={report['preset'] or 'paper'} backbone={report['backbone']} size={report['input_size']} "
              f"estimator={report['estimator']} reduction={report['reduction'] or 'none'} normalize={report['normalize']} "
              f"resize={report.get('resize', 'square')}"
              + (f" maps={report['map_method']}:{','.join(report['map_levels'])} pool={report['map_pool']}"
+                f" grid={report.get('map_grid') or 'coarsest'}"
                 if report.get("map_levels") else ""))
     out = [title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
     return "\n".join(out + [""] + _threshold_table(report))
@@ -273,13 +289,15 @@ def format_markdown(report: dict[str, Any]) -> str:
            f"normalisation `{report['normalize']}`, resize `{report.get('resize', 'square')}`"
            + (f", anomaly maps `{report['map_method']}` from {', '.join(report['map_levels'])} (pool {report['map_pool']})"
               if report.get("map_levels") else ""), "",
-           "| category | image AUROC | folds | pixel AUROC | image AUROC of map maxima | " + " | ".join(levels) + " |",
-           "|---|---|---|---|---|" + "---|" * len(levels)]
+           "| category | image AUROC | folds | pixel AUROC | image AUROC of map maxima | localisation hit rate | "
+           + " | ".join(levels) + " |",
+           "|---|---|---|---|---|---|" + "---|" * len(levels)]
     for name, r in report["categories"].items():
         folds = ", ".join(f"{a:.4f}" for a in r["fold_aurocs"])
         pixel = f"{r['pixel_auroc']:.4f}" if "pixel_auroc" in r else "-"
         peak = f"{r['max_map_auroc']:.4f}" if "max_map_auroc" in r else "-"
-        out.append(f"| {name} | {r['image_auroc']:.4f} | {folds} | {pixel} | {peak} | "
+        hit = f"{r['hit_rate']:.3f}" if "hit_rate" in r else "-"
+        out.append(f"| {name} | {r['image_auroc']:.4f} | {folds} | {pixel} | {peak} | {hit} | "
                    + " | ".join(f"{a:.3f}" for a in r["level_aurocs"]) + " |")
     out += ["", f"Mean over {report['n_categories']} categories: {report['mean_image_auroc']:.4f} +/- {report['sem']:.4f} (SEM)", ""]
     out += ["## Thresholds", "",

@@ -251,9 +251,9 @@ class Trainer:
             raise DataError("feature maps must be (C, H, W) arrays with the same channels C for every image")
         for idx, fm in maps.shape_groups(per_image):
             acc.add_maps(fm, idx)
-        banks = acc.banks([], float(self.settings["map_coreset"]), self._seed(), layout.map_level_names)
+        banks = acc.banks([], float(self.settings["map_coreset"]), self._seed(), self._bank_names(layout))
         map_stats = acc.map_stats or []
-        return replace(state, layout=layout, map_method=self.settings["map_method"],
+        return replace(state, layout=layout, map_method=self.settings["map_method"], map_grid=self.settings["map_grid"],
                        map_pool=int(self.settings["map_pool"]), map_stats=map_stats, map_banks=banks,
                        map_gaussians=[LevelGaussian.fit(s, "ledoit-wolf") for s in map_stats])
 
@@ -271,8 +271,9 @@ class Trainer:
         return 0 if self.settings["random_state"] is None else int(self.settings["random_state"])
 
     def _accumulator(self, layout: Layout, prev: DetectorState | None = None) -> Accumulator:
-        method, pool = self.settings["map_method"], int(self.settings["map_pool"])
-        return Accumulator(method, len(layout.map_levels), lambda f: prepare_maps(f, method, pool),
+        method, pool, grid = self.settings["map_method"], int(self.settings["map_pool"]), self.settings["map_grid"]
+        n_maps = min(len(layout.map_levels), 1) if grid == "finest" else len(layout.map_levels)
+        return Accumulator(method, n_maps, lambda f: prepare_maps(f, method, pool, grid),
                            prev.stats if prev else None, prev.map_stats if prev else None)
 
     def _stream(self, images: list, acc: Accumulator, layout: Layout, positions: Sequence[int] | None = None,
@@ -302,9 +303,15 @@ class Trainer:
     def _finish(self, acc: Accumulator, layout: Layout, prev: DetectorState | None = None,
                 allow_few: bool = False) -> DetectorState:
         s = self.settings
-        banks = acc.banks(prev.map_banks if prev else [], float(s["map_coreset"]), self._seed(), layout.map_level_names)
+        banks = acc.banks(prev.map_banks if prev else [], float(s["map_coreset"]), self._seed(), self._bank_names(layout))
         return DetectorState.fit(layout, acc.stats, s["estimator"], s["reduction"], float(s["variance"]),
-                                 s["map_method"], int(s["map_pool"]), acc.map_stats, banks, allow_few)
+                                 s["map_method"], int(s["map_pool"]), acc.map_stats, banks, allow_few, s["map_grid"])
+
+    def _bank_names(self, layout: Layout) -> list[str]:
+        """Names of the maps scored: the map levels, or their concatenation on the finest grid."""
+        if self.settings["map_grid"] == "finest":
+            return ["+".join(layout.map_level_names)]
+        return list(layout.map_level_names)
 
     def _checked(self, state: DetectorState) -> DetectorState:
         """Refuse a state on which the model's own threshold cannot be computed (Hotelling with n <= dof)."""

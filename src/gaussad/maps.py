@@ -122,6 +122,36 @@ def to_grid(fmaps: Sequence[np.ndarray], size: int = 1) -> list[np.ndarray]:
     return out
 
 
+@lru_cache(maxsize=256)
+def _linear(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix of bilinear upsampling along one axis, sampled at pixel centres with the edges clamped
+    (as :func:`upsample`; cached, read-only)."""
+    x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1.0)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    t = (x - lo).astype(np.float32)
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    np.add.at(m, (np.arange(n_out), lo), 1.0 - t)
+    np.add.at(m, (np.arange(n_out), hi), t)
+    m.flags.writeable = False
+    return m
+
+
+def to_finest(fmaps: Sequence[np.ndarray], size: int = 1) -> list[np.ndarray]:
+    """PatchCore's recipe: average (B, C, H, W) maps over ``size`` x ``size`` neighbourhoods at their own
+    resolution, upsample them bilinearly to the grid of the finest one and concatenate the channels: one
+    (B, sum C, H, W) map, one vector per cell of the finest grid."""
+    h = max(f.shape[2] for f in fmaps)
+    w = max(f.shape[3] for f in fmaps)
+    out = []
+    for f in fmaps:
+        rows, cols = _box(f.shape[2], size), _box(f.shape[3], size)
+        if f.shape[2:] != (h, w):
+            rows, cols = _linear(f.shape[2], h) @ rows, _linear(f.shape[3], w) @ cols
+        out.append(_separable(f, rows, cols) if size > 1 or f.shape[2:] != (h, w) else np.asarray(f, np.float32))
+    return [np.concatenate(out, axis=1)]
+
+
 def heat_colors(values: np.ndarray) -> np.ndarray:
     """Map values in [0, 1] to uint8 RGB along the heat ramp."""
     v = np.clip(values, 0.0, 1.0) * (len(_STOPS) - 1)

@@ -66,15 +66,15 @@ class GaussianAD:
                  estimator: str = "ledoit-wolf", reduction: str | None = None, variance: float = 0.99,
                  normalize: str | None = None, resize: str | None = None,
                  map_levels: Sequence[int | str] | None = None, map_method: str | None = None,
-                 map_pool: int | None = None, map_coreset: float = 0.1, preset: str | None = None,
-                 threshold: str = "chi2", fpr: float = 0.01, calibration: float | str | None = None,
+                 map_pool: int | None = None, map_coreset: float = 0.1, map_grid: str | None = None,
+                 preset: str | None = None, threshold: str = "chi2", fpr: float = 0.01, calibration: float | str | None = None,
                  calibration_folds: int = 5, random_state: int | None = 0, batch_size: int = 16, engine: str = "auto",
                  verbose: bool = False, max_pixels: int = params.DEFAULT_MAX_PIXELS):
         self.backbone, self.levels, self.input_size, self.weights = backbone, levels, input_size, weights
         self.estimator, self.reduction, self.variance = estimator, reduction, variance
         self.normalize, self.resize = normalize, resize
         self.map_levels, self.map_method, self.map_pool, self.map_coreset = map_levels, map_method, map_pool, map_coreset
-        self.preset, self.threshold, self.fpr = preset, threshold, fpr
+        self.preset, self.threshold, self.fpr, self.map_grid = preset, threshold, fpr, map_grid
         self.calibration, self.calibration_folds, self.random_state = calibration, calibration_folds, random_state
         self.batch_size, self.engine, self.verbose, self.max_pixels = batch_size, engine, verbose, max_pixels
 

@@ -23,6 +23,7 @@ REDUCTIONS = (None, "pca", "npca")
 NORMALIZATIONS = ("imagenet", "native")
 RESIZES = ("square", "aspect")
 MAP_METHODS = ("gaussian", "nearest")
+MAP_GRIDS = ("coarsest", "finest")
 THRESHOLDS = ("chi2", "hotelling", "conformal")
 ENGINES = ("auto", "onnxruntime", "torch")
 MAX_INPUT_SIZE = 4096  # largest network input side (EfficientNet-B7 uses 600)
@@ -41,12 +42,13 @@ DEFAULT_SPLIT = 0.2
 BACKBONE_MAP_LEVELS = "backbone"  # a preset's map levels: those the backbone's registry entry recommends
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe: ImageNet mean/std, global features only.
-    "paper": {"normalize": "imagenet", "resize": "square", "map_levels": (), "map_method": "gaussian", "map_pool": 1},
+    "paper": {"normalize": "imagenet", "resize": "square", "map_levels": (), "map_method": "gaussian", "map_pool": 1,
+              "map_grid": "coarsest"},
     # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, the images' proportions kept,
     # and nearest-neighbour anomaly maps over 3 x 3 neighbourhoods of the backbone's map levels (its registry entry's
     # ``map_levels``: stage2-stage7 for EfficientNet, on the stage7 grid; layer2-layer3 for ResNet).
     "recommended": {"normalize": "native", "resize": "aspect", "map_levels": BACKBONE_MAP_LEVELS,
-                    "map_method": "nearest", "map_pool": 3},
+                    "map_method": "nearest", "map_pool": 3, "map_grid": "coarsest"},
 }
 
 
@@ -234,6 +236,11 @@ PARAMS: tuple[Param, ...] = (
     Param("map_coreset", 0.1, fraction(include_one=True),
           "fraction of the training locations kept in each memory bank (greedy k-centre coreset; nearest maps "
           "only)", flag="--map-coreset", parse=_float_text, metavar="F"),
+    Param("map_grid", None, optional(choice(MAP_GRIDS)),
+          "where map levels meet: coarsest = each level averaged down to the coarsest map level's grid and scored "
+          "on its own (one bank per level); finest = PatchCore's recipe, every level upsampled to the finest map "
+          "level's grid and concatenated into one vector per location (one bank)", preset=True, flag="--map-grid",
+          choices=MAP_GRIDS),
     Param("preset", None, optional(choice(PRESETS)),
           "paper: the paper's recipe (default); recommended: the backbone's own input normalisation, aspect-kept "
           "resize, and nearest-neighbour anomaly maps from stage2-stage7 (see README for the figures)",

@@ -21,7 +21,7 @@ import numpy as np
 from . import params
 from .errors import GaussadError, ModelFormatError
 from .files import open_regular_file, write_atomic
-from .params import ESTIMATORS, MAP_METHODS, MAX_INPUT_SIZE, MAX_MAP_POOL, NORMALIZATIONS, PRESETS, REDUCTIONS, RESIZES
+from .params import ESTIMATORS, MAP_GRIDS, MAP_METHODS, MAX_INPUT_SIZE, MAX_MAP_POOL, NORMALIZATIONS, PRESETS, REDUCTIONS, RESIZES
 from .decision import DecisionRule
 from .state import DetectorState
 
@@ -153,13 +153,16 @@ def validate_meta(meta: Any) -> None:
     _need(method in MAP_METHODS, f"unknown map_method {str(method)[:40]!r}")
     _need(_is_int(pool, 1, MAX_MAP_POOL) and pool % 2 == 1, f"map_pool must be an odd integer 1..{MAX_MAP_POOL}")
     _need(_is_number(coreset) and 0.0 < coreset <= 1.0, "map_coreset must lie in (0, 1]")
+    grid = meta.get("map_grid", "coarsest")
+    _need(grid in MAP_GRIDS, f"unknown map_grid {str(grid)[:40]!r}")
+    n_maps = min(len(map_levels), 1) if grid == "finest" else len(map_levels)
     banks = meta.get("map_banks", [])
-    _need(isinstance(banks, list) and len(banks) == (len(map_levels) if method == "nearest" else 0)
+    _need(isinstance(banks, list) and len(banks) == (n_maps if method == "nearest" else 0)
           and all(isinstance(b, dict) and _is_int(b.get("seen"), 1) and _is_number(b.get("scale"))
                   and MIN_BANK_SCALE <= b["scale"] <= MAX_BANK_ABS for b in banks),
           f"map_banks must describe every map level of a nearest-neighbour model (seen >= 1, scale in "
           f"[{MIN_BANK_SCALE:g}, {MAX_BANK_ABS:g}])")
-    _need(isinstance(map_gaussians, list) and len(map_gaussians) == (len(map_levels) if method == "gaussian" else 0)
+    _need(isinstance(map_gaussians, list) and len(map_gaussians) == (n_maps if method == "gaussian" else 0)
           and all(isinstance(g, dict) and g.get("estimator") == "ledoit-wolf" and g.get("reduction") is None
                   and _is_number(g.get("shrinkage", 0.0)) and 0.0 <= g.get("shrinkage", 0.0) <= 1.0
                   for g in map_gaussians),

@@ -16,7 +16,7 @@ from .errors import DataError, GaussadError
 from .gaussian import MAX_ABS, LevelGaussian, MomentStats
 
 # The settings besides the layout that shape the features (statistics made with others cannot be combined).
-FEATURE_SETTINGS = ("backbone", "weights", "normalize", "resize", "map_method", "map_pool")
+FEATURE_SETTINGS = ("backbone", "weights", "normalize", "resize", "map_method", "map_pool", "map_grid")
 # How calibration scores were made: a held-out fraction (split conformal), out-of-fold scores (cross-conformal), or
 # other normal images scored by the final model (``calibrate``).
 CALIBRATIONS = ("split", "cv", "calibrate")
@@ -51,7 +51,7 @@ def feature_settings(values: dict[str, Any]) -> dict[str, Any]:
     """The :data:`FEATURE_SETTINGS` of resolved parameter values (only the backbone for plain features)."""
     if values.get("backbone") is None:
         return {"backbone": None}
-    out = {k: values[k] for k in FEATURE_SETTINGS}
+    out = {k: values.get(k, "coarsest" if k == "map_grid" else None) for k in FEATURE_SETTINGS}
     out["weights"] = None if out["weights"] is None else os.fspath(out["weights"])
     return out
 
@@ -80,10 +80,13 @@ def check_features(features: Sequence[np.ndarray], dims: list[int] | None = None
     return feats
 
 
-def prepare_maps(fmaps: Sequence[np.ndarray], method: str, pool: int) -> list[np.ndarray]:
-    """Raw feature maps as a map method scores them: averaged over ``pool`` x ``pool`` neighbourhoods and, for
-    memory banks (``nearest``), down to the coarsest map level's grid (so each image costs that grid's number of
-    bank queries)."""
+def prepare_maps(fmaps: Sequence[np.ndarray], method: str, pool: int, grid: str = "coarsest") -> list[np.ndarray]:
+    """Raw feature maps as a map method scores them: averaged over ``pool`` x ``pool`` neighbourhoods; with
+    ``grid='finest'`` upsampled to the finest map level's grid and concatenated into one map (:func:`maps.to_finest`),
+    else, for memory banks (``nearest``), down to the coarsest map level's grid (so each image costs that grid's
+    number of bank queries)."""
+    if grid == "finest":
+        return maps.to_finest(fmaps, pool)
     if method == "nearest":
         return maps.to_grid(fmaps, pool)
     return [maps.local_mean(np.asarray(f, dtype=np.float32), pool) for f in fmaps]
@@ -104,12 +107,14 @@ class DetectorState:
     map_banks: list[NearestBank] = field(default_factory=list)
     calibration_scores: np.ndarray | None = None
     calibration_method: str | None = None  # how the scores were made: split, cv, calibrate (None: unknown/none)
+    map_grid: str = "coarsest"  # the grid map levels are brought to: "coarsest" (per-level banks) or "finest"
 
     # ----- building --------------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, layout: Layout, stats: list[MomentStats], estimator: str, reduction: str | None, variance: float,
             map_method: str = "gaussian", map_pool: int = 1, map_stats: list[MomentStats] | None = None,
-            map_banks: list[NearestBank] | None = None, allow_few: bool = False) -> "DetectorState":
+            map_banks: list[NearestBank] | None = None, allow_few: bool = False,
+            map_grid: str = "coarsest") -> "DetectorState":
         """Gaussians from moment statistics (``allow_few``: keep fewer than 2 samples without Gaussians)."""
         n = stats[0].n
         if n < 2 and not allow_few:
@@ -120,7 +125,7 @@ class DetectorState:
         except ValueError as exc:
             raise DataError(str(exc)) from None
         return cls(layout, stats, gaussians, map_method, int(map_pool), list(map_stats or []), map_gaussians,
-                   list(map_banks or []))
+                   list(map_banks or []), map_grid=map_grid)
 
     def with_calibration(self, scores: np.ndarray | None, method: str | None = None) -> "DetectorState":
         """The same state with other calibration scores (None: without), made by ``method`` (:data:`CALIBRATIONS`)."""
@@ -133,7 +138,8 @@ class DetectorState:
         map_stats = [a.merge(b) for a, b in zip(self.map_stats, other.map_stats)]
         banks = [a.merge(b) for a, b in zip(self.map_banks, other.map_banks)]
         return DetectorState.fit(self.layout, [a.merge(b) for a, b in zip(self.stats, other.stats)], estimator,
-                                 reduction, variance, self.map_method, self.map_pool, map_stats, banks)
+                                 reduction, variance, self.map_method, self.map_pool, map_stats, banks,
+                                 map_grid=self.map_grid)
 
     # ----- facts -----------------------------------------------------------------------------------------------
     @property
@@ -182,7 +188,7 @@ class DetectorState:
         divided by sqrt(dof). ``nearest`` maps: a location's value is its distance to the nearest vector of the
         level's memory bank divided by the bank's scale. Either way typical normal locations score about 1.
         """
-        fmaps = prepare_maps(fmaps, self.map_method, self.map_pool)
+        fmaps = prepare_maps(fmaps, self.map_method, self.map_pool, self.map_grid)
         try:
             if self.map_banks:
                 return [bank.distances(maps.patch_vectors(f, np.float32)).reshape(f.shape[0], *f.shape[2:])
@@ -269,4 +275,4 @@ class DetectorState:
         if method is not None and (method not in CALIBRATIONS or calibration is None):
             raise ValueError(f"calibration_method must be one of {', '.join(CALIBRATIONS)} with calibration scores")
         return cls(layout, stats, gaussians, meta["map_method"], int(meta["map_pool"]), map_stats, map_gaussians,
-                   banks, calibration, method)
+                   banks, calibration, method, meta.get("map_grid", "coarsest"))
