@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -288,3 +289,41 @@ def test_hit_rate_counts_map_maxima_inside_masks():
     amaps[2, 0, 0] = 5.0  # outside
     assert hit_rate(amaps, masks, labels) == 0.5
     assert hit_rate(amaps, masks, np.array([0, 0, 0])) is None
+
+
+@pytest.mark.parametrize("grid", ["coarsest", "finest"])
+def test_leave_one_image_out_map_peaks_equal_banks_without_the_image(tiny_category, grid):
+    """Training images' map peaks with their own bank members skipped equal the peaks under a model fitted without
+    that image (full banks, so nothing but the image's own vectors differs); test peaks are the maps' maxima."""
+    from gaussad.datasets import load_category
+
+    settings = {**TINY_NEAREST, "map_grid": grid}
+    files = list_images(tiny_category / "train" / "good")
+    extractor = GaussianAD(**settings)
+    per_image = [list(level) for level in zip(*_raw_maps(extractor, files))]
+    model = GaussianAD(**settings).fit_map_features(per_image)
+    loo = model.state_.map_peaks_of(per_image, np.arange(len(per_image)))
+    for i in (0, 3):
+        without = GaussianAD(**settings).fit_map_features(per_image[:i] + per_image[i + 1:])
+        banks = [dataclasses.replace(b, scale=full.scale) for b, full in zip(without.map_banks_, model.map_banks_)]
+        state = dataclasses.replace(without.state_, map_banks=banks)  # the same scales, so only the members differ
+        assert loo[i] == pytest.approx(state.map_peaks_of([per_image[i]])[0], rel=1e-4)
+    cat = load_category(tiny_category)
+    test = [list(level) for level in zip(*_raw_maps(extractor, cat.test_files))]
+    peaks = model.state_.map_peaks_of(test)
+    if grid == "finest":  # one bank: the peak is the largest cell, the upsampled map interpolates between cells
+        top = GaussianAD(**settings).fit_map_features(per_image).anomaly_map_features(test, 64)
+        top = top.reshape(len(top), -1).max(axis=1)
+        assert np.all(peaks >= top - 1e-4) and np.all(peaks <= 1.1 * top)
+    assert np.all(peaks > 0)
+
+
+def test_evaluate_reports_fused_score_and_its_decision(tiny_root):
+    from gaussad.evaluate import evaluate, format_table
+
+    report = evaluate(tiny_root / "brick", protocol="full", **TINY_NEAREST)
+    r = report["categories"]["brick"]
+    assert 0.5 < r["fused_auroc"] <= 1.0 and 0.0 <= r["hit_rate"] <= 1.0
+    cell = r["thresholds"]["fused"]["0.1"]
+    assert 0.0 <= cell["fpr"] <= 1.0 and 0.0 <= cell["tpr"] <= 1.0
+    assert "fused" in format_table(report)

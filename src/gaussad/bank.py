@@ -158,10 +158,13 @@ class NearestBank:
         """The members as :func:`_nearest_squared` takes them, computed once per bank."""
         return _prepare(self.vectors)
 
-    def distances(self, vectors: np.ndarray) -> np.ndarray:
-        """Nearest-member distance of each row of ``vectors`` divided by ``scale`` (about 1 for normal ones)."""
+    def distances(self, vectors: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Nearest-member distance of each row of ``vectors`` divided by ``scale`` (about 1 for normal ones); with
+        ``ids`` (one image id per row) members of the row's own image are skipped (leave-one-image-out scores of
+        training images)."""
         if not np.isfinite(self.scale):
             raise ValueError("a nearest-neighbour bank needs location vectors of at least 2 images")
         if vectors.shape[-1] != self.vectors.shape[1]:
             raise ValueError(f"vectors have {vectors.shape[-1]} dimensions, the bank {self.vectors.shape[1]}")
-        return np.sqrt(np.maximum(_nearest_squared(vectors, self._prepared), 0.0)) / np.float32(self.scale)
+        exclude = None if ids is None else (np.asarray(ids, dtype=np.int64), self.ids)
+        return np.sqrt(np.maximum(_nearest_squared(vectors, self._prepared, exclude), 0.0)) / np.float32(self.scale)

@@ -10,6 +10,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from . import params as parameters
+from . import fusion
 from .datasets import Category, find_categories, kfold_indices
 from .errors import GaussadError
 from .model import GaussianAD
@@ -84,7 +85,7 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
     n = train[0].shape[0]
     params = {**params, "verbose": False, "threshold": "chi2", "calibration": None}
     folds = kfold_indices(n, 5, seed) if protocol == "paper" else [(np.arange(n), np.arange(0))]
-    fold_aurocs, level_aurocs, pixel_aurocs, max_map_aurocs, rates, n_cal, hits = [], [], [], [], [], [], []
+    fold_aurocs, level_aurocs, pixel_aurocs, max_map_aurocs, rates, n_cal, hits, fused = [], [], [], [], [], [], [], []
     for keep, held in folds:
         if protocol == "paper":
             model = GaussianAD(**params).fit_features([f[keep] for f in train], level_names)
@@ -107,6 +108,9 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
             pixel_aurocs.append(roc_auc(masks.ravel(), amaps.ravel()))
             max_map_aurocs.append(roc_auc(category.test_labels, amaps.reshape(len(amaps), -1).max(axis=1)))
             hits.append(hit_rate(amaps, masks, category.test_labels))
+            if model.setting("map_method") == "nearest":
+                fused.append(_fused(model, params, [f[keep] for f in train], [train_maps[i] for i in keep], test_maps,
+                                    level.mean(axis=1), category.test_labels, level_names))
     result = {
         "image_auroc": float(np.mean(fold_aurocs)),
         "fold_aurocs": [float(a) for a in fold_aurocs],
@@ -123,7 +127,32 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
         result["max_map_auroc"] = float(np.mean(max_map_aurocs))
         if all(h is not None for h in hits):
             result["hit_rate"] = float(np.mean(hits))
+    if fused:
+        result["fused_auroc"] = float(np.mean([f["auroc"] for f in fused]))
+        result["fused_fisher_auroc"] = float(np.mean([f["fisher_auroc"] for f in fused]))
+        result["thresholds"]["fused"] = _average_rates([{"fused": f["rates"]} for f in fused])["fused"]
     return result
+
+
+def _fused(model: GaussianAD, params: dict[str, Any], train: list[np.ndarray], train_maps: list, test_maps: list,
+           test_global: np.ndarray, labels: np.ndarray, level_names: list[str] | None) -> dict[str, Any]:
+    """The fused score of one fold (:mod:`gaussad.fusion`): the global score's p-value against cross-conformal
+    out-of-fold scores of the training images, the map peak's against their leave-one-image-out peaks; AUROC of the
+    Bonferroni and Fisher rankings, and the realised rates of the Bonferroni decision at each alpha."""
+    cv = GaussianAD(**{**params, "calibration": "cv"}).fit_features(train, level_names)
+    state = model.state_
+    train_peaks = state.map_peaks_of(train_maps, np.arange(len(train_maps)))
+    test_peaks = state.map_peaks_of(test_maps)
+    cals, evidence = [cv.calibration_scores_, train_peaks], [test_global, test_peaks]
+    score, pvalue = fusion.fused(cals, evidence)
+    fisher, _ = fusion.fused(cals, evidence, "fisher")
+    n = min(len(c) for c in cals)
+    rates = {}
+    for alpha in ALPHAS:
+        flagged = pvalue <= alpha
+        rates[str(alpha)] = {"fpr": float(flagged[labels == 0].mean()), "tpr": float(flagged[labels == 1].mean()),
+                             "score_threshold": float(alpha) if 2.0 / (n + 1) <= alpha else None}
+    return {"auroc": roc_auc(labels, score), "fisher_auroc": roc_auc(labels, fisher), "rates": rates}
 
 
 def _gallery(details: dict[str, Any] | None, scores: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
@@ -232,12 +261,13 @@ def format_table(report: dict[str, Any]) -> str:
     """A plain-text table: per category the combined and per-level AUROC, then mean +/- SEM."""
     levels = report["levels"]
     pix = "mean_pixel_auroc" in report
-    head = ["category", "AUROC"] + (["pixel", "map-max", "hit"] if pix else []) + levels
+    head = ["category", "AUROC"] + (["pixel", "map-max", "hit", "fused"] if pix else []) + levels
     rows = [[name, f"{r['image_auroc']:.4f}"]
-            + ([f"{r[k]:.4f}" if k in r else "-" for k in ("pixel_auroc", "max_map_auroc", "hit_rate")] if pix else [])
+            + ([f"{r[k]:.4f}" if k in r else "-" for k in ("pixel_auroc", "max_map_auroc", "hit_rate", "fused_auroc")]
+               if pix else [])
             + [f"{a:.3f}" for a in r["level_aurocs"]] for name, r in report["categories"].items()]
     rows.append([f"mean +/- SEM ({report['n_categories']})", f"{report['mean_image_auroc']:.4f} +/- {report['sem']:.4f}"]
-                + ([f"{report['mean_pixel_auroc']:.4f}", "", ""] if pix else []) + [""] * len(levels))
+                + ([f"{report['mean_pixel_auroc']:.4f}", "", "", ""] if pix else []) + [""] * len(levels))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     title = (f"protocol={report['protocol']} preset={report['preset'] or 'paper'} backbone={report['backbone']} size={report['input_size']} "
@@ -290,14 +320,15 @@ def format_markdown(report: dict[str, Any]) -> str:
            + (f", anomaly maps `{report['map_method']}` from {', '.join(report['map_levels'])} (pool {report['map_pool']})"
               if report.get("map_levels") else ""), "",
            "| category | image AUROC | folds | pixel AUROC | image AUROC of map maxima | localisation hit rate | "
-           + " | ".join(levels) + " |",
-           "|---|---|---|---|---|---|" + "---|" * len(levels)]
+           "fused score AUROC | " + " | ".join(levels) + " |",
+           "|---|---|---|---|---|---|---|" + "---|" * len(levels)]
     for name, r in report["categories"].items():
         folds = ", ".join(f"{a:.4f}" for a in r["fold_aurocs"])
         pixel = f"{r['pixel_auroc']:.4f}" if "pixel_auroc" in r else "-"
         peak = f"{r['max_map_auroc']:.4f}" if "max_map_auroc" in r else "-"
         hit = f"{r['hit_rate']:.3f}" if "hit_rate" in r else "-"
-        out.append(f"| {name} | {r['image_auroc']:.4f} | {folds} | {pixel} | {peak} | {hit} | "
+        fz = f"{r['fused_auroc']:.4f}" if "fused_auroc" in r else "-"
+        out.append(f"| {name} | {r['image_auroc']:.4f} | {folds} | {pixel} | {peak} | {hit} | {fz} | "
                    + " | ".join(f"{a:.3f}" for a in r["level_aurocs"]) + " |")
     out += ["", f"Mean over {report['n_categories']} categories: {report['mean_image_auroc']:.4f} +/- {report['sem']:.4f} (SEM)", ""]
     out += ["## Thresholds", "",

@@ -197,6 +197,32 @@ class DetectorState:
         except ValueError as exc:
             raise DataError(f"the model's anomaly-map statistics do not fit this backbone's feature maps ({exc})") from None
 
+    def map_peaks(self, fmaps: Sequence[np.ndarray], image_ids: np.ndarray | None = None) -> np.ndarray:
+        """(B,) the map evidence of a batch of raw feature maps: the largest cell of the banks' mean map on the
+        common grid (the peak of the anomaly map before its bilinear upsampling, which keeps the peak). With
+        ``image_ids`` (training images) each image's own bank members are skipped: leave-one-image-out peaks, the
+        out-of-fold calibration scores of the fused score."""
+        if not self.map_banks:
+            raise GaussadError("the fused score needs nearest-neighbour anomaly maps (map_method='nearest')")
+        fmaps = prepare_maps(fmaps, self.map_method, self.map_pool, self.map_grid)
+        b, _, h, w = fmaps[0].shape
+        ids = None if image_ids is None else np.repeat(np.asarray(image_ids, dtype=np.int64), h * w)
+        try:
+            grid = np.mean([bank.distances(maps.patch_vectors(f, np.float32), ids) for bank, f in
+                            zip(self.map_banks, fmaps)], axis=0)
+        except ValueError as exc:
+            raise DataError(f"the model's memory banks do not fit this backbone's feature maps ({exc})") from None
+        return grid.reshape(b, h * w).max(axis=1).astype(np.float64)
+
+    def map_peaks_of(self, per_image: Sequence[Sequence[np.ndarray]], image_ids: np.ndarray | None = None
+                     ) -> np.ndarray:
+        """(n,) :meth:`map_peaks` of raw feature maps given per image (shapes may differ between images)."""
+        out = np.empty(len(per_image))
+        for idx, fm in maps.shape_groups(per_image):
+            out[idx] = self.map_peaks([f.astype(np.float32) for f in fm], None if image_ids is None else
+                                      np.asarray(image_ids)[idx])
+        return out
+
     def anomaly_maps(self, fmaps: Sequence[np.ndarray], size: int) -> np.ndarray:
         """(B, size, size) maps of a batch of raw feature maps: levels upsampled and averaged."""
         return maps.combine(self.level_maps(fmaps), size)
