@@ -288,7 +288,10 @@ def _threshold_notes(name: str, r: dict[str, Any]) -> list[str]:
         notes += [f"{name} {method} n/a: {reason}" for reason in sorted(reasons)]
         infinite = {a: sum(t is None for t in c["score_threshold_folds"]) for a, c in by_alpha.items() if c["fpr"] is not None}
         where = [f"alpha={a} in {k} of {len(r['n_calibration_folds'])} folds" for a, k in infinite.items() if k]
-        if where:
+        if where and method == "fused":
+            notes.append(f"{name} fused: nothing flagged at {'; '.join(where)} (Bonferroni over 2 p-values needs at "
+                         "least 2/alpha - 1 out-of-fold training scores, one per image the fold fits on)")
+        elif where:
             notes.append(f"{name} {method}: threshold infinite, nothing flagged, at {'; '.join(where)} "
                          f"(calibration images per fold: {', '.join(map(str, r['n_calibration_folds']))}; "
                          "a finite threshold needs at least 1/alpha - 1)")
