@@ -79,6 +79,8 @@ def _histogram_figure(name: str, labels: np.ndarray, scores: np.ndarray, thresho
     ax.hist(bad, bins=bins, alpha=0.6, color="#984ea3", label=f"defective ({bad.size})")
     top = ax.get_ylim()[1]
     for method, by_alpha in thresholds.items():
+        if method == "fused":  # decides on p-values, not on this score: no line on its axis
+            continue
         for alpha, cell in by_alpha.items():
             limit = (cell.get("score_threshold_folds") or [None])[0]
             if limit is None or not np.isfinite(limit):
