@@ -327,3 +327,12 @@ def test_evaluate_reports_fused_score_and_its_decision(tiny_root):
     cell = r["thresholds"]["fused"]["0.1"]
     assert 0.0 <= cell["fpr"] <= 1.0 and 0.0 <= cell["tpr"] <= 1.0
     assert "fused" in format_table(report)
+
+
+def test_fast_preset_has_the_recommended_settings_and_grid_is_checked():
+    names = ("normalize", "resize", "map_levels", "map_method", "map_pool", "map_grid")
+    fast, rec = GaussianAD(preset="fast"), GaussianAD(preset="recommended")
+    assert [fast.setting(n) for n in names] == [rec.setting(n) for n in names]
+    assert GaussianAD().setting("map_grid") == "coarsest"
+    with pytest.raises(gaussad.GaussadError, match="unknown map_grid"):
+        GaussianAD(backbone=None, map_grid="fine").fit_features([np.zeros((3, 2))])
