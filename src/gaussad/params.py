@@ -236,7 +236,8 @@ PARAMS: tuple[Param, ...] = (
           "only)", flag="--map-coreset", parse=_float_text, metavar="F"),
     Param("preset", None, optional(choice(PRESETS)),
           "paper: the paper's recipe (default); recommended: the backbone's own input normalisation, aspect-kept "
-          "resize, and nearest-neighbour anomaly maps from stage2-stage7 (see README for the figures)",
+          "resize, and nearest-neighbour anomaly maps from the backbone's map levels (EfficientNet: stage2-stage7; see "
+          "README for the figures)",
           flag="--preset", choices=tuple(PRESETS)),
     Param("threshold", "chi2", choice(THRESHOLDS),
           "decision rule: chi2 per level (the paper), hotelling (finite-sample F law per level) or conformal "
