@@ -316,6 +316,9 @@ def load(path: str | os.PathLike) -> "GaussianAD":
         dims = [s.dim for s in stats]
         if dims != list(meta["feature_dims"]) or any(g.dim != d for g, d in zip(gaussians, dims)):
             raise ValueError(f"array shapes {dims} do not match the metadata {meta['feature_dims']}")
+        if any(g.mean.ndim != 1 or (g.components is not None and g.components.ndim != 2)
+               for g in gaussians + map_gaussians):
+            raise ValueError("a stored mean is not a vector, or a stored projection not a matrix")
         if any(g.dim != s.dim for g, s in zip(map_gaussians, map_stats)):
             raise ValueError("map Gaussians and map statistics differ in dimension")
         calibration = arrays.get("calibration.scores")
