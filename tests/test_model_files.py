@@ -179,6 +179,8 @@ FORGERIES = {
     "mean-2d-empty": (None, lambda a: a.__setitem__("level0.gauss.mean", np.zeros((8, 0))), "a stored mean is not a vector"),
     "mean-column": (None, lambda a: a.__setitem__("level0.gauss.mean", a["level0.gauss.mean"].reshape(8, 1)),
                     "a stored mean is not a vector"),
+    # found by the same fuzzer: a map Gaussian's mean poked to 1e300 loaded and gave NaN anomaly maps
+    "huge-mean": (None, lambda a: a["level1.gauss.mean"].__setitem__(0, 1e300), "beyond 1e+60, which no fit produces"),
     "nan-in-array": (None, lambda a: a["level1.gauss.mean"].__setitem__(0, np.nan), "contains NaN or infinite"),
     "inf-in-stats": (None, lambda a: a["level0.stats.s2"].__setitem__((0, 0), np.inf), "contains NaN or infinite"),
     "float32-array": (None, lambda a: a.__setitem__("level0.gauss.mean", a["level0.gauss.mean"].astype(np.float32)),

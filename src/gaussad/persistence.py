@@ -29,6 +29,7 @@ FORMAT_NAME = "gaussad-model"
 FORMAT_VERSION = 2  # 2: the checksum covers the metadata as well as the arrays
 MAX_INPUT_SIZE = 4096  # largest network input side accepted from a model file (B7 uses 600)
 MAX_BANK_ABS = 1e15  # bank values (and scales) beyond this would overflow float32 squared distances
+MAX_MEAN_ABS = 1e60  # a fit refuses features beyond this (gaussian.MAX_ABS); larger means overflow into NaN distances
 MIN_BANK_SCALE = 1e-30  # smaller scales round to 0 in float32
 _FOREIGN_MAGIC = (
     (b"PK\x03\x04", "a zip archive, such as a PyTorch .pth/.pt checkpoint"),
@@ -272,6 +273,9 @@ def _validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int, 
         else:
             _need(a.dtype == np.float64, f"array {key} has dtype {a.dtype}, expected float64")
             _need(bool(np.isfinite(a).all()), f"array {key} contains NaN or infinite values")
+            if key.endswith(".gauss.mean"):
+                _need(float(np.abs(a).max(initial=0.0)) <= MAX_MEAN_ABS,
+                      f"array {key} holds values beyond {MAX_MEAN_ABS:g}, which no fit produces")
 
 
 def load(path: str | os.PathLike) -> "GaussianAD":
