@@ -176,9 +176,9 @@ FORGERIES = {
     "dims-vs-metadata": (_set("feature_dims", [8, 5]), None, "do not match the metadata"),
     # found by the forged-file fuzzer (make fuzz): a 2-D mean whose first axis is the dimension loaded, then failed
     # to score ("operands could not be broadcast together with shapes (4,6) (6,0)")
-    "mean-2d-empty": (None, lambda a: a.__setitem__("level0.gauss.mean", np.zeros((8, 0))), "a stored mean is not a vector"),
+    "mean-2d-empty": (None, lambda a: a.__setitem__("level0.gauss.mean", np.zeros((8, 0))), "level0.gauss.mean is not a vector"),
     "mean-column": (None, lambda a: a.__setitem__("level0.gauss.mean", a["level0.gauss.mean"].reshape(8, 1)),
-                    "a stored mean is not a vector"),
+                    "level0.gauss.mean is not a vector"),
     # found by the same fuzzer: a map Gaussian's mean poked to 1e300 loaded and gave NaN anomaly maps
     "huge-mean": (None, lambda a: a["level1.gauss.mean"].__setitem__(0, 1e300), "beyond 1e+60, which no fit produces"),
     "nan-in-array": (None, lambda a: a["level1.gauss.mean"].__setitem__(0, np.nan), "contains NaN or infinite"),
@@ -236,7 +236,7 @@ def test_forged_projection_that_is_not_a_matrix(tmp_path):
     GaussianAD(backbone=None, reduction="pca", variance=0.8).fit_features(TRAIN).save(path)
     _forge(path, edit_arrays=lambda a: a.__setitem__("level0.gauss.components",
                                                       a["level0.gauss.components"][:, :, None].copy()))
-    _refused(path, "a stored projection not a matrix")
+    _refused(path, "level0.gauss.components is not a matrix")
 
 
 def test_bank_model_round_trip(bank_model_path):

@@ -274,8 +274,11 @@ def _validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int, 
             _need(a.dtype == np.float64, f"array {key} has dtype {a.dtype}, expected float64")
             _need(bool(np.isfinite(a).all()), f"array {key} contains NaN or infinite values")
             if key.endswith(".gauss.mean"):
+                _need(a.ndim == 1, f"array {key} is not a vector")
                 _need(float(np.abs(a).max(initial=0.0)) <= MAX_MEAN_ABS,
                       f"array {key} holds values beyond {MAX_MEAN_ABS:g}, which no fit produces")
+            if key.endswith(".gauss.components"):
+                _need(a.ndim == 2, f"array {key} is not a matrix")
 
 
 def load(path: str | os.PathLike) -> "GaussianAD":
@@ -320,9 +323,6 @@ def load(path: str | os.PathLike) -> "GaussianAD":
         dims = [s.dim for s in stats]
         if dims != list(meta["feature_dims"]) or any(g.dim != d for g, d in zip(gaussians, dims)):
             raise ValueError(f"array shapes {dims} do not match the metadata {meta['feature_dims']}")
-        if any(g.mean.ndim != 1 or (g.components is not None and g.components.ndim != 2)
-               for g in gaussians + map_gaussians):
-            raise ValueError("a stored mean is not a vector, or a stored projection not a matrix")
         if any(g.dim != s.dim for g, s in zip(map_gaussians, map_stats)):
             raise ValueError("map Gaussians and map statistics differ in dimension")
         calibration = arrays.get("calibration.scores")
