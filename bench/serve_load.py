@@ -97,6 +97,16 @@ class Outcome:
     seconds: float
 
 
+@dataclass
+class Probe:
+    """One /health probe made while the load ran: its latency, HTTP status and the body's "status" (None when the
+    probe got no answer or no JSON)."""
+
+    seconds: float
+    status: int | None
+    health: str | None
+
+
 async def _post(client: httpx.AsyncClient, path: str, name: str, data: bytes) -> Outcome:
     start = time.perf_counter()
     try:
@@ -111,7 +121,7 @@ async def _post(client: httpx.AsyncClient, path: str, name: str, data: bytes) ->
 
 
 async def _load(url: str, model: str, images: list[tuple[str, bytes]], n: int, concurrency: int,
-                probe_every: float) -> tuple[list[Outcome], list[float], float]:
+                probe_every: float) -> tuple[list[Outcome], list[Probe], float]:
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
         gate = asyncio.Semaphore(concurrency)
@@ -121,15 +131,21 @@ async def _load(url: str, model: str, images: list[tuple[str, bytes]], n: int, c
             async with gate:
                 return await _post(client, f"/models/{model}/score", name, data)
 
-        async def probe(stop: asyncio.Event) -> list[float]:
-            times = []
+        async def probe(stop: asyncio.Event) -> list[Probe]:
+            probes = []
             async with httpx.AsyncClient(base_url=url, timeout=600) as side:
                 while not stop.is_set():
                     start = time.perf_counter()
-                    await side.get("/health")
-                    times.append(time.perf_counter() - start)
+                    status = health = None
+                    try:
+                        resp = await side.get("/health")
+                        status = resp.status_code
+                        health = resp.json().get("status")
+                    except (httpx.HTTPError, ValueError, AttributeError):
+                        pass
+                    probes.append(Probe(time.perf_counter() - start, status, health))
                     await asyncio.sleep(probe_every)
-            return times
+            return probes
 
         stop = asyncio.Event()
         prober = asyncio.create_task(probe(stop))
@@ -141,10 +157,10 @@ async def _load(url: str, model: str, images: list[tuple[str, bytes]], n: int, c
 
 
 def run_load(url: str, model: str, images: list[tuple[str, bytes]], n: int, concurrency: int,
-             probe_every: float = 0.05) -> tuple[list[Outcome], list[float], float]:
+             probe_every: float = 0.05) -> tuple[list[Outcome], list[Probe], float]:
     """Send ``n`` one-image score requests (at most ``concurrency`` at once) while probing /health.
 
-    Returns the outcomes in request order, the health-probe latencies and the wall time of the load.
+    Returns the outcomes in request order, the health probes and the wall time of the load.
     """
     return asyncio.run(_load(url, model, images, n, concurrency, probe_every))
 
@@ -235,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         "requests": args.requests, "concurrency": args.concurrency, "workers": args.workers, "cpus": os.cpu_count(),
         **summary,
         "latency": percentiles([o.seconds for o in outcomes]),
-        "health_latency_under_load": percentiles(probes), "health_probes": len(probes),
+        "health_latency_under_load": percentiles([p.seconds for p in probes]), "health_probes": len(probes),
+        "health_not_ok": sum(p.status != 200 or p.health != "ok" for p in probes),
         "wall_s": wall, "requests_per_s": args.requests / wall,
     }
     print(json.dumps(report, indent=2))
