@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .drift import WINDOW, drift
 from .errors import GaussadError
-from .feedback import ModelRegistry, UpdateError
+from .feedback import ModelRegistry
 from .keys import KeyStore, bearer
 from .results_log import LABELS, ResultsLog
 
@@ -192,10 +192,7 @@ def router(registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics, fp
         if not usable:
             raise HTTPException(409, f"model {name!r}: no good-marked results with kept images to apply "
                                      f"({len(rows)} good-marked, none with its image kept)")
-        try:
-            out = await run_blocking(registry.update, name, [str(lg.keep_dir / r["image_file"]) for r in usable])
-        except UpdateError as exc:
-            raise HTTPException(409, str(exc)) from None
+        out = await run_blocking(registry.update, name, [str(lg.keep_dir / r["image_file"]) for r in usable])
         await asyncio.to_thread(lg.mark_applied, [r["seq"] for r in usable], out["version"])
         metrics.version.labels(name).set(out["version"])
         return {**out, "results": [r["id"] for r in usable]}
@@ -203,10 +200,7 @@ def router(registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics, fp
     @api.post("/models/{name}/rollback", summary="serve the previous version of the model again (admin)")
     async def rollback(name: str) -> dict:
         need_model(name)
-        try:
-            out = await run_blocking(registry.rollback, name)
-        except UpdateError as exc:
-            raise HTTPException(409, str(exc)) from None
+        out = await run_blocking(registry.rollback, name)  # answers 409 for an UpdateError
         if log is not None:
             await asyncio.to_thread(log.unapply, name, out["dropped"])
         metrics.version.labels(name).set(out["version"])

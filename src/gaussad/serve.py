@@ -38,7 +38,7 @@ from .engine import cpu_count
 from .images import NamedBytes, load_image, probe
 from .maps import overlay
 from .decision import calibration_summary
-from .feedback import ModelRegistry
+from .feedback import ModelRegistry, UpdateError
 from .keys import KeyStore
 from .model import GaussianAD, load
 from .operations import KeyCheck, Metrics, MetricsMiddleware, check_exposure, router
@@ -375,6 +375,8 @@ def create_app(models: Mapping[str, GaussianAD] | ModelRegistry, fpr: float | No
             return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args))
         except UploadError as exc:
             raise HTTPException(exc.status, str(exc)) from None
+        except UpdateError as exc:
+            raise HTTPException(409, str(exc)) from None
         except GaussadError as exc:
             raise HTTPException(422, str(exc)) from None
 
