@@ -83,15 +83,7 @@ def db_url(request, tmp_path):
     """A fresh results database: a real SQLite file, or a new PostgreSQL database of the throwaway cluster."""
     if request.param == "sqlite":
         return str(tmp_path / "results.sqlite")
-    base = request.getfixturevalue("postgres_url")
-    import sqlalchemy as sa
-
-    name = f"t{time.time_ns()}"
-    engine = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return base.replace("@/postgres?", f"@/{name}?")
+    return request.getfixturevalue("db_url_postgresql")
 
 
 # ----- keys ----------------------------------------------------------------------------------------------------
@@ -419,3 +411,44 @@ def test_drift_alarm_in_health_and_history(model_dir, tiny_category, tmp_path):
     assert d["n"] == 20 and d["alarm"] is True and d["status"] == "drift"
     assert history["drift"] == d and len(history["points"]) == 20 and history["threshold"] > 0
     assert [p["time"] for p in history["points"]] == sorted(p["time"] for p in history["points"])
+
+
+# ----- a real server under load with the log on --------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_load_with_the_log_answers_everything_and_logs_each_image_once(backend, served_dir, tiny_category, tmp_path,
+                                                                      request):
+    from bench.serve_load import check, log_check, run_load, serving
+
+    db = str(tmp_path / "results.sqlite") if backend == "sqlite" else request.getfixturevalue("db_url_postgresql")
+    images = list_images(tiny_category / "test" / "good") + list_images(tiny_category / "test" / "patch")
+    names = [f"{p.parent.name}-{p.name}" for p in images]
+    expected = dict(zip(names, map(float, gaussad.load(served_dir / "plain.gaussad").score_samples(images))))
+    payloads = [(n, p.read_bytes()) for n, p in zip(names, images)]
+    with serving(served_dir, "--log-level", "warning", "--workers", "2", "--db", db,
+                 "--keep-images", str(tmp_path / "kept")) as url:
+        outcomes, _, _ = run_load(url, "plain", payloads, n=200, concurrency=200)
+    summary = check(outcomes, expected)
+    assert summary["correct"] == 200 and summary["server_errors"] == 0 and summary["no_answer"] == 0, summary
+    log = ResultsLog(db)
+    try:
+        rows = log.query(limit=1000)
+    finally:
+        log.close()
+    result = log_check(outcomes, [r["id"] for r in rows])
+    assert result == {"rows": 200, "answered_images": 200, "distinct_rows": 200, "exact": True}
+    by_id = {row["id"]: row for o in outcomes for row in o.body["results"]}
+    for r in rows:
+        assert r["score"] == by_id[r["id"]]["score"] and r["filename"] == by_id[r["id"]]["path"]
+    assert len(list((tmp_path / "kept").iterdir())) == len(set(r["image_sha256"] for r in rows)) == len(images)
+
+
+@pytest.fixture
+def db_url_postgresql(postgres_url):
+    import sqlalchemy as sa
+
+    name = f"t{time.time_ns()}"
+    engine = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return postgres_url.replace("@/postgres?", f"@/{name}?")
