@@ -452,3 +452,55 @@ def db_url_postgresql(postgres_url):
         conn.execute(sa.text(f"CREATE DATABASE {name}"))
     engine.dispose()
     return postgres_url.replace("@/postgres?", f"@/{name}?")
+
+
+# ----- the page in Chromium ------------------------------------------------------------------------------------------
+def test_page_in_chromium_key_feedback_and_new_version(served_dir, tiny_category, tmp_path):
+    from .test_serve import CHROMIUM_ARGS, _chromium
+
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    from bench.serve_load import serving
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copyfile(served_dir / "plain.gaussad", folder / "plain.gaussad")
+    store = KeyStore([], tmp_path / "keys.json")
+    admin = store.add("boss", "admin")
+    store.save()
+    upload = list_images(tiny_category.parent / "gravel" / "test" / "good")[:2] \
+        + list_images(tiny_category / "test" / "good")[:1]
+    with serving(folder, "--log-level", "warning", "--keys", str(store.path), "--db", str(tmp_path / "r.sqlite"),
+                 "--keep-images", str(tmp_path / "kept")) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=executable,
+                                                        headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(120_000)
+            page.goto(url + "/")
+            page.wait_for_selector("#key-form:not([hidden])")
+            assert "needs an API key" in page.inner_text("#key-message")
+            page.fill("#key", "wrong")
+            page.click("#key-submit")
+            page.wait_for_function("document.getElementById('key-message').textContent.includes('not accepted')")
+            page.fill("#key", admin)
+            page.click("#key-submit")
+            page.wait_for_selector("#model option", state="attached")
+            assert page.evaluate("sessionStorage.getItem('gaussad-key')") == admin
+            assert page.inner_text("#version") == "version 1"
+            page.set_input_files("#files", [str(p) for p in upload])
+            page.wait_for_function("document.querySelectorAll('#results .card').length === 3")
+            first = page.locator("#results .card").first  # the most anomalous
+            assert first.locator(".decision").inner_text() == "ANOMALY"
+            first.locator(".mark-good").click()
+            first.locator(".label", has_text="marked good").wait_for()
+            page.wait_for_selector("#history:not([hidden])")
+            assert page.locator("#chart circle").count() == 3 and page.locator("#chart .threshold").count() == 1
+            page.click("#apply")
+            page.wait_for_function("document.getElementById('version').textContent === 'version 2'")
+            assert "trained on 11 images" in page.inner_text("#model-info")
+            assert page.inner_text("#error") == ""
+        finally:
+            browser.close()
+    assert gaussad.load(folder / "plain.gaussad").n_samples_ == 11
