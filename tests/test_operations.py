@@ -285,9 +285,19 @@ def test_metrics_count_requests_images_and_versions(model_dir, tiny_category):
 
 
 # ----- feedback --------------------------------------------------------------------------------------------------
+def _score(c, images, headers=None):
+    """Result rows of ``images``, sent 10 per request."""
+    out = []
+    for i in range(0, len(images), 10):
+        answer = c.post("/models/plain/score", files=_upload(images[i:i + 10]), headers=headers)
+        assert answer.status_code == 200, answer.text
+        out += answer.json()["results"]
+    return out
+
+
 def _feedback_round(c, images, headers=None):
     """Score ``images``, mark the flagged ones good; returns (results, flagged names)."""
-    results = c.post("/models/plain/score", files=_upload(images), headers=headers).json()["results"]
+    results = _score(c, images, headers)
     flagged = [r for r in results if r["anomalous"]]
     for r in flagged:
         assert c.post(f"/results/{r['id']}/label", json={"label": "good"}, headers=headers).status_code == 200
@@ -504,3 +514,38 @@ def test_page_in_chromium_key_feedback_and_new_version(served_dir, tiny_category
         finally:
             browser.close()
     assert gaussad.load(folder / "plain.gaussad").n_samples_ == 11
+
+
+# ----- feedback on real data --------------------------------------------------------------------------------------
+def test_feedback_on_bottle_clears_the_false_alarms_and_rollback_restores(tmp_path, capsys):
+    """A bottle model fitted on 40 good images; the good test images it flags are marked good and applied: they
+    then score below the threshold, the version went up, and rollback gives back the previous scores exactly."""
+    from .conftest import needs_shared
+
+    bottle = needs_shared("mvtec_ad", "bottle")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    GaussianAD().fit(list_images(bottle / "train" / "good")[:40]).save(folder / "plain.gaussad")
+    good = list_images(bottle / "test" / "good")
+    log = ResultsLog(str(tmp_path / "r.sqlite"), str(tmp_path / "kept"))
+    with TestClient(create_app(load_models(folder), results_log=log, folder=folder)) as c:
+        before, flagged = _feedback_round(c, good)
+        assert flagged, "the 40-image model flags none of the good test images: nothing to correct"
+        threshold = c.get("/models").json()[0]["threshold"]
+        update = c.post("/models/plain/update").json()
+        assert update["version"] == 2 and update["added"] == len(flagged) and update["n_samples"] == 40 + len(flagged)
+        after = {r["path"]: r for r in _score(c, good)}
+        for r in flagged:
+            assert not after[r["path"]]["anomalous"], r["path"]
+        new_threshold = c.get("/models").json()[0]["threshold"]
+        assert c.post("/models/plain/rollback").json()["version"] == 1
+        again = _score(c, good)
+        assert [(r["score"], r["levels"], r["anomalous"]) for r in again] == \
+            [(r["score"], r["levels"], r["anomalous"]) for r in before]
+    with capsys.disabled():
+        print(f"\nbottle feedback: {len(flagged)}/{len(good)} good test images flagged by the 40-image model "
+              f"(score threshold {threshold.get('score_threshold')}); after the update "
+              f"{sum(after[r['path']]['anomalous'] for r in flagged)} of them flagged, "
+              f"{sum(r['anomalous'] for r in after.values())}/{len(good)} good flagged in all "
+              f"(score threshold {new_threshold.get('score_threshold')}); max score of the marked images "
+              f"{max(r['score'] for r in flagged):.2f} -> {max(after[r['path']]['score'] for r in flagged):.2f}")
