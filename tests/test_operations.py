@@ -240,6 +240,29 @@ def test_results_log_on_a_database(db_url, tmp_path):
         log.close()
 
 
+def test_unusable_database_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(DataError, match="missing/r.sqlite: cannot open the results database"):
+        ResultsLog(str(tmp_path / "missing" / "r.sqlite"))
+    assert main(["serve", str(tmp_path), "--db", str(tmp_path / "missing" / "r.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open the results database" in err and err.count("\n") == 1
+    with pytest.raises(DataError, match=r"postgresql\+pg8000://u:\*\*\*@127.0.0.1:1/x: cannot open") as info:
+        ResultsLog("postgresql+pg8000://u:secret@127.0.0.1:1/x")
+    assert "secret" not in str(info.value)
+
+
+def test_closing_the_log_writes_everything_queued(tmp_path):
+    log = ResultsLog(str(tmp_path / "r.sqlite"))
+    row = {"path": "a.png", "score": 1.0, "levels": {"a": 1.0}, "pvalue": 0.5, "anomalous": False}
+    ids = [log.record("m", 1, "0" * 64, row, bytes([i % 256])) for i in range(2000)]
+    log.close()
+    again = ResultsLog(str(tmp_path / "r.sqlite"))
+    try:
+        assert [r["id"] for r in again.query(limit=5000)] == ids
+    finally:
+        again.close()
+
+
 def test_results_endpoints_and_csv(model_dir, tiny_category, tmp_path):
     log = ResultsLog(str(tmp_path / "r.sqlite"))
     images = list_images(tiny_category / "test" / "good")[:3] + list_images(tiny_category / "test" / "patch")[:3]

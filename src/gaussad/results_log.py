@@ -42,6 +42,18 @@ def _url(db: str) -> str:
     return db if "://" in db else f"sqlite:///{Path(db).resolve()}"
 
 
+def _shown(db: str) -> str:
+    """``db`` for messages, without a password."""
+    if "://" not in db:
+        return db
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(db).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown without its credentials part
+        return db.split("://", 1)[0] + "://..."
+
+
 class ResultsLog:
     """Append-only results table with labels; thread-safe. ``db``: a SQLAlchemy URL or a SQLite file path."""
 
@@ -81,8 +93,9 @@ class ResultsLog:
                 sa.Column("applied_in", sa.Integer),
             )
             meta.create_all(self.engine)
-        except sa.exc.SQLAlchemyError as exc:
-            raise DataError(f"{db}: cannot open the results database: {exc}") from None
+        except (sa.exc.SQLAlchemyError, ImportError) as exc:  # ImportError: the URL's driver is not installed
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise DataError(f"{_shown(db)}: cannot open the results database: {reason}") from None
         self._queue: queue.Queue = queue.Queue()
         self._written = threading.Condition()
         self._queued = self._done = 0
@@ -176,10 +189,11 @@ class ResultsLog:
 
     def query(self, model: str | None = None, since: float | None = None, anomalous: bool | None = None,
               limit: int = 100, cursor: int | None = None, label: str | None = None, version: int | None = None,
-              newest_first: bool = False) -> list[dict]:
-        """Rows in write order after ``cursor`` (a ``seq``), filtered; at most ``limit``. Rows queued before the call
-        are included (it waits for the writer, at most 10 s)."""
-        self.flush(10)
+              newest_first: bool = False, wait: bool = True) -> list[dict]:
+        """Rows in write order after ``cursor`` (a ``seq``), filtered; at most ``limit``. With ``wait`` rows queued
+        before the call are included (it waits for the writer, at most 10 s)."""
+        if wait:
+            self.flush(10)
         sa, t = self.sa, self.table
         q = sa.select(t)
         if model is not None:

@@ -500,8 +500,8 @@ def run(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, fp
     check_exposure(host, keys, insecure)
     if keep_images is not None and db is None:
         raise GaussadError("--keep-images needs the results log (--db)")
+    results_log = ResultsLog(db, keep_images) if db is not None else None  # a bad --db is found before loading
     models = load_models(folder)
-    results_log = ResultsLog(db, keep_images) if db is not None else None
     app = create_app(models, fpr=fpr, limits=limits, workers=workers, keys=keys, results_log=results_log,
                      folder=folder)
     log.info("gaussad %s serving %d model(s) from %s: %s", __version__, len(models), folder, ", ".join(sorted(models)))
