@@ -363,8 +363,8 @@ def test_feedback_update_adds_images_exactly_and_rollback_restores(model_dir, ti
         assert c.get("/models").json()[0]["version"] == 1
 
 
-def test_update_refreshes_conformal_calibration(tiny_category, tmp_path):
-    """A conformal model's calibration gains the added images' scores under the previous model."""
+def test_update_keeps_conformal_calibration(tiny_category, tmp_path):
+    """A conformal model keeps its calibration scores and method; the Gaussians gain the added images."""
     folder = tmp_path / "models"
     folder.mkdir()
     train = list_images(tiny_category / "train" / "good")
@@ -372,14 +372,15 @@ def test_update_refreshes_conformal_calibration(tiny_category, tmp_path):
     model.save(folder / "plain.gaussad")
     log = ResultsLog(str(tmp_path / "r.sqlite"), str(tmp_path / "kept"))
     foreign = list_images(tiny_category.parent / "gravel" / "test" / "good")[:2]
-    previous = model.score_samples(foreign)
     with TestClient(create_app(load_models(folder), results_log=log, folder=folder)) as c:
         _feedback_round(c, foreign)
         assert c.post("/models/plain/update").status_code == 200
+        calibration = c.get("/models").json()[0]["calibration"]
     updated = gaussad.load(folder / "plain.gaussad")
-    np.testing.assert_allclose(updated.calibration_scores_,
-                               np.concatenate([model.calibration_scores_, previous]), rtol=1e-9)
-    assert updated.state_.calibration_method == "calibrate" and updated.n_samples_ == 12
+    np.testing.assert_array_equal(updated.calibration_scores_, model.calibration_scores_)
+    assert updated.state_.calibration_method == "cv" == calibration["method"] and updated.n_samples_ == 12
+    np.testing.assert_allclose(updated.score_samples(foreign),
+                               GaussianAD(**TINY).fit(train).partial_fit(foreign).score_samples(foreign), rtol=1e-6)
 
 
 def test_swap_does_not_fail_requests_in_flight(model_dir, tiny_category, tmp_path):

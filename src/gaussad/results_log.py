@@ -70,7 +70,9 @@ class ResultsLog:
             except OSError as exc:
                 raise DataError(f"{self.keep_dir}: cannot create the image folder: {exc}") from None
         try:
-            self.engine = sa.create_engine(self.url, future=True)
+            self.engine = sa.create_engine(self.url)
+            if self.engine.dialect.name == "sqlite":  # readers do not wait for the writer's commits (write-ahead log)
+                sa.event.listen(self.engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
             meta = sa.MetaData()
             self.table = sa.Table(
                 "results", meta,
