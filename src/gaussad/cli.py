@@ -1,4 +1,4 @@
-"""Command-line interface: ``gaussad fit | score | evaluate | backbones | serve``."""
+"""Command-line interface: ``gaussad fit | score | evaluate | backbones | serve | keys``."""
 
 from __future__ import annotations
 
@@ -420,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the models of a folder over HTTP, with an inspection page",
                        description="Serve every *.gaussad model of MODEL_DIR (named by file stem) over HTTP: "
                                    "GET /health, GET /models, POST /models/NAME/score, POST /models/NAME/map, "
+                                   "the results log (GET /results, /results.csv, POST /results/ID/label), feedback "
+                                   "(POST /models/NAME/update and /rollback, admin keys), GET /metrics (Prometheus), "
                                    "the inspection page at / and the OpenAPI docs at /docs.")
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
