@@ -343,6 +343,8 @@ def test_feedback_update_adds_images_exactly_and_rollback_restores(model_dir, ti
         np.testing.assert_allclose([r["score"] for r in after["results"]], expected, rtol=1e-6)
         assert after["version"] == 2 and max(r["score"] for r in after["results"]) < min(r["score"] for r in before)
         assert c.post("/models/plain/update").status_code == 409  # nothing left to apply
+        assert c.get("/feedback/rates").json() == [{"model": "plain", "version": 1, "good": 4, "good_flagged": 4,
+                                                     "defect": 0, "defect_flagged": 0, "fpr": 1.0, "tpr": None}]
         history = model_dir / "history" / "plain"
         assert sorted(p.name for p in history.iterdir()) == ["v1.gaussad", "v2.gaussad", "versions.json"]
         assert gaussad.load(model_dir / "plain.gaussad").n_samples_ == 14
@@ -439,6 +441,7 @@ def test_drift_alarm_in_health_and_history(model_dir, tiny_category, tmp_path):
         assert len(foreign) == 10
         for _ in range(2):
             c.post("/models/plain/score", files=_upload(foreign))
+        assert log.flush(30)  # /health reads what is written, without waiting for the writer
         health = c.get("/health").json()
         history = c.get("/models/plain/history").json()
     d = health["drift"]["plain"]
@@ -573,3 +576,16 @@ def test_feedback_on_bottle_clears_the_false_alarms_and_rollback_restores(tmp_pa
               f"{sum(r['anomalous'] for r in after.values())}/{len(good)} good flagged in all "
               f"(score threshold {new_threshold.get('score_threshold')}); max score of the marked images "
               f"{max(r['score'] for r in flagged):.2f} -> {max(after[r['path']]['score'] for r in flagged):.2f}")
+
+
+def test_two_updates_at_once_add_the_images_once(model_dir, tiny_category, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    log = ResultsLog(str(tmp_path / "r.sqlite"), str(tmp_path / "kept"))
+    foreign = list_images(tiny_category.parent / "gravel" / "test" / "good")[:2]
+    with TestClient(create_app(load_models(model_dir), results_log=log, folder=model_dir, workers=2)) as c:
+        _feedback_round(c, foreign)
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: c.post("/models/plain/update"), range(2)))
+        assert sorted(a.status_code for a in answers) == [200, 409]
+        assert c.get("/models").json()[0]["n_samples"] == 12

@@ -133,6 +133,7 @@ def router(registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics, fp
     ``threshold_of(name)``: the current score threshold (None when not a finite number); ``run_blocking(fn, *args)``
     awaits ``fn`` in the model threads."""
     api = APIRouter()
+    changing: dict[str, asyncio.Lock] = {}  # per model: one update or rollback at a time
 
     def need_log() -> ResultsLog:
         if log is None:
@@ -187,22 +188,24 @@ def router(registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics, fp
         lg = need_log()
         if lg.keep_dir is None:
             raise HTTPException(409, "feedback needs the images: start the service with --keep-images DIR")
-        rows = await asyncio.to_thread(lg.to_apply, name)
-        usable = [r for r in rows if r["image_file"] and (lg.keep_dir / r["image_file"]).is_file()]
-        if not usable:
-            raise HTTPException(409, f"model {name!r}: no good-marked results with kept images to apply "
-                                     f"({len(rows)} good-marked, none with its image kept)")
-        out = await run_blocking(registry.update, name, [str(lg.keep_dir / r["image_file"]) for r in usable])
-        await asyncio.to_thread(lg.mark_applied, [r["seq"] for r in usable], out["version"])
+        async with changing.setdefault(name, asyncio.Lock()):  # two updates never add the same images twice
+            rows = await asyncio.to_thread(lg.to_apply, name)
+            usable = [r for r in rows if r["image_file"] and (lg.keep_dir / r["image_file"]).is_file()]
+            if not usable:
+                raise HTTPException(409, f"model {name!r}: no good-marked results with kept images to apply "
+                                         f"({len(rows)} good-marked, none with its image kept)")
+            out = await run_blocking(registry.update, name, [str(lg.keep_dir / r["image_file"]) for r in usable])
+            await asyncio.to_thread(lg.mark_applied, [r["seq"] for r in usable], out["version"])
         metrics.version.labels(name).set(out["version"])
         return {**out, "results": [r["id"] for r in usable]}
 
     @api.post("/models/{name}/rollback", summary="serve the previous version of the model again (admin)")
     async def rollback(name: str) -> dict:
         need_model(name)
-        out = await run_blocking(registry.rollback, name)  # answers 409 for an UpdateError
-        if log is not None:
-            await asyncio.to_thread(log.unapply, name, out["dropped"])
+        async with changing.setdefault(name, asyncio.Lock()):
+            out = await run_blocking(registry.rollback, name)  # answers 409 for an UpdateError
+            if log is not None:
+                await asyncio.to_thread(log.unapply, name, out["dropped"])
         metrics.version.labels(name).set(out["version"])
         return out
 
