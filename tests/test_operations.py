@@ -532,6 +532,9 @@ def test_page_in_chromium_key_feedback_and_new_version(served_dir, tiny_category
             assert first.locator(".decision").inner_text() == "ANOMALY"
             first.locator(".mark-good").click()
             first.locator(".label", has_text="marked good").wait_for()
+            page.wait_for_selector("#rates:not([hidden])")
+            cells = page.eval_on_selector_all("#rates tbody td", "ts => ts.map(t => t.textContent)")
+            assert cells == ["plain", "1", "1", "1 (100.0 %)", "0", "0 (–)"]
             page.wait_for_selector("#history:not([hidden])")
             assert page.locator("#chart circle").count() == 3 and page.locator("#chart .threshold").count() == 1
             page.click("#apply")

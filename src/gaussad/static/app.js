@@ -90,11 +90,36 @@ async function loadHistory() {
   h.points.forEach((p, i) => parts.push(
     `<circle class="${p.anomalous ? "flag" : "pt"}" cx="${x(i).toFixed(1)}" cy="${y(p.score).toFixed(1)}" r="2.5"></circle>`));
   svg.innerHTML = parts.join("");
+  loadRates();
   const d = h.drift;
   const alarm = $("drift");
   alarm.className = d.alarm ? "alarm" : "";
   alarm.textContent = d.alarm ? `DRIFT: ${d.reasons.join("; ")}` :
     `no drift (${d.status}; last ${d.n} images of version ${h.version}, ${d.flagged} flagged at target FPR ${d.fpr})`;
+}
+
+// Realised rates from the operators' labels, per model and version (false alarms among good-marked, hits among
+// defect-marked).
+async function loadRates() {
+  const resp = await api("/feedback/rates");
+  if (!resp.ok) return;
+  const rows = await resp.json();
+  const pct = (x) => (x == null ? "–" : `${(100 * x).toFixed(1)} %`);
+  const table = $("rates");
+  table.replaceChildren();
+  const head = table.createTHead().insertRow();
+  for (const t of ["model", "version", "good marked", "flagged (FPR)", "defects marked", "flagged (TPR)"]) {
+    const th = document.createElement("th");
+    th.textContent = t;
+    head.append(th);
+  }
+  const body = table.createTBody();
+  for (const r of rows) {
+    const row = body.insertRow();
+    for (const v of [r.model, r.version, r.good, `${r.good_flagged} (${pct(r.fpr)})`, r.defect,
+                     `${r.defect_flagged} (${pct(r.tpr)})`]) row.insertCell().textContent = String(v);
+  }
+  table.hidden = rows.length === 0;
 }
 
 async function mark(r, label, fig) {
@@ -103,6 +128,7 @@ async function mark(r, label, fig) {
   if (!resp.ok) { showError(await errorText(resp)); return; }
   r.label = label;
   fig.querySelector(".label").textContent = `marked ${label}`;
+  loadRates();
 }
 
 async function applyFeedback() {
