@@ -1,7 +1,6 @@
 """The service on a production line: API keys, the results log (SQLite file, and PostgreSQL when a throwaway server
 can be started), feedback updates and rollbacks, drift alarms and Prometheus metrics."""
 
-import io
 import os
 import pwd
 import shutil
@@ -13,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 from scipy import stats
 
 import gaussad
