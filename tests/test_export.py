@@ -80,6 +80,23 @@ def test_graph_matches_python_path(train_images, settings):
     assert any("decoded" in n for n in notes)
 
 
+@pytest.mark.parametrize("resize", ["square", "aspect"])
+def test_maps_match_python_path(train_images, resize):
+    from gaussad.export import export_detector
+
+    model = gaussad.GaussianAD(**TINY, map_levels=["stage2", "stage3"], map_method="nearest", map_pool=3,
+                               resize=resize, normalize="native").fit(train_images)
+    data, notes = export_detector(model, maps=True)
+    sess = _session(data)
+    images = _images()
+    expected = model.anomaly_map(images)
+    assert expected.max() > 0.5
+    for img, amap in zip(images, expected):
+        out = _run(sess, img)["map"][0]
+        np.testing.assert_allclose(out, amap, rtol=1e-3, atol=1e-3 * float(np.abs(amap).max()))
+    assert not any("maps" in n for n in notes)
+
+
 def test_chi2_pvalues_against_scipy():
     """The closed-form chi-square survival function of the graph, even and odd degrees of freedom, far into the tail."""
     import onnx

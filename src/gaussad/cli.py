@@ -402,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(calibration scores embedded). The model's settings are in the graph's metadata.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write (written atomically)")
-    p.add_argument("--maps", action="store_true", help="also output the anomaly map (not supported yet: refused)")
+    p.add_argument("--maps", action="store_true",
+                   help="also output the anomaly map (N, S, S), as gaussad score computes it (nearest-neighbour map "
+                        "models, e.g. --preset recommended)")
     p.add_argument("--quiet", action="store_true", help="no summary")
     p.set_defaults(func=cmd_export)
 

@@ -8,7 +8,8 @@ aspect-kept with the size computed in the graph),
 normalisation, Mahalanobis distances through the inverse Cholesky factor (float64), chi-square p-values in closed
 form (float64; the odd-dimension case through a 1.2e-7-accurate erfc) or conformal p-values against the embedded
 calibration scores. What is left to the caller: decoding, EXIF orientation and conversion to RGB (PIL's draft-mode
-JPEG decoding of large JPEGs too), anomaly maps, and the Hotelling p-value (the F law has no closed form here).
+JPEG decoding of large JPEGs too), maps of the ``gaussian`` map method (``nearest`` maps are exported with
+``maps=True``), and the Hotelling p-value (the F law has no closed form here).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ OPSET = 17
 LIMITS = ("the graph takes decoded 8-bit RGB pixels: decoding, EXIF orientation and conversion of other modes to RGB "
           "are the caller's (gaussad also decodes JPEGs of at least twice the input size at reduced scale, PIL's "
           "draft mode; give such JPEGs decoded in full and the scores differ slightly)")
-NO_MAPS = "anomaly maps are not part of the graph (gaussad score --maps computes them)"
+NO_MAPS = "anomaly maps are not part of the graph: export with --maps to add them"
 
 
 def _erfc_log(b, z: str) -> str:
@@ -196,11 +197,67 @@ def _decision(b, state: DetectorState, rule: DecisionRule, levels: str, per_leve
     return flagged, flat(pvalue)
 
 
+def _grid_kernels(extractor, layout) -> list[int]:
+    """Per map level the block size that averages it down to the coarsest map level's grid (1 on that grid), from
+    the network's map shapes at the input size; refused where the grids do not divide evenly."""
+    import torch
+
+    size = layout.input_size
+    with torch.inference_mode():
+        shapes = [tuple(o.shape[2:]) for o in extractor.module(torch.zeros(1, 3, size, size))[len(layout.levels):]]
+    h, w = min(s[0] for s in shapes), min(s[1] for s in shapes)
+    if size % 32 or any(a % h or b % w or a // h != b // w for a, b in shapes):
+        raise GaussadError(f"--maps: the feature maps at input size {size} do not average evenly onto the "
+                           f"coarsest map grid (shapes {shapes}); maps export needs an input size that is a "
+                           "multiple of 32")
+    return [a // h for a, _ in shapes]
+
+
+def _maps(b, state: DetectorState, kernels: list[int], fmaps: list[str], size: int) -> str:
+    """(N, size, size) float32 anomaly maps as :meth:`DetectorState.anomaly_maps` makes them (nearest method):
+    location vectors averaged over pool x pool neighbourhoods (border locations over fewer) and down to the coarsest
+    grid, nearest bank member distance / bank scale, mean over levels, upsampled as PIL does (float64, no rounding)."""
+    from onnx import TensorProto
+
+    pool = state.map_pool
+    per_level = []
+    for bank, k, f in zip(state.map_banks, kernels, fmaps):
+        if pool > 1:
+            f = b.op("AveragePool", f, kernel_shape=[pool, pool], pads=[pool // 2] * 4, count_include_pad=0)
+        if k > 1:
+            f = b.op("AveragePool", f, kernel_shape=[k, k], strides=[k, k])
+        q = b.op("Transpose", f, perm=[0, 2, 3, 1])  # (N, h, w, C)
+        members = np.ascontiguousarray(bank.vectors, dtype=np.float32)
+        g = b.op("Add", b.op("MatMul", q, b.const(np.ascontiguousarray(members.T * np.float32(-2.0)))),
+                 b.const(np.einsum("ij,ij->i", members, members)))
+        axis = b.const(np.array([-1], np.int64))
+        sq = b.op("Add", b.op("ReduceMin", g, axes=[-1], keepdims=0),
+                  b.op("ReduceSum", b.op("Mul", q, q), axis, keepdims=0))
+        d = b.op("Sqrt", b.op("Max", sq, b.const(0.0, np.float32)))
+        per_level.append(b.op("Div", d, b.const(np.float32(bank.scale), np.float32)))
+    mean = per_level[0]
+    if len(per_level) > 1:
+        stacked = b.op("Concat", *[b.op("Unsqueeze", m, b.const(np.array([0], np.int64))) for m in per_level], axis=0)
+        mean = b.op("ReduceMean", stacked, axes=[0], keepdims=0)
+    x = b.op("Cast", mean, to=TensorProto.DOUBLE)
+    shape = b.op("Cast", b.op("Shape", x), to=TensorProto.DOUBLE)
+    pick = lambda i: b.op("Gather", shape, b.const(np.array(i, np.int64)))  # noqa: E731
+    out = b.const(float(size))
+    y0, y1, dy = _axis(b, pick(1), out)
+    x0, x1, dx = _axis(b, pick(2), out)
+    wx = b.op("Unsqueeze", dx, b.const(np.array([0, 1], np.int64)))
+    top = _lerp(b, b.op("Gather", x, y0, axis=1), x0, x1, wx, axis=2)
+    bottom = _lerp(b, b.op("Gather", x, y1, axis=1), x0, x1, wx, axis=2)
+    wy = b.op("Unsqueeze", dy, b.const(np.array([0, 2], np.int64)))
+    return b.op("Cast", b.op("Add", top, b.op("Mul", b.op("Sub", bottom, top), wy)), to=TensorProto.FLOAT)
+
+
 def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     """The serialised ONNX graph of a fitted image model and the notes on what it leaves out.
 
     ``model`` is a fitted :class:`gaussad.GaussianAD` with a backbone; its own decision rule (method and FPR) is
-    embedded. Outputs: ``score`` (N,), ``levels`` (N, L), ``pvalue`` (N,) float64 and ``anomalous`` (N,) int64.
+    embedded. Outputs: ``score`` (N,), ``levels`` (N, L), ``pvalue`` (N,) float64 and ``anomalous`` (N,) int64; with
+    ``maps`` (nearest-neighbour map models) also ``map`` (N, S, S) float32, as :meth:`GaussianAD.anomaly_map`.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -210,9 +267,11 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     state: DetectorState = model.state_
     if model.backbone is None:
         raise GaussadError("this model works on plain feature arrays (backbone=None): there is no network to export")
-    if maps:
-        raise GaussadError("--maps: anomaly maps cannot be exported yet; export without --maps "
-                           "(gaussad score --maps computes them)")
+    if maps and not state.has_maps:
+        raise GaussadError("--maps: this model has no anomaly maps (fit it with --preset recommended or --map-levels)")
+    if maps and not state.map_banks:
+        raise GaussadError("--maps: only nearest-neighbour maps (--map-method nearest, the recommended preset's) can be "
+                           "exported; export without --maps")
     rule = model.rule()
     if rule.method == "hotelling":
         raise GaussadError("the Hotelling p-value (F law) cannot be expressed in the graph: export a chi2 or conformal "
@@ -220,9 +279,11 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     rule.check(state, "cannot export: ")
     extractor = model.feature_extractor()
     layout = state.layout
+    kernels = _grid_kernels(extractor, layout) if maps else []
     net = onnx.load_from_string(export_onnx(extractor.module, extractor.input_size, any_size=extractor.resize == "aspect"))
     graph = net.graph
     pooled = [o.name for o in graph.output][:len(layout.levels)]
+    fmaps = [o.name for o in graph.output][len(layout.levels):]
     old_input = graph.input[0].name
     del graph.input[:]
     graph.input.append(helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", "height", "width", 3]))
@@ -239,6 +300,8 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     flagged, pvalue = _decision(b, state, rule, levels, per_level, score)
     b.op("Identity", flagged, out="anomalous")
     b.op("Identity", pvalue, out="pvalue")
+    if maps:
+        b.op("Identity", _maps(b, state, kernels, fmaps, layout.input_size), out="map")
     del graph.output[:]
     n_levels = len(layout.levels)
     graph.output.extend([
@@ -246,8 +309,9 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
         helper.make_tensor_value_info("levels", TensorProto.DOUBLE, ["batch", n_levels]),
         helper.make_tensor_value_info("pvalue", TensorProto.DOUBLE, ["batch"]),
         helper.make_tensor_value_info("anomalous", TensorProto.INT64, ["batch"]),
-    ])
-    notes = [LIMITS, NO_MAPS] if state.has_maps else [LIMITS]
+    ] + ([helper.make_tensor_value_info("map", TensorProto.FLOAT, ["batch", layout.input_size, layout.input_size])]
+         if maps else []))
+    notes = [LIMITS, NO_MAPS] if state.has_maps and not maps else [LIMITS]
     limit = rule.score_threshold(state)
     meta = {
         "gaussad.version": __version__, "gaussad.preset": str(model.preset or "paper"),
@@ -256,7 +320,8 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
         "gaussad.normalize": str(model.setting("normalize")), "gaussad.threshold": rule.method, "gaussad.fpr": repr(rule.fpr),
         "gaussad.score_threshold": repr(float(limit)), "gaussad.n_samples": str(state.n_samples),
         "gaussad.n_calibration": str(0 if state.calibration_scores is None else state.calibration_scores.size),
-        "gaussad.outputs": "score (N,) float64, levels (N, L) float64, pvalue (N,) float64, anomalous (N,) int64",
+        "gaussad.outputs": "score (N,) float64, levels (N, L) float64, pvalue (N,) float64, anomalous (N,) int64"
+                           + (f", map (N, {layout.input_size}, {layout.input_size}) float32" if maps else ""),
         "gaussad.limits": " ".join(notes),
     }
     for key, value in meta.items():
