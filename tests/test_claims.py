@@ -320,8 +320,9 @@ def test_fit_warns_on_stderr_when_the_conformal_threshold_is_infinite(tiny_categ
     assert main([*args, "--fpr", "0.05"]) == 0
     out, err = capsys.readouterr()
     assert ("warning: with 2 calibration scores the conformal threshold at FPR 0.05 is infinite "
-            "(FPR below 1/(n+1) = 0.333): nothing is flagged; hold out more images") in err
-    assert "warning" not in out and "score threshold" not in out
+            "(FPR below 1/(n+1) = 0.333): nothing is flagged; use more images (with --calibration cv every "
+            "training image gives a calibration score)") in err
+    assert "warning" not in out and "conformal score threshold at FPR 0.05: infinite (nothing flagged)" in out
     assert gaussad.load(tmp_path / "m.gaussad").score_threshold() == np.inf
     assert main([*args, "--fpr", "0.4"]) == 0  # 2 scores suffice at alpha = 0.4: no warning, a finite threshold
     out, err = capsys.readouterr()

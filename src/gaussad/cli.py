@@ -1,4 +1,4 @@
-"""Command-line interface: ``gaussad fit | score | evaluate | backbones | serve | keys``."""
+"""Command-line interface: ``gaussad fit | score | export | evaluate | backbones | serve | keys``."""
 
 from __future__ import annotations
 
@@ -243,6 +243,27 @@ def _write_overlays(folder: str, files: list[Path], names: list[str], amaps, max
     return paths
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .files import check_output, write_atomic
+
+    if os.path.isdir(args.output):
+        raise GaussadError(f"{args.output}: is a folder; give the ONNX file's name with -o")
+    check_output(args.output, "ONNX graph")
+    from .export import export_detector
+    from .model import load
+
+    model = load(args.model)
+    data, notes = export_detector(model, maps=args.maps)
+    write_atomic(args.output, data, "ONNX graph")
+    if not args.quiet:
+        rule = model.rule()
+        print(f"wrote {args.output} ({len(data) / 2**20:.1f} MiB): uint8 images (N, H, W, 3) -> score, levels "
+              f"({', '.join(model.level_names_)}), pvalue, anomalous under {rule.method} at FPR {rule.fpr}")
+        for note in notes:
+            print(f"note: {note}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import params
     from .files import check_output, write_atomic
@@ -395,6 +416,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     _recursion_option(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("export", help="write the whole detector as one ONNX graph (no Python needed to run it)",
+                       description="Write MODEL as one ONNX graph: uint8 RGB images (N, H, W, 3), any H and W, resized "
+                                   "inside the graph as gaussad resizes, to the image score, the distance per level, "
+                                   "the p-value and the decision under the model's own threshold method and FPR "
+                                   "(calibration scores embedded). The model's settings are in the graph's metadata.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write (written atomically)")
+    p.add_argument("--maps", action="store_true",
+                   help="also output the anomaly map (N, S, S), as gaussad score computes it (nearest-neighbour map "
+                        "models, e.g. --preset recommended)")
+    p.add_argument("--quiet", action="store_true", help="no summary")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="image AUROC and threshold error rates on MVTec-layout data",
                        description="Evaluate on ROOT, one category in MVTec layout or a folder of categories: image "

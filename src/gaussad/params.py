@@ -25,6 +25,7 @@ RESIZES = ("square", "aspect")
 MAP_METHODS = ("gaussian", "nearest")
 THRESHOLDS = ("chi2", "hotelling", "conformal")
 ENGINES = ("auto", "onnxruntime", "torch")
+DECODERS = ("auto", "pil")
 MAX_INPUT_SIZE = 4096  # largest network input side (EfficientNet-B7 uses 600)
 MAX_MAP_POOL = 15
 # Smallest target false-positive rate: below it the per-level rates (fpr / levels) approach float64's underflow and
@@ -266,6 +267,10 @@ PARAMS: tuple[Param, ...] = (
     Param("max_pixels", DEFAULT_MAX_PIXELS, integer(1),
           "refuse image files with more pixels than N, checked before decoding (decompression-bomb guard)",
           stored=False, flag="--max-pixels", parse=_int_text, metavar="N", group="intake"),
+    Param("decoder", "auto", choice(DECODERS),
+          "image decoders: auto = pyspng for PNG and simplejpeg (libjpeg-turbo) for JPEG where installed and exact "
+          "(the same pixels as Pillow), Pillow otherwise; pil = Pillow only", stored=False, flag="--decoder",
+          choices=DECODERS, group="intake"),
 )
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 
