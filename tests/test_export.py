@@ -3,7 +3,6 @@ example runs with onnxruntime, numpy and Pillow only."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
