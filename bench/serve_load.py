@@ -1,12 +1,17 @@
 """Load test of `gaussad serve` on loopback: many concurrent score requests, every answer checked.
 
     python -m bench.serve_load [--requests 200] [--concurrency 200] [--workers N] [--model FILE --images DIR]
+                               [--compare-log] [--keep-images]
 
 Starts `gaussad serve` as a child process on a free 127.0.0.1 port, sends ``--requests`` POST
 /models/NAME/score requests of one image each with at most ``--concurrency`` in flight, and checks that every
 one is answered 200 with the score the model gives that image in this process (relative difference < 1e-4).
 While the load runs, GET /health is polled to show that the event loop keeps answering. Prints the latency
 percentiles of the score requests and of the health probes, and the throughput.
+
+The results log is off (``--db none``) unless ``--compare-log``: then the same load runs twice, without and with
+the log (a SQLite file in a temporary folder, plus ``--keep-images`` when given), and the log is checked to hold
+exactly one row per answered image (the ids the answers carry).
 
 Without ``--model`` a tiny model (64 px, 4 levels) is fitted on a synthetic texture set; with ``--model`` the
 images of ``--images`` (a folder, files cycled) are sent to that model.
@@ -45,7 +50,7 @@ def free_port() -> int:
 def serving(model_dir: str | os.PathLike, *args: str, timeout: float = 180.0,
             procs: list | None = None) -> Iterator[str]:
     """Run `gaussad serve MODEL_DIR` in a child process until the block ends; yields its base URL (the process is
-    appended to ``procs`` when given)."""
+    appended to ``procs`` when given). The results log is off unless ``args`` has ``--db``."""
     import gaussad
 
     port = free_port()
@@ -53,7 +58,8 @@ def serving(model_dir: str | os.PathLike, *args: str, timeout: float = 180.0,
     src = str(Path(gaussad.__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log = tempfile.TemporaryFile()
-    cmd = [sys.executable, "-m", "gaussad", "serve", str(model_dir), "--port", str(port), *args]
+    db = [] if "--db" in args else ["--db", "none"]  # no results log unless asked for
+    cmd = [sys.executable, "-m", "gaussad", "serve", str(model_dir), "--port", str(port), *db, *args]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if procs is not None:
         procs.append(proc)
@@ -97,6 +103,16 @@ class Outcome:
     seconds: float
 
 
+@dataclass
+class Probe:
+    """One /health probe made while the load ran: its latency, HTTP status and the body's "status" (None when the
+    probe got no answer or no JSON)."""
+
+    seconds: float
+    status: int | None
+    health: str | None
+
+
 async def _post(client: httpx.AsyncClient, path: str, name: str, data: bytes) -> Outcome:
     start = time.perf_counter()
     try:
@@ -111,7 +127,7 @@ async def _post(client: httpx.AsyncClient, path: str, name: str, data: bytes) ->
 
 
 async def _load(url: str, model: str, images: list[tuple[str, bytes]], n: int, concurrency: int,
-                probe_every: float) -> tuple[list[Outcome], list[float], float]:
+                probe_every: float) -> tuple[list[Outcome], list[Probe], float]:
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
         gate = asyncio.Semaphore(concurrency)
@@ -121,15 +137,21 @@ async def _load(url: str, model: str, images: list[tuple[str, bytes]], n: int, c
             async with gate:
                 return await _post(client, f"/models/{model}/score", name, data)
 
-        async def probe(stop: asyncio.Event) -> list[float]:
-            times = []
+        async def probe(stop: asyncio.Event) -> list[Probe]:
+            probes = []
             async with httpx.AsyncClient(base_url=url, timeout=600) as side:
                 while not stop.is_set():
                     start = time.perf_counter()
-                    await side.get("/health")
-                    times.append(time.perf_counter() - start)
+                    status = health = None
+                    try:
+                        resp = await side.get("/health")
+                        status = resp.status_code
+                        health = resp.json().get("status")
+                    except (httpx.HTTPError, ValueError, AttributeError):
+                        pass
+                    probes.append(Probe(time.perf_counter() - start, status, health))
                     await asyncio.sleep(probe_every)
-            return times
+            return probes
 
         stop = asyncio.Event()
         prober = asyncio.create_task(probe(stop))
@@ -141,10 +163,10 @@ async def _load(url: str, model: str, images: list[tuple[str, bytes]], n: int, c
 
 
 def run_load(url: str, model: str, images: list[tuple[str, bytes]], n: int, concurrency: int,
-             probe_every: float = 0.05) -> tuple[list[Outcome], list[float], float]:
+             probe_every: float = 0.05) -> tuple[list[Outcome], list[Probe], float]:
     """Send ``n`` one-image score requests (at most ``concurrency`` at once) while probing /health.
 
-    Returns the outcomes in request order, the health-probe latencies and the wall time of the load.
+    Returns the outcomes in request order, the health probes and the wall time of the load.
     """
     return asyncio.run(_load(url, model, images, n, concurrency, probe_every))
 
@@ -205,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="a model file to serve (default: a tiny model fitted on synthetic data)")
     p.add_argument("--images", help="folder of images to send with --model")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument("--compare-log", action="store_true", help="run without and with the results log (SQLite)")
+    p.add_argument("--keep-images", action="store_true", help="with --compare-log: the log keeps the images too")
     args = p.parse_args(argv)
     if bool(args.model) != bool(args.images):
         p.error("--model and --images go together")
@@ -226,8 +250,46 @@ def main(argv: list[str] | None = None) -> int:
         expected = dict(zip(names, map(float, model.score_samples(images))))
         payloads = [(name, f.read_bytes()) for name, f in zip(names, images)]
         extra = ["--log-level", "warning"] + (["--workers", str(args.workers)] if args.workers else [])
-        with serving(model_path.parent, *extra) as url:
-            outcomes, probes, wall = run_load(url, model_path.stem, payloads, args.requests, args.concurrency)
+        runs = {}
+        for mode in (["off", "sqlite"] if args.compare_log else ["off"]):
+            db = tmp / f"results-{mode}.sqlite"
+            log_args = ["--db", str(db)] + (["--keep-images", str(tmp / "kept")] if args.keep_images else []) \
+                if mode != "off" else ["--db", "none"]
+            with serving(model_path.parent, *extra, *log_args) as url:
+                outcomes, probes, wall = run_load(url, model_path.stem, payloads, args.requests, args.concurrency)
+            runs[mode] = (outcomes, probes, wall, log_rows(db) if mode != "off" else None)
+    reports = {mode: _report(args, model, expected, *run) for mode, run in runs.items()}
+    report = reports["off"] if not args.compare_log else {"without_log": reports["off"], "with_log": reports["sqlite"]}
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    for mode, r in reports.items():
+        lat = r["latency"]
+        print(f"log {mode}: {r['correct']}/{args.requests} correct, {r['server_errors']} 5xx, {r['no_answer']} "
+              f"unanswered; latency p50 {lat['p50_ms']:.0f} ms, p95 {lat['p95_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms; "
+              f"{r['requests_per_s']:.1f} req/s" + (f"; log rows {r['log']}" if r.get("log") else ""), file=sys.stderr)
+    return 0 if all(r["correct"] == args.requests and r.get("log", {}).get("exact", True) for r in reports.values()) else 1
+
+
+def log_rows(db: Path) -> list[str]:
+    """The ids of the rows of a results log (after the server stopped: everything queued is written)."""
+    from gaussad.results_log import ResultsLog
+
+    log = ResultsLog(str(db))
+    try:
+        return [r["id"] for r in log.query(limit=10**7)]
+    finally:
+        log.close()
+
+
+def log_check(outcomes: list[Outcome], ids: list[str]) -> dict:
+    """Whether the log holds exactly one row per answered image: the answers' ids, each once, and no other."""
+    answered = [row["id"] for o in outcomes if o.status == 200 for row in o.body["results"]]
+    return {"rows": len(ids), "answered_images": len(answered), "distinct_rows": len(set(ids)),
+            "exact": sorted(ids) == sorted(answered) and len(set(ids)) == len(ids)}
+
+
+def _report(args, model, expected, outcomes, probes, wall, ids) -> dict:
     summary = check(outcomes, expected)
     report = {
         "model": args.model or "tiny synthetic (efficientnet-lite0, 64 px, 4 levels)",
@@ -235,17 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         "requests": args.requests, "concurrency": args.concurrency, "workers": args.workers, "cpus": os.cpu_count(),
         **summary,
         "latency": percentiles([o.seconds for o in outcomes]),
-        "health_latency_under_load": percentiles(probes), "health_probes": len(probes),
+        "health_latency_under_load": percentiles([p.seconds for p in probes]), "health_probes": len(probes),
+        "health_not_ok": sum(p.status != 200 or p.health != "ok" for p in probes),
         "wall_s": wall, "requests_per_s": args.requests / wall,
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    lat = report["latency"]
-    print(f"{summary['correct']}/{args.requests} correct, {summary['server_errors']} 5xx, {summary['no_answer']} "
-          f"unanswered; latency p50 {lat['p50_ms']:.0f} ms, p95 {lat['p95_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms; "
-          f"{report['requests_per_s']:.1f} req/s", file=sys.stderr)
-    return 0 if summary["correct"] == args.requests else 1
+    if ids is not None:
+        report["log"] = log_check(outcomes, ids)
+    return report
 
 
 if __name__ == "__main__":

@@ -21,8 +21,11 @@ def images(tiny_category):
     return list_images(tiny_category / "train" / "good") + list_images(tiny_category / "test" / "good")
 
 
-def _relative_gap(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
+def _assert_close(a: np.ndarray, b: np.ndarray) -> None:
+    """Element-wise: ONNX Runtime within 1e-4 relative of torch eager, plus 2e-4 absolute for values near 0
+    (features here reach 5-50; the largest absolute gap beyond 1e-4 relative measured 8e-5)."""
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4)
 
 
 def test_auto_engine_is_onnxruntime_and_unknown_names_are_refused(monkeypatch):
@@ -44,7 +47,7 @@ def test_onnxruntime_features_match_torch(images):
     assert [f.shape for f in ort] == [f.shape for f in ref] == [(len(images), d) for d in (32, 16, 24, 40)]
     for a, b in zip(ort, ref):
         assert a.dtype == np.float64
-        assert _relative_gap(a, b) < 1e-4
+        _assert_close(a, b)
 
 
 def test_feature_maps_match_torch_and_get_their_own_graph(images, tmp_path, monkeypatch):
@@ -57,7 +60,7 @@ def test_feature_maps_match_torch_and_get_their_own_graph(images, tmp_path, monk
     shapes = [a.shape for a in out["onnxruntime"]]
     assert shapes[4:] == [(6, 24, 16, 16), (6, 40, 8, 8)]
     for a, b in zip(out["onnxruntime"], out["torch"]):
-        assert a.shape == b.shape and _relative_gap(a, b) < 1e-4
+        _assert_close(a, b)
     FeatureExtractor(**TINY_FE).runner
     names = [p.name for p in tmp_path.glob("*.onnx")]
     assert len(names) == 2 and sum(n.startswith("efficientnet-lite0-pooled-maps-") for n in names) == 1
@@ -69,7 +72,7 @@ def test_all_levels_at_native_size_match_torch(images):
     fe_torch = FeatureExtractor(TINY["backbone"], engine="torch")
     x = np.random.default_rng(0).standard_normal((3, 3, 224, 224), dtype=np.float32)
     for a, b in zip(fe_ort.runner.run(x), fe_torch.runner.run(x)):
-        assert _relative_gap(a, b) < 1e-4
+        _assert_close(a, b)
 
 
 def test_scores_agree_across_engines(tiny_category):
@@ -225,7 +228,7 @@ def test_aspect_kept_inputs_match_torch_and_keep_the_order(tmp_path, monkeypatch
     for (_, pa, ma), (_, pb, mb) in zip(out["onnxruntime"], out["torch"]):
         assert ma[0].shape == mb[0].shape and ma[0].shape[2] != 0
         for a, b in zip(pa + ma, pb + mb):
-            assert _relative_gap(a, b) < 1e-4
+            _assert_close(a, b)
     from gaussad.images import aspect_size
 
     expected = [aspect_size(w, h, TINY["input_size"]) for w, h in sizes]

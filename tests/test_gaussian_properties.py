@@ -10,7 +10,7 @@ from gaussad.gaussian import REDUCTIONS, LevelGaussian, MomentStats
 
 from .test_gaussian import make_data
 
-PROPS = settings(max_examples=25, deadline=None)
+PROPS = settings(max_examples=25, deadline=None, derandomize=True)  # the same 25 cases on every run
 VARIANCE = 0.9
 
 shapes = st.tuples(st.integers(3, 60), st.integers(1, 12))
@@ -147,8 +147,14 @@ def test_empirical_mean_squared_training_distance_is_the_dimension(shape, seed, 
 
 @PROPS
 @given(shapes, seeds, st.floats(-1e3, 1e3))
-def test_shrinkage_intensities_lie_in_the_unit_interval(shape, seed, offset):
-    stats = MomentStats.from_array(make_data(*shape, seed, offset=offset))
-    assert 0.0 <= stats.ledoit_wolf_shrinkage() <= 1.0
-    assert 0.0 <= stats.oas_shrinkage() <= 1.0
-    assert 0.0 <= stats.relative_spread() <= 1.0
+def test_shrinkage_intensities_equal_scikit_learns(shape, seed, offset):
+    """From the moments alone: Ledoit-Wolf's and OAS's intensities equal scikit-learn's on the same samples, and the
+    relative spread is trace(S) over the mean squared norm."""
+    from sklearn.covariance import ledoit_wolf_shrinkage, oas
+
+    X = make_data(*shape, seed, offset=offset)
+    stats = MomentStats.from_array(X)
+    assert stats.ledoit_wolf_shrinkage() == pytest.approx(ledoit_wolf_shrinkage(X), rel=1e-6, abs=1e-9)
+    assert stats.oas_shrinkage() == pytest.approx(oas(X)[1], rel=1e-6, abs=1e-9)
+    spread = np.trace(np.atleast_2d(np.cov(X.T, bias=True))) / np.mean(np.sum(X**2, axis=1))
+    assert stats.relative_spread() == pytest.approx(spread, rel=1e-6, abs=1e-12)

@@ -140,56 +140,50 @@ def test_merged_conformal_model_is_not_saved_without_calibration(tmp_path):
 
 
 # 12. signals clean up; stale temporaries are removed
-def test_ctrl_c_during_save_leaves_no_temporary(tmp_path):
-    out = tmp_path / "m.gaussad"
-    script = f"""
+SLOW_SAVE = """
 import sys, time
 import numpy as np
 import gaussad.files as files
 real = files.write_all
-def slow(fd, data):
+def slow(fd, data):  # half the bytes, then a long pause: the signal arrives mid-save
     real(fd, data[: len(data) // 2])
     time.sleep(60)
 files.write_all = slow
+"""
+
+
+def _signal_mid_save(script: str, folder: Path, sig: int) -> tuple[int, str]:
+    """Run ``SLOW_SAVE + script`` in a child, send ``sig`` once its temporary exists; (exit code, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE + script], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600  # a loaded machine can be slow to get there; normally a few seconds
+    while not list(folder.glob(".m.gaussad.*.tmp")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(folder.glob(".m.gaussad.*.tmp")), "the save never started"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def test_ctrl_c_during_save_leaves_no_temporary(tmp_path):
+    code, _ = _signal_mid_save(f"""
 from gaussad import GaussianAD
-rng = np.random.default_rng(0)
-model = GaussianAD(backbone=None).fit_features([rng.normal(size=(30, 4))])
+model = GaussianAD(backbone=None).fit_features([np.random.default_rng(0).normal(size=(30, 4))])
 try:
-    model.save({str(out)!r})
+    model.save({str(tmp_path / "m.gaussad")!r})
 except KeyboardInterrupt:
     sys.exit(130)
-"""
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    deadline = time.time() + 60
-    while not list(tmp_path.glob(".m.gaussad.*.tmp")) and time.time() < deadline:
-        time.sleep(0.05)
-    assert list(tmp_path.glob(".m.gaussad.*.tmp")), "the save never started"
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
+""", tmp_path, signal.SIGINT)
+    assert code == 130
     assert not list(tmp_path.iterdir()), [p.name for p in tmp_path.iterdir()]
-    assert proc.returncode == 130
 
 
 def test_cli_turns_sigterm_into_a_clean_exit(tiny_category, tmp_path):
-    out = tmp_path / "m.gaussad"
-    script = f"""
-import sys, time
-import gaussad.files as files
-real = files.write_all
-def slow(fd, data):
-    real(fd, data[: len(data) // 2])
-    time.sleep(60)
-files.write_all = slow
+    code, err = _signal_mid_save(f"""
 from gaussad.cli import main
-sys.exit(main(["fit", {str(tiny_category)!r}, "-o", {str(out)!r}, "--quiet", "--input-size", "64", "--levels", "stem"]))
-"""
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(".m.gaussad.*.tmp")) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and "gaussad: terminated" in err
+sys.exit(main(["fit", {str(tiny_category)!r}, "-o", {str(tmp_path / "m.gaussad")!r}, "--quiet", "--input-size", "64",
+               "--levels", "stem", "--engine", "torch"]))
+""", tmp_path, signal.SIGTERM)
+    assert code == 143 and "gaussad: terminated" in err
     assert not list(tmp_path.iterdir())
 
 

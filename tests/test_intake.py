@@ -321,15 +321,52 @@ def test_pixel_limit_reaches_the_pipeline(tmp_path):
     assert feats[0].shape[0] == 1 and skipped[0][0] == 1 and "exceeds the limit of 100" in skipped[0][1]
 
 
-def test_unreadable_file_real_permissions(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod 000 does not stop root from reading (see the simulated-EACCES test)")
-    path = _save(tmp_path, "locked.png", Image.fromarray(REF))
-    path.chmod(0)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_unreadable_file_real_permissions():
+    """A chmod 000 file, read by an unprivileged user: as root (CI), a forked child drops to uid/gid 65534 first."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="gaussad-perm-"))  # pytest's tmp_path is 0700 root: not traversable
     try:
-        _refused(path, "cannot open (permission denied)")
+        folder.chmod(0o755)
+        path = _save(folder, "locked.png", Image.fromarray(REF))
+        path.chmod(0)
+        if os.geteuid() != 0:
+            _refused(path, "cannot open (permission denied)")
+            return
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: drop privileges for good, try the read, report, exit without cleanup
+            code = 1
+            try:
+                os.close(read)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    load_image(path)
+                    text = "loaded"
+                except ImageError as exc:
+                    text = f"ImageError: {exc}"
+                except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                    text = f"{type(exc).__name__}: {exc}"
+                os.write(write, text.encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read) as fh:
+            text = fh.read()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, text
+        assert text == f"ImageError: {path}: cannot open (permission denied)", text
     finally:
-        path.chmod(0o644)
+        for p in folder.iterdir():
+            p.chmod(0o644)
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_unreadable_file_simulated_eacces(tmp_path, monkeypatch):

@@ -81,7 +81,7 @@ def test_maps_localise_synthetic_defects(map_model, tiny_category):
     cat = load_category(tiny_category)
     amaps = map_model.anomaly_map(cat.test_files)
     assert amaps.shape == (len(cat.test_files), 64, 64)
-    assert roc_auc(load_masks(cat, 64).ravel(), amaps.ravel()) > 0.7
+    assert roc_auc(load_masks(cat, 64).ravel(), amaps.ravel()) > 0.95  # 0.975 measured
 
 
 def test_maps_survive_save_load_and_partial_fit(map_model, tiny_category, tmp_path):
@@ -133,7 +133,7 @@ def test_nearest_maps_equal_brute_force_and_localise(nearest_model, tiny_categor
                                                       align_corners=False)[:, 0].numpy())
     amaps = nearest_model.anomaly_map(cat.test_files)
     np.testing.assert_allclose(amaps, np.mean(levels, axis=0), rtol=1e-3, atol=1e-3)
-    assert roc_auc(load_masks(cat, 64).ravel(), amaps.ravel()) > 0.7
+    assert roc_auc(load_masks(cat, 64).ravel(), amaps.ravel()) > 0.94  # 0.964 measured
 
 
 def test_nearest_maps_survive_save_load_chunks_and_merge(nearest_model, tiny_category, tmp_path):
@@ -198,7 +198,10 @@ def test_cli_maps_and_pixel_auroc(tiny_root, tiny_category, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["evaluate", str(tiny_root), "--protocol", "full", "--json", str(out), "--quiet", *args]) == 0
     report = json.loads(out.read_text())
-    assert report["map_levels"] == ["stage2", "stage3"] and 0.5 < report["mean_pixel_auroc"] <= 1.0
+    assert report["map_levels"] == ["stage2", "stage3"]
+    pixel = {name: c["pixel_auroc"] for name, c in report["categories"].items()}
+    assert pixel["brick"] > 0.94 and pixel["gravel"] > 0.66  # 0.959 and 0.689 measured
+    assert report["mean_pixel_auroc"] == pytest.approx(np.mean(list(pixel.values()))) and report["mean_pixel_auroc"] > 0.8
     assert all("pixel_auroc" in c for c in report["categories"].values())
 
 

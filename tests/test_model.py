@@ -63,10 +63,17 @@ def test_partial_fit_in_chunks_equals_one_fit(fitted, brick):
     np.testing.assert_allclose(a.merge(b).level_scores(brick[1]), fitted.level_scores(brick[1]), rtol=1e-8)
 
 
-def test_defects_score_higher_than_good_on_average(fitted, brick):
-    good = fitted.score_samples(brick[1])
-    bad = fitted.score_samples(brick[2])
-    assert bad.mean() > good.mean()
+def test_defects_score_higher_than_good(tiny_root):
+    """On the gravel textures (which these tiny settings separate: AUROC 1.0 measured) defects rank above good
+    images; the brick set is too hard at 64 px and 10 images (0.61) to tell a working model from a broken one."""
+    from sklearn.metrics import roc_auc_score
+
+    cat = tiny_root / "gravel"
+    good = list_images(cat / "test" / "good")
+    bad = [p for d in sorted((cat / "test").iterdir()) if d.name != "good" for p in list_images(d)]
+    model = GaussianAD(**TINY).fit(list_images(cat / "train" / "good"))
+    scores = model.score_samples(good + bad)
+    assert roc_auc_score([0] * len(good) + [1] * len(bad), scores) >= 0.95
 
 
 def test_save_and_load_score_identically(fitted, brick, tmp_path):
@@ -87,7 +94,14 @@ def test_predict_uses_bonferroni_chi2_thresholds(fitted, brick):
     thresholds = np.sqrt([chi2.ppf(1 - 0.05 / len(dofs), k) for k in dofs])
     np.testing.assert_array_equal(decisions, (levels > thresholds).any(axis=1).astype(int))
     np.testing.assert_array_equal(fitted.predict(brick[1], fpr=0.05), decisions)
-    assert np.all((pvalues >= 0) & (pvalues <= 1))
+    L = len(dofs)
+    per_level = np.stack([chi2.sf(levels[:, i] ** 2, k) for i, k in enumerate(dofs)], axis=1)
+    np.testing.assert_allclose(pvalues, np.minimum(1.0, L * per_level.min(axis=1)), rtol=1e-9, atol=1e-300)
+    np.testing.assert_array_equal(decisions, pvalues <= 0.05)
+    # far points: p-values below 1 (the clamp alone would pass a constant 1)
+    far = levels * 3
+    np.testing.assert_allclose(fitted.decide(far, fpr=0.05)[1],
+                               np.minimum(1.0, L * chi2.sf(far**2, dofs).min(axis=1)), rtol=1e-9, atol=1e-300)
 
 
 def test_plain_feature_arrays():
@@ -180,6 +194,9 @@ def test_conformal_on_gaussian_features_keeps_fpr_where_chi2_fails():
         chi[r] = model.decide(levels, threshold="chi2")[0].mean()
     se = conf.std(ddof=1) / np.sqrt(reps)
     assert conf.mean() <= alpha + 3 * se
+    # and from below (a model that never flags has rate 0): with n = 11 calibration scores an exact split's rate is
+    # 1/12 = 0.083 here; the refit on all images makes it a little conservative (measured 0.060, se 0.009)
+    assert conf.mean() >= 0.04
     assert chi.mean() > alpha + 3 * chi.std(ddof=1) / np.sqrt(reps)
 
 

@@ -174,6 +174,13 @@ FORGERIES = {
     "missing-array": (None, lambda a: a.pop("level0.gauss.mean"), "missing model entry 'level0.gauss.mean'"),
     "wrong-shape": (None, lambda a: a.__setitem__("level0.gauss.chol", np.eye(3)), "Cholesky factor of shape (3, 3)"),
     "dims-vs-metadata": (_set("feature_dims", [8, 5]), None, "do not match the metadata"),
+    # found by the forged-file fuzzer (make fuzz): a 2-D mean whose first axis is the dimension loaded, then failed
+    # to score ("operands could not be broadcast together with shapes (4,6) (6,0)")
+    "mean-2d-empty": (None, lambda a: a.__setitem__("level0.gauss.mean", np.zeros((8, 0))), "level0.gauss.mean is not a vector"),
+    "mean-column": (None, lambda a: a.__setitem__("level0.gauss.mean", a["level0.gauss.mean"].reshape(8, 1)),
+                    "level0.gauss.mean is not a vector"),
+    # found by the same fuzzer: a map Gaussian's mean poked to 1e300 loaded and gave NaN anomaly maps
+    "huge-mean": (None, lambda a: a["level1.gauss.mean"].__setitem__(0, 1e300), "beyond 1e+60, which no fit produces"),
     "nan-in-array": (None, lambda a: a["level1.gauss.mean"].__setitem__(0, np.nan), "contains NaN or infinite"),
     "inf-in-stats": (None, lambda a: a["level0.stats.s2"].__setitem__((0, 0), np.inf), "contains NaN or infinite"),
     "float32-array": (None, lambda a: a.__setitem__("level0.gauss.mean", a["level0.gauss.mean"].astype(np.float32)),
@@ -221,6 +228,15 @@ def bank_model_path(tmp_path):
     path = tmp_path / "bank.gaussad"
     GaussianAD(backbone=None, map_method="nearest", map_coreset=0.5).fit_features(TRAIN).fit_map_features(FMAPS).save(path)
     return path
+
+
+def test_forged_projection_that_is_not_a_matrix(tmp_path):
+    """A pca model whose components gained an axis loaded, then failed to score (found with the mean case above)."""
+    path = tmp_path / "pca.gaussad"
+    GaussianAD(backbone=None, reduction="pca", variance=0.8).fit_features(TRAIN).save(path)
+    _forge(path, edit_arrays=lambda a: a.__setitem__("level0.gauss.components",
+                                                      a["level0.gauss.components"][:, :, None].copy()))
+    _refused(path, "level0.gauss.components is not a matrix")
 
 
 def test_bank_model_round_trip(bank_model_path):

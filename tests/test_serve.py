@@ -335,6 +335,7 @@ def test_served_under_concurrent_load_answers_every_request(served, model_dir, t
     assert summary["correct"] == 30, summary
     assert summary["server_errors"] == 0 and summary["no_answer"] == 0
     assert probes, "no /health answer came back while the load ran"
+    assert all(p.status == 200 and p.health == "ok" for p in probes), [p for p in probes if p.status != 200][:5]
 
 
 def _chromium() -> str:

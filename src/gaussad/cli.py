@@ -1,4 +1,4 @@
-"""Command-line interface: ``gaussad fit | score | evaluate | backbones | serve``."""
+"""Command-line interface: ``gaussad fit | score | export | evaluate | backbones | serve | keys``."""
 
 from __future__ import annotations
 
@@ -243,6 +243,27 @@ def _write_overlays(folder: str, files: list[Path], names: list[str], amaps, max
     return paths
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .files import check_output, write_atomic
+
+    if os.path.isdir(args.output):
+        raise GaussadError(f"{args.output}: is a folder; give the ONNX file's name with -o")
+    check_output(args.output, "ONNX graph")
+    from .export import export_detector
+    from .model import load
+
+    model = load(args.model)
+    data, notes = export_detector(model, maps=args.maps)
+    write_atomic(args.output, data, "ONNX graph")
+    if not args.quiet:
+        rule = model.rule()
+        print(f"wrote {args.output} ({len(data) / 2**20:.1f} MiB): uint8 images (N, H, W, 3) -> score, levels "
+              f"({', '.join(model.level_names_)}), pvalue, anomalous under {rule.method} at FPR {rule.fpr}")
+        for note in notes:
+            print(f"note: {note}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import params
     from .files import check_output, write_atomic
@@ -289,8 +310,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     limits = Limits(max_file_bytes=int(args.max_file_mb * 2**20), max_files=args.max_files, max_pixels=args.max_pixels,
                     max_pixels_in_flight=args.max_pixels_in_flight)
+    db = None if args.db.lower() in ("", "none", "off") else args.db
     run(args.model_dir, host=args.host, port=args.port, fpr=args.fpr, limits=limits, workers=args.workers,
-        log_level=args.log_level)
+        log_level=args.log_level, keys_file=args.keys, insecure=args.insecure, db=db, keep_images=args.keep_images)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .keys import KeyStore
+
+    if args.action != "list" and not args.name:
+        raise GaussadError(f"gaussad keys {args.action}: give the key's NAME")
+    store = KeyStore.load(args.keys, missing_ok=args.action == "add")
+    if args.action == "add":
+        key = store.add(args.name, args.role)
+        store.save()
+        print(key)
+        print(f"key {args.name!r} ({args.role}) added to {args.keys}; it is shown only this once", file=sys.stderr)
+    elif args.action == "remove":
+        store.remove(args.name)
+        store.save()
+        print(f"key {args.name!r} removed from {args.keys}", file=sys.stderr)
+    else:
+        for e in store.entries:
+            print(f"{e.name}\t{e.role}\t{e.sha256[:12]}")
     return 0
 
 
@@ -374,6 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
     _recursion_option(p)
     p.set_defaults(func=cmd_score)
 
+    p = sub.add_parser("export", help="write the whole detector as one ONNX graph (no Python needed to run it)",
+                       description="Write MODEL as one ONNX graph: uint8 RGB images (N, H, W, 3), any H and W, resized "
+                                   "inside the graph as gaussad resizes, to the image score, the distance per level, "
+                                   "the p-value and the decision under the model's own threshold method and FPR "
+                                   "(calibration scores embedded). The model's settings are in the graph's metadata.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write (written atomically)")
+    p.add_argument("--maps", action="store_true",
+                   help="also output the anomaly map (N, S, S), as gaussad score computes it (nearest-neighbour map "
+                        "models, e.g. --preset recommended)")
+    p.add_argument("--quiet", action="store_true", help="no summary")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("evaluate", help="image AUROC and threshold error rates on MVTec-layout data",
                        description="Evaluate on ROOT, one category in MVTec layout or a folder of categories: image "
                                    "AUROC, and per threshold method (chi2, hotelling, conformal) and target FPR "
@@ -398,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the models of a folder over HTTP, with an inspection page",
                        description="Serve every *.gaussad model of MODEL_DIR (named by file stem) over HTTP: "
                                    "GET /health, GET /models, POST /models/NAME/score, POST /models/NAME/map, "
+                                   "the results log (GET /results, /results.csv, POST /results/ID/label), feedback "
+                                   "(POST /models/NAME/update and /rollback, admin keys), GET /metrics (Prometheus), "
                                    "the inspection page at / and the OpenAPI docs at /docs.")
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
@@ -416,7 +474,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "answered 503 with Retry-After (default %(default)s, about 300 MB)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level; info logs every request (default %(default)s)")
+    p.add_argument("--keys", metavar="FILE", help="require API keys from this file (`gaussad keys add`): requests "
+                   "carry 'Authorization: Bearer KEY'; 401 without a valid key, 403 for a role that may not do this")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow listening on a non-loopback address without --keys")
+    p.add_argument("--db", default="results.sqlite", metavar="URL",
+                   help="results log: a SQLite file or a SQLAlchemy URL, e.g. postgresql+pg8000://user@host/db; "
+                        "'none' turns it off (default %(default)s)")
+    p.add_argument("--keep-images", metavar="DIR",
+                   help="keep every scored image in DIR (named by SHA-256); needed to apply feedback to a model")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keys", help="manage the service's API keys",
+                       description="Add, remove or list API keys of `gaussad serve --keys FILE`. A new key is printed "
+                                   "once; the file keeps only its SHA-256 hash, its name and its role.")
+    p.add_argument("action", choices=("add", "remove", "list"))
+    p.add_argument("name", nargs="?", metavar="NAME", help="the key's name (add, remove)")
+    p.add_argument("--role", choices=("score", "admin"), default="score",
+                   help="score: score images, read results, mark them; admin: also update and roll back models "
+                        "(default %(default)s)")
+    p.add_argument("--keys", required=True, metavar="FILE", help="the keys file (created by the first add)")
+    p.set_defaults(func=cmd_keys)
     return parser
 
 

@@ -29,7 +29,7 @@ class FeatureExtractor:
     Images are decoded and resized in a thread pool while the engine (ONNX Runtime by default, or torch eager)
     runs the previous batch; only a few batches are held at once, whatever the number of images.
     ``engine`` is "onnxruntime", "torch" or "auto" (ONNX Runtime when installed); ``draft`` lets large JPEGs
-    decode at reduced scale (see :func:`gaussad.images.load_image`).
+    decode at reduced scale, ``decoder`` picks the decoders (see :func:`gaussad.images.load_image`).
     """
 
     def __init__(
@@ -46,6 +46,7 @@ class FeatureExtractor:
         engine: str = "auto",
         draft: bool = True,
         resize: str = "square",
+        decoder: str = "auto",
     ):
         spec = get_spec(backbone)
         if normalize not in NORMALIZATIONS:
@@ -66,6 +67,7 @@ class FeatureExtractor:
         if resize not in RESIZES:
             raise GaussadError(f"unknown resize {resize!r}; choose one of: {', '.join(RESIZES)}")
         self.resize = resize
+        self.decoder = decoder
         self._module: "PooledLevels | None" = None
         self._runner: Engine | None = None
 
@@ -112,8 +114,8 @@ class FeatureExtractor:
     def prepare(self, source: ImageSource, index: int | None = None) -> np.ndarray:
         """One image decoded, resized and normalised: the (3, H, W) float32 network input (H = W = S when square)."""
         draft = self.input_size if self.draft else None
-        return preprocess(load_image(source, index, self.max_pixels, draft), self.input_size, self.normalization,
-                          self.resize)
+        return preprocess(load_image(source, index, self.max_pixels, draft, decoder=self.decoder), self.input_size,
+                          self.normalization, self.resize)
 
     def _batches(self, sources: Sequence[ImageSource], on_error: str,
                  skipped: list | None) -> Iterator[tuple[np.ndarray, np.ndarray | None, int]]:
@@ -240,4 +242,5 @@ class ExtractorCache:
                                               max_pixels=settings["max_pixels"], resize=resize)
             self.key = key
         self.extractor.batch_size, self.extractor.max_pixels = int(settings["batch_size"]), int(settings["max_pixels"])
+        self.extractor.decoder = settings.get("decoder", "auto")
         return self.extractor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 import os
@@ -155,9 +156,72 @@ def _open(fh: BinaryIO, name: str, max_pixels: int) -> ImageFile.ImageFile:
     return img
 
 
-def _decode(fh: BinaryIO, name: str, max_pixels: int, draft: int | None = None) -> Image.Image:
+def _fast_module(name: str):
+    """An optional decoder module (pyspng, simplejpeg), or None when it is not installed or does not import."""
+    if name not in _FAST_MODULES:
+        try:
+            _FAST_MODULES[name] = importlib.import_module(name)
+        except Exception:  # not installed, or a broken build: Pillow decodes
+            _FAST_MODULES[name] = None
+    return _FAST_MODULES[name]
+
+
+_FAST_MODULES: dict = {}
+
+
+def fast_decoders() -> dict[str, str | None]:
+    """Which faster decoder each format uses when ``decoder="auto"`` (None: Pillow)."""
+    return {"PNG": "pyspng" if _fast_module("pyspng") else None,
+            "JPEG": "simplejpeg" if _fast_module("simplejpeg") else None}
+
+
+def _draft_scale(width: int, height: int, draft: int | None) -> int:
+    """The reduction PIL's JPEG draft mode picks for a request of draft x draft: 8, 4, 2 or 1."""
+    if not draft:
+        return 1
+    scale = min(width // draft, height // draft)
+    return next(a for a in (8, 4, 2, 1) if scale >= a)
+
+
+def _fast_decode(img: ImageFile.ImageFile, fh: BinaryIO, draft: int | None) -> Image.Image | None:
+    """The file decoded by a faster decoder (pyspng for PNG, libjpeg-turbo through simplejpeg for JPEG, with the
+    same DCT-domain reduction as PIL's draft mode) where one is installed and gives exactly Pillow's pixels: 8-bit
+    grayscale or RGB, no transparency, one frame, no EXIF orientation to apply. None: let Pillow decode (also when
+    the fast decoder fails, so that Pillow's message reports a damaged file)."""
+    if img.format not in ("PNG", "JPEG") or img.mode not in ("RGB", "L") or "transparency" in img.info:
+        return None
+    module = _fast_module("pyspng" if img.format == "PNG" else "simplejpeg")
+    if module is None or getattr(img, "n_frames", 1) != 1:
+        return None
+    fh.seek(0)
+    data = fh.read()
+    try:
+        if img.format == "PNG":
+            # IHDR's bit depth must be 8 (PIL keeps the high byte of 16-bit RGB); an eXIf chunk may orient the image.
+            if data[24:25] != b"\x08" or b"eXIf" in data:
+                return None
+            arr = module.load(data)
+        else:
+            if img.getexif().get(0x0112, 1) != 1:
+                return None
+            a = _draft_scale(img.width, img.height, draft)
+            arr = module.decode_jpeg(data, colorspace="RGB", min_width=-(-img.width // a),
+                                     min_height=-(-img.height // a))
+    except Exception:  # a damaged file: Pillow decodes it (or names the problem)
+        return None
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        return None
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def _decode(fh: BinaryIO, name: str, max_pixels: int, draft: int | None = None,
+            decoder: str = "auto") -> Image.Image:
     """Identify, size-check, decode and orient one image file; every decoder failure becomes an ImageError."""
     img = _open(fh, name, max_pixels)
+    if decoder == "auto":
+        fast = _fast_decode(img, fh, draft)
+        if fast is not None:
+            return _convert(fast, name)
     try:
         if draft and img.format == "JPEG":
             img.draft(img.mode, (draft, draft))
@@ -182,20 +246,21 @@ def _convert(img: Image.Image, name: str) -> Image.Image:
 
 
 def load_image(source: ImageSource, index: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-               draft: int | None = None, name: str | None = None) -> Image.Image:
+               draft: int | None = None, name: str | None = None, decoder: str = "auto") -> Image.Image:
     """Read one image (a file, the bytes of a file such as an upload, a PIL image or a uint8 array) as 8-bit RGB,
     applying EXIF orientation; errors name the file (or ``name``, e.g. an upload's filename).
 
     Files must be PNG, JPEG, BMP, TIFF or WebP of at most ``max_pixels`` pixels (checked from the header,
     before decoding). Multi-frame files give their first frame. With ``draft=S`` a JPEG file at least 2*S
     pixels on both sides is decoded at 1/2, 1/4 or 1/8 scale (PIL's draft mode, much faster), never below S
-    on either side; other files decode in full.
+    on either side; other files decode in full. ``decoder="auto"`` decodes PNG and JPEG files with pyspng and
+    simplejpeg where installed and where they give Pillow's exact pixels (:func:`_fast_decode`); ``"pil"``: Pillow only.
     """
     name = name or describe(source, index)
     if isinstance(source, bytes):
         if not source:
             raise UnknownImageFormatError(f"{name}: empty file, not an image")
-        return _decode(io.BytesIO(source), name, max_pixels, draft)
+        return _decode(io.BytesIO(source), name, max_pixels, draft, decoder)
     if isinstance(source, np.ndarray):
         return _to_rgb(_array_to_image(source, name), name)
     if isinstance(source, Image.Image):
@@ -204,7 +269,7 @@ def load_image(source: ImageSource, index: int | None = None, max_pixels: int = 
         return _convert(source, name)
     if isinstance(source, (str, os.PathLike)):
         with open_regular_file(source, ImageError, "an image") as fh:
-            return _decode(fh, name, max_pixels, draft)
+            return _decode(fh, name, max_pixels, draft, decoder)
     raise ImageError(f"{name}: unsupported image type {type(source).__name__}")
 
 

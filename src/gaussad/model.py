@@ -69,10 +69,10 @@ class GaussianAD:
                  map_pool: int | None = None, map_coreset: float = 0.1, map_grid: str | None = None,
                  preset: str | None = None, threshold: str = "chi2", fpr: float = 0.01, calibration: float | str | None = None,
                  calibration_folds: int = 5, random_state: int | None = 0, batch_size: int = 16, engine: str = "auto",
-                 verbose: bool = False, max_pixels: int = params.DEFAULT_MAX_PIXELS):
+                 verbose: bool = False, max_pixels: int = params.DEFAULT_MAX_PIXELS, decoder: str = "auto"):
         self.backbone, self.levels, self.input_size, self.weights = backbone, levels, input_size, weights
         self.estimator, self.reduction, self.variance = estimator, reduction, variance
-        self.normalize, self.resize = normalize, resize
+        self.normalize, self.resize, self.decoder = normalize, resize, decoder
         self.map_levels, self.map_method, self.map_pool, self.map_coreset = map_levels, map_method, map_pool, map_coreset
         self.preset, self.threshold, self.fpr, self.map_grid = preset, threshold, fpr, map_grid
         self.calibration, self.calibration_folds, self.random_state = calibration, calibration_folds, random_state
@@ -141,7 +141,7 @@ class GaussianAD:
 
         if self.backbone is None:
             raise GaussadError("this model works on plain feature arrays (backbone=None): use fit_features/score_features")
-        for name in ("batch_size", "max_pixels", "engine"):
+        for name in ("batch_size", "max_pixels", "engine", "decoder"):
             params.check_value(name, getattr(self, name))
         state = self.__dict__.get("state_")
         cache = self.__dict__.setdefault("_extractors", ExtractorCache())

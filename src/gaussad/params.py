@@ -26,6 +26,7 @@ MAP_METHODS = ("gaussian", "nearest")
 MAP_GRIDS = ("coarsest", "finest")
 THRESHOLDS = ("chi2", "hotelling", "conformal")
 ENGINES = ("auto", "onnxruntime", "torch")
+DECODERS = ("auto", "pil")
 MAX_INPUT_SIZE = 4096  # largest network input side (EfficientNet-B7 uses 600)
 MAX_MAP_POOL = 15
 # Smallest target false-positive rate: below it the per-level rates (fpr / levels) approach float64's underflow and
@@ -245,8 +246,8 @@ PARAMS: tuple[Param, ...] = (
           choices=MAP_GRIDS),
     Param("preset", None, optional(choice(PRESETS)),
           "paper: the paper's recipe (default); recommended: the backbone's own input normalisation, aspect-kept "
-          "resize, and nearest-neighbour anomaly maps from stage2-stage7 (see README for the figures); fast: the same "
-          "as recommended today, kept as the speed reference",
+          "resize, and nearest-neighbour anomaly maps from the backbone's map levels (EfficientNet: stage2-stage7; see "
+          "README for the figures); fast: the same as recommended today, kept as the speed reference",
           flag="--preset", choices=tuple(PRESETS)),
     Param("threshold", "chi2", choice(THRESHOLDS),
           "decision rule: chi2 per level (the paper), hotelling (finite-sample F law per level) or conformal "
@@ -275,6 +276,10 @@ PARAMS: tuple[Param, ...] = (
     Param("max_pixels", DEFAULT_MAX_PIXELS, integer(1),
           "refuse image files with more pixels than N, checked before decoding (decompression-bomb guard)",
           stored=False, flag="--max-pixels", parse=_int_text, metavar="N", group="intake"),
+    Param("decoder", "auto", choice(DECODERS),
+          "image decoders: auto = pyspng for PNG and simplejpeg (libjpeg-turbo) for JPEG where installed and exact "
+          "(the same pixels as Pillow), Pillow otherwise; pil = Pillow only", stored=False, flag="--decoder",
+          choices=DECODERS, group="intake"),
 )
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
 

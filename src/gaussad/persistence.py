@@ -28,6 +28,7 @@ from .state import DetectorState
 FORMAT_NAME = "gaussad-model"
 FORMAT_VERSION = 2  # 2: the checksum covers the metadata as well as the arrays
 MAX_BANK_ABS = 1e15  # bank values (and scales) beyond this would overflow float32 squared distances
+MAX_MEAN_ABS = 1e60  # a fit refuses features beyond this (gaussian.MAX_ABS); larger means overflow into NaN distances
 MIN_BANK_SCALE = 1e-30  # smaller scales round to 0 in float32
 _FOREIGN_MAGIC = (
     (b"PK\x03\x04", "a zip archive, such as a PyTorch .pth/.pt checkpoint"),
@@ -200,6 +201,12 @@ def validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int, n
         else:
             _need(a.dtype == np.float64, f"array {key} has dtype {a.dtype}, expected float64")
             _need(bool(np.isfinite(a).all()), f"array {key} contains NaN or infinite values")
+            if key.endswith(".gauss.mean"):
+                _need(a.ndim == 1, f"array {key} is not a vector")
+                _need(float(np.abs(a).max(initial=0.0)) <= MAX_MEAN_ABS,
+                      f"array {key} holds values beyond {MAX_MEAN_ABS:g}, which no fit produces")
+            if key.endswith(".gauss.components"):
+                _need(a.ndim == 2, f"array {key} is not a matrix")
 
 
 

@@ -1,5 +1,8 @@
 """HTTP service: score uploaded images with every model of a folder, plus an inspection page (FastAPI).
 
+Access keys, the results log, feedback updates, drift and metrics live in :mod:`gaussad.operations` and the modules
+it uses (:mod:`gaussad.keys`, :mod:`gaussad.results_log`, :mod:`gaussad.feedback`, :mod:`gaussad.drift`).
+
 Models are loaded once at start; the backbone work of a request runs in a thread pool so the event loop keeps
 answering other requests. Uploads are bounded in bytes per request and per file, in files per request and in
 pixels per image; bad input gets one 4xx answer whose ``detail`` names the file and the problem.
@@ -35,8 +38,12 @@ from .engine import cpu_count
 from .images import NamedBytes, load_image, probe
 from .maps import overlay
 from .decision import calibration_summary
+from .feedback import ModelRegistry, UpdateError
+from .keys import KeyStore
 from .model import GaussianAD, load
+from .operations import KeyCheck, Metrics, MetricsMiddleware, check_exposure, router
 from .results import result_rows
+from .results_log import ResultsLog
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +298,12 @@ class ImageResult(BaseModel):
     levels: dict[str, float] = Field(description="Mahalanobis distance at each level")
     map_max: float | None = Field(None, description="largest anomaly-map value (with maps=true)")
     overlay: str | None = Field(None, description="heat-map overlay as a PNG data URL (with maps=true)")
+    id: str | None = Field(None, description="the result's id in the results log (to mark it good or defect)")
 
 
 class ScoreResponse(BaseModel):
     model: str
+    version: int | None = Field(None, description="version number of the model that scored the images")
     fpr: float
     results: list[ImageResult]
 
@@ -317,6 +326,8 @@ class Health(BaseModel):
     version: str
     models: list[str]
     limits: dict[str, int]
+    auth: bool = Field(False, description="whether requests need an API key")
+    drift: dict[str, dict] = Field(default_factory=dict, description="per model: the drift tests over its recent results")
 
 
 def _check_settings(fpr: float | None, workers: int | None) -> int:
@@ -330,24 +341,33 @@ def _check_settings(fpr: float | None, workers: int | None) -> int:
 
 
 # ----- the app -----------------------------------------------------------------------------------------------
-def create_app(models: Mapping[str, GaussianAD], fpr: float | None = None, limits: Limits | None = None,
-               workers: int | None = None) -> FastAPI:
-    """The FastAPI app serving ``models`` (name -> fitted model); ``workers`` threads run the models."""
+def create_app(models: Mapping[str, GaussianAD] | ModelRegistry, fpr: float | None = None, limits: Limits | None = None,
+               workers: int | None = None, *, keys: KeyStore | None = None, results_log: ResultsLog | None = None,
+               folder: str | os.PathLike | None = None) -> FastAPI:
+    """The FastAPI app serving ``models`` (name -> fitted model, or a :class:`ModelRegistry`); ``workers`` threads
+    run the models. ``keys``: requests need an API key; ``results_log``: every scored image is logged (closed with
+    the app); ``folder``: where the models' files are, for feedback updates."""
     workers = _check_settings(fpr, workers)
     limits = limits or Limits()
-    models = dict(models)
+    registry = models if isinstance(models, ModelRegistry) else ModelRegistry(models, folder)
     service_fpr = fpr
     pool = ThreadPoolExecutor(workers, thread_name_prefix="gaussad-model")
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         pool.shutdown(wait=True, cancel_futures=True)
+        if results_log is not None:
+            await asyncio.to_thread(results_log.close)
 
     app = FastAPI(title="gaussad", version=__version__, lifespan=lifespan,
                   description="Visual anomaly detection with Gaussians on pretrained deep features: score images "
                               "with the models of a folder. The inspection page is at `/`.")
     app.add_middleware(_BodyLimit, max_bytes=limits.max_request_bytes)
+    if keys is not None:
+        app.add_middleware(KeyCheck, keys=keys)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 401s and 413s too
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
     async def in_pool(fn, *args):
@@ -355,13 +375,24 @@ def create_app(models: Mapping[str, GaussianAD], fpr: float | None = None, limit
             return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args))
         except UploadError as exc:
             raise HTTPException(exc.status, str(exc)) from None
+        except UpdateError as exc:
+            raise HTTPException(409, str(exc)) from None
         except GaussadError as exc:
             raise HTTPException(422, str(exc)) from None
 
-    def get_model(name: str) -> GaussianAD:
-        if name not in models:
-            raise HTTPException(404, f"no model named {name!r}; models: {', '.join(sorted(models))}")
-        return models[name]
+    def get_model(name: str) -> tuple[GaussianAD, int, str]:
+        """The served model, its version and its file's SHA-256 (read together: an update may swap it any time)."""
+        if name not in registry.served:
+            raise HTTPException(404, f"no model named {name!r}; models: {', '.join(sorted(registry.served))}")
+        return registry.current(name)
+
+    def record(name: str, version: int, sha: str, rows: list[dict], uploads: list[tuple[str, bytes]]) -> None:
+        """Count the scored images and queue them for the results log (never waits); each row gets its log id."""
+        metrics.scored.labels(name).inc(len(rows))
+        metrics.flagged.labels(name).inc(sum(bool(r["anomalous"]) for r in rows))
+        if results_log is not None:
+            for row, (filename, data) in zip(rows, uploads):
+                row["id"] = results_log.record(name, version, sha, row, data, Path(filename).suffix)
 
     async def read_uploads(files: list[UploadFile]) -> list[tuple[str, bytes]]:
         if len(files) > limits.max_files:
@@ -396,12 +427,17 @@ def create_app(models: Mapping[str, GaussianAD], fpr: float | None = None, limit
 
     @app.get("/health", response_model=Health, summary="service status, model names and upload limits")
     async def health() -> dict:
-        return {"status": "ok", "version": __version__, "models": sorted(models),
-                "limits": {**asdict(limits), "max_request_bytes": limits.max_request_bytes}}
+        return {"status": "ok", "version": __version__, "models": sorted(registry.served),
+                "limits": {**asdict(limits), "max_request_bytes": limits.max_request_bytes},
+                "auth": keys is not None, "drift": await ops.all_drift()}
 
     @app.get("/models", response_model=list[ModelInfo], summary="the loaded models")
     async def list_models() -> list[dict]:
-        return [model_info(name, models[name], service_fpr) for name in sorted(models)]
+        out = []
+        for name in sorted(registry.served):
+            model, version, sha = registry.current(name)
+            out.append({**model_info(name, model, service_fpr), "version": version, "sha256": sha})
+        return out
 
     @app.post("/models/{name}/score", response_model=ScoreResponse, response_model_exclude_none=True,
               summary="score one or more images",
@@ -413,40 +449,60 @@ def create_app(models: Mapping[str, GaussianAD], fpr: float | None = None, limit
         fpr: float | None = Query(None, ge=params.MIN_FPR, lt=1, description="target false-positive rate (default: the service's --fpr, else the model's own)"),
         maps: bool = Query(False, description="add a heat-map overlay per image (models fitted with anomaly maps)"),
     ) -> dict:
-        model = get_model(name)
+        model, version, sha = get_model(name)
         if maps and not model.has_maps:
             raise HTTPException(422, f"model {name!r} has no anomaly maps (fit it with --preset recommended)")
         uploads = await read_uploads(files)
         fpr = service_fpr if fpr is None else fpr
         results = await run_admitted(uploads, score_uploads, model, uploads, fpr, limits, maps)
-        return {"model": name, "fpr": effective_fpr(model, fpr), "results": results}
+        record(name, version, sha, results, uploads)
+        return {"model": name, "version": version, "fpr": effective_fpr(model, fpr), "results": results}
 
     @app.post("/models/{name}/map", response_class=Response, summary="heat-map overlay of one image (PNG)",
               responses={200: {"content": {"image/png": {}}, "description": "the image with its anomaly map blended over it"},
                          404: {"description": "unknown model"}, 413: {"description": "upload too large"},
                          415: {"description": "not an image"}, 422: {"description": "model without maps, or undecodable image"}})
     async def heat_map(name: str, file: UploadFile = File(..., description="one image")) -> Response:
-        model = get_model(name)
+        model, version, sha = get_model(name)
         if not model.has_maps:
             raise HTTPException(422, f"model {name!r} has no anomaly maps (fit it with --preset recommended)")
         (upload,) = await read_uploads([file])
         png, row = await run_admitted([upload], map_upload, model, *upload, service_fpr, limits)
+        record(name, version, sha, [row], [upload])
         return Response(png, media_type="image/png", headers={
             "X-Gaussad-Score": repr(row["score"]), "X-Gaussad-Anomalous": str(row["anomalous"]).lower(),
             "X-Gaussad-Map-Max": repr(row["map_max"])})
 
+    def threshold_of(name: str) -> float | None:
+        limit = decision_rule(registry.current(name)[0], service_fpr).get("score_threshold")
+        return limit
+
+    ops = router(registry, results_log, metrics, lambda name: effective_fpr(registry.current(name)[0], service_fpr),
+                 threshold_of, in_pool)
+    app.include_router(ops)
     return app
 
 
 def run(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, fpr: float | None = None,
-        limits: Limits | None = None, workers: int | None = None, log_level: str = "info") -> None:
-    """Load the models of ``folder`` and serve them with uvicorn until interrupted."""
+        limits: Limits | None = None, workers: int | None = None, log_level: str = "info",
+        keys_file: str | os.PathLike | None = None, insecure: bool = False, db: str | None = None,
+        keep_images: str | os.PathLike | None = None) -> None:
+    """Load the models of ``folder`` and serve them with uvicorn until interrupted. ``keys_file``: require API keys;
+    ``db``: the results log (a SQLite path or SQLAlchemy URL; None: off); ``keep_images``: keep scored images there."""
     import uvicorn
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=log_level.upper(), format="%(levelname)s:  %(message)s")
     _check_settings(fpr, workers)
+    keys = KeyStore.load(keys_file) if keys_file is not None else None
+    if keys is not None and not keys.entries:
+        raise DataError(f"{keys_file}: no keys in the file (add one with `gaussad keys add NAME --keys {keys_file}`)")
+    check_exposure(host, keys, insecure)
+    if keep_images is not None and db is None:
+        raise GaussadError("--keep-images needs the results log (--db)")
+    results_log = ResultsLog(db, keep_images) if db is not None else None  # a bad --db is found before loading
     models = load_models(folder)
-    app = create_app(models, fpr=fpr, limits=limits, workers=workers)
+    app = create_app(models, fpr=fpr, limits=limits, workers=workers, keys=keys, results_log=results_log,
+                     folder=folder)
     log.info("gaussad %s serving %d model(s) from %s: %s", __version__, len(models), folder, ", ".join(sorted(models)))
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -3,7 +3,24 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], maxFiles: 16, results: [], pending: 0 };
+const state = { models: [], maxFiles: 16, results: [], pending: 0, auth: false };
+const KEY = "gaussad-key"; // the API key, kept for this browser tab only (sessionStorage)
+
+// fetch with the API key when the service needs one; a 401 asks for the key again.
+async function api(url, options = {}) {
+  const key = sessionStorage.getItem(KEY);
+  const headers = { ...(options.headers || {}) };
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const resp = await fetch(url, { ...options, headers });
+  if (resp.status === 401 && state.auth) askKey("the key was not accepted; enter a valid key");
+  return resp;
+}
+
+function askKey(message) {
+  $("key-form").hidden = false;
+  $("key-message").textContent = message || "";
+  $("key").focus();
+}
 
 function currentModel() {
   return state.models.find((m) => m.name === $("model").value);
@@ -36,7 +53,100 @@ function describeModel() {
   const t = m.threshold;
   $("model-info").textContent = `${m.backbone}, ${m.input_size} px, trained on ${m.n_samples} images; ` +
     `decision: ${t.method} at FPR ${t.fpr}; ${m.maps ? "heat maps" : "no heat maps"}`;
+  $("version").textContent = m.version == null ? "" : `version ${m.version}`;
   $("maps-toggle").hidden = !m.maps;
+  loadHistory();
+}
+
+async function reloadModels() {
+  const resp = await api("/models");
+  if (!resp.ok) { showError(await errorText(resp)); return false; }
+  const chosen = $("model").value;
+  state.models = await resp.json();
+  $("model").replaceChildren(...state.models.map((m) => new Option(m.name, m.name)));
+  if (state.models.some((m) => m.name === chosen)) $("model").value = chosen;
+  describeModel();
+  return true;
+}
+
+// Score over time (oldest left) with the threshold line; flagged points red; the drift tests underneath.
+async function loadHistory() {
+  const m = currentModel();
+  if (!m) return;
+  const resp = await api(`/models/${encodeURIComponent(m.name)}/history?limit=200`);
+  if (!resp.ok) { $("history").hidden = true; return; }
+  const h = await resp.json();
+  $("history").hidden = false;
+  const svg = $("chart");
+  const W = 600, H = 120, pad = 4;
+  const scores = h.points.map((p) => p.score);
+  const top = Math.max(...scores, h.threshold || 0, 1e-9) * 1.05;
+  const x = (i) => pad + (h.points.length < 2 ? 0 : (i * (W - 2 * pad)) / (h.points.length - 1));
+  const y = (v) => H - pad - (v / top) * (H - 2 * pad);
+  const parts = [];
+  if (h.threshold != null) {
+    parts.push(`<line class="threshold" x1="0" x2="${W}" y1="${y(h.threshold)}" y2="${y(h.threshold)}"></line>`);
+  }
+  h.points.forEach((p, i) => parts.push(
+    `<circle class="${p.anomalous ? "flag" : "pt"}" cx="${x(i).toFixed(1)}" cy="${y(p.score).toFixed(1)}" r="2.5"></circle>`));
+  svg.innerHTML = parts.join("");
+  loadRates();
+  const d = h.drift;
+  const alarm = $("drift");
+  alarm.className = d.alarm ? "alarm" : "";
+  alarm.textContent = d.alarm ? `DRIFT: ${d.reasons.join("; ")}` :
+    `no drift (${d.status}; last ${d.n} images of version ${h.version}, ${d.flagged} flagged at target FPR ${d.fpr})`;
+}
+
+// Realised rates from the operators' labels, per model and version (false alarms among good-marked, hits among
+// defect-marked).
+async function loadRates() {
+  const resp = await api("/feedback/rates");
+  if (!resp.ok) return;
+  const rows = await resp.json();
+  const pct = (x) => (x == null ? "–" : `${(100 * x).toFixed(1)} %`);
+  const table = $("rates");
+  table.replaceChildren();
+  const head = table.createTHead().insertRow();
+  for (const t of ["model", "version", "good marked", "flagged (FPR)", "defects marked", "flagged (TPR)"]) {
+    const th = document.createElement("th");
+    th.textContent = t;
+    head.append(th);
+  }
+  const body = table.createTBody();
+  for (const r of rows) {
+    const row = body.insertRow();
+    for (const v of [r.model, r.version, r.good, `${r.good_flagged} (${pct(r.fpr)})`, r.defect,
+                     `${r.defect_flagged} (${pct(r.tpr)})`]) row.insertCell().textContent = String(v);
+  }
+  table.hidden = rows.length === 0;
+}
+
+async function mark(r, label, fig) {
+  const resp = await api(`/results/${r.id}/label`, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ label }) });
+  if (!resp.ok) { showError(await errorText(resp)); return; }
+  r.label = label;
+  fig.querySelector(".label").textContent = `marked ${label}`;
+  loadRates();
+}
+
+async function applyFeedback() {
+  const m = currentModel();
+  if (!m) return;
+  const resp = await api(`/models/${encodeURIComponent(m.name)}/update`, { method: "POST" });
+  if (!resp.ok) { showError(await errorText(resp)); return; }
+  const body = await resp.json();
+  $("status").textContent = `model ${m.name}: version ${body.version} with ${body.added} image(s) added`;
+  await reloadModels();
+}
+
+async function rollback() {
+  const m = currentModel();
+  if (!m) return;
+  const resp = await api(`/models/${encodeURIComponent(m.name)}/rollback`, { method: "POST" });
+  if (!resp.ok) { showError(await errorText(resp)); return; }
+  await reloadModels();
 }
 
 function clearResults() {
@@ -84,6 +194,25 @@ function card(r, showMaps) {
   summary.textContent = `${p}levels`;
   details.append(summary, levelTable(r.levels));
   cap.append(name, line, details);
+  if (r.id) {
+    const fb = document.createElement("div");
+    fb.className = "feedback";
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = r.label ? `marked ${r.label}` : "";
+    for (const which of ["good", "defect"]) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = `mark-${which}`;
+      b.textContent = which;
+      b.title = which === "good" ? "a good image (a false alarm if flagged): add it to the model with 'apply feedback'"
+        : "a real defect";
+      b.addEventListener("click", () => mark(r, which, fig));
+      fb.append(b);
+    }
+    fb.append(label);
+    cap.append(fb);
+  }
   fig.append(img, cap);
   return fig;
 }
@@ -103,7 +232,7 @@ async function scoreChunk(model, files) {
   files.forEach((f) => form.append("files", f, fileName(f)));
   const url = `/models/${encodeURIComponent(model.name)}/score?maps=${model.maps}`;
   try {
-    const resp = await fetch(url, { method: "POST", body: form });
+    const resp = await api(url, { method: "POST", body: form });
     if (!resp.ok) {
       showError(await errorText(resp));
       return;
@@ -116,6 +245,7 @@ async function scoreChunk(model, files) {
   } finally {
     state.pending -= files.length;
     render();
+    if (!state.pending) loadHistory();
   }
 }
 
@@ -135,13 +265,22 @@ async function scoreFiles(fileList) {
 }
 
 async function init() {
-  const [health, models] = await Promise.all(["/health", "/models"].map((u) => fetch(u).then((r) => r.json())));
+  const health = await fetch("/health").then((r) => r.json());
   state.maxFiles = health.limits.max_files;
-  state.models = models;
-  for (const m of models) $("model").add(new Option(m.name, m.name));
-  describeModel();
+  state.auth = health.auth;
+  $("key-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    sessionStorage.setItem(KEY, $("key").value.trim());
+    $("key").value = "";
+    $("error").textContent = "";
+    if (await reloadModels()) $("key-form").hidden = true;
+  });
+  if (state.auth && !sessionStorage.getItem(KEY)) askKey("this service needs an API key");
+  else await reloadModels();
 
   $("model").addEventListener("change", () => { clearResults(); describeModel(); });
+  $("apply").addEventListener("click", applyFeedback);
+  $("rollback").addEventListener("click", rollback);
   for (const id of ["files", "folder"]) {
     $(id).addEventListener("change", (e) => { scoreFiles(e.target.files); e.target.value = ""; });
   }

@@ -1,0 +1,44 @@
+"""Drift alarms on a model's recent decisions: a flag rate significantly above the target false-positive rate
+(one-sided exact binomial test) or p-values smaller than uniform (one-sided Kolmogorov-Smirnov test). numpy/scipy
+only; it sees plain flags and p-values, not images or the service."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+WINDOW = 200     # the last N scored images of a model's current version
+ALPHA = 0.001    # significance of each test
+MIN_IMAGES = 20  # fewer images than this: no alarm, status "too few images"
+
+
+def drift(flags: Sequence[bool], pvalues: Sequence[float | None], fpr: float, alpha: float = ALPHA,
+          min_images: int = MIN_IMAGES) -> dict:
+    """Both tests on the most recent ``flags`` (decisions) and ``pvalues`` of one model at target ``fpr``.
+
+    Under a model that holds, each image is flagged with probability at most ``fpr`` and its p-value is uniform or
+    larger (the Bonferroni-adjusted chi-square/Hotelling p-values are conservative, so the one-sided test stays
+    valid for them). The alarm is raised when either test's p-value is below ``alpha``.
+    """
+    from scipy import stats
+
+    flags = np.asarray(flags, dtype=bool)
+    p = np.asarray([x for x in pvalues if x is not None], dtype=float)
+    n, k = int(flags.size), int(flags.sum())
+    out = {"n": n, "flagged": k, "flag_rate": k / n if n else None, "fpr": float(fpr), "alpha": alpha,
+           "binomial_p": None, "ks_p": None, "alarm": False, "reasons": []}
+    if n < min_images:
+        out["status"] = f"too few images ({n} < {min_images})"
+        return out
+    out["binomial_p"] = float(stats.binomtest(k, n, fpr, alternative="greater").pvalue)
+    if p.size >= min_images:
+        out["ks_p"] = float(stats.kstest(p, "uniform", alternative="greater").pvalue)
+    if out["binomial_p"] < alpha:
+        out["reasons"].append(f"flag rate {k}/{n} = {k / n:.3f} is above the target FPR {fpr:g} "
+                              f"(binomial p = {out['binomial_p']:.2e})")
+    if out["ks_p"] is not None and out["ks_p"] < alpha:
+        out["reasons"].append(f"p-values are smaller than uniform (Kolmogorov-Smirnov p = {out['ks_p']:.2e})")
+    out["alarm"] = bool(out["reasons"])
+    out["status"] = "drift" if out["alarm"] else "ok"
+    return out

@@ -1,0 +1,335 @@
+"""The whole detector as one ONNX graph: uint8 images (N, H, W, 3) -> image score, per-level distances, p-value and
+decision under the model's own rule, for use without Python, torch or gaussad (``gaussad export``).
+
+The graph is the feature network (as :mod:`gaussad.engine` exports it) with the preprocessing before it and the
+Gaussians and the decision rule after it, all as constants: resize as :func:`gaussad.images.resize_to` (PIL's bilinear
+transform at pixel centres replayed in float64 and truncated to 8 bit as PIL does: the same pixels; square, or
+aspect-kept with the size computed in the graph),
+normalisation, Mahalanobis distances through the inverse Cholesky factor (float64), chi-square p-values in closed
+form (float64; the odd-dimension case through a 1.2e-7-accurate erfc) or conformal p-values against the embedded
+calibration scores. What is left to the caller: decoding, EXIF orientation and conversion to RGB (PIL's draft-mode
+JPEG decoding of large JPEGs too), maps of the ``gaussian`` map method (``nearest`` maps are exported with
+``maps=True``), and the Hotelling p-value (the F law has no closed form here).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+from scipy.special import gammaln
+
+from . import __version__
+from .decision import DecisionRule
+from .errors import GaussadError
+from .images import ASPECT_STEP
+from .state import DetectorState
+
+OPSET = 17
+# What the graph does not do, shown by ``gaussad export`` and stored in the graph's metadata.
+LIMITS = ("the graph takes decoded 8-bit RGB pixels: decoding, EXIF orientation and conversion of other modes to RGB "
+          "are the caller's (gaussad also decodes JPEGs of at least twice the input size at reduced scale, PIL's "
+          "draft mode; give such JPEGs decoded in full and the scores differ slightly)")
+NO_MAPS = "anomaly maps are not part of the graph: export with --maps to add them"
+
+
+def _erfc_log(b, z: str) -> str:
+    """log erfc(z) for z >= 0 (Numerical Recipes' erfcc, fractional error below 1.2e-7 everywhere)."""
+    coeffs = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587,
+              -0.82215223, 0.17087277)
+    t = b.op("Reciprocal", b.op("Add", b.const(1.0), b.op("Mul", b.const(0.5), z)))
+    acc = b.const(coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        acc = b.op("Add", b.const(c), b.op("Mul", t, acc))
+    return b.op("Add", b.op("Log", t), b.op("Sub", acc, b.op("Mul", z, z)))
+
+
+def _chi2_log_sf(b, sq: str, dof: int) -> str:
+    """log P(chi2_dof > sq) for (N, 1) float64 squared distances, by the finite series of integer degrees of freedom."""
+    y = b.op("Max", b.op("Mul", sq, b.const(0.5)), b.const(1e-300))
+    logy = b.op("Log", y)
+    if dof % 2 == 0:
+        j = np.arange(dof // 2, dtype=np.float64)
+        terms = [b.op("Sub", b.op("Sub", b.op("Mul", logy, b.const(j[None, :])), b.const(gammaln(j + 1)[None, :])), y)]
+    else:
+        terms = [_erfc_log(b, b.op("Sqrt", y))]
+        if dof > 1:
+            j = np.arange((dof - 1) // 2, dtype=np.float64) + 0.5
+            terms.append(b.op("Sub", b.op("Sub", b.op("Mul", logy, b.const(j[None, :])),
+                                          b.const(gammaln(j + 1)[None, :])), y))
+    logt = b.op("Concat", *terms, axis=1) if len(terms) > 1 else terms[0]
+    top = b.op("ReduceMax", logt, axes=[1], keepdims=1)
+    total = b.op("ReduceSum", b.op("Exp", b.op("Sub", logt, top)), b.const(np.array([1], np.int64)), keepdims=1)
+    return b.op("Add", top, b.op("Log", total))
+
+
+class _Builder:
+    """Appends nodes and constants to an ONNX graph under fresh names."""
+
+    def __init__(self, graph, prefix: str = "gaussad_"):
+        self.graph, self.prefix, self.count = graph, prefix, 0
+
+    def name(self) -> str:
+        self.count += 1
+        return f"{self.prefix}{self.count}"
+
+    def const(self, value, dtype=np.float64) -> str:
+        from onnx import numpy_helper
+
+        arr = np.asarray(value, dtype=dtype if not isinstance(value, np.ndarray) else value.dtype)
+        name = self.name()
+        self.graph.initializer.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def op(self, kind: str, *inputs: str, out: str | None = None, **attrs: Any) -> str:
+        from onnx import helper
+
+        out = out or self.name()
+        self.graph.node.append(helper.make_node(kind, list(inputs), [out], name=self.name(), **attrs))
+        return out
+
+
+def _whitening(g) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(components, inverse-Cholesky transpose, scale) of a level Gaussian: z = ((x - mean) @ V) @ W or / scale."""
+    winv = None
+    if g.chol is not None:
+        winv = scipy.linalg.solve_triangular(g.chol, np.eye(g.chol.shape[0]), lower=True).T.copy()
+    return g.components, winv, g.scale
+
+
+def _axis(b, n_in: str, n_out: str) -> tuple[str, str, str]:
+    """Source indices (clamped) and weights of PIL's bilinear transform along one axis, in float64 as PIL computes
+    them: source coordinate (n_in / n_out) * (i + 0.5) - 0.5 for output pixel i."""
+    from onnx import TensorProto
+
+    i = b.op("Cast", b.op("Range", b.const(np.array(0, np.int64)), b.op("Cast", n_out, to=TensorProto.INT64),
+                          b.const(np.array(1, np.int64))), to=TensorProto.DOUBLE)
+    c = b.op("Sub", b.op("Mul", b.op("Div", n_in, n_out), b.op("Add", i, b.const(0.5))), b.const(0.5))
+    lo = b.op("Floor", c)
+    frac = b.op("Sub", c, lo)
+    top = b.op("Sub", n_in, b.const(1.0))
+    clamp = lambda t: b.op("Cast", b.op("Min", b.op("Max", t, b.const(0.0)), top), to=TensorProto.INT64)  # noqa: E731
+    return clamp(lo), clamp(b.op("Add", lo, b.const(1.0))), frac
+
+
+def _lerp(b, x: str, i0: str, i1: str, w: str, axis: int) -> str:
+    """PIL's ``a + (b - a) * w`` between the entries i0 and i1 of ``x`` along ``axis``."""
+    lo = b.op("Gather", x, i0, axis=axis)
+    return b.op("Add", lo, b.op("Mul", b.op("Sub", b.op("Gather", x, i1, axis=axis), lo), w))
+
+
+def _preprocess(b, image: str, size: int, resize: str, normalization) -> str:
+    """uint8 (N, H, W, 3) -> the normalised float32 network input (N, 3, H', W').
+
+    The resize is PIL's affine bilinear transform (:func:`gaussad.images.resize_bilinear`) replayed in float64 with
+    its truncation to 8 bit: the same pixels, not merely close ones.
+    """
+    from onnx import TensorProto
+
+    x = b.op("Cast", image, to=TensorProto.DOUBLE)
+    shape = b.op("Cast", b.op("Shape", x), to=TensorProto.DOUBLE)
+    pick = lambda k: b.op("Gather", shape, b.const(np.array(k, np.int64)))  # noqa: E731  (a scalar)
+    h, w = pick(1), pick(2)
+    if resize == "square":
+        out_h = out_w = b.const(float(size))
+    else:  # aspect_size: round(side * S / sqrt(w h) / 32) clipped to 1..8S/32, times 32, in float64 as Python does
+        k = b.op("Div", b.const(float(size)), b.op("Sqrt", b.op("Mul", w, h)))
+        side = lambda v: b.op("Mul", b.op("Min", b.op("Max", b.op("Round", b.op("Div", b.op("Mul", v, k),  # noqa: E731
+                                                                                        b.const(float(ASPECT_STEP)))),
+                                                              b.const(1.0)), b.const(float(8 * size // ASPECT_STEP))),
+                               b.const(float(ASPECT_STEP)))
+        out_h, out_w = side(h), side(w)
+    y0, y1, dy = _axis(b, h, out_h)
+    x0, x1, dx = _axis(b, w, out_w)
+    # PIL interpolates each row along x first, then between the two rows: same order of operations here.
+    wx = b.op("Unsqueeze", dx, b.const(np.array([0, 1, 3], np.int64)))
+    top = _lerp(b, b.op("Gather", x, y0, axis=1), x0, x1, wx, axis=2)
+    bottom = _lerp(b, b.op("Gather", x, y1, axis=1), x0, x1, wx, axis=2)
+    wy = b.op("Unsqueeze", dy, b.const(np.array([0, 2, 3], np.int64)))
+    value = b.op("Add", top, b.op("Mul", b.op("Sub", bottom, top), wy))
+    pixels = b.op("Transpose", b.op("Cast", b.op("Floor", value), to=TensorProto.FLOAT), perm=[0, 3, 1, 2])
+    mean, std = (np.asarray(v, np.float32) for v in normalization)
+    scale = (1.0 / (255.0 * std)).astype(np.float32).reshape(1, 3, 1, 1)
+    shift = (-mean / std).astype(np.float32).reshape(1, 3, 1, 1)
+    return b.op("Add", b.op("Mul", pixels, b.const(scale)), b.const(shift))
+
+
+def _distances(b, state: DetectorState, features: list[str]) -> list[str]:
+    """Per level (N, 1) float64 Mahalanobis distances of the (N, D_l) float32 pooled features."""
+    from onnx import TensorProto
+
+    out = []
+    for g, f in zip(state.gaussians, features):
+        comps, winv, scale = _whitening(g)
+        diff = b.op("Sub", b.op("Cast", f, to=TensorProto.DOUBLE), b.const(g.mean[None, :]))
+        if comps is not None:
+            diff = b.op("MatMul", diff, b.const(comps))
+        z = b.op("MatMul", diff, b.const(winv)) if winv is not None else b.op("Div", diff, b.const(scale[None, :]))
+        sq = b.op("ReduceSum", b.op("Mul", z, z), b.const(np.array([1], np.int64)), keepdims=1)
+        out.append(b.op("Sqrt", sq))
+    return out
+
+
+def _decision(b, state: DetectorState, rule: DecisionRule, levels: str, per_level: list[str],
+              score: str) -> tuple[str, str]:
+    """(anomalous int64 (N,), p-value float64 (N,)) under ``rule``."""
+    from onnx import TensorProto
+
+    flat = lambda t: b.op("Squeeze", t, b.const(np.array([1], np.int64)))  # noqa: E731
+    if rule.method == "conformal":
+        cal = np.asarray(state.calibration_scores, np.float64)
+        limit = rule.score_threshold(state)
+        at_least = b.op("Cast", b.op("LessOrEqual", b.op("Unsqueeze", score, b.const(np.array([1], np.int64))),
+                                     b.const(cal[None, :])), to=TensorProto.DOUBLE)
+        count = b.op("ReduceSum", at_least, b.const(np.array([1], np.int64)), keepdims=0)
+        pvalue = b.op("Div", b.op("Add", count, b.const(1.0)), b.const(cal.size + 1.0))
+        flagged = b.op("Greater", score, b.const(limit if math.isfinite(limit) else np.inf))
+        return b.op("Cast", flagged, to=TensorProto.INT64), pvalue
+    n_levels = len(state.dofs)
+    thresholds = rule.level_thresholds(state, rule.fpr / n_levels)
+    over = b.op("Cast", b.op("Greater", levels, b.const(thresholds[None, :])), to=TensorProto.DOUBLE)
+    flagged = b.op("Cast", b.op("ReduceMax", over, axes=[1], keepdims=0), to=TensorProto.INT64)
+    logs = [_chi2_log_sf(b, b.op("Mul", d, d), k) for d, k in zip(per_level, state.dofs)]
+    lowest = b.op("ReduceMin", b.op("Concat", *logs, axis=1), axes=[1], keepdims=1)
+    pvalue = b.op("Min", b.op("Mul", b.op("Exp", lowest), b.const(float(n_levels))), b.const(1.0))
+    return flagged, flat(pvalue)
+
+
+def _grid_kernels(extractor, layout) -> list[int]:
+    """Per map level the block size that averages it down to the coarsest map level's grid (1 on that grid), from
+    the network's map shapes at the input size; refused where the grids do not divide evenly."""
+    import torch
+
+    size = layout.input_size
+    with torch.inference_mode():
+        shapes = [tuple(o.shape[2:]) for o in extractor.module(torch.zeros(1, 3, size, size))[len(layout.levels):]]
+    h, w = min(s[0] for s in shapes), min(s[1] for s in shapes)
+    if size % 32 or any(a % h or b % w or a // h != b // w for a, b in shapes):
+        raise GaussadError(f"--maps: the feature maps at input size {size} do not average evenly onto the "
+                           f"coarsest map grid (shapes {shapes}); maps export needs an input size that is a "
+                           "multiple of 32")
+    return [a // h for a, _ in shapes]
+
+
+def _maps(b, state: DetectorState, kernels: list[int], fmaps: list[str], size: int) -> str:
+    """(N, size, size) float32 anomaly maps as :meth:`DetectorState.anomaly_maps` makes them (nearest method):
+    location vectors averaged over pool x pool neighbourhoods (border locations over fewer) and down to the coarsest
+    grid, nearest bank member distance / bank scale, mean over levels, upsampled as PIL does (float64, no rounding)."""
+    from onnx import TensorProto
+
+    pool = state.map_pool
+    per_level = []
+    for bank, k, f in zip(state.map_banks, kernels, fmaps):
+        if pool > 1:
+            f = b.op("AveragePool", f, kernel_shape=[pool, pool], pads=[pool // 2] * 4, count_include_pad=0)
+        if k > 1:
+            f = b.op("AveragePool", f, kernel_shape=[k, k], strides=[k, k])
+        q = b.op("Transpose", f, perm=[0, 2, 3, 1])  # (N, h, w, C)
+        members = np.ascontiguousarray(bank.vectors, dtype=np.float32)
+        g = b.op("Add", b.op("MatMul", q, b.const(np.ascontiguousarray(members.T * np.float32(-2.0)))),
+                 b.const(np.einsum("ij,ij->i", members, members)))
+        axis = b.const(np.array([-1], np.int64))
+        sq = b.op("Add", b.op("ReduceMin", g, axes=[-1], keepdims=0),
+                  b.op("ReduceSum", b.op("Mul", q, q), axis, keepdims=0))
+        d = b.op("Sqrt", b.op("Max", sq, b.const(0.0, np.float32)))
+        per_level.append(b.op("Div", d, b.const(np.float32(bank.scale), np.float32)))
+    mean = per_level[0]
+    if len(per_level) > 1:
+        stacked = b.op("Concat", *[b.op("Unsqueeze", m, b.const(np.array([0], np.int64))) for m in per_level], axis=0)
+        mean = b.op("ReduceMean", stacked, axes=[0], keepdims=0)
+    x = b.op("Cast", mean, to=TensorProto.DOUBLE)
+    shape = b.op("Cast", b.op("Shape", x), to=TensorProto.DOUBLE)
+    pick = lambda i: b.op("Gather", shape, b.const(np.array(i, np.int64)))  # noqa: E731
+    out = b.const(float(size))
+    y0, y1, dy = _axis(b, pick(1), out)
+    x0, x1, dx = _axis(b, pick(2), out)
+    wx = b.op("Unsqueeze", dx, b.const(np.array([0, 1], np.int64)))
+    top = _lerp(b, b.op("Gather", x, y0, axis=1), x0, x1, wx, axis=2)
+    bottom = _lerp(b, b.op("Gather", x, y1, axis=1), x0, x1, wx, axis=2)
+    wy = b.op("Unsqueeze", dy, b.const(np.array([0, 2], np.int64)))
+    return b.op("Cast", b.op("Add", top, b.op("Mul", b.op("Sub", bottom, top), wy)), to=TensorProto.FLOAT)
+
+
+def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
+    """The serialised ONNX graph of a fitted image model and the notes on what it leaves out.
+
+    ``model`` is a fitted :class:`gaussad.GaussianAD` with a backbone; its own decision rule (method and FPR) is
+    embedded. Outputs: ``score`` (N,), ``levels`` (N, L), ``pvalue`` (N,) float64 and ``anomalous`` (N,) int64; with
+    ``maps`` (nearest-neighbour map models) also ``map`` (N, S, S) float32, as :meth:`GaussianAD.anomaly_map`.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    from .engine import export_onnx
+
+    state: DetectorState = model.state_
+    if model.backbone is None:
+        raise GaussadError("this model works on plain feature arrays (backbone=None): there is no network to export")
+    if maps and not state.has_maps:
+        raise GaussadError("--maps: this model has no anomaly maps (fit it with --preset recommended or --map-levels)")
+    if maps and not state.map_banks:
+        raise GaussadError("--maps: only nearest-neighbour maps (--map-method nearest, the recommended preset's) can be "
+                           "exported; export without --maps")
+    if maps and state.map_grid != "coarsest":
+        raise GaussadError("--maps: only maps on the coarsest grid (--map-grid coarsest, every preset's) can be "
+                           "exported so far; export without --maps")
+    rule = model.rule()
+    if rule.method == "hotelling":
+        raise GaussadError("the Hotelling p-value (F law) cannot be expressed in the graph: export a chi2 or conformal "
+                           "model (refit with --threshold chi2 or conformal)")
+    rule.check(state, "cannot export: ")
+    extractor = model.feature_extractor()
+    layout = state.layout
+    kernels = _grid_kernels(extractor, layout) if maps else []
+    net = onnx.load_from_string(export_onnx(extractor.module, extractor.input_size, any_size=extractor.resize == "aspect"))
+    graph = net.graph
+    pooled = [o.name for o in graph.output][:len(layout.levels)]
+    fmaps = [o.name for o in graph.output][len(layout.levels):]
+    old_input = graph.input[0].name
+    del graph.input[:]
+    graph.input.append(helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", "height", "width", 3]))
+    b = _Builder(graph)
+    # The network's nodes read the old input: the preprocessing must come first in topological order.
+    body = list(graph.node)
+    del graph.node[:]
+    b.op("Identity", _preprocess(b, "image", layout.input_size, extractor.resize, extractor.normalization),
+         out=old_input)
+    graph.node.extend(body)
+    per_level = _distances(b, state, pooled)
+    levels = b.op("Concat", *per_level, axis=1, out="levels")
+    score = b.op("ReduceMean", levels, axes=[1], keepdims=0, out="score")
+    flagged, pvalue = _decision(b, state, rule, levels, per_level, score)
+    b.op("Identity", flagged, out="anomalous")
+    b.op("Identity", pvalue, out="pvalue")
+    if maps:
+        b.op("Identity", _maps(b, state, kernels, fmaps, layout.input_size), out="map")
+    del graph.output[:]
+    n_levels = len(layout.levels)
+    graph.output.extend([
+        helper.make_tensor_value_info("score", TensorProto.DOUBLE, ["batch"]),
+        helper.make_tensor_value_info("levels", TensorProto.DOUBLE, ["batch", n_levels]),
+        helper.make_tensor_value_info("pvalue", TensorProto.DOUBLE, ["batch"]),
+        helper.make_tensor_value_info("anomalous", TensorProto.INT64, ["batch"]),
+    ] + ([helper.make_tensor_value_info("map", TensorProto.FLOAT, ["batch", layout.input_size, layout.input_size])]
+         if maps else []))
+    notes = [LIMITS, NO_MAPS] if state.has_maps and not maps else [LIMITS]
+    limit = rule.score_threshold(state)
+    meta = {
+        "gaussad.version": __version__, "gaussad.preset": str(model.preset or "paper"),
+        "gaussad.backbone": str(model.backbone), "gaussad.levels": ",".join(layout.level_names),
+        "gaussad.input_size": str(layout.input_size), "gaussad.resize": extractor.resize,
+        "gaussad.normalize": str(model.setting("normalize")), "gaussad.threshold": rule.method, "gaussad.fpr": repr(rule.fpr),
+        "gaussad.score_threshold": repr(float(limit)), "gaussad.n_samples": str(state.n_samples),
+        "gaussad.n_calibration": str(0 if state.calibration_scores is None else state.calibration_scores.size),
+        "gaussad.outputs": "score (N,) float64, levels (N, L) float64, pvalue (N,) float64, anomalous (N,) int64"
+                           + (f", map (N, {layout.input_size}, {layout.input_size}) float32" if maps else ""),
+        "gaussad.limits": " ".join(notes),
+    }
+    for key, value in meta.items():
+        net.metadata_props.add(key=key, value=value)
+    net.producer_name = "gaussad"
+    net.producer_version = __version__
+    onnx.checker.check_model(net)
+    return net.SerializeToString(), notes

@@ -1,0 +1,292 @@
+"""The service's results log: every scored image as one row of an SQL table (SQLAlchemy Core: SQLite by default,
+PostgreSQL or any other URL), written by one background thread so that logging never holds up scoring.
+
+Rows are queued in memory (an unbounded queue: nothing is dropped under load) and written in batches; ``flush``
+waits until everything queued so far is written and ``close`` flushes and stops the writer. Each row has a
+random ``id`` given when it is queued (returned to the client at once) and a ``seq`` the database assigns in
+write order (the cursor of ``GET /results``). With ``keep_dir`` the image bytes are kept too, content-addressed
+as ``<sha256>.<ext>``, written atomically by the writer thread.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+from .errors import DataError, GaussadError
+from .files import write_atomic
+
+log = logging.getLogger(__name__)
+
+LABELS = ("good", "defect")
+COLUMNS = ("seq", "id", "time", "model", "version", "model_sha256", "image_sha256", "filename", "score", "levels",
+           "pvalue", "anomalous", "map_max", "image_file", "label", "labelled_at", "applied_in")
+_STOP = object()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _url(db: str) -> str:
+    """A SQLAlchemy URL from ``--db``: a URL as it is, else a SQLite file path."""
+    return db if "://" in db else f"sqlite:///{Path(db).resolve()}"
+
+
+def _shown(db: str) -> str:
+    """``db`` for messages, without a password."""
+    if "://" not in db:
+        return db
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(db).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown without its credentials part
+        return db.split("://", 1)[0] + "://..."
+
+
+class ResultsLog:
+    """Append-only results table with labels; thread-safe. ``db``: a SQLAlchemy URL or a SQLite file path."""
+
+    def __init__(self, db: str, keep_dir: str | None = None, batch: int = 256):
+        try:
+            import sqlalchemy as sa
+        except ImportError as exc:  # pragma: no cover - an extra of the service
+            raise GaussadError(f"the results log needs SQLAlchemy ({exc}): pip install 'gaussad[serve]'") from None
+        self.sa, self.url, self.batch = sa, _url(db), batch
+        self.keep_dir = Path(keep_dir) if keep_dir else None
+        if self.keep_dir is not None:
+            try:
+                self.keep_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DataError(f"{self.keep_dir}: cannot create the image folder: {exc}") from None
+        try:
+            self.engine = sa.create_engine(self.url)
+            if self.engine.dialect.name == "sqlite":  # readers do not wait for the writer's commits (write-ahead log)
+                sa.event.listen(self.engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
+            meta = sa.MetaData()
+            self.table = sa.Table(
+                "results", meta,
+                sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+                sa.Column("id", sa.String(32), unique=True, nullable=False),
+                sa.Column("time", sa.Float, nullable=False, index=True),
+                sa.Column("model", sa.String(200), nullable=False, index=True),
+                sa.Column("version", sa.Integer, nullable=False),
+                sa.Column("model_sha256", sa.String(64), nullable=False),
+                sa.Column("image_sha256", sa.String(64), nullable=False),
+                sa.Column("filename", sa.Text, nullable=False),
+                sa.Column("score", sa.Float, nullable=False),
+                sa.Column("levels", sa.Text, nullable=False),
+                sa.Column("pvalue", sa.Float),
+                sa.Column("anomalous", sa.Boolean, nullable=False),
+                sa.Column("map_max", sa.Float),
+                sa.Column("image_file", sa.Text),
+                sa.Column("label", sa.String(16)),
+                sa.Column("labelled_at", sa.Float),
+                sa.Column("applied_in", sa.Integer),
+            )
+            meta.create_all(self.engine)
+        except (sa.exc.SQLAlchemyError, ImportError) as exc:  # ImportError: the URL's driver is not installed
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise DataError(f"{_shown(db)}: cannot open the results database: {reason}") from None
+        self._queue: queue.Queue = queue.Queue()
+        self._written = threading.Condition()
+        self._queued = self._done = 0
+        self.errors = 0
+        self._thread = threading.Thread(target=self._writer, name="gaussad-results-log", daemon=True)
+        self._thread.start()
+
+    # ----- writing ---------------------------------------------------------------------------------------------
+    def record(self, model: str, version: int, model_sha256: str, row: dict, image: bytes, suffix: str = "") -> str:
+        """Queue one scored image (a result row of :mod:`gaussad.results`); returns its id. Never blocks."""
+        rid = uuid.uuid4().hex
+        digest = sha256(image)
+        entry = {"id": rid, "time": time.time(), "model": model, "version": int(version), "model_sha256": model_sha256,
+                 "image_sha256": digest, "filename": str(row["path"]), "score": float(row["score"]),
+                 "levels": json.dumps(row["levels"]), "pvalue": row.get("pvalue"), "anomalous": bool(row["anomalous"]),
+                 "map_max": row.get("map_max"), "image_file": None}
+        image_data = None
+        if self.keep_dir is not None:
+            entry["image_file"] = digest + (suffix.lower() if suffix.lower() in (
+                ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp") else "")
+            image_data = image
+        with self._written:
+            self._queued += 1
+        self._queue.put((entry, image_data))
+        return rid
+
+    def _writer(self) -> None:
+        while True:
+            item = self._queue.get()
+            items = [item]
+            while len(items) < self.batch:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(i is _STOP for i in items)
+            rows = [i for i in items if i is not _STOP]
+            if rows:
+                self._write(rows)
+            with self._written:
+                self._done += len(rows)
+                self._written.notify_all()
+            if stop:
+                return
+
+    def _write(self, rows: list) -> None:
+        for entry, image in rows:
+            if image is not None and entry["image_file"]:
+                path = self.keep_dir / entry["image_file"]
+                try:
+                    if not path.exists():
+                        write_atomic(path, image, "kept image")
+                except GaussadError as exc:
+                    log.error("results log: %s", exc)
+                    entry["image_file"] = None
+        for attempt in range(5):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(self.table.insert(), [entry for entry, _ in rows])
+                return
+            except self.sa.exc.SQLAlchemyError as exc:  # e.g. a locked SQLite file: retry, then report
+                if attempt == 4:
+                    self.errors += len(rows)
+                    log.error("results log: %d rows could not be written: %s", len(rows), exc)
+                    return
+                time.sleep(0.2 * (attempt + 1))
+
+    @property
+    def pending(self) -> int:
+        """Rows queued and not yet written."""
+        return self._queued - self._done
+
+    def flush(self, timeout: float | None = 60) -> bool:
+        """Wait until every row queued so far is written; False on timeout."""
+        with self._written:
+            target = self._queued
+            return self._written.wait_for(lambda: self._done >= target, timeout)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+        self.engine.dispose()
+
+    # ----- reading ---------------------------------------------------------------------------------------------
+    def _row(self, r) -> dict:
+        d = dict(r._mapping)
+        d["levels"] = json.loads(d["levels"])
+        d["anomalous"] = bool(d["anomalous"])
+        return d
+
+    def query(self, model: str | None = None, since: float | None = None, anomalous: bool | None = None,
+              limit: int = 100, cursor: int | None = None, label: str | None = None, version: int | None = None,
+              newest_first: bool = False, wait: bool = True) -> list[dict]:
+        """Rows in write order after ``cursor`` (a ``seq``), filtered; at most ``limit``. With ``wait`` rows queued
+        before the call are included (it waits for the writer, at most 10 s)."""
+        if wait:
+            self.flush(10)
+        sa, t = self.sa, self.table
+        q = sa.select(t)
+        if model is not None:
+            q = q.where(t.c.model == model)
+        if since is not None:
+            q = q.where(t.c.time >= since)
+        if anomalous is not None:
+            q = q.where(t.c.anomalous == anomalous)
+        if label is not None:
+            q = q.where(t.c.label == label)
+        if version is not None:
+            q = q.where(t.c.version == version)
+        if cursor is not None:
+            q = q.where(t.c.seq < cursor if newest_first else t.c.seq > cursor)
+        q = q.order_by(t.c.seq.desc() if newest_first else t.c.seq).limit(limit)
+        with self.engine.connect() as conn:
+            return [self._row(r) for r in conn.execute(q)]
+
+    def get(self, rid: str) -> dict | None:
+        self.flush()
+        with self.engine.connect() as conn:
+            r = conn.execute(self.sa.select(self.table).where(self.table.c.id == rid)).first()
+        return None if r is None else self._row(r)
+
+    def count(self, model: str | None = None) -> int:
+        q = self.sa.select(self.sa.func.count()).select_from(self.table)
+        if model is not None:
+            q = q.where(self.table.c.model == model)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def label(self, rid: str, label: str | None) -> dict:
+        """Mark a logged result ``good`` (a false alarm, or a confirmed good image) or ``defect`` (None: unmark)."""
+        if label is not None and label not in LABELS:
+            raise GaussadError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
+        if self.get(rid) is None:
+            raise KeyError(rid)
+        with self.engine.begin() as conn:
+            conn.execute(self.table.update().where(self.table.c.id == rid).values(
+                label=label, labelled_at=None if label is None else time.time()))
+        return self.get(rid)
+
+    def to_apply(self, model: str) -> list[dict]:
+        """Good-marked results of ``model`` not yet added to it."""
+        t = self.table
+        self.flush()
+        with self.engine.connect() as conn:
+            rows = conn.execute(self.sa.select(t).where(t.c.model == model, t.c.label == "good",
+                                                        t.c.applied_in.is_(None)).order_by(t.c.seq))
+            return [self._row(r) for r in rows]
+
+    def mark_applied(self, seqs: Iterable[int], version: int | None) -> None:
+        seqs = list(seqs)
+        if not seqs:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(self.table.update().where(self.table.c.seq.in_(seqs)).values(applied_in=version))
+
+    def unapply(self, model: str, version: int) -> None:
+        """Rows added in ``version`` (rolled back) become pending again."""
+        t = self.table
+        with self.engine.begin() as conn:
+            conn.execute(t.update().where(t.c.model == model, t.c.applied_in == version).values(applied_in=None))
+
+    def rates(self) -> list[dict]:
+        """Realised rates per model and version from the labels: FPR = flagged among good-marked, TPR = flagged
+        among defect-marked."""
+        sa, t = self.sa, self.table
+        q = sa.select(t.c.model, t.c.version, t.c.label, t.c.anomalous, sa.func.count()).where(
+            t.c.label.is_not(None)).group_by(t.c.model, t.c.version, t.c.label, t.c.anomalous)
+        table: dict = {}
+        self.flush()
+        with self.engine.connect() as conn:
+            for model, version, label, anomalous, n in conn.execute(q):
+                e = table.setdefault((model, version), {"model": model, "version": version, "good": 0,
+                                                         "good_flagged": 0, "defect": 0, "defect_flagged": 0})
+                e[label] += n
+                if anomalous:
+                    e[f"{label}_flagged"] += n
+        out = []
+        for e in sorted(table.values(), key=lambda e: (e["model"], e["version"])):
+            e["fpr"] = e["good_flagged"] / e["good"] if e["good"] else None
+            e["tpr"] = e["defect_flagged"] / e["defect"] if e["defect"] else None
+            out.append(e)
+        return out
+
+    @staticmethod
+    def csv(rows: list[dict]) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(COLUMNS)
+        for r in rows:
+            writer.writerow([json.dumps(r[c]) if c == "levels" else "" if r[c] is None else r[c] for c in COLUMNS])
+        return buf.getvalue()
