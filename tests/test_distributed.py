@@ -32,7 +32,7 @@ def client(onnx_cache):
     """2 worker processes of 1 thread each, started here and stopped (bounded) at the end of the module."""
     import logging
 
-    cluster = dd.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    cluster = dd.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                               silence_logs=logging.ERROR)
     c = dd.Client(cluster, timeout=60)
     yield c

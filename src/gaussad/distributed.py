@@ -62,7 +62,7 @@ def connect(address: str, timeout: float = 60.0) -> Iterator[Any]:
         cores = cpu_count()
         n = n or cores
         with dd.LocalCluster(n_workers=n, threads_per_worker=max(1, cores // n), processes=True,
-                             dashboard_address=None, silence_logs=logging.ERROR) as cluster, dd.Client(cluster) as client:
+                             dashboard_address=":0", silence_logs=logging.ERROR) as cluster, dd.Client(cluster) as client:
             yield client
         return
     try:
