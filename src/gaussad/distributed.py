@@ -85,6 +85,15 @@ def _progress(futures: list, enabled: bool) -> None:
         _dask().progress(futures, notebook=False)
 
 
+def _progress_thread(futures: list, enabled: bool) -> threading.Thread | None:
+    """Dask's progress bar over ``futures`` in a thread, while the caller collects results as they come."""
+    if not (enabled and futures):
+        return None
+    thread = threading.Thread(target=_progress, args=(list(futures), True), daemon=True)
+    thread.start()
+    return thread
+
+
 # ----- on the workers ---------------------------------------------------------------------------------------------
 def _worker_threads() -> int | None:
     try:
@@ -133,6 +142,10 @@ def _banks_of(part):
     return part.banks
 
 
+def _done(part) -> bool:
+    return True
+
+
 def _merge(a, b):
     return a.merge(b)
 
@@ -145,7 +158,7 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     rounding (merged moment statistics); each map bank is one greedy pass over the union of the partitions'
     coresets (README, "Distributed")."""
     from . import params
-    from .fitting import Trainer
+    from .fitting import BankCandidates, Trainer
     from .images import image_list
 
     images = [os.fspath(i) if isinstance(i, os.PathLike) else i for i in image_list(images)]
@@ -157,21 +170,28 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     layout_future = client.submit(_layout_task, settings, pure=False)
     parts = [client.submit(_fit_task, settings, images[lo:hi], lo, len(images), on_error, pure=False)
              for lo, hi in partitions(len(images), partition_size)]
-    _progress(parts, progress)
     stats = client.map(_stats_of, parts, pure=False)
     banks = client.map(_banks_of, parts, pure=False)
+    # the bar follows small stand-ins, so that it holds no partition's results on the workers
+    bar = _progress_thread(client.map(_done, parts, pure=False) if progress else [], progress)
     del parts
     while len(stats) > 1:  # tree reduction, pairs in a fixed order: the same merges whichever worker runs them
         stats = [client.submit(_merge, a, b, pure=False) if b is not None else a
                  for a, b in zip(stats[::2], stats[1::2] + [None] * (len(stats) % 2))]
-    merged_banks = None
-    for future in banks:  # in partition order, released one by one
+    collected: list[list] = []
+    for future in banks:  # in partition order, each released once here, so workers do not keep them
         part_banks = _result(future)
-        merged_banks = part_banks if merged_banks is None else [a.merge(b) for a, b in zip(merged_banks, part_banks)] \
-            if merged_banks and part_banks else (merged_banks or part_banks)
         future.release()
+        if part_banks and not collected:
+            collected = [[] for _ in part_banks]
+        for level, candidates in zip(collected, part_banks):
+            level.append(candidates)
+    del banks
+    merged = _result(stats[0])
+    if bar is not None:
+        bar.join()
     trainer = Trainer(settings, None, _result(layout_future))
-    state = trainer.fit_parts(_result(stats[0]), merged_banks or [])
+    state = trainer.fit_parts(merged, [BankCandidates.concat(level) for level in collected])
     model.state_, model.skipped_ = state, trainer.skipped
     return model
 

@@ -372,8 +372,13 @@ class BankCandidates:
         self.vectors, self.ids, self.seen = vectors, ids, int(seen)
 
     def merge(self, other: "BankCandidates") -> "BankCandidates":
-        return BankCandidates(np.concatenate([self.vectors, other.vectors]), np.concatenate([self.ids, other.ids]),
-                              self.seen + other.seen)
+        return BankCandidates.concat([self, other])
+
+    @staticmethod
+    def concat(parts: Sequence["BankCandidates"]) -> "BankCandidates":
+        """The candidates of all ``parts``, in their order (one copy)."""
+        return BankCandidates(np.concatenate([p.vectors for p in parts]), np.concatenate([p.ids for p in parts]),
+                              sum(p.seen for p in parts))
 
     def select(self, fraction: float, seed: int) -> NearestBank:
         """One greedy pass over the union: ``ceil(fraction * seen)`` members (:meth:`NearestBank.select`)."""
