@@ -61,9 +61,15 @@ def connect(address: str, timeout: float = 60.0) -> Iterator[Any]:
     if kind == "local":
         cores = cpu_count()
         n = n or cores
-        with dd.LocalCluster(n_workers=n, threads_per_worker=max(1, cores // n), processes=True,
-                             dashboard_address=":0", silence_logs=logging.ERROR) as cluster, dd.Client(cluster) as client:
+        cluster = dd.LocalCluster(n_workers=n, threads_per_worker=max(1, cores // n), processes=True,
+                                  dashboard_address=":0", silence_logs=logging.ERROR)
+        client = dd.Client(cluster)
+        try:
             yield client
+        finally:
+            with _quiet_logs():  # connections closed while the cluster stops are expected, not news
+                client.close()
+                cluster.close()
         return
     try:
         client = dd.Client(address, timeout=timeout)
@@ -71,6 +77,21 @@ def connect(address: str, timeout: float = 60.0) -> Iterator[Any]:
         raise GaussadError(f"--dask {address}: cannot reach the scheduler ({exc})") from None
     with client:
         yield client
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def partitions(n: int, size: int) -> list[tuple[int, int]]:
