@@ -224,3 +224,9 @@ def test_cli_fit_and_score_on_a_local_cluster(tiny_category, tmp_path, capsys):
     assert main(["score", str(model), str(tiny_category / "test"), "--dask", "local:1", "--out",
                  str(tmp_path / "r.txt")]) == 2
     assert "--dask and --out go together" in capsys.readouterr().err
+
+
+def test_unreachable_scheduler_is_one_clear_error():
+    with pytest.raises(distributed.GaussadError, match="cannot reach the scheduler"):
+        with distributed.connect("tcp://127.0.0.1:9", timeout=2):
+            pass
