@@ -20,6 +20,9 @@ from .state import DetectorState, Layout, feature_settings, prepare_maps
 
 # Backbone features are float32: a relative spread below its rounding level means identical images.
 IDENTICAL_SPREAD_FLOAT32 = (64.0 * float(np.finfo(np.float32).eps)) ** 2
+# A distributed fit's partitions keep this many times the bank's coreset fraction as candidates, so that the final
+# greedy pass over their union chooses among more than it keeps (EXPERIMENTS.md, "Distributed fit").
+PART_OVERSAMPLE = 4.0
 
 
 class Accumulator:
@@ -320,8 +323,9 @@ class Trainer:
         if calibration == "cv":
             folds = CrossFolds(cv_folds(n_total, self.settings["calibration_folds"], self.settings["random_state"]))
         self._stream(images, acc, self.layout, positions, folds.add if folds else None, on_error=on_error, whole=False)
+        fraction = min(1.0, PART_OVERSAMPLE * float(self.settings["map_coreset"]))
         banks = [BankCandidates(b.vectors, b.ids, b.seen) for b in
-                 acc.banks([], float(self.settings["map_coreset"]), self._seed(), self.layout.map_level_names)]
+                 acc.banks([], fraction, self._seed(), self.layout.map_level_names)]
         return Part(acc.stats, acc.map_stats, banks, folds, list(self.skipped))
 
     def fit_parts(self, part: "Part", banks: list["BankCandidates"] | None = None) -> DetectorState:
