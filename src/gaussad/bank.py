@@ -128,6 +128,23 @@ class NearestBank:
         return cls.from_members(pool[keep], pool_ids[keep], seen, fraction, seed)
 
     @classmethod
+    def select(cls, vectors: np.ndarray, ids: np.ndarray, seen: int, fraction: float, seed: int = 0) -> "NearestBank":
+        """A bank of ``ceil(fraction * seen)`` of the candidate rows ``vectors`` (all when there are no more), chosen
+        by one greedy pass over them (more than ``CHUNK`` candidates: consecutive chunks, each keeping its share);
+        the candidates are themselves coresets of parts of ``seen`` locations (a distributed fit's partitions)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
+        size = int(np.ceil(fraction * seen))
+        if size >= len(vectors):
+            keep = np.arange(len(vectors))
+        elif len(vectors) <= CHUNK:
+            keep = _coreset_indices(vectors, size, None, seed)
+        else:
+            keep = np.concatenate([lo + _coreset_indices(vectors[lo:hi], int(np.ceil(size * (hi - lo) / len(vectors))),
+                                                         None, seed) for lo, hi in _chunks(len(vectors), CHUNK)])
+        return cls.from_members(vectors[keep], ids[keep], seen, fraction, seed)
+
+    @classmethod
     def from_members(cls, vectors: np.ndarray, ids: np.ndarray, seen: int, fraction: float,
                      seed: int = 0) -> "NearestBank":
         """A bank of exactly these members; the scale is estimated from them (NaN while they come from one image:

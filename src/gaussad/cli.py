@@ -83,7 +83,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .model import GaussianAD
 
     model = GaussianAD(**settings, verbose=not (args.quiet or args.json))
-    model.fit(files, on_error=args.on_error)
+    if args.dask:
+        from . import distributed
+
+        with distributed.connect(args.dask) as client:
+            distributed.fit(model, files, client, args.partition_size, args.on_error)
+    else:
+        model.fit(files, on_error=args.on_error)
     model.save(args.output)
     name_of = {str(f): n for f, n in zip(files, names)}
     cal = getattr(model, "calibration_scores_", None)
@@ -136,7 +142,17 @@ def cmd_score(args: argparse.Namespace) -> int:
     # What needs no work first: the overlay folder and the image list; then the model and the network.
     if args.maps:
         check_output(args.maps, "overlays", folder=True)
+    if bool(args.dask) != bool(args.out):
+        raise GaussadError("--dask and --out go together: a distributed run writes its results to --out")
+    if args.dask:
+        from . import distributed
+
+        distributed.output_format(args.out)
+        if args.maps:
+            raise GaussadError("--maps is not available with --dask; score the images to overlay without it")
     files, names = find_images(args.images, args.recursive)
+    if args.dask:
+        return _score_distributed(args, files, names)
     import numpy as np
 
     from .model import load
@@ -194,6 +210,35 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"{sum(r['anomalous'] for r in rows)} of {len(rows)} flagged at target FPR {fpr} "
               f"({RULES[method]}); {len(errors)} skipped", file=sys.stderr)
     return 0
+
+
+def _score_distributed(args: argparse.Namespace, files: list[Path], names: list[str]) -> int:
+    from . import distributed
+    from .model import load
+
+    model = load(args.model)
+    if args.preset and (model.preset or "paper") != args.preset:
+        raise GaussadError(f"{args.model}: fitted with preset {model.preset or 'paper'}, not {args.preset}; "
+                           f"refit with --preset {args.preset}")
+    with distributed.connect(args.dask) as client:
+        summary = distributed.score(args.model, files, names, args.out, client, args.fpr, args.threshold,
+                                    args.partition_size, args.on_error, progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps(summary))
+    elif not args.quiet:
+        print(f"scored {summary['rows']} images into {args.out}: {summary['parts']} parts, {summary['parts_reused']} "
+              f"kept from an earlier run; {summary['skipped_now']} unreadable (rows with an error)", file=sys.stderr)
+    return 0
+
+
+def _dask_options(p: argparse.ArgumentParser) -> None:
+    from .distributed import DEFAULT_PARTITION
+
+    p.add_argument("--dask", metavar="ADDRESS",
+                   help="run on a Dask cluster: a scheduler address (tcp://host:8786), or local[:N] for a local "
+                        "cluster of N worker processes started and stopped here (needs gaussad[dask])")
+    p.add_argument("--partition-size", type=_bounded(int, 1, 1_000_000), default=DEFAULT_PARTITION, metavar="N",
+                   help="images per Dask task (default %(default)s): bounds each worker's memory")
 
 
 def overlay_names(names: Sequence[str]) -> list[str]:
@@ -394,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     _recursion_option(p)
+    _dask_options(p)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("score", help="score images with a fitted model", epilog=EPILOG,
@@ -413,8 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("paper", "recommended"),
                    help="check that the model was fitted with this preset (the preset itself is stored in the model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--json", action="store_true", help="print the results as JSON (with --out: a summary)")
+    p.add_argument("--out", metavar="OUT",
+                   help="with --dask: write the results to OUT.parquet (a folder of Parquet parts), OUT.jsonl or "
+                        "OUT.csv, one part per partition, each written atomically; a rerun skips finished parts")
     _recursion_option(p)
+    _dask_options(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("export", help="write the whole detector as one ONNX graph (no Python needed to run it)",

@@ -67,8 +67,19 @@ def resolve_engine(engine: str) -> str:
     return engine
 
 
+_THREADS: dict[str, int | None] = {"n": None}
+
+
+def set_threads(n: int | None) -> None:
+    """Size this process's engines and decoding threads to ``n`` cores (None: every core it may run on); a Dask
+    worker sharing its machine with others sets its share (:mod:`gaussad.distributed`)."""
+    _THREADS["n"] = None if n is None else max(1, int(n))
+
+
 def cpu_count() -> int:
-    """Cores this process may run on."""
+    """Cores this process may use: those set by :func:`set_threads`, else those it may run on."""
+    if _THREADS["n"] is not None:
+        return _THREADS["n"]
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -20,6 +20,9 @@ from .state import DetectorState, Layout, feature_settings, prepare_maps
 
 # Backbone features are float32: a relative spread below its rounding level means identical images.
 IDENTICAL_SPREAD_FLOAT32 = (64.0 * float(np.finfo(np.float32).eps)) ** 2
+# A distributed fit's partitions keep this many times the bank's coreset fraction as candidates, so that the final
+# greedy pass over their union chooses among more than it keeps (EXPERIMENTS.md, "Distributed fit").
+PART_OVERSAMPLE = 4.0
 
 
 class Accumulator:
@@ -132,6 +135,13 @@ class CrossFolds:
             prev = self.stats[f]
             self.stats[f] = [MomentStats.from_array(b) for b in part] if prev is None else [
                 s.update(b) for s, b in zip(prev, part)]
+
+    def merge(self, other: "CrossFolds") -> "CrossFolds":
+        """The folds of both (the same fold assignment, disjoint images)."""
+        out = CrossFolds(self.fold_of)
+        out.stats = [_merge_optional(a, b) for a, b in zip(self.stats, other.stats)]
+        out.features, out.positions = self.features + other.features, self.positions + other.positions
+        return out
 
     def scores(self, total: list[MomentStats], fit: Callable[[list[MomentStats]], DetectorState]) -> np.ndarray:
         """Out-of-fold image scores, in the order of the images' positions; ``fit`` makes a state of statistics."""
@@ -277,7 +287,7 @@ class Trainer:
                            prev.stats if prev else None, prev.map_stats if prev else None)
 
     def _stream(self, images: list, acc: Accumulator, layout: Layout, positions: Sequence[int] | None = None,
-                collect: Callable | None = None, first_id: int = 0, on_error: str = "fail") -> None:
+                collect: Callable | None = None, first_id: int = 0, on_error: str = "fail", whole: bool = True) -> None:
         """Fold images into ``acc``; ``positions`` are their indices in the caller's list (to name them, and as
         image ids after ``first_id``); ``collect(positions, pooled)`` receives each batch of pooled features."""
         from .images import describe
@@ -291,10 +301,55 @@ class Trainer:
                 collect(where, batch)
             acc.add(batch, fmaps, first_id + where)
         self.skipped += [(describe(images[i], pos[i]), msg) for i, msg in skipped]
-        if acc.stats is None:
+        if whole:
+            self._check_stats(acc.stats, layout)
+
+    def _check_stats(self, stats: list[MomentStats] | None, layout: Layout) -> None:
+        if stats is None:
             raise DataError("no readable training images given")
         if not (self.settings["estimator"] == "l2" and self.settings["reduction"] is None):
-            check_spread(acc.stats, layout.level_names)
+            check_spread(stats, layout.level_names)
+
+    # ----- partitions (gaussad.distributed) ----------------------------------------------------------------------
+    def fit_part(self, images: list, positions: Sequence[int], n_total: int, on_error: str = "fail") -> "Part":
+        """The mergeable statistics of one partition of a fit's image list: ``positions`` are the images' indices in
+        the whole list of ``n_total`` (their names, bank image ids and calibration folds); bank candidates are the
+        partition's own coreset."""
+        calibration = self.calibration(n_total)
+        if calibration not in (None, "cv"):
+            raise InvalidParameterError("a distributed fit supports calibration 'cv' or none, not a held-out "
+                                        f"fraction ({calibration}): use --calibration cv")
+        acc = self._accumulator(self.layout)
+        folds = None
+        if calibration == "cv":
+            folds = CrossFolds(cv_folds(n_total, self.settings["calibration_folds"], self.settings["random_state"]))
+        self._stream(images, acc, self.layout, positions, folds.add if folds else None, on_error=on_error, whole=False)
+        fraction = min(1.0, PART_OVERSAMPLE * float(self.settings["map_coreset"]))
+        banks = [BankCandidates(b.vectors, b.ids, b.seen) for b in
+                 acc.banks([], fraction, self._seed(), self.layout.map_level_names)]
+        return Part(acc.stats, acc.map_stats, banks, folds, list(self.skipped))
+
+    def fit_parts(self, part: "Part", banks: list["BankCandidates"] | None = None) -> DetectorState:
+        """The state of a fit from its partitions' merged :class:`Part` (with ``banks``, the merged bank candidates
+        when they were gathered apart): the Gaussians as one fit's, each bank one greedy selection over the union
+        of the partitions' coresets (:meth:`BankCandidates.select`)."""
+        self.skipped = list(part.skipped)
+        self._check_stats(part.stats, self.layout)
+        s = self.settings
+        names = self.layout.map_level_names
+        selected = []
+        for i, candidates in enumerate(part.banks if banks is None else banks):
+            try:
+                selected.append(candidates.select(float(s["map_coreset"]), self._seed()))
+            except ValueError as exc:
+                raise DataError(f"map level {names[i]}: {exc}") from None
+        state = self._checked(DetectorState.fit(self.layout, part.stats, s["estimator"], s["reduction"],
+                                                float(s["variance"]), s["map_method"], int(s["map_pool"]),
+                                                part.map_stats, selected))
+        if part.folds is None:
+            return state
+        scores = part.folds.scores(part.stats, lambda stats: self._from_stats(self.layout, stats))
+        return state.with_calibration(scores, "cv")
 
     def _from_stats(self, layout: Layout, stats: list[MomentStats], allow_few: bool = False) -> DetectorState:
         s = self.settings
@@ -318,6 +373,51 @@ class Trainer:
         if self.settings["threshold"] == "hotelling":
             DecisionRule("hotelling", self.settings["fpr"]).check(state)
         return state
+
+
+class BankCandidates:
+    """Bank candidates of some partitions of a fit: their coresets' members (``vectors``, ``ids``) and the number of
+    locations they summarise (``seen``)."""
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray, seen: int):
+        self.vectors, self.ids, self.seen = vectors, ids, int(seen)
+
+    def merge(self, other: "BankCandidates") -> "BankCandidates":
+        return BankCandidates.concat([self, other])
+
+    @staticmethod
+    def concat(parts: Sequence["BankCandidates"]) -> "BankCandidates":
+        """The candidates of all ``parts``, in their order (one copy)."""
+        return BankCandidates(np.concatenate([p.vectors for p in parts]), np.concatenate([p.ids for p in parts]),
+                              sum(p.seen for p in parts))
+
+    def select(self, fraction: float, seed: int) -> NearestBank:
+        """One greedy pass over the union: ``ceil(fraction * seen)`` members (:meth:`NearestBank.select`)."""
+        return NearestBank.select(self.vectors, self.ids, self.seen, fraction, seed)
+
+
+def _merge_optional(a: list[MomentStats] | None, b: list[MomentStats] | None) -> list[MomentStats] | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return [x.merge(y) for x, y in zip(a, b)]
+
+
+class Part:
+    """What one partition of a distributed fit returns, and what a tree reduction merges: the moment statistics
+    (exact), the bank candidates, the cross-conformal folds and the skipped images."""
+
+    def __init__(self, stats: list[MomentStats] | None, map_stats: list[MomentStats] | None,
+                 banks: list[BankCandidates], folds: "CrossFolds | None", skipped: list[tuple[str, str]]):
+        self.stats, self.map_stats, self.banks, self.folds, self.skipped = stats, map_stats, banks, folds, skipped
+
+    def merge(self, other: "Part") -> "Part":
+        banks = [a.merge(b) for a, b in zip(self.banks, other.banks)] if self.banks and other.banks else \
+            (self.banks or other.banks)
+        return Part(_merge_optional(self.stats, other.stats), _merge_optional(self.map_stats, other.map_stats), banks,
+                    None if self.folds is None else self.folds.merge(other.folds), self.skipped + other.skipped)
+
+    def without_banks(self) -> "Part":
+        return Part(self.stats, self.map_stats, [], self.folds, self.skipped)
 
 
 def layout_of(extractor: Any, settings: dict[str, Any]) -> Layout:

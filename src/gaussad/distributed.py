@@ -1,0 +1,418 @@
+"""Fitting and scoring on a Dask cluster (:mod:`dask.distributed`): partitions of the image list go to the workers;
+a fit's partitions return mergeable moment statistics (and their own bank coresets), merged by a tree reduction, so
+the Gaussians are exactly one machine's; a scoring run writes one result part per partition, atomically, and a
+rerun skips the parts already written. Each worker keeps one feature extractor (one inference session) for its
+lifetime, with as many threads as the worker has, and runs one task on it at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .errors import DataError, GaussadError
+
+DEFAULT_PARTITION = 64  # images per task: bounds a worker's memory (bank candidates of one partition at a time)
+FORMATS = (".parquet", ".jsonl", ".csv")
+MANIFEST = "_gaussad_run.json"
+
+# Per worker process: one extractor cache for its lifetime, used by one task at a time.
+_WORKER: dict[str, Any] = {"cache": None, "lock": threading.Lock()}
+
+
+# ----- the cluster ------------------------------------------------------------------------------------------------
+def _dask():
+    try:
+        import dask.distributed as dd
+    except ImportError:
+        raise GaussadError("--dask needs Dask: pip install 'gaussad[dask]'") from None
+    return dd
+
+
+def parse_address(address: str) -> tuple[str, int | None]:
+    """("local", number of workers or None) for ``local`` / ``local:N``, else ("remote", None)."""
+    if address == "local":
+        return "local", None
+    if address.startswith("local:"):
+        text = address[len("local:"):]
+        if not text.isdigit() or not 1 <= int(text) <= 1024:
+            raise GaussadError(f"--dask {address}: expected local:N with N workers, 1..1024")
+        return "local", int(text)
+    if not address or any(c.isspace() for c in address):
+        raise GaussadError(f"--dask {address!r}: expected a scheduler address (tcp://host:8786), local or local:N")
+    return "remote", None
+
+
+@contextlib.contextmanager
+def connect(address: str, timeout: float = 60.0) -> Iterator[Any]:
+    """A :class:`dask.distributed.Client` for ``address``: ``local[:N]`` starts a LocalCluster of N worker processes
+    (default: one per core), each with its share of the cores, and stops it on exit; anything else is a scheduler
+    address (an SSH, Slurm or Kubernetes cluster started beforehand)."""
+    import logging
+
+    from .engine import cpu_count
+
+    kind, n = parse_address(address)
+    dd = _dask()
+    if kind == "local":
+        cores = cpu_count()
+        n = n or cores
+        cluster = dd.LocalCluster(n_workers=n, threads_per_worker=max(1, cores // n), processes=True,
+                                  dashboard_address=":0", silence_logs=logging.ERROR)
+        client = dd.Client(cluster)
+        try:
+            yield client
+        finally:
+            with _quiet_logs():  # connections closed while the cluster stops are expected, not news
+                client.close()
+                cluster.close()
+        return
+    try:
+        client = dd.Client(address, timeout=timeout)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise GaussadError(f"--dask {address}: cannot reach the scheduler ({exc})") from None
+    with client:
+        yield client
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def partitions(n: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive partitions of ``size`` items (the last may be shorter)."""
+    if size < 1:
+        raise GaussadError(f"partition size must be at least 1, got {size}")
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def _progress(futures: list, enabled: bool) -> None:
+    if enabled and futures:
+        _dask().progress(futures, notebook=False)
+
+
+def _progress_thread(futures: list, enabled: bool) -> threading.Thread | None:
+    """Dask's progress bar over ``futures`` in a thread, while the caller collects results as they come."""
+    if not (enabled and futures):
+        return None
+    thread = threading.Thread(target=_progress, args=(list(futures), True), daemon=True)
+    thread.start()
+    return thread
+
+
+# ----- on the workers ---------------------------------------------------------------------------------------------
+def _worker_threads() -> int | None:
+    try:
+        worker = _dask().get_worker()
+    except ValueError:  # not on a worker (a client-side call in tests)
+        return None
+    return getattr(worker, "nthreads", None) or getattr(getattr(worker, "state", None), "nthreads", None)
+
+
+def _extractor(settings: dict, layout=None):
+    """This worker's feature extractor for ``settings`` (built once per worker, sized to the worker's threads)."""
+    from .engine import set_threads
+    from .features import ExtractorCache
+
+    if _WORKER["cache"] is None:
+        set_threads(_worker_threads())
+        _WORKER["cache"] = ExtractorCache()
+    return _WORKER["cache"].get(settings, layout)
+
+
+def _batches(extractor):
+    return lambda images, desc, on_error, skipped: extractor.iter_features_and_maps(images, None, on_error, skipped)
+
+
+def _layout_task(settings: dict):
+    from .fitting import layout_of
+
+    with _WORKER["lock"]:
+        return layout_of(_extractor(settings), settings)
+
+
+def _fit_task(settings: dict, images: list, lo: int, n_total: int, on_error: str):
+    from .fitting import Trainer, layout_of
+
+    with _WORKER["lock"]:
+        extractor = _extractor(settings)
+        trainer = Trainer(settings, _batches(extractor), layout_of(extractor, settings))
+        return trainer.fit_part(images, range(lo, lo + len(images)), n_total, on_error)
+
+
+def _stats_of(part):
+    return part.without_banks()
+
+
+def _banks_of(part):
+    return part.banks
+
+
+def _done(part) -> bool:
+    return True
+
+
+def _merge(a, b):
+    return a.merge(b)
+
+
+# ----- fit --------------------------------------------------------------------------------------------------------
+def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION, on_error: str = "fail",
+        progress: bool | None = None):
+    """Fit ``model`` (a :class:`~gaussad.GaussianAD`) on ``images`` (paths the workers can read, or arrays) with
+    the workers of ``client``; returns the model. The Gaussians are those of ``model.fit(images)`` up to float
+    rounding (merged moment statistics); each map bank is one greedy pass over the union of the partitions'
+    coresets (README, "Distributed")."""
+    from . import params
+    from .fitting import BankCandidates, Trainer
+    from .images import image_list
+
+    images = [os.fspath(i) if isinstance(i, os.PathLike) else i for i in image_list(images)]
+    if len(images) < 2:
+        raise DataError(f"need at least 2 training images, got {len(images)}")
+    params.validate(model.get_params())
+    settings = params.resolved(model.get_params())
+    progress = model.verbose if progress is None else progress
+    layout_future = client.submit(_layout_task, settings, pure=False)
+    parts = [client.submit(_fit_task, settings, images[lo:hi], lo, len(images), on_error, pure=False)
+             for lo, hi in partitions(len(images), partition_size)]
+    stats = client.map(_stats_of, parts, pure=False)
+    banks = client.map(_banks_of, parts, pure=False)
+    # the bar follows small stand-ins, so that it holds no partition's results on the workers
+    bar = _progress_thread(client.map(_done, parts, pure=False) if progress else [], progress)
+    del parts
+    while len(stats) > 1:  # tree reduction, pairs in a fixed order: the same merges whichever worker runs them
+        stats = [client.submit(_merge, a, b, pure=False) if b is not None else a
+                 for a, b in zip(stats[::2], stats[1::2] + [None] * (len(stats) % 2))]
+    collected: list[list] = []
+    for future in banks:  # in partition order, each released once here, so workers do not keep them
+        part_banks = _result(future)
+        future.release()
+        if part_banks and not collected:
+            collected = [[] for _ in part_banks]
+        for level, candidates in zip(collected, part_banks):
+            level.append(candidates)
+    del banks
+    merged = _result(stats[0])
+    if bar is not None:
+        bar.join()
+    trainer = Trainer(settings, None, _result(layout_future))
+    state = trainer.fit_parts(merged, [BankCandidates.concat(level) for level in collected])
+    model.state_, model.skipped_ = state, trainer.skipped
+    return model
+
+
+def _result(future):
+    """A future's result; a gaussad error raised on a worker comes back as itself."""
+    try:
+        return future.result()
+    except GaussadError:
+        raise
+    except (OSError, TimeoutError) as exc:
+        raise GaussadError(f"the Dask cluster failed: {exc}") from None
+
+
+# ----- score ------------------------------------------------------------------------------------------------------
+def output_format(out: str | os.PathLike) -> str:
+    suffix = Path(out).suffix.lower()
+    if suffix not in FORMATS:
+        raise GaussadError(f"{out}: results go to a .parquet folder, a .jsonl or a .csv file")
+    return suffix
+
+
+def parts_folder(out: str | os.PathLike) -> Path:
+    """Where the parts go: the .parquet folder itself (a Parquet data set), else OUT.parts beside the file."""
+    out = Path(out)
+    return out if out.suffix.lower() == ".parquet" else out.with_name(out.name + ".parts")
+
+
+def _worker_model(path: str, key: str):
+    """This worker's copy of the model file of run ``key`` (loaded once per worker)."""
+    from .model import load
+
+    models = _WORKER.setdefault("models", {})
+    if key not in models:
+        models.clear()
+        models[key] = load(path)
+    return models[key]
+
+
+def _score_task(model_path: str, key: str, names: list[str], paths: list[str], index: int, folder: str, fmt: str, fpr: float,
+                threshold: str, on_error: str) -> tuple[int, int]:
+    """Score one partition and write its part atomically: (rows scored, inputs skipped)."""
+    import numpy as np
+
+    from . import params
+    from .results import result_rows
+
+    with _WORKER["lock"]:
+        model = _worker_model(model_path, key)
+        extractor = _extractor(params.resolved(model.get_params()), model.state_.layout)
+        skipped: list = []
+        pooled = [b for _, b, _ in extractor.iter_features_and_maps(paths, None, on_error, skipped)]
+    bad = dict(skipped)
+    kept = [n for i, n in enumerate(names) if i not in bad]
+    if kept:
+        levels = model.level_scores_features([np.concatenate(level) for level in zip(*pooled)])
+        decisions, pvalues = model.decide(levels, fpr, threshold)
+    else:
+        levels, decisions, pvalues = np.zeros((0, len(model.level_names_))), [], []
+    rows: list[dict] = [{**r, "error": None} for r in result_rows(kept, model.level_names_, levels, decisions, pvalues)]
+    rows += [{"path": names[i], "score": None, "levels": None, "pvalue": None, "anomalous": None, "error": msg}
+             for i, msg in sorted(bad.items())]
+    write_part(Path(folder) / part_name(index, fmt), rows, model.level_names_, fmt)
+    return len(kept), len(bad)
+
+
+def part_name(index: int, fmt: str) -> str:
+    return f"part-{index:05d}{fmt}"
+
+
+def write_part(path: Path, rows: list[dict], level_names: Sequence[str], fmt: str) -> None:
+    """One part, atomically: rows as ``score --json`` writes them, plus ``error`` (null unless the input was
+    skipped); CSV flattens ``levels`` into ``levels.NAME`` columns."""
+    from .files import write_atomic
+
+    if fmt == ".jsonl":
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    elif fmt == ".csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(csv_header(level_names))
+        for r in rows:
+            lv = r["levels"] or {}
+            writer.writerow([r["path"], _cell(r["score"])] + [_cell(lv.get(n)) for n in level_names]
+                            + [_cell(r["pvalue"]), _cell(r["anomalous"]), r["error"] or ""])
+        data = buf.getvalue().encode()
+    else:
+        data = _parquet_bytes(rows, level_names)
+    write_atomic(path, data, "results part")
+
+
+def csv_header(level_names: Sequence[str]) -> list[str]:
+    return ["path", "score"] + [f"levels.{n}" for n in level_names] + ["pvalue", "anomalous", "error"]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _parquet_bytes(rows: list[dict], level_names: Sequence[str]) -> bytes:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise GaussadError("Parquet output needs pyarrow: pip install 'gaussad[dask]'") from None
+    schema = pa.schema([("path", pa.string()), ("score", pa.float64()),
+                        ("levels", pa.struct([(n, pa.float64()) for n in level_names])), ("pvalue", pa.float64()),
+                        ("anomalous", pa.bool_()), ("error", pa.string())])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _run_key(model_path: str | os.PathLike, names: list[str], size: int, fpr: float, threshold: str) -> str:
+    """What the parts of a run depend on: the model file's bytes, the inputs, the partitioning and the rule."""
+    h = hashlib.sha256()
+    with open(model_path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    h.update(json.dumps([names, size, fpr, threshold]).encode())
+    return h.hexdigest()
+
+
+def score(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike], names: Sequence[str],
+          out: str | os.PathLike, client, fpr: float | None = None, threshold: str | None = None,
+          partition_size: int = DEFAULT_PARTITION, on_error: str = "skip", progress: bool = False) -> dict:
+    """Score images on the workers of ``client`` into ``out`` (.parquet folder of parts, or .jsonl/.csv): one part
+    per partition, written atomically; a rerun of the same run (same model file, inputs, partitioning and rule)
+    skips the parts already written. Returns a summary (parts written and skipped, rows, skipped inputs)."""
+    from .files import write_atomic
+    from .model import load
+
+    fmt = output_format(out)
+    model = load(model_path)
+    method = threshold or model.threshold
+    fpr = model.fpr if fpr is None else fpr
+    model.score_threshold(fpr, method)  # fails early when the rule cannot apply to this model
+    paths, names = [os.fspath(p) for p in paths], [str(n) for n in names]
+    folder = parts_folder(out)
+    key = _run_key(model_path, names, partition_size, fpr, method)
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        try:
+            previous = json.loads(manifest.read_text()).get("run")
+        except (OSError, ValueError, AttributeError):
+            previous = None
+        if previous != key:
+            raise GaussadError(f"{folder}: holds the parts of another run (another model, inputs, partitioning or "
+                               "rule); remove it or choose another output")
+    elif folder.exists() and any(folder.iterdir()):
+        raise GaussadError(f"{folder}: exists and is not a gaussad results folder; choose another output")
+    write_atomic(manifest, json.dumps({"run": key, "parts": len(partitions(len(paths), partition_size))}).encode(),
+                 "run manifest")
+    bounds = partitions(len(paths), partition_size)
+    todo = [i for i in range(len(bounds)) if not (folder / part_name(i, fmt)).exists()]
+    futures = [client.submit(_score_task, os.path.abspath(model_path), key, names[bounds[i][0]:bounds[i][1]],
+                             paths[bounds[i][0]:bounds[i][1]], i, str(folder), fmt, fpr, method, on_error, pure=False)
+               for i in todo]
+    _progress(futures, progress)
+    counts = [_result(f) for f in futures]
+    if fmt != ".parquet":
+        _join_parts(Path(out), folder, len(bounds), fmt)
+    return {"output": str(out), "parts": len(bounds), "parts_written": len(todo),
+            "parts_reused": len(bounds) - len(todo), "rows": len(paths), "scored_now": sum(c[0] for c in counts),
+            "skipped_now": sum(c[1] for c in counts), "fpr": fpr, "threshold": method}
+
+
+def _join_parts(out: Path, folder: Path, n_parts: int, fmt: str) -> None:
+    """The .jsonl/.csv file from its parts (atomically; one CSV header), then the parts folder is removed."""
+    import shutil
+
+    from .files import write_atomic
+
+    def write(fh) -> None:
+        for i in range(n_parts):
+            data = (folder / part_name(i, fmt)).read_bytes()
+            if fmt == ".csv" and i > 0:
+                data = data.split(b"\n", 1)[1] if b"\n" in data else b""
+            fh.write(data)
+
+    write_atomic(out, write, "results")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_results(out: str | os.PathLike) -> list[dict]:
+    """The rows of a finished scoring run's output (any of the three formats), for tests and scripts."""
+    fmt = output_format(out)
+    if fmt == ".jsonl":
+        return [json.loads(line) for line in Path(out).read_text().splitlines() if line]
+    if fmt == ".csv":
+        import csv
+
+        with open(out, newline="") as fh:
+            return list(csv.DictReader(fh))
+    import pyarrow.parquet as pq
+
+    return pq.read_table(str(out)).to_pylist()

@@ -1,0 +1,232 @@
+"""Fitting and scoring on a Dask cluster: the suite starts its own LocalCluster of 2 worker processes, checks that a
+distributed fit gives one process's Gaussians (and cross-conformal scores), that scoring writes every input exactly
+once in the rows of ``score --json``, that a rerun skips finished parts, and that a worker killed mid-run changes
+nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import TINY
+
+dd = pytest.importorskip("dask.distributed")
+pytest.importorskip("pyarrow")
+
+from gaussad import GaussianAD  # noqa: E402
+from gaussad import distributed  # noqa: E402
+from gaussad.cli import main  # noqa: E402
+from gaussad.images import find_images  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client(onnx_cache):
+    """2 worker processes of 1 thread each, started here and stopped (bounded) at the end of the module."""
+    import logging
+
+    cluster = dd.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                              silence_logs=logging.ERROR)
+    c = dd.Client(cluster, timeout=60)
+    yield c
+    c.close(timeout=30)
+    cluster.close(timeout=30)
+
+
+def _train(category: Path) -> list[Path]:
+    return sorted((category / "train" / "good").glob("*.png"))
+
+
+def _test(category: Path) -> list[Path]:
+    return sorted((category / "test").rglob("*.png"))
+
+
+def _kill_busy_worker(client, done: threading.Event) -> int | None:
+    """SIGKILL the process of a worker that is running a task (the nanny restarts it); its pid, or None when the
+    run ended before any task was seen running."""
+    pids = client.run(os.getpid)
+    while not done.is_set():
+        busy = [w for w, tasks in client.processing().items() if tasks]
+        if busy and busy[0] in pids:
+            time.sleep(0.3)  # inside the task
+            os.kill(pids[busy[0]], signal.SIGKILL)
+            return pids[busy[0]]
+        time.sleep(0.02)
+    return None
+
+
+def test_partitions_and_addresses():
+    assert distributed.partitions(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert distributed.partitions(0, 4) == []
+    assert distributed.parse_address("local:3") == ("local", 3)
+    assert distributed.parse_address("local") == ("local", None)
+    assert distributed.parse_address("tcp://10.0.0.1:8786") == ("remote", None)
+    for bad in ("local:0", "local:x", "local:", " "):
+        with pytest.raises(distributed.GaussadError):
+            distributed.parse_address(bad)
+
+
+def test_fit_paper_matches_one_process(client, tiny_category):
+    """The Gaussians of 4 partitions merged by the tree reduction are one process's (scores to 1e-6 relative)."""
+    one = GaussianAD(**TINY, preset="paper").fit(_train(tiny_category))
+    dist = distributed.fit(GaussianAD(**TINY, preset="paper"), _train(tiny_category), client, partition_size=3)
+    assert dist.n_samples_ == one.n_samples_ == 10
+    test = _test(tiny_category)
+    np.testing.assert_allclose(dist.score_samples(test), one.score_samples(test), rtol=1e-6)
+    for a, b in zip(dist.stats_, one.stats_):
+        np.testing.assert_allclose(a.mean(), b.mean(), rtol=1e-9, atol=1e-12)
+
+
+def test_fit_cross_conformal_and_banks(client, tiny_category):
+    """Cross-conformal out-of-fold scores are one process's; each bank keeps ceil(coreset * locations) members of
+    every image's locations, and scores the training images' maps near 1."""
+    settings = dict(TINY, map_levels=["stage2", "stage3"], map_method="nearest", map_pool=3, map_coreset=0.5,
+                    threshold="conformal", calibration="cv")
+    one = GaussianAD(**settings).fit(_train(tiny_category))
+    dist = distributed.fit(GaussianAD(**settings), _train(tiny_category), client, partition_size=4)
+    np.testing.assert_allclose(dist.calibration_scores_, one.calibration_scores_, rtol=1e-6)
+    for a, b in zip(dist.map_banks_, one.map_banks_):
+        assert a.seen == b.seen
+        assert len(a.vectors) == math.ceil(0.5 * a.seen) == len(b.vectors)
+        assert set(np.unique(a.ids)) == set(range(10))
+    test = _test(tiny_category)
+    m_one, m_dist = one.anomaly_map(test), dist.anomaly_map(test)
+    assert np.corrcoef(m_one.ravel(), m_dist.ravel())[0, 1] > 0.95
+
+
+def test_fit_refuses_split_calibration(client, tiny_category):
+    with pytest.raises(distributed.GaussadError, match="calibration 'cv'"):
+        distributed.fit(GaussianAD(**TINY, calibration=0.2), _train(tiny_category), client, partition_size=5)
+
+
+def test_fit_survives_a_killed_worker(client, tiny_category):
+    """A worker process killed while it runs a partition: the fit finishes with the same Gaussians."""
+    expected = distributed.fit(GaussianAD(**TINY), _train(tiny_category), client, partition_size=1)
+    done, result = threading.Event(), {}
+
+    def run():
+        try:
+            result["model"] = distributed.fit(GaussianAD(**TINY, batch_size=1), _train(tiny_category) * 3, client,
+                                              partition_size=1)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = _kill_busy_worker(client, done)
+    thread.join(timeout=300)
+    assert killed is not None and not thread.is_alive()
+    client.wait_for_workers(2, timeout=60)
+    # three copies of the same images: the same mean, and the images' scores as those of the single copy
+    model = result["model"]
+    assert model.n_samples_ == 30
+    for a, b in zip(model.stats_, expected.stats_):
+        np.testing.assert_allclose(a.mean(), b.mean(), rtol=1e-6, atol=1e-9)
+
+
+def _json_rows(model_path: Path, images: list[str], capsys) -> list[dict]:
+    assert main(["score", str(model_path), *images, "--json", "--quiet"]) == 0
+    return json.loads(capsys.readouterr().out)["results"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, tiny_category) -> Path:
+    path = tmp_path_factory.mktemp("model") / "m.gaussad"
+    GaussianAD(**TINY).fit(_train(tiny_category)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", [".parquet", ".jsonl", ".csv"])
+def test_score_parts_hold_every_input_once(client, fitted, tiny_category, tmp_path, capsys, fmt):
+    folder = str(tiny_category / "test")
+    files, names = find_images([folder], True)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    files, names = files + [tmp_path / "broken.png"], names + ["broken.png"]
+    out = tmp_path / f"results{fmt}"
+    summary = distributed.score(fitted, files, names, out, client, partition_size=5)
+    assert summary["parts"] == math.ceil(len(files) / 5) == summary["parts_written"]
+    rows = distributed.read_results(out)
+    assert sorted(r["path"] for r in rows) == sorted(names)
+    expected = {r["path"]: r for r in _json_rows(fitted, [folder], capsys)}
+    for r in rows:
+        if r["path"] == "broken.png":
+            assert r["error"] and not r["score"]
+            continue
+        e = expected["test/" + r["path"] if "test/" + r["path"] in expected else r["path"]]
+        assert math.isclose(float(r["score"]), e["score"], rel_tol=1e-6)
+        if fmt == ".csv":
+            assert r["anomalous"] == str(e["anomalous"]).lower()
+            assert math.isclose(float(r["levels.stem"]), e["levels"]["stem"], rel_tol=1e-6)
+        else:
+            assert r["anomalous"] == e["anomalous"] and r["error"] is None
+            assert set(r["levels"]) == set(e["levels"])
+            assert math.isclose(r["pvalue"], e["pvalue"], rel_tol=1e-6, abs_tol=1e-300)
+
+
+def test_score_rerun_skips_finished_parts(client, fitted, tiny_category, tmp_path):
+    files, names = find_images([str(tiny_category / "test")], True)
+    out = tmp_path / "r.parquet"
+    distributed.score(fitted, files, names, out, client, partition_size=4)
+    written = sorted(out.glob("part-*.parquet"))
+    written[1].unlink()  # as a crash before that part was written
+    stamp = written[0].stat().st_mtime_ns
+    again = distributed.score(fitted, files, names, out, client, partition_size=4)
+    assert again["parts_written"] == 1 and again["parts_reused"] == len(written) - 1
+    assert written[0].stat().st_mtime_ns == stamp
+    assert sorted(r["path"] for r in distributed.read_results(out)) == sorted(names)
+    with pytest.raises(distributed.GaussadError, match="another run"):
+        distributed.score(fitted, files[:3], names[:3], out, client, partition_size=4)
+
+
+def test_score_survives_a_killed_worker(client, fitted, tiny_category, tmp_path):
+    files, names = find_images([str(tiny_category / "test")], True)
+    files, names = files * 3, [f"{k}/{n}" for k in range(3) for n in names]
+    out = tmp_path / "r.jsonl"
+    done, result = threading.Event(), {}
+
+    def run():
+        try:
+            result["summary"] = distributed.score(fitted, files, names, out, client, partition_size=1)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = _kill_busy_worker(client, done)
+    thread.join(timeout=300)
+    assert killed is not None and not thread.is_alive() and "summary" in result
+    client.wait_for_workers(2, timeout=60)
+    rows = distributed.read_results(out)
+    assert sorted(r["path"] for r in rows) == sorted(names)  # every input exactly once
+    assert all(r["error"] is None for r in rows)
+
+
+def test_cli_fit_and_score_on_a_local_cluster(tiny_category, tmp_path, capsys):
+    model = tmp_path / "m.gaussad"
+    tiny = ["--backbone", TINY["backbone"], "--input-size", str(TINY["input_size"]),
+            "--levels", ",".join(TINY["levels"])]
+    assert main(["fit", str(tiny_category), "-o", str(model), "--dask", "local:1", "--partition-size", "4",
+                 "--quiet", *tiny]) == 0
+    out = tmp_path / "r.csv"
+    assert main(["score", str(model), str(tiny_category / "test"), "--dask", "local:1", "--out", str(out),
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == len(_test(tiny_category)) and out.exists()
+    assert not Path(str(out) + ".parts").exists()
+    assert main(["score", str(model), str(tiny_category / "test"), "--out", str(out)]) == 2
+    assert main(["score", str(model), str(tiny_category / "test"), "--dask", "local:1", "--out",
+                 str(tmp_path / "r.txt")]) == 2
+    assert "--dask and --out go together" in capsys.readouterr().err
+
+
+def test_unreachable_scheduler_is_one_clear_error():
+    with pytest.raises(distributed.GaussadError, match="cannot reach the scheduler"):
+        with distributed.connect("tcp://127.0.0.1:9", timeout=2):
+            pass
