@@ -401,7 +401,7 @@ def add_options(parser: Any, names: Iterable[str], model_defaults: bool = False)
             default, note = None, "default from --preset"
         else:
             default = p.default
-            note = None if default is None else f"default {'none' if default is None else default}"
+            note = None if default is None else f"default {default}"
         kwargs: dict[str, Any] = {"default": default, "help": p.help + (f"; {note}" if note else "")}
         if p.choices is not None:
             kwargs["choices"] = p.choices  # spelled as text; from_args applies ``parse`` (e.g. "none" -> None)
