@@ -46,7 +46,7 @@ class FeatureExtractor:
         engine: str = "auto",
         draft: bool = True,
         resize: str = "square",
-        decoder: str = "auto",
+        decoder: str = "pil",
     ):
         spec = get_spec(backbone)
         if normalize not in NORMALIZATIONS:
@@ -242,5 +242,5 @@ class ExtractorCache:
                                               max_pixels=settings["max_pixels"], resize=resize)
             self.key = key
         self.extractor.batch_size, self.extractor.max_pixels = int(settings["batch_size"]), int(settings["max_pixels"])
-        self.extractor.decoder = settings.get("decoder", "auto")
+        self.extractor.decoder = settings.get("decoder", "pil")
         return self.extractor

@@ -69,7 +69,7 @@ class GaussianAD:
                  map_pool: int | None = None, map_coreset: float = 0.1, map_grid: str | None = None,
                  preset: str | None = None, threshold: str = "chi2", fpr: float = 0.01, calibration: float | str | None = None,
                  calibration_folds: int = 5, random_state: int | None = 0, batch_size: int = 16, engine: str = "auto",
-                 verbose: bool = False, max_pixels: int = params.DEFAULT_MAX_PIXELS, decoder: str = "auto"):
+                 verbose: bool = False, max_pixels: int = params.DEFAULT_MAX_PIXELS, decoder: str = "pil"):
         self.backbone, self.levels, self.input_size, self.weights = backbone, levels, input_size, weights
         self.estimator, self.reduction, self.variance = estimator, reduction, variance
         self.normalize, self.resize, self.decoder = normalize, resize, decoder
