@@ -101,6 +101,17 @@ def test_fit_cross_conformal_and_banks(client, tiny_category):
     assert np.corrcoef(m_one.ravel(), m_dist.ravel())[0, 1] > 0.95
 
 
+def test_fit_keeps_the_finest_map_grid(client, tiny_category):
+    """A distributed fit with map_grid='finest' gives a model on that grid, whose maps score as one process's do
+    (before, the merged state fell back to the coarsest grid and its maps could not be computed)."""
+    settings = dict(TINY, map_levels=["stage2", "stage3"], map_method="nearest", map_grid="finest", map_coreset=1.0)
+    one = GaussianAD(**settings).fit(_train(tiny_category))
+    dist = distributed.fit(GaussianAD(**settings), _train(tiny_category), client, partition_size=4)
+    assert dist.state_.map_grid == one.state_.map_grid == "finest"
+    test = _test(tiny_category)
+    np.testing.assert_allclose(dist.anomaly_map(test), one.anomaly_map(test), rtol=1e-4, atol=1e-4)
+
+
 def test_fit_refuses_split_calibration(client, tiny_category):
     with pytest.raises(distributed.GaussadError, match="calibration 'cv'"):
         distributed.fit(GaussianAD(**TINY, calibration=0.2), _train(tiny_category), client, partition_size=5)

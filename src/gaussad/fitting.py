@@ -326,7 +326,7 @@ class Trainer:
         self._stream(images, acc, self.layout, positions, folds.add if folds else None, on_error=on_error, whole=False)
         fraction = min(1.0, PART_OVERSAMPLE * float(self.settings["map_coreset"]))
         banks = [BankCandidates(b.vectors, b.ids, b.seen) for b in
-                 acc.banks([], fraction, self._seed(), self.layout.map_level_names)]
+                 acc.banks([], fraction, self._seed(), self._bank_names(self.layout))]
         return Part(acc.stats, acc.map_stats, banks, folds, list(self.skipped))
 
     def fit_parts(self, part: "Part", banks: list["BankCandidates"] | None = None) -> DetectorState:
@@ -335,17 +335,14 @@ class Trainer:
         of the partitions' coresets (:meth:`BankCandidates.select`)."""
         self.skipped = list(part.skipped)
         self._check_stats(part.stats, self.layout)
-        s = self.settings
-        names = self.layout.map_level_names
+        names = self._bank_names(self.layout)
         selected = []
         for i, candidates in enumerate(part.banks if banks is None else banks):
             try:
-                selected.append(candidates.select(float(s["map_coreset"]), self._seed()))
+                selected.append(candidates.select(float(self.settings["map_coreset"]), self._seed()))
             except ValueError as exc:
                 raise DataError(f"map level {names[i]}: {exc}") from None
-        state = self._checked(DetectorState.fit(self.layout, part.stats, s["estimator"], s["reduction"],
-                                                float(s["variance"]), s["map_method"], int(s["map_pool"]),
-                                                part.map_stats, selected))
+        state = self._checked(self._state(self.layout, part.stats, part.map_stats, selected))
         if part.folds is None:
             return state
         scores = part.folds.scores(part.stats, lambda stats: self._from_stats(self.layout, stats))
@@ -357,10 +354,16 @@ class Trainer:
 
     def _finish(self, acc: Accumulator, layout: Layout, prev: DetectorState | None = None,
                 allow_few: bool = False) -> DetectorState:
+        banks = acc.banks(prev.map_banks if prev else [], float(self.settings["map_coreset"]), self._seed(),
+                          self._bank_names(layout))
+        return self._state(layout, acc.stats, acc.map_stats, banks, allow_few)
+
+    def _state(self, layout: Layout, stats: list[MomentStats], map_stats: list[MomentStats] | None,
+               banks: list[NearestBank], allow_few: bool = False) -> DetectorState:
+        """The state of these statistics and banks under the settings' estimator and map method, pool and grid."""
         s = self.settings
-        banks = acc.banks(prev.map_banks if prev else [], float(s["map_coreset"]), self._seed(), self._bank_names(layout))
-        return DetectorState.fit(layout, acc.stats, s["estimator"], s["reduction"], float(s["variance"]),
-                                 s["map_method"], int(s["map_pool"]), acc.map_stats, banks, allow_few, s["map_grid"])
+        return DetectorState.fit(layout, stats, s["estimator"], s["reduction"], float(s["variance"]), s["map_method"],
+                                 int(s["map_pool"]), map_stats, banks, allow_few, s["map_grid"])
 
     def _bank_names(self, layout: Layout) -> list[str]:
         """Names of the maps scored: the map levels, or their concatenation on the finest grid."""
