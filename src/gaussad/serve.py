@@ -168,8 +168,8 @@ def probe_upload(data: bytes, filename: str, limits: Limits) -> int:
 
 def decode_upload(data: bytes, filename: str, limits: Limits, side: int | None = None) -> Image.Image:
     """Uploaded bytes -> 8-bit RGB image, EXIF-oriented (:func:`gaussad.images.load_image`, as for files); with
-    ``side``, shrunk to at most that longest side."""
-    probe_upload(data, filename, limits)
+    ``side``, shrunk to at most that longest side. The upload's size was checked at admission
+    (:func:`probe_upload`); ``load_image`` checks its header again as it reads it."""
     try:
         img = load_image(bytes(data), max_pixels=limits.max_pixels, name=filename)
     except ImageError as exc:
