@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path, PurePath
 from typing import Sequence
@@ -74,9 +73,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .files import check_output
 
     # What needs no work first: the output, the settings, the image list; then the model (numpy, the network).
-    if os.path.isdir(args.output):  # os.path answers False where Path.is_dir raises (a name too long)
-        raise GaussadError(f"{args.output}: is a folder; give the model file's name with -o")
-    check_output(args.output, "model")
+    check_output(args.output, "model file")
     settings = _model_params(args, "threshold")
     params.validate({**params.defaults(), **settings})
     files, names = _training_images(args.train_dir, args.recursive)
@@ -156,7 +153,6 @@ def cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .model import load
-    from .files import check_output
     from .results import result_rows
 
     if args.maps:
@@ -291,9 +287,7 @@ def _write_overlays(folder: str, files: list[Path], names: list[str], amaps, max
 def cmd_export(args: argparse.Namespace) -> int:
     from .files import check_output, write_atomic
 
-    if os.path.isdir(args.output):
-        raise GaussadError(f"{args.output}: is a folder; give the ONNX file's name with -o")
-    check_output(args.output, "ONNX graph")
+    check_output(args.output, "ONNX file")
     from .export import export_detector
     from .model import load
 
@@ -313,7 +307,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import params
     from .files import check_output, write_atomic
 
-    for path, what in ((args.json, "JSON report"), (args.report, "report")):
+    for path, what in ((args.json, "JSON report"), (args.report, "report"), (args.html, "HTML report")):
         if path:
             check_output(path, what)
     params.validate({**params.defaults(), **_model_params(args)})
