@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 
 from gaussad import fusion
+from gaussad.threshold import conformal_pvalue
 
 
 def test_conformal_pvalues_count_calibration_scores_at_or_above():
     cal = np.array([1.0, 2.0, 2.0, 5.0])
-    np.testing.assert_allclose(fusion.conformal_pvalues(cal, [0.0, 2.0, 3.0, 5.0, 9.0]), [1.0, 0.8, 0.4, 0.4, 0.2])
+    np.testing.assert_allclose(conformal_pvalue([0.0, 2.0, 3.0, 5.0, 9.0], cal), [1.0, 0.8, 0.4, 0.4, 0.2])
 
 
 def test_smooth_pvalues_are_continuous_non_increasing_and_keep_ordering_beyond_calibration():
@@ -22,7 +23,7 @@ def test_smooth_pvalues_are_continuous_non_increasing_and_keep_ordering_beyond_c
     assert np.all(np.diff(p[beyond]) < 0)  # no ties among images beyond every calibration score
     assert np.isclose(fusion.smooth_pvalues(cal, [cal.max()])[0], 1 / 51)
     # at calibration scores the smooth p-value is the conformal one of the next larger score (within one step)
-    exact = fusion.conformal_pvalues(cal, cal)
+    exact = conformal_pvalue(cal, cal)
     assert np.all(np.abs(fusion.smooth_pvalues(cal, cal) - exact) <= 1 / 51 + 1e-12)
 
 

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .threshold import conformal_pvalue
+
 FUSIONS = ("bonferroni", "fisher")
 TAIL = 0.1  # share of the largest calibration scores the exponential tail is fitted to
 
@@ -32,15 +34,9 @@ def _sorted(calibration: np.ndarray) -> np.ndarray:
     return c
 
 
-def conformal_pvalues(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """(1 + number of calibration scores >= s) / (n + 1) for each score s."""
-    c = _sorted(calibration)
-    s = np.asarray(scores, dtype=np.float64)
-    return (1.0 + c.size - np.searchsorted(c, s, side="left")) / (c.size + 1.0)
-
-
 def smooth_pvalues(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """A continuous, non-increasing stand-in for :func:`conformal_pvalues`, for ranking: the survival function
+    """A continuous, non-increasing stand-in for the conformal p-values (:func:`gaussad.threshold.conformal_pvalue`),
+    for ranking: the survival function
     interpolated linearly between calibration scores (1 at and below the smallest, ``1 / (n + 1)`` at the largest)
     and, beyond the largest, ``exp(-(s - max) / beta) / (n + 1)`` with ``beta`` the mean excess of the top tenth."""
     c = _sorted(calibration)
@@ -75,5 +71,5 @@ def fused(calibrations: Sequence[np.ndarray], evidence: Sequence[np.ndarray],
     ``calibrations``: the score is ``-log10`` of the combined smooth p-values, the p-value the Bonferroni minimum of
     exact conformal p-values (flag when it is at most alpha)."""
     smooth = combine([smooth_pvalues(c, e) for c, e in zip(calibrations, evidence)], method)
-    exact = combine([conformal_pvalues(c, e) for c, e in zip(calibrations, evidence)], "bonferroni")
+    exact = combine([conformal_pvalue(e, c) for c, e in zip(calibrations, evidence)], "bonferroni")
     return -np.log10(np.clip(smooth, 1e-300, 1.0)), exact
