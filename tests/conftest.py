@@ -6,6 +6,28 @@ from pathlib import Path
 
 import pytest
 
+def in_child(work) -> tuple[int, str]:
+    """Run ``work()`` (returning (exit code, text)) in a forked child, so that dropped privileges, audit hooks and
+    monkeypatches die with it; its exit code and text."""
+    import os
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            os.close(read)
+            code, text = work()
+            os.write(write, text.encode())
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as fh:
+        text = fh.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), text
+
+
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 
 # Small settings that keep every backbone test fast: low resolution, the first levels only.

@@ -15,6 +15,8 @@ import gaussad.files
 from gaussad.errors import DataError, GaussadError, ImageError
 from gaussad.images import DEFAULT_MAX_PIXELS, list_images, load_image
 
+from .conftest import in_child
+
 
 def _ref(h=24, w=32, seed=0):
     """Blocky RGB test pattern (8x8 blocks, so lossy codecs keep it close)."""
@@ -335,31 +337,21 @@ def test_unreadable_file_real_permissions():
         if os.geteuid() != 0:
             _refused(path, "cannot open (permission denied)")
             return
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: drop privileges for good, try the read, report, exit without cleanup
-            code = 1
+
+        def work() -> tuple[int, str]:  # in the child: drop privileges for good, try the read, report
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
             try:
-                os.close(read)
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                try:
-                    load_image(path)
-                    text = "loaded"
-                except ImageError as exc:
-                    text = f"ImageError: {exc}"
-                except BaseException as exc:  # noqa: BLE001 - reported to the parent
-                    text = f"{type(exc).__name__}: {exc}"
-                os.write(write, text.encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write)
-        with os.fdopen(read) as fh:
-            text = fh.read()
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, text
+                load_image(path)
+                return 0, "loaded"
+            except ImageError as exc:
+                return 0, f"ImageError: {exc}"
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                return 0, f"{type(exc).__name__}: {exc}"
+
+        code, text = in_child(work)
+        assert code == 0, text
         assert text == f"ImageError: {path}: cannot open (permission denied)", text
     finally:
         for p in folder.iterdir():

@@ -14,6 +14,8 @@ import gaussad.files as files
 from gaussad import GaussadError, GaussianAD, ModelFormatError
 from gaussad.persistence import FORMAT_NAME, FORMAT_VERSION, checksum, read_model_file
 
+from .conftest import in_child
+
 RNG = np.random.default_rng(0)
 TRAIN = [RNG.normal(size=(30, 8)), RNG.normal(size=(30, 4))]
 PROBE = [RNG.normal(size=(5, 8)), RNG.normal(size=(5, 4))]
@@ -285,25 +287,6 @@ def test_model_path_problems(tmp_path):
     _refused(tmp_path / "loop.gaussad", "symbolic link loop")
 
 
-def _in_child(work) -> tuple[int, str]:
-    """Run ``work()`` in a forked child (so audit hooks and monkeypatches die with it); its exit code and output."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 1
-        try:
-            os.close(read)
-            code, text = work()
-            os.write(write, text.encode())
-        finally:
-            os._exit(code)
-    os.close(write)
-    with os.fdopen(read) as fh:
-        text = fh.read()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), text
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_loading_executes_nothing(tmp_path, model_path):
     """With an audit hook watching, loading hostile files raises no code-running or importing event."""
@@ -330,7 +313,7 @@ def test_loading_executes_nothing(tmp_path, model_path):
                 outcomes.append("refused")
         return 0, json.dumps([outcomes, sorted(set(seen))])
 
-    code, text = _in_child(work)
+    code, text = in_child(work)
     assert code == 0
     assert json.loads(text) == [["refused"] * 4 + ["loaded"], []]
     assert not (tmp_path / "pwned").exists()
@@ -389,7 +372,7 @@ def test_hard_kill_mid_write_keeps_the_previous_model(model_path):
         GaussianAD(backbone=None, estimator="oas").fit_features(TRAIN).save(model_path)
         return 0, "not killed"
 
-    code, _ = _in_child(work)
+    code, _ = in_child(work)
     assert code == 9
     assert model_path.read_bytes() == before
     gaussad.load(model_path)
