@@ -33,6 +33,8 @@ LIMITS = ("the graph takes decoded 8-bit RGB pixels: decoding, EXIF orientation 
           "are the caller's (gaussad also decodes JPEGs of at least twice the input size at reduced scale, PIL's "
           "draft mode; give such JPEGs decoded in full and the scores differ slightly)")
 NO_MAPS = "anomaly maps are not part of the graph: export with --maps to add them"
+FUSED = ("the fused image score cannot be exported yet: refit with --image-score global (for example --preset fast) "
+         "to export the global score and its decision")
 
 
 def _erfc_log(b, z: str) -> str:
@@ -276,6 +278,8 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
         raise GaussadError("--maps: only maps on the coarsest grid (--map-grid coarsest, every preset's) can be "
                            "exported so far; export without --maps")
     rule = model.rule()
+    if rule.fused:
+        raise GaussadError(FUSED)
     if rule.method == "hotelling":
         raise GaussadError("the Hotelling p-value (F law) cannot be expressed in the graph: export a chi2 or conformal "
                            "model (refit with --threshold chi2 or conformal)")
