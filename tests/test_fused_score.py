@@ -191,4 +191,4 @@ def test_fit_on_images_calibrates_in_one_pass_and_the_cli_scores_with_it(tiny_ca
     assert main(["score", str(path), *map(str, test), "--threshold", "chi2"]) == 2
     assert "cannot apply" in capsys.readouterr().err
     assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 2
-    assert "--image-score global" in capsys.readouterr().err
+    assert "export this model with --maps" in capsys.readouterr().err
