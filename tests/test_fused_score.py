@@ -192,3 +192,25 @@ def test_fit_on_images_calibrates_in_one_pass_and_the_cli_scores_with_it(tiny_ca
     assert "cannot apply" in capsys.readouterr().err
     assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 2
     assert "export this model with --maps" in capsys.readouterr().err
+
+
+def test_service_rows_and_model_info_come_from_the_fused_rule(tiny_category):
+    pytest.importorskip("fastapi")
+    from gaussad.serve import Limits, model_info, score_uploads
+
+    files = sorted((tiny_category / "train" / "good").iterdir())
+    model = GaussianAD(**TINY_FUSED).fit(files)
+    test = sorted((tiny_category / "test" / "good").iterdir())[:2] + sorted((tiny_category / "test" / "patch").iterdir())[:2]
+    uploads = [(p.name, p.read_bytes()) for p in test]
+    levels, peaks, _ = model.score_images(test)
+    score, pvalue = fusion.fused([model.calibration_scores_, model.map_calibration_], [levels.mean(axis=1), peaks],
+                                 "fisher")
+    for with_maps in (False, True):
+        rows = score_uploads(model, uploads, 0.3, Limits(), with_maps)
+        np.testing.assert_allclose([r["score"] for r in rows], score, rtol=1e-9)
+        np.testing.assert_allclose([r["pvalue"] for r in rows], pvalue, rtol=1e-9)
+        assert [r["anomalous"] for r in rows] == list(pvalue <= 0.3)
+    info = model_info("m", model, None)
+    assert info["threshold"] == {"method": "conformal", "fpr": 0.2, "image_score": "fused", "pvalue_threshold": 0.2}
+    assert info["calibration"]["fused"]["n_scores"] == [10, 10]
+    assert info["calibration"]["fused"]["min_fpr"] == pytest.approx(2 / 11)
