@@ -314,7 +314,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.quiet:
         rule = model.rule()
         print(f"wrote {args.output} ({len(data) / 2**20:.1f} MiB): uint8 images (N, H, W, 3) -> score, levels "
-              f"({', '.join(model.level_names_)}), pvalue, anomalous under {rule.method} at FPR {rule.fpr}")
+              f"({', '.join(model.level_names_)}), pvalue, anomalous under {'fused' if rule.fused else rule.method} at "
+              f"FPR {rule.fpr}" + (", map" if args.maps else ""))
         for note in notes:
             print(f"note: {note}")
     return 0
@@ -482,12 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write MODEL as one ONNX graph: uint8 RGB images (N, H, W, 3), any H and W, resized "
                                    "inside the graph as gaussad resizes, to the image score, the distance per level, "
                                    "the p-value and the decision under the model's own threshold method and FPR "
-                                   "(calibration scores embedded). The model's settings are in the graph's metadata.")
+                                   "(calibration scores embedded; a fused image score, which needs --maps, with both "
+                                   "calibrations). The model's settings are in the graph's metadata.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write (written atomically)")
     p.add_argument("--maps", action="store_true",
                    help="also output the anomaly map (N, S, S), as gaussad score computes it (nearest-neighbour map "
-                        "models, e.g. --preset recommended)")
+                        "models, e.g. --preset recommended); required for a fused image score")
     p.add_argument("--quiet", action="store_true", help="no summary")
     p.set_defaults(func=cmd_export)
 
