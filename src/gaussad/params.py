@@ -262,8 +262,8 @@ PARAMS: tuple[Param, ...] = (
           choices=IMAGE_SCORES),
     Param("threshold", None, optional(choice(THRESHOLDS)),
           "decision rule: chi2 per level (the paper), hotelling (finite-sample F law per level) or conformal "
-          "(quantile of held-out or out-of-fold normal scores; see --calibration); default the preset's, conformal "
-          "with a fused image score (the only one it decides by)", preset=True, flag="--threshold",
+          "(quantile of held-out or out-of-fold normal scores; see --calibration); a fused image score decides by "
+          "conformal only, and that is then the default", preset=True, flag="--threshold",
           choices=THRESHOLDS, group="threshold"),
     Param("fpr", 0.01, fraction(minimum=MIN_FPR), "target false-positive rate", flag="--fpr", parse=_float_text,
           group="threshold"),
