@@ -262,17 +262,25 @@ def _score_task(model_path: str, key: str, names: list[str], paths: list[str], i
 
     with _WORKER["lock"]:
         model = _worker_model(model_path, key)
+        rule = model.rule(fpr, threshold)
         extractor = _extractor(params.resolved(model.get_params()), model.state_.layout)
         skipped: list = []
-        pooled = [b for _, b, _ in extractor.iter_features_and_maps(paths, None, on_error, skipped)]
+        batches = extractor.iter_features_and_maps(paths, None, on_error, skipped)
+        if rule.fused:  # the map peaks too, batch by batch
+            feats, peaks, _ = model.state_.score_batches(batches, with_maps=False)
+        else:
+            pooled, peaks = [b for _, b, _ in batches], None
+            feats = [np.concatenate(level) for level in zip(*pooled)]
     bad = dict(skipped)
     kept = [n for i, n in enumerate(names) if i not in bad]
     if kept:
-        levels = model.level_scores_features([np.concatenate(level) for level in zip(*pooled)])
-        decisions, pvalues = model.decide(levels, fpr, threshold)
+        levels = model.level_scores_features(feats)
+        decisions, pvalues = model.decide(levels, fpr, threshold, peaks)
+        scores = model.scores(levels, peaks)
     else:
-        levels, decisions, pvalues = np.zeros((0, len(model.level_names_))), [], []
-    rows: list[dict] = [{**r, "error": None} for r in result_rows(kept, model.level_names_, levels, decisions, pvalues)]
+        levels, decisions, pvalues, scores = np.zeros((0, len(model.level_names_))), [], [], []
+    rows: list[dict] = [{**r, "error": None} for r in result_rows(kept, model.level_names_, levels, decisions, pvalues,
+                                                                  scores)]
     rows += [{"path": names[i], "score": None, "levels": None, "pvalue": None, "anomalous": None, "error": msg}
              for i, msg in sorted(bad.items())]
     write_part(Path(folder) / part_name(index, fmt), rows, model.level_names_, fmt)
@@ -353,9 +361,9 @@ def score(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike], nam
 
     fmt = output_format(out)
     model = load(model_path)
-    method = threshold or model.threshold
+    method = threshold or model.setting("threshold")
     fpr = model.fpr if fpr is None else fpr
-    model.score_threshold(fpr, method)  # fails early when the rule cannot apply to this model
+    model.rule(fpr, method).check(model.state_, f"{model_path}: ")  # fails early when the rule cannot apply
     paths, names = [os.fspath(p) for p in paths], [str(n) for n in names]
     folder = parts_folder(out)
     key = _run_key(model_path, names, partition_size, fpr, method)

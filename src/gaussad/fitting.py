@@ -38,6 +38,7 @@ class Accumulator:
         self.map_stats = map_stats or None
         self.prepare = prepare
         self.bank_parts: list[list] | None = [[] for _ in range(n_map_levels)] if map_method == "nearest" else None
+        self.peaks: np.ndarray | None = None  # leave-one-image-out map peaks (:meth:`banks`)
 
     def add(self, pooled: Sequence[np.ndarray], fmaps: Sequence[np.ndarray] = (),
             image_ids: np.ndarray | None = None) -> None:
@@ -56,12 +57,15 @@ class Accumulator:
         for level, f in zip(self.bank_parts, fmaps):
             level.append((maps.patch_vectors(f, np.float32), np.repeat(image_ids, f.shape[2] * f.shape[3])))
 
-    def banks(self, base: list[NearestBank], fraction: float, seed: int, names: Sequence[str]) -> list[NearestBank]:
+    def banks(self, base: list[NearestBank], fraction: float, seed: int, names: Sequence[str],
+              leave_one_out: bool = False) -> list[NearestBank]:
         """Banks extended with the collected location vectors (new banks when ``base`` is empty); the collected
-        vectors are freed level by level, keeping the peak memory to one level's copy."""
+        vectors are freed level by level, keeping the peak memory to one level's copy. ``leave_one_out``: each
+        collected location is also scored by its new bank with its own image's members skipped, and
+        :attr:`peaks` becomes the leave-one-image-out map peak of every image (:meth:`DetectorState.map_peaks`)."""
         if not self.bank_parts or not self.bank_parts[0]:
             return base
-        out = []
+        out, cells = [], []
         for i, level in enumerate(self.bank_parts):
             vectors = np.concatenate([v for v, _ in level])
             ids = np.concatenate([k for _, k in level])
@@ -70,7 +74,20 @@ class Accumulator:
                 out.append(NearestBank.build(vectors, ids, fraction, seed, base[i] if base else None))
             except ValueError as exc:
                 raise DataError(f"map level {names[i]}: {exc}") from None
+            if leave_one_out:
+                cells.append(out[-1].distances(vectors, ids))
+            del vectors
+        if leave_one_out:
+            self.peaks = image_peaks(np.mean(cells, axis=0), ids)
         return out
+
+
+def image_peaks(cells: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The largest value of each image's cells (``ids``: the image of each cell), in the order of the image ids."""
+    images, which = np.unique(ids, return_inverse=True)
+    peaks = np.full(images.size, -np.inf, dtype=np.float64)
+    np.maximum.at(peaks, which, cells.astype(np.float64))
+    return peaks
 
 
 def check_finite(pooled: Sequence[np.ndarray], idx: np.ndarray, name_of) -> None:
@@ -185,7 +202,8 @@ class Trainer:
             folds = CrossFolds(cv_folds(len(images), self.settings["calibration_folds"], self.settings["random_state"]))
             self._stream(images, acc, self.layout, collect=folds.add, on_error=on_error)
             scores = folds.scores(acc.stats, lambda stats: self._from_stats(self.layout, stats))
-            return self._checked(self._finish(acc, self.layout)).with_calibration(scores, "cv")
+            state = self._checked(self._finish(acc, self.layout, leave_one_out=self.fused)).with_calibration(scores, "cv")
+            return state.with_map_calibration(acc.peaks) if self.fused else state
         split = calibration_split(len(images), calibration, self.settings["random_state"])
         if split is None:
             self._stream(images, acc, self.layout, on_error=on_error)
@@ -200,6 +218,11 @@ class Trainer:
             raise DataError("none of the calibration images could be read")
         scores = partial.level_distances([np.concatenate(level) for level in zip(*batches)]).mean(axis=1)
         return self._checked(self._finish(acc, self.layout)).with_calibration(scores, "split")
+
+    @property
+    def fused(self) -> bool:
+        """Whether the image score is fused, so that a fit with maps also calibrates the map evidence."""
+        return self.settings.get("image_score") == "fused"
 
     def calibration(self, n: int) -> str | float | None:
         """The calibration used on ``n`` images (:func:`gaussad.params.calibration_for`)."""
@@ -263,9 +286,12 @@ class Trainer:
             acc.add_maps(fm, idx)
         banks = acc.banks([], float(self.settings["map_coreset"]), self._seed(), self._bank_names(layout))
         map_stats = acc.map_stats or []
-        return replace(state, layout=layout, map_method=self.settings["map_method"], map_grid=self.settings["map_grid"],
-                       map_pool=int(self.settings["map_pool"]), map_stats=map_stats, map_banks=banks,
-                       map_gaussians=[LevelGaussian.fit(s, "ledoit-wolf") for s in map_stats])
+        state = replace(state, layout=layout, map_method=self.settings["map_method"], map_grid=self.settings["map_grid"],
+                        map_pool=int(self.settings["map_pool"]), map_stats=map_stats, map_banks=banks,
+                        map_gaussians=[LevelGaussian.fit(s, "ledoit-wolf") for s in map_stats], map_calibration=None)
+        if not self.fused:
+            return state
+        return state.with_map_calibration(state.map_peaks_of(per_image, np.arange(len(per_image))))
 
     def _map_layout(self, layout: Layout, n_maps: int) -> Layout:
         if self.settings["backbone"] is None:
@@ -316,6 +342,10 @@ class Trainer:
         the whole list of ``n_total`` (their names, bank image ids and calibration folds); bank candidates are the
         partition's own coreset."""
         calibration = self.calibration(n_total)
+        if self.fused:
+            raise InvalidParameterError("a distributed fit does not calibrate the fused image score (its map peaks "
+                                        "need every image's locations against the final banks): use "
+                                        "image_score='global' (--image-score global) or fit in one process")
         if calibration not in (None, "cv"):
             raise InvalidParameterError("a distributed fit supports calibration 'cv' or none, not a held-out "
                                         f"fraction ({calibration}): use --calibration cv")
@@ -353,9 +383,9 @@ class Trainer:
         return DetectorState.fit(layout, stats, s["estimator"], s["reduction"], float(s["variance"]), allow_few=allow_few)
 
     def _finish(self, acc: Accumulator, layout: Layout, prev: DetectorState | None = None,
-                allow_few: bool = False) -> DetectorState:
+                allow_few: bool = False, leave_one_out: bool = False) -> DetectorState:
         banks = acc.banks(prev.map_banks if prev else [], float(self.settings["map_coreset"]), self._seed(),
-                          self._bank_names(layout))
+                          self._bank_names(layout), leave_one_out)
         return self._state(layout, acc.stats, acc.map_stats, banks, allow_few)
 
     def _state(self, layout: Layout, stats: list[MomentStats], map_stats: list[MomentStats] | None,
