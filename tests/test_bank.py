@@ -200,3 +200,28 @@ def test_large_sets_are_selected_chunk_by_chunk_against_the_bank(monkeypatch):
     first = int(np.random.default_rng(0).integers(100))
     np.testing.assert_array_equal(bank.vectors, x[_naive_streaming(x.astype(np.float64), 0.2, 100, first)])
     assert bank.seen == 250
+
+
+def test_fits_stream_locations_through_a_bounded_buffer(monkeypatch):
+    """A fit's banks come from streaming coresets whose buffers never exceed CHUNK rows (a structural memory bound,
+    not a timing), and each bank keeps ceil(map_coreset * locations) members of every image's locations."""
+    import gaussad.bank as bank_mod
+    from gaussad import GaussianAD
+    from gaussad.fitting import Trainer
+
+    monkeypatch.setattr(bank_mod, "CHUNK", 40)
+    made: list = []
+    real = Trainer.coresets
+
+    def recorded(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        made.extend(out)
+        return out
+
+    monkeypatch.setattr(Trainer, "coresets", recorded)
+    rng = np.random.default_rng(10)
+    per_image = [[m, m[:3] * 2.0] for m in rng.normal(size=(12, 6, 4, 4)).astype(np.float32)]
+    model = GaussianAD(backbone=None, map_method="nearest", map_pool=1, map_coreset=0.25).fit_map_features(per_image)
+    assert len(made) == 2 and all(c.max_pending == 40 for c in made)  # 192 locations per level: 4 full buffers
+    for bank in model.state_.map_banks:
+        assert bank.seen == 12 * 16 and len(bank.vectors) == 48 and set(bank.ids) == set(range(12))

@@ -1,5 +1,5 @@
 """Fitting: streaming statistics for ``fit``, batches of pooled features and raw feature maps folded into moment statistics
-and memory-bank candidates, so that no image is held after its batch, and the calibration scores of the conformal rule
+and streaming memory-bank coresets, so that no image is held after its batch, and the calibration scores of the conformal rule
 (split, or cross-conformal from per-fold statistics gathered in the same pass) (plain numpy)."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from .state import DetectorState, Layout, feature_settings, prepare_maps
 
 # Backbone features are float32: a relative spread below its rounding level means identical images.
 IDENTICAL_SPREAD_FLOAT32 = (64.0 * float(np.finfo(np.float32).eps)) ** 2
-# A distributed fit's partitions keep this many times the bank's coreset fraction as candidates, so that the final
-# greedy pass over their union chooses among more than it keeps (EXPERIMENTS.md, "Distributed fit").
+# A distributed fit's partitions keep this many times the bank's coreset fraction as candidates, so that the client's
+# greedy selection over them chooses among more than it keeps (EXPERIMENTS.md, "Distributed fit").
 PART_OVERSAMPLE = 4.0
 
 
