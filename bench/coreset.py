@@ -134,18 +134,18 @@ def main() -> None:
     _, fit_maps = extract(model, fit, "fit", True)
     _, good_maps = extract(model, held, "held-out good", True)
     _, bad_maps = extract(model, bad, "synthetic", True)
-    model.fit_map_features(fit_maps)
+    mapper = GaussianAD(preset="recommended", verbose=False).fit_map_features(fit_maps)  # its state: maps only
     masks = np.concatenate([np.zeros((len(held), size, size), bool), np.asarray(bad_masks, bool)])
     labels = np.r_[np.zeros(len(held)), np.ones(len(bad))]
     print(f"synthetic ({cat.name}: {len(fit)} fit, {len(held)} good + {len(bad)} synthetic)", flush=True)
-    report = {"synth": score(model, fit_maps, good_maps + bad_maps, masks, labels, size, args.pending)}
+    report = {"synth": score(mapper, fit_maps, good_maps + bad_maps, masks, labels, size, args.pending)}
     if args.test:
         del good_maps, bad_maps
         _, held_maps = extract(model, held, "held-out", True)
         _, test_maps = extract(model, cat.test_files, "test", True)
         print(f"test ({cat.name}, full protocol: maps fitted on all of train/good)", flush=True)
-        report["test"] = score(model, fit_maps + held_maps, test_maps, load_masks(cat, size), cat.test_labels, size,
-                               args.pending)
+        report["test"] = score(mapper, fit_maps + held_maps, test_maps, load_masks(cat, size), cat.test_labels,
+                               size, args.pending)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
