@@ -176,10 +176,10 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
         progress: bool | None = None):
     """Fit ``model`` (a :class:`~gaussad.GaussianAD`) on ``images`` (paths the workers can read, or arrays) with
     the workers of ``client``; returns the model. The Gaussians are those of ``model.fit(images)`` up to float
-    rounding (merged moment statistics); each map bank is one greedy pass over the union of the partitions'
-    coresets (README, "Distributed")."""
+    rounding (merged moment statistics); each map bank is a streaming greedy selection over the partitions'
+    coresets as they arrive, so the client holds the banks and one buffer of candidates (README, "Distributed")."""
     from . import params
-    from .fitting import BankCandidates, Trainer
+    from .fitting import Trainer
     from .images import image_list
 
     images = [os.fspath(i) if isinstance(i, os.PathLike) else i for i in image_list(images)]
@@ -199,20 +199,21 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     while len(stats) > 1:  # tree reduction, pairs in a fixed order: the same merges whichever worker runs them
         stats = [client.submit(_merge, a, b, pure=False) if b is not None else a
                  for a, b in zip(stats[::2], stats[1::2] + [None] * (len(stats) % 2))]
-    collected: list[list] = []
+    trainer = Trainer(settings)
+    coresets: list = []
     for future in banks:  # in partition order, each released once here, so workers do not keep them
         part_banks = _result(future)
         future.release()
-        if part_banks and not collected:
-            collected = [[] for _ in part_banks]
-        for level, candidates in zip(collected, part_banks):
-            level.append(candidates)
+        if part_banks and not coresets:
+            coresets = trainer.coresets(len(part_banks))
+        for coreset, candidates in zip(coresets, part_banks):  # the client holds the banks and one buffer
+            coreset.add(candidates.vectors, candidates.ids, candidates.seen)
     del banks
     merged = _result(stats[0])
     if bar is not None:
         bar.join()
-    trainer = Trainer(settings, None, _result(layout_future))
-    state = trainer.fit_parts(merged, [BankCandidates.concat(level) for level in collected])
+    trainer.layout = _result(layout_future)
+    state = trainer.fit_parts(merged, coresets)
     model.state_, model.skipped_ = state, trainer.skipped
     return model
 
