@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 from bench.throughput import split_images, time_backbone
 from gaussad import GaussianAD
@@ -29,7 +30,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json")
     args = ap.parse_args()
-    train, test = split_images(args.data)
+    train, test = split_images(Path(args.data))
     for f in train + test:
         f.read_bytes()
     names = args.backbones.split(",")
