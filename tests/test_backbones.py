@@ -87,3 +87,30 @@ def test_wrong_weights_file_is_refused_clearly(tmp_path):
     junk.write_bytes(b"not a torch file")
     with pytest.raises(GaussadError, match="cannot read weights"):
         create_backbone("efficientnet-b0", weights=junk)
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_registry_contract(name):
+    """Every registered backbone: unique level names, recommended map levels among them, and, for those that can be
+    built without a user's file, a network whose levels are the registry's with the channels it declares, the
+    levels asked for (any subset) equal to the same levels of a full pass."""
+    spec = get_spec(name)
+    assert spec.name == name and spec.input_size > 0 and spec.description
+    assert len(set(spec.level_names)) == len(spec.level_names) > 0
+    assert spec.map_levels and set(spec.map_levels) <= set(spec.level_names)
+    assert (spec.bundled_weights is None) == spec.needs_weights_file
+    if spec.needs_weights_file:
+        return
+    bb = create_backbone(name, input_size=64)
+    assert tuple(bb.level_names) == spec.level_names and len(bb.level_channels) == len(spec.level_names)
+    assert not bb.training and not any(p.requires_grad for p in bb.parameters())
+    x = torch.randn(2, 3, 64, 64)
+    every = list(range(len(spec.level_names)))
+    with torch.no_grad():
+        maps = bb.forward_levels(x, every)
+        subset = bb.forward_levels(x, every[1::3])
+    assert [tuple(m.shape[:2]) for m in maps] == [(2, c) for c in bb.level_channels]
+    sides = [m.shape[2] for m in maps]
+    assert sides == sorted(sides, reverse=True)  # shallowest first: resolution never grows with depth
+    for got, i in zip(subset, every[1::3]):
+        torch.testing.assert_close(got, maps[i], rtol=0, atol=0)

@@ -209,8 +209,8 @@ PARAMS: tuple[Param, ...] = (
     Param("backbone", "efficientnet-lite0", _backbone, "feature network (see `gaussad backbones`)",
           flag="--backbone"),
     Param("levels", None, optional(_levels),
-          "comma-separated levels by name or index (EfficientNet: stem,stage1..stage7,head = 0..8; ResNet: "
-          "stem,layer1..layer4 = 0..4); default all",
+          "comma-separated levels by name or index (EfficientNet, MobileNetV2: stem,stage1..stage7,head = 0..8; "
+          "ResNet: stem,layer1..layer4 = 0..4); default all",
           learned="levels_", flag="--levels", parse=_text_list),
     Param("input_size", None, optional(integer(1, MAX_INPUT_SIZE)),
           "input size S in pixels: the side of the square input, or with --resize aspect the side of a square of "

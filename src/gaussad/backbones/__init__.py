@@ -1,6 +1,6 @@
 """Backbone registry: every feature network is created by name, timm-style.
 
-A family module (``efficientnet``, ``resnet``) registers a :class:`BackboneSpec` per network with
+A family module (``efficientnet``, ``resnet``, ``mobilenet``) registers a :class:`BackboneSpec` per network with
 :func:`register`; the spec says what is known before building (input size, level names, recommended map levels,
 normalisation, weights), and its factory builds a :class:`gaussad.backbones.base.Backbone` (a torch module whose
 ``forward_levels`` yields the feature map of each level). This module and the family modules import no torch:
@@ -105,3 +105,4 @@ def resolve_levels(spec_levels: Sequence[str], levels: Sequence[int | str] | Non
 
 from . import efficientnet  # noqa: E402,F401  (registers the EfficientNet family)
 from . import resnet  # noqa: E402,F401  (registers the ResNet family)
+from . import mobilenet  # noqa: E402,F401  (registers MobileNetV2)

@@ -97,3 +97,16 @@ def load_strict(net: nn.Module, state: dict[str, torch.Tensor], source: str, wha
         )
         raise GaussadError(f"{source}: weights do not fit this {what} ({detail})")
     net.load_state_dict(state, strict=False)
+
+
+def load_with_head(net: nn.Module, weights: str | os.PathLike, what: str, head: str) -> None:
+    """Load a torchvision-layout file into ``net`` strictly except the classifier (keys under ``head``, e.g. ``fc.``):
+    features do not need it, so a file may lack it or hold another classifier; when it fits it is loaded too (for
+    the ImageNet logits of ``net.forward``)."""
+    state = read_state_dict(weights)
+    load_strict(net, state, str(weights), what, ignore=(head,))
+    module = net.get_submodule(head.rstrip("."))
+    own = module.state_dict()
+    found = {k: state.get(f"{head}{k}", state.get(f"module.{head}{k}")) for k in own}
+    if all(v is not None and v.shape == own[k].shape for k, v in found.items()):
+        module.load_state_dict(found)

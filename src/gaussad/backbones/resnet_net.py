@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import GaussadError
-from .base import Backbone, load_strict, read_state_dict
+from .base import Backbone, load_with_head
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -148,14 +148,8 @@ def create(name: str) -> ResNet:
 
 
 def build(name: str, weights: str | os.PathLike | None) -> ResNet:
-    """``name`` loaded strictly from a local weights file. The classifier's ``fc.`` keys are not needed for features:
-    the file may lack them or hold another classifier; when they fit they are loaded too (for ``forward``)."""
+    """``name`` loaded strictly from a local weights file, the classifier's ``fc.`` keys only where they fit."""
     net = create(name)
     if weights is not None:
-        state = read_state_dict(weights)
-        load_strict(net, state, str(weights), name, ignore=("fc.",))
-        own = net.fc.state_dict()
-        head = {k: state.get(f"fc.{k}", state.get(f"module.fc.{k}")) for k in own}
-        if all(v is not None and v.shape == own[k].shape for k, v in head.items()):
-            net.fc.load_state_dict(head)
+        load_with_head(net, weights, name, "fc.")
     return net
