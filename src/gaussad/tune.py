@@ -249,9 +249,11 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(settings):
         groups.setdefault(_feature_key(s), []).append(i)
-    from .features import progress_bar
+    bar = None
+    if verbose:
+        from tqdm.auto import tqdm
 
-    bar = progress_bar(len(settings), "tune: settings", verbose)
+        bar = tqdm(total=len(settings), desc="tune: settings", unit="setting", dynamic_ncols=True)
     rows: list[dict[str, Any] | None] = [None] * len(settings)
     try:
         for members in groups.values():
