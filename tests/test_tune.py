@@ -107,21 +107,21 @@ def test_bad_budget_and_too_few_images_give_clear_errors(train_dir):
         tune(files[:4], grid={"map_pool": (1,)}, base=BASE)
 
 
-def test_cli_tune_prints_the_ranking_saves_the_best_and_json_parses(train_dir, tmp_path, capsys):
+def test_cli_tune_prints_the_ranking_saves_the_best_and_json_parses(tiny_category, tmp_path, capsys):
     out = tmp_path / "tuned.gaussad"
-    assert main(["tune", str(train_dir), "-o", str(out), "--grid", "maps", "--budget", "12", "--json"]) == 0
+    assert main(["tune", str(tiny_category), "-o", str(out), "--grid", "maps", "--budget", "6", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [r["rank"] for r in report["ranking"]] == [1, 2]
-    assert (report["n_fit"], report["n_held_out"]) == (10, 2)
+    assert (report["n_fit"], report["n_held_out"]) == (4, 2)
     model = load(out)
-    assert model.n_samples_ == 20  # the refit uses every training image, not only the budget
+    assert model.n_samples_ == 10  # the refit uses every training image (train/good), not only the budget
     for name, value in report["ranking"][0]["settings"].items():
         got = model.get_params()[name]
         assert (list(got) if isinstance(got, tuple) else got) == value
     assert {k: v for k, v in report["best_params"].items() if k in ("map_grid", "preset")} == \
         {"map_grid": model.map_grid, "preset": "recommended"}
 
-    assert main(["tune", str(train_dir), "-o", str(tmp_path / "b.gaussad"), "--grid", "maps", "--budget", "12"]) == 0
+    assert main(["tune", str(tiny_category), "-o", str(tmp_path / "b.gaussad"), "--grid", "maps", "--budget", "6"]) == 0
     text = capsys.readouterr().out
     assert "rank  image AUROC" in text and "map_grid=finest" in text and "map_grid=coarsest" in text
     assert "wrote" in text
@@ -131,9 +131,9 @@ def test_cli_tune_prints_the_ranking_saves_the_best_and_json_parses(train_dir, t
     (["--budget", "2"], "--budget: expected a value in 5..1e+06"),
     (["--grid", "huge"], "invalid choice: 'huge'"),
 ])
-def test_cli_tune_refuses_bad_options(train_dir, tmp_path, capsys, args, needle):
+def test_cli_tune_refuses_bad_options(tiny_category, tmp_path, capsys, args, needle):
     with pytest.raises(SystemExit) as exc:
-        main(["tune", str(train_dir), "-o", str(tmp_path / "m.gaussad"), *args])
+        main(["tune", str(tiny_category), "-o", str(tmp_path / "m.gaussad"), *args])
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "m.gaussad").exists()
