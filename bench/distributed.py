@@ -2,11 +2,15 @@
 
     python -m bench.distributed accept [--preset paper|recommended]   # same scores / map AUROC as one process
     python -m bench.distributed scaling [--n 761]                       # fit time, 1 vs 2 local workers
-    python -m bench.distributed memory --n 5000 [--n 20000]             # peak RSS per worker, tile train repeated
+    python -m bench.distributed memory --n 5000 [--n 20000] [--one]     # peak RSS per worker, tile train repeated
 
 ``memory`` writes the tile train images repeated with small shifts (np.roll by 1, 2, ... pixels) to a temporary
 folder outside the repository and fits the recommended preset on N of them with 2 local workers, sampling each
-worker process's RSS (and the client's) every 0.2 s. JSON lines go to stdout.
+worker process's RSS (and the client's) every 0.2 s and reading each one's high-water mark (VmHWM) at the end;
+``--one`` fits the same images in one process instead (a child process, whose VmHWM is read as it ends).
+JSON lines go to stdout.
+
+    python -m bench.distributed memory --n 5000 --n 20000 [--one]
 """
 
 from __future__ import annotations
@@ -148,6 +152,7 @@ def memory(n: int, preset: str, partition_size: int) -> dict:
         t0 = time.perf_counter()
         model = distributed.fit(GaussianAD(preset=preset), files, client, partition_size=partition_size)
         took = time.perf_counter() - t0
+        hwm = client.run(_vmhwm_kb)
     finally:
         done.set()
         thread.join()
@@ -156,8 +161,43 @@ def memory(n: int, preset: str, partition_size: int) -> dict:
     workers = [v for pid, v in peaks.items() if pid != me.pid]
     return {"bench": "memory", "n": n, "preset": preset, "partition_size": partition_size, "fit_s": round(took, 1),
             "peak_rss_worker_mb": [round(v / 2**20) for v in sorted(workers)],
-            "peak_rss_client_mb": round(peaks.get(me.pid, 0) / 2**20),
-            "bank_mb": round(sum(b.vectors.nbytes for b in model.map_banks_) / 2**20, 1)}
+            "vmhwm_worker_mb": sorted(round(v / 2**10) for v in hwm.values()),
+            "peak_rss_client_mb": round(peaks.get(me.pid, 0) / 2**20), "vmhwm_client_mb": round(_vmhwm_kb() / 2**10),
+            "bank_mb": round(sum(b.vectors.nbytes for b in model.map_banks_) / 2**20, 1),
+            "load_avg": os.getloadavg()}
+
+
+def _vmhwm_kb() -> int:
+    """This process's peak resident set (VmHWM, kB)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+
+_ONE = """
+import json, sys, time
+from pathlib import Path
+from gaussad import GaussianAD
+files = sorted(Path(sys.argv[1]).glob("*.png"))[:int(sys.argv[2])]
+t0 = time.perf_counter()
+model = GaussianAD(preset=sys.argv[3], verbose=False).fit(files)
+took = time.perf_counter() - t0
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"fit_s": round(took, 1), "vmhwm_mb": round(hwm / 2**10),
+                  "bank_mb": round(sum(b.vectors.nbytes for b in model.map_banks_) / 2**20, 1)}))
+"""
+
+
+def memory_one(n: int, preset: str) -> dict:
+    """The same fit in one process (a child, so that its peak is the fit's alone)."""
+    import subprocess
+
+    folder = Path(tempfile.gettempdir()) / "gaussad-bench-shifted"
+    folder.mkdir(exist_ok=True)
+    _shifted_copies(n, folder)
+    run = subprocess.run([sys.executable, "-c", _ONE, str(folder), str(n), preset], capture_output=True, text=True,
+                         check=True)
+    return {"bench": "memory_one", "n": n, "preset": preset, **json.loads(run.stdout.strip().splitlines()[-1]),
+            "load_avg": os.getloadavg()}
 
 
 def main(argv=None) -> int:
@@ -166,6 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default=None)
     p.add_argument("--n", type=int, action="append")
     p.add_argument("--partition-size", type=int, default=64)
+    p.add_argument("--one", action="store_true", help="memory: fit in one process instead of 2 local workers")
     p.add_argument("--dist-only", action="store_true", help="accept: skip the one-process fit (its figures are then "
                    "meaningless; compare with an earlier run's)")
     args = p.parse_args(argv)
@@ -177,7 +218,10 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
     else:
         for n in args.n or [5000, 20000]:
-            print(json.dumps(memory(n, args.preset or "recommended", args.partition_size)), flush=True)
+            if args.one:
+                print(json.dumps(memory_one(n, args.preset or "recommended")), flush=True)
+            else:
+                print(json.dumps(memory(n, args.preset or "recommended", args.partition_size)), flush=True)
     return 0
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from gaussad.bank import NearestBank, greedy_coreset, nearest_distances
+from gaussad.bank import NearestBank, StreamingCoreset, greedy_coreset, nearest_distances
 from gaussad.maps import local_mean
 
 
@@ -91,8 +91,105 @@ def test_local_mean_is_average_pooling_without_padding(size):
     np.testing.assert_allclose(local_mean(f, size), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_large_sets_are_subsampled_chunk_by_chunk(monkeypatch):
-    """Past CHUNK rows the bank is the union of the chunks' own coresets, each at the bank's fraction."""
+def _naive_streaming(x: np.ndarray, fraction: float, pending: int, first: int) -> list[int]:
+    """Streaming k-centre on exact distances: each chunk of ``pending`` rows adds members, farthest first from every
+    member so far, until there are ceil(fraction * rows so far); the first chunk starts from row ``first``."""
+    chosen: list[int] = []
+    for lo in range(0, len(x), pending):
+        rows = list(range(lo, min(lo + pending, len(x))))
+        target = min(int(np.ceil(fraction * (rows[-1] + 1))), len(chosen) + len(rows))
+        if not chosen:
+            chosen.append(first)
+        while len(chosen) < target:
+            d = cdist(x[rows], x[chosen]).min(axis=1)
+            chosen.append(rows[int(np.argmax(d))])
+    return sorted(chosen)
+
+
+def test_streaming_coreset_is_greedy_selection_of_each_chunk_against_the_bank_so_far():
+    """Each full buffer adds the members its rows earn, farthest first from every member kept before (a brute-force
+    re-implementation on exact distances), and every row added lies within the reported covering radius."""
+    rng = np.random.default_rng(6)
+    x = np.concatenate([rng.normal(size=(500, 6)), rng.normal(size=(230, 6)) * 0.2 + 4.0]).astype(np.float32)
+    ids = np.repeat(np.arange(73), 10)
+    coreset = StreamingCoreset(0.1, seed=2, pending_rows=128)
+    for lo in range(0, len(x), 50):
+        coreset.add(x[lo:lo + 50], ids[lo:lo + 50])
+    bank = coreset.result()
+    first = int(np.random.default_rng(2).integers(128))
+    expected = _naive_streaming(x.astype(np.float64), 0.1, 128, first)
+    np.testing.assert_array_equal(bank.vectors, x[expected])
+    np.testing.assert_array_equal(bank.ids, ids[expected])
+    assert len(bank.vectors) == int(np.ceil(0.1 * len(x))) and bank.seen == len(x)
+    radius = cdist(x, bank.vectors).min(axis=1).max()
+    assert radius <= coreset.radius * (1 + 1e-5) + 1e-6
+    assert radius >= 0.5 * coreset.radius  # the reported radius is a chunk's own, not a loose bound
+
+
+def test_streaming_coreset_of_one_buffer_is_one_greedy_pass_whatever_the_batches():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(900, 200)).astype(np.float32)  # wider than PROJECTION_DIM: selection on the projection
+    ids = np.repeat(np.arange(90), 10)
+    expected = x[greedy_coreset(x, 90, seed=5)]
+    for cuts in ([900], [1, 899], [300, 300, 300], [17] * 52 + [16]):
+        coreset = StreamingCoreset(0.1, seed=5)
+        bounds = np.cumsum([0] + cuts)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            coreset.add(x[lo:hi], ids[lo:hi])
+        bank = coreset.result()
+        np.testing.assert_array_equal(bank.vectors, expected)
+    # the radius holds in the selection space (the projection), for every row
+    covered = cdist(coreset.project(x), coreset.project(bank.vectors)).min(axis=1).max()
+    assert covered <= coreset.radius * (1 + 1e-4)
+
+
+def test_streaming_coreset_bounds_its_buffer_and_tracks_the_budget():
+    """Structural memory bound: whatever the sizes added, at most ``pending_rows`` rows wait, and after each full
+    buffer the bank holds ceil(fraction * seen) members; the result does not depend on how rows were batched."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(1000, 5)).astype(np.float32)
+    ids = np.repeat(np.arange(100), 10)
+    banks = []
+    for sizes in ([1000], [7] * 142 + [6], [333, 1, 666]):
+        coreset = StreamingCoreset(0.05, pending_rows=97)
+        lo = 0
+        for size in sizes:
+            coreset.add(x[lo:lo + size], ids[lo:lo + size])
+            lo += size
+            assert coreset.max_pending <= 97
+            flushed = lo - lo % 97
+            assert coreset.size == int(np.ceil(0.05 * flushed))
+        banks.append(coreset.result())
+    for bank in banks[1:]:
+        np.testing.assert_array_equal(bank.vectors, banks[0].vectors)
+    assert len(banks[0].vectors) == 50 and banks[0].seen == 1000
+
+
+def test_streaming_coreset_of_candidates_keeps_the_share_of_the_locations_they_stand_for():
+    """Candidates (a partition's own coreset) count as the locations they summarise: the bank keeps
+    ceil(fraction * locations), and a base bank's members are kept, first."""
+    rng = np.random.default_rng(9)
+    parts = [rng.normal(size=(40, 4)).astype(np.float32) for _ in range(5)]
+    coreset = StreamingCoreset(0.1, pending_rows=64)
+    for i, part in enumerate(parts):
+        coreset.add(part, np.full(40, i), seen=160)
+    bank = coreset.result()
+    assert bank.seen == 800 and len(bank.vectors) == 80
+    grown = StreamingCoreset(0.1, base=bank)
+    grown.add(rng.normal(size=(200, 4)), np.full(200, 9))
+    bigger = grown.result()
+    assert bigger.seen == 1000 and len(bigger.vectors) == 100
+    np.testing.assert_array_equal(bigger.vectors[:80], bank.vectors)
+    assert StreamingCoreset(0.1, base=bank).result() is bank
+    assert StreamingCoreset(0.1).result() is None
+    with pytest.raises(ValueError, match="dimensions"):
+        grown.add(np.zeros((2, 3)), np.zeros(2))
+    with pytest.raises(ValueError, match="fewer locations"):
+        StreamingCoreset(0.1).add(np.zeros((4, 3)), np.zeros(4), seen=2)
+
+
+def test_large_sets_are_selected_chunk_by_chunk_against_the_bank(monkeypatch):
+    """Past CHUNK rows a built bank is a streaming coreset's with a CHUNK-row buffer."""
     import gaussad.bank as bank_mod
 
     monkeypatch.setattr(bank_mod, "CHUNK", 100)
@@ -100,7 +197,31 @@ def test_large_sets_are_subsampled_chunk_by_chunk(monkeypatch):
     x = rng.normal(size=(250, 4)).astype(np.float32)
     ids = np.repeat(np.arange(25), 10)
     bank = NearestBank.build(x, ids, fraction=0.2)
-    parts = [(0, 83), (83, 167), (167, 250)]
-    expected = np.concatenate([x[lo:hi][greedy_coreset(x[lo:hi], int(np.ceil(0.2 * (hi - lo))))] for lo, hi in parts])
-    np.testing.assert_array_equal(bank.vectors, expected)
+    first = int(np.random.default_rng(0).integers(100))
+    np.testing.assert_array_equal(bank.vectors, x[_naive_streaming(x.astype(np.float64), 0.2, 100, first)])
     assert bank.seen == 250
+
+
+def test_fits_stream_locations_through_a_bounded_buffer(monkeypatch):
+    """A fit's banks come from streaming coresets whose buffers never exceed CHUNK rows (a structural memory bound,
+    not a timing), and each bank keeps ceil(map_coreset * locations) members of every image's locations."""
+    import gaussad.bank as bank_mod
+    from gaussad import GaussianAD
+    from gaussad.fitting import Trainer
+
+    monkeypatch.setattr(bank_mod, "CHUNK", 40)
+    made: list = []
+    real = Trainer.coresets
+
+    def recorded(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        made.extend(out)
+        return out
+
+    monkeypatch.setattr(Trainer, "coresets", recorded)
+    rng = np.random.default_rng(10)
+    per_image = [[m, m[:3] * 2.0] for m in rng.normal(size=(12, 6, 4, 4)).astype(np.float32)]
+    model = GaussianAD(backbone=None, map_method="nearest", map_pool=1, map_coreset=0.25).fit_map_features(per_image)
+    assert len(made) == 2 and all(c.max_pending == 40 for c in made)  # 192 locations per level: 4 full buffers
+    for bank in model.state_.map_banks:
+        assert bank.seen == 12 * 16 and len(bank.vectors) == 48 and set(bank.ids) == set(range(12))

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -200,17 +199,6 @@ def test_help_and_argument_errors_import_neither_numpy_nor_the_model():
             "assert not heavy, heavy\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-
-
-def test_help_answers_quickly():
-    """The issue's bar is 0.3 s on an idle machine; the assertion leaves room for a loaded test machine."""
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "gaussad", "--help"], capture_output=True, text=True)
-        times.append(time.perf_counter() - start)
-        assert proc.returncode == 0 and "score" in proc.stdout
-    assert min(times) < 1.0, times
 
 
 def test_score_and_fit_on_a_cached_engine_never_import_torch(tiny_category, tmp_path, capsys):

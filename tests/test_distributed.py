@@ -101,6 +101,31 @@ def test_fit_cross_conformal_and_banks(client, tiny_category):
     assert np.corrcoef(m_one.ravel(), m_dist.ravel())[0, 1] > 0.95
 
 
+def test_client_streams_the_bank_candidates_through_a_bounded_buffer(client, tiny_category, monkeypatch):
+    """The client feeds the partitions' candidates to streaming coresets as they arrive: their buffers stay within
+    CHUNK rows (here fewer than the candidates, so that they fill and select several times), and each bank keeps
+    ceil(map_coreset * locations) members."""
+    import gaussad.bank as bank_mod
+    from gaussad.fitting import Trainer
+
+    monkeypatch.setattr(bank_mod, "CHUNK", 64)
+    made: list = []
+    real = Trainer.coresets
+
+    def recorded(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        made.extend(out)
+        return out
+
+    monkeypatch.setattr(Trainer, "coresets", recorded)
+    settings = dict(TINY, map_levels=["stage2", "stage3"], map_method="nearest", map_pool=3, map_coreset=0.2)
+    dist = distributed.fit(GaussianAD(**settings), _train(tiny_category), client, partition_size=3)
+    assert len(made) == 2
+    for coreset, bank in zip(made, dist.map_banks_):
+        assert coreset.added > 64 and coreset.max_pending <= 64
+        assert len(bank.vectors) == math.ceil(0.2 * bank.seen) and set(np.unique(bank.ids)) == set(range(10))
+
+
 def test_fit_keeps_the_finest_map_grid(client, tiny_category):
     """A distributed fit with map_grid='finest' gives a model on that grid, whose maps score as one process's do
     (before, the merged state fell back to the coarsest grid and its maps could not be computed)."""

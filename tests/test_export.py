@@ -96,6 +96,32 @@ def test_maps_match_python_path(train_images, resize):
     assert not any("maps" in n for n in notes)
 
 
+def test_fused_score_matches_python_path(train_images, tiny_category):
+    """A fused image score in the graph (with --maps): the fused score, its p-value and decision as the Python path
+    gives them, for images inside the calibration scores' range (normal ones), beyond it (random textures) and
+    below it; without --maps the export is refused."""
+    from gaussad.export import export_detector
+
+    model = gaussad.GaussianAD(**TINY, map_levels=["stage2", "stage3"], map_method="nearest", map_pool=3,
+                               image_score="fused", fpr=0.2, resize="aspect", normalize="native").fit(train_images)
+    with pytest.raises(gaussad.GaussadError, match="--maps"):
+        export_detector(model)
+    sess = _session(export_detector(model, maps=True)[0])
+    images = _images() + [Image.open(p) for p in list_images(tiny_category / "test" / "good")]
+    levels, peaks, amaps = model.score_images(images, with_maps=True)
+    scores = model.scores(levels, peaks)
+    decisions, pvalues = model.decide(levels, map_peaks=peaks)
+    assert len(set(np.round(pvalues, 6))) > 2 and 0 < decisions.sum() < len(images)
+    for i, img in enumerate(images):
+        out = _run(sess, img)
+        np.testing.assert_allclose(out["score"][0], scores[i], rtol=1e-4)
+        np.testing.assert_allclose(out["pvalue"][0], pvalues[i], rtol=1e-9)
+        assert out["anomalous"][0] == decisions[i]
+        np.testing.assert_allclose(out["map"][0], amaps[i], rtol=1e-3, atol=1e-3 * float(np.abs(amaps[i]).max()))
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert meta["gaussad.image_score"] == "fused" and meta["gaussad.threshold"] == "conformal"
+
+
 def test_chi2_pvalues_against_scipy():
     """The closed-form chi-square survival function of the graph, even and odd degrees of freedom, far into the tail."""
     import onnx

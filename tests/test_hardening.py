@@ -141,7 +141,8 @@ def test_merged_conformal_model_is_not_saved_without_calibration(tmp_path):
 
 # 12. signals clean up; stale temporaries are removed
 SLOW_SAVE = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a child of a background job starts with Ctrl-C ignored
 import numpy as np
 import gaussad.files as files
 real = files.write_all

@@ -16,24 +16,27 @@ import numpy as np
 
 PROJECTION_DIM = 128  # coreset selection runs on a random projection of this size (Johnson-Lindenstrauss)
 SCALE_SAMPLE = 2048  # members sampled to estimate the scale
-CHUNK = 65536  # larger sets of new vectors are subsampled in consecutive chunks of about this many rows
-_BLOCK = 1024  # rows per distance block: bounds the temporary to _BLOCK x bank size floats
+CHUNK = 65536  # a streaming coreset selects whenever this many rows wait (one greedy pass over smaller sets)
+_BLOCK = 1024  # query rows per distance block, fewer against a large bank: the temporary stays under _TEMP floats
+_TEMP = 1 << 23  # floats (32 MB) of one distance block
 
 
-def greedy_coreset(x: np.ndarray, size: int, start: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
-    """Indices of ``size`` rows of ``x`` chosen by greedy k-centre selection, beginning with the rows ``start``
-    (or one seeded random row); the search runs on a seeded random projection when ``x`` is wide."""
-    n, d = x.shape
-    size = min(int(size), n)
+def _selection_space(x: np.ndarray, seed: int) -> tuple[np.ndarray, np.random.Generator]:
+    """``x`` where greedy selection measures distances (float32; a seeded random projection to
+    ``PROJECTION_DIM`` columns when wider: the same projection for every call with this seed and width), and the
+    generator after drawing it (greedy selection draws its first row from it)."""
     rng = np.random.default_rng(seed)
-    if d > PROJECTION_DIM:
-        proj = rng.standard_normal((d, PROJECTION_DIM)).astype(np.float32) / np.sqrt(PROJECTION_DIM)
+    if x.shape[1] > PROJECTION_DIM:
+        proj = rng.standard_normal((x.shape[1], PROJECTION_DIM)).astype(np.float32) / np.sqrt(PROJECTION_DIM)
         x = x @ proj
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32), rng
+
+
+def _greedy(x: np.ndarray, size: int, chosen: list[int], mind: np.ndarray) -> list[int]:
+    """Greedy k-centre selection on ``x`` (the selection space) until ``chosen`` holds ``size`` rows; ``mind``
+    (squared distance of each row to its nearest centre so far, -1 at chosen rows) is updated in place."""
+    n = len(x)
     norms = np.einsum("ij,ij->i", x, x)
-    chosen = list(np.asarray(start, dtype=np.int64)) if start is not None and len(start) else [int(rng.integers(n))]
-    mind = _nearest_squared(x, _prepare(x[chosen]))
-    mind[chosen] = -1.0
     d = np.empty(n, dtype=np.float32)
     while len(chosen) < size:
         i = int(np.argmax(mind))
@@ -43,19 +46,19 @@ def greedy_coreset(x: np.ndarray, size: int, start: np.ndarray | None = None, se
         d += norms[i]
         np.minimum(mind, d, out=mind)
         mind[i] = -1.0
-    return np.sort(np.asarray(chosen, dtype=np.int64))
+    return chosen
 
 
-def _chunks(n: int, size: int) -> list[tuple[int, int]]:
-    """(start, stop) of ceil(n / size) consecutive, near-equal parts of range(n)."""
-    bounds = np.linspace(0, n, -(-n // size) + 1).round().astype(int)
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _coreset_indices(x: np.ndarray, size: int, start: np.ndarray | None, seed: int) -> np.ndarray:
-    """Rows of ``x`` kept: ``size`` of them (at least the ``start`` rows, at least one), all when that is every row."""
-    size = max(size, 1 if start is None else len(start))
-    return np.arange(len(x)) if size >= len(x) else greedy_coreset(x, size, start, seed)
+def greedy_coreset(x: np.ndarray, size: int, start: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    """Indices of ``size`` rows of ``x`` chosen by greedy k-centre selection, beginning with the rows ``start``
+    (or one seeded random row); the search runs on a seeded random projection when ``x`` is wide."""
+    n = len(x)
+    size = min(int(size), n)
+    x, rng = _selection_space(x, seed)
+    chosen = list(np.asarray(start, dtype=np.int64)) if start is not None and len(start) else [int(rng.integers(n))]
+    mind = _nearest_squared(x, _prepare(x[chosen]))
+    mind[chosen] = -1.0
+    return np.sort(np.asarray(_greedy(x, size, chosen, mind), dtype=np.int64))
 
 
 def _prepare(bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,12 +74,13 @@ def _nearest_squared(queries: np.ndarray, prepared: tuple[np.ndarray, np.ndarray
     q = np.ascontiguousarray(queries, dtype=np.float32)
     minus_2bt, bn = prepared
     out = np.empty(len(q), dtype=np.float32)
-    for lo in range(0, len(q), _BLOCK):
-        qb = q[lo:lo + _BLOCK]
+    rows = max(1, min(_BLOCK, _TEMP // max(len(bn), 1)))
+    for lo in range(0, len(q), rows):
+        qb = q[lo:lo + rows]
         g = qb @ minus_2bt
         g += bn
         if exclude is not None:
-            g[exclude[0][lo:lo + _BLOCK, None] == exclude[1][None]] = np.inf
+            g[exclude[0][lo:lo + rows, None] == exclude[1][None]] = np.inf
         out[lo:lo + len(qb)] = g.min(axis=1) + np.einsum("ij,ij->i", qb, qb)
     return out
 
@@ -103,46 +107,15 @@ class NearestBank:
     def build(cls, vectors: np.ndarray, ids: np.ndarray, fraction: float, seed: int = 0,
               base: "NearestBank | None" = None) -> "NearestBank":
         """A bank of ``ceil(fraction * seen)`` vectors from ``vectors`` (n, d) with image ids ``ids`` (n,); with
-        ``base``, its members are kept and new ones are chosen from ``vectors`` (incremental fitting). Without a
-        base, more than ``CHUNK`` vectors are subsampled chunk by chunk (consecutive rows), which keeps the
-        selection's working set small enough for the CPU caches, at the price of no deduplication across
-        chunks."""
-        vectors = np.asarray(vectors, dtype=np.float32)
-        ids = np.asarray(ids, dtype=np.int64)
-        if vectors.ndim != 2 or len(ids) != len(vectors):
-            raise ValueError("bank vectors must be (n, d) with one image id per row")
-        seen = len(vectors) + (base.seen if base is not None else 0)
-        if base is not None:
-            if base.vectors.shape[1] != vectors.shape[1]:
-                raise ValueError(f"bank vectors have {vectors.shape[1]} dimensions, the bank {base.vectors.shape[1]}")
-            pool = np.concatenate([base.vectors, vectors])
-            pool_ids = np.concatenate([base.ids, ids])
-            start = np.arange(len(base.vectors))
-        else:
-            pool, pool_ids, start = vectors, ids, None
-        if start is None and len(pool) > CHUNK:
-            keep = np.concatenate([lo + _coreset_indices(pool[lo:hi], int(np.ceil(fraction * (hi - lo))), None, seed)
-                                   for lo, hi in _chunks(len(pool), CHUNK)])
-        else:
-            keep = _coreset_indices(pool, int(np.ceil(fraction * seen)), start, seed)
-        return cls.from_members(pool[keep], pool_ids[keep], seen, fraction, seed)
-
-    @classmethod
-    def select(cls, vectors: np.ndarray, ids: np.ndarray, seen: int, fraction: float, seed: int = 0) -> "NearestBank":
-        """A bank of ``ceil(fraction * seen)`` of the candidate rows ``vectors`` (all when there are no more), chosen
-        by one greedy pass over them (more than ``CHUNK`` candidates: consecutive chunks, each keeping its share);
-        the candidates are themselves coresets of parts of ``seen`` locations (a distributed fit's partitions)."""
-        vectors = np.asarray(vectors, dtype=np.float32)
-        ids = np.asarray(ids, dtype=np.int64)
-        size = int(np.ceil(fraction * seen))
-        if size >= len(vectors):
-            keep = np.arange(len(vectors))
-        elif len(vectors) <= CHUNK:
-            keep = _coreset_indices(vectors, size, None, seed)
-        else:
-            keep = np.concatenate([lo + _coreset_indices(vectors[lo:hi], int(np.ceil(size * (hi - lo) / len(vectors))),
-                                                         None, seed) for lo, hi in _chunks(len(vectors), CHUNK)])
-        return cls.from_members(vectors[keep], ids[keep], seen, fraction, seed)
+        ``base``, its members are kept and new ones are chosen from ``vectors`` (incremental fitting). The
+        selection is a :class:`StreamingCoreset`'s: one greedy pass over up to ``CHUNK`` rows, chunk by chunk
+        against the members so far past that."""
+        coreset = StreamingCoreset(fraction, seed, base=base)
+        coreset.add(vectors, ids)
+        bank = coreset.result()
+        if bank is None:
+            raise ValueError("no bank vectors given")
+        return bank
 
     @classmethod
     def from_members(cls, vectors: np.ndarray, ids: np.ndarray, seen: int, fraction: float,
@@ -185,3 +158,132 @@ class NearestBank:
             raise ValueError(f"vectors have {vectors.shape[-1]} dimensions, the bank {self.vectors.shape[1]}")
         exclude = None if ids is None else (np.asarray(ids, dtype=np.int64), self.ids)
         return np.sqrt(np.maximum(_nearest_squared(vectors, self._prepared, exclude), 0.0)) / np.float32(self.scale)
+
+
+class StreamingCoreset:
+    """Greedy k-centre selection over location vectors that arrive in chunks, in memory bounded by the bank.
+
+    Rows wait in a pending buffer of at most ``pending_rows`` rows; when it is full, and at :meth:`result`, its
+    rows are selected against the running bank: each starts at its distance to the nearest member so far, and
+    greedy selection adds members until the bank holds ``ceil(fraction * seen)`` (``seen``: the locations added
+    so far, which candidate rows may summarise, as a distributed fit's partition coresets do). Up to
+    ``pending_rows`` rows in all, this is one :func:`greedy_coreset` pass; past that, each flush adds the members
+    its locations earn, each chosen against every member kept before (EXPERIMENTS.md, "Streaming coreset").
+    Memory: the bank, a copy of its wide levels in the selection space (``PROJECTION_DIM`` columns) and the
+    buffer; ``max_pending`` is the buffer's high-water mark, ``radius`` the covering radius in the selection space
+    (every row added lies within it of a member; the members of a ``base`` bank are kept, not checked).
+    """
+
+    def __init__(self, fraction: float, seed: int = 0, pending_rows: int = 0, base: NearestBank | None = None):
+        self.fraction, self.seed = float(fraction), int(seed)
+        self.pending_rows = int(pending_rows) or CHUNK
+        if self.pending_rows < 1:
+            raise ValueError(f"pending_rows must be at least 1, got {pending_rows}")
+        self.base = base
+        self.radius = 0.0
+        self.max_pending = 0
+        self.added = 0  # rows added (not counting the base's members)
+        self._dim = None if base is None else base.vectors.shape[1]
+        self._selected_seen = 0 if base is None else int(base.seen)  # locations behind the flushed rows
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
+        self._pending_seen = 0
+        # (vectors, ids, the same rows in the selection space) of the members, flush by flush
+        self._members: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        if base is not None and len(base.vectors):
+            self._members.append((base.vectors, base.ids, self._space(base.vectors)))
+
+    @property
+    def seen(self) -> int:
+        """Locations summarised by the rows added so far (with the base bank's)."""
+        return self._selected_seen + self._pending_seen
+
+    @property
+    def size(self) -> int:
+        """Members kept so far (pending rows not counted)."""
+        return sum(len(m[0]) for m in self._members)
+
+    def project(self, vectors: np.ndarray) -> np.ndarray:
+        """``vectors`` in the space where selection measures distances (and ``radius`` is given)."""
+        return _selection_space(np.asarray(vectors, dtype=np.float32), self.seed)[0]
+
+    def _space(self, x: np.ndarray) -> np.ndarray:
+        return x if x.shape[1] <= PROJECTION_DIM and x.dtype == np.float32 and x.flags.c_contiguous else self.project(x)
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray, seen: int | None = None) -> None:
+        """Add rows ``vectors`` (n, d) of images ``ids`` (n,), standing for ``seen`` locations (default n)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
+        if vectors.ndim != 2 or ids.shape != (len(vectors),):
+            raise ValueError("bank vectors must be (n, d) with one image id per row")
+        if self._dim is None:
+            self._dim = vectors.shape[1]
+        elif vectors.shape[1] != self._dim:
+            raise ValueError(f"bank vectors have {vectors.shape[1]} dimensions, the bank {self._dim}")
+        n = len(vectors)
+        seen = n if seen is None else int(seen)
+        if seen < n:
+            raise ValueError(f"{n} bank rows cannot stand for fewer locations ({seen})")
+        self.added += n
+        if n == 0:
+            self._pending_seen += seen
+            return
+        lo = 0
+        while lo < n:  # the buffer takes what fits; each full buffer is selected at once
+            hi = lo + min(n - lo, self.pending_rows - self._pending_rows)
+            self._pending.append((vectors[lo:hi], ids[lo:hi]))
+            self._pending_rows += hi - lo
+            self._pending_seen += seen * hi // n - seen * lo // n
+            self.max_pending = max(self.max_pending, self._pending_rows)
+            lo = hi
+            if self._pending_rows >= self.pending_rows:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Select the pending rows against the members so far, up to ``ceil(fraction * seen)`` members."""
+        if not self._pending:
+            self._selected_seen += self._pending_seen
+            self._pending_seen = 0
+            return
+        x = np.concatenate([v for v, _ in self._pending]) if len(self._pending) > 1 else self._pending[0][0]
+        ids = np.concatenate([k for _, k in self._pending]) if len(self._pending) > 1 else self._pending[0][1]
+        self._pending, self._pending_rows = [], 0
+        self._selected_seen += self._pending_seen
+        self._pending_seen = 0
+        have = self.size
+        n = len(x)
+        new = min(n, max(int(np.ceil(self.fraction * self._selected_seen)) - have, 0 if have else 1))
+        if new >= n:
+            keep = np.arange(n)
+        else:
+            xs, rng = _selection_space(x, self.seed)
+            if have:
+                chosen: list[int] = []
+                mind = self._nearest_member(xs)
+            else:  # the first selection is greedy_coreset's, row for row
+                chosen = [int(rng.integers(n))]
+                mind = _nearest_squared(xs, _prepare(xs[chosen]))
+                mind[chosen] = -1.0
+            keep = np.sort(np.asarray(_greedy(xs, new, chosen, mind), dtype=np.int64))
+            self.radius = max(self.radius, float(np.sqrt(max(float(mind.max()), 0.0))))
+        members = np.ascontiguousarray(x[keep])
+        self._members.append((members, ids[keep], self._space(members)))
+
+    def _nearest_member(self, xs: np.ndarray) -> np.ndarray:
+        """Squared selection-space distance of each row of ``xs`` to its nearest member, member block by block."""
+        mind = np.full(len(xs), np.inf, dtype=np.float32)
+        for _, _, space in self._members:
+            for lo in range(0, len(space), CHUNK // 4):
+                np.minimum(mind, _nearest_squared(xs, _prepare(space[lo:lo + CHUNK // 4])), out=mind)
+        return mind
+
+    def result(self) -> NearestBank | None:
+        """The bank of every row added (the base bank itself when none was; None when neither), after selecting
+        the pending rows; the coreset's own copies are released."""
+        self._flush()
+        if not self.added:
+            return self.base
+        vectors = np.concatenate([m[0] for m in self._members])
+        ids = np.concatenate([m[1] for m in self._members])
+        self._members = []
+        return NearestBank.from_members(vectors, ids, self.seen, self.fraction, self.seed)

@@ -90,11 +90,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     model.save(args.output)
     name_of = {str(f): n for f, n in zip(files, names)}
     cal = getattr(model, "calibration_scores_", None)
-    limit = model.score_threshold()
+    fused = model.rule().fused
+    limit = math.nan if fused else model.score_threshold()
     calibration = model.summary()["calibration"]
     summary = {"model": str(args.output), "n_images": model.n_samples_, "backbone": model.backbone,
                "levels": model.level_names_, "input_size": model.input_size_, "feature_dims": model.feature_dims_,
-               "threshold": model.threshold, "fpr": model.fpr, "n_calibration": None if cal is None else int(cal.size),
+               "image_score": model.setting("image_score"), "threshold": model.setting("threshold"), "fpr": model.fpr,
+               "n_calibration": None if cal is None else int(cal.size),
                "score_threshold": _finite(limit), "calibration": calibration,
                "skipped": [{"path": name_of.get(p, p), "error": m} for p, m in model.skipped_]}
     if args.json:
@@ -106,10 +108,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
               f"wrote {args.output}")
         if calibration is not None:
             print(_calibration_line(calibration, min(model.calibration_folds, model.n_samples_)))
-        if model.threshold == "conformal" and not math.isfinite(limit):
+        if fused:
+            print(_fused_line(calibration["fused"], model.fpr))
+        elif model.setting("threshold") == "conformal" and not math.isfinite(limit):
             print(f"warning: {_infinite_note(model, model.fpr)}", file=sys.stderr)
         else:
-            print(f"threshold {model.threshold} at FPR {model.fpr}: score threshold {limit:.3f}")
+            print(f"threshold {model.setting('threshold')} at FPR {model.fpr}: score threshold {limit:.3f}")
     return 0
 
 
@@ -139,6 +143,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fused_line(c: dict, fpr: float) -> str:
+    """One line on a fused image score's calibration (:func:`gaussad.decision.calibration_summary`)."""
+    reach = "" if fpr >= c["min_fpr"] else " (below it: nothing is flagged)"
+    return (f"fused image score: {' and '.join(c['evidence'])} against {min(c['n_scores'])} out-of-fold scores of "
+            f"the training images; flags p-value <= FPR {fpr}; can flag at FPR >= {c['min_fpr']:.3g}{reach}")
+
+
 CALIBRATIONS = {"cv": "out-of-fold scores (cross-conformal, {folds} folds)", "split": "held-out images (split conformal)",
                 "calibrate": "images given to calibrate()", None: "calibration scores"}
 
@@ -154,6 +165,7 @@ RULES = {
     "chi2": "chi-square per level, Bonferroni over levels",
     "hotelling": "Hotelling F law per level, Bonferroni over levels",
     "conformal": "split conformal on the image score",
+    "fused": "Bonferroni minimum of the conformal p-values of the global score and the map peak",
 }
 
 
@@ -188,21 +200,25 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise GaussadError(f"{args.model}: fitted with preset {model.preset or 'paper'}, not {args.preset}; "
                            f"refit with --preset {args.preset}")
     model.set_params(verbose=not (args.quiet or args.json), **params.from_args(args, params.cli_names("intake")))
-    method = args.threshold or model.threshold
+    method = args.threshold or model.setting("threshold")
     fpr = model.fpr if args.fpr is None else args.fpr
-    limit = model.score_threshold(fpr, method)  # fails early when the rule cannot apply to this model
+    rule = model.rule(fpr, method)
+    rule.check(model.state_, f"{args.model}: ")  # fails early when the rule cannot apply to this model
+    limit = math.nan if rule.fused else model.score_threshold(fpr, method)
     skipped: list = []
-    if args.maps:
-        levels, amaps = model.score_with_maps(files, on_error=args.on_error, skipped=skipped)
+    peaks = amaps = None
+    if args.maps or rule.fused:
+        levels, peaks, amaps = model.score_images(files, args.on_error, skipped, with_maps=bool(args.maps))
     else:
         feats = model.extract_features(files, "score", on_error=args.on_error, skipped=skipped)
     bad = {i for i, _ in skipped}
     kept = [f for i, f in enumerate(files) if i not in bad]
     kept_names = [n for i, n in enumerate(names) if i not in bad]
-    if not args.maps:
+    if not (args.maps or rule.fused):
         levels = model.level_scores_features(feats) if kept else np.zeros((0, len(model.level_names_)))
-    decisions, pvalues = model.decide(levels, fpr, method) if kept else ([], [])
-    rows = result_rows(kept_names, model.level_names_, levels, decisions, pvalues)
+    decisions, pvalues = model.decide(levels, fpr, method, peaks) if kept else ([], [])
+    rows = result_rows(kept_names, model.level_names_, levels, decisions, pvalues,
+                       model.scores(levels, peaks) if kept else [])
     if args.maps:
         written = _write_overlays(args.maps, kept, kept_names, amaps, args.max_pixels, args.on_error)
         for row, (path, error), amap in zip(rows, written, amaps):
@@ -212,8 +228,9 @@ def cmd_score(args: argparse.Namespace) -> int:
                 row["map_error"] = error
     errors = [{"path": names[i], "error": msg} for i, msg in sorted(skipped)]
     if args.json:
-        print(json.dumps({"model": str(args.model), "fpr": fpr, "threshold": method, "rule": RULES[method],
-                          "score_threshold": _finite(limit), "results": rows, "skipped": errors}))
+        print(json.dumps({"model": str(args.model), "fpr": fpr, "threshold": method, "image_score": rule.image_score,
+                          "rule": RULES["fused" if rule.fused else method], "score_threshold": _finite(limit),
+                          "results": rows, "skipped": errors}))
         return 1 if errors and not rows else 0
     for e in errors:
         print(f"skipped: {e['error']}", file=sys.stderr)
@@ -230,7 +247,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         if method == "conformal" and not math.isfinite(limit):
             print(f"warning: {_infinite_note(model, fpr)}", file=sys.stderr)
         print(f"{sum(r['anomalous'] for r in rows)} of {len(rows)} flagged at target FPR {fpr} "
-              f"({RULES[method]}); {len(errors)} skipped", file=sys.stderr)
+              f"({RULES['fused' if rule.fused else method]}); {len(errors)} skipped", file=sys.stderr)
     return 0
 
 
@@ -323,7 +340,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.quiet:
         rule = model.rule()
         print(f"wrote {args.output} ({len(data) / 2**20:.1f} MiB): uint8 images (N, H, W, 3) -> score, levels "
-              f"({', '.join(model.level_names_)}), pvalue, anomalous under {rule.method} at FPR {rule.fpr}")
+              f"({', '.join(model.level_names_)}), pvalue, anomalous under {'fused' if rule.fused else rule.method} at "
+              f"FPR {rule.fpr}" + (", map" if args.maps else ""))
         for note in notes:
             print(f"note: {note}")
     return 0
@@ -517,12 +535,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write MODEL as one ONNX graph: uint8 RGB images (N, H, W, 3), any H and W, resized "
                                    "inside the graph as gaussad resizes, to the image score, the distance per level, "
                                    "the p-value and the decision under the model's own threshold method and FPR "
-                                   "(calibration scores embedded). The model's settings are in the graph's metadata.")
+                                   "(calibration scores embedded; a fused image score, which needs --maps, with both "
+                                   "calibrations). The model's settings are in the graph's metadata.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write (written atomically)")
     p.add_argument("--maps", action="store_true",
                    help="also output the anomaly map (N, S, S), as gaussad score computes it (nearest-neighbour map "
-                        "models, e.g. --preset recommended)")
+                        "models, e.g. --preset recommended); required for a fused image score")
     p.add_argument("--quiet", action="store_true", help="no summary")
     p.set_defaults(func=cmd_export)
 

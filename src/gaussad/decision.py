@@ -8,6 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
+from . import fusion
 from .errors import DataError, GaussadError
 from .params import check_value
 from .threshold import (
@@ -20,12 +21,16 @@ from .threshold import (
 )
 
 
+RANKING = "fisher"  # how the fused score's smoothed p-values are combined for ranking (EXPERIMENTS.md, issue 14)
+
+
 class Calibrated(Protocol):
     """What a rule needs of a fitted state."""
 
     dofs: list[int]
     n_samples: int
     calibration_scores: np.ndarray | None
+    map_calibration: np.ndarray | None
 
     @property
     def layout(self): ...
@@ -56,15 +61,25 @@ class DecisionRule:
     of the per-level p-values. conformal flags an image whose score (mean over levels) exceeds the conformal
     quantile of the calibration scores (held-out or out-of-fold scores: the rank ``ceil((n + 1)(1 - fpr))`` either
     way); its p-value is the conformal p-value, ``p <= fpr`` exactly when flagged.
+
+    With ``image_score='fused'`` (method conformal) the evidence is the global score and the map peak: an image is
+    flagged when the Bonferroni minimum of their exact conformal p-values (:func:`gaussad.fusion.fused`) is at most
+    ``fpr``; the image score is ``-log10`` of :data:`RANKING`'s combination of smoothed p-values.
     """
 
     method: str
     fpr: float
+    image_score: str = "global"
 
     def __post_init__(self) -> None:
         check_value("threshold", self.method)
         check_value("fpr", self.fpr)
+        check_value("image_score", self.image_score)
         object.__setattr__(self, "fpr", float(self.fpr))
+
+    @property
+    def fused(self) -> bool:
+        return self.image_score == "fused"
 
     def level_thresholds(self, state: Calibrated, fpr: float | None = None) -> np.ndarray:
         """Per-level distance thresholds at false-positive rate ``fpr`` per level (default: the rule's)."""
@@ -85,6 +100,13 @@ class DecisionRule:
             raise GaussadError(f"{context}{exc}") from None
 
     def _check(self, state: Calibrated) -> None:
+        if self.fused and self.method != "conformal":
+            raise GaussadError(f"the model's fused image score decides by conformal p-values; threshold "
+                               f"{self.method!r} cannot apply to it (use conformal)")
+        if self.fused and (state.calibration_scores is None or state.map_calibration is None):
+            raise GaussadError("the fused image score needs its calibration (out-of-fold global scores and "
+                               "leave-one-image-out map peaks of the training images): fit the model with its maps, "
+                               "or call calibrate(held-out normal images)")
         if self.method == "hotelling":
             n = state.n_samples
             bad = [f"{name} {k}" for name, k in zip(state.layout.level_names, state.dofs) if n <= k]
@@ -106,14 +128,43 @@ class DecisionRule:
         threshold keeps the false-positive rate at most ``fpr`` (it flags a subset of what :meth:`decide` flags).
         """
         self.check(state)
+        if self.fused:
+            raise GaussadError("a fused image score has no score threshold: it flags an image when its p-value is "
+                               f"at most the target FPR ({self.fpr:g})")
         if self.method == "conformal":
             return conformal_threshold(state.calibration_scores, self.fpr)
         return float(self.level_thresholds(state, self.fpr / len(state.dofs)).mean())
 
-    def decide(self, state: Calibrated, level_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Decisions (1 = anomalous) and p-values from per-level distances (n, n_levels)."""
+    def scores(self, state: Calibrated, level_scores: np.ndarray, map_peaks: np.ndarray | None = None,
+               ranking: str = RANKING) -> np.ndarray:
+        """Image scores (higher = more anomalous): the mean over levels of the distances, or with a fused image
+        score ``-log10`` of the ``ranking`` combination of the evidence's smoothed p-values."""
+        level_scores = check_distances(level_scores, len(state.dofs))
+        if not self.fused:
+            return level_scores.mean(axis=1)
+        self.check(state)
+        return fusion.fused(*self._evidence(state, level_scores, map_peaks), ranking)[0]
+
+    def _evidence(self, state: Calibrated, level_scores: np.ndarray, map_peaks: np.ndarray | None
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(calibrations, evidence) of the fused score: the global score and the map peak."""
+        if map_peaks is None:
+            raise GaussadError("the fused image score needs the map peaks of the images (score them with maps)")
+        peaks = np.asarray(map_peaks, dtype=np.float64)
+        if peaks.shape != (len(level_scores),) or not np.all(np.isfinite(peaks)):
+            raise DataError(f"map peaks must be {len(level_scores)} finite numbers, one per image; got shape "
+                            f"{peaks.shape}")
+        return [state.calibration_scores, state.map_calibration], [level_scores.mean(axis=1), peaks]
+
+    def decide(self, state: Calibrated, level_scores: np.ndarray,
+               map_peaks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Decisions (1 = anomalous) and p-values from per-level distances (n, n_levels) (and, for a fused image
+        score, the images' map peaks)."""
         self.check(state)
         level_scores = check_distances(level_scores, len(state.dofs))
+        if self.fused:
+            pvalue = fusion.fused(*self._evidence(state, level_scores, map_peaks))[1]
+            return (pvalue <= self.fpr).astype(int), pvalue
         if self.method == "conformal":
             cal = state.calibration_scores
             scores = level_scores.mean(axis=1)
@@ -130,6 +181,19 @@ class DecisionRule:
 
 
 def calibration_summary(state: Calibrated, fpr: float) -> dict | None:
+    """:func:`global_calibration`, with the fused score's calibration (``fused``: the number of out-of-fold
+    scores per piece of evidence and the smallest target FPR at which the fused decision can flag anything,
+    ``m / (n + 1)`` for m = 2 pieces of evidence) when the state has one."""
+    out = global_calibration(state, fpr)
+    peaks = getattr(state, "map_calibration", None)
+    if out is not None and peaks is not None:
+        n = min(int(peaks.size), out["n_scores"])
+        out["fused"] = {"evidence": ["global score", "map peak"], "n_scores": [out["n_scores"], int(peaks.size)],
+                        "min_fpr": 2.0 / (n + 1), "decision": "bonferroni", "ranking": RANKING}
+    return out
+
+
+def global_calibration(state: Calibrated, fpr: float) -> dict | None:
     """The calibration scores in brief (None without): how they were made (split, cv, calibrate; None in files of
     older versions), how many, the smallest target FPR with a finite conformal threshold (``1 / (n + 1)``) and the
     conformal score threshold at ``fpr`` (None: infinite)."""
@@ -147,8 +211,13 @@ def summary(rule: DecisionRule, state: Calibrated) -> dict:
     target FPR, score threshold, or the reason it cannot apply) and :func:`calibration_summary`."""
     out = {"levels": list(state.layout.level_names), "input_size": state.layout.input_size,
            "n_samples": int(state.n_samples), "maps": bool(getattr(state, "has_maps", False)),
-           "threshold": {"method": rule.method, "fpr": rule.fpr}}
+           "image_score": rule.image_score, "threshold": {"method": rule.method, "fpr": rule.fpr}}
     try:
+        if rule.fused:
+            rule.check(state)
+            out["threshold"]["pvalue_threshold"] = rule.fpr
+            out["calibration"] = calibration_summary(state, rule.fpr)
+            return out
         limit = rule.score_threshold(state)
         out["threshold"]["score_threshold"] = float(limit) if np.isfinite(limit) else None
     except GaussadError as exc:

@@ -176,10 +176,10 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
         progress: bool | None = None):
     """Fit ``model`` (a :class:`~gaussad.GaussianAD`) on ``images`` (paths the workers can read, or arrays) with
     the workers of ``client``; returns the model. The Gaussians are those of ``model.fit(images)`` up to float
-    rounding (merged moment statistics); each map bank is one greedy pass over the union of the partitions'
-    coresets (README, "Distributed")."""
+    rounding (merged moment statistics); each map bank is a streaming greedy selection over the partitions'
+    coresets as they arrive, so the client holds the banks and one buffer of candidates (README, "Distributed")."""
     from . import params
-    from .fitting import BankCandidates, Trainer
+    from .fitting import Trainer
     from .images import image_list
 
     images = [os.fspath(i) if isinstance(i, os.PathLike) else i for i in image_list(images)]
@@ -199,20 +199,21 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     while len(stats) > 1:  # tree reduction, pairs in a fixed order: the same merges whichever worker runs them
         stats = [client.submit(_merge, a, b, pure=False) if b is not None else a
                  for a, b in zip(stats[::2], stats[1::2] + [None] * (len(stats) % 2))]
-    collected: list[list] = []
+    trainer = Trainer(settings)
+    coresets: list = []
     for future in banks:  # in partition order, each released once here, so workers do not keep them
         part_banks = _result(future)
         future.release()
-        if part_banks and not collected:
-            collected = [[] for _ in part_banks]
-        for level, candidates in zip(collected, part_banks):
-            level.append(candidates)
+        if part_banks and not coresets:
+            coresets = trainer.coresets(len(part_banks))
+        for coreset, candidates in zip(coresets, part_banks):  # the client holds the banks and one buffer
+            coreset.add(candidates.vectors, candidates.ids, candidates.seen)
     del banks
     merged = _result(stats[0])
     if bar is not None:
         bar.join()
-    trainer = Trainer(settings, None, _result(layout_future))
-    state = trainer.fit_parts(merged, [BankCandidates.concat(level) for level in collected])
+    trainer.layout = _result(layout_future)
+    state = trainer.fit_parts(merged, coresets)
     model.state_, model.skipped_ = state, trainer.skipped
     return model
 
@@ -262,17 +263,25 @@ def _score_task(model_path: str, key: str, names: list[str], paths: list[str], i
 
     with _WORKER["lock"]:
         model = _worker_model(model_path, key)
+        rule = model.rule(fpr, threshold)
         extractor = _extractor(params.resolved(model.get_params()), model.state_.layout)
         skipped: list = []
-        pooled = [b for _, b, _ in extractor.iter_features_and_maps(paths, None, on_error, skipped)]
+        batches = extractor.iter_features_and_maps(paths, None, on_error, skipped)
+        if rule.fused:  # the map peaks too, batch by batch
+            feats, peaks, _ = model.state_.score_batches(batches, with_maps=False)
+        else:
+            pooled, peaks = [b for _, b, _ in batches], None
+            feats = [np.concatenate(level) for level in zip(*pooled)]
     bad = dict(skipped)
     kept = [n for i, n in enumerate(names) if i not in bad]
     if kept:
-        levels = model.level_scores_features([np.concatenate(level) for level in zip(*pooled)])
-        decisions, pvalues = model.decide(levels, fpr, threshold)
+        levels = model.level_scores_features(feats)
+        decisions, pvalues = model.decide(levels, fpr, threshold, peaks)
+        scores = model.scores(levels, peaks)
     else:
-        levels, decisions, pvalues = np.zeros((0, len(model.level_names_))), [], []
-    rows: list[dict] = [{**r, "error": None} for r in result_rows(kept, model.level_names_, levels, decisions, pvalues)]
+        levels, decisions, pvalues, scores = np.zeros((0, len(model.level_names_))), [], [], []
+    rows: list[dict] = [{**r, "error": None} for r in result_rows(kept, model.level_names_, levels, decisions, pvalues,
+                                                                  scores)]
     rows += [{"path": names[i], "score": None, "levels": None, "pvalue": None, "anomalous": None, "error": msg}
              for i, msg in sorted(bad.items())]
     write_part(Path(folder) / part_name(index, fmt), rows, model.level_names_, fmt)
@@ -353,9 +362,9 @@ def score(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike], nam
 
     fmt = output_format(out)
     model = load(model_path)
-    method = threshold or model.threshold
+    method = threshold or model.setting("threshold")
     fpr = model.fpr if fpr is None else fpr
-    model.score_threshold(fpr, method)  # fails early when the rule cannot apply to this model
+    model.rule(fpr, method).check(model.state_, f"{model_path}: ")  # fails early when the rule cannot apply
     paths, names = [os.fspath(p) for p in paths], [str(n) for n in names]
     folder = parts_folder(out)
     key = _run_key(model_path, names, partition_size, fpr, method)

@@ -10,7 +10,6 @@ import numpy as np
 from scipy.stats import rankdata
 
 from . import params as parameters
-from . import fusion
 from .datasets import Category, find_categories, kfold_indices
 from .errors import GaussadError
 from .model import GaussianAD
@@ -83,7 +82,7 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
     """
     train, test = features
     n = train[0].shape[0]
-    params = {**params, "verbose": False, "threshold": "chi2", "calibration": None}
+    params = {**params, "verbose": False, "image_score": "global", "threshold": "chi2", "calibration": None}
     folds = kfold_indices(n, 5, seed) if protocol == "paper" else [(np.arange(n), np.arange(0))]
     fold_aurocs, level_aurocs, pixel_aurocs, max_map_aurocs, rates, n_cal, hits, fused = [], [], [], [], [], [], [], []
     for keep, held in folds:
@@ -101,6 +100,10 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
         rates.append(_threshold_rates(model, level, category.test_labels))
         if feature_maps is not None:
             train_maps, test_maps, masks = feature_maps
+            fusable = model.setting("map_method") == "nearest"
+            if fusable:  # the model's fused score, calibrated as fit calibrates it (cross-conformal, 5 folds)
+                model = GaussianAD(**{**model.get_params(), "image_score": "fused", "threshold": "conformal",
+                                      "calibration": "cv"}).fit_features([f[keep] for f in train], level_names)
             model.fit_map_features([train_maps[i] for i in keep])
             amaps = model.anomaly_map_features(test_maps, masks.shape[-1])
             if gallery is not None:
@@ -108,9 +111,8 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
             pixel_aurocs.append(roc_auc(masks.ravel(), amaps.ravel()))
             max_map_aurocs.append(roc_auc(category.test_labels, amaps.reshape(len(amaps), -1).max(axis=1)))
             hits.append(hit_rate(amaps, masks, category.test_labels))
-            if model.setting("map_method") == "nearest":
-                fused.append(_fused(model, params, [f[keep] for f in train], [train_maps[i] for i in keep], test_maps,
-                                    level.mean(axis=1), category.test_labels, level_names))
+            if fusable:
+                fused.append(_fused(model, level, test_maps, category.test_labels))
     result = {
         "image_auroc": float(np.mean(fold_aurocs)),
         "fold_aurocs": [float(a) for a in fold_aurocs],
@@ -134,25 +136,20 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
     return result
 
 
-def _fused(model: GaussianAD, params: dict[str, Any], train: list[np.ndarray], train_maps: list, test_maps: list,
-           test_global: np.ndarray, labels: np.ndarray, level_names: list[str] | None) -> dict[str, Any]:
-    """The fused score of one fold (:mod:`gaussad.fusion`): the global score's p-value against cross-conformal
-    out-of-fold scores of the training images, the map peak's against their leave-one-image-out peaks; AUROC of the
-    Bonferroni and Fisher rankings, and the realised rates of the Bonferroni decision at each alpha."""
-    cv = GaussianAD(**{**params, "calibration": "cv"}).fit_features(train, level_names)
-    state = model.state_
-    train_peaks = state.map_peaks_of(train_maps, np.arange(len(train_maps)))
-    test_peaks = state.map_peaks_of(test_maps)
-    cals, evidence = [cv.calibration_scores_, train_peaks], [test_global, test_peaks]
-    score, pvalue = fusion.fused(cals, evidence)
-    fisher, _ = fusion.fused(cals, evidence, "fisher")
-    n = min(len(c) for c in cals)
+def _fused(model: GaussianAD, level: np.ndarray, test_maps: list, labels: np.ndarray) -> dict[str, Any]:
+    """The fused score of one fold, from a model fitted with ``image_score='fused'`` (:mod:`gaussad.fusion`): AUROC
+    of its ranking by Bonferroni's and by Fisher's combination, and the realised rates of its decision at each
+    alpha."""
+    peaks = model.state_.map_peaks_of(test_maps)
+    rule = model.rule()
+    n = min(model.calibration_scores_.size, model.map_calibration_.size)
     rates = {}
     for alpha in ALPHAS:
-        flagged = pvalue <= alpha
+        flagged = model.decide(level, alpha, map_peaks=peaks)[0].astype(bool)
         rates[str(alpha)] = {"fpr": float(flagged[labels == 0].mean()), "tpr": float(flagged[labels == 1].mean()),
                              "score_threshold": float(alpha) if 2.0 / (n + 1) <= alpha else None}
-    return {"auroc": roc_auc(labels, score), "fisher_auroc": roc_auc(labels, fisher), "rates": rates}
+    return {"auroc": roc_auc(labels, rule.scores(model.state_, level, peaks, "bonferroni")),
+            "fisher_auroc": roc_auc(labels, rule.scores(model.state_, level, peaks, "fisher")), "rates": rates}
 
 
 def _gallery(details: dict[str, Any] | None, scores: np.ndarray, labels: np.ndarray) -> np.ndarray | None:

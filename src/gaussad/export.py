@@ -21,8 +21,8 @@ import numpy as np
 import scipy.linalg
 from scipy.special import gammaln
 
-from . import __version__
-from .decision import DecisionRule
+from . import __version__, fusion
+from .decision import RANKING, DecisionRule
 from .errors import GaussadError
 from .images import ASPECT_STEP
 from .state import DetectorState
@@ -33,6 +33,7 @@ LIMITS = ("the graph takes decoded 8-bit RGB pixels: decoding, EXIF orientation 
           "are the caller's (gaussad also decodes JPEGs of at least twice the input size at reduced scale, PIL's "
           "draft mode; give such JPEGs decoded in full and the scores differ slightly)")
 NO_MAPS = "anomaly maps are not part of the graph: export with --maps to add them"
+FUSED = "the fused image score needs the map peaks: export this model with --maps"
 
 
 def _erfc_log(b, z: str) -> str:
@@ -179,12 +180,8 @@ def _decision(b, state: DetectorState, rule: DecisionRule, levels: str, per_leve
 
     flat = lambda t: b.op("Squeeze", t, b.const(np.array([1], np.int64)))  # noqa: E731
     if rule.method == "conformal":
-        cal = np.asarray(state.calibration_scores, np.float64)
         limit = rule.score_threshold(state)
-        at_least = b.op("Cast", b.op("LessOrEqual", b.op("Unsqueeze", score, b.const(np.array([1], np.int64))),
-                                     b.const(cal[None, :])), to=TensorProto.DOUBLE)
-        count = b.op("ReduceSum", at_least, b.const(np.array([1], np.int64)), keepdims=0)
-        pvalue = b.op("Div", b.op("Add", count, b.const(1.0)), b.const(cal.size + 1.0))
+        pvalue = _conformal_pvalue(b, score, state.calibration_scores)
         flagged = b.op("Greater", score, b.const(limit if math.isfinite(limit) else np.inf))
         return b.op("Cast", flagged, to=TensorProto.INT64), pvalue
     n_levels = len(state.dofs)
@@ -195,6 +192,65 @@ def _decision(b, state: DetectorState, rule: DecisionRule, levels: str, per_leve
     lowest = b.op("ReduceMin", b.op("Concat", *logs, axis=1), axes=[1], keepdims=1)
     pvalue = b.op("Min", b.op("Mul", b.op("Exp", lowest), b.const(float(n_levels))), b.const(1.0))
     return flagged, flat(pvalue)
+
+
+def _conformal_pvalue(b, x: str, calibration: np.ndarray) -> str:
+    """(N,) exact conformal p-values of (N,) float64 scores: (1 + #{calibration >= x}) / (n + 1)."""
+    from onnx import TensorProto
+
+    cal = np.asarray(calibration, np.float64)
+    at_least = b.op("Cast", b.op("LessOrEqual", b.op("Unsqueeze", x, b.const(np.array([1], np.int64))),
+                                 b.const(cal[None, :])), to=TensorProto.DOUBLE)
+    count = b.op("ReduceSum", at_least, b.const(np.array([1], np.int64)), keepdims=0)
+    return b.op("Div", b.op("Add", count, b.const(1.0)), b.const(cal.size + 1.0))
+
+
+def _smooth_pvalue(b, x: str, calibration: np.ndarray) -> str:
+    """(N,) :func:`gaussad.fusion.smooth_pvalues` of (N,) float64 scores: the rank interpolated between the sorted
+    calibration scores (k = #{c <= x}, between c[k-1] and c[k]), 1 at and below the smallest, the exponential tail
+    beyond the largest."""
+    from onnx import TensorProto
+
+    c = fusion.sorted_calibration(calibration)
+    n = c.size
+    if n < 2:
+        raise GaussadError("the fused score needs at least 2 calibration scores per piece of evidence to be exported")
+    below = b.op("Cast", b.op("LessOrEqual", b.const(c[None, :]), b.op("Unsqueeze", x, b.const(np.array([1], np.int64)))),
+                 to=TensorProto.DOUBLE)
+    k = b.op("Clip", b.op("ReduceSum", below, b.const(np.array([1], np.int64)), keepdims=0), b.const(1.0),
+             b.const(float(n - 1)))
+    ki = b.op("Cast", k, to=TensorProto.INT64)
+    lo = b.op("Gather", b.const(c), b.op("Sub", ki, b.const(np.array(1, np.int64))))
+    hi = b.op("Gather", b.const(c), ki)
+    step = b.op("Sub", hi, lo)
+    frac = b.op("Where", b.op("Greater", step, b.const(0.0)),
+                b.op("Div", b.op("Sub", x, lo), b.op("Max", step, b.const(1e-300))), b.const(1.0))
+    mid = b.op("Div", b.op("Sub", b.const(n + 1.0), b.op("Add", k, frac)), b.const(n + 1.0))
+    tail = b.op("Div", b.op("Exp", b.op("Div", b.op("Sub", b.const(float(c[-1])), x), b.const(fusion.tail_scale(c)))),
+                b.const(n + 1.0))
+    return b.op("Where", b.op("LessOrEqual", x, b.const(float(c[0]))), b.const(1.0),
+                b.op("Where", b.op("Greater", x, b.const(float(c[-1]))), tail, mid))
+
+
+def _fused(b, state: DetectorState, rule: DecisionRule, score: str, peak: str) -> tuple[str, str, str]:
+    """(fused score, anomalous int64, p-value) of a fused image score (:func:`gaussad.fusion.fused`): -log10 of the
+    ranking combination of smoothed p-values (Fisher's for two p-values in closed form: P (1 - ln P), P their
+    product), and the Bonferroni minimum of the exact conformal p-values, flagged at most the FPR."""
+    from onnx import TensorProto
+
+    cals, evidence = [state.calibration_scores, state.map_calibration], [score, peak]
+    exact = [_conformal_pvalue(b, e, c) for e, c in zip(evidence, cals)]
+    pvalue = b.op("Min", b.op("Mul", b.op("Min", *exact), b.const(2.0)), b.const(1.0))
+    smooth = [b.op("Max", _smooth_pvalue(b, e, c), b.const(1e-300)) for e, c in zip(evidence, cals)]
+    if RANKING == "fisher":
+        log_product = b.op("Add", b.op("Log", smooth[0]), b.op("Log", smooth[1]))
+        combined = b.op("Mul", b.op("Exp", log_product), b.op("Sub", b.const(1.0), log_product))
+    else:
+        combined = b.op("Min", b.op("Mul", b.op("Min", *smooth), b.const(2.0)), b.const(1.0))
+    clipped = b.op("Clip", combined, b.const(1e-300), b.const(1.0))
+    fused = b.op("Div", b.op("Log", clipped), b.const(-math.log(10.0)))
+    flagged = b.op("Cast", b.op("LessOrEqual", pvalue, b.const(float(rule.fpr))), to=TensorProto.INT64)
+    return fused, flagged, pvalue
 
 
 def _grid_kernels(extractor, layout) -> list[int]:
@@ -213,8 +269,9 @@ def _grid_kernels(extractor, layout) -> list[int]:
     return [a // h for a, _ in shapes]
 
 
-def _maps(b, state: DetectorState, kernels: list[int], fmaps: list[str], size: int) -> str:
-    """(N, size, size) float32 anomaly maps as :meth:`DetectorState.anomaly_maps` makes them (nearest method):
+def _maps(b, state: DetectorState, kernels: list[int], fmaps: list[str], size: int) -> tuple[str, str]:
+    """(N, size, size) float32 anomaly maps as :meth:`DetectorState.anomaly_maps` makes them, and their (N,) float64
+    peaks on the grid (:meth:`DetectorState.map_peaks`) (nearest method):
     location vectors averaged over pool x pool neighbourhoods (border locations over fewer) and down to the coarsest
     grid, nearest bank member distance / bank scale, mean over levels, upsampled as PIL does (float64, no rounding)."""
     from onnx import TensorProto
@@ -240,6 +297,7 @@ def _maps(b, state: DetectorState, kernels: list[int], fmaps: list[str], size: i
         stacked = b.op("Concat", *[b.op("Unsqueeze", m, b.const(np.array([0], np.int64))) for m in per_level], axis=0)
         mean = b.op("ReduceMean", stacked, axes=[0], keepdims=0)
     x = b.op("Cast", mean, to=TensorProto.DOUBLE)
+    peak = b.op("ReduceMax", x, axes=[1, 2], keepdims=0)
     shape = b.op("Cast", b.op("Shape", x), to=TensorProto.DOUBLE)
     pick = lambda i: b.op("Gather", shape, b.const(np.array(i, np.int64)))  # noqa: E731
     out = b.const(float(size))
@@ -249,7 +307,7 @@ def _maps(b, state: DetectorState, kernels: list[int], fmaps: list[str], size: i
     top = _lerp(b, b.op("Gather", x, y0, axis=1), x0, x1, wx, axis=2)
     bottom = _lerp(b, b.op("Gather", x, y1, axis=1), x0, x1, wx, axis=2)
     wy = b.op("Unsqueeze", dy, b.const(np.array([0, 2], np.int64)))
-    return b.op("Cast", b.op("Add", top, b.op("Mul", b.op("Sub", bottom, top), wy)), to=TensorProto.FLOAT)
+    return b.op("Cast", b.op("Add", top, b.op("Mul", b.op("Sub", bottom, top), wy)), to=TensorProto.FLOAT), peak
 
 
 def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
@@ -257,7 +315,9 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
 
     ``model`` is a fitted :class:`gaussad.GaussianAD` with a backbone; its own decision rule (method and FPR) is
     embedded. Outputs: ``score`` (N,), ``levels`` (N, L), ``pvalue`` (N,) float64 and ``anomalous`` (N,) int64; with
-    ``maps`` (nearest-neighbour map models) also ``map`` (N, S, S) float32, as :meth:`GaussianAD.anomaly_map`.
+    ``maps`` (nearest-neighbour map models) also ``map`` (N, S, S) float32, as :meth:`GaussianAD.anomaly_map`. A
+    fused image score (exported with ``maps`` only) gives its own score, p-value and decision, with its calibration
+    scores as constants (:func:`_fused`).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -276,6 +336,8 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
         raise GaussadError("--maps: only maps on the coarsest grid (--map-grid coarsest, every preset's) can be "
                            "exported so far; export without --maps")
     rule = model.rule()
+    if rule.fused and not maps:
+        raise GaussadError(FUSED)
     if rule.method == "hotelling":
         raise GaussadError("the Hotelling p-value (F law) cannot be expressed in the graph: export a chi2 or conformal "
                            "model (refit with --threshold chi2 or conformal)")
@@ -299,12 +361,17 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     graph.node.extend(body)
     per_level = _distances(b, state, pooled)
     levels = b.op("Concat", *per_level, axis=1, out="levels")
-    score = b.op("ReduceMean", levels, axes=[1], keepdims=0, out="score")
-    flagged, pvalue = _decision(b, state, rule, levels, per_level, score)
+    score = b.op("ReduceMean", levels, axes=[1], keepdims=0, out="score" if not rule.fused else None)
+    if maps:
+        amap, peak = _maps(b, state, kernels, fmaps, layout.input_size)
+        b.op("Identity", amap, out="map")
+    if rule.fused:
+        fused, flagged, pvalue = _fused(b, state, rule, score, peak)
+        b.op("Identity", fused, out="score")
+    else:
+        flagged, pvalue = _decision(b, state, rule, levels, per_level, score)
     b.op("Identity", flagged, out="anomalous")
     b.op("Identity", pvalue, out="pvalue")
-    if maps:
-        b.op("Identity", _maps(b, state, kernels, fmaps, layout.input_size), out="map")
     del graph.output[:]
     n_levels = len(layout.levels)
     graph.output.extend([
@@ -315,12 +382,13 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     ] + ([helper.make_tensor_value_info("map", TensorProto.FLOAT, ["batch", layout.input_size, layout.input_size])]
          if maps else []))
     notes = [LIMITS, NO_MAPS] if state.has_maps and not maps else [LIMITS]
-    limit = rule.score_threshold(state)
+    limit = math.nan if rule.fused else rule.score_threshold(state)
     meta = {
         "gaussad.version": __version__, "gaussad.preset": str(model.preset or "paper"),
         "gaussad.backbone": str(model.backbone), "gaussad.levels": ",".join(layout.level_names),
         "gaussad.input_size": str(layout.input_size), "gaussad.resize": extractor.resize,
         "gaussad.normalize": str(model.setting("normalize")), "gaussad.threshold": rule.method, "gaussad.fpr": repr(rule.fpr),
+        "gaussad.image_score": rule.image_score,
         "gaussad.score_threshold": repr(float(limit)), "gaussad.n_samples": str(state.n_samples),
         "gaussad.n_calibration": str(0 if state.calibration_scores is None else state.calibration_scores.size),
         "gaussad.outputs": "score (N,) float64, levels (N, L) float64, pvalue (N,) float64, anomalous (N,) int64"

@@ -8,7 +8,8 @@ with, so a swap never fails them.
 
 Calibration after an update: the thresholds of the chi2 and Hotelling rules follow from the refitted Gaussians and
 the new number of training images. A conformal model keeps its calibration scores (the held-out normal scores it
-was calibrated with). Appending the added images' scores under the previous model was tried and dropped: those
+was calibrated with); a fused image score keeps its map peaks too (calibrated against the smaller bank, so they err
+large: conservative p-values). Appending the added images' scores under the previous model was tried and dropped: those
 images are mostly false alarms, chosen *because* they scored high, so their scores push the conformal quantile up
 (bottle, 40 images, FPR 0.05: threshold 13.6 -> 18.7, 3 of 63 defects missed; keeping the scores: held-out good
 flag rate 0.030, every defect flagged; EXPERIMENTS.md, "Feedback updates").
@@ -127,10 +128,11 @@ class ModelRegistry:
             v = self.versions[name]
             current, file = int(v["current"]), self.model_file(name)
             fresh = load(file)  # a copy: the served object is never changed while requests use it
-            cal, method = fresh.state_.calibration_scores, fresh.state_.calibration_method
-            fresh.partial_fit(list(images))  # drops the calibration scores
+            cal, method, peaks = (fresh.state_.calibration_scores, fresh.state_.calibration_method,
+                                  fresh.state_.map_calibration)
+            fresh.partial_fit(list(images))  # drops the calibration scores (and a fused score's map peaks)
             if cal is not None:  # kept: see the module's docstring
-                fresh.state_ = fresh.state_.with_calibration(cal, method)
+                fresh.state_ = fresh.state_.with_calibration(cal, method).with_map_calibration(peaks)
             warm(fresh)
             history = self.history_dir(name)
             history.mkdir(parents=True, exist_ok=True)

@@ -157,10 +157,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as exc:
         raise GaussadError(f"{path}: cannot write {what} ({exc.strerror or exc})") from None
-    try:
+    try:  # the temporary is created inside: an interruption right after its creation still removes it
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
             if callable(data):
                 with os.fdopen(os.dup(fd), "wb") as fh:

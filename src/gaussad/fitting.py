@@ -1,17 +1,18 @@
 """Fitting: streaming statistics for ``fit``, batches of pooled features and raw feature maps folded into moment statistics
-and memory-bank candidates, so that no image is held after its batch, and the calibration scores of the conformal rule
+and streaming memory-bank coresets, so that no image is held after its batch, and the calibration scores of the conformal rule
 (split, or cross-conformal from per-fold statistics gathered in the same pass) (plain numpy)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from . import maps
-from .bank import NearestBank
+from .bank import NearestBank, StreamingCoreset
 from .decision import DecisionRule
 from .errors import DataError, InvalidParameterError
 from .gaussian import LevelGaussian, MomentStats
@@ -20,24 +21,31 @@ from .state import DetectorState, Layout, feature_settings, prepare_maps
 
 # Backbone features are float32: a relative spread below its rounding level means identical images.
 IDENTICAL_SPREAD_FLOAT32 = (64.0 * float(np.finfo(np.float32).eps)) ** 2
-# A distributed fit's partitions keep this many times the bank's coreset fraction as candidates, so that the final
-# greedy pass over their union chooses among more than it keeps (EXPERIMENTS.md, "Distributed fit").
+# A distributed fit's partitions keep this many times the bank's coreset fraction as candidates, so that the client's
+# greedy selection over them chooses among more than it keeps (EXPERIMENTS.md, "Distributed fit").
 PART_OVERSAMPLE = 4.0
 
 
 class Accumulator:
     """Running statistics of the pooled features, plus per map level either the statistics of every location
-    (``gaussian`` maps) or the location vectors with their image ids (``nearest`` maps: ``bank_parts``).
+    (``gaussian`` maps) or a :class:`~gaussad.bank.StreamingCoreset` of the location vectors with their image ids
+    (``nearest`` maps: ``coresets``), so that a fit holds its banks and one buffer of vectors, not every image's.
 
-    ``prepare`` turns raw feature maps into the vectors the map method scores (:meth:`DetectorState.map_inputs`).
+    ``prepare`` turns raw feature maps into the vectors the map method scores (:meth:`DetectorState.map_inputs`);
+    ``names`` name the map levels in errors.
     """
 
-    def __init__(self, map_method: str, n_map_levels: int, prepare, stats: list[MomentStats] | None = None,
-                 map_stats: list[MomentStats] | None = None):
+    def __init__(self, prepare, stats: list[MomentStats] | None = None, map_stats: list[MomentStats] | None = None,
+                 coresets: list[StreamingCoreset] | None = None, names: Sequence[str] = (), keep_locations: bool = False):
         self.stats = stats
         self.map_stats = map_stats or None
         self.prepare = prepare
-        self.bank_parts: list[list] | None = [[] for _ in range(n_map_levels)] if map_method == "nearest" else None
+        self.coresets = coresets
+        self.names = list(names)
+        # With ``keep_locations`` (a fused image score) every location vector is also kept, to score it against the
+        # finished banks (:meth:`banks`): that fit's memory grows with the images, the price of its map calibration.
+        self.kept: list[list] | None = [[] for _ in coresets or []] if keep_locations else None
+        self.peaks: np.ndarray | None = None  # leave-one-image-out map peaks (:meth:`banks`)
 
     def add(self, pooled: Sequence[np.ndarray], fmaps: Sequence[np.ndarray] = (),
             image_ids: np.ndarray | None = None) -> None:
@@ -50,27 +58,53 @@ class Accumulator:
     def add_maps(self, fmaps: Sequence[np.ndarray], image_ids: np.ndarray) -> None:
         """Fold one batch of raw (B, C, H, W) feature maps, one per map level, of images ``image_ids``."""
         fmaps = self.prepare(fmaps)
-        if self.bank_parts is None:
+        if self.coresets is None:
             self.map_stats = maps.accumulate(self.map_stats, fmaps)
             return
-        for level, f in zip(self.bank_parts, fmaps):
-            level.append((maps.patch_vectors(f, np.float32), np.repeat(image_ids, f.shape[2] * f.shape[3])))
+        for i, (coreset, f) in enumerate(zip(self.coresets, fmaps)):
+            vectors, ids = maps.patch_vectors(f, np.float32), np.repeat(image_ids, f.shape[2] * f.shape[3])
+            with self._level(i):
+                coreset.add(vectors, ids)
+            if self.kept is not None:
+                self.kept[i].append((vectors, ids))
 
-    def banks(self, base: list[NearestBank], fraction: float, seed: int, names: Sequence[str]) -> list[NearestBank]:
-        """Banks extended with the collected location vectors (new banks when ``base`` is empty); the collected
-        vectors are freed level by level, keeping the peak memory to one level's copy."""
-        if not self.bank_parts or not self.bank_parts[0]:
-            return base
-        out = []
-        for i, level in enumerate(self.bank_parts):
-            vectors = np.concatenate([v for v, _ in level])
-            ids = np.concatenate([k for _, k in level])
-            level.clear()
-            try:
-                out.append(NearestBank.build(vectors, ids, fraction, seed, base[i] if base else None))
-            except ValueError as exc:
-                raise DataError(f"map level {names[i]}: {exc}") from None
+    def banks(self) -> list[NearestBank]:
+        """The banks of the coresets (the base banks when no location was added; none without either), built level
+        by level, each coreset's copies released as its bank is made. With kept locations, each is also scored by
+        its level's bank with its own image's members skipped, and :attr:`peaks` becomes the leave-one-image-out map
+        peak of every image (:meth:`DetectorState.map_peaks`)."""
+        out, cells, ids = [], [], None
+        for i, coreset in enumerate(self.coresets or []):
+            with self._level(i):
+                bank = coreset.result()
+            if bank is None:
+                return []
+            out.append(bank)
+            if self.kept is not None and self.kept[i]:
+                vectors, ids = (np.concatenate(part) for part in zip(*self.kept[i]))
+                self.kept[i].clear()
+                cells.append(bank.distances(vectors, ids))
+                del vectors
+        if cells:
+            self.peaks = image_peaks(np.mean(cells, axis=0), ids)
         return out
+
+    @contextlib.contextmanager
+    def _level(self, i: int) -> Iterator[None]:
+        """Bank errors (ValueError) as a DataError naming map level ``i``."""
+        try:
+            yield
+        except ValueError as exc:
+            name = self.names[i] if i < len(self.names) else f"map{i}"
+            raise DataError(f"map level {name}: {exc}") from None
+
+
+def image_peaks(cells: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The largest value of each image's cells (``ids``: the image of each cell), in the order of the image ids."""
+    images, which = np.unique(ids, return_inverse=True)
+    peaks = np.full(images.size, -np.inf, dtype=np.float64)
+    np.maximum.at(peaks, which, cells.astype(np.float64))
+    return peaks
 
 
 def check_finite(pooled: Sequence[np.ndarray], idx: np.ndarray, name_of) -> None:
@@ -180,12 +214,13 @@ class Trainer:
         if len(images) < 2:
             raise DataError(f"need at least 2 training images, got {len(images)}")
         calibration = self.calibration(len(images))
-        acc = self._accumulator(self.layout)
+        acc = self._accumulator(self.layout, keep_locations=self.fused and calibration == "cv")
         if calibration == "cv":
             folds = CrossFolds(cv_folds(len(images), self.settings["calibration_folds"], self.settings["random_state"]))
             self._stream(images, acc, self.layout, collect=folds.add, on_error=on_error)
             scores = folds.scores(acc.stats, lambda stats: self._from_stats(self.layout, stats))
-            return self._checked(self._finish(acc, self.layout)).with_calibration(scores, "cv")
+            state = self._checked(self._finish(acc, self.layout)).with_calibration(scores, "cv")
+            return state.with_map_calibration(acc.peaks) if self.fused else state
         split = calibration_split(len(images), calibration, self.settings["random_state"])
         if split is None:
             self._stream(images, acc, self.layout, on_error=on_error)
@@ -200,6 +235,11 @@ class Trainer:
             raise DataError("none of the calibration images could be read")
         scores = partial.level_distances([np.concatenate(level) for level in zip(*batches)]).mean(axis=1)
         return self._checked(self._finish(acc, self.layout)).with_calibration(scores, "split")
+
+    @property
+    def fused(self) -> bool:
+        """Whether the image score is fused, so that a fit with maps also calibrates the map evidence."""
+        return self.settings.get("image_score") == "fused"
 
     def calibration(self, n: int) -> str | float | None:
         """The calibration used on ``n`` images (:func:`gaussad.params.calibration_for`)."""
@@ -261,11 +301,14 @@ class Trainer:
             raise DataError("feature maps must be (C, H, W) arrays with the same channels C for every image")
         for idx, fm in maps.shape_groups(per_image):
             acc.add_maps(fm, idx)
-        banks = acc.banks([], float(self.settings["map_coreset"]), self._seed(), self._bank_names(layout))
+        banks = acc.banks()
         map_stats = acc.map_stats or []
-        return replace(state, layout=layout, map_method=self.settings["map_method"], map_grid=self.settings["map_grid"],
-                       map_pool=int(self.settings["map_pool"]), map_stats=map_stats, map_banks=banks,
-                       map_gaussians=[LevelGaussian.fit(s, "ledoit-wolf") for s in map_stats])
+        state = replace(state, layout=layout, map_method=self.settings["map_method"], map_grid=self.settings["map_grid"],
+                        map_pool=int(self.settings["map_pool"]), map_stats=map_stats, map_banks=banks,
+                        map_gaussians=[LevelGaussian.fit(s, "ledoit-wolf") for s in map_stats], map_calibration=None)
+        if not self.fused:
+            return state
+        return state.with_map_calibration(state.map_peaks_of(per_image, np.arange(len(per_image))))
 
     def _map_layout(self, layout: Layout, n_maps: int) -> Layout:
         if self.settings["backbone"] is None:
@@ -280,11 +323,19 @@ class Trainer:
     def _seed(self) -> int:
         return 0 if self.settings["random_state"] is None else int(self.settings["random_state"])
 
-    def _accumulator(self, layout: Layout, prev: DetectorState | None = None) -> Accumulator:
+    def coresets(self, n: int, base: Sequence[NearestBank] = (), oversample: float = 1.0) -> list[StreamingCoreset]:
+        """One streaming coreset per map bank: ``n`` of them, extending the ``base`` banks when given, keeping
+        ``oversample`` times the settings' ``map_coreset`` fraction (at most all)."""
+        fraction = min(1.0, oversample * float(self.settings["map_coreset"]))
+        return [StreamingCoreset(fraction, self._seed(), base=base[i] if base else None) for i in range(n)]
+
+    def _accumulator(self, layout: Layout, prev: DetectorState | None = None, oversample: float = 1.0,
+                     keep_locations: bool = False) -> Accumulator:
         method, pool, grid = self.settings["map_method"], int(self.settings["map_pool"]), self.settings["map_grid"]
         n_maps = min(len(layout.map_levels), 1) if grid == "finest" else len(layout.map_levels)
-        return Accumulator(method, n_maps, lambda f: prepare_maps(f, method, pool, grid),
-                           prev.stats if prev else None, prev.map_stats if prev else None)
+        coresets = self.coresets(n_maps, prev.map_banks if prev else (), oversample) if method == "nearest" else None
+        return Accumulator(lambda f: prepare_maps(f, method, pool, grid), prev.stats if prev else None,
+                           prev.map_stats if prev else None, coresets, self._bank_names(layout), keep_locations)
 
     def _stream(self, images: list, acc: Accumulator, layout: Layout, positions: Sequence[int] | None = None,
                 collect: Callable | None = None, first_id: int = 0, on_error: str = "fail", whole: bool = True) -> None:
@@ -316,33 +367,33 @@ class Trainer:
         the whole list of ``n_total`` (their names, bank image ids and calibration folds); bank candidates are the
         partition's own coreset."""
         calibration = self.calibration(n_total)
+        if self.fused:
+            raise InvalidParameterError("a distributed fit does not calibrate the fused image score (its map peaks "
+                                        "need every image's locations against the final banks): use "
+                                        "image_score='global' (--image-score global) or fit in one process")
         if calibration not in (None, "cv"):
             raise InvalidParameterError("a distributed fit supports calibration 'cv' or none, not a held-out "
                                         f"fraction ({calibration}): use --calibration cv")
-        acc = self._accumulator(self.layout)
+        acc = self._accumulator(self.layout, oversample=PART_OVERSAMPLE)
         folds = None
         if calibration == "cv":
             folds = CrossFolds(cv_folds(n_total, self.settings["calibration_folds"], self.settings["random_state"]))
         self._stream(images, acc, self.layout, positions, folds.add if folds else None, on_error=on_error, whole=False)
-        fraction = min(1.0, PART_OVERSAMPLE * float(self.settings["map_coreset"]))
-        banks = [BankCandidates(b.vectors, b.ids, b.seen) for b in
-                 acc.banks([], fraction, self._seed(), self._bank_names(self.layout))]
+        banks = [BankCandidates(b.vectors, b.ids, b.seen) for b in acc.banks()]
         return Part(acc.stats, acc.map_stats, banks, folds, list(self.skipped))
 
-    def fit_parts(self, part: "Part", banks: list["BankCandidates"] | None = None) -> DetectorState:
-        """The state of a fit from its partitions' merged :class:`Part` (with ``banks``, the merged bank candidates
-        when they were gathered apart): the Gaussians as one fit's, each bank one greedy selection over the union
-        of the partitions' coresets (:meth:`BankCandidates.select`)."""
+    def fit_parts(self, part: "Part", coresets: list[StreamingCoreset] | None = None) -> DetectorState:
+        """The state of a fit from its partitions' merged :class:`Part`: the Gaussians as one fit's, each bank a
+        streaming greedy selection over the partitions' coresets, ``coresets`` (:meth:`coresets`) when the caller
+        fed them the candidates as they came, else the candidates merged into ``part``."""
         self.skipped = list(part.skipped)
         self._check_stats(part.stats, self.layout)
-        names = self._bank_names(self.layout)
-        selected = []
-        for i, candidates in enumerate(part.banks if banks is None else banks):
-            try:
-                selected.append(candidates.select(float(self.settings["map_coreset"]), self._seed()))
-            except ValueError as exc:
-                raise DataError(f"map level {names[i]}: {exc}") from None
-        state = self._checked(self._state(self.layout, part.stats, part.map_stats, selected))
+        if coresets is None:
+            coresets = self.coresets(len(part.banks))
+            for coreset, candidates in zip(coresets, part.banks):
+                coreset.add(candidates.vectors, candidates.ids, candidates.seen)
+        acc = Accumulator(None, coresets=coresets, names=self._bank_names(self.layout))
+        state = self._checked(self._state(self.layout, part.stats, part.map_stats, acc.banks()))
         if part.folds is None:
             return state
         scores = part.folds.scores(part.stats, lambda stats: self._from_stats(self.layout, stats))
@@ -354,9 +405,7 @@ class Trainer:
 
     def _finish(self, acc: Accumulator, layout: Layout, prev: DetectorState | None = None,
                 allow_few: bool = False) -> DetectorState:
-        banks = acc.banks(prev.map_banks if prev else [], float(self.settings["map_coreset"]), self._seed(),
-                          self._bank_names(layout))
-        return self._state(layout, acc.stats, acc.map_stats, banks, allow_few)
+        return self._state(layout, acc.stats, acc.map_stats, acc.banks(), allow_few)
 
     def _state(self, layout: Layout, stats: list[MomentStats], map_stats: list[MomentStats] | None,
                banks: list[NearestBank], allow_few: bool = False) -> DetectorState:
@@ -386,17 +435,8 @@ class BankCandidates:
         self.vectors, self.ids, self.seen = vectors, ids, int(seen)
 
     def merge(self, other: "BankCandidates") -> "BankCandidates":
-        return BankCandidates.concat([self, other])
-
-    @staticmethod
-    def concat(parts: Sequence["BankCandidates"]) -> "BankCandidates":
-        """The candidates of all ``parts``, in their order (one copy)."""
-        return BankCandidates(np.concatenate([p.vectors for p in parts]), np.concatenate([p.ids for p in parts]),
-                              sum(p.seen for p in parts))
-
-    def select(self, fraction: float, seed: int) -> NearestBank:
-        """One greedy pass over the union: ``ceil(fraction * seen)`` members (:meth:`NearestBank.select`)."""
-        return NearestBank.select(self.vectors, self.ids, self.seen, fraction, seed)
+        return BankCandidates(np.concatenate([self.vectors, other.vectors]), np.concatenate([self.ids, other.ids]),
+                              self.seen + other.seen)
 
 
 def _merge_optional(a: list[MomentStats] | None, b: list[MomentStats] | None) -> list[MomentStats] | None:

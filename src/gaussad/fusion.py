@@ -27,11 +27,20 @@ FUSIONS = ("bonferroni", "fisher")
 TAIL = 0.1  # share of the largest calibration scores the exponential tail is fitted to
 
 
-def _sorted(calibration: np.ndarray) -> np.ndarray:
+def sorted_calibration(calibration: np.ndarray) -> np.ndarray:
     c = np.sort(np.asarray(calibration, dtype=np.float64).ravel())
     if c.size == 0 or not np.all(np.isfinite(c)):
         raise ValueError("calibration scores must be a non-empty array of finite numbers")
     return c
+
+
+def tail_scale(sorted_calibration: np.ndarray) -> float:
+    """The scale ``beta`` of :func:`smooth_pvalues`' exponential tail: the mean excess of the top tenth of the
+    (sorted) calibration scores over the smallest of them (their spread, or 1e-12, when that is 0)."""
+    c = sorted_calibration
+    top = c[-max(2, math.ceil(TAIL * c.size)):]
+    beta = float(np.mean(top - top[0])) if top.size > 1 else 0.0
+    return beta if beta > 0 else max(float(np.std(c)), 1e-12)
 
 
 def smooth_pvalues(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -39,14 +48,12 @@ def smooth_pvalues(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
     for ranking: the survival function
     interpolated linearly between calibration scores (1 at and below the smallest, ``1 / (n + 1)`` at the largest)
     and, beyond the largest, ``exp(-(s - max) / beta) / (n + 1)`` with ``beta`` the mean excess of the top tenth."""
-    c = _sorted(calibration)
+    c = sorted_calibration(calibration)
     n = c.size
     s = np.asarray(scores, dtype=np.float64)
     rank = np.interp(s, c, np.arange(1, n + 1, dtype=np.float64))  # 1 .. n
     p = np.where(s <= c[0], 1.0, (n + 1.0 - rank) / (n + 1.0))
-    top = c[-max(2, math.ceil(TAIL * n)):]
-    beta = float(np.mean(top - top[0])) if top.size > 1 else 0.0
-    beta = beta if beta > 0 else max(float(np.std(c)), 1e-12)
+    beta = tail_scale(c)
     beyond = s > c[-1]
     p[beyond] = np.exp(-(s[beyond] - c[-1]) / beta) / (n + 1.0)
     return p

@@ -6,31 +6,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
 from . import __version__, params
 from .decision import DecisionRule, summary
-from .errors import DataError, GaussadError, InvalidParameterError, NotFittedError
+from .errors import DataError, GaussadError, InvalidParameterError
 from .features import normalization_meta
 from .fitting import Trainer, layout_of, refuse_differences
 from .images import image_list
 from .persistence import read_model, save_model
-from .state import DetectorState, Layout, check_features
+from .state import DetectorState, FittedAttributes, Layout, check_features
 
 if TYPE_CHECKING:
     from .features import FeatureExtractor
     from .images import ImageSource  # noqa: F401
 
 
-def _learned(attr: str, doc: str, need_fit: bool = True) -> property:
-    """A fitted attribute read from the learned state (NotFittedError before ``fit``)."""
-    return property(lambda self: attrgetter(attr)(self._state(need_fit)), doc=doc)
-
-
-class GaussianAD:
+class GaussianAD(FittedAttributes):
     """Anomaly detector of Rippel et al. (ICPR 2020), in scikit-learn style.
 
     ``fit`` learns a Gaussian per feature level from normal images; the image score is the mean over levels of
@@ -57,6 +51,8 @@ class GaussianAD:
         Per-level dimension, and degrees of freedom of each level's chi-square law.
     calibration_scores_ : ndarray or None
         Scores of held-out normal images, for the conformal rule.
+    map_calibration_ : ndarray
+        Leave-one-image-out map peaks of the training images (fused image score).
     skipped_ : list of (str, str)
         Images left out by ``on_error="skip"``, with the reason.
     """
@@ -67,14 +63,16 @@ class GaussianAD:
                  normalize: str | None = None, resize: str | None = None,
                  map_levels: Sequence[int | str] | None = None, map_method: str | None = None,
                  map_pool: int | None = None, map_coreset: float = 0.1, map_grid: str | None = None,
-                 preset: str | None = None, threshold: str = "chi2", fpr: float = 0.01, calibration: float | str | None = None,
-                 calibration_folds: int = 5, random_state: int | None = 0, batch_size: int = 16, engine: str = "auto",
-                 verbose: bool = False, max_pixels: int = params.DEFAULT_MAX_PIXELS, decoder: str = "pil"):
+                 preset: str | None = None, image_score: str | None = None, threshold: str | None = None,
+                 fpr: float = 0.01, calibration: float | str | None = None, calibration_folds: int = 5,
+                 random_state: int | None = 0, batch_size: int = 16, engine: str = "auto", verbose: bool = False,
+                 max_pixels: int = params.DEFAULT_MAX_PIXELS, decoder: str = "pil"):
         self.backbone, self.levels, self.input_size, self.weights = backbone, levels, input_size, weights
         self.estimator, self.reduction, self.variance = estimator, reduction, variance
         self.normalize, self.resize, self.decoder = normalize, resize, decoder
         self.map_levels, self.map_method, self.map_pool, self.map_coreset = map_levels, map_method, map_pool, map_coreset
-        self.preset, self.threshold, self.fpr, self.map_grid = preset, threshold, fpr, map_grid
+        self.preset, self.image_score, self.threshold, self.fpr = preset, image_score, threshold, fpr
+        self.map_grid = map_grid
         self.calibration, self.calibration_folds, self.random_state = calibration, calibration_folds, random_state
         self.batch_size, self.engine, self.verbose, self.max_pixels = batch_size, engine, verbose, max_pixels
 
@@ -99,39 +97,6 @@ class GaussianAD:
 
     def __getstate__(self) -> dict:  # copies leave the feature extractor (an inference session) behind
         return {k: v for k, v in self.__dict__.items() if k != "_extractors"}
-
-    def _state(self, need_fit: bool = True) -> DetectorState:
-        state = self.__dict__.get("state_")
-        if state is None or (need_fit and not state.fitted):
-            raise NotFittedError("this GaussianAD is not fitted yet: call fit first")
-        return state
-
-    levels_ = _learned("layout.levels", "Backbone level indices modelled.", False)
-    level_names_ = _learned("layout.level_names", "Names of the modelled levels.", False)
-    input_size_ = _learned("layout.input_size", "Network input side S.", False)
-    map_levels_ = _learned("layout.map_levels", "Anomaly-map level indices.", False)
-    map_level_names_ = _learned("layout.map_level_names", "Anomaly-map level names.", False)
-    stats_ = _learned("stats", "Per-level moment statistics.", False)
-    map_stats_ = _learned("map_stats", "Per-map-level moment statistics (gaussian maps).", False)
-    map_banks_ = _learned("map_banks", "Per-map-level memory banks (nearest maps).", False)
-    gaussians_ = _learned("gaussians", "Per-level Gaussians.")
-    map_gaussians_ = _learned("map_gaussians", "Per-map-level Gaussians (gaussian maps).")
-    n_samples_ = _learned("n_samples", "Number of training images.")
-    feature_dims_ = _learned("feature_dims", "Per-level feature dimension.")
-    dofs_ = _learned("dofs", "Degrees of freedom of each level's chi-square law (dimension after reduction).")
-
-    @property
-    def calibration_scores_(self) -> np.ndarray:
-        """Held-out normal scores for the conformal rule (absent without calibration)."""
-        scores = self._state().calibration_scores
-        if scores is None:
-            raise AttributeError("this model has no calibration scores: fit with calibration or call calibrate")
-        return scores
-
-    @property
-    def has_maps(self) -> bool:
-        """Whether this model is fitted with anomaly maps."""
-        return self.__dict__.get("state_") is not None and self.state_.has_maps
 
     # ----- features -----------------------------------------------------------------------------------------
     def feature_extractor(self) -> "FeatureExtractor":
@@ -227,16 +192,25 @@ class GaussianAD:
         return self
 
     def calibrate(self, images: Sequence["ImageSource"], *, on_error: str = "fail") -> "GaussianAD":
-        """Set ``calibration_scores_`` from held-out normal images scored by this fitted model (for conformal)."""
-        self._state()
-        return self.calibrate_features(self.extract_features(list(images), "calibration", on_error))
+        """Set ``calibration_scores_`` from held-out normal images scored by this fitted model (for conformal); a
+        fused image score also takes their map peaks as the map evidence's calibration."""
+        if not self.rule().fused:
+            self._state()
+            return self.calibrate_features(self.extract_features(list(images), "calibration", on_error))
+        levels, peaks, _ = self.score_images(list(images), on_error)
+        return self._calibrated(levels.mean(axis=1), peaks)
 
     def calibrate_features(self, features: Sequence[np.ndarray]) -> "GaussianAD":
-        """Set ``calibration_scores_`` from plain per-level features of held-out normal samples."""
-        scores = self.score_features(features)
+        """Set ``calibration_scores_`` from plain per-level features of held-out normal samples (not for a fused
+        image score, whose calibration needs the images' maps: :meth:`calibrate`)."""
+        if self.rule().fused:
+            raise GaussadError("a fused image score calibrates on images (their maps too): use calibrate(images)")
+        return self._calibrated(self.score_features(features))
+
+    def _calibrated(self, scores: np.ndarray, peaks: np.ndarray | None = None) -> "GaussianAD":
         if scores.size == 0:
             raise DataError("no calibration samples given")
-        self.state_ = self._state().with_calibration(scores, "calibrate")
+        self.state_ = self._state().with_calibration(scores, "calibrate").with_map_calibration(peaks)
         return self
 
     def merge(self, other: "GaussianAD") -> "GaussianAD":
@@ -267,8 +241,17 @@ class GaussianAD:
         return self.level_scores_features(self.extract_features(images, "score"))
 
     def score_samples(self, images: Sequence["ImageSource"]) -> np.ndarray:
-        """Anomaly score of each image (mean over levels of the distances; higher = more anomalous)."""
-        return self.level_scores(images).mean(axis=1)
+        """Anomaly score of each image, higher = more anomalous: the mean over levels of the distances, or with a
+        fused image score ``-log10`` of the combined p-value of the global score and the map peak."""
+        return self.scores(*self._evidence(images, self.rule()))
+
+    def scores(self, level_scores: np.ndarray, map_peaks: np.ndarray | None = None) -> np.ndarray:
+        """Image scores from per-level distances (n, L) (and map peaks, for a fused image score)."""
+        return self.rule().scores(self._state(), level_scores, map_peaks)
+
+    def _evidence(self, images: Sequence["ImageSource"], rule: DecisionRule) -> tuple[np.ndarray, np.ndarray | None]:
+        """What ``rule`` decides on: per-level distances, and map peaks for a fused image score."""
+        return self.score_images(images)[:2] if rule.fused else (self.level_scores(images), None)
 
     def anomaly_map(self, images: Sequence["ImageSource"]) -> np.ndarray:
         """Anomaly maps (n, S, S) float32 at the input size, normal locations about 1 (:meth:`DetectorState.level_maps`)."""
@@ -277,20 +260,16 @@ class GaussianAD:
     def score_with_maps(self, images: Sequence["ImageSource"], on_error: str = "fail",
                         skipped: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-level distances (n, L) and anomaly maps (n, S, S) from one pass over the images."""
-        from threadpoolctl import threadpool_limits
+        levels, _, amaps = self.score_images(images, on_error, skipped, with_maps=True)
+        return levels, amaps
 
+    def score_images(self, images: Sequence["ImageSource"], on_error: str = "fail", skipped: list | None = None,
+                     with_maps: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Per-level distances (n, L), map peaks (n,) (nearest maps; :meth:`DetectorState.map_peaks`) and, with
+        ``with_maps``, anomaly maps (n, S, S), from one pass over the images."""
         state = self._state().with_maps()
-        size = state.layout.input_size
-        pooled, out_maps = [], []
-        # Map products are small: one BLAS thread, so that idle BLAS threads do not spin on the cores the inference
-        # engine needs (BENCHMARKS.md: maps cost x2.15 of scoring without this limit, x1.87 with it).
-        with threadpool_limits(1, user_api="blas"):
-            for _, batch, fmaps in self.iter_features(images, "score", on_error, skipped):
-                pooled.append(batch)
-                out_maps.append(state.anomaly_maps(fmaps, size))
-        if not pooled:
-            return np.zeros((0, len(state.gaussians))), np.zeros((0, size, size), np.float32)
-        return self.level_scores_features([np.concatenate(level) for level in zip(*pooled)]), np.concatenate(out_maps)
+        pooled, peaks, amaps = state.score_batches(self.iter_features(images, "score", on_error, skipped), with_maps)
+        return self.level_scores_features(pooled), peaks, amaps
 
     def anomaly_map_features(self, per_image: Sequence[Sequence[np.ndarray]], size: int | None = None) -> np.ndarray:
         """Anomaly maps (n, size, size) from raw feature maps (per image, one (C, H, W) array per map level); size
@@ -299,8 +278,9 @@ class GaussianAD:
 
     # ----- decisions ----------------------------------------------------------------------------------------
     def rule(self, fpr: float | None = None, threshold: str | None = None) -> DecisionRule:
-        """The decision rule at ``fpr``/``threshold`` (default: the model's own ``fpr`` and ``threshold``)."""
-        return DecisionRule(self.threshold if threshold is None else threshold, self.fpr if fpr is None else fpr)
+        """The decision rule at ``fpr``/``threshold`` (default: the model's own), for its image score."""
+        return DecisionRule(self.setting("threshold") if threshold is None else threshold,
+                            self.fpr if fpr is None else fpr, self.setting("image_score"))
 
     def level_thresholds(self, fpr: float, threshold: str = "chi2") -> np.ndarray:
         """Per-level distance thresholds at false-positive rate ``fpr`` per level (``chi2`` or ``hotelling``)."""
@@ -310,15 +290,17 @@ class GaussianAD:
         """A threshold on the image score at target false-positive rate ``fpr`` (:meth:`DecisionRule.score_threshold`)."""
         return self.rule(fpr, threshold).score_threshold(self._state())
 
-    def decide(self, level_scores: np.ndarray, fpr: float | None = None,
-               threshold: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Decisions (1 = anomalous) and p-values from per-level distances (n, n_levels) (:class:`DecisionRule`)."""
-        return self.rule(fpr, threshold).decide(self._state(), level_scores)
+    def decide(self, level_scores: np.ndarray, fpr: float | None = None, threshold: str | None = None,
+               map_peaks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Decisions (1 = anomalous) and p-values from per-level distances (n, n_levels) and, for a fused image
+        score, the map peaks (:class:`DecisionRule`)."""
+        return self.rule(fpr, threshold).decide(self._state(), level_scores, map_peaks)
 
     def predict(self, images: Sequence["ImageSource"], fpr: float | None = None,
                 threshold: str | None = None) -> np.ndarray:
         """1 for images judged anomalous at target false-positive rate ``fpr`` (default: the model's), else 0."""
-        return self.decide(self.level_scores(images), fpr, threshold)[0]
+        levels, peaks = self._evidence(images, self.rule(fpr, threshold))
+        return self.decide(levels, fpr, threshold, peaks)[0]
 
     # ----- model files --------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

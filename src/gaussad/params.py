@@ -25,6 +25,7 @@ RESIZES = ("square", "aspect")
 MAP_METHODS = ("gaussian", "nearest")
 MAP_GRIDS = ("coarsest", "finest")
 THRESHOLDS = ("chi2", "hotelling", "conformal")
+IMAGE_SCORES = ("global", "fused")
 ENGINES = ("auto", "onnxruntime", "torch")
 DECODERS = ("auto", "pil")
 MAX_INPUT_SIZE = 4096  # largest network input side (EfficientNet-B7 uses 600)
@@ -44,12 +45,15 @@ BACKBONE_MAP_LEVELS = "backbone"  # a preset's map levels: those the backbone's 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe: ImageNet mean/std, global features only.
     "paper": {"normalize": "imagenet", "resize": "square", "map_levels": (), "map_method": "gaussian", "map_pool": 1,
-              "map_grid": "coarsest"},
+              "map_grid": "coarsest", "image_score": "global", "threshold": "chi2"},
     # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, the images' proportions kept,
     # and nearest-neighbour anomaly maps over 3 x 3 neighbourhoods of the backbone's map levels (its registry entry's
     # ``map_levels``: stage2-stage7 for EfficientNet, on the stage7 grid; layer2-layer3 for ResNet).
+    # The image score stays the global one: the fused score (``image_score='fused'``) did not rank synthetic
+    # defects better and its decision caught fewer of them at the same target FPR (EXPERIMENTS.md, issue 14).
     "recommended": {"normalize": "native", "resize": "aspect", "map_levels": BACKBONE_MAP_LEVELS,
-                    "map_method": "nearest", "map_pool": 3, "map_grid": "coarsest"},
+                    "map_method": "nearest", "map_pool": 3, "map_grid": "coarsest", "image_score": "global",
+                    "threshold": "chi2"},
 }
 # The recommended preset before issue 14, kept under its own name for its speed (same figures).
 PRESETS["fast"] = dict(PRESETS["recommended"])
@@ -249,10 +253,18 @@ PARAMS: tuple[Param, ...] = (
           "resize, and nearest-neighbour anomaly maps from the backbone's map levels (EfficientNet: stage2-stage7; see "
           "README for the figures); fast: the same as recommended today, kept as the speed reference",
           flag="--preset", choices=tuple(PRESETS)),
-    Param("threshold", "chi2", choice(THRESHOLDS),
+    Param("image_score", None, optional(choice(IMAGE_SCORES)),
+          "image score and decision: global = the mean over levels of the Mahalanobis distances; fused = the global "
+          "score and the anomaly map's peak, each a p-value against out-of-fold scores of the training images "
+          "(cross-conformal global scores, leave-one-image-out map peaks), combined: -log10 of Fisher's combination "
+          "ranks, the Bonferroni minimum of the exact conformal p-values decides at --fpr (needs nearest-neighbour "
+          "maps, the conformal threshold and calibration cv, its defaults)", preset=True, flag="--image-score",
+          choices=IMAGE_SCORES),
+    Param("threshold", None, optional(choice(THRESHOLDS)),
           "decision rule: chi2 per level (the paper), hotelling (finite-sample F law per level) or conformal "
-          "(quantile of held-out or out-of-fold normal scores; see --calibration)", flag="--threshold", choices=THRESHOLDS,
-          group="threshold"),
+          "(quantile of held-out or out-of-fold normal scores; see --calibration); a fused image score decides by "
+          "conformal only, and that is then the default", preset=True, flag="--threshold",
+          choices=THRESHOLDS, group="threshold"),
     Param("fpr", 0.01, fraction(minimum=MIN_FPR), "target false-positive rate", flag="--fpr", parse=_float_text,
           group="threshold"),
     Param("calibration", None, optional(_calibration),
@@ -291,8 +303,11 @@ def defaults() -> dict[str, Any]:
 
 
 def effective(params: Mapping[str, Any], name: str) -> Any:
-    """A parameter's value in use: the explicit one, else the preset's (the paper's recipe when none is given)."""
-    value = params[name]
+    """A parameter's value in use: the explicit one, else the preset's (the paper's recipe when none is given); the
+    threshold of a fused image score, unless given, is conformal (the only one it decides by)."""
+    value = params.get(name)
+    if value is None and name == "threshold" and effective(params, "image_score") == "fused":
+        return "conformal"
     if value is None and BY_NAME[name].preset:
         value = PRESETS[params.get("preset") or "paper"][name]
         if value == BACKBONE_MAP_LEVELS:
@@ -330,13 +345,41 @@ def validate(params: Mapping[str, Any]) -> None:
                     resolve_levels(names, value)
                 except GaussadError as exc:
                     raise InvalidParameterError(f"{name}: {exc}") from None
+    _check_fused(params)
+
+
+def _check_fused(params: Mapping[str, Any]) -> None:
+    """A fused image score decides by conformal p-values of out-of-fold scores of nearest-neighbour map evidence:
+    refuse the settings it cannot work with, naming both."""
+    if effective(params, "image_score") != "fused":
+        return
+    method, calibration = effective(params, "threshold"), params.get("calibration")
+    if method != "conformal":
+        raise InvalidParameterError(f"image_score='fused' decides by conformal p-values, threshold={method!r} cannot "
+                                    "apply: use threshold='conformal' or image_score='global'")
+    if calibration not in (None, "cv"):
+        raise InvalidParameterError(f"image_score='fused' calibrates on out-of-fold scores of every training image, "
+                                    f"calibration={calibration!r} cannot apply: use calibration='cv' (its default) or "
+                                    "image_score='global'")
+    if effective(params, "map_method") != "nearest":
+        raise InvalidParameterError(f"image_score='fused' needs nearest-neighbour anomaly maps, map_method="
+                                    f"{effective(params, 'map_method')!r} cannot apply: use map_method='nearest' or "
+                                    "image_score='global'")
+    if params.get("backbone") is not None and not list(effective(params, "map_levels") or ()):
+        raise InvalidParameterError("image_score='fused' needs anomaly maps, but map_levels is empty: set map_levels "
+                                    "or use image_score='global'")
 
 
 def calibration_for(params: Mapping[str, Any], n: int) -> str | float | None:
-    """The calibration ``fit`` uses on ``n`` images: the given one; with the conformal threshold and none given,
-    'cv' below :data:`CV_BELOW` images, else :data:`DEFAULT_SPLIT`; otherwise None."""
-    if params.get("calibration") is not None or params.get("threshold") != "conformal":
+    """The calibration ``fit`` uses on ``n`` images: the given one; with a fused image score and none given, 'cv';
+    with the conformal threshold and none given, 'cv' below :data:`CV_BELOW` images, else :data:`DEFAULT_SPLIT`;
+    otherwise None."""
+    if params.get("calibration") is not None:
         return params.get("calibration")
+    if effective(params, "image_score") == "fused":
+        return "cv"
+    if effective(params, "threshold") != "conformal":
+        return None
     return "cv" if n < CV_BELOW else DEFAULT_SPLIT
 
 

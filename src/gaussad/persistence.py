@@ -220,7 +220,7 @@ def read_model(path: str | os.PathLike) -> tuple[dict[str, Any], DetectorState]:
         values = params.from_stored(meta)
         params.validate(values)
         state = DetectorState.from_arrays({**meta, **values}, arrays)
-        DecisionRule(values["threshold"], values["fpr"]).check(state)  # the model's own rule must apply
+        DecisionRule(values["threshold"], values["fpr"], values["image_score"]).check(state)  # its own rule must apply
         return values, state
     except (KeyError, IndexError, TypeError, ValueError, GaussadError) as exc:
         raise ModelFormatError(f"{path}: inconsistent model file ({type(exc).__name__}: {str(exc)[:300]})") from None

@@ -8,8 +8,9 @@ import numpy as np
 
 
 class ResultRow(TypedDict, total=False):
-    """``path``: the image's name as given (a path, or an upload's filename); ``score``: mean of the level
-    distances (higher = more anomalous); ``levels``: distance per level; ``pvalue`` and ``anomalous``: the
+    """``path``: the image's name as given (a path, or an upload's filename); ``score``: the model's image score
+    (higher = more anomalous: the mean of the level distances, or for a fused image score ``-log10`` of its combined
+    p-value); ``levels``: distance per level; ``pvalue`` and ``anomalous``: the
     decision rule's; with anomaly maps also ``map_max`` and a ``map`` file or ``overlay`` data URL."""
 
     path: str
@@ -23,8 +24,10 @@ class ResultRow(TypedDict, total=False):
 
 
 def result_rows(names: Sequence[str], level_names: Sequence[str], levels: np.ndarray, decisions: Sequence[int],
-                pvalues: Sequence[float]) -> list[ResultRow]:
-    """One row per image from per-level distances (n, L) and the rule's decisions and p-values."""
-    return [ResultRow(path=str(name), score=float(np.mean(lv)), levels=dict(zip(level_names, map(float, lv))),
+                pvalues: Sequence[float], scores: Sequence[float] | None = None) -> list[ResultRow]:
+    """One row per image from per-level distances (n, L), the rule's decisions and p-values, and the image scores
+    (default: the mean of the level distances)."""
+    scores = [float(np.mean(lv)) for lv in levels] if scores is None else scores
+    return [ResultRow(path=str(name), score=float(sc), levels=dict(zip(level_names, map(float, lv))),
                       pvalue=float(p), anomalous=bool(d))
-            for name, lv, d, p in zip(names, levels, decisions, pvalues)]
+            for name, lv, d, p, sc in zip(names, levels, decisions, pvalues, scores)]

@@ -116,24 +116,32 @@ def effective_fpr(model: GaussianAD, fpr: float | None) -> float:
 
 def decision_rule(model: GaussianAD, fpr: float | None) -> dict:
     """How ``model.decide`` flags an image: the model's threshold method, the FPR, the score threshold
-    (None when infinite) and, for chi2/hotelling, each level's distance threshold (Bonferroni over levels)."""
+    (None when infinite) and, for chi2/hotelling, each level's distance threshold (Bonferroni over levels); for a
+    fused image score, the p-value threshold (the FPR) instead of a score threshold."""
     fpr = effective_fpr(model, fpr)
-    rule: dict = {"method": model.threshold, "fpr": fpr}
+    rule = model.rule(fpr)
+    out: dict = {"method": rule.method, "fpr": fpr, "image_score": rule.image_score}
     try:
+        if rule.fused:
+            rule.check(model.state_)
+            out["pvalue_threshold"] = fpr
+            return out
         limit = model.score_threshold(fpr)
-        rule["score_threshold"] = float(limit) if np.isfinite(limit) else None
-        if model.threshold != "conformal":
-            thresholds = model.level_thresholds(fpr / len(model.level_names_), model.threshold)
-            rule["level_thresholds"] = dict(zip(model.level_names_, map(float, thresholds)))
+        out["score_threshold"] = float(limit) if np.isfinite(limit) else None
+        if rule.method != "conformal":
+            thresholds = model.level_thresholds(fpr / len(model.level_names_), rule.method)
+            out["level_thresholds"] = dict(zip(model.level_names_, map(float, thresholds)))
     except GaussadError as exc:
-        rule["error"] = str(exc)
-    return rule
+        out["error"] = str(exc)
+    return out
 
 
-def image_results(model: GaussianAD, filenames: list[str], levels: np.ndarray, fpr: float | None) -> list[dict]:
-    """One result row per image (:func:`gaussad.results.result_rows`, as ``gaussad score --json``)."""
-    decisions, pvalues = model.decide(levels, fpr)
-    return list(result_rows(filenames, model.level_names_, levels, decisions, pvalues))
+def image_results(model: GaussianAD, filenames: list[str], levels: np.ndarray, fpr: float | None,
+                  peaks: np.ndarray | None = None) -> list[dict]:
+    """One result row per image (:func:`gaussad.results.result_rows`, as ``gaussad score --json``); ``peaks``: the
+    map peaks a fused image score decides on."""
+    decisions, pvalues = model.decide(levels, fpr, map_peaks=peaks)
+    return list(result_rows(filenames, model.level_names_, levels, decisions, pvalues, model.scores(levels, peaks)))
 
 
 def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
@@ -234,10 +242,12 @@ def score_uploads(model: GaussianAD, uploads: list[tuple[str, bytes]], fpr: floa
     sources = [NamedBytes(data, name) for name, data in uploads]
     names = [name for name, _ in uploads]
     try:
-        if not with_maps:
+        if not (with_maps or model.rule().fused):
             return image_results(model, names, model.level_scores(sources), fpr)
-        levels, amaps = model.score_with_maps(sources)
-        results = image_results(model, names, levels, fpr)
+        levels, peaks, amaps = model.score_images(sources, with_maps=with_maps)
+        results = image_results(model, names, levels, fpr, peaks)
+        if not with_maps:
+            return results
         for row, (name, data), amap in zip(results, uploads, amaps):
             row["map_max"] = float(amap.max())
             img = decode_upload(data, name, limits, OVERLAY_SIDE)
@@ -292,9 +302,12 @@ class _BodyLimit:
 class ImageResult(BaseModel):
     model_config = ConfigDict(extra="allow")
     path: str = Field(description="the upload's filename (the key `gaussad score --json` uses for the image's path)")
-    score: float = Field(description="mean over levels of the Mahalanobis distances; higher = more anomalous")
+    score: float = Field(description="the model's image score, higher = more anomalous: the mean over levels of the "
+                         "Mahalanobis distances, or for a fused image score -log10 of its combined p-value")
     anomalous: bool = Field(description="decision at the request's (else the service's, else the model's) target false-positive rate")
-    pvalue: float | None = Field(None, description="Bonferroni-adjusted chi-square p-value")
+    pvalue: float | None = Field(None, description="the decision rule's p-value (chi2/hotelling: Bonferroni over "
+                                 "levels; conformal; fused: Bonferroni over the global score and the map peak); "
+                                 "flagged when it is at most the FPR")
     levels: dict[str, float] = Field(description="Mahalanobis distance at each level")
     map_max: float | None = Field(None, description="largest anomaly-map value (with maps=true)")
     overlay: str | None = Field(None, description="heat-map overlay as a PNG data URL (with maps=true)")

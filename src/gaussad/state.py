@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from operator import attrgetter
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from . import maps
 from .bank import NearestBank
-from .errors import DataError, GaussadError
+from .errors import DataError, GaussadError, NotFittedError
 from .gaussian import MAX_ABS, LevelGaussian, MomentStats
 
 # The settings besides the layout that shape the features (statistics made with others cannot be combined).
@@ -108,6 +109,9 @@ class DetectorState:
     calibration_scores: np.ndarray | None = None
     calibration_method: str | None = None  # how the scores were made: split, cv, calibrate (None: unknown/none)
     map_grid: str = "coarsest"  # the grid map levels are brought to: "coarsest" (per-level banks) or "finest"
+    # Leave-one-image-out map peaks of the training images: the fused score's calibration of the map evidence (with
+    # the out-of-fold ``calibration_scores`` of the global score); None without a fused score.
+    map_calibration: np.ndarray | None = None
 
     # ----- building --------------------------------------------------------------------------------------------
     @classmethod
@@ -130,8 +134,12 @@ class DetectorState:
     def with_calibration(self, scores: np.ndarray | None, method: str | None = None) -> "DetectorState":
         """The same state with other calibration scores (None: without), made by ``method`` (:data:`CALIBRATIONS`)."""
         if scores is None:
-            return replace(self, calibration_scores=None, calibration_method=None)
+            return replace(self, calibration_scores=None, calibration_method=None, map_calibration=None)
         return replace(self, calibration_scores=np.asarray(scores, dtype=np.float64), calibration_method=method)
+
+    def with_map_calibration(self, peaks: np.ndarray | None) -> "DetectorState":
+        """The same state with other calibration peaks of the map evidence (None: without)."""
+        return replace(self, map_calibration=None if peaks is None else np.asarray(peaks, dtype=np.float64))
 
     def merge(self, other: "DetectorState", estimator: str, reduction: str | None, variance: float) -> "DetectorState":
         """The state of the union of both training sets: statistics added exactly, memory banks joined."""
@@ -214,6 +222,13 @@ class DetectorState:
             raise DataError(f"the model's memory banks do not fit this backbone's feature maps ({exc})") from None
         return grid.reshape(b, h * w).max(axis=1).astype(np.float64)
 
+    def maps_and_peaks(self, fmaps: Sequence[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, size, size) anomaly maps and (B,) :meth:`map_peaks` of a batch from one query of the banks (the
+        peak is the largest cell of the mean of the level maps, on their common grid)."""
+        levels = self.level_maps(fmaps)
+        grid = np.mean(levels, axis=0)
+        return maps.combine(levels, size), grid.reshape(len(grid), -1).max(axis=1).astype(np.float64)
+
     def map_peaks_of(self, per_image: Sequence[Sequence[np.ndarray]], image_ids: np.ndarray | None = None
                      ) -> np.ndarray:
         """(n,) :meth:`map_peaks` of raw feature maps given per image (shapes may differ between images)."""
@@ -222,6 +237,31 @@ class DetectorState:
             out[idx] = self.map_peaks([f.astype(np.float32) for f in fm], None if image_ids is None else
                                       np.asarray(image_ids)[idx])
         return out
+
+    def score_batches(self, batches: Iterable[tuple[Any, list[np.ndarray], list[np.ndarray]]], with_maps: bool
+                      ) -> tuple[list[np.ndarray], np.ndarray | None, np.ndarray | None]:
+        """Pooled features per level (n, C_l), map peaks (n,) (None without memory banks) and, ``with_maps``, anomaly
+        maps (n, S, S) of (indices, pooled, raw maps) batches, each batch's maps from one query of the banks."""
+        from threadpoolctl import threadpool_limits
+
+        size = self.layout.input_size
+        pooled, peaks, out_maps = [], [], []
+        # Map products are small: one BLAS thread, so that idle BLAS threads do not spin on the cores the inference
+        # engine needs (BENCHMARKS.md: maps cost x2.15 of scoring without this limit, x1.87 with it).
+        with threadpool_limits(1, user_api="blas"):
+            for _, batch, fmaps in batches:
+                pooled.append(batch)
+                if not self.map_banks:
+                    out_maps.append(self.anomaly_maps(fmaps, size) if with_maps else None)
+                    continue
+                amaps, peak = self.maps_and_peaks(fmaps, size) if with_maps else (None, self.map_peaks(fmaps))
+                peaks.append(peak)
+                out_maps.append(amaps)
+        if not pooled:
+            return ([np.zeros((0, d)) for d in self.feature_dims], np.zeros(0) if self.map_banks else None,
+                    np.zeros((0, size, size), np.float32) if with_maps else None)
+        return ([np.concatenate(level) for level in zip(*pooled)], np.concatenate(peaks) if peaks else None,
+                np.concatenate(out_maps) if with_maps else None)
 
     def anomaly_maps(self, fmaps: Sequence[np.ndarray], size: int) -> np.ndarray:
         """(B, size, size) maps of a batch of raw feature maps: levels upsampled and averaged."""
@@ -251,6 +291,8 @@ class DetectorState:
             arrays[f"bank{i}.ids"] = b.ids
         if self.calibration_scores is not None:
             arrays["calibration.scores"] = np.asarray(self.calibration_scores, dtype=np.float64)
+        if self.map_calibration is not None:
+            arrays["calibration.map_peaks"] = np.asarray(self.map_calibration, dtype=np.float64)
         return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
 
     def metadata(self) -> dict[str, Any]:
@@ -265,6 +307,7 @@ class DetectorState:
             "gaussians": [g.meta() for g in self.gaussians],
             "n_calibration": None if self.calibration_scores is None else int(self.calibration_scores.size),
             "calibration_method": self.calibration_method,
+            **({} if self.map_calibration is None else {"n_map_calibration": int(self.map_calibration.size)}),
         }
 
     @classmethod
@@ -292,6 +335,12 @@ class DetectorState:
         if meta.get("n_calibration") != (None if calibration is None else int(calibration.size)):
             raise ValueError(f"{meta.get('n_calibration')} calibration scores in the metadata, "
                              f"{0 if calibration is None else calibration.size} stored")
+        peaks = arrays.get("calibration.map_peaks")
+        if peaks is not None and (peaks.ndim != 1 or peaks.size == 0 or not banks):
+            raise ValueError("calibration.map_peaks must be a non-empty 1-D array, in a model with memory banks")
+        if meta.get("n_map_calibration") != (None if peaks is None else int(peaks.size)):
+            raise ValueError(f"{meta.get('n_map_calibration')} map calibration peaks in the metadata, "
+                             f"{0 if peaks is None else peaks.size} stored")
         counts = {s.n for s in stats}
         if counts != {meta["n_samples"]}:
             raise ValueError(f"sample counts {sorted(counts)} do not match n_samples {meta['n_samples']}")
@@ -301,4 +350,56 @@ class DetectorState:
         if method is not None and (method not in CALIBRATIONS or calibration is None):
             raise ValueError(f"calibration_method must be one of {', '.join(CALIBRATIONS)} with calibration scores")
         return cls(layout, stats, gaussians, meta["map_method"], int(meta["map_pool"]), map_stats, map_gaussians,
-                   banks, calibration, method, meta.get("map_grid", "coarsest"))
+                   banks, calibration, method, meta.get("map_grid", "coarsest"), peaks)
+
+
+def _learned(attr: str, doc: str, need_fit: bool = True) -> property:
+    """A fitted attribute read from the learned state (NotFittedError before ``fit``)."""
+    return property(lambda self: attrgetter(attr)(self._state(need_fit)), doc=doc)
+
+
+class FittedAttributes:
+    """The fitted attributes (names ending in ``_``) of an estimator whose learned state is ``state_``: read from
+    the state, NotFittedError before ``fit``."""
+
+    def _state(self, need_fit: bool = True) -> DetectorState:
+        state = self.__dict__.get("state_")
+        if state is None or (need_fit and not state.fitted):
+            raise NotFittedError("this GaussianAD is not fitted yet: call fit first")
+        return state
+
+    levels_ = _learned("layout.levels", "Backbone level indices modelled.", False)
+    level_names_ = _learned("layout.level_names", "Names of the modelled levels.", False)
+    input_size_ = _learned("layout.input_size", "Network input side S.", False)
+    map_levels_ = _learned("layout.map_levels", "Anomaly-map level indices.", False)
+    map_level_names_ = _learned("layout.map_level_names", "Anomaly-map level names.", False)
+    stats_ = _learned("stats", "Per-level moment statistics.", False)
+    map_stats_ = _learned("map_stats", "Per-map-level moment statistics (gaussian maps).", False)
+    map_banks_ = _learned("map_banks", "Per-map-level memory banks (nearest maps).", False)
+    gaussians_ = _learned("gaussians", "Per-level Gaussians.")
+    map_gaussians_ = _learned("map_gaussians", "Per-map-level Gaussians (gaussian maps).")
+    n_samples_ = _learned("n_samples", "Number of training images.")
+    feature_dims_ = _learned("feature_dims", "Per-level feature dimension.")
+    dofs_ = _learned("dofs", "Degrees of freedom of each level's chi-square law (dimension after reduction).")
+
+    @property
+    def calibration_scores_(self) -> np.ndarray:
+        """Held-out normal scores for the conformal rule (absent without calibration)."""
+        scores = self._state().calibration_scores
+        if scores is None:
+            raise AttributeError("this model has no calibration scores: fit with calibration or call calibrate")
+        return scores
+
+    @property
+    def map_calibration_(self) -> np.ndarray:
+        """Leave-one-image-out map peaks of the training images: the fused image score's calibration of the map
+        evidence (absent without a fused image score)."""
+        peaks = self._state().map_calibration
+        if peaks is None:
+            raise AttributeError("this model has no map calibration: fit it with image_score='fused'")
+        return peaks
+
+    @property
+    def has_maps(self) -> bool:
+        """Whether this model is fitted with anomaly maps."""
+        return self.__dict__.get("state_") is not None and self.state_.has_maps

@@ -131,10 +131,14 @@ def candidates(grid: str | Mapping[str, Sequence[Any]], base: Mapping[str, Any] 
     out = []
     for combo in itertools.product(*axes):
         setting = {k: v for option in combo for k, v in option.items()}
+        full = {**params.defaults(), **base, **setting}
         try:
-            params.validate({**params.defaults(), **base, **setting})
+            params.validate(full)
         except InvalidParameterError as exc:
             raise InvalidParameterError(f"grid setting {setting}: {exc}") from None
+        if "image_score" in params.BY_NAME and params.effective(full, "image_score") not in IMAGE_SCORES:
+            raise InvalidParameterError(f"grid setting {setting}: tune ranks the image scores "
+                                        f"{', '.join(IMAGE_SCORES)}, not {params.effective(full, 'image_score')!r}")
         out.append(setting)
     return out
 
@@ -189,7 +193,7 @@ def _score(setting: dict[str, Any], fit: tuple, held: tuple, level_names: list[s
         row["map_max_auroc"] = roc_auc(labels, IMAGE_SCORES["map-max"](model, held[0], amaps))
         row["pixel_auroc"] = roc_auc(masks.ravel(), amaps.ravel())
     row["global_auroc"] = roc_auc(labels, IMAGE_SCORES["global"](model, held[0], amaps))
-    score = setting.get("image_score", "global")
+    score = params.effective(setting, "image_score") if "image_score" in params.BY_NAME else "global"
     row["image_score"] = score
     row["image_auroc"] = roc_auc(labels, IMAGE_SCORES[score](model, held[0], amaps))
     row["seconds"] = round(time.perf_counter() - t0, 2)
