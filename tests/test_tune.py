@@ -93,6 +93,7 @@ def test_candidates_expand_a_grid_and_resolve_relative_input_sizes():
     ({"input_size": (0,)}, "input_size must be an integer"),
     ({"map_pool": 3}, "give a non-empty list of values"),
     ({}, "non-empty mapping"),
+    ({"image_score": ("global", "fused")}, "tune ranks the image scores global, map-max, not 'fused'"),
 ])
 def test_bad_grids_give_one_clear_error(grid, needle):
     with pytest.raises(InvalidParameterError, match=needle.replace("(", r"\(")):
