@@ -1,4 +1,4 @@
-"""Command-line interface: ``gaussad fit | score | export | evaluate | backbones | serve | keys``."""
+"""Command-line interface: ``gaussad fit | tune | score | export | evaluate | backbones | serve | keys``."""
 
 from __future__ import annotations
 
@@ -114,6 +114,32 @@ def cmd_fit(args: argparse.Namespace) -> int:
             print(f"warning: {_infinite_note(model, model.fpr)}", file=sys.stderr)
         else:
             print(f"threshold {model.setting('threshold')} at FPR {model.fpr}: score threshold {limit:.3f}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from . import params
+    from .files import check_output
+
+    check_output(args.output, "model file")
+    settings = params.from_args(args, params.cli_names("intake", "threshold"))
+    seed = settings.pop("random_state")
+    base = {**settings, "preset": "recommended"}
+    params.validate({**params.defaults(), **base})
+    files, _ = _training_images(args.train_dir, args.recursive)
+    from .tune import candidates, format_ranking, tune
+
+    candidates(args.grid, base)  # a bad grid fails before any work
+    result = tune(files, grid=args.grid, budget=args.budget, base=base, seed=seed,
+                  verbose=not (args.quiet or args.json))
+    result.model.save(args.output)
+    if args.json:
+        print(json.dumps({"model": str(args.output), "n_images": len(files), "grid": args.grid, "seed": seed,
+                          **result.to_json()}))
+    elif not args.quiet:
+        print(format_ranking(result))
+        print(f"best: {result.ranking[0]['settings'] or 'the base setting'}; refitted on {len(files)} images from "
+              f"{args.train_dir}; wrote {args.output} ({result.seconds:.0f} s)")
     return 0
 
 
@@ -453,6 +479,32 @@ def build_parser() -> argparse.ArgumentParser:
     _recursion_option(p)
     _dask_options(p)
     p.set_defaults(func=cmd_fit)
+
+    from .tune import DEFAULT_BUDGET, GRIDS, MIN_IMAGES
+
+    p = sub.add_parser("tune", help="choose settings on synthetic defects made from the training images, then fit",
+                       epilog=EPILOG,
+                       description="Choose settings without defective images: hold out 20% of TRAIN_DIR's images "
+                                   "(seeded), paste one synthetic defect into a copy of each (a patch of another "
+                                   "training image, a scratch, a Perlin-noise blob or a colour spot), fit every "
+                                   "setting of a grid on the rest, rank the settings by the image AUROC of held-out "
+                                   "goods against the synthetic defects (then by pixel AUROC), print the ranking, "
+                                   "refit the best on all images and write it to MODEL. Grids start from --preset "
+                                   "recommended. small: input size native / ~1.4x / ~1.7x times map grid coarsest "
+                                   "(stage2-7) / finest (stage4-7); sizes: the input sizes only; maps: the map "
+                                   "grids only.")
+    p.add_argument("train_dir", metavar="TRAIN_DIR")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (written atomically)")
+    p.add_argument("--grid", choices=tuple(GRIDS), default="small", help="settings to compare (default %(default)s)")
+    p.add_argument("--budget", type=_bounded(int, MIN_IMAGES, 10**6), default=DEFAULT_BUDGET, metavar="N",
+                   help="training images the search uses at most, drawn with --seed (default %(default)s); the "
+                        "final fit uses all")
+    _threshold_options(p)
+    params.add_options(p.add_argument_group("intake"), params.cli_names("intake"))
+    p.add_argument("--quiet", action="store_true", help="no progress bars or ranking")
+    p.add_argument("--json", action="store_true", help="print the ranking and the chosen settings as JSON")
+    _recursion_option(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("score", help="score images with a fitted model", epilog=EPILOG,
                        description="Score images: one row per image with its score, per-level distances, p-value and "

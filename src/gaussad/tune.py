@@ -1,0 +1,326 @@
+"""Choosing settings without a single defective image: the search behind ``gaussad tune``.
+
+The training images are split (seeded) into a fit part and a held-out part. Every held-out good image is scored as
+it is and, once more, with one synthetic defect pasted in (:func:`gaussad.synthetic.add_defect`: a misplaced patch of
+another training image, a scratch, a Perlin-noise blob or a colour spot, cycling in that order; masks known). Each
+candidate setting of a grid is fitted on the fit part and ranked by the image AUROC of its image score on held-out
+goods against synthetic defects, then by the pixel AUROC of its anomaly maps. Features are extracted once per
+network input (input size, normalisation, resize, levels) and shared by every candidate that differs only in its
+anomaly maps. The best setting is then refitted on all training images.
+
+Why not ``GaussianAD(preset="auto")``: a preset is a fixed table of settings that :func:`gaussad.params.effective`
+resolves *before* fitting (the feature extractor, validation and model files all read it), and ``fit_features``,
+``partial_fit``, ``merge`` and the distributed fit see no pixels to paste defects into. A search inside ``fit``
+would make ``get_params()`` stop describing the model. So, as scikit-learn keeps ``GridSearchCV`` beside the
+estimators, the search is its own function and returns an ordinary fitted :class:`GaussianAD` whose parameters are
+the chosen ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from . import params
+from .errors import DataError, InvalidParameterError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .model import GaussianAD
+
+# The command line builds its parser from GRIDS, so that importing this module stays light: numpy, the model and
+# the network are imported by the functions that need them.
+
+HELD_OUT = 0.2  # fraction of the searched training images held out as goods (and, with a defect, as defects)
+MIN_IMAGES = 5  # at least 3 to fit and 2 held out
+DEFAULT_BUDGET = 250  # training images the search uses at most (the final refit uses all)
+MAP_SIDE = 224  # every candidate's pixel AUROC is measured on maps and masks of this side, whatever its input size
+BASE: dict[str, Any] = {"preset": "recommended"}  # the settings a grid changes, before it changes them
+SEARCH_ONLY = {"threshold": "chi2", "calibration": None, "verbose": False}  # no calibration fits during the search
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """An input size relative to the backbone's native one: ``factor`` x native, rounded to a multiple of 32."""
+
+    factor: float
+
+    def size(self, native: int) -> int:
+        return max(32, int(round(native * self.factor / 32)) * 32)
+
+
+_SIZES = (None, Scaled(10 / 7), Scaled(12 / 7))  # native, about 1.4x and 1.7x (224 -> 320 and 384 px)
+_MAPS = ({"map_grid": "coarsest"},  # the backbone's map levels averaged down to the coarsest grid, a bank each
+         {"map_grid": "finest", "map_levels": ("stage4", "stage5", "stage6", "stage7")})  # stride 16, one bank
+# A grid: axis -> values. A value that is a mapping sets several parameters at once (the axis name is then only a
+# label); any other value sets the parameter the axis is named after. A new parameter is one more line.
+GRIDS: dict[str, dict[str, tuple]] = {
+    "small": {"input_size": _SIZES, "maps": _MAPS},
+    "sizes": {"input_size": _SIZES},
+    "maps": {"maps": _MAPS},
+}
+
+
+def _image_score_global(model: GaussianAD, pooled: list[np.ndarray], amaps: np.ndarray | None) -> np.ndarray:
+    return model.score_features(pooled)
+
+
+def _image_score_map_max(model: GaussianAD, pooled: list[np.ndarray], amaps: np.ndarray | None) -> np.ndarray:
+    return amaps.reshape(len(amaps), -1).max(axis=1)
+
+
+# What an image score is called in the ranking, and how a candidate's is computed; the ranking uses the candidate's
+# own ``image_score`` where the parameter table has one, else the global score (the one a saved model uses).
+IMAGE_SCORES: dict[str, Callable[[GaussianAD, list[np.ndarray], np.ndarray | None], np.ndarray]] = {
+    "global": _image_score_global, "map-max": _image_score_map_max}
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune` found: the ranking (best first), the chosen settings, and the model refitted with them."""
+
+    ranking: list[dict[str, Any]]
+    best_params: dict[str, Any]
+    model: GaussianAD | None
+    n_fit: int
+    n_held_out: int
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"best_params": _jsonable(self.best_params), "n_fit": self.n_fit, "n_held_out": self.n_held_out,
+                "seconds": round(self.seconds, 2), "timings": {k: round(v, 2) for k, v in self.timings.items()},
+                "ranking": [{**r, "settings": _jsonable(r["settings"])} for r in self.ranking]}
+
+
+def _jsonable(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}))
+
+
+def candidates(grid: str | Mapping[str, Sequence[Any]], base: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The settings of every point of ``grid`` (a name of :data:`GRIDS` or an axis -> values mapping), in grid
+    order, each checked with the parameter table on top of ``base`` (default :data:`BASE`)."""
+    base = dict(BASE if base is None else base)
+    if isinstance(grid, str):
+        if grid not in GRIDS:
+            raise InvalidParameterError(f"unknown grid {grid!r}; choose one of: {', '.join(GRIDS)}")
+        grid = GRIDS[grid]
+    if not isinstance(grid, Mapping) or not grid:
+        raise InvalidParameterError(f"a grid must be a non-empty mapping of axis -> values, got {grid!r}")
+    from .backbones import get_spec
+
+    native = get_spec(base.get("backbone", "efficientnet-lite0")).input_size
+    axes = []
+    for axis, values in grid.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise InvalidParameterError(f"grid axis {axis!r}: give a non-empty list of values, got {values!r}")
+        options = []
+        for value in values:
+            option = dict(value) if isinstance(value, Mapping) else {axis: value}
+            unknown = sorted(set(option) - set(params.BY_NAME))
+            if unknown:
+                raise InvalidParameterError(f"grid axis {axis!r}: {', '.join(unknown)} is not a GaussianAD parameter")
+            if isinstance(option.get("input_size"), Scaled):
+                option["input_size"] = option["input_size"].size(native)
+            options.append(option)
+        axes.append(options)
+    out = []
+    for combo in itertools.product(*axes):
+        setting = {k: v for option in combo for k, v in option.items()}
+        full = {**params.defaults(), **base, **setting}
+        try:
+            params.validate(full)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError(f"grid setting {setting}: {exc}") from None
+        if "image_score" in params.BY_NAME and params.effective(full, "image_score") not in IMAGE_SCORES:
+            raise InvalidParameterError(f"grid setting {setting}: tune ranks the image scores "
+                                        f"{', '.join(IMAGE_SCORES)}, not {params.effective(full, 'image_score')!r}")
+        out.append(setting)
+    return out
+
+
+def split(n: int, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) indices of ``n`` training images: at most ``budget`` of them drawn (seeded), :data:`HELD_OUT`
+    of those (at least 2) held out."""
+    import numpy as np
+
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < MIN_IMAGES:
+        raise InvalidParameterError(f"budget must be an integer >= {MIN_IMAGES} (training images the search uses), "
+                                    f"got {budget!r}")
+    if n < MIN_IMAGES:
+        raise DataError(f"tuning needs at least {MIN_IMAGES} training images (3 to fit, 2 held out), got {n}")
+    used = np.random.default_rng(seed).permutation(n)[:budget]
+    n_held = max(2, int(round(HELD_OUT * len(used))))
+    return np.sort(used[n_held:]), np.sort(used[:n_held])
+
+
+def _feature_key(setting: Mapping[str, Any]) -> str:
+    """What shapes the network's input and pooled features: candidates with the same key share one extraction."""
+    r = params.resolved(setting)
+    return json.dumps({k: r[k] for k in ("backbone", "weights", "input_size", "levels", "normalize", "resize")},
+                      sort_keys=True, default=str)
+
+
+def _map_level_indices(setting: Mapping[str, Any]) -> list[int]:
+    from .backbones import get_spec, resolve_levels
+
+    levels = params.effective(setting, "map_levels")
+    if levels is None or (not isinstance(levels, (str, int)) and not list(levels)):
+        return []
+    return resolve_levels(get_spec(setting["backbone"]).level_names, levels)
+
+
+def _score(setting: dict[str, Any], fit: tuple, held: tuple, level_names: list[str], union: list[int],
+           masks: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Fit one candidate on the fit part's features and measure it on the held-out goods and synthetic defects."""
+    from .evaluate import roc_auc
+    from .model import GaussianAD
+
+    t0 = time.perf_counter()
+    model = GaussianAD(**{**setting, **SEARCH_ONLY}).fit_features(fit[0], level_names)
+    row: dict[str, Any] = {"settings": setting, "image_auroc": None, "global_auroc": None, "map_max_auroc": None,
+                           "pixel_auroc": None}
+    amaps = None
+    own = _map_level_indices(setting)
+    if own:
+        pick = [union.index(i) for i in own]
+        model.fit_map_features([[m[i] for i in pick] for m in fit[1]])
+        amaps = model.anomaly_map_features([[m[i] for i in pick] for m in held[1]], MAP_SIDE)
+        row["map_max_auroc"] = roc_auc(labels, IMAGE_SCORES["map-max"](model, held[0], amaps))
+        row["pixel_auroc"] = roc_auc(masks.ravel(), amaps.ravel())
+    row["global_auroc"] = roc_auc(labels, IMAGE_SCORES["global"](model, held[0], amaps))
+    score = params.effective(setting, "image_score") if "image_score" in params.BY_NAME else "global"
+    row["image_score"] = score
+    row["image_auroc"] = roc_auc(labels, IMAGE_SCORES[score](model, held[0], amaps))
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def _held_out_images(images: list, fit: np.ndarray, held: np.ndarray, seed: int, max_pixels: int
+                     ) -> tuple[list[np.ndarray], np.ndarray]:
+    """The held-out goods as arrays followed by the same images with one defect each; the masks (MAP_SIDE square)."""
+    import numpy as np
+    from PIL import Image
+
+    from .images import load_image
+    from .synthetic import PASTED_DEFECTS, add_defect
+
+    goods, bad, masks = [], [], []
+    for k, i in enumerate(held):
+        good = np.asarray(load_image(images[i], int(i), max_pixels))
+        donor_index = int(fit[(k * 7919) % len(fit)])  # another training image, spread over the fit part
+        donor = np.asarray(load_image(images[donor_index], donor_index, max_pixels))
+        image, mask = add_defect(good, donor, np.random.default_rng([seed, k]), PASTED_DEFECTS[k % len(PASTED_DEFECTS)])
+        goods.append(good)
+        bad.append(image)
+        masks.append(np.asarray(Image.fromarray(mask).resize((MAP_SIDE, MAP_SIDE), Image.Resampling.NEAREST)))
+    all_masks = np.concatenate([np.zeros((len(goods), MAP_SIDE, MAP_SIDE), bool), np.asarray(masks, bool)])
+    return goods + bad, all_masks
+
+
+def _rank_key(row: dict[str, Any]) -> tuple[float, float]:
+    return (-row["image_auroc"], -(row["pixel_auroc"] if row["pixel_auroc"] is not None else -1.0))
+
+
+def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "small", budget: int = DEFAULT_BUDGET,
+         base: Mapping[str, Any] | None = None, seed: int = 0, refit: bool = True, verbose: bool = False
+         ) -> TuneResult:
+    """Rank the settings of ``grid`` on held-out good images against synthetic defects made from them, and (with
+    ``refit``) fit the best on all ``images``. ``base``: the parameters the grid starts from (default
+    :data:`BASE`, the recommended preset); its threshold and calibration apply to the refitted model only.
+    The same images, grid, budget, base and seed give the same ranking. Ties keep grid order (the cheaper first)."""
+    import numpy as np
+
+    from .evaluate import extract
+    from .images import image_list
+    from .model import GaussianAD
+
+    started = time.perf_counter()
+    base = {**params.defaults(), **(BASE if base is None else base), "random_state": seed}
+    settings = [{**base, **c} for c in candidates(grid, base)]
+    images = image_list(images)
+    fit_idx, held_idx = split(len(images), budget, seed)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    scored, masks = _held_out_images(images, fit_idx, held_idx, seed, int(base["max_pixels"]))
+    timings["defects_s"] = time.perf_counter() - t0
+    labels = np.r_[np.zeros(len(held_idx)), np.ones(len(held_idx))]
+    fit_files = [images[i] for i in fit_idx]
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(settings):
+        groups.setdefault(_feature_key(s), []).append(i)
+    bar = None
+    if verbose:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(settings), desc="tune: settings", unit="setting", dynamic_ncols=True)
+    rows: list[dict[str, Any] | None] = [None] * len(settings)
+    try:
+        for members in groups.values():
+            union = sorted({lv for i in members for lv in _map_level_indices(settings[i])})
+            first = settings[members[0]]
+            extractor = GaussianAD(**{**first, **SEARCH_ONLY, "verbose": verbose})
+            from .backbones import get_spec
+
+            names = get_spec(first["backbone"]).level_names
+            extractor.set_params(map_levels=[names[i] for i in union])
+            t0 = time.perf_counter()
+            size = extractor.feature_extractor().input_size
+            fit = extract(extractor, fit_files, f"tune {size} px: fit", bool(union))
+            held = extract(extractor, scored, f"tune {size} px: held-out", bool(union))
+            timings[f"features_{size}px_s"] = timings.get(f"features_{size}px_s", 0.0) + time.perf_counter() - t0
+            level_names = extractor.feature_extractor().level_names
+            for i in members:
+                rows[i] = {"candidate": i, **_score(settings[i], fit, held, level_names, union, masks, labels)}
+                if bar is not None:
+                    bar.update(1)
+            del fit, held
+    finally:
+        if bar is not None:
+            bar.close()
+    ranking = sorted((r for r in rows if r is not None), key=_rank_key)
+    for rank, r in enumerate(ranking, 1):
+        r["rank"] = rank
+        r["settings"] = changed(r["settings"], base)
+    best = {**base, **ranking[0]["settings"]}
+    best_params = {k: v for k, v in best.items() if k != "verbose"}
+    model = None
+    if refit:
+        t0 = time.perf_counter()
+        model = GaussianAD(**{**best_params, "verbose": verbose}).fit(images)
+        timings["refit_s"] = time.perf_counter() - t0
+    return TuneResult(ranking, best_params, model, len(fit_idx), len(held_idx), time.perf_counter() - started, timings)
+
+
+def changed(setting: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters of ``setting`` that differ from ``base`` (what a grid point sets)."""
+    return {k: v for k, v in setting.items() if base.get(k) != v}
+
+
+def describe(setting: Mapping[str, Any]) -> str:
+    """One short text for a setting: ``input_size=320 map_grid=finest map_levels=stage4,...``."""
+    if not setting:
+        return "(base)"
+    parts = []
+    for k, v in setting.items():
+        text = "native" if v is None else ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+        parts.append(f"{k}={text}")
+    return " ".join(parts)
+
+
+def format_ranking(result: TuneResult) -> str:
+    """The ranking as a plain-text table, best first."""
+    head = ["rank", "image AUROC", "global", "map max", "pixel AUROC", "fit+score s", "setting"]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = [[str(r["rank"]), fmt(r["image_auroc"]), fmt(r["global_auroc"]), fmt(r["map_max_auroc"]),
+             fmt(r["pixel_auroc"]), f"{r['seconds']:.1f}", describe(r["settings"])] for r in result.ranking]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    title = (f"held-out goods vs synthetic defects ({result.n_held_out} + {result.n_held_out}; fitted on "
+             f"{result.n_fit}); ranked by image AUROC of the image score "
+             f"({result.ranking[0]['image_score']}), then pixel AUROC")
+    return "\n".join([title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])

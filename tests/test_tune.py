@@ -1,0 +1,140 @@
+"""Tests for gaussad.tune (the settings search on synthetic defects) and synthetic.add_defect."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gaussad import InvalidParameterError, load
+from gaussad.cli import main
+from gaussad.errors import DataError
+from gaussad.synthetic import PASTED_DEFECTS, add_defect
+from gaussad.tune import candidates, split, tune
+
+# Small, fast settings: 64-pixel input, the first levels, maps from stage2-3.
+BASE = {"backbone": "efficientnet-lite0", "input_size": 64, "levels": ["stem", "stage1", "stage2", "stage3"],
+        "preset": "recommended", "map_levels": ["stage2", "stage3"], "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory):
+    pytest.importorskip("skimage")
+    from gaussad.synthetic import build_texture_dataset
+
+    root = build_texture_dataset(tmp_path_factory.mktemp("tune"), size=64, n_train=20, n_test_good=0, n_test_bad=0,
+                                 categories=["brick"])
+    return root / "brick" / "train" / "good"
+
+
+@pytest.mark.parametrize("kind", PASTED_DEFECTS)
+def test_add_defect_changes_only_the_masked_pixels_and_repeats_for_a_seed(kind):
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (120, 90, 3)).astype(np.uint8)
+    donor = rng.integers(0, 256, (60, 80, 3)).astype(np.uint8)  # another size: resized to the image's
+    out, mask = add_defect(image, donor, np.random.default_rng(1), kind)
+    again, mask2 = add_defect(image, donor, np.random.default_rng(1), kind)
+    assert out.shape == image.shape and out.dtype == np.uint8 and mask.shape == image.shape[:2]
+    assert np.array_equal(out, again) and np.array_equal(mask, mask2)
+    assert np.array_equal(out[~mask], image[~mask])  # outside the mask nothing changes
+    assert mask.any() and np.any(out[mask] != image[mask])
+    assert mask.mean() < 0.1  # a small defect
+    rows, cols = np.nonzero(mask)
+    assert rows.min() >= 120 // 8 - 1 and cols.min() >= 90 // 8 - 1  # starts inside the central part
+
+
+def test_add_defect_refuses_other_input():
+    image = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="unknown defect kind"):
+        add_defect(image, image, np.random.default_rng(0), "crack")
+    with pytest.raises(ValueError, match="uint8 H x W x 3"):
+        add_defect(image[:, :, 0], image, np.random.default_rng(0), "spot")
+
+
+def test_split_is_seeded_disjoint_and_bounded_by_the_budget():
+    fit, held = split(100, 30, seed=3)
+    assert len(held) == 6 and len(fit) == 24 and not set(fit) & set(held)
+    assert all(np.array_equal(a, b) for a, b in zip((fit, held), split(100, 30, seed=3)))
+    assert not np.array_equal(held, split(100, 30, seed=4)[1])
+    fit, held = split(7, 250, seed=0)
+    assert len(fit) + len(held) == 7 and len(held) == 2
+
+
+def test_tune_ranks_a_known_better_map_setting_first_and_is_deterministic(train_dir):
+    # map_pool 15 averages every location over a 15 x 15 neighbourhood of a 16 x 16 (stage2) or 8 x 8 (stage3) map:
+    # the map can no longer say where a defect is, so its pixel AUROC must be lower than that of the unpooled map.
+    # The global score does not use the maps, so both candidates must tie on image AUROC and the pixel AUROC
+    # decides. The worse one is first in grid order, so grid order cannot explain the result.
+    files = sorted(train_dir.glob("*.png"))
+    result = tune(files, grid={"map_pool": (15, 1)}, base=BASE, refit=False, seed=0)
+    worse, better = result.ranking[1], result.ranking[0]
+    assert better["settings"] == {"map_pool": 1} and worse["settings"] == {"map_pool": 15}
+    assert better["image_auroc"] == worse["image_auroc"]
+    assert better["pixel_auroc"] > worse["pixel_auroc"] + 0.05
+    assert (result.n_fit, result.n_held_out) == (16, 4)
+    again = tune(files, grid={"map_pool": (15, 1)}, base=BASE, refit=False, seed=0)
+    strip = lambda res: [{k: v for k, v in r.items() if k != "seconds"} for r in res.ranking]  # noqa: E731
+    assert strip(again) == strip(result)
+
+
+def test_candidates_expand_a_grid_and_resolve_relative_input_sizes():
+    points = candidates("small")
+    assert len(points) == 6
+    assert sorted({p["input_size"] for p in points}, key=str) == [320, 384, None]
+    assert {p["map_grid"] for p in points} == {"coarsest", "finest"}
+    assert candidates({"map_pool": (1, 3), "fpr": (0.01,)}, BASE) == [{"map_pool": 1, "fpr": 0.01},
+                                                                      {"map_pool": 3, "fpr": 0.01}]
+
+
+@pytest.mark.parametrize("grid, needle", [
+    ("huge", "unknown grid 'huge'; choose one of: small"),
+    ({"colour": (1, 2)}, "colour is not a GaussianAD parameter"),
+    ({"input_size": (0,)}, "input_size must be an integer"),
+    ({"map_pool": 3}, "give a non-empty list of values"),
+    ({}, "non-empty mapping"),
+    ({"image_score": ("global", "fused")}, "tune ranks the image scores global, map-max, not 'fused'"),
+])
+def test_bad_grids_give_one_clear_error(grid, needle):
+    with pytest.raises(InvalidParameterError, match=needle.replace("(", r"\(")):
+        candidates(grid, BASE)
+
+
+def test_bad_budget_and_too_few_images_give_clear_errors(train_dir):
+    files = sorted(train_dir.glob("*.png"))
+    with pytest.raises(InvalidParameterError, match="budget must be an integer >= 5"):
+        tune(files, grid={"map_pool": (1,)}, base=BASE, budget=4)
+    with pytest.raises(DataError, match="at least 5 training images"):
+        tune(files[:4], grid={"map_pool": (1,)}, base=BASE)
+
+
+def test_cli_tune_prints_the_ranking_saves_the_best_and_json_parses(tiny_category, tmp_path, capsys):
+    out = tmp_path / "tuned.gaussad"
+    assert main(["tune", str(tiny_category), "-o", str(out), "--grid", "maps", "--budget", "6", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in report["ranking"]] == [1, 2]
+    assert (report["n_fit"], report["n_held_out"]) == (4, 2)
+    model = load(out)
+    assert model.n_samples_ == 10  # the refit uses every training image (train/good), not only the budget
+    for name, value in report["ranking"][0]["settings"].items():
+        got = model.get_params()[name]
+        assert (list(got) if isinstance(got, tuple) else got) == value
+    assert {k: v for k, v in report["best_params"].items() if k in ("map_grid", "preset")} == \
+        {"map_grid": model.map_grid, "preset": "recommended"}
+
+    assert main(["tune", str(tiny_category), "-o", str(tmp_path / "b.gaussad"), "--grid", "maps", "--budget", "6"]) == 0
+    text = capsys.readouterr().out
+    assert "rank  image AUROC" in text and "map_grid=finest" in text and "map_grid=coarsest" in text
+    assert "wrote" in text
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--budget", "2"], "--budget: expected a value in 5..1e+06"),
+    (["--grid", "huge"], "invalid choice: 'huge'"),
+])
+def test_cli_tune_refuses_bad_options(tiny_category, tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", str(tiny_category), "-o", str(tmp_path / "m.gaussad"), *args])
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "m.gaussad").exists()
