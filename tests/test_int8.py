@@ -186,3 +186,26 @@ def test_cli_fit_with_precision_int8_stores_it(tiny_category, tmp_path, capsys):
     assert "engine='torch'" in capsys.readouterr().err
     assert main(["export", str(model), "-o", str(tmp_path / "m.onnx"), "--quiet"]) == 2
     assert "export of an int8 model is not supported" in capsys.readouterr().err
+
+
+def test_fitted_int8_network_is_not_silently_replaced_by_fp32(pair, sets):
+    model = GaussianAD(**pair[1].get_params())
+    model.state_ = pair[1].state_
+    with pytest.raises(InvalidParameterError, match="precision='fp32' cannot use it"):
+        model.set_params(precision="fp32").score_samples(sets[1])
+    with pytest.raises(GaussadError, match="fit the model first"):
+        GaussianAD(**TINY, precision="int8").extract_features(sets[1])
+
+
+def test_evaluate_quantizes_per_category_and_ranks_like_fp32(tiny_root, monkeypatch):
+    from gaussad.evaluate import evaluate
+
+    calls = []
+    quantize = engine_mod.quantize_int8
+    monkeypatch.setattr(engine_mod, "quantize_int8", lambda graph, inputs: calls.append(len(inputs))
+                        or quantize(graph, inputs))
+    fp32 = evaluate(tiny_root, **TINY)
+    int8 = evaluate(tiny_root, precision="int8", **TINY)
+    assert calls == [len(list_images(tiny_root / c / "train" / "good")) for c in ("brick", "gravel")]
+    for name, result in fp32["categories"].items():
+        assert abs(int8["categories"][name]["image_auroc"] - result["image_auroc"]) <= 0.15

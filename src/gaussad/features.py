@@ -13,7 +13,7 @@ import numpy as np
 
 from .backbones import get_spec, resolve_levels, weights_file
 from .engine import Engine, cpu_count, graph_key, resolve_engine
-from .errors import GaussadError, ImageError
+from .errors import GaussadError, ImageError, InvalidParameterError
 from .images import IMAGENET, ImageSource, check_max_pixels, load_image, preprocess
 from .params import DEFAULT_MAX_PIXELS, NORMALIZATIONS, RESIZES, check_precision
 
@@ -67,6 +67,9 @@ class FeatureExtractor:
         self.workers = workers or cpu_count()
         self.max_pixels = check_max_pixels(max_pixels)
         check_precision({"engine": engine, "precision": precision})
+        if network is not None and precision != "int8":
+            raise InvalidParameterError(f"this model's network is int8 (fitted with precision='int8'), precision="
+                                        f"{precision!r} cannot use it: set precision='int8' or refit")
         self.engine = resolve_engine(engine)
         self.precision = precision
         self.network = network
@@ -125,8 +128,8 @@ class FeatureExtractor:
         if self._runner is None:
             if self.precision == "int8":
                 if self.network is None:
-                    raise GaussadError("precision='int8' needs a quantized network: fit the model (it calibrates "
-                                       "on the training images)")
+                    raise GaussadError("precision='int8' needs a network quantized on training images, which fit "
+                                       "makes: fit the model first")
                 from .engine import int8_engine
 
                 self._runner = int8_engine(self.network)

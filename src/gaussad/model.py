@@ -151,7 +151,8 @@ class GaussianAD(FittedAttributes):
         """Learn one Gaussian per level from normal images (paths, PIL images or uint8 arrays).
 
         ``on_error="skip"`` leaves out unreadable images (listed in ``skipped_``). ``calibration_scores_``: with
-        ``calibration="cv"`` out-of-fold scores of every image, with a fraction those of the held-out images.
+        ``calibration="cv"`` out-of-fold scores of every image, with a fraction those of the held-out images. With
+        ``precision="int8"`` the network is first quantized on the first 64 images (:meth:`FeatureExtractor.calibrate`).
         """
         images = image_list(images)
         self.__dict__.pop("state_", None)
