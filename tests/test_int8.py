@@ -181,6 +181,8 @@ def test_cli_fit_with_precision_int8_stores_it(tiny_category, tmp_path, capsys):
     model = tmp_path / "m.gaussad"
     assert main(["fit", str(tiny_category), "-o", str(model), "--quiet", "--precision", "int8", *TINY_ARGS]) == 0
     assert gaussad.load(model).precision == "int8"
+    assert main(["score", str(model), str(tiny_category / "test" / "good"), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == len(list_images(tiny_category / "test" / "good"))
     assert main(["fit", str(tiny_category), "-o", str(model), "--quiet", "--precision", "int8", "--engine", "torch",
                  *TINY_ARGS]) == 2
     assert "engine='torch'" in capsys.readouterr().err
@@ -209,3 +211,11 @@ def test_evaluate_quantizes_per_category_and_ranks_like_fp32(tiny_root, monkeypa
     assert calls == [len(list_images(tiny_root / c / "train" / "good")) for c in ("brick", "gravel")]
     for name, result in fp32["categories"].items():
         assert abs(int8["categories"][name]["image_auroc"] - result["image_auroc"]) <= 0.15
+
+
+def test_old_model_files_load_as_fp32():
+    from pathlib import Path
+
+    for name in ("image-0.1.0.gaussad", "plain-0.1.0.gaussad"):
+        model = gaussad.load(Path(__file__).parent / "data" / name)
+        assert model.precision == "fp32" and model.state_.network is None
