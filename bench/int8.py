@@ -1,5 +1,5 @@
-"""Static int8 quantization of the feature network: image AUROC change and network speed-up (an experiment; int8 is
-not a model setting yet).
+"""Static int8 quantization of the feature network: image AUROC change and network speed-up (the recipe of the model
+parameter ``precision="int8"``, :func:`gaussad.engine.quantize_int8`, measured here on its own).
 
     python -m bench.int8 --data ../shared/data/mvtec_ad/bottle [--calibration-images 64] [--preset paper]
 

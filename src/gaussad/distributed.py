@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import DataError, GaussadError
+from .errors import DataError, GaussadError, InvalidParameterError
 
 DEFAULT_PARTITION = 64  # images per task: bounds a worker's memory (bank candidates of one partition at a time)
 FORMATS = (".parquet", ".jsonl", ".csv")
@@ -186,6 +186,8 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     if len(images) < 2:
         raise DataError(f"need at least 2 training images, got {len(images)}")
     params.validate(model.get_params())
+    if model.precision == "int8":
+        raise InvalidParameterError("a distributed fit with precision='int8' is not supported: fit on one machine")
     settings = params.resolved(model.get_params())
     progress = model.verbose if progress is None else progress
     layout_future = client.submit(_layout_task, settings, pure=False)
@@ -362,6 +364,9 @@ def score(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike], nam
 
     fmt = output_format(out)
     model = load(model_path)
+    if model.precision == "int8":
+        raise InvalidParameterError(f"{model_path}: distributed scoring of an int8 model is not supported: score it on "
+                                    "one machine")
     method = threshold or model.setting("threshold")
     fpr = model.fpr if fpr is None else fpr
     model.rule(fpr, method).check(model.state_, f"{model_path}: ")  # fails early when the rule cannot apply

@@ -198,6 +198,34 @@ def graph_key(graph: str, backbone: str, weights: str | os.PathLike | None, inpu
     }
 
 
+def _cache_path(key: dict[str, str], directory: str | os.PathLike | None) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(directory) if directory is not None else cache_dir()
+    return path / f"{key['gaussad.backbone']}-{key['gaussad.graph']}-{digest}.onnx"
+
+
+def _cached(build: Callable[[], "nn.Module"], input_size: int, key: dict[str, str],
+            directory: str | os.PathLike | None, any_size: bool) -> tuple[Path | None, bytes | None, OnnxRuntimeEngine | None]:
+    """(cache file, or None when it cannot be written; the graph's bytes when just exported; an engine of a valid
+    cached file)."""
+    path = _cache_path(key, directory)
+    if path.is_file():
+        try:
+            engine = OnnxRuntimeEngine(path)
+        except Exception:  # onnxruntime raises its own types for a truncated or foreign file: rebuild it
+            engine = None
+        if engine is not None and all(engine.metadata.get(k) == v for k, v in key.items()):
+            return path, None, engine
+    data = export_onnx(build(), input_size, key, any_size)
+    try:
+        write_atomic(path, data, "ONNX graph")
+    except GaussadError as exc:
+        warnings.warn(f"gaussad: cannot cache the ONNX graph in {path.parent} ({exc}); exporting it on each run",
+                      stacklevel=3)
+        return None, data, None
+    return path, data, None
+
+
 def cached_onnx_engine(build: Callable[[], "nn.Module"], input_size: int, key: dict[str, str],
                        directory: str | os.PathLike | None = None, any_size: bool = False) -> OnnxRuntimeEngine:
     """An ONNX Runtime engine for the module ``build()`` makes, built and exported only when no valid cached
@@ -206,21 +234,58 @@ def cached_onnx_engine(build: Callable[[], "nn.Module"], input_size: int, key: d
     A cache file that is damaged or was made for another key is rebuilt; an unwritable cache folder means
     the graph is exported to memory for this process only.
     """
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(directory) if directory is not None else cache_dir()
-    path = path / f"{key['gaussad.backbone']}-{key['gaussad.graph']}-{digest}.onnx"
-    if path.is_file():
-        try:
-            engine = OnnxRuntimeEngine(path)
-        except Exception:  # onnxruntime raises its own types for a truncated or foreign file: rebuild it
-            engine = None
-        if engine is not None and all(engine.metadata.get(k) == v for k, v in key.items()):
-            return engine
-    data = export_onnx(build(), input_size, key, any_size)
+    path, data, engine = _cached(build, input_size, key, directory, any_size)
+    if engine is not None:
+        return engine
+    return OnnxRuntimeEngine(path if path is not None else data)
+
+
+def cached_onnx_graph(build: Callable[[], "nn.Module"], input_size: int, key: dict[str, str],
+                      directory: str | os.PathLike | None = None, any_size: bool = False) -> bytes:
+    """The serialised fp32 ONNX graph that :func:`cached_onnx_engine` runs, from the same on-disk cache."""
+    path, data, _ = _cached(build, input_size, key, directory, any_size)
+    return data if data is not None else path.read_bytes()
+
+
+# int8: ONNX Runtime's static quantization, as measured in bench/int8.py (BENCHMARKS.md, "int8"): shape inference and
+# graph optimisation first (without them ONNX Runtime fuses no quantized operator and int8 is no faster), then QDQ
+# with per-channel int8 weights and uint8 activations, their ranges the minima and maxima over the calibration inputs.
+INT8_CALIBRATION_IMAGES = 64
+
+
+def quantize_int8(graph: bytes, inputs: Sequence[np.ndarray]) -> bytes:
+    """The serialised int8 graph of an fp32 ONNX ``graph`` (input named "input"), its activation ranges calibrated
+    on ``inputs`` (prepared (3, H, W) float32 network inputs, one image each)."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(inputs)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            x = next(self.items, None)
+            return None if x is None else {"input": np.ascontiguousarray(x[None], dtype=np.float32)}
+
+    with tempfile.TemporaryDirectory(prefix="gaussad-int8-") as tmp:
+        fp32, pre, int8 = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        fp32.write_bytes(graph)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ONNX Runtime's advice to pre-process, which is done
+            quant_pre_process(str(fp32), str(pre))
+            quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        return int8.read_bytes()
+
+
+def int8_engine(network: bytes) -> OnnxRuntimeEngine:
+    """An engine of a model file's int8 network; a graph ONNX Runtime cannot load is one clear error."""
+    if not onnxruntime_available():
+        raise GaussadError("this model's network is int8 (precision='int8'), run by ONNX Runtime: pip install onnx "
+                           "onnxruntime")
     try:
-        write_atomic(path, data, "ONNX graph")
-    except GaussadError as exc:
-        warnings.warn(f"gaussad: cannot cache the ONNX graph in {path.parent} ({exc}); exporting it on each run",
-                      stacklevel=2)
-        return OnnxRuntimeEngine(data)
-    return OnnxRuntimeEngine(path)
+        return OnnxRuntimeEngine(network)
+    except Exception as exc:  # onnxruntime raises its own types for a graph it cannot load
+        raise GaussadError(f"the model's int8 network cannot be loaded by ONNX Runtime ({str(exc)[:200]})") from None

@@ -220,6 +220,7 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
     results: dict[str, Any] = {}
     for cat in categories:
         with_maps = bool(extractor.map_levels) and cat.has_masks
+        extractor.calibrate(cat.train_files)  # int8: the network quantized on this category's training images
         train, train_maps = extract(extractor_model, cat.train_files, f"{cat.name} train", with_maps)
         test, test_maps = extract(extractor_model, cat.test_files, f"{cat.name} test", with_maps)
         fmaps = (train_maps, test_maps, load_masks(cat, extractor.input_size)) if with_maps else None

@@ -327,6 +327,8 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     state: DetectorState = model.state_
     if model.backbone is None:
         raise GaussadError("this model works on plain feature arrays (backbone=None): there is no network to export")
+    if model.precision == "int8":
+        raise GaussadError("export of an int8 model is not supported: export a precision='fp32' model")
     if maps and not state.has_maps:
         raise GaussadError("--maps: this model has no anomaly maps (fit it with --preset recommended or --map-levels)")
     if maps and not state.map_banks:

@@ -13,9 +13,9 @@ import numpy as np
 
 from .backbones import get_spec, resolve_levels, weights_file
 from .engine import Engine, cpu_count, graph_key, resolve_engine
-from .errors import GaussadError, ImageError
+from .errors import GaussadError, ImageError, InvalidParameterError
 from .images import IMAGENET, ImageSource, check_max_pixels, load_image, preprocess
-from .params import DEFAULT_MAX_PIXELS, NORMALIZATIONS, RESIZES
+from .params import DEFAULT_MAX_PIXELS, NORMALIZATIONS, RESIZES, check_precision
 
 if TYPE_CHECKING:
     from .backbones.base import PooledLevels
@@ -30,6 +30,8 @@ class FeatureExtractor:
     runs the previous batch; only a few batches are held at once, whatever the number of images.
     ``engine`` is "onnxruntime", "torch" or "auto" (ONNX Runtime when installed); ``draft`` lets large JPEGs
     decode at reduced scale, ``decoder`` picks the decoders (see :func:`gaussad.images.load_image`).
+    ``precision="int8"`` runs a statically quantized ONNX graph: ``network`` (a fitted model's), or the one
+    :meth:`calibrate` makes from training images.
     """
 
     def __init__(
@@ -47,6 +49,8 @@ class FeatureExtractor:
         draft: bool = True,
         resize: str = "square",
         decoder: str = "pil",
+        precision: str = "fp32",
+        network: bytes | None = None,
     ):
         spec = get_spec(backbone)
         if normalize not in NORMALIZATIONS:
@@ -62,7 +66,13 @@ class FeatureExtractor:
         self.batch_size = batch_size
         self.workers = workers or cpu_count()
         self.max_pixels = check_max_pixels(max_pixels)
+        check_precision({"engine": engine, "precision": precision})
+        if network is not None and precision != "int8":
+            raise InvalidParameterError(f"this model's network is int8 (fitted with precision='int8'), precision="
+                                        f"{precision!r} cannot use it: set precision='int8' or refit")
         self.engine = resolve_engine(engine)
+        self.precision = precision
+        self.network = network
         self.draft = draft
         if resize not in RESIZES:
             raise GaussadError(f"unknown resize {resize!r}; choose one of: {', '.join(RESIZES)}")
@@ -82,17 +92,51 @@ class FeatureExtractor:
             self._module = PooledLevels(net, self.levels, self.map_levels).eval()
         return self._module
 
+    def _graph_key(self) -> dict[str, str]:
+        """The on-disk cache key of this extractor's fp32 ONNX graph."""
+        graph = ("pooled-maps" if self.map_levels else "pooled") + ("-anysize" if self.resize == "aspect" else "")
+        return graph_key(graph, self.backbone_name, weights_file(self.backbone_name, self.weights), self.input_size,
+                         self.levels, self.map_levels)
+
+    def calibrate(self, sources: Sequence[ImageSource], on_error: str = "fail") -> None:
+        """With int8 precision: quantize the network on the first :data:`~gaussad.engine.INT8_CALIBRATION_IMAGES`
+        readable ``sources``, in order, each prepared as for scoring, and run that network from now on (it becomes
+        :attr:`network`); with fp32 nothing to do."""
+        if self.precision != "int8":
+            return
+        from .engine import INT8_CALIBRATION_IMAGES, OnnxRuntimeEngine, cached_onnx_graph, quantize_int8
+
+        inputs: list[np.ndarray] = []
+        for i, source in enumerate(sources):
+            if len(inputs) == INT8_CALIBRATION_IMAGES:
+                break
+            try:
+                inputs.append(self.prepare(source, i))
+            except ImageError:
+                if on_error != "skip":
+                    raise
+        if not inputs:
+            raise GaussadError("precision='int8' calibrates on the training images, but none could be read")
+        graph = cached_onnx_graph(lambda: self.module, self.input_size, self._graph_key(), any_size=self.resize == "aspect")
+        self.network = quantize_int8(graph, inputs)
+        self._runner = OnnxRuntimeEngine(self.network)
+
     @property
     def runner(self) -> Engine:
-        """The inference engine, built on first use (the ONNX graph comes from the on-disk cache when present)."""
+        """The inference engine, built on first use (the ONNX graph comes from the on-disk cache when present; an
+        int8 network from :attr:`network`)."""
         if self._runner is None:
-            if self.engine == "onnxruntime":
-                graph = ("pooled-maps" if self.map_levels else "pooled") + ("-anysize" if self.resize == "aspect" else "")
-                key = graph_key(graph, self.backbone_name, weights_file(self.backbone_name, self.weights),
-                                self.input_size, self.levels, self.map_levels)
+            if self.precision == "int8":
+                if self.network is None:
+                    raise GaussadError("precision='int8' needs a network quantized on training images, which fit "
+                                       "makes: fit the model first")
+                from .engine import int8_engine
+
+                self._runner = int8_engine(self.network)
+            elif self.engine == "onnxruntime":
                 from .engine import cached_onnx_engine
 
-                self._runner = cached_onnx_engine(lambda: self.module, self.input_size, key,
+                self._runner = cached_onnx_engine(lambda: self.module, self.input_size, self._graph_key(),
                                                   any_size=self.resize == "aspect")
             else:
                 from .engine import TorchEngine
@@ -225,8 +269,9 @@ class ExtractorCache:
         self.key: tuple | None = None
         self.extractor: FeatureExtractor | None = None
 
-    def get(self, settings: dict, layout=None) -> FeatureExtractor:
-        """The extractor for resolved model ``settings``; a fitted model's ``layout`` fixes levels and input size."""
+    def get(self, settings: dict, layout=None, network: bytes | None = None) -> FeatureExtractor:
+        """The extractor for resolved model ``settings``; a fitted model's ``layout`` fixes levels and input size,
+        its ``network`` is its int8 graph."""
         spec = get_spec(settings["backbone"])
         map_levels = settings["map_levels"]
         key = (settings["backbone"], settings["weights"],
@@ -234,12 +279,13 @@ class ExtractorCache:
                (layout.input_size if layout else settings["input_size"]) or spec.input_size,
                settings["normalize"], settings["resize"],
                tuple(layout.map_levels if layout else resolve_levels(spec.level_names, map_levels) if map_levels else ()),
-               settings["engine"])
-        if self.extractor is None or self.key != key:
-            backbone, weights, levels, size, normalize, resize, maps, engine = key
+               settings["engine"], settings.get("precision", "fp32"))
+        if self.extractor is None or self.key != key or (network is not None and self.extractor.network != network):
+            backbone, weights, levels, size, normalize, resize, maps, engine, precision = key
             self.extractor = FeatureExtractor(backbone, list(levels), size, weights, int(settings["batch_size"]),
                                               normalize=normalize, map_levels=list(maps), engine=engine,
-                                              max_pixels=settings["max_pixels"], resize=resize)
+                                              max_pixels=settings["max_pixels"], resize=resize, precision=precision,
+                                              network=network)
             self.key = key
         self.extractor.batch_size, self.extractor.max_pixels = int(settings["batch_size"]), int(settings["max_pixels"])
         self.extractor.decoder = settings.get("decoder", "pil")

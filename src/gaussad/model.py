@@ -63,8 +63,8 @@ class GaussianAD(FittedAttributes):
                  normalize: str | None = None, resize: str | None = None,
                  map_levels: Sequence[int | str] | None = None, map_method: str | None = None,
                  map_pool: int | None = None, map_coreset: float = 0.1, map_grid: str | None = None,
-                 preset: str | None = None, image_score: str | None = None, threshold: str | None = None,
-                 fpr: float = 0.01, calibration: float | str | None = None, calibration_folds: int = 5,
+                 precision: str = "fp32", preset: str | None = None, image_score: str | None = None,
+                 threshold: str | None = None, fpr: float = 0.01, calibration: float | str | None = None, calibration_folds: int = 5,
                  random_state: int | None = 0, batch_size: int = 16, engine: str = "auto", verbose: bool = False,
                  max_pixels: int = params.DEFAULT_MAX_PIXELS, decoder: str = "pil"):
         self.backbone, self.levels, self.input_size, self.weights = backbone, levels, input_size, weights
@@ -72,7 +72,7 @@ class GaussianAD(FittedAttributes):
         self.normalize, self.resize, self.decoder = normalize, resize, decoder
         self.map_levels, self.map_method, self.map_pool, self.map_coreset = map_levels, map_method, map_pool, map_coreset
         self.preset, self.image_score, self.threshold, self.fpr = preset, image_score, threshold, fpr
-        self.map_grid = map_grid
+        self.map_grid, self.precision = map_grid, precision
         self.calibration, self.calibration_folds, self.random_state = calibration, calibration_folds, random_state
         self.batch_size, self.engine, self.verbose, self.max_pixels = batch_size, engine, verbose, max_pixels
 
@@ -106,11 +106,13 @@ class GaussianAD(FittedAttributes):
 
         if self.backbone is None:
             raise GaussadError("this model works on plain feature arrays (backbone=None): use fit_features/score_features")
-        for name in ("batch_size", "max_pixels", "engine", "decoder"):
+        for name in ("batch_size", "max_pixels", "engine", "decoder", "precision"):
             params.check_value(name, getattr(self, name))
+        params.check_precision(self.get_params())
         state = self.__dict__.get("state_")
         cache = self.__dict__.setdefault("_extractors", ExtractorCache())
-        return cache.get(params.resolved(self.get_params()), state.layout if state is not None else None)
+        return cache.get(params.resolved(self.get_params()), state.layout if state is not None else None,
+                         state.network if state is not None else None)
 
     def iter_features(self, images: Sequence["ImageSource"], desc: str = "features", on_error: str = "fail",
                       skipped: list | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
@@ -134,25 +136,29 @@ class GaussianAD(FittedAttributes):
         return [np.concatenate(level) for level in zip(*chunks)]
 
     # ----- fitting ------------------------------------------------------------------------------------------
-    def _trainer(self, images: bool = True) -> Trainer:
+    def _trainer(self, images: bool = True, calibration: list | None = None, on_error: str = "fail") -> Trainer:
         """A :class:`~gaussad.fitting.Trainer` for this model's settings (validated); for images, with its
-        feature extractor's batches and layout."""
+        feature extractor's batches and layout, the extractor's int8 network first calibrated on ``calibration``."""
         params.validate(self.get_params())
         settings = params.resolved(self.get_params())
-        return Trainer(settings, self.iter_features, layout_of(self.feature_extractor(), settings)) if images \
-            else Trainer(settings)
+        if not images:
+            return Trainer(settings)
+        if calibration is not None:
+            self.feature_extractor().calibrate(calibration, on_error)
+        return Trainer(settings, self.iter_features, layout_of(self.feature_extractor(), settings))
 
     def fit(self, images: Sequence["ImageSource"], y=None, *, on_error: str = "fail") -> "GaussianAD":
         """Learn one Gaussian per level from normal images (paths, PIL images or uint8 arrays).
 
         ``on_error="skip"`` leaves out unreadable images (listed in ``skipped_``). ``calibration_scores_``: with
-        ``calibration="cv"`` out-of-fold scores of every image, with a fraction those of the held-out images.
+        ``calibration="cv"`` out-of-fold scores of every image, with a fraction those of the held-out images. With
+        ``precision="int8"`` the network is first quantized on the first 64 images (:meth:`FeatureExtractor.calibrate`).
         """
         images = image_list(images)
         self.__dict__.pop("state_", None)
-        trainer = self._trainer()
+        trainer = self._trainer(calibration=images, on_error=on_error)
         self.skipped_ = trainer.skipped
-        self.state_ = trainer.fit_images(images, on_error)
+        self.state_ = replace(trainer.fit_images(images, on_error), network=self.feature_extractor().network)
         return self
 
     def partial_fit(self, images: Sequence["ImageSource"], y=None, *, on_error: str = "fail") -> "GaussianAD":
@@ -162,6 +168,8 @@ class GaussianAD(FittedAttributes):
         coreset below 1 they differ from one fit's). Calibration scores are dropped: call :meth:`calibrate` after
         the last chunk. The settings that shape the features must be those the model was fitted with.
         """
+        if self.precision == "int8":
+            raise InvalidParameterError("partial_fit with precision='int8' is not supported: fit all images at once")
         images, trainer = image_list(images), self._trainer()
         trainer.skipped = self.skipped_ = self.__dict__.get("skipped_", [])
         self.state_ = trainer.partial_fit_images(images, self.__dict__.get("state_"), on_error)

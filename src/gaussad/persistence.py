@@ -179,9 +179,17 @@ def validate_meta(meta: Any) -> None:
         _need("dof" not in g or _is_int(g["dof"], 1, dims[i]), f"level {i}: dof must be 1..{dims[i]}")
 
 
-def validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int, n_banks: int) -> None:
+def validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int, n_banks: int,
+                    precision: str = "fp32") -> None:
     """Every array the model reads is float64 (sample counts and bank image ids int64, bank vectors float32) and
-    finite."""
+    finite; an int8 model's network is a non-empty uint8 vector (the serialised ONNX graph: data, run by ONNX
+    Runtime only when scoring), which no fp32 model holds."""
+    network = arrays.get("network.int8")
+    if precision == "int8":
+        _need(network is not None and network.dtype == np.uint8 and network.ndim == 1 and network.size > 0,
+              "an int8 model needs its network: array network.int8, a non-empty uint8 vector")
+    else:
+        _need(network is None, f"array network.int8 in a model of precision {str(precision)[:20]!r}")
     used = tuple(f"level{i}." for i in range(n_levels)) + tuple(f"map{i}." for i in range(n_maps)) + ("calibration.",)
     for i in range(n_banks):
         vectors, ids = arrays.get(f"bank{i}.vectors"), arrays.get(f"bank{i}.ids")
@@ -216,7 +224,8 @@ def read_model(path: str | os.PathLike) -> tuple[dict[str, Any], DetectorState]:
     meta, arrays = read_model_file(path)
     try:
         validate_meta(meta)
-        validate_arrays(arrays, len(meta["levels"]), len(meta["map_gaussians"]), len(meta.get("map_banks", [])))
+        validate_arrays(arrays, len(meta["levels"]), len(meta["map_gaussians"]), len(meta.get("map_banks", [])),
+                        meta.get("precision", "fp32"))
         values = params.from_stored(meta)
         params.validate(values)
         state = DetectorState.from_arrays({**meta, **values}, arrays)

@@ -112,6 +112,9 @@ class DetectorState:
     # Leave-one-image-out map peaks of the training images: the fused score's calibration of the map evidence (with
     # the out-of-fold ``calibration_scores`` of the global score); None without a fused score.
     map_calibration: np.ndarray | None = None
+    # The int8 network (precision='int8'): a serialised ONNX graph quantized at fit on its first training images; the
+    # model file carries it, since no other machine has those images to calibrate on again. None for fp32.
+    network: bytes | None = None
 
     # ----- building --------------------------------------------------------------------------------------------
     @classmethod
@@ -143,6 +146,9 @@ class DetectorState:
 
     def merge(self, other: "DetectorState", estimator: str, reduction: str | None, variance: float) -> "DetectorState":
         """The state of the union of both training sets: statistics added exactly, memory banks joined."""
+        if self.network is not None or other.network is not None:
+            raise GaussadError("merge of int8 models is not supported (each network is calibrated on its own training "
+                               "images): fit the union with precision='int8', or merge fp32 models")
         map_stats = [a.merge(b) for a, b in zip(self.map_stats, other.map_stats)]
         banks = [a.merge(b) for a, b in zip(self.map_banks, other.map_banks)]
         return DetectorState.fit(self.layout, [a.merge(b) for a, b in zip(self.stats, other.stats)], estimator,
@@ -293,6 +299,8 @@ class DetectorState:
             arrays["calibration.scores"] = np.asarray(self.calibration_scores, dtype=np.float64)
         if self.map_calibration is not None:
             arrays["calibration.map_peaks"] = np.asarray(self.map_calibration, dtype=np.float64)
+        if self.network is not None:
+            arrays["network.int8"] = np.frombuffer(self.network, dtype=np.uint8)
         return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
 
     def metadata(self) -> dict[str, Any]:
@@ -349,8 +357,10 @@ class DetectorState:
         method = meta.get("calibration_method")
         if method is not None and (method not in CALIBRATIONS or calibration is None):
             raise ValueError(f"calibration_method must be one of {', '.join(CALIBRATIONS)} with calibration scores")
+        network = arrays.get("network.int8")
         return cls(layout, stats, gaussians, meta["map_method"], int(meta["map_pool"]), map_stats, map_gaussians,
-                   banks, calibration, method, meta.get("map_grid", "coarsest"), peaks)
+                   banks, calibration, method, meta.get("map_grid", "coarsest"), peaks,
+                   None if network is None else network.tobytes())
 
 
 def _learned(attr: str, doc: str, need_fit: bool = True) -> property:

@@ -1,0 +1,221 @@
+"""precision='int8': the network statically quantized at fit, carried in the model file, refused where unsupported."""
+
+import json
+
+import numpy as np
+import pytest
+
+import gaussad
+from gaussad import GaussianAD, InvalidParameterError, ModelFormatError
+from gaussad import engine as engine_mod
+from gaussad.cli import main
+from gaussad.errors import GaussadError
+from gaussad.images import list_images
+from gaussad.persistence import FORMAT_NAME, FORMAT_VERSION, checksum, read_model_file
+
+from .conftest import TINY
+
+TINY_ARGS = ["--input-size", str(TINY["input_size"]), "--levels", ",".join(TINY["levels"])]
+
+
+@pytest.fixture(scope="module")
+def sets(tiny_category):
+    train = list_images(tiny_category / "train" / "good")
+    good = list_images(tiny_category / "test" / "good")
+    bad = [p for p in list_images(tiny_category / "test", recursive=True) if p.parent.name != "good"]
+    return train, good, bad
+
+
+@pytest.fixture(scope="module")
+def pair(sets):
+    """An fp32 and an int8 model fitted on the same images."""
+    train = sets[0]
+    return GaussianAD(**TINY).fit(train), GaussianAD(**TINY, precision="int8").fit(train)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(x)).astype(float)
+
+
+def test_int8_features_agree_with_fp32_and_rank_anomalies_alike(pair, sets):
+    fp32, int8 = pair
+    assert fp32.state_.network is None and int8.state_.network
+    images = sets[1] + sets[2]
+    for a, b in zip(fp32.extract_features(images), int8.extract_features(images)):
+        assert a.shape == b.shape
+        assert not np.array_equal(a, b)  # the int8 network does run
+        # Quantization error: a few per cent of the features' typical size, features still nearly collinear.
+        assert np.abs(a - b).mean() < 0.1 * np.abs(a).mean()
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
+    sa, sb = fp32.score_samples(images), int8.score_samples(images)
+    assert np.corrcoef(_ranks(sa), _ranks(sb))[0, 1] > 0.8
+    labels = np.r_[np.zeros(len(sets[1])), np.ones(len(sets[2]))]
+
+    def auroc(s: np.ndarray) -> float:
+        pos, neg = s[labels == 1], s[labels == 0]
+        return float((pos[:, None] > neg[None, :]).mean())
+
+    assert abs(auroc(sa) - auroc(sb)) <= 0.15
+
+
+def test_calibration_uses_the_first_training_images_in_order(sets, monkeypatch):
+    """Only the first INT8_CALIBRATION_IMAGES images shape the network: changing a later one changes nothing, an
+    earlier one changes the quantization."""
+    monkeypatch.setattr(engine_mod, "INT8_CALIBRATION_IMAGES", 3)
+    train = sets[0]
+    base = GaussianAD(**TINY, precision="int8").fit(train).state_.network
+    later = GaussianAD(**TINY, precision="int8").fit(train[:3] + train[4:] + train[3:4]).state_.network
+    earlier = GaussianAD(**TINY, precision="int8").fit(train[3:4] + train[1:3] + train[:1] + train[4:]).state_.network
+    assert later == base
+    assert earlier != base
+
+
+def test_round_trip_scores_identically_from_the_file_alone(pair, sets, tmp_path, monkeypatch):
+    """The model file carries the graph: a fresh, empty cache folder stays empty and the scores are identical."""
+    _, int8 = pair
+    path = tmp_path / "int8.gaussad"
+    int8.save(path)
+    empty = tmp_path / "fresh-cache"
+    empty.mkdir()
+    monkeypatch.setenv("GAUSSAD_CACHE", str(empty))
+    loaded = gaussad.load(path)
+    assert loaded.precision == "int8" and loaded.state_.network == int8.state_.network
+    images = sets[1] + sets[2]
+    np.testing.assert_array_equal(loaded.score_samples(images), int8.score_samples(images))
+    assert list(empty.iterdir()) == []
+    meta, arrays = read_model_file(path)
+    assert meta["precision"] == "int8" and arrays["network.int8"].dtype == np.uint8
+
+
+def test_torch_engine_and_plain_features_are_refused_with_int8(sets, pair):
+    with pytest.raises(InvalidParameterError, match="precision='int8'.*engine='torch'"):
+        GaussianAD(**TINY, precision="int8", engine="torch").fit(sets[0])
+    with pytest.raises(InvalidParameterError, match="precision='int8'.*backbone=None"):
+        GaussianAD(backbone=None, precision="int8").fit_features([np.random.default_rng(0).normal(size=(9, 3))])
+    loaded = GaussianAD(**pair[1].get_params())
+    loaded.state_ = pair[1].state_
+    with pytest.raises(InvalidParameterError, match="engine='torch'"):
+        loaded.set_params(engine="torch").score_samples(sets[1])
+
+
+def test_unsupported_uses_of_int8_models_are_refused(pair, sets, tmp_path):
+    from gaussad import distributed
+    from gaussad.export import export_detector
+
+    fp32, int8 = pair
+    with pytest.raises(InvalidParameterError, match="partial_fit with precision='int8' is not supported"):
+        GaussianAD(**int8.get_params()).partial_fit(sets[0])
+    for a, b in ((int8, int8), (fp32, int8), (int8, fp32)):
+        with pytest.raises(GaussadError, match="merge of int8 models is not supported"):
+            a.merge(b)
+    with pytest.raises(GaussadError, match="export of an int8 model is not supported"):
+        export_detector(int8)
+    with pytest.raises(InvalidParameterError, match="distributed fit with precision='int8' is not supported"):
+        distributed.fit(GaussianAD(**int8.get_params()), sets[0], client=None)
+    path = tmp_path / "int8.gaussad"
+    int8.save(path)
+    with pytest.raises(InvalidParameterError, match="distributed scoring of an int8 model is not supported"):
+        distributed.score(path, sets[1], [p.name for p in sets[1]], tmp_path / "out.jsonl", client=None)
+
+
+def _rewrite(path, meta, arrays, forge: bool) -> None:
+    """Rewrite a model file; ``forge``: with a recomputed checksum, else with the original one."""
+    from safetensors.numpy import load, save
+
+    text = json.dumps(meta)
+    if forge:
+        stored = checksum(arrays, text)
+    else:
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        stored = json.loads(raw[8:8 + n])["__metadata__"]["checksum"]
+        assert load(raw).keys() == arrays.keys()
+    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "meta": text, "checksum": stored}
+    path.write_bytes(save(arrays, metadata=header))
+
+
+def test_tampered_or_missing_int8_network_is_refused_on_load(pair, tmp_path):
+    fp32, int8 = pair
+    path = tmp_path / "int8.gaussad"
+    int8.save(path)
+    meta, arrays = read_model_file(path)
+    _rewrite(path, meta, arrays, forge=False)
+    assert gaussad.load(path).state_.network == int8.state_.network  # the rewriting itself changes nothing
+
+    tampered = dict(arrays, **{"network.int8": arrays["network.int8"].copy()})
+    tampered["network.int8"][len(tampered["network.int8"]) // 2] ^= 0x01
+    _rewrite(path, meta, tampered, forge=False)
+    with pytest.raises(ModelFormatError, match="checksum mismatch"):
+        gaussad.load(path)
+
+    without = {k: v for k, v in arrays.items() if k != "network.int8"}
+    _rewrite(path, meta, without, forge=True)
+    with pytest.raises(ModelFormatError, match="an int8 model needs its network"):
+        gaussad.load(path)
+
+    _rewrite(path, meta, dict(arrays, **{"network.int8": arrays["network.int8"].astype(np.int16)}), forge=True)
+    with pytest.raises(ModelFormatError, match="an int8 model needs its network"):
+        gaussad.load(path)
+
+    plain = tmp_path / "fp32.gaussad"
+    fp32.save(plain)
+    meta32, arrays32 = read_model_file(plain)
+    assert meta32["precision"] == "fp32" and "network.int8" not in arrays32
+    _rewrite(plain, meta32, dict(arrays32, **{"network.int8": arrays["network.int8"]}), forge=True)
+    with pytest.raises(ModelFormatError, match="network.int8 in a model of precision 'fp32'"):
+        gaussad.load(plain)
+
+
+def test_forged_unloadable_network_fails_with_one_clear_error(pair, sets, tmp_path):
+    """A forged graph passes the checksum but is data only: scoring names the problem, nothing runs."""
+    path = tmp_path / "int8.gaussad"
+    pair[1].save(path)
+    meta, arrays = read_model_file(path)
+    _rewrite(path, meta, dict(arrays, **{"network.int8": np.frombuffer(b"not an onnx graph", np.uint8)}), forge=True)
+    model = gaussad.load(path)
+    with pytest.raises(GaussadError, match="int8 network cannot be loaded by ONNX Runtime"):
+        model.score_samples(sets[1])
+
+
+def test_cli_fit_with_precision_int8_stores_it(tiny_category, tmp_path, capsys):
+    model = tmp_path / "m.gaussad"
+    assert main(["fit", str(tiny_category), "-o", str(model), "--quiet", "--precision", "int8", *TINY_ARGS]) == 0
+    assert gaussad.load(model).precision == "int8"
+    assert main(["score", str(model), str(tiny_category / "test" / "good"), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == len(list_images(tiny_category / "test" / "good"))
+    assert main(["fit", str(tiny_category), "-o", str(model), "--quiet", "--precision", "int8", "--engine", "torch",
+                 *TINY_ARGS]) == 2
+    assert "engine='torch'" in capsys.readouterr().err
+    assert main(["export", str(model), "-o", str(tmp_path / "m.onnx"), "--quiet"]) == 2
+    assert "export of an int8 model is not supported" in capsys.readouterr().err
+
+
+def test_fitted_int8_network_is_not_silently_replaced_by_fp32(pair, sets):
+    model = GaussianAD(**pair[1].get_params())
+    model.state_ = pair[1].state_
+    with pytest.raises(InvalidParameterError, match="precision='fp32' cannot use it"):
+        model.set_params(precision="fp32").score_samples(sets[1])
+    with pytest.raises(GaussadError, match="fit the model first"):
+        GaussianAD(**TINY, precision="int8").extract_features(sets[1])
+
+
+def test_evaluate_quantizes_per_category_and_ranks_like_fp32(tiny_root, monkeypatch):
+    from gaussad.evaluate import evaluate
+
+    calls = []
+    quantize = engine_mod.quantize_int8
+    monkeypatch.setattr(engine_mod, "quantize_int8", lambda graph, inputs: calls.append(len(inputs))
+                        or quantize(graph, inputs))
+    fp32 = evaluate(tiny_root, **TINY)
+    int8 = evaluate(tiny_root, precision="int8", **TINY)
+    assert calls == [len(list_images(tiny_root / c / "train" / "good")) for c in ("brick", "gravel")]
+    for name, result in fp32["categories"].items():
+        assert abs(int8["categories"][name]["image_auroc"] - result["image_auroc"]) <= 0.15
+
+
+def test_old_model_files_load_as_fp32():
+    from pathlib import Path
+
+    for name in ("image-0.1.0.gaussad", "plain-0.1.0.gaussad"):
+        model = gaussad.load(Path(__file__).parent / "data" / name)
+        assert model.precision == "fp32" and model.state_.network is None
