@@ -93,7 +93,7 @@ def test_candidates_expand_a_grid_and_resolve_relative_input_sizes():
     ({"input_size": (0,)}, "input_size must be an integer"),
     ({"map_pool": 3}, "give a non-empty list of values"),
     ({}, "non-empty mapping"),
-    ({"image_score": ("global", "fused")}, "tune ranks the image scores global, map-max, not 'fused'"),
+    ({"image_score": ("global", "fused"), "map_method": ("gaussian",)}, "image_score='fused' needs nearest"),
 ])
 def test_bad_grids_give_one_clear_error(grid, needle):
     with pytest.raises(InvalidParameterError, match=needle.replace("(", r"\(")):
@@ -138,3 +138,19 @@ def test_cli_tune_refuses_bad_options(tiny_category, tmp_path, capsys, args, nee
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "m.gaussad").exists()
+
+
+def test_the_scores_grid_ranks_the_fused_score_beside_the_global_one(train_dir):
+    files = sorted(train_dir.glob("*.png"))
+    result = tune(files, grid="scores", base=BASE, seed=1, refit=False)
+    rows = {r["image_score"]: r for r in result.ranking}
+    assert set(rows) == {"global", "fused"}
+    glob, fused = rows["global"], rows["fused"]
+    assert glob["settings"] == {"image_score": "global"} and fused["settings"] == {"image_score": "fused"}
+    # The same Gaussians and banks: every figure but the ranked image score is shared by the two candidates.
+    for key in ("global_auroc", "map_max_auroc", "pixel_auroc"):
+        assert fused[key] == pytest.approx(glob[key], abs=1e-12), key
+    assert glob["image_auroc"] == pytest.approx(glob["global_auroc"], abs=1e-12)
+    assert 0.0 <= fused["image_auroc"] <= 1.0
+    # The ranking follows the image AUROC of each candidate's own score.
+    assert result.ranking[0]["image_auroc"] >= result.ranking[1]["image_auroc"]

@@ -62,21 +62,33 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "small": {"input_size": _SIZES, "maps": _MAPS},
     "sizes": {"input_size": _SIZES},
     "maps": {"maps": _MAPS},
+    "scores": {"image_score": ("global", "fused")},
 }
 
 
-def _image_score_global(model: GaussianAD, pooled: list[np.ndarray], amaps: np.ndarray | None) -> np.ndarray:
+def _image_score_global(model: GaussianAD, pooled: list[np.ndarray], amaps: np.ndarray | None,
+                        fmaps: list | None) -> np.ndarray:
     return model.score_features(pooled)
 
 
-def _image_score_map_max(model: GaussianAD, pooled: list[np.ndarray], amaps: np.ndarray | None) -> np.ndarray:
+def _image_score_map_max(model: GaussianAD, pooled: list[np.ndarray], amaps: np.ndarray | None,
+                         fmaps: list | None) -> np.ndarray:
     return amaps.reshape(len(amaps), -1).max(axis=1)
 
 
-# What an image score is called in the ranking, and how a candidate's is computed; the ranking uses the candidate's
-# own ``image_score`` where the parameter table has one, else the global score (the one a saved model uses).
-IMAGE_SCORES: dict[str, Callable[[GaussianAD, list[np.ndarray], np.ndarray | None], np.ndarray]] = {
-    "global": _image_score_global, "map-max": _image_score_map_max}
+def _image_score_fused(model: GaussianAD, pooled: list[np.ndarray], amaps: np.ndarray | None,
+                       fmaps: list | None) -> np.ndarray:
+    """The fused score a saved model gives (``image_score='fused'``): its global distances and map peaks."""
+    return model.scores(model.level_scores_features(pooled), model.state_.map_peaks_of(fmaps))
+
+
+# What an image score is called in the ranking, and how a candidate's is computed from (model, pooled features,
+# anomaly maps, raw feature maps per image); the ranking uses the candidate's own ``image_score``.
+IMAGE_SCORES: dict[str, Callable[[GaussianAD, list[np.ndarray], np.ndarray | None, list | None], np.ndarray]] = {
+    "global": _image_score_global, "map-max": _image_score_map_max, "fused": _image_score_fused}
+# A fused candidate is calibrated as its saved model will be (cross-conformal out-of-fold scores and
+# leave-one-image-out map peaks, which its score is made of); the others skip calibration during the search.
+FUSED_SEARCH = {"threshold": "conformal", "calibration": "cv"}
 
 
 @dataclass
@@ -136,7 +148,7 @@ def candidates(grid: str | Mapping[str, Sequence[Any]], base: Mapping[str, Any] 
             params.validate(full)
         except InvalidParameterError as exc:
             raise InvalidParameterError(f"grid setting {setting}: {exc}") from None
-        if "image_score" in params.BY_NAME and params.effective(full, "image_score") not in IMAGE_SCORES:
+        if params.effective(full, "image_score") not in IMAGE_SCORES:
             raise InvalidParameterError(f"grid setting {setting}: tune ranks the image scores "
                                         f"{', '.join(IMAGE_SCORES)}, not {params.effective(full, 'image_score')!r}")
         out.append(setting)
@@ -181,21 +193,23 @@ def _score(setting: dict[str, Any], fit: tuple, held: tuple, level_names: list[s
     from .model import GaussianAD
 
     t0 = time.perf_counter()
-    model = GaussianAD(**{**setting, **SEARCH_ONLY}).fit_features(fit[0], level_names)
+    score = params.effective(setting, "image_score")
+    model = GaussianAD(**{**setting, **SEARCH_ONLY, **(FUSED_SEARCH if score == "fused" else {})}).fit_features(
+        fit[0], level_names)
     row: dict[str, Any] = {"settings": setting, "image_auroc": None, "global_auroc": None, "map_max_auroc": None,
                            "pixel_auroc": None}
-    amaps = None
+    amaps = held_maps = None
     own = _map_level_indices(setting)
     if own:
         pick = [union.index(i) for i in own]
         model.fit_map_features([[m[i] for i in pick] for m in fit[1]])
-        amaps = model.anomaly_map_features([[m[i] for i in pick] for m in held[1]], MAP_SIDE)
-        row["map_max_auroc"] = roc_auc(labels, IMAGE_SCORES["map-max"](model, held[0], amaps))
+        held_maps = [[m[i] for i in pick] for m in held[1]]
+        amaps = model.anomaly_map_features(held_maps, MAP_SIDE)
+        row["map_max_auroc"] = roc_auc(labels, IMAGE_SCORES["map-max"](model, held[0], amaps, held_maps))
         row["pixel_auroc"] = roc_auc(masks.ravel(), amaps.ravel())
-    row["global_auroc"] = roc_auc(labels, IMAGE_SCORES["global"](model, held[0], amaps))
-    score = params.effective(setting, "image_score") if "image_score" in params.BY_NAME else "global"
+    row["global_auroc"] = roc_auc(labels, IMAGE_SCORES["global"](model, held[0], amaps, held_maps))
     row["image_score"] = score
-    row["image_auroc"] = roc_auc(labels, IMAGE_SCORES[score](model, held[0], amaps))
+    row["image_auroc"] = roc_auc(labels, IMAGE_SCORES[score](model, held[0], amaps, held_maps))
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 
