@@ -22,9 +22,8 @@ import json
 import time
 
 import numpy as np
-from PIL import Image
 
-from bench.map_variants import synthetic_defect
+from bench.map_variants import resized_masks, synthetic_split
 from gaussad import GaussianAD
 from gaussad.datasets import load_category
 from gaussad.evaluate import hit_rate, roc_auc
@@ -89,22 +88,13 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     cat = load_category(args.data)
-    rng = np.random.default_rng(0)  # the split and the defects of bench.map_variants
-    order = rng.permutation(len(cat.train_files))
-    n_held = len(order) // 5
-    held, fit = [cat.train_files[i] for i in order[:n_held]], [cat.train_files[i] for i in order[n_held:]]
-    bad, bad_masks = [], []
-    for i, path in enumerate(held):
-        with Image.open(path) as im, Image.open(fit[i % len(fit)]) as donor:
-            img, m = synthetic_defect(im, donor, rng)
-        bad.append(img)
-        bad_masks.append(m)
+    fit, held, bad, bad_masks = synthetic_split(cat.train_files)  # the split and the defects of bench.map_variants
     print(f"{cat.name}: {len(fit)} fit, {len(held)} good + {len(bad)} synthetic", flush=True)
     report = {}
     for backbone in args.backbones.split(","):
         size = GaussianAD(backbone=backbone).feature_extractor().input_size
         masks = np.concatenate([np.zeros((len(held), size, size), bool),
-                                [np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST)) for m in bad_masks]])
+                                resized_masks(bad_masks, size)])
         report[backbone] = run_backbone(backbone, fit, held, bad, masks)
         if args.json:
             with open(args.json, "w") as f:

@@ -27,7 +27,6 @@ import time
 from dataclasses import replace
 
 import numpy as np
-from PIL import Image
 
 from gaussad import GaussianAD, maps, params
 from gaussad.bank import NearestBank, StreamingCoreset, greedy_coreset, nearest_distances
@@ -35,7 +34,7 @@ from gaussad.datasets import load_category
 from gaussad.evaluate import extract, hit_rate, load_masks, roc_auc
 from gaussad.state import prepare_maps
 
-from .map_variants import synthetic_defect
+from .map_variants import resized_masks, synthetic_split
 
 
 def location_vectors(model: GaussianAD, per_image: list) -> tuple[list[np.ndarray], np.ndarray]:
@@ -121,16 +120,8 @@ def main() -> None:
     cat = load_category(args.data)
     model = GaussianAD(preset="recommended", verbose=False)
     size = model.feature_extractor().input_size
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(cat.train_files))
-    n_held = len(order) // 5
-    held, fit = [cat.train_files[i] for i in order[:n_held]], [cat.train_files[i] for i in order[n_held:]]
-    bad, bad_masks = [], []
-    for i, path in enumerate(held):
-        with Image.open(path) as im, Image.open(fit[i % len(fit)]) as donor:
-            img, m = synthetic_defect(im, donor, rng)
-        bad.append(img)
-        bad_masks.append(np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST)))
+    fit, held, bad, bad_masks = synthetic_split(cat.train_files)
+    bad_masks = resized_masks(bad_masks, size)
     _, fit_maps = extract(model, fit, "fit", True)
     _, good_maps = extract(model, held, "held-out good", True)
     _, bad_maps = extract(model, bad, "synthetic", True)

@@ -19,7 +19,6 @@ import argparse
 import json
 
 import numpy as np
-from PIL import Image
 
 from gaussad import GaussianAD, fusion, maps
 from gaussad.datasets import load_category
@@ -27,7 +26,7 @@ from gaussad.evaluate import extract, roc_auc
 from gaussad.state import prepare_maps
 from gaussad.threshold import conformal_pvalue
 
-from .map_variants import synthetic_defect
+from .map_variants import synthetic_split
 
 TOP_K = (1, 3, 5, 10)  # cells averaged: 1 = the peak
 ALPHAS = (0.01, 0.05, 0.1)
@@ -66,14 +65,7 @@ def main() -> None:
 def run(data: str, seed: int) -> dict:
     cat = load_category(data)
     model = GaussianAD(preset="fast")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(cat.train_files))
-    n_held = len(order) // 5
-    held, fit = [cat.train_files[i] for i in order[:n_held]], [cat.train_files[i] for i in order[n_held:]]
-    bad = []
-    for i, path in enumerate(held):
-        with Image.open(path) as im, Image.open(fit[i % len(fit)]) as donor:
-            bad.append(synthetic_defect(im, donor, rng)[0])
+    fit, held, bad, _ = synthetic_split(cat.train_files, seed)
     fit_feats, fit_maps = extract(model, fit, "fit", True)
     good_feats, good_maps = extract(model, held, "held-out good", True)
     bad_feats, bad_maps = extract(model, bad, "synthetic", True)

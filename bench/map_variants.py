@@ -65,6 +65,28 @@ def synthetic_defect(img: Image.Image, donor: Image.Image, rng: np.random.Genera
     return Image.fromarray(a), mask
 
 
+def synthetic_split(train_files: list, seed: int = 0) -> tuple[list, list, list, list[np.ndarray]]:
+    """(fit files, held-out good files, synthetic defective images, their full-size masks): a seeded fifth of the
+    training images held out, and one :func:`synthetic_defect` pasted into a copy of each, the donor another training
+    image. The split and the defects every synthetic bench shares (map variants, backbones, coreset, fused evidence)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train_files))
+    n_held = len(order) // 5
+    held, fit = [train_files[i] for i in order[:n_held]], [train_files[i] for i in order[n_held:]]
+    bad, bad_masks = [], []
+    for i, path in enumerate(held):
+        with Image.open(path) as im, Image.open(fit[i % len(fit)]) as donor:
+            img, m = synthetic_defect(im, donor, rng)
+        bad.append(img)
+        bad_masks.append(m)
+    return fit, held, bad, bad_masks
+
+
+def resized_masks(masks: list[np.ndarray], size: int) -> list[np.ndarray]:
+    """Masks resized (nearest) to ``size`` x ``size``, as the maps are."""
+    return [np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST)) for m in masks]
+
+
 def score_variants(fit_maps, good_maps, bad_maps, masks, labels, size):
     out = {}
     per_image = good_maps + bad_maps
@@ -93,16 +115,8 @@ def main() -> None:
     cat = load_category(args.data)
     model = GaussianAD(preset="recommended", map_levels=ALL_MAP_LEVELS)
     size = model.feature_extractor().input_size
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(cat.train_files))
-    n_held = len(order) // 5
-    held, fit = [cat.train_files[i] for i in order[:n_held]], [cat.train_files[i] for i in order[n_held:]]
-    bad, bad_masks = [], []
-    for i, path in enumerate(held):
-        with Image.open(path) as im, Image.open(fit[i % len(fit)]) as donor:
-            img, m = synthetic_defect(im, donor, rng)
-        bad.append(img)
-        bad_masks.append(np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST)))
+    fit, held, bad, bad_masks = synthetic_split(cat.train_files)
+    bad_masks = resized_masks(bad_masks, size)
     _, fit_maps = extract(model, fit, "fit", True)
     _, good_maps = extract(model, held, "held-out good", True)
     _, bad_maps = extract(model, bad, "synthetic", True)
