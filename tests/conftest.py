@@ -69,3 +69,22 @@ def needs_shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not present: {path}")
     return path
+
+
+def record_coresets(monkeypatch, chunk: int) -> list:
+    """Shrink the streaming coresets' buffer to ``chunk`` rows and collect every coreset a fit makes (for the
+    structural memory tests of one-process and distributed fits)."""
+    import gaussad.bank as bank_mod
+    from gaussad.fitting import Trainer
+
+    monkeypatch.setattr(bank_mod, "CHUNK", chunk)
+    made: list = []
+    real = Trainer.coresets
+
+    def recorded(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        made.extend(out)
+        return out
+
+    monkeypatch.setattr(Trainer, "coresets", recorded)
+    return made

@@ -7,6 +7,7 @@ from scipy.spatial.distance import cdist
 
 from gaussad.bank import NearestBank, StreamingCoreset, greedy_coreset, nearest_distances
 from gaussad.maps import local_mean
+from tests.conftest import record_coresets
 
 
 def _naive_k_centre(x: np.ndarray, size: int, first: int) -> list[int]:
@@ -205,20 +206,8 @@ def test_large_sets_are_selected_chunk_by_chunk_against_the_bank(monkeypatch):
 def test_fits_stream_locations_through_a_bounded_buffer(monkeypatch):
     """A fit's banks come from streaming coresets whose buffers never exceed CHUNK rows (a structural memory bound,
     not a timing), and each bank keeps ceil(map_coreset * locations) members of every image's locations."""
-    import gaussad.bank as bank_mod
     from gaussad import GaussianAD
-    from gaussad.fitting import Trainer
-
-    monkeypatch.setattr(bank_mod, "CHUNK", 40)
-    made: list = []
-    real = Trainer.coresets
-
-    def recorded(self, *args, **kwargs):
-        out = real(self, *args, **kwargs)
-        made.extend(out)
-        return out
-
-    monkeypatch.setattr(Trainer, "coresets", recorded)
+    made = record_coresets(monkeypatch, 40)
     rng = np.random.default_rng(10)
     per_image = [[m, m[:3] * 2.0] for m in rng.normal(size=(12, 6, 4, 4)).astype(np.float32)]
     model = GaussianAD(backbone=None, map_method="nearest", map_pool=1, map_coreset=0.25).fit_map_features(per_image)

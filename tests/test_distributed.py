@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import TINY, record_coresets
 
 dd = pytest.importorskip("dask.distributed")
 pytest.importorskip("pyarrow")
@@ -105,19 +105,7 @@ def test_client_streams_the_bank_candidates_through_a_bounded_buffer(client, tin
     """The client feeds the partitions' candidates to streaming coresets as they arrive: their buffers stay within
     CHUNK rows (here fewer than the candidates, so that they fill and select several times), and each bank keeps
     ceil(map_coreset * locations) members."""
-    import gaussad.bank as bank_mod
-    from gaussad.fitting import Trainer
-
-    monkeypatch.setattr(bank_mod, "CHUNK", 64)
-    made: list = []
-    real = Trainer.coresets
-
-    def recorded(self, *args, **kwargs):
-        out = real(self, *args, **kwargs)
-        made.extend(out)
-        return out
-
-    monkeypatch.setattr(Trainer, "coresets", recorded)
+    made = record_coresets(monkeypatch, 64)
     settings = dict(TINY, map_levels=["stage2", "stage3"], map_method="nearest", map_pool=3, map_coreset=0.2)
     dist = distributed.fit(GaussianAD(**settings), _train(tiny_category), client, partition_size=3)
     assert len(made) == 2
