@@ -1,4 +1,5 @@
-"""precision='int8': the network statically quantized at fit, carried in the model file, refused where unsupported."""
+"""precision='int8': the network statically quantized at fit, carried in the model file and the exported graph, refused
+where unsupported."""
 
 import json
 
@@ -100,7 +101,6 @@ def test_torch_engine_and_plain_features_are_refused_with_int8(sets, pair):
 
 def test_unsupported_uses_of_int8_models_are_refused(pair, sets, tmp_path):
     from gaussad import distributed
-    from gaussad.export import export_detector
 
     fp32, int8 = pair
     with pytest.raises(InvalidParameterError, match="partial_fit with precision='int8' is not supported"):
@@ -108,8 +108,6 @@ def test_unsupported_uses_of_int8_models_are_refused(pair, sets, tmp_path):
     for a, b in ((int8, int8), (fp32, int8), (int8, fp32)):
         with pytest.raises(GaussadError, match="merge of int8 models is not supported"):
             a.merge(b)
-    with pytest.raises(GaussadError, match="export of an int8 model is not supported"):
-        export_detector(int8)
     with pytest.raises(InvalidParameterError, match="distributed fit with precision='int8' is not supported"):
         distributed.fit(GaussianAD(**int8.get_params()), sets[0], client=None)
     path = tmp_path / "int8.gaussad"
@@ -186,8 +184,7 @@ def test_cli_fit_with_precision_int8_stores_it(tiny_category, tmp_path, capsys):
     assert main(["fit", str(tiny_category), "-o", str(model), "--quiet", "--precision", "int8", "--engine", "torch",
                  *TINY_ARGS]) == 2
     assert "engine='torch'" in capsys.readouterr().err
-    assert main(["export", str(model), "-o", str(tmp_path / "m.onnx"), "--quiet"]) == 2
-    assert "export of an int8 model is not supported" in capsys.readouterr().err
+    assert main(["export", str(model), "-o", str(tmp_path / "m.onnx"), "--quiet"]) == 0
 
 
 def test_fitted_int8_network_is_not_silently_replaced_by_fp32(pair, sets):
@@ -219,3 +216,23 @@ def test_old_model_files_load_as_fp32():
     for name in ("image-0.1.0.gaussad", "plain-0.1.0.gaussad"):
         model = gaussad.load(Path(__file__).parent / "data" / name)
         assert model.precision == "fp32" and model.state_.network is None
+
+
+def test_exported_int8_detector_agrees_with_score(pair, sets):
+    """The exported graph runs the model file's quantized network: the same scores, levels and decisions as
+    ``score`` (which runs it in ONNX Runtime too), and not those of the fp32 network."""
+    import onnxruntime as ort
+
+    from gaussad.export import export_detector
+    from gaussad.images import load_image
+
+    fp32, int8 = pair
+    data, _ = export_detector(int8)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    images = sets[1] + sets[2]
+    out = [dict(zip(names, session.run(None, {"image": np.asarray(load_image(p))[None]}))) for p in images]
+    np.testing.assert_allclose([o["score"][0] for o in out], int8.score_samples(images), rtol=1e-9)
+    np.testing.assert_allclose(np.stack([o["levels"][0] for o in out]), int8.level_scores(images), rtol=1e-9)
+    np.testing.assert_array_equal([o["anomalous"][0] for o in out], int8.predict(images))
+    assert not np.allclose([o["score"][0] for o in out], fp32.score_samples(images), rtol=1e-6)

@@ -327,8 +327,6 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     state: DetectorState = model.state_
     if model.backbone is None:
         raise GaussadError("this model works on plain feature arrays (backbone=None): there is no network to export")
-    if model.precision == "int8":
-        raise GaussadError("export of an int8 model is not supported: export a precision='fp32' model")
     if maps and not state.has_maps:
         raise GaussadError("--maps: this model has no anomaly maps (fit it with --preset recommended or --map-levels)")
     if maps and not state.map_banks:
@@ -347,7 +345,11 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     extractor = model.feature_extractor()
     layout = state.layout
     kernels = _grid_kernels(extractor, layout) if maps else []
-    net = onnx.load_from_string(export_onnx(extractor.module, extractor.input_size, any_size=extractor.resize == "aspect"))
+    # An int8 model's network is the quantized graph its model file carries (the one `score` runs); else the
+    # backbone exported as the engine exports it.
+    net = onnx.load_from_string(state.network if state.network is not None else
+                                export_onnx(extractor.module, extractor.input_size, any_size=extractor.resize == "aspect"))
+    del net.metadata_props[:]  # the cache key an engine graph carries; the detector's own metadata follows
     graph = net.graph
     pooled = [o.name for o in graph.output][:len(layout.levels)]
     fmaps = [o.name for o in graph.output][len(layout.levels):]
