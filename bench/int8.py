@@ -49,11 +49,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
     from sklearn.metrics import roc_auc_score
 
     from gaussad import GaussianAD
-    from gaussad.engine import OnnxRuntimeEngine, export_onnx
+    from gaussad.engine import OnnxRuntimeEngine, export_onnx, quantize_int8
     from gaussad.features import FeatureExtractor
     from gaussad.images import list_images
 
@@ -73,17 +72,15 @@ def main() -> None:
             return None if f is None else {"input": extractor.prepare(f)[None]}
 
     with tempfile.TemporaryDirectory() as tmp:
-        fp32_path, pre_path = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
-        int8_path, plain_path = Path(tmp) / "int8.onnx", Path(tmp) / "int8_plain.onnx"
+        fp32_path, plain_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8_plain.onnx"
         fp32_path.write_bytes(export_onnx(extractor.module, size))
+        calibration = train[:args.calibration_images]
         t = time.perf_counter()
-        quant_pre_process(str(fp32_path), str(pre_path))
-        for source, target in ((pre_path, int8_path), (fp32_path, plain_path)):
-            quantize_static(str(source), str(target), Reader(train[:args.calibration_images]),
-                            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-                            activation_type=QuantType.QUInt8)
+        int8_graph = quantize_int8(fp32_path.read_bytes(), [extractor.prepare(f) for f in calibration])  # fit's
         quant_s = time.perf_counter() - t
-        engines = {"fp32": OnnxRuntimeEngine(fp32_path), "int8": OnnxRuntimeEngine(int8_path)}
+        quantize_static(str(fp32_path), str(plain_path), Reader(calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        engines = {"fp32": OnnxRuntimeEngine(fp32_path), "int8": OnnxRuntimeEngine(int8_graph)}
         res = {"data": str(root), "preset": args.preset, "calibration_images": args.calibration_images,
                "quantize_seconds": round(quant_s, 1)}
         scores = {}

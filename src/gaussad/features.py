@@ -104,7 +104,7 @@ class FeatureExtractor:
         :attr:`network`); with fp32 nothing to do."""
         if self.precision != "int8":
             return
-        from .engine import INT8_CALIBRATION_IMAGES, OnnxRuntimeEngine, cached_onnx_graph, quantize_int8
+        from .engine import INT8_CALIBRATION_IMAGES, cached_onnx_graph, quantize_int8
 
         inputs: list[np.ndarray] = []
         for i, source in enumerate(sources):
@@ -119,7 +119,7 @@ class FeatureExtractor:
             raise GaussadError("precision='int8' calibrates on the training images, but none could be read")
         graph = cached_onnx_graph(lambda: self.module, self.input_size, self._graph_key(), any_size=self.resize == "aspect")
         self.network = quantize_int8(graph, inputs)
-        self._runner = OnnxRuntimeEngine(self.network)
+        self._runner = None  # :attr:`runner` builds the int8 engine of the new network
 
     @property
     def runner(self) -> Engine:
