@@ -119,7 +119,9 @@ def _shifted_copies(n: int, folder: Path) -> list[Path]:
         if not path.exists():
             with Image.open(train[src]) as im:
                 arr = np.asarray(im)
-            Image.fromarray(np.roll(arr, rep + 1 if rep else 0, axis=1)).save(path, compress_level=1)
+            part = path.with_suffix(".part")  # renamed when complete: an interrupted run leaves no broken image
+            Image.fromarray(np.roll(arr, rep + 1 if rep else 0, axis=1)).save(part, format="PNG", compress_level=1)
+            part.replace(path)
         out.append(path)
     return out
 

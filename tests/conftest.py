@@ -31,7 +31,8 @@ def in_child(work) -> tuple[int, str]:
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 
 # Small settings that keep every backbone test fast: low resolution, the first levels only.
-TINY = {"backbone": "efficientnet-lite0", "input_size": 64, "levels": ["stem", "stage1", "stage2", "stage3"]}
+TINY = {"backbone": "efficientnet-lite0", "input_size": 64, "levels": ["stem", "stage1", "stage2", "stage3"],
+        "preset": "paper"}
 
 
 @pytest.fixture(scope="session", autouse=True)

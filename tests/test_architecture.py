@@ -215,5 +215,8 @@ def test_recommended_preset_takes_the_backbones_map_levels():
     assert GaussianAD(preset="recommended").setting("map_levels") == (
         "stage2", "stage3", "stage4", "stage5", "stage6", "stage7")
     assert GaussianAD(backbone="resnet18", preset="recommended").setting("map_levels") == ("layer2", "layer3")
-    assert GaussianAD(backbone="resnet18").setting("map_levels") == ()
+    assert GaussianAD(backbone="resnet18", preset="paper").setting("map_levels") == ()
+    # no preset named: the recommended one (issue 13), and model files say so
+    assert GaussianAD().setting("preset") == "recommended"
+    assert GaussianAD(backbone="resnet18").setting("map_levels") == ("layer2", "layer3")
     assert GaussianAD(backbone=None, preset="recommended").setting("map_levels") == ()

@@ -10,7 +10,7 @@ from gaussad.cli import main
 
 from .conftest import TINY
 
-TINY_ARGS = ["--input-size", str(TINY["input_size"]), "--levels", ",".join(TINY["levels"])]
+TINY_ARGS = ["--preset", "paper", "--input-size", str(TINY["input_size"]), "--levels", ",".join(TINY["levels"])]
 
 
 def test_fit_score_roundtrip(tiny_category, tmp_path, capsys):

@@ -16,7 +16,7 @@ from gaussad.cli import main, overlay_names
 
 from .conftest import TINY
 
-TINY_ARGS = ["--input-size", str(TINY["input_size"]), "--levels", ",".join(TINY["levels"])]
+TINY_ARGS = ["--preset", "paper", "--input-size", str(TINY["input_size"]), "--levels", ",".join(TINY["levels"])]
 MAP_ARGS = [*TINY_ARGS, "--map-levels", "stage2,stage3", "--map-method", "gaussian"]
 
 

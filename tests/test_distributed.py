@@ -75,8 +75,8 @@ def test_partitions_and_addresses():
 
 def test_fit_paper_matches_one_process(client, tiny_category):
     """The Gaussians of 4 partitions merged by the tree reduction are one process's (scores to 1e-6 relative)."""
-    one = GaussianAD(**TINY, preset="paper").fit(_train(tiny_category))
-    dist = distributed.fit(GaussianAD(**TINY, preset="paper"), _train(tiny_category), client, partition_size=3)
+    one = GaussianAD(**TINY).fit(_train(tiny_category))
+    dist = distributed.fit(GaussianAD(**TINY), _train(tiny_category), client, partition_size=3)
     assert dist.n_samples_ == one.n_samples_ == 10
     test = _test(tiny_category)
     np.testing.assert_allclose(dist.score_samples(test), one.score_samples(test), rtol=1e-6)

@@ -15,7 +15,7 @@ from gaussad.errors import GaussadError, InvalidParameterError, ModelFormatError
 
 from .conftest import TINY
 
-FUSED = {"backbone": None, "map_method": "nearest", "image_score": "fused"}
+FUSED = {"backbone": None, "preset": "paper", "map_method": "nearest", "image_score": "fused"}
 TINY_FUSED = {**TINY, "map_levels": ["stage2", "stage3"], "map_method": "nearest", "image_score": "fused",
               "threshold": "conformal", "fpr": 0.2}
 

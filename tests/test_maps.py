@@ -175,7 +175,9 @@ def test_map_parameters_are_validated():
 def test_presets_resolve_settings():
     rec = GaussianAD(preset="recommended")
     assert rec.setting("normalize") == "native" and rec.setting("map_levels")
-    assert GaussianAD().setting("normalize") == "imagenet" and not GaussianAD().setting("map_levels")
+    paper = GaussianAD(preset="paper")
+    assert paper.setting("normalize") == "imagenet" and not paper.setting("map_levels")
+    assert GaussianAD().setting("normalize") == "native" and GaussianAD().setting("map_levels")  # the default
     assert GaussianAD(preset="recommended", normalize="imagenet").setting("normalize") == "imagenet"
     with pytest.raises(gaussad.GaussadError, match="unknown preset"):
         GaussianAD(preset="best").fit_features([np.zeros((3, 2))])

@@ -24,7 +24,7 @@ PROBE = [RNG.normal(size=(5, 8)), RNG.normal(size=(5, 4))]
 @pytest.fixture
 def model_path(tmp_path):
     path = tmp_path / "model.gaussad"
-    GaussianAD(backbone=None).fit_features(TRAIN).save(path)
+    GaussianAD(backbone=None, preset="paper").fit_features(TRAIN).save(path)
     return path
 
 
@@ -417,3 +417,16 @@ def test_header_length_that_looks_like_pickle_magic_still_loads(model_path):
     assert model_path.read_bytes()[:1] == b"\x80"
     np.testing.assert_allclose(gaussad.load(model_path).level_scores_features(PROBE),
                                GaussianAD(backbone=None).fit_features(TRAIN).level_scores_features(PROBE))
+
+
+def test_files_from_before_the_recommended_default_say_paper(model_path, tmp_path):
+    """Model files written while the paper's preset was the default stored no preset name; they hold the paper's
+    settings and load, save and describe themselves as "paper", while a new model without a preset says
+    "recommended" in its file."""
+    _forge(model_path, edit_meta=lambda m: m.update(preset=None))
+    old = gaussad.load(model_path)
+    assert old.setting("preset") == "paper" and old.summary()["preset"] == "paper"
+    old.save(tmp_path / "again.gaussad")
+    assert read_model_file(tmp_path / "again.gaussad")[0]["preset"] == "paper"
+    GaussianAD(backbone=None).fit_features(TRAIN).save(tmp_path / "new.gaussad")
+    assert read_model_file(tmp_path / "new.gaussad")[0]["preset"] == "recommended"

@@ -196,8 +196,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.maps:
         check_output(args.maps, "overlay", folder=True)
     model = load(args.model)
-    if args.preset and (model.preset or "paper") != args.preset:
-        raise GaussadError(f"{args.model}: fitted with preset {model.preset or 'paper'}, not {args.preset}; "
+    if args.preset and model.setting("preset") != args.preset:
+        raise GaussadError(f"{args.model}: fitted with preset {model.setting('preset')}, not {args.preset}; "
                            f"refit with --preset {args.preset}")
     model.set_params(verbose=not (args.quiet or args.json), **params.from_args(args, params.cli_names("intake")))
     method = args.threshold or model.setting("threshold")
@@ -256,8 +256,8 @@ def _score_distributed(args: argparse.Namespace, files: list[Path], names: list[
     from .model import load
 
     model = load(args.model)
-    if args.preset and (model.preset or "paper") != args.preset:
-        raise GaussadError(f"{args.model}: fitted with preset {model.preset or 'paper'}, not {args.preset}; "
+    if args.preset and model.setting("preset") != args.preset:
+        raise GaussadError(f"{args.model}: fitted with preset {model.setting('preset')}, not {args.preset}; "
                            f"refit with --preset {args.preset}")
     with distributed.connect(args.dask) as client:
         summary = distributed.score(args.model, files, names, args.out, client, args.fpr, args.threshold,
@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maps", metavar="DIR",
                    help="write a heat-map overlay PNG per image into DIR, mirroring the images' names (good/000.png "
                         "-> DIR/good/000_map.png; repeated names get -2, -3, ...); needs a model fitted with anomaly maps")
-    p.add_argument("--preset", choices=("paper", "recommended"),
+    p.add_argument("--preset", choices=tuple(params.PRESETS),
                    help="check that the model was fitted with this preset (the preset itself is stored in the model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
     p.add_argument("--json", action="store_true", help="print the results as JSON (with --out: a summary)")

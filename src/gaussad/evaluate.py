@@ -231,7 +231,7 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
     sem = float(np.std(aurocs, ddof=1) / math.sqrt(len(aurocs))) if len(aurocs) > 1 else 0.0
     report = {
         "protocol": protocol,
-        "preset": params.get("preset"),
+        "preset": extractor_model.setting("preset"),
         "backbone": params.get("backbone", "efficientnet-lite0"),
         "input_size": extractor.input_size,
         "levels": extractor.level_names,

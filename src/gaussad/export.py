@@ -388,7 +388,7 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     notes = [LIMITS, NO_MAPS] if state.has_maps and not maps else [LIMITS]
     limit = math.nan if rule.fused else rule.score_threshold(state)
     meta = {
-        "gaussad.version": __version__, "gaussad.preset": str(model.preset or "paper"),
+        "gaussad.version": __version__, "gaussad.preset": str(model.setting("preset")),
         "gaussad.backbone": str(model.backbone), "gaussad.levels": ",".join(layout.level_names),
         "gaussad.input_size": str(layout.input_size), "gaussad.resize": extractor.resize,
         "gaussad.normalize": str(model.setting("normalize")), "gaussad.threshold": rule.method, "gaussad.fpr": repr(rule.fpr),

@@ -320,7 +320,7 @@ class GaussianAD(FittedAttributes):
 
     def summary(self) -> dict[str, Any]:
         """The fitted model in brief: backbone, levels, training images, decision rule and its calibration."""
-        return {"backbone": self.backbone, "preset": self.preset or "paper", **summary(self.rule(), self._state())}
+        return {"backbone": self.backbone, "preset": self.setting("preset"), **summary(self.rule(), self._state())}
 
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable description of the fitted model (stored in the model file)."""

@@ -146,7 +146,7 @@ def image_results(model: GaussianAD, filenames: list[str], levels: np.ndarray, f
 
 def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
     """What ``GET /models`` says about one model."""
-    return {"name": name, "backbone": model.backbone, "preset": model.preset or "paper",
+    return {"name": name, "backbone": model.backbone, "preset": model.setting("preset"),
             "input_size": model.input_size_, "levels": list(model.level_names_), "n_samples": int(model.n_samples_),
             "maps": model.has_maps, "map_levels": list(model.map_level_names_),
             "threshold": decision_rule(model, fpr),
