@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
 
         root = build_texture_dataset(args.out)
         source = f"scikit-image textures with synthetic defects, built in {root} ({mvtec} not found)"
-    print(f"gaussad demo: {source}; paper protocol (5-fold), efficientnet-lite0, 9 levels, Ledoit-Wolf", flush=True)
+    print(f"gaussad demo: {source}; paper protocol (5-fold), efficientnet-lite0, 9 levels, Ledoit-Wolf, "
+          "the default (recommended) preset with its anomaly maps", flush=True)
     report = evaluate(root, protocol="paper", backbone="efficientnet-lite0", verbose=not args.quiet)
     print(format_table(report))
     return 0
