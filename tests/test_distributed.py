@@ -23,6 +23,7 @@ pytest.importorskip("pyarrow")
 
 from gaussad import GaussianAD  # noqa: E402
 from gaussad import distributed  # noqa: E402
+from gaussad.errors import InvalidParameterError  # noqa: E402
 from gaussad.cli import main  # noqa: E402
 from gaussad.images import find_images  # noqa: E402
 
@@ -254,3 +255,22 @@ def test_unreachable_scheduler_is_one_clear_error():
     with pytest.raises(distributed.GaussadError, match="cannot reach the scheduler"):
         with distributed.connect("tcp://127.0.0.1:9", timeout=2):
             pass
+
+
+def test_default_conformal_calibration_is_cross_conformal_at_any_size(tiny_category, monkeypatch):
+    """From CV_BELOW images on, one process holds out a fraction by default; a distributed fit, which cannot score a
+    held-out part without a second pass, calibrates cross-conformally instead (its partitions run in-process here),
+    with the out-of-fold scores of a one-process calibration='cv' fit; an explicit fraction is still refused."""
+    from gaussad import params
+
+    monkeypatch.setattr(params, "CV_BELOW", 4)
+    files = _train(tiny_category)
+    settings = dict(TINY, threshold="conformal")
+    assert GaussianAD(**settings).fit(files).state_.calibration_method == "split"
+    trainer = GaussianAD(**settings)._trainer()
+    state = trainer.fit_parts(trainer.fit_part(files, range(len(files)), len(files)))
+    assert state.calibration_method == "cv"
+    one = GaussianAD(**settings, calibration="cv").fit(files)
+    np.testing.assert_allclose(state.calibration_scores, one.calibration_scores_, rtol=1e-6)
+    with pytest.raises(InvalidParameterError, match="held-out"):
+        GaussianAD(**settings, calibration=0.2)._trainer().fit_part(files, range(len(files)), len(files))

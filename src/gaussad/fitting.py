@@ -365,8 +365,12 @@ class Trainer:
     def fit_part(self, images: list, positions: Sequence[int], n_total: int, on_error: str = "fail") -> "Part":
         """The mergeable statistics of one partition of a fit's image list: ``positions`` are the images' indices in
         the whole list of ``n_total`` (their names, bank image ids and calibration folds); bank candidates are the
-        partition's own coreset."""
+        partition's own coreset. Without a calibration given, the conformal threshold is calibrated cross-conformally
+        at any number of images (one process holds out a fraction from :data:`gaussad.params.CV_BELOW` images on,
+        which here would need a second pass; the fold models come free from the merged statistics)."""
         calibration = self.calibration(n_total)
+        if self.settings["calibration"] is None and calibration is not None:
+            calibration = "cv"
         if self.fused:
             raise InvalidParameterError("a distributed fit does not calibrate the fused image score (its map peaks "
                                         "need every image's locations against the final banks): use "
