@@ -6,7 +6,7 @@ parameter ``precision="int8"``, :func:`gaussad.engine.quantize_int8`, measured h
 Exports the pooled-feature network (all 9 levels, the preset's normalisation, square resize), runs ONNX Runtime's
 ``quant_pre_process`` on it (shape inference and graph optimisation; without it ONNX Runtime cannot fuse the
 quantized operators and int8 is no faster, EXPERIMENTS.md), quantizes it with ``quantize_static`` (QDQ, per-channel
-int8 weights, uint8 activations, MinMax calibration on the first ``--calibration-images`` training images), then, in
+int8 weights, uint8 activations, MinMax calibration on ``--calibration-images`` training images spread over the sorted list, as fit takes them), then, in
 one run: the full protocol (fit on all of train/good, score test/*) with the fp32 and the int8 network, image AUROC
 of each, and the network alone on random input (batch 16), also the same quantization without the pre-processing.
 """
@@ -52,7 +52,7 @@ def main() -> None:
     from sklearn.metrics import roc_auc_score
 
     from gaussad import GaussianAD
-    from gaussad.engine import OnnxRuntimeEngine, export_onnx, quantize_int8
+    from gaussad.engine import OnnxRuntimeEngine, calibration_order, export_onnx, quantize_int8
     from gaussad.features import FeatureExtractor
     from gaussad.images import list_images
 
@@ -74,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path, plain_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8_plain.onnx"
         fp32_path.write_bytes(export_onnx(extractor.module, size))
-        calibration = train[:args.calibration_images]
+        calibration = [train[i] for i in calibration_order(len(train), args.calibration_images)[:args.calibration_images]]
         t = time.perf_counter()
         int8_graph = quantize_int8(fp32_path.read_bytes(), [extractor.prepare(f) for f in calibration])  # fit's
         quant_s = time.perf_counter() - t

@@ -59,16 +59,24 @@ def test_int8_features_agree_with_fp32_and_rank_anomalies_alike(pair, sets):
     assert abs(auroc(sa) - auroc(sb)) <= 0.15
 
 
-def test_calibration_uses_the_first_training_images_in_order(sets, monkeypatch):
-    """Only the first INT8_CALIBRATION_IMAGES images shape the network: changing a later one changes nothing, an
-    earlier one changes the quantization."""
+def test_calibration_uses_the_training_images_spread_over_the_list(sets, monkeypatch):
+    """Only the INT8_CALIBRATION_IMAGES images that calibration_order puts first shape the network: swapping two
+    others changes nothing, swapping a chosen one with another changes the quantization."""
     monkeypatch.setattr(engine_mod, "INT8_CALIBRATION_IMAGES", 3)
-    train = sets[0]
-    base = GaussianAD(**TINY, precision="int8").fit(train).state_.network
-    later = GaussianAD(**TINY, precision="int8").fit(train[:3] + train[4:] + train[3:4]).state_.network
-    earlier = GaussianAD(**TINY, precision="int8").fit(train[3:4] + train[1:3] + train[:1] + train[4:]).state_.network
-    assert later == base
-    assert earlier != base
+    train = list(sets[0])
+    chosen = engine_mod.calibration_order(len(train), 3)[:3]
+    others = [i for i in range(len(train)) if i not in chosen]
+
+    def network(order: list[int]) -> bytes:
+        return GaussianAD(**TINY, precision="int8").fit([train[i] for i in order]).state_.network
+
+    base = network(list(range(len(train))))
+    swap_others = list(range(len(train)))
+    swap_others[others[0]], swap_others[others[1]] = others[1], others[0]
+    swap_chosen = list(range(len(train)))
+    swap_chosen[chosen[1]], swap_chosen[others[0]] = others[0], chosen[1]
+    assert network(swap_others) == base
+    assert network(swap_chosen) != base
 
 
 def test_round_trip_scores_identically_from_the_file_alone(pair, sets, tmp_path, monkeypatch):
@@ -236,3 +244,31 @@ def test_exported_int8_detector_agrees_with_score(pair, sets):
     np.testing.assert_allclose(np.stack([o["levels"][0] for o in out]), int8.level_scores(images), rtol=1e-9)
     np.testing.assert_array_equal([o["anomalous"][0] for o in out], int8.predict(images))
     assert not np.allclose([o["score"][0] for o in out], fp32.score_samples(images), rtol=1e-6)
+
+
+def test_int8_calibrates_on_images_spread_over_the_list(monkeypatch):
+    """Activation ranges come from images spread over the (sorted) training list, not its first ones, which may all
+    be one acquisition run; an unreadable one is replaced by the next image not yet used."""
+    order = engine_mod.calibration_order(200)
+    assert sorted(order) == list(range(200)) and order[0] == 0 and order[63] == 199
+    assert np.diff(order[:64]).max() <= 4
+    assert engine_mod.calibration_order(5) == [0, 1, 2, 3, 4] and engine_mod.calibration_order(0) == []
+
+    from gaussad.errors import ImageError
+    from gaussad.features import FeatureExtractor
+
+    seen = []
+
+    def prepare(self, source, index=None):
+        seen.append(index)
+        if index == 0:
+            raise ImageError("unreadable")
+        return np.zeros((3, 8, 8), np.float32)
+
+    monkeypatch.setattr(FeatureExtractor, "prepare", prepare)
+    monkeypatch.setattr(engine_mod, "INT8_CALIBRATION_IMAGES", 3)
+    monkeypatch.setattr(engine_mod, "cached_onnx_graph", lambda *args, **kwargs: b"fp32")
+    monkeypatch.setattr(engine_mod, "quantize_int8", lambda graph, inputs: b"int8 of %d" % len(inputs))
+    extractor = GaussianAD(**TINY, precision="int8").feature_extractor()
+    extractor.calibrate([f"image{i}.png" for i in range(10)], on_error="skip")
+    assert seen == [0, 4, 9, 1] and extractor.network == b"int8 of 3"

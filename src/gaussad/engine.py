@@ -253,6 +253,16 @@ def cached_onnx_graph(build: Callable[[], "nn.Module"], input_size: int, key: di
 INT8_CALIBRATION_IMAGES = 64
 
 
+def calibration_order(n: int, k: int = INT8_CALIBRATION_IMAGES) -> list[int]:
+    """Positions of ``n`` training images in the order int8 calibration reads them: ``k`` spread evenly over the
+    list first (files sorted by name are often sorted by acquisition run, and ranges taken from the first ``k``
+    alone missed the later runs: magnetic tile, EXPERIMENTS.md), then the others, in order, to replace unreadable
+    ones."""
+    spread = np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(int)).tolist() if n else []
+    chosen = set(spread)
+    return spread + [i for i in range(n) if i not in chosen]
+
+
 def quantize_int8(graph: bytes, inputs: Sequence[np.ndarray]) -> bytes:
     """The serialised int8 graph of an fp32 ONNX ``graph`` (input named "input"), its activation ranges calibrated
     on ``inputs`` (prepared (3, H, W) float32 network inputs, one image each)."""

@@ -99,19 +99,19 @@ class FeatureExtractor:
                          self.levels, self.map_levels)
 
     def calibrate(self, sources: Sequence[ImageSource], on_error: str = "fail") -> None:
-        """With int8 precision: quantize the network on the first :data:`~gaussad.engine.INT8_CALIBRATION_IMAGES`
-        readable ``sources``, in order, each prepared as for scoring, and run that network from now on (it becomes
-        :attr:`network`); with fp32 nothing to do."""
+        """With int8 precision: quantize the network on :data:`~gaussad.engine.INT8_CALIBRATION_IMAGES` readable
+        ``sources`` spread over the list (:func:`~gaussad.engine.calibration_order`), each prepared as for scoring,
+        and run that network from now on (it becomes :attr:`network`); with fp32 nothing to do."""
         if self.precision != "int8":
             return
-        from .engine import INT8_CALIBRATION_IMAGES, cached_onnx_graph, quantize_int8
+        from .engine import INT8_CALIBRATION_IMAGES, cached_onnx_graph, calibration_order, quantize_int8
 
         inputs: list[np.ndarray] = []
-        for i, source in enumerate(sources):
+        for i in calibration_order(len(sources), INT8_CALIBRATION_IMAGES):
             if len(inputs) == INT8_CALIBRATION_IMAGES:
                 break
             try:
-                inputs.append(self.prepare(source, i))
+                inputs.append(self.prepare(sources[i], i))
             except ImageError:
                 if on_error != "skip":
                     raise

@@ -152,7 +152,7 @@ class GaussianAD(FittedAttributes):
 
         ``on_error="skip"`` leaves out unreadable images (listed in ``skipped_``). ``calibration_scores_``: with
         ``calibration="cv"`` out-of-fold scores of every image, with a fraction those of the held-out images. With
-        ``precision="int8"`` the network is first quantized on the first 64 images (:meth:`FeatureExtractor.calibrate`).
+        ``precision="int8"`` the network is first quantized on 64 images spread over the list (:meth:`FeatureExtractor.calibrate`).
         """
         images = image_list(images)
         self.__dict__.pop("state_", None)

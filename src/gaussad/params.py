@@ -254,7 +254,7 @@ PARAMS: tuple[Param, ...] = (
           choices=MAP_GRIDS),
     Param("precision", "fp32", choice(PRECISIONS),
           "network arithmetic: fp32, or int8 = the network statically quantized at fit (ONNX Runtime, QDQ, "
-          "per-channel int8 weights, uint8 activations calibrated on the first 64 training images), about 2x faster "
+          "per-channel int8 weights, uint8 activations calibrated on 64 training images spread over the list), about 2x faster "
           "on CPU for a small AUROC change (BENCHMARKS.md), the quantized network (a few MB) stored in the model "
           "file; needs the onnxruntime engine", flag="--precision", choices=PRECISIONS),
     Param("preset", None, optional(choice(PRESETS)),
