@@ -274,3 +274,38 @@ def test_default_conformal_calibration_is_cross_conformal_at_any_size(tiny_categ
     np.testing.assert_allclose(state.calibration_scores, one.calibration_scores_, rtol=1e-6)
     with pytest.raises(InvalidParameterError, match="held-out"):
         GaussianAD(**settings, calibration=0.2)._trainer().fit_part(files, range(len(files)), len(files))
+
+
+class _Eager:
+    """A stand-in client whose ``submit`` runs the function at once (values stand for futures)."""
+
+    def submit(self, fn, *args, pure=True):
+        return fn(*args)
+
+
+def test_tree_reduction_merges_in_order_of_addition_at_any_count():
+    for n in range(1, 12):
+        tree = distributed.TreeReduction(_Eager(), lambda a, b: f"({a}{b})" if len(a) + len(b) > 2 else a + b)
+        for i in range(n):
+            tree.add(str(i % 10))
+        assert tree.result().replace("(", "").replace(")", "") == "".join(str(i % 10) for i in range(n))
+        # one pending value per level: at most log2(n) + 1 wait for a partner
+        assert len(tree._stack) <= math.floor(math.log2(n)) + 1
+    with pytest.raises(ValueError, match="nothing to reduce"):
+        distributed.TreeReduction(_Eager(), str.__add__).result()
+
+
+def test_bounded_keeps_at_most_a_window_submitted_and_not_taken():
+    submitted, taken, worst = [], [], []
+
+    def submit(item):
+        submitted.append(item)
+        worst.append(len(submitted) - len(taken))
+        return item * 10
+
+    for value in distributed.bounded(range(23), 4, submit):
+        taken.append(value)
+    assert taken == [10 * i for i in range(23)] and submitted == list(range(23)) and max(worst) == 4
+    assert list(distributed.bounded([], 3, submit)) == []
+    with pytest.raises(ValueError):
+        next(distributed.bounded(range(3), 0, submit))

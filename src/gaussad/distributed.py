@@ -11,12 +11,19 @@ import hashlib
 import json
 import os
 import threading
+from collections import deque
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from .errors import DataError, GaussadError, InvalidParameterError
 
 DEFAULT_PARTITION = 64  # images per task: bounds a worker's memory (bank candidates of one partition at a time)
+# A fit keeps at most this many partitions per worker thread submitted and not yet taken by the client: the client's
+# bank selection can be slower than the workers, whose finished partitions (bank candidates, moment statistics)
+# would otherwise wait in their memory, which then grew with the number of images (BENCHMARKS.md, "Distributed").
+WINDOW_PER_THREAD = 4
+T = TypeVar("T")
 FORMATS = (".parquet", ".jsonl", ".csv")
 MANIFEST = "_gaussad_run.json"
 
@@ -106,15 +113,6 @@ def _progress(futures: list, enabled: bool) -> None:
         _dask().progress(futures, notebook=False)
 
 
-def _progress_thread(futures: list, enabled: bool) -> threading.Thread | None:
-    """Dask's progress bar over ``futures`` in a thread, while the caller collects results as they come."""
-    if not (enabled and futures):
-        return None
-    thread = threading.Thread(target=_progress, args=(list(futures), True), daemon=True)
-    thread.start()
-    return thread
-
-
 # ----- on the workers ---------------------------------------------------------------------------------------------
 def _worker_threads() -> int | None:
     try:
@@ -163,22 +161,64 @@ def _banks_of(part):
     return part.banks
 
 
-def _done(part) -> bool:
-    return True
-
-
 def _merge(a, b):
     return a.merge(b)
 
 
 # ----- fit --------------------------------------------------------------------------------------------------------
+def bounded(items: Iterable[Any], window: int, submit: Callable[[Any], T]) -> Iterator[T]:
+    """``submit(item)`` for each item, yielded in order, with at most ``window`` of them submitted and not yet
+    taken: the next item is submitted when the caller comes back for the next result (so after it has used the
+    previous one)."""
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    items = iter(items)
+    pending: deque = deque(submit(item) for item in islice(items, window))
+    while pending:
+        yield pending.popleft()
+        for item in islice(items, 1):
+            pending.append(submit(item))
+
+
+class TreeReduction:
+    """Pairwise merges of futures in the order they are added, submitted as soon as both sides exist (a binary
+    counter: the first two, the next two, then those two pairs, ...), so that at most one pending value per level of
+    the tree waits for its partner; the order of the merges depends on the order of the values only, not on which
+    worker finishes first."""
+
+    def __init__(self, client, merge: Callable) -> None:
+        self.client, self.merge = client, merge
+        self._stack: list[tuple[int, Any]] = []  # (level, future), levels strictly decreasing from the bottom
+
+    def add(self, future) -> None:
+        level = 0
+        while self._stack and self._stack[-1][0] == level:
+            _, left = self._stack.pop()
+            future = self.client.submit(self.merge, left, future, pure=False)
+            level += 1
+        self._stack.append((level, future))
+
+    def result(self):
+        """The future of the merge of every value added (left to right)."""
+        if not self._stack:
+            raise ValueError("nothing to reduce")
+        _, future = self._stack.pop()
+        while self._stack:
+            _, left = self._stack.pop()
+            future = self.client.submit(self.merge, left, future, pure=False)
+        return future
+
+
 def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION, on_error: str = "fail",
         progress: bool | None = None):
     """Fit ``model`` (a :class:`~gaussad.GaussianAD`) on ``images`` (paths the workers can read, or arrays) with
     the workers of ``client``; returns the model. The Gaussians are those of ``model.fit(images)`` up to float
     rounding (merged moment statistics); each map bank is a streaming greedy selection over the partitions'
-    coresets as they arrive, so the client holds the banks and one buffer of candidates (README, "Distributed")."""
+    coresets as they arrive, so the client holds the banks and one buffer of candidates (README, "Distributed").
+    Partitions are submitted :data:`WINDOW_PER_THREAD` per worker thread ahead of the client, so neither the
+    workers nor the client hold more than a window of them whatever the number of images."""
     from . import params
+    from .features import progress_bar
     from .fitting import Trainer
     from .images import image_list
 
@@ -191,29 +231,30 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     settings = params.resolved(model.get_params())
     progress = model.verbose if progress is None else progress
     layout_future = client.submit(_layout_task, settings, pure=False)
-    parts = [client.submit(_fit_task, settings, images[lo:hi], lo, len(images), on_error, pure=False)
-             for lo, hi in partitions(len(images), partition_size)]
-    stats = client.map(_stats_of, parts, pure=False)
-    banks = client.map(_banks_of, parts, pure=False)
-    # the bar follows small stand-ins, so that it holds no partition's results on the workers
-    bar = _progress_thread(client.map(_done, parts, pure=False) if progress else [], progress)
-    del parts
-    while len(stats) > 1:  # tree reduction, pairs in a fixed order: the same merges whichever worker runs them
-        stats = [client.submit(_merge, a, b, pure=False) if b is not None else a
-                 for a, b in zip(stats[::2], stats[1::2] + [None] * (len(stats) % 2))]
+    stats = TreeReduction(client, _merge)
+
+    def submit(span: tuple[int, int]) -> tuple[int, Any]:
+        lo, hi = span
+        part = client.submit(_fit_task, settings, images[lo:hi], lo, len(images), on_error, pure=False)
+        stats.add(client.submit(_stats_of, part, pure=False))
+        return hi - lo, client.submit(_banks_of, part, pure=False)
+
+    window = WINDOW_PER_THREAD * max(1, sum(client.nthreads().values()))
     trainer = Trainer(settings)
     coresets: list = []
-    for future in banks:  # in partition order, each released once here, so workers do not keep them
+    bar = progress_bar(len(images), "fit (dask)", progress)
+    for size, future in bounded(partitions(len(images), partition_size), window, submit):  # in partition order
         part_banks = _result(future)
-        future.release()
+        future.release()  # so that the worker does not keep it
         if part_banks and not coresets:
             coresets = trainer.coresets(len(part_banks))
         for coreset, candidates in zip(coresets, part_banks):  # the client holds the banks and one buffer
             coreset.add(candidates.vectors, candidates.ids, candidates.seen)
-    del banks
-    merged = _result(stats[0])
+        if bar is not None:
+            bar.update(size)
+    merged = _result(stats.result())
     if bar is not None:
-        bar.join()
+        bar.close()
     trainer.layout = _result(layout_future)
     state = trainer.fit_parts(merged, coresets)
     model.state_, model.skipped_ = state, trainer.skipped
