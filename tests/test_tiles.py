@@ -234,3 +234,13 @@ def test_cli_map_tiles(tiny_category, tmp_path, capsys):
     report = tmp_path / "report.json"
     assert main(["evaluate", str(tiny_category), "--json", str(report), *args, "--map-tiles", "2"]) == 0
     assert json.loads(report.read_text())["map_tiles"] == 2 and "tiles=2" in capsys.readouterr().out
+
+
+def test_int8_network_runs_the_tiles_too(files, tiny_category, tiled):
+    """precision='int8': the quantized network (calibrated on whole images at the input size) runs the tiles as well;
+    its maps follow the fp32 ones."""
+    test = list_images(tiny_category / "test", recursive=True)
+    int8 = GaussianAD(**TILED, map_tiles=2, precision="int8").fit(files)
+    maps, reference = int8.anomaly_map(test), tiled.anomaly_map(test)
+    assert maps.shape == reference.shape and np.isfinite(maps).all()
+    assert np.corrcoef(maps.ravel(), reference.ravel())[0, 1] > 0.8
