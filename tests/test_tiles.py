@@ -244,3 +244,26 @@ def test_int8_network_runs_the_tiles_too(files, tiny_category, tiled):
     maps, reference = int8.anomaly_map(test), tiled.anomaly_map(test)
     assert maps.shape == reference.shape and np.isfinite(maps).all()
     assert np.corrcoef(maps.ravel(), reference.ravel())[0, 1] > 0.8
+
+
+def test_service_map_of_a_tiled_model_is_its_tiled_overlay(tiled, tiny_category, tmp_path):
+    """serve's /map draws the tiled model's own map over a non-square upload."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from gaussad.images import load_image
+    from gaussad.maps import overlay
+    from gaussad.serve import create_app, load_models
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    tiled.save(folder / "tiled.gaussad")
+    upload = tmp_path / "crop.png"
+    Image.open(list_images(tiny_category / "test" / "patch")[0]).crop((0, 0, 64, 40)).save(upload)
+    with TestClient(create_app(load_models(folder))) as client:
+        resp = client.post("/models/tiled/map", files={"file": ("crop.png", upload.read_bytes(), "image/png")})
+    assert resp.status_code == 200
+    got = np.asarray(Image.open(io.BytesIO(resp.content)))
+    want = np.asarray(overlay(load_image(upload), tiled.anomaly_map([upload])[0]))
+    assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 2
