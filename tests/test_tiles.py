@@ -41,7 +41,8 @@ def test_tiles_overlap_by_about_a_quarter_align_on_32_and_cover_the_map_image(si
         boxes = tile_boxes(height, width, size)
         assert len({b[2:] for b in boxes}) == 1 and all(b[0] % 32 == 0 and b[1] % 32 == 0 for b in boxes)
         count = _covered(boxes, height, width)
-        assert count.min() >= 1 and max(b[0] + b[2] for b in boxes) == height and max(b[1] + b[3] for b in boxes) == width
+        assert count.min() >= 1
+        assert max(b[0] + b[2] for b in boxes) == height and max(b[1] + b[3] for b in boxes) == width
     assert tile_step(224) == 160 and map_side(224, 2) == 384 and tile_step(64) == 32
 
 
@@ -70,7 +71,8 @@ def test_mosaic_is_the_mean_of_the_covering_tiles_cells():
         assert got.shape[1:] == (height // stride, width // stride)
         for y in range(got.shape[1]):
             for x in range(got.shape[2]):
-                cells = [f[level][:, y - top // stride, x - left // stride] for (top, left, h, w), f in zip(boxes, tiles)
+                cells = [f[level][:, y - top // stride, x - left // stride]
+                         for (top, left, h, w), f in zip(boxes, tiles)
                          if top <= y * stride < top + h and left <= x * stride < left + w]
                 np.testing.assert_allclose(got[:, y, x], np.mean(cells, axis=0), rtol=1e-6, atol=1e-6)
 

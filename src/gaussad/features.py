@@ -213,8 +213,8 @@ class FeatureExtractor:
             for end in range(1, len(kept) + 1):
                 if end == len(kept) or shapes(kept[end][1]) != shapes(kept[start][1]):
                     run = kept[start:end]
-                    yield (np.array([i for i, _ in run], dtype=int), tuple(np.stack(a) for a in zip(*(a for _, a in run))),
-                           len(done) if start == 0 else 0)
+                    stacked = tuple(np.stack(a) for a in zip(*(a for _, a in run)))
+                    yield np.array([i for i, _ in run], dtype=int), stacked, len(done) if start == 0 else 0
                     start = end
 
         step = self.images_per_batch
