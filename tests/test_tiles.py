@@ -269,3 +269,14 @@ def test_service_map_of_a_tiled_model_is_its_tiled_overlay(tiled, tiny_category,
     got = np.asarray(Image.open(io.BytesIO(resp.content)))
     want = np.asarray(overlay(load_image(upload), tiled.anomaly_map([upload])[0]))
     assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 2
+
+
+def test_tune_ranks_map_tiles_by_their_maps(files):
+    """tune's tiles axis: the candidates share the global score (same image AUROC), their maps differ."""
+    from gaussad.tune import GRIDS, tune
+
+    assert GRIDS["tiles"] == {"map_tiles": (1, 2, 3)}
+    result = tune(files, grid={"map_tiles": (1, 2)}, base={**TILED, "preset": "recommended"}, refit=False)
+    rows = {r["settings"].get("map_tiles", 1): r for r in result.ranking}  # settings: what differs from the base
+    assert rows[1]["image_auroc"] == pytest.approx(rows[2]["image_auroc"], abs=1e-12)
+    assert rows[1]["pixel_auroc"] != rows[2]["pixel_auroc"]

@@ -63,6 +63,7 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "sizes": {"input_size": _SIZES},
     "maps": {"maps": _MAPS},
     "scores": {"image_score": ("global", "fused")},
+    "tiles": {"map_tiles": (1, 2, 3)},  # the global score does not change: the pixel AUROC decides
 }
 
 
