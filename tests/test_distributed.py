@@ -126,6 +126,17 @@ def test_fit_keeps_the_finest_map_grid(client, tiny_category):
     np.testing.assert_allclose(dist.anomaly_map(test), one.anomaly_map(test), rtol=1e-4, atol=1e-4)
 
 
+def test_fit_tiled_maps(client, tiny_category):
+    """map_tiles: the workers' extractors tile as one process's does, so the distributed model's maps are one
+    process's (full banks)."""
+    settings = dict(TINY, map_levels=["stage2", "stage7"], map_method="nearest", map_coreset=1.0, map_tiles=2)
+    one = GaussianAD(**settings).fit(_train(tiny_category))
+    dist = distributed.fit(GaussianAD(**settings), _train(tiny_category), client, partition_size=4)
+    assert dist.state_.layout.settings["map_tiles"] == 2
+    test = _test(tiny_category)
+    np.testing.assert_allclose(dist.anomaly_map(test), one.anomaly_map(test), rtol=1e-4, atol=1e-4)
+
+
 def test_fit_refuses_split_calibration(client, tiny_category):
     with pytest.raises(distributed.GaussadError, match="calibration 'cv'"):
         distributed.fit(GaussianAD(**TINY, calibration=0.2), _train(tiny_category), client, partition_size=5)

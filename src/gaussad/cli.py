@@ -492,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "refit the best on all images and write it to MODEL. Grids start from --preset "
                                    "recommended. small: input size native / ~1.4x / ~1.7x times map grid coarsest "
                                    "(stage2-7) / finest (stage4-7); sizes: the input sizes only; maps: the map "
-                                   "grids only; scores: the global against the fused image score. The choice is "
+                                   "grids only; scores: the global against the fused image score; tiles: map "
+                                   "tiles 1 / 2 / 3 (--map-tiles). The choice is "
                                    "a hint: synthetic defects do not always rank settings as real ones do (README, "
                                    "EXPERIMENTS.md).")
     p.add_argument("train_dir", metavar="TRAIN_DIR")

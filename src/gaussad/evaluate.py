@@ -239,6 +239,7 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
         "map_method": extractor_model.setting("map_method") if extractor.map_levels else None,
         "map_pool": extractor_model.setting("map_pool") if extractor.map_levels else None,
         "map_grid": extractor_model.setting("map_grid") if extractor.map_levels else None,
+        "map_tiles": extractor.map_tiles,
         "estimator": params.get("estimator", "ledoit-wolf"),
         "reduction": params.get("reduction"),
         "variance": params.get("variance", 0.99) if params.get("reduction") else None,
@@ -272,7 +273,7 @@ def format_table(report: dict[str, Any]) -> str:
              f"estimator={report['estimator']} reduction={report['reduction'] or 'none'} normalize={report['normalize']} "
              f"resize={report.get('resize', 'square')}"
              + (f" maps={report['map_method']}:{','.join(report['map_levels'])} pool={report['map_pool']}"
-                f" grid={report.get('map_grid') or 'coarsest'}"
+                f" grid={report.get('map_grid') or 'coarsest'} tiles={report.get('map_tiles', 1)}"
                 if report.get("map_levels") else ""))
     out = [title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
     return "\n".join(out + [""] + _threshold_table(report))

@@ -16,6 +16,7 @@ from .engine import Engine, cpu_count, graph_key, resolve_engine
 from .errors import GaussadError, ImageError, InvalidParameterError
 from .images import IMAGENET, ImageSource, check_max_pixels, load_image, preprocess
 from .params import DEFAULT_MAX_PIXELS, NORMALIZATIONS, RESIZES, check_precision
+from .tiles import Mosaic, check_tiling, cut, map_side, tile_boxes
 
 if TYPE_CHECKING:
     from .backbones.base import PooledLevels
@@ -31,7 +32,8 @@ class FeatureExtractor:
     ``engine`` is "onnxruntime", "torch" or "auto" (ONNX Runtime when installed); ``draft`` lets large JPEGs
     decode at reduced scale, ``decoder`` picks the decoders (see :func:`gaussad.images.load_image`).
     ``precision="int8"`` runs a statically quantized ONNX graph: ``network`` (a fitted model's), or the one
-    :meth:`calibrate` makes from training images.
+    :meth:`calibrate` makes from training images. ``map_tiles`` > 1 takes the feature maps of the map levels from
+    overlapping tiles of a larger map image (:mod:`gaussad.tiles`), the pooled features still from the whole image.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class FeatureExtractor:
         decoder: str = "pil",
         precision: str = "fp32",
         network: bytes | None = None,
+        map_tiles: int = 1,
     ):
         spec = get_spec(backbone)
         if normalize not in NORMALIZATIONS:
@@ -78,6 +81,8 @@ class FeatureExtractor:
             raise GaussadError(f"unknown resize {resize!r}; choose one of: {', '.join(RESIZES)}")
         self.resize = resize
         self.decoder = decoder
+        self.map_tiles = int(map_tiles) if self.map_levels else 1
+        check_tiling(self.input_size, self.map_tiles)
         self._module: "PooledLevels | None" = None
         self._runner: Engine | None = None
 
@@ -161,17 +166,33 @@ class FeatureExtractor:
         return preprocess(load_image(source, index, self.max_pixels, draft, decoder=self.decoder), self.input_size,
                           self.normalization, self.resize)
 
+    def prepare_tiled(self, source: ImageSource, index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """With map tiles: one image decoded once (a large JPEG drafted at the map image's scale, so that its tiles
+        keep their detail), as the (3, H, W) network input of :meth:`prepare` and the (3, H_m, W_m) map image, the
+        same resize at :func:`~gaussad.tiles.map_side` pixels a side that the tiles cut."""
+        side = map_side(self.input_size, self.map_tiles)
+        img = load_image(source, index, self.max_pixels, side if self.draft else None, decoder=self.decoder)
+        return (preprocess(img, self.input_size, self.normalization, self.resize),
+                preprocess(img, side, self.normalization, self.resize))
+
+    @property
+    def images_per_batch(self) -> int:
+        """Images decoded and run together: ``batch_size``, or with map tiles as many as make about ``batch_size``
+        tiles (at least one), so that a batch's map images hold about as many pixels as an untiled batch."""
+        return max(1, self.batch_size // self.map_tiles ** 2)
+
     def _batches(self, sources: Sequence[ImageSource], on_error: str,
-                 skipped: list | None) -> Iterator[tuple[np.ndarray, np.ndarray | None, int]]:
+                 skipped: list | None) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, ...] | None, int]]:
         """Decode and preprocess in a thread pool, keeping at most two batches in flight.
 
-        Yields (indices of the images that decoded, their stacked input or None, number of images handled), in the
-        order of ``sources``; with the aspect-kept resize a batch is split into runs of consecutive images of equal
-        input shape, the count going with the first.
+        Yields (indices of the images that decoded, their stacked inputs or None, number of images handled), in the
+        order of ``sources``; the inputs are the network input, and with map tiles the map images too. With the
+        aspect-kept resize a batch is split into runs of consecutive images of equal input shapes, the count going
+        with the first.
         """
-        def work(i: int) -> np.ndarray | None:
+        def work(i: int) -> tuple[np.ndarray, ...] | None:
             try:
-                return self.prepare(sources[i], i)
+                return self.prepare_tiled(sources[i], i) if self.map_tiles > 1 else (self.prepare(sources[i], i),)
             except ImageError as exc:
                 if on_error != "skip":
                     raise
@@ -179,7 +200,10 @@ class FeatureExtractor:
                     skipped.append((i, str(exc)))
                 return None
 
-        def collect(futures: list) -> Iterator[tuple[np.ndarray, np.ndarray | None, int]]:
+        def shapes(inputs: tuple[np.ndarray, ...]) -> list[tuple[int, ...]]:
+            return [a.shape for a in inputs]
+
+        def collect(futures: list) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, ...] | None, int]]:
             done = [(i, f.result()) for i, f in futures]
             kept = [(i, a) for i, a in done if a is not None]
             if not kept:
@@ -187,21 +211,37 @@ class FeatureExtractor:
                 return
             start = 0
             for end in range(1, len(kept) + 1):
-                if end == len(kept) or kept[end][1].shape != kept[start][1].shape:
+                if end == len(kept) or shapes(kept[end][1]) != shapes(kept[start][1]):
                     run = kept[start:end]
-                    yield (np.array([i for i, _ in run], dtype=int), np.stack([a for _, a in run]),
-                           len(done) if start == 0 else 0)
+                    stacked = tuple(np.stack(a) for a in zip(*(a for _, a in run)))
+                    yield np.array([i for i, _ in run], dtype=int), stacked, len(done) if start == 0 else 0
                     start = end
 
+        step = self.images_per_batch
         with ThreadPoolExecutor(self.workers) as pool:
             pending: deque = deque()
-            for start in range(0, len(sources), self.batch_size):
-                stop = min(start + self.batch_size, len(sources))
+            for start in range(0, len(sources), step):
+                stop = min(start + step, len(sources))
                 pending.append([(i, pool.submit(work, i)) for i in range(start, stop)])
                 if len(pending) > 2:
                     yield from collect(pending.popleft())
             while pending:
                 yield from collect(pending.popleft())
+
+    def _tiled_maps(self, map_images: np.ndarray) -> list[np.ndarray]:
+        """(B, C, H_l, W_l) stitched feature maps of the map levels of a batch of (B, 3, H, W) map images: their
+        tiles (:func:`~gaussad.tiles.tile_boxes`) run through the network ``batch_size`` at a time, whatever the
+        image, each tile's maps added to its image's :class:`~gaussad.tiles.Mosaic` as they come."""
+        runner, n_pooled = self.runner, len(self.levels)
+        height, width = map_images.shape[2:]
+        mosaics = [Mosaic(height, width) for _ in map_images]
+        jobs = [(i, box) for i in range(len(map_images)) for box in tile_boxes(height, width, self.input_size)]
+        for start in range(0, len(jobs), self.batch_size):
+            chunk = jobs[start:start + self.batch_size]
+            outs = runner.run(np.stack([cut(map_images[i], box) for i, box in chunk]))[n_pooled:]
+            for j, (i, box) in enumerate(chunk):
+                mosaics[i].add(box, [o[j] for o in outs])
+        return [np.stack(level) for level in zip(*(m.result() for m in mosaics))]
 
     def _run(self, sources: Sequence[ImageSource], progress, on_error: str,
              skipped: list | None) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
@@ -210,13 +250,14 @@ class FeatureExtractor:
             raise GaussadError(f"unknown on_error {on_error!r}; choose one of: {', '.join(ON_ERROR)}")
         runner = self.runner
         n_pooled = len(self.levels)
-        for idx, batch, handled in self._batches(sources, on_error, skipped):
+        for idx, inputs, handled in self._batches(sources, on_error, skipped):
             if progress is not None:
                 progress.update(handled)
-            if batch is None:
+            if inputs is None:
                 continue
-            outs = runner.run(batch)
-            yield idx, [o.astype(np.float64) for o in outs[:n_pooled]], list(outs[n_pooled:])
+            outs = runner.run(inputs[0])
+            fmaps = self._tiled_maps(inputs[1]) if self.map_tiles > 1 else list(outs[n_pooled:])
+            yield idx, [o.astype(np.float64) for o in outs[:n_pooled]], fmaps
 
     def iter_features(self, sources: Sequence[ImageSource], progress=None, on_error: str = "fail",
                       skipped: list | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
@@ -279,13 +320,13 @@ class ExtractorCache:
                (layout.input_size if layout else settings["input_size"]) or spec.input_size,
                settings["normalize"], settings["resize"],
                tuple(layout.map_levels if layout else resolve_levels(spec.level_names, map_levels) if map_levels else ()),
-               settings["engine"], settings.get("precision", "fp32"))
+               settings["engine"], settings.get("precision", "fp32"), int(settings.get("map_tiles", 1)))
         if self.extractor is None or self.key != key or (network is not None and self.extractor.network != network):
-            backbone, weights, levels, size, normalize, resize, maps, engine, precision = key
+            backbone, weights, levels, size, normalize, resize, maps, engine, precision, tiles = key
             self.extractor = FeatureExtractor(backbone, list(levels), size, weights, int(settings["batch_size"]),
                                               normalize=normalize, map_levels=list(maps), engine=engine,
                                               max_pixels=settings["max_pixels"], resize=resize, precision=precision,
-                                              network=network)
+                                              network=network, map_tiles=tiles)
             self.key = key
         self.extractor.batch_size, self.extractor.max_pixels = int(settings["batch_size"]), int(settings["max_pixels"])
         self.extractor.decoder = settings.get("decoder", "pil")

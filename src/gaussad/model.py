@@ -62,7 +62,7 @@ class GaussianAD(FittedAttributes):
                  estimator: str = "ledoit-wolf", reduction: str | None = None, variance: float = 0.99,
                  normalize: str | None = None, resize: str | None = None,
                  map_levels: Sequence[int | str] | None = None, map_method: str | None = None,
-                 map_pool: int | None = None, map_coreset: float = 0.1, map_grid: str | None = None,
+                 map_pool: int | None = None, map_coreset: float = 0.1, map_grid: str | None = None, map_tiles: int = 1,
                  precision: str = "fp32", preset: str | None = None, image_score: str | None = None,
                  threshold: str | None = None, fpr: float = 0.01, calibration: float | str | None = None, calibration_folds: int = 5,
                  random_state: int | None = 0, batch_size: int = 16, engine: str = "auto", verbose: bool = False,
@@ -72,7 +72,7 @@ class GaussianAD(FittedAttributes):
         self.normalize, self.resize, self.decoder = normalize, resize, decoder
         self.map_levels, self.map_method, self.map_pool, self.map_coreset = map_levels, map_method, map_pool, map_coreset
         self.preset, self.image_score, self.threshold, self.fpr = preset, image_score, threshold, fpr
-        self.map_grid, self.precision = map_grid, precision
+        self.map_grid, self.map_tiles, self.precision = map_grid, map_tiles, precision
         self.calibration, self.calibration_folds, self.random_state = calibration, calibration_folds, random_state
         self.batch_size, self.engine, self.verbose, self.max_pixels = batch_size, engine, verbose, max_pixels
 

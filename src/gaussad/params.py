@@ -31,6 +31,7 @@ DECODERS = ("auto", "pil")
 PRECISIONS = ("fp32", "int8")
 MAX_INPUT_SIZE = 4096  # largest network input side (EfficientNet-B7 uses 600)
 MAX_MAP_POOL = 15
+MAX_MAP_TILES = 8  # 64 tiles per image: about 64 network runs per image for its map
 # Smallest target false-positive rate: below it the per-level rates (fpr / levels) approach float64's underflow and
 # thresholds stop being computable; no inspection runs at 1e-12 anyway.
 MIN_FPR = 1e-12
@@ -252,6 +253,12 @@ PARAMS: tuple[Param, ...] = (
           "on its own (one bank per level); finest = PatchCore's recipe, every level upsampled to the finest map "
           "level's grid and concatenated into one vector per location (one bank)", preset=True, flag="--map-grid",
           choices=MAP_GRIDS),
+    Param("map_tiles", 1, integer(1, MAX_MAP_TILES),
+          "tile the anomaly maps: the image resized to about K tiles of side S along each side (S + (K-1) x the tile "
+          "step, tiles overlapping by about S/4), each tile run through the network at S, the map levels' feature "
+          "maps stitched (overlaps averaged) into one; the image score still comes from the whole image at S. About "
+          "1 + K*K network runs per image (1 = off); input size a multiple of 32, maps export refuses it",
+          flag="--map-tiles", parse=_int_text, metavar="K"),
     Param("precision", "fp32", choice(PRECISIONS),
           "network arithmetic: fp32, or int8 = the network statically quantized at fit (ONNX Runtime, QDQ, "
           "per-channel int8 weights, uint8 activations calibrated on 64 training images spread over the list), about 2x faster "
@@ -359,6 +366,7 @@ def validate(params: Mapping[str, Any]) -> None:
                     raise InvalidParameterError(f"{name}: {exc}") from None
     check_precision(params)
     _check_fused(params)
+    _check_tiles(params)
 
 
 def check_precision(params: Mapping[str, Any]) -> None:
@@ -394,6 +402,14 @@ def _check_fused(params: Mapping[str, Any]) -> None:
     if params.get("backbone") is not None and not list(effective(params, "map_levels") or ()):
         raise InvalidParameterError("image_score='fused' needs anomaly maps, but map_levels is empty: set map_levels "
                                     "or use image_score='global'")
+
+
+def _check_tiles(params: Mapping[str, Any]) -> None:
+    """Tiles shape only the anomaly maps: refuse them for a model without maps rather than ignore them."""
+    tiles = params.get("map_tiles", 1)
+    if tiles > 1 and params.get("backbone") is not None and not list(effective(params, "map_levels") or ()):
+        raise InvalidParameterError(f"map_tiles={tiles} tiles the anomaly maps, but map_levels is empty: set "
+                                    "map_levels (or preset='recommended') or map_tiles=1")
 
 
 def calibration_for(params: Mapping[str, Any], n: int) -> str | float | None:

@@ -21,7 +21,8 @@ import numpy as np
 from . import params
 from .errors import GaussadError, ModelFormatError
 from .files import open_regular_file, write_atomic
-from .params import ESTIMATORS, MAP_GRIDS, MAP_METHODS, MAX_INPUT_SIZE, MAX_MAP_POOL, NORMALIZATIONS, PRESETS, REDUCTIONS, RESIZES
+from .params import (ESTIMATORS, MAP_GRIDS, MAP_METHODS, MAX_INPUT_SIZE, MAX_MAP_POOL, MAX_MAP_TILES, NORMALIZATIONS,
+                     PRESETS, REDUCTIONS, RESIZES)
 from .decision import DecisionRule
 from .state import DetectorState
 
@@ -156,6 +157,7 @@ def validate_meta(meta: Any) -> None:
     _need(_is_number(coreset) and 0.0 < coreset <= 1.0, "map_coreset must lie in (0, 1]")
     grid = meta.get("map_grid", "coarsest")
     _need(grid in MAP_GRIDS, f"unknown map_grid {str(grid)[:40]!r}")
+    _need(_is_int(meta.get("map_tiles", 1), 1, MAX_MAP_TILES), f"map_tiles must be an integer 1..{MAX_MAP_TILES}")
     n_maps = min(len(map_levels), 1) if grid == "finest" else len(map_levels)
     banks = meta.get("map_banks", [])
     _need(isinstance(banks, list) and len(banks) == (n_maps if method == "nearest" else 0)

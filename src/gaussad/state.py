@@ -17,7 +17,9 @@ from .errors import DataError, GaussadError, NotFittedError
 from .gaussian import MAX_ABS, LevelGaussian, MomentStats
 
 # The settings besides the layout that shape the features (statistics made with others cannot be combined).
-FEATURE_SETTINGS = ("backbone", "weights", "normalize", "resize", "map_method", "map_pool", "map_grid")
+FEATURE_SETTINGS = ("backbone", "weights", "normalize", "resize", "map_method", "map_pool", "map_grid", "map_tiles")
+# What files from before a feature setting existed meant by it.
+FEATURE_DEFAULTS = {"map_grid": "coarsest", "map_tiles": 1}
 # How calibration scores were made: a held-out fraction (split conformal), out-of-fold scores (cross-conformal), or
 # other normal images scored by the final model (``calibrate``).
 CALIBRATIONS = ("split", "cv", "calibrate")
@@ -52,7 +54,7 @@ def feature_settings(values: dict[str, Any]) -> dict[str, Any]:
     """The :data:`FEATURE_SETTINGS` of resolved parameter values (only the backbone for plain features)."""
     if values.get("backbone") is None:
         return {"backbone": None}
-    out = {k: values.get(k, "coarsest" if k == "map_grid" else None) for k in FEATURE_SETTINGS}
+    out = {k: values.get(k, FEATURE_DEFAULTS.get(k)) for k in FEATURE_SETTINGS}
     out["weights"] = None if out["weights"] is None else os.fspath(out["weights"])
     return out
 

@@ -63,6 +63,7 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "sizes": {"input_size": _SIZES},
     "maps": {"maps": _MAPS},
     "scores": {"image_score": ("global", "fused")},
+    "tiles": {"map_tiles": (1, 2, 3)},  # the global score does not change: the pixel AUROC decides
 }
 
 
@@ -173,7 +174,8 @@ def split(n: int, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _feature_key(setting: Mapping[str, Any]) -> str:
     """What shapes the network's input and pooled features: candidates with the same key share one extraction."""
     r = params.resolved(setting)
-    return json.dumps({k: r[k] for k in ("backbone", "weights", "input_size", "levels", "normalize", "resize")},
+    return json.dumps({k: r[k] for k in ("backbone", "weights", "input_size", "levels", "normalize", "resize",
+                                     "map_tiles")},
                       sort_keys=True, default=str)
 
 
