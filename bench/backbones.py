@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from bench.map_variants import resized_masks, synthetic_split
+from bench.map_variants import split_masks, synthetic_split
 from gaussad import GaussianAD
 from gaussad.datasets import load_category
 from gaussad.evaluate import hit_rate, roc_auc
@@ -93,8 +93,7 @@ def main() -> None:
     report = {}
     for backbone in args.backbones.split(","):
         size = GaussianAD(backbone=backbone).feature_extractor().input_size
-        masks = np.concatenate([np.zeros((len(held), size, size), bool),
-                                resized_masks(bad_masks, size)])
+        masks = split_masks(len(held), bad_masks, size)
         report[backbone] = run_backbone(backbone, fit, held, bad, masks)
         if args.json:
             with open(args.json, "w") as f:

@@ -34,7 +34,7 @@ from gaussad.datasets import load_category
 from gaussad.evaluate import extract, hit_rate, load_masks, roc_auc
 from gaussad.state import prepare_maps
 
-from .map_variants import resized_masks, synthetic_split
+from .map_variants import split_masks, synthetic_split
 
 
 def location_vectors(model: GaussianAD, per_image: list) -> tuple[list[np.ndarray], np.ndarray]:
@@ -121,12 +121,11 @@ def main() -> None:
     model = GaussianAD(preset="recommended", verbose=False)
     size = model.feature_extractor().input_size
     fit, held, bad, bad_masks = synthetic_split(cat.train_files)
-    bad_masks = resized_masks(bad_masks, size)
     _, fit_maps = extract(model, fit, "fit", True)
     _, good_maps = extract(model, held, "held-out good", True)
     _, bad_maps = extract(model, bad, "synthetic", True)
     mapper = GaussianAD(preset="recommended", verbose=False).fit_map_features(fit_maps)  # its state: maps only
-    masks = np.concatenate([np.zeros((len(held), size, size), bool), np.asarray(bad_masks, bool)])
+    masks = split_masks(len(held), bad_masks, size)
     labels = np.r_[np.zeros(len(held)), np.ones(len(bad))]
     print(f"synthetic ({cat.name}: {len(fit)} fit, {len(held)} good + {len(bad)} synthetic)", flush=True)
     report = {"synth": score(mapper, fit_maps, good_maps + bad_maps, masks, labels, size, args.pending)}

@@ -87,6 +87,12 @@ def resized_masks(masks: list[np.ndarray], size: int) -> list[np.ndarray]:
     return [np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST)) for m in masks]
 
 
+def split_masks(n_good: int, bad_masks: list[np.ndarray], size: int) -> np.ndarray:
+    """(n_good + len(bad_masks), size, size) boolean masks of the scored images in the order the benches score them:
+    the held-out goods (empty), then the synthetic defects' masks resized as the maps are."""
+    return np.concatenate([np.zeros((n_good, size, size), bool), np.asarray(resized_masks(bad_masks, size), bool)])
+
+
 def score_variants(fit_maps, good_maps, bad_maps, masks, labels, size):
     out = {}
     per_image = good_maps + bad_maps
@@ -116,11 +122,10 @@ def main() -> None:
     model = GaussianAD(preset="recommended", map_levels=ALL_MAP_LEVELS)
     size = model.feature_extractor().input_size
     fit, held, bad, bad_masks = synthetic_split(cat.train_files)
-    bad_masks = resized_masks(bad_masks, size)
     _, fit_maps = extract(model, fit, "fit", True)
     _, good_maps = extract(model, held, "held-out good", True)
     _, bad_maps = extract(model, bad, "synthetic", True)
-    masks = np.concatenate([np.zeros((len(held), size, size), bool), np.asarray(bad_masks, bool)])
+    masks = split_masks(len(held), bad_masks, size)
     labels = np.r_[np.zeros(len(held)), np.ones(len(bad))]
     print(f"synthetic ({cat.name}: {len(fit)} fit, {len(held)} good + {len(bad)} synthetic)", flush=True)
     report = {"synth": score_variants(fit_maps, good_maps, bad_maps, masks, labels, size)}

@@ -21,7 +21,7 @@ from gaussad import GaussianAD
 from gaussad.datasets import load_category
 from gaussad.evaluate import hit_rate, roc_auc
 
-from .map_variants import resized_masks, synthetic_split
+from .map_variants import split_masks, synthetic_split
 
 
 def measure(tiles: int, fit: list, scored: list, masks: np.ndarray, labels: np.ndarray) -> dict:
@@ -48,7 +48,7 @@ def main() -> None:
     cat = load_category(args.data)
     size = GaussianAD(preset="recommended").feature_extractor().input_size
     fit, held, bad, bad_masks = synthetic_split(cat.train_files)
-    masks = np.concatenate([np.zeros((len(held), size, size), bool), np.asarray(resized_masks(bad_masks, size), bool)])
+    masks = split_masks(len(held), bad_masks, size)
     labels = np.r_[np.zeros(len(held)), np.ones(len(bad))]
     print(f"{cat.name}: {len(fit)} fit, {len(held)} good + {len(bad)} synthetic", flush=True)
     report = {}
