@@ -190,15 +190,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         return _score_distributed(args, files, names)
     import numpy as np
 
-    from .model import load
     from .results import result_rows
 
     if args.maps:
         check_output(args.maps, "overlay", folder=True)
-    model = load(args.model)
-    if args.preset and model.setting("preset") != args.preset:
-        raise GaussadError(f"{args.model}: fitted with preset {model.setting('preset')}, not {args.preset}; "
-                           f"refit with --preset {args.preset}")
+    model = _load_checked(args)
     model.set_params(verbose=not (args.quiet or args.json), **params.from_args(args, params.cli_names("intake")))
     method = args.threshold or model.setting("threshold")
     fpr = model.fpr if args.fpr is None else args.fpr
@@ -251,14 +247,22 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score_distributed(args: argparse.Namespace, files: list[Path], names: list[str]) -> int:
-    from . import distributed
+def _load_checked(args: argparse.Namespace):
+    """The model of ``score`` (one process or --dask), refused when ``--preset`` names another than it was fitted
+    with."""
     from .model import load
 
     model = load(args.model)
     if args.preset and model.setting("preset") != args.preset:
         raise GaussadError(f"{args.model}: fitted with preset {model.setting('preset')}, not {args.preset}; "
                            f"refit with --preset {args.preset}")
+    return model
+
+
+def _score_distributed(args: argparse.Namespace, files: list[Path], names: list[str]) -> int:
+    from . import distributed
+
+    _load_checked(args)  # a bad model file or preset fails before any cluster starts
     with distributed.connect(args.dask) as client:
         summary = distributed.score(args.model, files, names, args.out, client, args.fpr, args.threshold,
                                     args.partition_size, args.on_error, progress=not (args.quiet or args.json))
