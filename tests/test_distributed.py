@@ -126,13 +126,21 @@ def test_fit_keeps_the_finest_map_grid(client, tiny_category):
     np.testing.assert_allclose(dist.anomaly_map(test), one.anomaly_map(test), rtol=1e-4, atol=1e-4)
 
 
-def test_fit_tiled_maps(client, tiny_category):
+@pytest.mark.parametrize("tiles", [2, "auto"])
+def test_fit_tiled_maps(client, tiny_category, tmp_path, tiles):
     """map_tiles: the workers' extractors tile as one process's does, so the distributed model's maps are one
-    process's (full banks)."""
-    settings = dict(TINY, map_levels=["stage2", "stage7"], map_method="nearest", map_coreset=1.0, map_tiles=2)
-    one = GaussianAD(**settings).fit(_train(tiny_category))
-    dist = distributed.fit(GaussianAD(**settings), _train(tiny_category), client, partition_size=4)
-    assert dist.state_.layout.settings["map_tiles"] == 2
+    process's (full banks); 'auto' is decided on a worker from the files as one process decides it (2 tiles for
+    these 128 px copies at S = 64)."""
+    from PIL import Image
+
+    train = []
+    for path in _train(tiny_category):
+        train.append(tmp_path / Path(path).name)
+        Image.open(path).convert("RGB").resize((128, 128)).save(train[-1])
+    settings = dict(TINY, map_levels=["stage2", "stage7"], map_method="nearest", map_coreset=1.0, map_tiles=tiles)
+    one = GaussianAD(**settings).fit(train)
+    dist = distributed.fit(GaussianAD(**settings), train, client, partition_size=4)
+    assert dist.state_.layout.settings["map_tiles"] == one.map_tiles_ == 2
     test = _test(tiny_category)
     np.testing.assert_allclose(dist.anomaly_map(test), one.anomaly_map(test), rtol=1e-4, atol=1e-4)
 

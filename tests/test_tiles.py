@@ -13,7 +13,7 @@ from gaussad import GaussianAD, InvalidParameterError
 from gaussad.cli import main
 from gaussad.features import FeatureExtractor
 from gaussad.images import list_images
-from gaussad.tiles import Mosaic, check_tiling, cut, map_side, starts, tile_boxes, tile_step
+from gaussad.tiles import AUTO_MAX_TILES, Mosaic, auto_tiles, check_tiling, cut, map_side, starts, tile_boxes, tile_step
 
 from .conftest import TINY
 
@@ -224,7 +224,7 @@ def test_export_with_maps_refuses_a_tiled_model_in_one_line(tiled):
 def test_cli_map_tiles(tiny_category, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
-    assert "--map-tiles K" in capsys.readouterr().out
+    assert "--map-tiles K|auto" in capsys.readouterr().out
     args = ["--input-size", "64", "--levels", ",".join(TINY["levels"]), "--preset", "paper", "--map-levels",
             "stage2,stage7", "--map-method", "nearest"]
     out = tmp_path / "m.gaussad"
@@ -232,10 +232,15 @@ def test_cli_map_tiles(tiny_category, tmp_path, capsys):
     assert gaussad.load(out).map_tiles == 2
     with pytest.raises(SystemExit) as exc:
         main(["fit", str(tiny_category / "train" / "good"), "-o", str(out), *args, "--map-tiles", "0"])
-    assert exc.value.code == 2 and "map_tiles must be an integer 1..8" in capsys.readouterr().err
+    assert exc.value.code == 2 and "map_tiles must be 'auto' or an integer 1..8" in capsys.readouterr().err
     report = tmp_path / "report.json"
     assert main(["evaluate", str(tiny_category), "--json", str(report), *args, "--map-tiles", "2"]) == 0
     assert json.loads(report.read_text())["map_tiles"] == 2 and "tiles=2" in capsys.readouterr().out
+    # auto, decided per category from its training images: 64 px images at S = 64 are not tiled
+    assert main(["evaluate", str(tiny_category), "--json", str(report), *args, "--map-tiles", "auto"]) == 0
+    figures = json.loads(report.read_text())
+    assert figures["map_tiles"] == "auto" and figures["categories"]["brick"]["map_tiles"] == 1
+    assert "tiles=auto (brick 1)" in capsys.readouterr().out
 
 
 def test_int8_network_runs_the_tiles_too(files, tiny_category, tiled):
@@ -280,3 +285,42 @@ def test_tune_ranks_map_tiles_by_their_maps(files):
     rows = {r["settings"].get("map_tiles", 1): r for r in result.ranking}  # settings: what differs from the base
     assert rows[1]["image_auroc"] == pytest.approx(rows[2]["image_auroc"], abs=1e-12)
     assert rows[1]["pixel_auroc"] != rows[2]["pixel_auroc"]
+
+
+@pytest.mark.parametrize("size", [64, 224, 320])
+def test_auto_tiles_take_the_most_tiles_whose_map_image_the_images_fill(size):
+    """'auto': k tiles only when the images have at least the k-tile map image's side, so tiles never upscale."""
+    two = map_side(size, 2)
+    assert auto_tiles(two - 1, size) == 1 and auto_tiles(two, size) == 2
+    assert auto_tiles(map_side(size, 3), size, most=3) == 3 and auto_tiles(map_side(size, 3) - 1, size, most=3) == 2
+    assert auto_tiles(100 * size, size) == AUTO_MAX_TILES == 2
+    assert auto_tiles(100 * size, size + 1) == 1  # an input size tiles cannot align on: untiled, not refused
+
+
+def test_auto_tiles_are_decided_at_fit_from_the_images_and_kept(files, tmp_path):
+    """map_tiles='auto' (the recommended preset's): the fitted model is the one fitted with the number the rule gives
+    for its images (2 for 128 px images at S = 64, 1 for 64 px ones), and its file keeps that number."""
+    big = [np.asarray(Image.open(f).convert("RGB").resize((128, 128))) for f in files]
+    auto = GaussianAD(**TILED, map_tiles="auto").fit(big)
+    assert auto.setting("map_tiles") == "auto" and auto.map_tiles_ == 2
+    np.testing.assert_array_equal(auto.anomaly_map(big[:3]), GaussianAD(**TILED, map_tiles=2).fit(big).anomaly_map(big[:3]))
+    small = GaussianAD(**TILED, map_tiles="auto").fit(files)
+    assert small.map_tiles_ == 1
+    np.testing.assert_array_equal(small.anomaly_map(files[:3]), GaussianAD(**TILED, map_tiles=1).fit(files).anomaly_map(files[:3]))
+    mixed = GaussianAD(**TILED, map_tiles="auto").fit(big[:4] + list(files[:6]))  # the median image decides
+    assert mixed.map_tiles_ == 1
+    path = tmp_path / "auto.gaussad"
+    auto.save(path)
+    loaded = gaussad.load(path)
+    assert loaded.map_tiles == loaded.map_tiles_ == 2
+    np.testing.assert_allclose(loaded.anomaly_map(big[:3]), auto.anomaly_map(big[:3]), rtol=1e-6, atol=1e-6)
+    grown = GaussianAD(**TILED, map_tiles="auto").partial_fit(big[:5]).partial_fit(files[:5])  # the first chunk decides
+    assert grown.map_tiles_ == 2 and grown.n_samples_ == 10
+    assert [GaussianAD(preset=p).setting("map_tiles") for p in ("recommended", "fast", "paper")] == ["auto", 1, 1]
+    assert GaussianAD().setting("map_tiles") == "auto"
+    with pytest.raises(gaussad.GaussadError, match="map_tiles='auto' is decided from the training images"):
+        GaussianAD(**TILED, map_tiles="auto").feature_extractor()
+    from gaussad.export import export_detector
+
+    with pytest.raises(gaussad.GaussadError, match=r"tiled \(map_tiles=2 decided by auto\)"):
+        export_detector(auto, maps=True)

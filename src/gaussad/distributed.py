@@ -144,6 +144,12 @@ def _layout_task(settings: dict):
         return layout_of(_extractor(settings), settings)
 
 
+def _tiles_task(settings: dict, images: list) -> int:
+    from .features import map_tiles_for
+
+    return map_tiles_for(images, settings)
+
+
 def _fit_task(settings: dict, images: list, lo: int, n_total: int, on_error: str):
     from .fitting import Trainer, layout_of
 
@@ -218,7 +224,8 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     Partitions are submitted :data:`WINDOW_PER_THREAD` per worker thread ahead of the client, so neither the
     workers nor the client hold more than a window of them whatever the number of images."""
     from . import params
-    from .features import progress_bar
+    from .engine import calibration_order
+    from .features import AUTO_TILES_SAMPLE, progress_bar
     from .fitting import Trainer
     from .images import image_list
 
@@ -229,6 +236,9 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     if model.precision == "int8":
         raise InvalidParameterError("a distributed fit with precision='int8' is not supported: fit on one machine")
     settings = params.resolved(model.get_params())
+    if settings["map_tiles"] == "auto":  # decided on a worker, which sees the files, from the images it would read
+        sample = [images[i] for i in calibration_order(len(images), AUTO_TILES_SAMPLE)[:AUTO_TILES_SAMPLE]]
+        settings["map_tiles"] = model._fit_tiles = _result(client.submit(_tiles_task, settings, sample, pure=False))
     progress = model.verbose if progress is None else progress
     layout_future = client.submit(_layout_task, settings, pure=False)
     stats = TreeReduction(client, _merge)

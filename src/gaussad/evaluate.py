@@ -12,6 +12,7 @@ from scipy.stats import rankdata
 from . import params as parameters
 from .datasets import Category, find_categories, kfold_indices
 from .errors import GaussadError
+from .features import map_tiles_for
 from .model import GaussianAD
 from .threshold import METHODS
 
@@ -216,17 +217,22 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
     categories = find_categories(root)
     extractor_model = GaussianAD(**params, verbose=verbose)
     parameters.validate(extractor_model.get_params())
-    extractor = extractor_model.feature_extractor()
+    tiles = extractor_model.setting("map_tiles")
     results: dict[str, Any] = {}
     for cat in categories:
+        # map_tiles='auto' decided per category from its training images, as fit would decide it
+        extractor_model.set_params(map_tiles=map_tiles_for(cat.train_files, parameters.resolved(
+            {**extractor_model.get_params(), "map_tiles": tiles})))
+        extractor = extractor_model.feature_extractor()
         with_maps = bool(extractor.map_levels) and cat.has_masks
         extractor.calibrate(cat.train_files)  # int8: the network quantized on this category's training images
         train, train_maps = extract(extractor_model, cat.train_files, f"{cat.name} train", with_maps)
         test, test_maps = extract(extractor_model, cat.test_files, f"{cat.name} test", with_maps)
         fmaps = (train_maps, test_maps, load_masks(cat, extractor.input_size)) if with_maps else None
         extra = None if details is None else details.setdefault(cat.name, {"category": cat})
-        results[cat.name] = evaluate_category(cat, (train, test), params, protocol, feature_maps=fmaps,
-                                              level_names=extractor.level_names, details=extra)
+        results[cat.name] = {**evaluate_category(cat, (train, test), params, protocol, feature_maps=fmaps,
+                                                 level_names=extractor.level_names, details=extra),
+                             "map_tiles": extractor.map_tiles}
     aurocs = [r["image_auroc"] for r in results.values()]
     sem = float(np.std(aurocs, ddof=1) / math.sqrt(len(aurocs))) if len(aurocs) > 1 else 0.0
     report = {
@@ -239,7 +245,7 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
         "map_method": extractor_model.setting("map_method") if extractor.map_levels else None,
         "map_pool": extractor_model.setting("map_pool") if extractor.map_levels else None,
         "map_grid": extractor_model.setting("map_grid") if extractor.map_levels else None,
-        "map_tiles": extractor.map_tiles,
+        "map_tiles": tiles,  # 'auto': each category's own under "categories"
         "estimator": params.get("estimator", "ledoit-wolf"),
         "reduction": params.get("reduction"),
         "variance": params.get("variance", 0.99) if params.get("reduction") else None,
@@ -254,6 +260,14 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
     if pixel:
         report["mean_pixel_auroc"] = float(np.mean(pixel))
     return report
+
+
+def _tiles_text(report: dict[str, Any]) -> str:
+    """The map tiles of a report: the number, or 'auto' with each category's decision."""
+    tiles = report.get("map_tiles", 1)
+    if tiles != "auto":
+        return str(tiles)
+    return "auto (" + ", ".join(f"{name} {r.get('map_tiles')}" for name, r in report["categories"].items()) + ")"
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -273,7 +287,7 @@ def format_table(report: dict[str, Any]) -> str:
              f"estimator={report['estimator']} reduction={report['reduction'] or 'none'} normalize={report['normalize']} "
              f"resize={report.get('resize', 'square')}"
              + (f" maps={report['map_method']}:{','.join(report['map_levels'])} pool={report['map_pool']}"
-                f" grid={report.get('map_grid') or 'coarsest'} tiles={report.get('map_tiles', 1)}"
+                f" grid={report.get('map_grid') or 'coarsest'} tiles={_tiles_text(report)}"
                 if report.get("map_levels") else ""))
     out = [title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
     return "\n".join(out + [""] + _threshold_table(report))

@@ -332,9 +332,10 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     if maps and not state.map_banks:
         raise GaussadError("--maps: only nearest-neighbour maps (--map-method nearest, the recommended preset's) can be "
                            "exported; export without --maps")
-    if maps and model.setting("map_tiles") > 1:
-        raise GaussadError(f"--maps: this model's maps are tiled (map_tiles={model.setting('map_tiles')}) and the "
-                           "graph does not tile; export without --maps, or fit with --map-tiles 1")
+    if maps and model.map_tiles_ > 1:
+        raise GaussadError(f"--maps: this model's maps are tiled (map_tiles={model.map_tiles_}"
+                           f"{' decided by auto' if model.setting('map_tiles') == 'auto' else ''}) and the graph does "
+                           "not tile; export without --maps, or fit with --map-tiles 1 (or --preset fast)")
     if maps and state.map_grid != "coarsest":
         raise GaussadError("--maps: only maps on the coarsest grid (--map-grid coarsest, every preset's) can be "
                            "exported so far; export without --maps")

@@ -5,23 +5,22 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .backbones import get_spec, resolve_levels, weights_file
-from .engine import Engine, cpu_count, graph_key, resolve_engine
+from .engine import Engine, calibration_order, cpu_count, graph_key, resolve_engine
 from .errors import GaussadError, ImageError, InvalidParameterError
-from .images import IMAGENET, ImageSource, check_max_pixels, load_image, preprocess
+from .images import IMAGENET, ImageSource, check_max_pixels, image_side, load_image, preprocess
 from .params import DEFAULT_MAX_PIXELS, NORMALIZATIONS, RESIZES, check_precision
-from .tiles import Mosaic, check_tiling, cut, map_side, tile_boxes
+from .tiles import Mosaic, auto_tiles, check_tiling, cut, map_side, tile_boxes
 
 if TYPE_CHECKING:
     from .backbones.base import PooledLevels
 
 ON_ERROR = ("fail", "skip")
+AUTO_TILES_SAMPLE = 64  # training images whose headers decide map_tiles='auto'
 
 
 class FeatureExtractor:
@@ -284,6 +283,25 @@ class FeatureExtractor:
         return [np.concatenate(level) for level in zip(*chunks)]
 
 
+def map_tiles_for(images: Sequence[ImageSource], settings: Mapping[str, Any]) -> int:
+    """The tiles a side that resolved model ``settings`` fit ``images`` with: an explicit ``map_tiles``, or for
+    ``'auto'`` :func:`~gaussad.tiles.auto_tiles` of the median geometric-mean side of up to 64 images spread over
+    the list (headers only; an unreadable one is left out here and reported by the fit). 1 without map levels."""
+    tiles = settings["map_tiles"]
+    if tiles != "auto":
+        return int(tiles)
+    if not settings["map_levels"] or settings["backbone"] is None:
+        return 1
+    size = settings["input_size"] or get_spec(settings["backbone"]).input_size
+    sides = []
+    for i in calibration_order(len(images), AUTO_TILES_SAMPLE)[:AUTO_TILES_SAMPLE]:
+        try:
+            sides.append(image_side(images[i], i, int(settings["max_pixels"])))
+        except ImageError:
+            continue
+    return auto_tiles(float(np.median(sides)), size) if sides else 1
+
+
 def normalization_meta(backbone: str | None, normalize: str, resize: str) -> dict | None:
     """Mean/std and resize actually applied to the input, as model files describe them (None without backbone)."""
     if backbone is None:
@@ -311,16 +329,21 @@ class ExtractorCache:
         self.extractor: FeatureExtractor | None = None
 
     def get(self, settings: dict, layout=None, network: bytes | None = None) -> FeatureExtractor:
-        """The extractor for resolved model ``settings``; a fitted model's ``layout`` fixes levels and input size,
-        its ``network`` is its int8 graph."""
+        """The extractor for resolved model ``settings``; a fitted model's ``layout`` fixes levels, input size and
+        map tiles, its ``network`` is its int8 graph. Unfitted, ``map_tiles`` must be a number (see
+        :func:`map_tiles_for`)."""
         spec = get_spec(settings["backbone"])
+        tiles = layout.settings.get("map_tiles", 1) if layout else settings["map_tiles"]
+        if tiles == "auto":
+            raise GaussadError("map_tiles='auto' is decided from the training images when the model is fitted: fit "
+                               "it first, or give the number of tiles")
         map_levels = settings["map_levels"]
         key = (settings["backbone"], settings["weights"],
                tuple(layout.levels if layout else resolve_levels(spec.level_names, settings["levels"])),
                (layout.input_size if layout else settings["input_size"]) or spec.input_size,
                settings["normalize"], settings["resize"],
                tuple(layout.map_levels if layout else resolve_levels(spec.level_names, map_levels) if map_levels else ()),
-               settings["engine"], settings.get("precision", "fp32"), int(settings.get("map_tiles", 1)))
+               settings["engine"], settings.get("precision", "fp32"), int(tiles))
         if self.extractor is None or self.key != key or (network is not None and self.extractor.network != network):
             backbone, weights, levels, size, normalize, resize, maps, engine, precision, tiles = key
             self.extractor = FeatureExtractor(backbone, list(levels), size, weights, int(settings["batch_size"]),

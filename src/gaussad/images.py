@@ -273,6 +273,24 @@ def load_image(source: ImageSource, index: int | None = None, max_pixels: int = 
     raise ImageError(f"{name}: unsupported image type {type(source).__name__}")
 
 
+def image_side(source: ImageSource, index: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> float:
+    """The geometric-mean side sqrt(width x height) of one image, from a file's header alone (checked as
+    :func:`load_image` checks it, without decoding the pixels); orientation does not change it."""
+    name = describe(source, index)
+    if isinstance(source, bytes):
+        width, height = probe(source, name, max_pixels)
+    elif isinstance(source, np.ndarray):
+        height, width = _array_to_image(source, name).size[::-1]
+    elif isinstance(source, Image.Image):
+        width, height = source.size
+    elif isinstance(source, (str, os.PathLike)):
+        with open_regular_file(source, ImageError, "an image") as fh:
+            width, height = _open(fh, name, max_pixels).size
+    else:
+        raise ImageError(f"{name}: unsupported image type {type(source).__name__}")
+    return math.sqrt(width * height)
+
+
 def resize_bilinear(img: Image.Image, width: int, height: int) -> Image.Image:
     """Resize bilinearly at pixel centres without antialiasing (any PIL mode, float maps included).
 

@@ -62,7 +62,8 @@ class GaussianAD(FittedAttributes):
                  estimator: str = "ledoit-wolf", reduction: str | None = None, variance: float = 0.99,
                  normalize: str | None = None, resize: str | None = None,
                  map_levels: Sequence[int | str] | None = None, map_method: str | None = None,
-                 map_pool: int | None = None, map_coreset: float = 0.1, map_grid: str | None = None, map_tiles: int = 1,
+                 map_pool: int | None = None, map_coreset: float = 0.1, map_grid: str | None = None,
+                 map_tiles: int | str | None = None,
                  precision: str = "fp32", preset: str | None = None, image_score: str | None = None,
                  threshold: str | None = None, fpr: float = 0.01, calibration: float | str | None = None, calibration_folds: int = 5,
                  random_state: int | None = 0, batch_size: int = 16, engine: str = "auto", verbose: bool = False,
@@ -111,8 +112,25 @@ class GaussianAD(FittedAttributes):
         params.check_precision(self.get_params())
         state = self.__dict__.get("state_")
         cache = self.__dict__.setdefault("_extractors", ExtractorCache())
-        return cache.get(params.resolved(self.get_params()), state.layout if state is not None else None,
+        return cache.get(self._settings(), state.layout if state is not None else None,
                          state.network if state is not None else None)
+
+    def _settings(self) -> dict[str, Any]:
+        """Every parameter's value in use; ``map_tiles='auto'`` as decided for the fit under way (or the fitted
+        model's, which its layout holds)."""
+        settings = params.resolved(self.get_params())
+        if settings["map_tiles"] == "auto" and "_fit_tiles" in self.__dict__:
+            settings["map_tiles"] = self.__dict__["_fit_tiles"]
+        return settings
+
+    def _decide_tiles(self, images: Sequence["ImageSource"]) -> None:
+        """Decide ``map_tiles='auto'`` for a fit on ``images`` (:func:`~gaussad.features.map_tiles_for`)."""
+        from .features import map_tiles_for
+
+        self.__dict__.pop("_fit_tiles", None)
+        params.validate(self.get_params())
+        if self.setting("map_tiles") == "auto":
+            self._fit_tiles = map_tiles_for(images, params.resolved(self.get_params()))
 
     def iter_features(self, images: Sequence["ImageSource"], desc: str = "features", on_error: str = "fail",
                       skipped: list | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
@@ -140,7 +158,7 @@ class GaussianAD(FittedAttributes):
         """A :class:`~gaussad.fitting.Trainer` for this model's settings (validated); for images, with its
         feature extractor's batches and layout, the extractor's int8 network first calibrated on ``calibration``."""
         params.validate(self.get_params())
-        settings = params.resolved(self.get_params())
+        settings = self._settings()
         if not images:
             return Trainer(settings)
         if calibration is not None:
@@ -156,6 +174,7 @@ class GaussianAD(FittedAttributes):
         """
         images = image_list(images)
         self.__dict__.pop("state_", None)
+        self._decide_tiles(images)
         trainer = self._trainer(calibration=images, on_error=on_error)
         self.skipped_ = trainer.skipped
         self.state_ = replace(trainer.fit_images(images, on_error), network=self.feature_extractor().network)
@@ -170,7 +189,10 @@ class GaussianAD(FittedAttributes):
         """
         if self.precision == "int8":
             raise InvalidParameterError("partial_fit with precision='int8' is not supported: fit all images at once")
-        images, trainer = image_list(images), self._trainer()
+        images = image_list(images)
+        if self.__dict__.get("state_") is None:
+            self._decide_tiles(images)
+        trainer = self._trainer()
         trainer.skipped = self.skipped_ = self.__dict__.get("skipped_", [])
         self.state_ = trainer.partial_fit_images(images, self.__dict__.get("state_"), on_error)
         return self

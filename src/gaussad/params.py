@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import GaussadError, InvalidParameterError
+from .tiles import AUTO_MAX_TILES, map_side
 
 ESTIMATORS = ("ledoit-wolf", "oas", "empirical", "diagonal", "l2")
 REDUCTIONS = (None, "pca", "npca")
@@ -50,18 +51,18 @@ BACKBONE_MAP_LEVELS = "backbone"  # a preset's map levels: those the backbone's 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe: ImageNet mean/std, global features only.
     "paper": {"normalize": "imagenet", "resize": "square", "map_levels": (), "map_method": "gaussian", "map_pool": 1,
-              "map_grid": "coarsest", "image_score": "global", "threshold": "chi2"},
+              "map_grid": "coarsest", "map_tiles": 1, "image_score": "global", "threshold": "chi2"},
     # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, the images' proportions kept,
     # and nearest-neighbour anomaly maps over 3 x 3 neighbourhoods of the backbone's map levels (its registry entry's
     # ``map_levels``: stage2-stage7 for EfficientNet, on the stage7 grid; layer2-layer3 for ResNet).
     # The image score stays the global one: the fused score (``image_score='fused'``) did not rank synthetic
     # defects better and its decision caught fewer of them at the same target FPR (EXPERIMENTS.md, issue 14).
     "recommended": {"normalize": "native", "resize": "aspect", "map_levels": BACKBONE_MAP_LEVELS,
-                    "map_method": "nearest", "map_pool": 3, "map_grid": "coarsest", "image_score": "global",
-                    "threshold": "chi2"},
+                    "map_method": "nearest", "map_pool": 3, "map_grid": "coarsest", "map_tiles": "auto",
+                    "image_score": "global", "threshold": "chi2"},
 }
-# The recommended preset before issue 14, kept under its own name for its speed (same figures).
-PRESETS["fast"] = dict(PRESETS["recommended"])
+# The recommended preset before issue 14, kept under its own name for its speed: untiled maps.
+PRESETS["fast"] = {**PRESETS["recommended"], "map_tiles": 1}
 
 
 def _fail(name: str, expected: str, value: Any) -> None:
@@ -173,6 +174,15 @@ def _calibration_text(text: str) -> str | float:
     return text if text == "cv" else _float_text(text)
 
 
+def _tiles(name: str, value: Any) -> None:
+    if value != "auto" and not (_is_int(value) and 1 <= value <= MAX_MAP_TILES):
+        _fail(name, f"'auto' or an integer 1..{MAX_MAP_TILES}", value)
+
+
+def _tiles_text(text: str) -> int | str:
+    return "auto" if text == "auto" else _int_text(text)
+
+
 def _int_text(text: str) -> int:
     try:
         return int(text)
@@ -253,12 +263,15 @@ PARAMS: tuple[Param, ...] = (
           "on its own (one bank per level); finest = PatchCore's recipe, every level upsampled to the finest map "
           "level's grid and concatenated into one vector per location (one bank)", preset=True, flag="--map-grid",
           choices=MAP_GRIDS),
-    Param("map_tiles", 1, integer(1, MAX_MAP_TILES),
+    Param("map_tiles", None, optional(_tiles),
           "tile the anomaly maps: the image resized to about K tiles of side S along each side (S + (K-1) x the tile "
           "step, tiles overlapping by about S/4), each tile run through the network at S, the map levels' feature "
           "maps stitched (overlaps averaged) into one; the image score still comes from the whole image at S. About "
-          "1 + K*K network runs per image (1 = off); input size a multiple of 32, maps export refuses it",
-          flag="--map-tiles", parse=_int_text, metavar="K"),
+          "1 + K*K network runs per image (1 = off); input size a multiple of 32, maps export refuses it. auto "
+          "(recommended preset): decided at fit from the training images' size, the most tiles up to "
+          f"{AUTO_MAX_TILES} whose map image is no larger than the images (1 for images under about "
+          f"{map_side(224, 2)} px at S = 224)",
+          learned="map_tiles_", preset=True, flag="--map-tiles", parse=_tiles_text, metavar="K|auto"),
     Param("precision", "fp32", choice(PRECISIONS),
           "network arithmetic: fp32, or int8 = the network statically quantized at fit (ONNX Runtime, QDQ, "
           "per-channel int8 weights, uint8 activations calibrated on 64 training images spread over the list), about 2x faster "
@@ -406,8 +419,8 @@ def _check_fused(params: Mapping[str, Any]) -> None:
 
 def _check_tiles(params: Mapping[str, Any]) -> None:
     """Tiles shape only the anomaly maps: refuse them for a model without maps rather than ignore them."""
-    tiles = params.get("map_tiles", 1)
-    if tiles > 1 and params.get("backbone") is not None and not list(effective(params, "map_levels") or ()):
+    tiles = effective(params, "map_tiles")
+    if tiles != "auto" and tiles > 1 and params.get("backbone") is not None and not list(effective(params, "map_levels") or ()):
         raise InvalidParameterError(f"map_tiles={tiles} tiles the anomaly maps, but map_levels is empty: set "
                                     "map_levels (or preset='recommended') or map_tiles=1")
 

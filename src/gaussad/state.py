@@ -311,7 +311,7 @@ class DetectorState:
         return {
             "levels": list(lay.levels), "level_names": list(lay.level_names), "input_size": lay.input_size,
             "map_levels": list(lay.map_levels), "map_level_names": list(lay.map_level_names),
-            "map_gaussians": [g.meta() for g in self.map_gaussians],
+            "map_tiles": int(lay.settings.get("map_tiles", 1)), "map_gaussians": [g.meta() for g in self.map_gaussians],
             "map_banks": [{"seen": b.seen, "scale": b.scale} for b in self.map_banks],
             "n_samples": self.n_samples, "feature_dims": self.feature_dims,
             "gaussians": [g.meta() for g in self.gaussians],
@@ -385,6 +385,11 @@ class FittedAttributes:
     input_size_ = _learned("layout.input_size", "Network input side S.", False)
     map_levels_ = _learned("layout.map_levels", "Anomaly-map level indices.", False)
     map_level_names_ = _learned("layout.map_level_names", "Anomaly-map level names.", False)
+
+    @property
+    def map_tiles_(self) -> int:
+        """Tiles a side of the anomaly maps (``map_tiles='auto'`` decided at fit; 1 = untiled)."""
+        return int(self._state(False).layout.settings.get("map_tiles", 1))
     stats_ = _learned("stats", "Per-level moment statistics.", False)
     map_stats_ = _learned("map_stats", "Per-map-level moment statistics (gaussian maps).", False)
     map_banks_ = _learned("map_banks", "Per-map-level memory banks (nearest maps).", False)

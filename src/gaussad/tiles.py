@@ -18,6 +18,9 @@ import numpy as np
 from .errors import InvalidParameterError
 
 TILE_ALIGN = 32  # tile starts and sides are multiples of the backbone's largest stride (images.ASPECT_STEP)
+# The most tiles a side that map_tiles='auto' picks: at 3 the recommended preset scored bottle at 0.17x the paper
+# preset's throughput, at 2 at 0.36x (BENCHMARKS.md, "Tiled maps"), and issue 14 asks for at least 0.25x.
+AUTO_MAX_TILES = 2
 Box = tuple[int, int, int, int]  # (top, left, height, width) of a tile in the map image, in pixels
 
 
@@ -41,6 +44,17 @@ def map_side(size: int, tiles: int) -> int:
     """The side of the square map image that ``tiles`` tiles of side ``size`` cover along each side (with the
     aspect-kept resize: the side of a square of the map image's area)."""
     return size + (tiles - 1) * tile_step(size)
+
+
+def auto_tiles(side: float, size: int, most: int = AUTO_MAX_TILES) -> int:
+    """The tiles a side that ``map_tiles='auto'`` takes for images of about ``side`` x ``side`` pixels (the median
+    geometric-mean side of the training images): the most, up to ``most``, whose map image is no larger than the
+    image, so that tiles only ever add detail the image has (an upscaled map image adds none; on the small magnetic
+    tile images tiling hurt the maps, on bottle's 900 px images it helped: EXPERIMENTS.md, "Tiled maps"). 1 when
+    ``size`` cannot be tiled (see :func:`check_tiling`)."""
+    if size % TILE_ALIGN or size < 2 * TILE_ALIGN:
+        return 1
+    return max([1] + [k for k in range(2, most + 1) if map_side(size, k) <= side])
 
 
 def starts(length: int, size: int) -> list[int]:

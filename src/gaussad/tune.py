@@ -252,6 +252,7 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
     import numpy as np
 
     from .evaluate import extract
+    from .features import map_tiles_for
     from .images import image_list
     from .model import GaussianAD
 
@@ -284,6 +285,8 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
 
             names = get_spec(first["backbone"]).level_names
             extractor.set_params(map_levels=[names[i] for i in union])
+            if extractor.setting("map_tiles") == "auto":  # decided as the refit on these images would decide it
+                extractor.set_params(map_tiles=map_tiles_for(images, params.resolved(extractor.get_params())))
             t0 = time.perf_counter()
             size = extractor.feature_extractor().input_size
             fit = extract(extractor, fit_files, f"tune {size} px: fit", bool(union))
