@@ -295,6 +295,7 @@ def test_auto_tiles_take_the_most_tiles_whose_map_image_the_images_fill(size):
     assert auto_tiles(map_side(size, 3), size, most=3) == 3 and auto_tiles(map_side(size, 3) - 1, size, most=3) == 2
     assert auto_tiles(100 * size, size) == AUTO_MAX_TILES == 2
     assert auto_tiles(100 * size, size + 1) == 1  # an input size tiles cannot align on: untiled, not refused
+    assert f"under about {map_side(224, 2)} px at S = 224" in gaussad.params.BY_NAME["map_tiles"].help
 
 
 def test_auto_tiles_are_decided_at_fit_from_the_images_and_kept(files, tmp_path):

@@ -238,7 +238,7 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     settings = params.resolved(model.get_params())
     if settings["map_tiles"] == "auto":  # decided on a worker, which sees the files, from the images it would read
         sample = [images[i] for i in calibration_order(len(images), AUTO_TILES_SAMPLE)[:AUTO_TILES_SAMPLE]]
-        settings["map_tiles"] = model._fit_tiles = _result(client.submit(_tiles_task, settings, sample, pure=False))
+        settings["map_tiles"] = _result(client.submit(_tiles_task, settings, sample, pure=False))
     progress = model.verbose if progress is None else progress
     layout_future = client.submit(_layout_task, settings, pure=False)
     stats = TreeReduction(client, _merge)

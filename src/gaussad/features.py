@@ -327,16 +327,22 @@ class ExtractorCache:
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.extractor: FeatureExtractor | None = None
+        self.tiles: int | None = None  # map_tiles='auto' as decided for the model's fit
+
+    def decide_tiles(self, images: Sequence[ImageSource], settings: Mapping[str, Any]) -> None:
+        """Decide ``map_tiles='auto'`` for a fit of resolved ``settings`` on ``images`` (:func:`map_tiles_for`)."""
+        self.tiles = map_tiles_for(images, settings)
 
     def get(self, settings: dict, layout=None, network: bytes | None = None) -> FeatureExtractor:
-        """The extractor for resolved model ``settings``; a fitted model's ``layout`` fixes levels, input size and
-        map tiles, its ``network`` is its int8 graph. Unfitted, ``map_tiles`` must be a number (see
-        :func:`map_tiles_for`)."""
+        """The extractor for resolved model ``settings``; a fitted model's ``layout`` fixes levels and input size (and
+        the tiles of ``map_tiles='auto'``, else those of :meth:`decide_tiles`), its ``network`` is its int8 graph."""
         spec = get_spec(settings["backbone"])
-        tiles = layout.settings.get("map_tiles", 1) if layout else settings["map_tiles"]
+        tiles = settings["map_tiles"]
         if tiles == "auto":
-            raise GaussadError("map_tiles='auto' is decided from the training images when the model is fitted: fit "
-                               "it first, or give the number of tiles")
+            tiles = layout.settings.get("map_tiles", 1) if layout else self.tiles
+            if tiles is None:
+                raise GaussadError("map_tiles='auto' is decided from the training images when the model is fitted: "
+                                   "fit it first, or give the number of tiles")
         map_levels = settings["map_levels"]
         key = (settings["backbone"], settings["weights"],
                tuple(layout.levels if layout else resolve_levels(spec.level_names, settings["levels"])),

@@ -468,9 +468,11 @@ class Part:
 
 
 def layout_of(extractor: Any, settings: dict[str, Any]) -> Layout:
-    """The layout of the features a :class:`~gaussad.features.FeatureExtractor` gives, made with ``settings``."""
+    """The layout of the features a :class:`~gaussad.features.FeatureExtractor` gives, made with ``settings`` (the
+    map tiles it runs: ``map_tiles='auto'`` decided)."""
     return Layout(list(extractor.levels), list(extractor.level_names), extractor.input_size,
-                  list(extractor.map_levels), list(extractor.map_level_names), feature_settings(settings))
+                  list(extractor.map_levels), list(extractor.map_level_names),
+                  feature_settings({**settings, "map_tiles": extractor.map_tiles}))
 
 
 def refuse_differences(differences: list[str]) -> None:

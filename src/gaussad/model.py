@@ -13,7 +13,7 @@ import numpy as np
 from . import __version__, params
 from .decision import DecisionRule, summary
 from .errors import DataError, GaussadError, InvalidParameterError
-from .features import normalization_meta
+from .features import ExtractorCache, normalization_meta
 from .fitting import Trainer, layout_of, refuse_differences
 from .images import image_list
 from .persistence import read_model, save_model
@@ -45,6 +45,8 @@ class GaussianAD(FittedAttributes):
         Per-level Gaussians and moment statistics.
     map_levels_, map_level_names_, map_gaussians_, map_stats_, map_banks_ : list
         The anomaly-map part.
+    map_tiles_ : int
+        Tiles a side of the anomaly maps (``map_tiles='auto'`` decided at fit).
     n_samples_ : int
         Number of training images.
     feature_dims_, dofs_ : list of int
@@ -103,8 +105,6 @@ class GaussianAD(FittedAttributes):
     def feature_extractor(self) -> "FeatureExtractor":
         """The feature extractor of this model's settings: built once, rebuilt when a setting that shapes it changes;
         batch size and pixel limit always follow the current parameters."""
-        from .features import ExtractorCache
-
         if self.backbone is None:
             raise GaussadError("this model works on plain feature arrays (backbone=None): use fit_features/score_features")
         for name in ("batch_size", "max_pixels", "engine", "decoder", "precision"):
@@ -112,25 +112,8 @@ class GaussianAD(FittedAttributes):
         params.check_precision(self.get_params())
         state = self.__dict__.get("state_")
         cache = self.__dict__.setdefault("_extractors", ExtractorCache())
-        return cache.get(self._settings(), state.layout if state is not None else None,
+        return cache.get(params.resolved(self.get_params()), state.layout if state is not None else None,
                          state.network if state is not None else None)
-
-    def _settings(self) -> dict[str, Any]:
-        """Every parameter's value in use; ``map_tiles='auto'`` as decided for the fit under way (or the fitted
-        model's, which its layout holds)."""
-        settings = params.resolved(self.get_params())
-        if settings["map_tiles"] == "auto" and "_fit_tiles" in self.__dict__:
-            settings["map_tiles"] = self.__dict__["_fit_tiles"]
-        return settings
-
-    def _decide_tiles(self, images: Sequence["ImageSource"]) -> None:
-        """Decide ``map_tiles='auto'`` for a fit on ``images`` (:func:`~gaussad.features.map_tiles_for`)."""
-        from .features import map_tiles_for
-
-        self.__dict__.pop("_fit_tiles", None)
-        params.validate(self.get_params())
-        if self.setting("map_tiles") == "auto":
-            self._fit_tiles = map_tiles_for(images, params.resolved(self.get_params()))
 
     def iter_features(self, images: Sequence["ImageSource"], desc: str = "features", on_error: str = "fail",
                       skipped: list | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
@@ -154,13 +137,17 @@ class GaussianAD(FittedAttributes):
         return [np.concatenate(level) for level in zip(*chunks)]
 
     # ----- fitting ------------------------------------------------------------------------------------------
-    def _trainer(self, images: bool = True, calibration: list | None = None, on_error: str = "fail") -> Trainer:
+    def _trainer(self, images: bool = True, calibration: list | None = None, on_error: str = "fail",
+                 tiles_from: list | None = None) -> Trainer:
         """A :class:`~gaussad.fitting.Trainer` for this model's settings (validated); for images, with its
-        feature extractor's batches and layout, the extractor's int8 network first calibrated on ``calibration``."""
+        feature extractor's batches and layout, ``map_tiles='auto'`` first decided on ``tiles_from`` (the images of a
+        new fit) and the extractor's int8 network calibrated on ``calibration``."""
         params.validate(self.get_params())
-        settings = self._settings()
+        settings = params.resolved(self.get_params())
         if not images:
             return Trainer(settings)
+        if tiles_from is not None:
+            self.__dict__.setdefault("_extractors", ExtractorCache()).decide_tiles(tiles_from, settings)
         if calibration is not None:
             self.feature_extractor().calibrate(calibration, on_error)
         return Trainer(settings, self.iter_features, layout_of(self.feature_extractor(), settings))
@@ -174,8 +161,7 @@ class GaussianAD(FittedAttributes):
         """
         images = image_list(images)
         self.__dict__.pop("state_", None)
-        self._decide_tiles(images)
-        trainer = self._trainer(calibration=images, on_error=on_error)
+        trainer = self._trainer(calibration=images, on_error=on_error, tiles_from=images)
         self.skipped_ = trainer.skipped
         self.state_ = replace(trainer.fit_images(images, on_error), network=self.feature_extractor().network)
         return self
@@ -190,9 +176,7 @@ class GaussianAD(FittedAttributes):
         if self.precision == "int8":
             raise InvalidParameterError("partial_fit with precision='int8' is not supported: fit all images at once")
         images = image_list(images)
-        if self.__dict__.get("state_") is None:
-            self._decide_tiles(images)
-        trainer = self._trainer()
+        trainer = self._trainer(tiles_from=None if self.__dict__.get("state_") else images)
         trainer.skipped = self.skipped_ = self.__dict__.get("skipped_", [])
         self.state_ = trainer.partial_fit_images(images, self.__dict__.get("state_"), on_error)
         return self

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import GaussadError, InvalidParameterError
-from .tiles import AUTO_MAX_TILES, map_side
 
 ESTIMATORS = ("ledoit-wolf", "oas", "empirical", "diagonal", "l2")
 REDUCTIONS = (None, "pca", "npca")
@@ -33,6 +32,9 @@ PRECISIONS = ("fp32", "int8")
 MAX_INPUT_SIZE = 4096  # largest network input side (EfficientNet-B7 uses 600)
 MAX_MAP_POOL = 15
 MAX_MAP_TILES = 8  # 64 tiles per image: about 64 network runs per image for its map
+# The most tiles a side that map_tiles='auto' picks (tiles.auto_tiles): at 3 the recommended preset scored bottle at
+# 0.17x the paper preset's throughput, at 2 at 0.36x (BENCHMARKS.md, "Tiled maps"); issue 14 asks for >= 0.25x.
+AUTO_MAX_TILES = 2
 # Smallest target false-positive rate: below it the per-level rates (fpr / levels) approach float64's underflow and
 # thresholds stop being computable; no inspection runs at 1e-12 anyway.
 MIN_FPR = 1e-12
@@ -269,8 +271,8 @@ PARAMS: tuple[Param, ...] = (
           "maps stitched (overlaps averaged) into one; the image score still comes from the whole image at S. About "
           "1 + K*K network runs per image (1 = off); input size a multiple of 32, maps export refuses it. auto "
           "(recommended preset): decided at fit from the training images' size, the most tiles up to "
-          f"{AUTO_MAX_TILES} whose map image is no larger than the images (1 for images under about "
-          f"{map_side(224, 2)} px at S = 224)",
+          f"{AUTO_MAX_TILES} whose map image is no larger than the images (1 for images under about 384 px at "
+          "S = 224)",
           learned="map_tiles_", preset=True, flag="--map-tiles", parse=_tiles_text, metavar="K|auto"),
     Param("precision", "fp32", choice(PRECISIONS),
           "network arithmetic: fp32, or int8 = the network statically quantized at fit (ONNX Runtime, QDQ, "

@@ -16,11 +16,9 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InvalidParameterError
+from .params import AUTO_MAX_TILES
 
 TILE_ALIGN = 32  # tile starts and sides are multiples of the backbone's largest stride (images.ASPECT_STEP)
-# The most tiles a side that map_tiles='auto' picks: at 3 the recommended preset scored bottle at 0.17x the paper
-# preset's throughput, at 2 at 0.36x (BENCHMARKS.md, "Tiled maps"), and issue 14 asks for at least 0.25x.
-AUTO_MAX_TILES = 2
 Box = tuple[int, int, int, int]  # (top, left, height, width) of a tile in the map image, in pixels
 
 
