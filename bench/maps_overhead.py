@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{len(files)} images: score {result['score_img_s']:.1f} img/s, score+maps {result['score_with_maps_img_s']:.1f} img/s, "
           f"maps cost x{result['maps_cost_ratio']:.2f}; paper preset {result['paper_img_s']:.1f} img/s, recommended "
-          f"(with maps, {model.map_tiles_} tiles a side) at {result['recommended_vs_paper']:.2f}x its throughput")
+          f"(with maps, map_tiles {model.map_tiles_}) at {result['recommended_vs_paper']:.2f}x its throughput")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
