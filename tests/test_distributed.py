@@ -302,16 +302,25 @@ class _Eager:
         return fn(*args)
 
 
-def test_tree_reduction_merges_in_order_of_addition_at_any_count():
-    for n in range(1, 12):
-        tree = distributed.TreeReduction(_Eager(), lambda a, b: f"({a}{b})" if len(a) + len(b) > 2 else a + b)
+@pytest.mark.parametrize("levels", [1, 2, distributed.TREE_LEVELS, 64])
+def test_tree_reduction_merges_in_order_of_addition_holding_a_bounded_number_of_values(levels):
+    for n in list(range(1, 40)) + [1000]:
+        tree = distributed.TreeReduction(_Eager(), lambda a, b: f"({a}{b})", levels)
+        worst = 0
         for i in range(n):
             tree.add(str(i % 10))
-        assert tree.result().replace("(", "").replace(")", "") == "".join(str(i % 10) for i in range(n))
-        # one pending value per level: at most log2(n) + 1 wait for a partner
-        assert len(tree._stack) <= math.floor(math.log2(n)) + 1
+            worst = max(worst, tree.pending)
+        merged = tree.result()
+        assert merged.replace("(", "").replace(")", "") == "".join(str(i % 10) for i in range(n))
+        assert merged.count("(") == n - 1 and tree.pending == 0  # every value merged once, nothing left
+        # pairs up to blocks of 2**levels, then a running total: at most levels + 1 values held whatever n
+        assert worst <= min(levels + 1, math.floor(math.log2(n)) + 1)
+        if n >= 2 ** levels:
+            assert merged.startswith("(" * (n // 2 ** levels))  # the blocks were folded into a running total
     with pytest.raises(ValueError, match="nothing to reduce"):
         distributed.TreeReduction(_Eager(), str.__add__).result()
+    with pytest.raises(ValueError, match="levels"):
+        distributed.TreeReduction(_Eager(), str.__add__, 0)
 
 
 def test_bounded_keeps_at_most_a_window_submitted_and_not_taken():

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 from .errors import DataError, GaussadError, InvalidParameterError
 
 DEFAULT_PARTITION = 64  # images per task: bounds a worker's memory (bank candidates of one partition at a time)
+TREE_LEVELS = 3  # TreeReduction: partitions' statistics merged in pairs up to blocks of 8, then into a running total
 # A fit keeps at most this many partitions per worker thread submitted and not yet taken by the client: the client's
 # bank selection can be slower than the workers, whose finished partitions (bank candidates, moment statistics)
 # would otherwise wait in their memory, which then grew with the number of images (BENCHMARKS.md, "Distributed").
@@ -187,14 +188,24 @@ def bounded(items: Iterable[Any], window: int, submit: Callable[[Any], T]) -> It
 
 
 class TreeReduction:
-    """Pairwise merges of futures in the order they are added, submitted as soon as both sides exist (a binary
-    counter: the first two, the next two, then those two pairs, ...), so that at most one pending value per level of
-    the tree waits for its partner; the order of the merges depends on the order of the values only, not on which
-    worker finishes first."""
+    """Merges of futures in the order they are added: in pairs as soon as both sides exist (a binary counter: the
+    first two, the next two, then those two pairs, ...) up to blocks of ``2**levels`` values, each block then merged
+    into a running total. At most ``levels`` values wait for a partner, plus the total, whatever the number of values:
+    a full binary tree keeps log2(n) of them, and each is a whole set of moment statistics on some worker (about 15 MB
+    for Lite0's 9 levels), which made the workers' peak grow with the number of partitions. The order of the merges
+    depends on the order of the values only, not on which worker finishes first."""
 
-    def __init__(self, client, merge: Callable) -> None:
-        self.client, self.merge = client, merge
+    def __init__(self, client, merge: Callable, levels: int = TREE_LEVELS) -> None:
+        if levels < 1:
+            raise ValueError(f"levels must be at least 1, got {levels}")
+        self.client, self.merge, self.levels = client, merge, levels
         self._stack: list[tuple[int, Any]] = []  # (level, future), levels strictly decreasing from the bottom
+        self._total: Any = None  # the merge of every full block so far
+
+    @property
+    def pending(self) -> int:
+        """Values held for later merges: those waiting for a partner, and the running total."""
+        return len(self._stack) + (self._total is not None)
 
     def add(self, future) -> None:
         level = 0
@@ -202,16 +213,23 @@ class TreeReduction:
             _, left = self._stack.pop()
             future = self.client.submit(self.merge, left, future, pure=False)
             level += 1
-        self._stack.append((level, future))
+        if level < self.levels:
+            self._stack.append((level, future))
+        else:
+            self._total = future if self._total is None else self.client.submit(self.merge, self._total, future,
+                                                                                pure=False)
 
     def result(self):
         """The future of the merge of every value added (left to right)."""
-        if not self._stack:
+        if not self.pending:
             raise ValueError("nothing to reduce")
-        _, future = self._stack.pop()
+        future = self._stack.pop()[1] if self._stack else None
         while self._stack:
             _, left = self._stack.pop()
             future = self.client.submit(self.merge, left, future, pure=False)
+        if self._total is not None:
+            future = self._total if future is None else self.client.submit(self.merge, self._total, future, pure=False)
+        self._total = None
         return future
 
 
