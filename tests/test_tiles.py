@@ -229,7 +229,7 @@ def test_cli_map_tiles(tiny_category, tmp_path, capsys):
             "stage2,stage7", "--map-method", "nearest"]
     out = tmp_path / "m.gaussad"
     assert main(["fit", str(tiny_category / "train" / "good"), "-o", str(out), *args, "--map-tiles", "2"]) == 0
-    assert gaussad.load(out).map_tiles == 2
+    assert gaussad.load(out).map_tiles == 2 and "anomaly maps from 2 x 2 tiles per image" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         main(["fit", str(tiny_category / "train" / "good"), "-o", str(out), *args, "--map-tiles", "0"])
     assert exc.value.code == 2 and "map_tiles must be 'auto' or an integer 1..8" in capsys.readouterr().err
@@ -303,7 +303,7 @@ def test_auto_tiles_are_decided_at_fit_from_the_images_and_kept(files, tmp_path)
     for its images (2 for 128 px images at S = 64, 1 for 64 px ones), and its file keeps that number."""
     big = [np.asarray(Image.open(f).convert("RGB").resize((128, 128))) for f in files]
     auto = GaussianAD(**TILED, map_tiles="auto").fit(big)
-    assert auto.setting("map_tiles") == "auto" and auto.map_tiles_ == 2
+    assert auto.setting("map_tiles") == "auto" and auto.map_tiles_ == 2 and auto.summary()["map_tiles"] == 2
     np.testing.assert_array_equal(auto.anomaly_map(big[:3]), GaussianAD(**TILED, map_tiles=2).fit(big).anomaly_map(big[:3]))
     small = GaussianAD(**TILED, map_tiles="auto").fit(files)
     assert small.map_tiles_ == 1

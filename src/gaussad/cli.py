@@ -106,6 +106,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
             print(f"skipped: {msg}", file=sys.stderr)
         print(f"fitted on {model.n_samples_} images from {args.train_dir} ({len(model.skipped_)} skipped); "
               f"wrote {args.output}")
+        if model.map_tiles_ > 1:
+            print(f"anomaly maps from {model.map_tiles_} x {model.map_tiles_} tiles per image (map_tiles="
+                  f"{model.setting('map_tiles')}; --map-tiles 1 or --preset fast for untiled, faster maps)")
         if calibration is not None:
             print(_calibration_line(calibration, min(model.calibration_folds, model.n_samples_)))
         if fused:

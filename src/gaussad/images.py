@@ -280,7 +280,7 @@ def image_side(source: ImageSource, index: int | None = None, max_pixels: int = 
     if isinstance(source, bytes):
         width, height = probe(source, name, max_pixels)
     elif isinstance(source, np.ndarray):
-        height, width = _array_to_image(source, name).size[::-1]
+        width, height = _array_to_image(source, name).size
     elif isinstance(source, Image.Image):
         width, height = source.size
     elif isinstance(source, (str, os.PathLike)):
