@@ -325,3 +325,24 @@ def test_auto_tiles_are_decided_at_fit_from_the_images_and_kept(files, tmp_path)
 
     with pytest.raises(gaussad.GaussadError, match=r"tiled \(map_tiles=2 decided by auto\)"):
         export_detector(auto, maps=True)
+
+
+def test_scores_without_maps_run_no_tiles(tiled, tiny_category, monkeypatch):
+    """The global score needs the whole image only: scoring, predicting and extracting pooled features of a tiled
+    model run no tile (they would cost 1 + K*K network runs per image for nothing), and give the scores of the pass
+    that also made its maps."""
+    test = list_images(tiny_category / "test", recursive=True)
+    levels, _ = tiled.score_with_maps(test)
+    extractor = tiled.feature_extractor()
+
+    def no_tiles(*args, **kwargs):
+        raise AssertionError("tiles run for a score without maps")
+
+    monkeypatch.setattr(extractor, "_tiled_maps", no_tiles)
+    monkeypatch.setattr(extractor, "prepare_tiled", no_tiles)
+    np.testing.assert_allclose(tiled.level_scores(test), levels, rtol=1e-12)
+    assert tiled.predict(test).shape == (len(test),)
+    np.testing.assert_array_equal(np.concatenate([p[0] for _, p in extractor.iter_features(test)]),
+                                  tiled.extract_features(test)[0])
+    with pytest.raises(AssertionError, match="tiles run"):
+        tiled.anomaly_map(test[:1])

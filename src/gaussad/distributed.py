@@ -337,7 +337,7 @@ def _score_task(model_path: str, key: str, names: list[str], paths: list[str], i
         rule = model.rule(fpr, threshold)
         extractor = _extractor(params.resolved(model.get_params()), model.state_.layout)
         skipped: list = []
-        batches = extractor.iter_features_and_maps(paths, None, on_error, skipped)
+        batches = extractor.iter_features_and_maps(paths, None, on_error, skipped, maps=rule.fused)
         if rule.fused:  # the map peaks too, batch by batch
             feats, peaks, _ = model.state_.score_batches(batches, with_maps=False)
         else:

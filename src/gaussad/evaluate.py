@@ -59,7 +59,7 @@ def extract(model: GaussianAD, files: list, desc: str, with_maps: bool) -> tuple
     """Pooled features of ``files`` and, if asked, their raw feature maps (per image, one (C, H, W) array per map
     level: sizes differ between images with the aspect-kept resize), in one pass."""
     pooled, fmaps = [], []
-    for _, batch, fm in model.iter_features(files, desc):
+    for _, batch, fm in model.iter_features(files, desc, maps=with_maps):
         pooled.append(batch)
         if with_maps:
             fmaps.extend(list(image) for image in zip(*fm))

@@ -180,18 +180,18 @@ class FeatureExtractor:
         tiles (at least one), so that a batch's map images hold about as many pixels as an untiled batch."""
         return max(1, self.batch_size // self.map_tiles ** 2)
 
-    def _batches(self, sources: Sequence[ImageSource], on_error: str,
-                 skipped: list | None) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, ...] | None, int]]:
+    def _batches(self, sources: Sequence[ImageSource], on_error: str, skipped: list | None,
+                 tiled: bool) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, ...] | None, int]]:
         """Decode and preprocess in a thread pool, keeping at most two batches in flight.
 
         Yields (indices of the images that decoded, their stacked inputs or None, number of images handled), in the
-        order of ``sources``; the inputs are the network input, and with map tiles the map images too. With the
+        order of ``sources``; the inputs are the network input, and with ``tiled`` the map images too. With the
         aspect-kept resize a batch is split into runs of consecutive images of equal input shapes, the count going
         with the first.
         """
         def work(i: int) -> tuple[np.ndarray, ...] | None:
             try:
-                return self.prepare_tiled(sources[i], i) if self.map_tiles > 1 else (self.prepare(sources[i], i),)
+                return self.prepare_tiled(sources[i], i) if tiled else (self.prepare(sources[i], i),)
             except ImageError as exc:
                 if on_error != "skip":
                     raise
@@ -216,7 +216,7 @@ class FeatureExtractor:
                     yield np.array([i for i, _ in run], dtype=int), stacked, len(done) if start == 0 else 0
                     start = end
 
-        step = self.images_per_batch
+        step = self.images_per_batch if tiled else self.batch_size
         with ThreadPoolExecutor(self.workers) as pool:
             pending: deque = deque()
             for start in range(0, len(sources), step):
@@ -242,20 +242,22 @@ class FeatureExtractor:
                 mosaics[i].add(box, [o[j] for o in outs])
         return [np.stack(level) for level in zip(*(m.result() for m in mosaics))]
 
-    def _run(self, sources: Sequence[ImageSource], progress, on_error: str,
-             skipped: list | None) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
-        """Yield (source indices, pooled float64 arrays per level, float32 feature maps per map level)."""
+    def _run(self, sources: Sequence[ImageSource], progress, on_error: str, skipped: list | None,
+             maps: bool = True) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
+        """Yield (source indices, pooled float64 arrays per level, float32 feature maps per map level); without
+        ``maps`` no feature maps (an empty list), and no tiles run: the pooled features alone cost one pass."""
         if on_error not in ON_ERROR:
             raise GaussadError(f"unknown on_error {on_error!r}; choose one of: {', '.join(ON_ERROR)}")
         runner = self.runner
         n_pooled = len(self.levels)
-        for idx, inputs, handled in self._batches(sources, on_error, skipped):
+        tiled = maps and self.map_tiles > 1
+        for idx, inputs, handled in self._batches(sources, on_error, skipped, tiled):
             if progress is not None:
                 progress.update(handled)
             if inputs is None:
                 continue
             outs = runner.run(inputs[0])
-            fmaps = self._tiled_maps(inputs[1]) if self.map_tiles > 1 else list(outs[n_pooled:])
+            fmaps = (self._tiled_maps(inputs[1]) if tiled else list(outs[n_pooled:])) if maps else []
             yield idx, [o.astype(np.float64) for o in outs[:n_pooled]], fmaps
 
     def iter_features(self, sources: Sequence[ImageSource], progress=None, on_error: str = "fail",
@@ -265,14 +267,15 @@ class FeatureExtractor:
         ``on_error="skip"`` drops images that cannot be read, appending ``(index, message)`` to ``skipped``;
         ``"fail"`` raises the first ImageError. ``progress`` is an optional tqdm-like bar.
         """
-        for idx, pooled, _ in self._run(sources, progress, on_error, skipped):
+        for idx, pooled, _ in self._run(sources, progress, on_error, skipped, maps=False):
             yield idx, pooled
 
     def iter_features_and_maps(self, sources: Sequence[ImageSource], progress=None, on_error: str = "fail",
-                               skipped: list | None = None
+                               skipped: list | None = None, maps: bool = True
                                ) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
-        """Like :meth:`iter_features`, plus the spatial feature maps (B, C, H, W) of each map level."""
-        yield from self._run(sources, progress, on_error, skipped)
+        """Like :meth:`iter_features`, plus the spatial feature maps (B, C, H, W) of each map level (``maps=False``:
+        an empty list, at the cost of the pooled features alone)."""
+        yield from self._run(sources, progress, on_error, skipped, maps)
 
     def extract(self, sources: Sequence[ImageSource], progress=None, on_error: str = "fail",
                 skipped: list | None = None) -> list[np.ndarray]:

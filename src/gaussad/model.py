@@ -116,22 +116,24 @@ class GaussianAD(FittedAttributes):
                          state.network if state is not None else None)
 
     def iter_features(self, images: Sequence["ImageSource"], desc: str = "features", on_error: str = "fail",
-                      skipped: list | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
-        """Batches of (image indices, pooled features per level, raw feature maps per map level), with a progress
-        bar when ``verbose``; ``on_error="skip"`` leaves unreadable images out, adding (index, message) to ``skipped``."""
+                      skipped: list | None = None, maps: bool = True
+                      ) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
+        """Batches of (image indices, pooled features per level, raw feature maps per map level, none without
+        ``maps``), with a progress bar when ``verbose``; ``on_error="skip"`` leaves unreadable images out, adding
+        (index, message) to ``skipped``."""
         from .features import progress_bar
 
         images = list(images)
         bar = progress_bar(len(images), desc, self.verbose)
         try:
-            yield from self.feature_extractor().iter_features_and_maps(images, bar, on_error, skipped)
+            yield from self.feature_extractor().iter_features_and_maps(images, bar, on_error, skipped, maps)
         finally:
             if bar is not None:
                 bar.close()
 
     def extract_features(self, images: Sequence["ImageSource"], desc: str = "features", on_error: str = "fail",
                          skipped: list | None = None) -> list[np.ndarray]:  # one (n_kept, C_l) array per level
-        chunks = [pooled for _, pooled, _ in self.iter_features(images, desc, on_error, skipped)]
+        chunks = [pooled for _, pooled, _ in self.iter_features(images, desc, on_error, skipped, maps=False)]
         if not chunks:
             return [np.zeros((0, d)) for d in self.feature_extractor().level_dims]
         return [np.concatenate(level) for level in zip(*chunks)]
