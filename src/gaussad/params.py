@@ -281,9 +281,9 @@ PARAMS: tuple[Param, ...] = (
           "file; needs the onnxruntime engine", flag="--precision", choices=PRECISIONS),
     Param("preset", None, optional(choice(PRESETS)),
           "recommended (default): the backbone's own input normalisation, aspect-kept resize, and nearest-neighbour "
-          "anomaly maps from the backbone's map levels (EfficientNet: stage2-stage7; see README for the figures); "
-          "paper: the paper's recipe (global features only, ImageNet normalisation, square resize); fast: the same as "
-          "recommended today, kept as the speed reference",
+          "anomaly maps from the backbone's map levels (EfficientNet: stage2-stage7; see README for the figures), "
+          "tiled on large images (map_tiles auto); paper: the paper's recipe (global features only, ImageNet "
+          "normalisation, square resize); fast: recommended with untiled maps (its speed before tiling)",
           flag="--preset", choices=tuple(PRESETS)),
     Param("image_score", None, optional(choice(IMAGE_SCORES)),
           "image score and decision: global = the mean over levels of the Mahalanobis distances; fused = the global "
