@@ -242,8 +242,7 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     Partitions are submitted :data:`WINDOW_PER_THREAD` per worker thread ahead of the client, so neither the
     workers nor the client hold more than a window of them whatever the number of images."""
     from . import params
-    from .engine import calibration_order
-    from .features import AUTO_TILES_SAMPLE, progress_bar
+    from .features import progress_bar, tiles_sample
     from .fitting import Trainer
     from .images import image_list
 
@@ -255,8 +254,7 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
         raise InvalidParameterError("a distributed fit with precision='int8' is not supported: fit on one machine")
     settings = params.resolved(model.get_params())
     if settings["map_tiles"] == "auto":  # decided on a worker, which sees the files, from the images it would read
-        sample = [images[i] for i in calibration_order(len(images), AUTO_TILES_SAMPLE)[:AUTO_TILES_SAMPLE]]
-        settings["map_tiles"] = _result(client.submit(_tiles_task, settings, sample, pure=False))
+        settings["map_tiles"] = _result(client.submit(_tiles_task, settings, tiles_sample(images), pure=False))
     progress = model.verbose if progress is None else progress
     layout_future = client.submit(_layout_task, settings, pure=False)
     stats = TreeReduction(client, _merge)

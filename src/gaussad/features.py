@@ -108,7 +108,7 @@ class FeatureExtractor:
         and run that network from now on (it becomes :attr:`network`); with fp32 nothing to do."""
         if self.precision != "int8":
             return
-        from .engine import INT8_CALIBRATION_IMAGES, cached_onnx_graph, calibration_order, quantize_int8
+        from .engine import INT8_CALIBRATION_IMAGES, cached_onnx_graph, quantize_int8
 
         inputs: list[np.ndarray] = []
         for i in calibration_order(len(sources), INT8_CALIBRATION_IMAGES):
@@ -297,12 +297,18 @@ def map_tiles_for(images: Sequence[ImageSource], settings: Mapping[str, Any]) ->
         return 1
     size = settings["input_size"] or get_spec(settings["backbone"]).input_size
     sides = []
-    for i in calibration_order(len(images), AUTO_TILES_SAMPLE)[:AUTO_TILES_SAMPLE]:
+    for i, image in enumerate(tiles_sample(images)):
         try:
-            sides.append(image_side(images[i], i, int(settings["max_pixels"])))
+            sides.append(image_side(image, i, int(settings["max_pixels"])))
         except ImageError:
             continue
     return auto_tiles(float(np.median(sides)), size) if sides else 1
+
+
+def tiles_sample(images: Sequence[ImageSource]) -> list[ImageSource]:
+    """The images whose size decides ``map_tiles='auto'``: up to 64 spread evenly over the list (its own sample, so
+    that a distributed fit can send only these to the worker that decides)."""
+    return [images[i] for i in calibration_order(len(images), AUTO_TILES_SAMPLE)[:AUTO_TILES_SAMPLE]]
 
 
 def normalization_meta(backbone: str | None, normalize: str, resize: str) -> dict | None:
