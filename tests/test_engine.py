@@ -234,3 +234,23 @@ def test_aspect_kept_inputs_match_torch_and_keep_the_order(tmp_path, monkeypatch
     expected = [aspect_size(w, h, TINY["input_size"]) for w, h in sizes]
     got = [m[0].shape[2:] for _, _, m in out["torch"] for _ in range(m[0].shape[0])]
     assert got == [(th // 8, tw // 8) for tw, th in expected]  # stage3 has stride 8
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
+def test_std_pooling_is_each_map_channels_spread(images, engine):
+    """pool='avg+std': a map level's pooled vector is its channels' average then their (population) standard
+    deviation over the map, computed here in numpy from the raw maps of the same pass; other levels pool as before."""
+    settings = {**TINY_FE, "map_levels": ["stage2", "stage3"], "engine": engine, "batch_size": 4}
+    plain = FeatureExtractor(**settings).extract(images[:6])
+    runs = list(FeatureExtractor(**settings, pool="avg+std").iter_features_and_maps(images[:6]))
+    pooled = [np.concatenate(level) for level in zip(*[p for _, p, _ in runs])]
+    maps = [np.concatenate(level).astype(np.float64) for level in zip(*[m for _, _, m in runs])]
+    assert [p.shape[1] for p in pooled] == [32, 16, 48, 80]  # stem, stage1 as before; stage2, stage3 doubled
+    for level in (0, 1):
+        _assert_close(pooled[level], plain[level])
+    for level, fmap in zip((2, 3), maps):
+        flat = fmap.reshape(*fmap.shape[:2], -1)
+        _assert_close(pooled[level], np.hstack([flat.mean(axis=2), flat.std(axis=2)]))
+    assert FeatureExtractor(**settings, pool="avg+std").level_dims == [32, 16, 48, 80]
+    with pytest.raises(GaussadError, match="unknown pool"):
+        FeatureExtractor(**settings, pool="max")

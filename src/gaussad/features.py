@@ -13,7 +13,7 @@ from .backbones import get_spec, resolve_levels, weights_file
 from .engine import Engine, calibration_order, cpu_count, graph_key, resolve_engine
 from .errors import GaussadError, ImageError, InvalidParameterError
 from .images import IMAGENET, ImageSource, check_max_pixels, image_side, load_image, preprocess
-from .params import DEFAULT_MAX_PIXELS, NORMALIZATIONS, RESIZES, check_precision
+from .params import DEFAULT_MAX_PIXELS, NORMALIZATIONS, POOLS, RESIZES, check_precision
 from .tiles import Mosaic, auto_tiles, check_tiling, cut, map_side, tile_boxes
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ class FeatureExtractor:
     ``precision="int8"`` runs a statically quantized ONNX graph: ``network`` (a fitted model's), or the one
     :meth:`calibrate` makes from training images. ``map_tiles`` > 1 takes the feature maps of the map levels from
     overlapping tiles of a larger map image (:mod:`gaussad.tiles`), the pooled features still from the whole image.
+    ``pool="avg+std"`` pools each map level's channels by their standard deviation over the map as well as their
+    average (the other levels by their average, as the paper).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class FeatureExtractor:
         precision: str = "fp32",
         network: bytes | None = None,
         map_tiles: int = 1,
+        pool: str = "avg",
     ):
         spec = get_spec(backbone)
         if normalize not in NORMALIZATIONS:
@@ -81,6 +84,11 @@ class FeatureExtractor:
         self.resize = resize
         self.decoder = decoder
         self.map_tiles = int(map_tiles) if self.map_levels else 1
+        if pool not in POOLS:
+            raise GaussadError(f"unknown pool {pool!r}; choose one of: {', '.join(POOLS)}")
+        self.pool = pool
+        # levels whose pooled vector also holds each channel's standard deviation over the map
+        self.std_levels = [i for i in self.levels if i in self.map_levels] if pool == "avg+std" else []
         check_tiling(self.input_size, self.map_tiles)
         self._module: "PooledLevels | None" = None
         self._runner: Engine | None = None
@@ -93,12 +101,13 @@ class FeatureExtractor:
             from .backbones.base import PooledLevels
 
             net = create_backbone(self.backbone_name, self.input_size, self.weights)
-            self._module = PooledLevels(net, self.levels, self.map_levels).eval()
+            self._module = PooledLevels(net, self.levels, self.map_levels, self.std_levels).eval()
         return self._module
 
     def _graph_key(self) -> dict[str, str]:
         """The on-disk cache key of this extractor's fp32 ONNX graph."""
-        graph = ("pooled-maps" if self.map_levels else "pooled") + ("-anysize" if self.resize == "aspect" else "")
+        graph = (("pooled-maps" if self.map_levels else "pooled") + ("-anysize" if self.resize == "aspect" else "")
+                 + ("-std" + "_".join(map(str, self.std_levels)) if self.std_levels else ""))
         return graph_key(graph, self.backbone_name, weights_file(self.backbone_name, self.weights), self.input_size,
                          self.levels, self.map_levels)
 
@@ -157,7 +166,7 @@ class FeatureExtractor:
             runner = self.runner
             if isinstance(runner, OnnxRuntimeEngine):
                 return [int(c) for c in runner.channels[:len(self.levels)]]
-        return [self.module.backbone.level_channels[i] for i in self.levels]
+        return self.module.pooled_dims()
 
     def prepare(self, source: ImageSource, index: int | None = None) -> np.ndarray:
         """One image decoded, resized and normalised: the (3, H, W) float32 network input (H = W = S when square)."""
@@ -358,13 +367,14 @@ class ExtractorCache:
                (layout.input_size if layout else settings["input_size"]) or spec.input_size,
                settings["normalize"], settings["resize"],
                tuple(layout.map_levels if layout else resolve_levels(spec.level_names, map_levels) if map_levels else ()),
-               settings["engine"], settings.get("precision", "fp32"), int(tiles))
+               settings["engine"], settings.get("precision", "fp32"), int(tiles),
+               layout.settings.get("pool", "avg") if layout else settings["pool"])
         if self.extractor is None or self.key != key or (network is not None and self.extractor.network != network):
-            backbone, weights, levels, size, normalize, resize, maps, engine, precision, tiles = key
+            backbone, weights, levels, size, normalize, resize, maps, engine, precision, tiles, pool = key
             self.extractor = FeatureExtractor(backbone, list(levels), size, weights, int(settings["batch_size"]),
                                               normalize=normalize, map_levels=list(maps), engine=engine,
                                               max_pixels=settings["max_pixels"], resize=resize, precision=precision,
-                                              network=network, map_tiles=tiles)
+                                              network=network, map_tiles=tiles, pool=pool)
             self.key = key
         self.extractor.batch_size, self.extractor.max_pixels = int(settings["batch_size"]), int(settings["max_pixels"])
         self.extractor.decoder = settings.get("decoder", "pil")

@@ -62,7 +62,7 @@ class GaussianAD(FittedAttributes):
     def __init__(self, backbone: str | None = "efficientnet-lite0", levels: Sequence[int | str] | None = None,
                  input_size: int | None = None, weights: str | os.PathLike | None = None,
                  estimator: str = "ledoit-wolf", reduction: str | None = None, variance: float = 0.99,
-                 normalize: str | None = None, resize: str | None = None,
+                 normalize: str | None = None, resize: str | None = None, pool: str | None = None,
                  map_levels: Sequence[int | str] | None = None, map_method: str | None = None,
                  map_pool: int | None = None, map_coreset: float = 0.1, map_grid: str | None = None,
                  map_tiles: int | str | None = None,
@@ -72,7 +72,7 @@ class GaussianAD(FittedAttributes):
                  max_pixels: int = params.DEFAULT_MAX_PIXELS, decoder: str = "pil"):
         self.backbone, self.levels, self.input_size, self.weights = backbone, levels, input_size, weights
         self.estimator, self.reduction, self.variance = estimator, reduction, variance
-        self.normalize, self.resize, self.decoder = normalize, resize, decoder
+        self.normalize, self.resize, self.pool, self.decoder = normalize, resize, pool, decoder
         self.map_levels, self.map_method, self.map_pool, self.map_coreset = map_levels, map_method, map_pool, map_coreset
         self.preset, self.image_score, self.threshold, self.fpr = preset, image_score, threshold, fpr
         self.map_grid, self.map_tiles, self.precision = map_grid, map_tiles, precision

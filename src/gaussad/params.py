@@ -24,6 +24,7 @@ NORMALIZATIONS = ("imagenet", "native")
 RESIZES = ("square", "aspect")
 MAP_METHODS = ("gaussian", "nearest")
 MAP_GRIDS = ("coarsest", "finest")
+POOLS = ("avg", "avg+std")
 THRESHOLDS = ("chi2", "hotelling", "conformal")
 IMAGE_SCORES = ("global", "fused")
 ENGINES = ("auto", "onnxruntime", "torch")
@@ -52,14 +53,15 @@ DEFAULT_PRESET = "recommended"
 BACKBONE_MAP_LEVELS = "backbone"  # a preset's map levels: those the backbone's registry entry recommends
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe: ImageNet mean/std, global features only.
-    "paper": {"normalize": "imagenet", "resize": "square", "map_levels": (), "map_method": "gaussian", "map_pool": 1,
-              "map_grid": "coarsest", "map_tiles": 1, "image_score": "global", "threshold": "chi2"},
+    "paper": {"normalize": "imagenet", "resize": "square", "pool": "avg", "map_levels": (), "map_method": "gaussian",
+              "map_pool": 1, "map_grid": "coarsest", "map_tiles": 1, "image_score": "global", "threshold": "chi2"},
     # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, the images' proportions kept,
     # and nearest-neighbour anomaly maps over 3 x 3 neighbourhoods of the backbone's map levels (its registry entry's
-    # ``map_levels``: stage2-stage7 for EfficientNet, on the stage7 grid; layer2-layer3 for ResNet).
+    # ``map_levels``: stage2-stage7 for EfficientNet, on the stage7 grid; layer2-layer3 for ResNet); the global
+    # features of those levels pool each channel's standard deviation over the map as well as its average.
     # The image score stays the global one: the fused score (``image_score='fused'``) did not rank synthetic
     # defects better and its decision caught fewer of them at the same target FPR (EXPERIMENTS.md, issue 14).
-    "recommended": {"normalize": "native", "resize": "aspect", "map_levels": BACKBONE_MAP_LEVELS,
+    "recommended": {"normalize": "native", "resize": "aspect", "pool": "avg+std", "map_levels": BACKBONE_MAP_LEVELS,
                     "map_method": "nearest", "map_pool": 3, "map_grid": "coarsest", "map_tiles": "auto",
                     "image_score": "global", "threshold": "chi2"},
 }
@@ -249,6 +251,11 @@ PARAMS: tuple[Param, ...] = (
     Param("resize", None, optional(choice(RESIZES)),
           "square: plain resize to S x S as the paper; aspect: keep the image's proportions at about S x S "
           "pixels (sides multiples of 32)", preset=True, flag="--resize", choices=RESIZES),
+    Param("pool", None, optional(choice(POOLS)),
+          "global features of each level: avg = each channel's average over the feature map (the paper); avg+std "
+          "= for the map levels also each channel's standard deviation over the map (a small defect moves a "
+          "channel's spread more than its average), the other levels their average; nothing changes without "
+          "map levels", preset=True, flag="--pool", choices=POOLS),
     Param("map_levels", None, optional(_levels), "comma-separated levels for anomaly maps, or 'none'",
           learned="map_levels_", preset=True, flag="--map-levels", parse=_map_level_list),
     Param("map_method", None, optional(choice(MAP_METHODS)),

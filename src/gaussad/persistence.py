@@ -22,7 +22,7 @@ from . import params
 from .errors import GaussadError, ModelFormatError
 from .files import open_regular_file, write_atomic
 from .params import (ESTIMATORS, MAP_GRIDS, MAP_METHODS, MAX_INPUT_SIZE, MAX_MAP_POOL, MAX_MAP_TILES, NORMALIZATIONS,
-                     PRESETS, REDUCTIONS, RESIZES)
+                     POOLS, PRESETS, REDUCTIONS, RESIZES)
 from .decision import DecisionRule
 from .state import DetectorState
 
@@ -140,6 +140,7 @@ def validate_meta(meta: Any) -> None:
     _need(size is None or _is_int(size, 1, MAX_INPUT_SIZE), f"input_size must be 1..{MAX_INPUT_SIZE} or null")
     _need(meta["normalize"] in NORMALIZATIONS, f"unknown normalize {str(meta['normalize'])[:40]!r}")
     _need(meta.get("resize", "square") in RESIZES, f"unknown resize {str(meta.get('resize'))[:40]!r}")
+    _need(meta.get("pool", "avg") in POOLS, f"unknown pool {str(meta.get('pool'))[:40]!r}")
     _need(meta["estimator"] in ESTIMATORS, f"unknown estimator {str(meta['estimator'])[:40]!r}")
     _need(meta["reduction"] in REDUCTIONS, f"unknown reduction {str(meta['reduction'])[:40]!r}")
     _need(_is_number(meta["variance"]) and 0.0 < meta["variance"] < 1.0, "variance must lie in (0, 1)")

@@ -17,9 +17,10 @@ from .errors import DataError, GaussadError, NotFittedError
 from .gaussian import MAX_ABS, LevelGaussian, MomentStats
 
 # The settings besides the layout that shape the features (statistics made with others cannot be combined).
-FEATURE_SETTINGS = ("backbone", "weights", "normalize", "resize", "map_method", "map_pool", "map_grid", "map_tiles")
+FEATURE_SETTINGS = ("backbone", "weights", "normalize", "resize", "pool", "map_method", "map_pool", "map_grid",
+                    "map_tiles")
 # What files from before a feature setting existed meant by it.
-FEATURE_DEFAULTS = {"map_grid": "coarsest", "map_tiles": 1}
+FEATURE_DEFAULTS = {"pool": "avg", "map_grid": "coarsest", "map_tiles": 1}
 # How calibration scores were made: a held-out fraction (split conformal), out-of-fold scores (cross-conformal), or
 # other normal images scored by the final model (``calibrate``).
 CALIBRATIONS = ("split", "cv", "calibrate")
