@@ -238,8 +238,9 @@ def test_aspect_kept_inputs_match_torch_and_keep_the_order(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
 def test_std_pooling_is_each_map_channels_spread(images, engine):
-    """pool='avg+std': a map level's pooled vector is its channels' average then their (population) standard
-    deviation over the map, computed here in numpy from the raw maps of the same pass; other levels pool as before."""
+    """pool='avg+std': a map level's pooled vector is its channels' average then the square root of their
+    (population) standard deviation over the map, computed here in numpy from the raw maps of the same pass; other
+    levels pool as before."""
     settings = {**TINY_FE, "map_levels": ["stage2", "stage3"], "engine": engine, "batch_size": 4}
     plain = FeatureExtractor(**settings).extract(images[:6])
     runs = list(FeatureExtractor(**settings, pool="avg+std").iter_features_and_maps(images[:6]))
@@ -250,7 +251,7 @@ def test_std_pooling_is_each_map_channels_spread(images, engine):
         _assert_close(pooled[level], plain[level])
     for level, fmap in zip((2, 3), maps):
         flat = fmap.reshape(*fmap.shape[:2], -1)
-        _assert_close(pooled[level], np.hstack([flat.mean(axis=2), flat.std(axis=2)]))
+        _assert_close(pooled[level], np.hstack([flat.mean(axis=2), np.sqrt(flat.std(axis=2))]))
     assert FeatureExtractor(**settings, pool="avg+std").level_dims == [32, 16, 48, 80]
     with pytest.raises(GaussadError, match="unknown pool"):
         FeatureExtractor(**settings, pool="max")

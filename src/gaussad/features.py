@@ -33,8 +33,8 @@ class FeatureExtractor:
     ``precision="int8"`` runs a statically quantized ONNX graph: ``network`` (a fitted model's), or the one
     :meth:`calibrate` makes from training images. ``map_tiles`` > 1 takes the feature maps of the map levels from
     overlapping tiles of a larger map image (:mod:`gaussad.tiles`), the pooled features still from the whole image.
-    ``pool="avg+std"`` pools each map level's channels by their standard deviation over the map as well as their
-    average (the other levels by their average, as the paper).
+    ``pool="avg+std"`` pools each map level's channels by their spread over the map (the square root of their
+    standard deviation) as well as their average (the other levels by their average, as the paper).
     """
 
     def __init__(
@@ -107,7 +107,7 @@ class FeatureExtractor:
     def _graph_key(self) -> dict[str, str]:
         """The on-disk cache key of this extractor's fp32 ONNX graph."""
         graph = (("pooled-maps" if self.map_levels else "pooled") + ("-anysize" if self.resize == "aspect" else "")
-                 + ("-std" + "_".join(map(str, self.std_levels)) if self.std_levels else ""))
+                 + ("-spread" + "_".join(map(str, self.std_levels)) if self.std_levels else ""))
         return graph_key(graph, self.backbone_name, weights_file(self.backbone_name, self.weights), self.input_size,
                          self.levels, self.map_levels)
 

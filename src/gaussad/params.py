@@ -58,7 +58,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, the images' proportions kept,
     # and nearest-neighbour anomaly maps over 3 x 3 neighbourhoods of the backbone's map levels (its registry entry's
     # ``map_levels``: stage2-stage7 for EfficientNet, on the stage7 grid; layer2-layer3 for ResNet); the global
-    # features of those levels pool each channel's standard deviation over the map as well as its average.
+    # features of those levels pool each channel's spread over the map (square root of its standard deviation) as
+    # well as its average.
     # The image score stays the global one: the fused score (``image_score='fused'``) did not rank synthetic
     # defects better and its decision caught fewer of them at the same target FPR (EXPERIMENTS.md, issue 14).
     "recommended": {"normalize": "native", "resize": "aspect", "pool": "avg+std", "map_levels": BACKBONE_MAP_LEVELS,
@@ -253,9 +254,9 @@ PARAMS: tuple[Param, ...] = (
           "pixels (sides multiples of 32)", preset=True, flag="--resize", choices=RESIZES),
     Param("pool", None, optional(choice(POOLS)),
           "global features of each level: avg = each channel's average over the feature map (the paper); avg+std "
-          "= for the map levels also each channel's standard deviation over the map (a small defect moves a "
-          "channel's spread more than its average), the other levels their average; nothing changes without "
-          "map levels", preset=True, flag="--pool", choices=POOLS),
+          "= for the map levels also each channel's spread over the map, the square root of its standard deviation "
+          "(a small defect moves a channel's spread more than its average), the other levels their average; "
+          "nothing changes without map levels", preset=True, flag="--pool", choices=POOLS),
     Param("map_levels", None, optional(_levels), "comma-separated levels for anomaly maps, or 'none'",
           learned="map_levels_", preset=True, flag="--map-levels", parse=_map_level_list),
     Param("map_method", None, optional(choice(MAP_METHODS)),

@@ -27,8 +27,9 @@ class Backbone(nn.Module):
 class PooledLevels(nn.Module):
     """Backbone plus global average pooling of each chosen level: (B,3,S,S) -> tuple of (B, C_l).
 
-    Levels in ``std_levels`` also pool the standard deviation of each channel over the map, after its average:
-    (B, 2 C_l). With ``map_levels`` the spatial feature maps (B, C, H, W) of those levels follow the pooled vectors
+    Levels in ``std_levels`` also pool the spread of each channel over the map, after its average: (B, 2 C_l); the
+    spread is the square root of the standard deviation, which a Gaussian fits better (the standard deviation itself
+    has heavy tails: the chi2 threshold flagged 3-4 times the held-out good images, EXPERIMENTS.md). With ``map_levels`` the spatial feature maps (B, C, H, W) of those levels follow the pooled vectors
     in the output tuple, from the same forward pass.
     """
 
@@ -45,7 +46,7 @@ class PooledLevels(nn.Module):
         mean = fmap.mean(dim=(2, 3))
         if not std:
             return mean
-        spread = (fmap - mean[:, :, None, None]).square().mean(dim=(2, 3)).sqrt()
+        spread = (fmap - mean[:, :, None, None]).square().mean(dim=(2, 3)).sqrt().sqrt()
         return torch.cat([mean, spread], dim=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
