@@ -86,12 +86,13 @@ def test_fit_paper_matches_one_process(client, tiny_category):
 
 
 def test_fit_cross_conformal_and_banks(client, tiny_category):
-    """Cross-conformal out-of-fold scores are one process's; each bank keeps ceil(coreset * locations) members of
+    """Cross-conformal out-of-fold scores (of features with the map levels' spread) are one process's; each bank keeps ceil(coreset * locations) members of
     every image's locations, and scores the training images' maps near 1."""
     settings = dict(TINY, map_levels=["stage2", "stage3"], map_method="nearest", map_pool=3, map_coreset=0.5,
-                    threshold="conformal", calibration="cv")
+                    threshold="conformal", calibration="cv", pool="avg+std")
     one = GaussianAD(**settings).fit(_train(tiny_category))
     dist = distributed.fit(GaussianAD(**settings), _train(tiny_category), client, partition_size=4)
+    assert dist.feature_dims_ == one.feature_dims_ == [32, 16, 48, 80]  # the map levels' spread pooled on the workers
     np.testing.assert_allclose(dist.calibration_scores_, one.calibration_scores_, rtol=1e-6)
     for a, b in zip(dist.map_banks_, one.map_banks_):
         assert a.seen == b.seen

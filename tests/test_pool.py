@@ -61,3 +61,11 @@ def test_merge_refuses_another_pool_and_bad_values_are_named(spread, files):
         spread.merge(GaussianAD(**MAPPED, pool="avg").fit(files))
     with pytest.raises(InvalidParameterError, match="unknown pool 'max'"):
         GaussianAD(**MAPPED, pool="max").fit(files)
+
+
+def test_evaluate_reports_the_pooling(tiny_root):
+    from gaussad.evaluate import evaluate, format_table
+
+    report = evaluate(tiny_root / "brick", protocol="full", **MAPPED, pool="avg+std")
+    assert report["pool"] == "avg+std" and "pool=avg+std" in format_table(report).splitlines()[0]
+    assert len(report["categories"]["brick"]["level_aurocs"]) == 4

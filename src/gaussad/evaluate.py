@@ -251,6 +251,7 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
         "variance": params.get("variance", 0.99) if params.get("reduction") else None,
         "normalize": extractor_model.setting("normalize"),
         "resize": extractor_model.setting("resize"),
+        "pool": extractor_model.setting("pool"),
         "categories": results,
         "n_categories": len(results),
         "mean_image_auroc": float(np.mean(aurocs)),
@@ -285,8 +286,8 @@ def format_table(report: dict[str, Any]) -> str:
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     title = (f"protocol={report['protocol']} preset={report['preset'] or 'paper'} backbone={report['backbone']} size={report['input_size']} "
              f"estimator={report['estimator']} reduction={report['reduction'] or 'none'} normalize={report['normalize']} "
-             f"resize={report.get('resize', 'square')}"
-             + (f" maps={report['map_method']}:{','.join(report['map_levels'])} pool={report['map_pool']}"
+             f"resize={report.get('resize', 'square')} pool={report.get('pool', 'avg')}"
+             + (f" maps={report['map_method']}:{','.join(report['map_levels'])} map_pool={report['map_pool']}"
                 f" grid={report.get('map_grid') or 'coarsest'} tiles={_tiles_text(report)}"
                 if report.get("map_levels") else ""))
     out = [title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
