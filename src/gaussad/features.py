@@ -87,8 +87,8 @@ class FeatureExtractor:
         if pool not in POOLS:
             raise GaussadError(f"unknown pool {pool!r}; choose one of: {', '.join(POOLS)}")
         self.pool = pool
-        # levels whose pooled vector also holds each channel's standard deviation over the map
-        self.std_levels = [i for i in self.levels if i in self.map_levels] if pool == "avg+std" else []
+        # levels whose pooled vector also holds each channel's spread over the map (PooledLevels)
+        self.spread_levels = [i for i in self.levels if i in self.map_levels] if pool == "avg+std" else []
         check_tiling(self.input_size, self.map_tiles)
         self._module: "PooledLevels | None" = None
         self._runner: Engine | None = None
@@ -101,13 +101,13 @@ class FeatureExtractor:
             from .backbones.base import PooledLevels
 
             net = create_backbone(self.backbone_name, self.input_size, self.weights)
-            self._module = PooledLevels(net, self.levels, self.map_levels, self.std_levels).eval()
+            self._module = PooledLevels(net, self.levels, self.map_levels, self.spread_levels).eval()
         return self._module
 
     def _graph_key(self) -> dict[str, str]:
         """The on-disk cache key of this extractor's fp32 ONNX graph."""
         graph = (("pooled-maps" if self.map_levels else "pooled") + ("-anysize" if self.resize == "aspect" else "")
-                 + ("-spread" + "_".join(map(str, self.std_levels)) if self.std_levels else ""))
+                 + ("-spread" + "_".join(map(str, self.spread_levels)) if self.spread_levels else ""))
         return graph_key(graph, self.backbone_name, weights_file(self.backbone_name, self.weights), self.input_size,
                          self.levels, self.map_levels)
 

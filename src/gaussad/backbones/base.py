@@ -27,36 +27,37 @@ class Backbone(nn.Module):
 class PooledLevels(nn.Module):
     """Backbone plus global average pooling of each chosen level: (B,3,S,S) -> tuple of (B, C_l).
 
-    Levels in ``std_levels`` also pool the spread of each channel over the map, after its average: (B, 2 C_l); the
-    spread is the square root of the standard deviation, which a Gaussian fits better (the standard deviation itself
-    has heavy tails: the chi2 threshold flagged 3-4 times the held-out good images, EXPERIMENTS.md). With ``map_levels`` the spatial feature maps (B, C, H, W) of those levels follow the pooled vectors
-    in the output tuple, from the same forward pass.
+    Levels in ``spread_levels`` also pool the spread of each channel over the map, after its average: (B, 2 C_l);
+    the spread is the square root of the standard deviation, which a Gaussian fits better (the standard deviation
+    itself has heavy tails: the chi2 threshold flagged 3-4 times the held-out good images, EXPERIMENTS.md). With
+    ``map_levels`` the spatial feature maps (B, C, H, W) of those levels follow the pooled vectors in the output
+    tuple, from the same forward pass.
     """
 
     def __init__(self, backbone: Backbone, levels: Sequence[int], map_levels: Sequence[int] = (),
-                 std_levels: Sequence[int] = ()):
+                 spread_levels: Sequence[int] = ()):
         super().__init__()
         self.backbone = backbone
         self.levels = list(levels)
         self.map_levels = list(map_levels)
-        self.std_levels = set(std_levels)
+        self.spread_levels = set(spread_levels)
         self._all = sorted(set(self.levels) | set(self.map_levels))
 
-    def _pool(self, fmap: torch.Tensor, std: bool) -> torch.Tensor:
+    def _pool(self, fmap: torch.Tensor, spread: bool) -> torch.Tensor:
         mean = fmap.mean(dim=(2, 3))
-        if not std:
+        if not spread:
             return mean
-        spread = (fmap - mean[:, :, None, None]).square().mean(dim=(2, 3)).sqrt().sqrt()
-        return torch.cat([mean, spread], dim=1)
+        std = (fmap - mean[:, :, None, None]).square().mean(dim=(2, 3)).sqrt()
+        return torch.cat([mean, std.sqrt()], dim=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         by_level = dict(zip(self._all, self.backbone.forward_levels(x, self._all)))
-        pooled = tuple(self._pool(by_level[i], i in self.std_levels) for i in self.levels)
+        pooled = tuple(self._pool(by_level[i], i in self.spread_levels) for i in self.levels)
         return pooled + tuple(by_level[i] for i in self.map_levels)
 
     def pooled_dims(self) -> list[int]:
         """Length of each level's pooled vector."""
-        return [self.backbone.level_channels[i] * (2 if i in self.std_levels else 1) for i in self.levels]
+        return [self.backbone.level_channels[i] * (2 if i in self.spread_levels else 1) for i in self.levels]
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
