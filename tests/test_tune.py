@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from gaussad import InvalidParameterError, load
+from gaussad import GaussianAD, InvalidParameterError, load
 from gaussad.cli import main
 from gaussad.errors import DataError
 from gaussad.synthetic import PASTED_DEFECTS, add_defect
-from gaussad.tune import candidates, split, tune
+from gaussad.tune import _feature_key, candidates, split, tune
 
 # Small, fast settings: 64-pixel input, the first levels, maps from stage2-3.
 BASE = {"backbone": "efficientnet-lite0", "input_size": 64, "levels": ["stem", "stage1", "stage2", "stage3"],
@@ -76,6 +76,35 @@ def test_tune_ranks_a_known_better_map_setting_first_and_is_deterministic(train_
     again = tune(files, grid={"map_pool": (15, 1)}, base=BASE, refit=False, seed=0)
     strip = lambda res: [{k: v for k, v in r.items() if k != "seconds"} for r in res.ranking]  # noqa: E731
     assert strip(again) == strip(result)
+
+
+def test_candidates_with_other_map_levels_are_measured_on_their_own_pooled_features(train_dir):
+    """Candidates sharing one extraction pool the spread (pool='avg+std') of every member's map levels; each is
+    measured on the features its own model pools: the same figures as when it is searched alone (its own
+    extraction), and pool itself is never shared between candidates."""
+    files = sorted(train_dir.glob("*.png"))
+    grid = {"maps": ({"map_levels": ("stage2", "stage3")}, {"map_levels": ("stage3",)})}
+    together = {json.dumps(r["settings"], sort_keys=True): r for r in
+                tune(files, grid=grid, base=BASE, refit=False, seed=0).ranking}
+    alone = tune(files, grid={"maps": grid["maps"][1:]}, base=BASE, refit=False, seed=0).ranking[0]
+    row = together[json.dumps(alone["settings"], sort_keys=True)]
+    for key in ("global_auroc", "map_max_auroc", "pixel_auroc"):
+        assert row[key] == pytest.approx(alone[key], abs=1e-12), key
+    from gaussad.features import FeatureExtractor
+    from gaussad.tune import _own_pooled
+
+    settings = dict(backbone=BASE["backbone"], levels=BASE["levels"], input_size=64, normalize="native",
+                    resize="aspect", pool="avg+std")
+    union = FeatureExtractor(**settings, map_levels=["stage2", "stage3"])
+    own = FeatureExtractor(**settings, map_levels=["stage3"])
+    assert (union.spread_levels, own.spread_levels) == ([2, 3], [3])
+    cut = _own_pooled(union.extract(files[:6]), union.levels, union.spread_levels, own.map_levels)
+    expected = own.extract(files[:6])
+    assert [c.shape for c in cut] == [e.shape for e in expected] == [(6, 32), (6, 16), (6, 24), (6, 80)]
+    for c, e in zip(cut, expected):
+        np.testing.assert_allclose(c, e, rtol=1e-5, atol=1e-6)
+    full = GaussianAD(**BASE).get_params()
+    assert _feature_key({**full, "pool": "avg"}) != _feature_key({**full, "pool": "avg+std"})
 
 
 def test_candidates_expand_a_grid_and_resolve_relative_input_sizes():

@@ -30,6 +30,7 @@ from .errors import DataError, InvalidParameterError
 if TYPE_CHECKING:
     import numpy as np
 
+    from .features import FeatureExtractor
     from .model import GaussianAD
 
 # The command line builds its parser from GRIDS, so that importing this module stays light: numpy, the model and
@@ -175,7 +176,7 @@ def _feature_key(setting: Mapping[str, Any]) -> str:
     """What shapes the network's input and pooled features: candidates with the same key share one extraction."""
     r = params.resolved(setting)
     return json.dumps({k: r[k] for k in ("backbone", "weights", "input_size", "levels", "normalize", "resize",
-                                     "map_tiles")},
+                                     "map_tiles", "pool")},
                       sort_keys=True, default=str)
 
 
@@ -188,7 +189,14 @@ def _map_level_indices(setting: Mapping[str, Any]) -> list[int]:
     return resolve_levels(get_spec(setting["backbone"]).level_names, levels)
 
 
-def _score(setting: dict[str, Any], fit: tuple, held: tuple, level_names: list[str], union: list[int],
+def _own_pooled(pooled: list[np.ndarray], levels: list[int], spread: list[int], own: list[int]) -> list[np.ndarray]:
+    """A candidate's pooled features from its group's extraction: the group pooled the spread (``pool='avg+std'``)
+    of every level in ``spread`` (the members' map levels together); a level that is not among the candidate's own
+    map levels ``own`` keeps only its average, the first half of its columns, as the candidate's model pools it."""
+    return [p[:, :p.shape[1] // 2] if lv in spread and lv not in own else p for p, lv in zip(pooled, levels)]
+
+
+def _score(setting: dict[str, Any], fit: tuple, held: tuple, extracted: FeatureExtractor, union: list[int],
            masks: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Fit one candidate on the fit part's features and measure it on the held-out goods and synthetic defects."""
     from .evaluate import roc_auc
@@ -196,12 +204,14 @@ def _score(setting: dict[str, Any], fit: tuple, held: tuple, level_names: list[s
 
     t0 = time.perf_counter()
     score = params.effective(setting, "image_score")
+    own = _map_level_indices(setting)
+    fit = (_own_pooled(fit[0], extracted.levels, extracted.spread_levels, own), fit[1])
+    held = (_own_pooled(held[0], extracted.levels, extracted.spread_levels, own), held[1])
     model = GaussianAD(**{**setting, **SEARCH_ONLY, **(FUSED_SEARCH if score == "fused" else {})}).fit_features(
-        fit[0], level_names)
+        fit[0], extracted.level_names)
     row: dict[str, Any] = {"settings": setting, "image_auroc": None, "global_auroc": None, "map_max_auroc": None,
                            "pixel_auroc": None}
     amaps = held_maps = None
-    own = _map_level_indices(setting)
     if own:
         pick = [union.index(i) for i in own]
         model.fit_map_features([[m[i] for i in pick] for m in fit[1]])
@@ -292,9 +302,9 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
             fit = extract(extractor, fit_files, f"tune {size} px: fit", bool(union))
             held = extract(extractor, scored, f"tune {size} px: held-out", bool(union))
             timings[f"features_{size}px_s"] = timings.get(f"features_{size}px_s", 0.0) + time.perf_counter() - t0
-            level_names = extractor.feature_extractor().level_names
             for i in members:
-                rows[i] = {"candidate": i, **_score(settings[i], fit, held, level_names, union, masks, labels)}
+                rows[i] = {"candidate": i, **_score(settings[i], fit, held, extractor.feature_extractor(), union,
+                                                    masks, labels)}
                 if bar is not None:
                     bar.update(1)
             del fit, held
