@@ -50,6 +50,7 @@ def test_model_files_keep_pool_and_old_files_load_with_the_average(spread, tiny_
     spread.save(path)
     loaded = gaussad.load(path)
     assert loaded.pool == "avg+std" and loaded.state_.layout.settings["pool"] == "avg+std"
+    assert loaded.summary()["pool"] == "avg+std"  # what `gaussad fit --json` and GET /models report
     np.testing.assert_allclose(loaded.score_samples(test), spread.score_samples(test), rtol=1e-9)
     meta, _ = read_model_file(path)
     old = {k: v for k, v in meta.items() if k != "pool"}  # a file from before pool existed
