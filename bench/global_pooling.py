@@ -12,6 +12,10 @@ alpha 0.01 / 0.05 / 0.1 (a label-free check of how well the Gaussian law fits). 
 all of train/good, image AUROC on the test set and the chi2 rule's realised FPR / TPR at alpha 0.05.
 
     python -m bench.global_pooling --data ../shared/data/magnetic_tile [--test] [--json OUT]
+    python -m bench.global_pooling --data DATA --backbone mobilenet_v2 --quick    # the paper's pooling and the kept one
+
+``--backbone`` takes another network of the nine-level layout (EfficientNet-Lite, MobileNetV2); "the map levels" are
+then its registry entry's (MobileNetV2: stage3-stage7).
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from PIL import Image
 from sklearn.model_selection import KFold
 
 from gaussad import GaussianAD
+from gaussad.backbones import get_spec
 from gaussad.datasets import load_category
 from gaussad.evaluate import roc_auc
 from gaussad.synthetic import PASTED_DEFECTS, add_defect
 
 LEVELS = ("stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "head")
-MAP_LEVELS = range(2, 8)  # stage2-stage7: the recommended preset's map levels for EfficientNet
+MAP_LEVELS = list(range(2, 8))  # stage2-stage7: the recommended preset's map levels for EfficientNet (--backbone)
 SEEDS = (0, 1, 2)
 ALPHAS = (0.01, 0.05, 0.1)
 Pooled = dict  # statistic name -> list over levels of (n, C) arrays
@@ -127,9 +132,15 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="a category folder in MVTec layout")
     ap.add_argument("--test", action="store_true", help="also the test figures (read them after choosing)")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--backbone", default="efficientnet-lite0", help="a nine-level network (default: %(default)s)")
+    ap.add_argument("--quick", action="store_true", help="only the paper's pooling and pool='avg+std'")
     args = ap.parse_args()
+    spec = get_spec(args.backbone)
+    if tuple(spec.level_names) != LEVELS:
+        ap.error(f"{args.backbone} does not have the nine levels {', '.join(LEVELS)}")
+    MAP_LEVELS[:] = [spec.level_names.index(name) for name in spec.map_levels]
     cat = load_category(args.data)
-    model = GaussianAD(preset="fast", pool="avg", map_levels=LEVELS, verbose=True)
+    model = GaussianAD(preset="fast", backbone=args.backbone, pool="avg", map_levels=LEVELS, verbose=True)
     train_files = list(cat.train_files)
     train = pooled_statistics(model, train_files)
     defective = [pooled_statistics(model, _defective(train_files, s)) for s in SEEDS]
@@ -139,7 +150,8 @@ def main() -> None:
         np.hstack([p["avg"][l], np.log(p["std"][l] + floor[l])]) if l in MAP_LEVELS else p["avg"][l]
         for l in range(len(LEVELS))]
     report = {}
-    for name, variant in VARIANTS.items():
+    chosen = list(VARIANTS)[0:3:2] if args.quick else list(VARIANTS)
+    for name, variant in ((n, VARIANTS[n]) for n in chosen):
         r = measure(variant(train), [variant(d) for d in defective], None if test is None else variant(test),
                     cat.test_labels)
         report[name] = r

@@ -7,7 +7,7 @@ import pytest
 import gaussad
 from gaussad import GaussianAD, InvalidParameterError
 from gaussad.images import list_images
-from gaussad.params import PRESETS, effective, from_stored
+from gaussad.params import effective, from_stored
 from gaussad.persistence import read_model_file
 from gaussad.state import feature_settings
 
@@ -26,9 +26,15 @@ def spread(files):
     return GaussianAD(**MAPPED, pool="avg+std").fit(files)
 
 
-def test_presets_pool_as_documented():
-    assert PRESETS["paper"]["pool"] == "avg" and PRESETS["recommended"]["pool"] == PRESETS["fast"]["pool"] == "avg+std"
-    assert effective({"preset": None, "pool": None}, "pool") == "avg+std"  # the default preset is recommended
+@pytest.mark.parametrize("backbone, pool", [("efficientnet-lite0", "avg+std"), ("efficientnet-lite1", "avg+std"),
+                                           ("efficientnet-lite2", "avg+std"), ("mobilenet_v2", "avg"),
+                                           ("efficientnet-b4", "avg"), ("resnet50", "avg"), (None, "avg")])
+def test_presets_pool_as_documented(backbone, pool):
+    """recommended and fast take the backbone's own pooling (the spread only where it was measured to help without
+    loosening the chi2 rule: EfficientNet-Lite); paper averages; an explicit value wins."""
+    for preset, expected in (("recommended", pool), ("fast", pool), (None, pool), ("paper", "avg")):
+        assert effective({"preset": preset, "pool": None, "backbone": backbone}, "pool") == expected, preset
+    assert effective({"preset": "paper", "pool": "avg+std", "backbone": backbone}, "pool") == "avg+std"
 
 
 def test_std_changes_only_the_map_levels(files, tiny_category, spread):

@@ -50,19 +50,22 @@ DEFAULT_SPLIT = 0.2
 # The preset of a model that names none. It was "paper" before issue 13: the paper's recipe flagged 55 % of bottle's
 # good test images with a conformal threshold calibrated on 40 training images, the recommended one 5 % (README).
 DEFAULT_PRESET = "recommended"
-BACKBONE_MAP_LEVELS = "backbone"  # a preset's map levels: those the backbone's registry entry recommends
+# A preset's value for map_levels and pool meaning "what the backbone's registry entry recommends" (plain features,
+# no backbone: no map levels, the average).
+BACKBONE_CHOICE = "backbone"
+_WITHOUT_BACKBONE = {"map_levels": (), "pool": "avg"}
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe: ImageNet mean/std, global features only.
     "paper": {"normalize": "imagenet", "resize": "square", "pool": "avg", "map_levels": (), "map_method": "gaussian",
               "map_pool": 1, "map_grid": "coarsest", "map_tiles": 1, "image_score": "global", "threshold": "chi2"},
     # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, the images' proportions kept,
     # and nearest-neighbour anomaly maps over 3 x 3 neighbourhoods of the backbone's map levels (its registry entry's
-    # ``map_levels``: stage2-stage7 for EfficientNet, on the stage7 grid; layer2-layer3 for ResNet); the global
-    # features of those levels pool each channel's spread over the map (square root of its standard deviation) as
-    # well as its average.
+    # ``map_levels``: stage2-stage7 for EfficientNet, on the stage7 grid; layer2-layer3 for ResNet); and the
+    # registry entry's ``pool``: for EfficientNet-Lite the map levels' global features also hold each channel's
+    # spread over the map (square root of its standard deviation), elsewhere the paper's average.
     # The image score stays the global one: the fused score (``image_score='fused'``) did not rank synthetic
     # defects better and its decision caught fewer of them at the same target FPR (EXPERIMENTS.md, issue 14).
-    "recommended": {"normalize": "native", "resize": "aspect", "pool": "avg+std", "map_levels": BACKBONE_MAP_LEVELS,
+    "recommended": {"normalize": "native", "resize": "aspect", "pool": BACKBONE_CHOICE, "map_levels": BACKBONE_CHOICE,
                     "map_method": "nearest", "map_pool": 3, "map_grid": "coarsest", "map_tiles": "auto",
                     "image_score": "global", "threshold": "chi2"},
 }
@@ -256,7 +259,8 @@ PARAMS: tuple[Param, ...] = (
           "global features of each level: avg = each channel's average over the feature map (the paper); avg+std "
           "= for the map levels also each channel's spread over the map, the square root of its standard deviation "
           "(a small defect moves a channel's spread more than its average), the other levels their average; "
-          "nothing changes without map levels", preset=True, flag="--pool", choices=POOLS),
+          "nothing changes without map levels. The recommended preset takes the backbone's own (EfficientNet-Lite: "
+          "avg+std; others: avg)", preset=True, flag="--pool", choices=POOLS),
     Param("map_levels", None, optional(_levels), "comma-separated levels for anomaly maps, or 'none'",
           learned="map_levels_", preset=True, flag="--map-levels", parse=_map_level_list),
     Param("map_method", None, optional(choice(MAP_METHODS)),
@@ -352,10 +356,12 @@ def effective(params: Mapping[str, Any], name: str) -> Any:
         return "conformal"
     if value is None and BY_NAME[name].preset:
         value = PRESETS[params.get("preset") or DEFAULT_PRESET][name]
-        if value == BACKBONE_MAP_LEVELS:
+        if value == BACKBONE_CHOICE:
+            if params.get("backbone") is None:
+                return _WITHOUT_BACKBONE[name]
             from .backbones import get_spec
 
-            return get_spec(params["backbone"]).map_levels if params.get("backbone") is not None else ()
+            return getattr(get_spec(params["backbone"]), name)
     return value
 
 

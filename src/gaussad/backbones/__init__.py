@@ -35,6 +35,10 @@ class BackboneSpec:
     bundled_weights: Callable[[], Path] | None = None
     # The backbone's recommended levels for the nearest-neighbour anomaly maps (names from ``level_names``).
     map_levels: tuple[str, ...] = ()
+    # The backbone's recommended pooling of the global features (``pool``): "avg+std" only where the map levels'
+    # spread was measured to help (synthetic defects) without the chi2 rule flagging more held-out good images
+    # (EXPERIMENTS.md, "Spread pooling"); the paper's "avg" elsewhere.
+    pool: str = "avg"
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

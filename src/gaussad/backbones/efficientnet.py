@@ -63,7 +63,7 @@ _LITE_NORMALIZATION = ((127.0 / 255,) * 3, (128.0 / 255,) * 3)
 
 for _name, _size in _LITE_SIZES.items():
     register(BackboneSpec(_name, _make_lite(_name), _size, LEVEL_NAMES, False, f"ImageNet {_name}, bundled weights",
-                          _LITE_NORMALIZATION, partial(_bundled_weights, _name), MAP_LEVELS))
+                          _LITE_NORMALIZATION, partial(_bundled_weights, _name), MAP_LEVELS, pool="avg+std"))
 for _name, _size in _B_SIZES.items():
     register(BackboneSpec(_name, _make_b(_name), _size, LEVEL_NAMES, True, f"{_name}, local weights file required",
                           map_levels=MAP_LEVELS))
