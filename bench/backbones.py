@@ -54,7 +54,7 @@ def features(model: GaussianAD, images: list, desc: str) -> tuple[list[np.ndarra
 
 
 def run_backbone(backbone: str, fit: list, held: list, bad: list, masks: np.ndarray) -> dict:
-    model = GaussianAD(backbone=backbone, preset="recommended", map_levels=LEVELS, verbose=False)
+    model = GaussianAD(backbone=backbone, preset="fast", pool="avg", map_levels=LEVELS, verbose=False)
     size = model.feature_extractor().input_size
     t0 = time.perf_counter()
     fit_pooled, fit_grids = features(model, fit, "fit")
@@ -62,11 +62,11 @@ def run_backbone(backbone: str, fit: list, held: list, bad: list, masks: np.ndar
     bad_pooled, bad_grids = features(model, bad, "synthetic")
     t_features = time.perf_counter() - t0
     labels = np.r_[np.zeros(len(held)), np.ones(len(bad))]
-    scorer = GaussianAD(preset="recommended", backbone=None).fit_features(fit_pooled)
+    scorer = GaussianAD(preset="fast", backbone=None).fit_features(fit_pooled)
     out = {"input_size": size, "features_s": t_features,
            "global": roc_auc(labels, np.r_[scorer.score_features(good_pooled), scorer.score_features(bad_pooled)])}
     t0 = time.perf_counter()
-    maps = GaussianAD(preset="recommended", backbone=None, map_pool=1).fit_map_features(fit_grids)
+    maps = GaussianAD(preset="fast", backbone=None, map_pool=1).fit_map_features(fit_grids)
     out["banks_s"] = time.perf_counter() - t0
     per_image = [maps.state_.level_maps([g[None] for g in grids]) for grids in good_grids + bad_grids]
     for name, levels in VARIANTS.items():
@@ -92,7 +92,7 @@ def main() -> None:
     print(f"{cat.name}: {len(fit)} fit, {len(held)} good + {len(bad)} synthetic", flush=True)
     report = {}
     for backbone in args.backbones.split(","):
-        size = GaussianAD(backbone=backbone).feature_extractor().input_size
+        size = GaussianAD(backbone=backbone, preset="fast").feature_extractor().input_size
         masks = split_masks(len(held), bad_masks, size)
         report[backbone] = run_backbone(backbone, fit, held, bad, masks)
         if args.json:

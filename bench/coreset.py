@@ -118,13 +118,13 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     cat = load_category(args.data)
-    model = GaussianAD(preset="recommended", verbose=False)
+    model = GaussianAD(preset="fast", verbose=False)
     size = model.feature_extractor().input_size
     fit, held, bad, bad_masks = synthetic_split(cat.train_files)
     _, fit_maps = extract(model, fit, "fit", True)
     _, good_maps = extract(model, held, "held-out good", True)
     _, bad_maps = extract(model, bad, "synthetic", True)
-    mapper = GaussianAD(preset="recommended", verbose=False).fit_map_features(fit_maps)  # its state: maps only
+    mapper = GaussianAD(preset="fast", verbose=False).fit_map_features(fit_maps)  # its state: maps only
     masks = split_masks(len(held), bad_masks, size)
     labels = np.r_[np.zeros(len(held)), np.ones(len(bad))]
     print(f"synthetic ({cat.name}: {len(fit)} fit, {len(held)} good + {len(bad)} synthetic)", flush=True)

@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     cat = load_category(args.data)
-    size = GaussianAD(preset="recommended").feature_extractor().input_size
+    size = GaussianAD(preset="fast").feature_extractor().input_size
     fit, held, bad, bad_masks = synthetic_split(cat.train_files)
     masks = split_masks(len(held), bad_masks, size)
     labels = np.r_[np.zeros(len(held)), np.ones(len(bad))]

@@ -20,7 +20,8 @@ from scipy.stats import spearmanr
 from gaussad import GaussianAD, params
 from gaussad.datasets import load_category
 from gaussad.evaluate import extract, load_masks, roc_auc
-from gaussad.tune import BASE, MAP_SIDE, candidates, changed, describe
+from gaussad.features import map_tiles_for
+from gaussad.tune import BASE, MAP_SIDE, _own_pooled, candidates, changed, describe
 
 UNION = ["stage2", "stage3", "stage4", "stage5", "stage6", "stage7"]  # every map level of the small grid
 
@@ -32,17 +33,22 @@ def real_figures(data: str, grid: str) -> list[dict]:
     points = candidates(grid)
     for size in dict.fromkeys(p.get("input_size") for p in points):
         extractor = GaussianAD(**{**BASE, "input_size": size, "map_levels": UNION})
+        if extractor.setting("map_tiles") == "auto":  # decided as a fit on these images decides it (as tune)
+            extractor.set_params(map_tiles=map_tiles_for(cat.train_files, params.resolved(extractor.get_params())))
+        fx = extractor.feature_extractor()
         t0 = time.perf_counter()
         train, train_maps = extract(extractor, cat.train_files, f"train {size}", True)
         test, test_maps = extract(extractor, cat.test_files, f"test {size}", True)
         print(f"features at {size}: {time.perf_counter() - t0:.0f} s", flush=True)
         for point in (p for p in points if p.get("input_size") == size):
             setting = {**params.defaults(), **BASE, **point}
-            model = GaussianAD(**setting).fit_features(train, extractor.feature_extractor().level_names)
+            own = [fx.map_levels[UNION.index(n)] for n in params.effective(setting, "map_levels")]
+            mine = lambda pooled: _own_pooled(pooled, fx.levels, fx.spread_levels, own)  # noqa: E731 (as tune pools)
+            model = GaussianAD(**setting).fit_features(mine(train), fx.level_names)
             pick = [UNION.index(n) for n in params.effective(setting, "map_levels")]
             model.fit_map_features([[m[i] for i in pick] for m in train_maps])
             amaps = model.anomaly_map_features([[m[i] for i in pick] for m in test_maps], MAP_SIDE)
-            row = {"settings": describe(changed(setting, {**params.defaults(), **BASE})), "global_auroc": roc_auc(cat.test_labels, model.score_features(test)),
+            row = {"settings": describe(changed(setting, {**params.defaults(), **BASE})), "global_auroc": roc_auc(cat.test_labels, model.score_features(mine(test))),
                    "map_max_auroc": roc_auc(cat.test_labels, amaps.reshape(len(amaps), -1).max(axis=1)),
                    "pixel_auroc": roc_auc(masks.ravel(), amaps.ravel())}
             print(row, flush=True)
