@@ -76,3 +76,13 @@ def test_evaluate_reports_the_pooling(tiny_root):
     report = evaluate(tiny_root / "brick", protocol="full", **MAPPED, pool="avg+std")
     assert report["pool"] == "avg+std" and "pool=avg+std" in format_table(report).splitlines()[0]
     assert len(report["categories"]["brick"]["level_aurocs"]) == 4
+
+
+def test_service_lists_the_pooling(spread):
+    from fastapi.testclient import TestClient
+
+    from gaussad.serve import create_app
+
+    with TestClient(create_app({"spread": spread})) as client:
+        info = client.get("/models").json()[0]
+    assert (info["pool"], info["map_tiles"]) == ("avg+std", 1)

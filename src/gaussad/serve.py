@@ -148,8 +148,8 @@ def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
     """What ``GET /models`` says about one model."""
     return {"name": name, "backbone": model.backbone, "preset": model.setting("preset"),
             "input_size": model.input_size_, "levels": list(model.level_names_), "n_samples": int(model.n_samples_),
-            "maps": model.has_maps, "map_levels": list(model.map_level_names_),
-            "threshold": decision_rule(model, fpr),
+            "maps": model.has_maps, "map_levels": list(model.map_level_names_), "map_tiles": model.map_tiles_,
+            "pool": model.state_.layout.settings.get("pool", "avg"), "threshold": decision_rule(model, fpr),
             "calibration": calibration_summary(model.state_, effective_fpr(model, fpr))}
 
 
@@ -331,6 +331,8 @@ class ModelInfo(BaseModel):
     n_samples: int = Field(description="number of training images")
     maps: bool = Field(description="whether the model computes anomaly maps")
     map_levels: list[str]
+    map_tiles: int = Field(description="tiles a side of the anomaly maps (1 = untiled)")
+    pool: str = Field(description="how each level's feature map was pooled into the global features")
     threshold: dict
 
 
