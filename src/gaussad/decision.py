@@ -211,7 +211,7 @@ def summary(rule: DecisionRule, state: Calibrated) -> dict:
     target FPR, score threshold, or the reason it cannot apply) and :func:`calibration_summary`."""
     out = {"levels": list(state.layout.level_names), "input_size": state.layout.input_size,
            "n_samples": int(state.n_samples), "maps": bool(getattr(state, "has_maps", False)),
-           "map_tiles": int(state.layout.settings.get("map_tiles", 1)), "pool": state.layout.settings.get("pool", "avg"),
+           "map_tiles": int(state.layout.setting("map_tiles")), "pool": state.layout.setting("pool"),
            "image_score": rule.image_score, "threshold": {"method": rule.method, "fpr": rule.fpr}}
     try:
         if rule.fused:

@@ -357,7 +357,7 @@ class ExtractorCache:
         spec = get_spec(settings["backbone"])
         tiles = settings["map_tiles"]
         if tiles == "auto":
-            tiles = layout.settings.get("map_tiles", 1) if layout else self.tiles
+            tiles = layout.setting("map_tiles") if layout else self.tiles
             if tiles is None:
                 raise GaussadError("map_tiles='auto' is decided from the training images when the model is fitted: "
                                    "fit it first, or give the number of tiles")
@@ -368,7 +368,7 @@ class ExtractorCache:
                settings["normalize"], settings["resize"],
                tuple(layout.map_levels if layout else resolve_levels(spec.level_names, map_levels) if map_levels else ()),
                settings["engine"], settings.get("precision", "fp32"), int(tiles),
-               layout.settings.get("pool", "avg") if layout else settings["pool"])
+               layout.setting("pool") if layout else settings["pool"])
         if self.extractor is None or self.key != key or (network is not None and self.extractor.network != network):
             backbone, weights, levels, size, normalize, resize, maps, engine, precision, tiles, pool = key
             self.extractor = FeatureExtractor(backbone, list(levels), size, weights, int(settings["batch_size"]),

@@ -149,7 +149,7 @@ def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
     return {"name": name, "backbone": model.backbone, "preset": model.setting("preset"),
             "input_size": model.input_size_, "levels": list(model.level_names_), "n_samples": int(model.n_samples_),
             "maps": model.has_maps, "map_levels": list(model.map_level_names_), "map_tiles": model.map_tiles_,
-            "pool": model.state_.layout.settings.get("pool", "avg"), "threshold": decision_rule(model, fpr),
+            "pool": model.state_.layout.setting("pool"), "threshold": decision_rule(model, fpr),
             "calibration": calibration_summary(model.state_, effective_fpr(model, fpr))}
 
 

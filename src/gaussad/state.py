@@ -43,6 +43,11 @@ class Layout:
         """Plain feature arrays: levels numbered ``level0``, ``level1``, ..."""
         return cls(list(range(n_levels)), [f"level{i}" for i in range(n_levels)], None)
 
+    def setting(self, name: str) -> Any:
+        """A feature setting of these features; for files from before it existed (and plain features), the value
+        they meant (:data:`FEATURE_DEFAULTS`)."""
+        return self.settings.get(name, FEATURE_DEFAULTS.get(name))
+
     def differences(self, other: "Layout") -> list[str]:
         """What differs between the features of two layouts, as 'name (a vs b)' texts."""
         pairs = {"levels": (self.levels, other.levels), "input size": (self.input_size, other.input_size),
@@ -312,7 +317,7 @@ class DetectorState:
         return {
             "levels": list(lay.levels), "level_names": list(lay.level_names), "input_size": lay.input_size,
             "map_levels": list(lay.map_levels), "map_level_names": list(lay.map_level_names),
-            "map_tiles": int(lay.settings.get("map_tiles", 1)), "map_gaussians": [g.meta() for g in self.map_gaussians],
+            "map_tiles": int(lay.setting("map_tiles")), "map_gaussians": [g.meta() for g in self.map_gaussians],
             "map_banks": [{"seen": b.seen, "scale": b.scale} for b in self.map_banks],
             "n_samples": self.n_samples, "feature_dims": self.feature_dims,
             "gaussians": [g.meta() for g in self.gaussians],
@@ -390,7 +395,7 @@ class FittedAttributes:
     @property
     def map_tiles_(self) -> int:
         """Tiles a side of the anomaly maps (``map_tiles='auto'`` decided at fit; 1 = untiled)."""
-        return int(self._state(False).layout.settings.get("map_tiles", 1))
+        return int(self._state(False).layout.setting("map_tiles"))
     stats_ = _learned("stats", "Per-level moment statistics.", False)
     map_stats_ = _learned("map_stats", "Per-map-level moment statistics (gaussian maps).", False)
     map_banks_ = _learned("map_banks", "Per-map-level memory banks (nearest maps).", False)
