@@ -48,6 +48,23 @@ def test_roc_auc_hand_computed_ties():
     from gaussad.evaluate import roc_auc
 
     assert roc_auc([1, 1, 0, 0], [2.0, 1.0, 1.0, 0.0]) == 0.875
+    assert roc_auc([1, 1, 1, 0], [2.0, 1.0, 1.0, 1.0]) == 0.6666666666666666  # the larger class positive: 2 / 3
+
+
+def test_roc_auc_of_pixel_sized_inputs_and_nan():
+    """A pixel AUROC: (n, H, W) float32 maps and boolean masks as they are, against scikit-learn's on the flattened
+    arrays; NaN scores are refused rather than ranked."""
+    from sklearn.metrics import roc_auc_score
+
+    from gaussad.evaluate import roc_auc
+
+    rng = np.random.default_rng(7)
+    masks = rng.random((6, 32, 32)) < 0.03
+    amaps = (rng.normal(size=masks.shape) + 1.5 * masks).astype(np.float32).round(1)  # float32, with ties
+    assert roc_auc(masks, amaps) == pytest.approx(roc_auc_score(masks.ravel(), amaps.ravel()), rel=1e-12)
+    amaps[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        roc_auc(masks, amaps)
 
 
 # ----- --weights refuses pickles ------------------------------------------------------------------------------

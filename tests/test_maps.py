@@ -341,3 +341,31 @@ def test_fast_preset_has_the_recommended_settings_and_grid_is_checked():
     assert GaussianAD().setting("map_grid") == "coarsest"
     with pytest.raises(gaussad.GaussadError, match="unknown map_grid"):
         GaussianAD(backbone=None, map_grid="fine").fit_features([np.zeros((3, 2))])
+
+
+def test_maps_given_per_image_are_scored_in_bounded_runs(monkeypatch):
+    """Maps given per image (evaluate, tune) go through the banks in runs of at most maps.GROUP images of one shape,
+    so their memory does not grow with the images; the banks, maps and leave-one-image-out peaks do not depend on
+    the run length."""
+    from gaussad import maps
+
+    rng = np.random.default_rng(0)
+    shapes = [(4, 4)] * 7 + [(4, 6)] * 3 + [(4, 4)] * 2
+    per_image = [[rng.normal(size=(5, h, w)).astype(np.float32)] for h, w in shapes]
+    runs = [(idx.tolist(), [f.shape for f in fm]) for idx, fm in maps.shape_groups(per_image, most=3)]
+    assert runs == [([0, 1, 2], [(3, 5, 4, 4)]), ([3, 4, 5], [(3, 5, 4, 4)]), ([6], [(1, 5, 4, 4)]),
+                    ([7, 8, 9], [(3, 5, 4, 6)]), ([10, 11], [(2, 5, 4, 4)])]
+    settings = {"backbone": None, "map_method": "nearest", "map_pool": 1, "map_coreset": 0.5}
+    ids = np.arange(len(per_image))
+
+    def figures() -> tuple:
+        model = GaussianAD(**settings).fit_map_features(per_image)
+        return (model.map_banks_[0].vectors, model.anomaly_map_features(per_image, 12),
+                model.state_.map_peaks_of(per_image, ids))
+
+    whole = figures()
+    monkeypatch.setattr(maps, "GROUP", 2)
+    bounded = figures()
+    assert np.array_equal(whole[0], bounded[0])
+    np.testing.assert_allclose(bounded[1], whole[1], rtol=1e-5)
+    np.testing.assert_allclose(bounded[2], whole[2], rtol=1e-5)

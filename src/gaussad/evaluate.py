@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
 from . import params as parameters
 from .datasets import Category, find_categories, kfold_indices
@@ -23,13 +22,25 @@ FULL_CALIBRATION = 0.2  # fraction of train/good held out for conformal calibrat
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); labels 1 = positive."""
-    labels = np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    """Area under the ROC curve: the share of (positive, negative) pairs the scores order correctly, ties counting
+    one half (Mann-Whitney U); labels 1 = positive.
+
+    The larger class is sorted once and the other class's scores are placed in it (``searchsorted``), so the memory
+    is about one copy of the scores in their own dtype: a pixel AUROC over tens of millions of map values needs no
+    float64 ranks (ranking them took about 55 bytes per pixel, 1.6 GB for magnetic tile's test maps)."""
+    labels = np.asarray(labels).astype(bool).ravel()
+    scores = np.asarray(scores).ravel()
+    n_pos, n_neg = int(labels.sum()), labels.size - int(labels.sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError("AUROC needs both positive and negative samples")
-    ranks = rankdata(np.asarray(scores, dtype=np.float64))
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    if scores.dtype.kind == "f" and np.isnan(scores).any():
+        raise ValueError(f"AUROC of NaN scores ({int(np.isnan(scores).sum())} of {scores.size})")
+    few, many = (scores[labels], scores[~labels]) if n_pos <= n_neg else (scores[~labels], scores[labels])
+    many.sort()
+    below = np.searchsorted(many, few, "left").sum(dtype=np.int64)  # pairs with the larger class's score lower
+    ties = np.searchsorted(many, few, "right").sum(dtype=np.int64) - below
+    correct = below if n_pos <= n_neg else n_pos * n_neg - below - ties  # positive above negative
+    return float((correct + 0.5 * ties) / (n_pos * n_neg))
 
 
 def hit_rate(amaps: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> float | None:

@@ -48,12 +48,20 @@ def local_mean(fmap: np.ndarray, size: int) -> np.ndarray:
     return _separable(fmap, _box(fmap.shape[2], size), _box(fmap.shape[3], size))
 
 
-def shape_groups(per_image: Sequence[Sequence[np.ndarray]]) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
-    """Runs of consecutive images whose per-level (C, H, W) maps have equal shapes, as (image indices, per-level
-    (b, C, H, W) stacks); images of one size form a single run."""
+# Images per run of :func:`shape_groups`: every run is stacked and then resampled, scored and copied a few times, so
+# the memory of scoring maps given per image grows with the run, not with the images (evaluate, tune).
+GROUP = 32
+
+
+def shape_groups(per_image: Sequence[Sequence[np.ndarray]], most: int | None = None
+                 ) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    """Runs of at most ``most`` (default :data:`GROUP`) consecutive images whose per-level (C, H, W) maps have equal
+    shapes, as (image indices, per-level (b, C, H, W) stacks)."""
+    most = most or GROUP
     start = 0
     for end in range(1, len(per_image) + 1):
-        if end == len(per_image) or [f.shape for f in per_image[end]] != [f.shape for f in per_image[start]]:
+        if (end == len(per_image) or end - start == most
+                or [f.shape for f in per_image[end]] != [f.shape for f in per_image[start]]):
             yield np.arange(start, end), [np.stack(level) for level in zip(*per_image[start:end])]
             start = end
 
