@@ -15,8 +15,6 @@ Also the global score's own conformal decision (threshold at the cross-conformal
 
 from __future__ import annotations
 
-import argparse
-import json
 
 import numpy as np
 
@@ -26,7 +24,7 @@ from gaussad.evaluate import extract, roc_auc
 from gaussad.state import prepare_maps
 from gaussad.threshold import conformal_pvalue
 
-from .map_variants import synthetic_split
+from .map_variants import run_seeds, synthetic_split
 
 TOP_K = (1, 3, 5, 10)  # cells averaged: 1 = the peak
 ALPHAS = (0.01, 0.05, 0.1)
@@ -66,15 +64,7 @@ def top_mean(grid: list[np.ndarray], k: int) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    reports = [run(args.data, seed) for seed in args.seeds]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(reports, f, indent=1)
+    run_seeds(run)
 
 
 def run(data: str, seed: int) -> dict:

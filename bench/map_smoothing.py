@@ -12,8 +12,6 @@ synthetic masks, image AUROC of the map maxima, localisation hit rate.
 
 from __future__ import annotations
 
-import argparse
-import json
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -22,7 +20,7 @@ from gaussad import GaussianAD, maps
 from gaussad.datasets import load_category
 from gaussad.evaluate import extract, hit_rate, roc_auc
 
-from .map_variants import split_masks, synthetic_split
+from .map_variants import run_seeds, split_masks, synthetic_split
 
 SIGMAS = (0, 1, 2, 4, 8)
 
@@ -68,15 +66,7 @@ def run(data: str, seed: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    reports = [run(args.data, seed) for seed in args.seeds]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(reports, f, indent=1)
+    run_seeds(run)
 
 
 if __name__ == "__main__":

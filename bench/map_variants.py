@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -91,6 +92,20 @@ def split_masks(n_good: int, bad_masks: list[np.ndarray], size: int) -> np.ndarr
     """(n_good + len(bad_masks), size, size) boolean masks of the scored images in the order the benches score them:
     the held-out goods (empty), then the synthetic defects' masks resized as the maps are."""
     return np.concatenate([np.zeros((n_good, size, size), bool), np.asarray(resized_masks(bad_masks, size), bool)])
+
+
+def run_seeds(run: Callable[[str, int], dict]) -> None:
+    """The command line of a bench that measures one synthetic split per seed (``run(data, seed)`` -> its report):
+    ``--data DATA [--seeds S ...] [--json OUT]``, the reports of every seed written to OUT as one list."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    reports = [run(args.data, seed) for seed in args.seeds]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(reports, f, indent=1)
 
 
 def score_variants(fit_maps, good_maps, bad_maps, masks, labels, size):
