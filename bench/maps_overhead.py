@@ -1,5 +1,7 @@
-"""Cost of anomaly maps: scoring time with maps vs without, same images, same model, one run; and the
-recommended preset's scoring throughput (with its maps) against the paper preset's (issue 14: at least 0.25x).
+"""Cost of anomaly maps: scoring time with maps vs without, same images, same model, one run; the recommended
+preset's scoring throughput (with its maps) against the paper preset's (issue 14: at least 0.25x); and the fused image
+score's (``image_score='fused'``: every score needs the map peak, so the banks and the tiles, but no upsampled map)
+against the global score's, the price of making it a preset's score.
 
     python -m bench.maps_overhead --data ../shared/data/mvtec_ad/bottle [--map-tiles K] [--json OUT]
 """
@@ -39,13 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     model = GaussianAD(backbone=args.backbone, preset="recommended", map_tiles=args.map_tiles).fit(cat.train_files)
     no_maps = GaussianAD(backbone=args.backbone, preset="recommended", map_levels=[]).fit(cat.train_files)
     paper = GaussianAD(backbone=args.backbone, preset="paper").fit(cat.train_files)
+    fused = GaussianAD(backbone=args.backbone, preset="recommended", map_tiles=args.map_tiles,
+                       image_score="fused").fit(cat.train_files)
     files = cat.test_files
     no_maps.level_scores(files[:8])  # warm-up: backbones built, caches filled
     model.score_with_maps(files[:8])
     paper.level_scores(files[:8])
+    fused.score_samples(files[:8])
     plain = best_of(lambda: no_maps.level_scores(files), args.repeats)
     with_maps = best_of(lambda: model.score_with_maps(files), args.repeats)
     paper_s = best_of(lambda: paper.level_scores(files), args.repeats)
+    global_s = best_of(lambda: model.score_samples(files), args.repeats)
+    fused_s = best_of(lambda: fused.score_samples(files), args.repeats)
     result = {
         "data": str(Path(args.data)),
         "n_images": len(files),
@@ -55,10 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         "maps_cost_ratio": with_maps / plain,
         "paper_img_s": len(files) / paper_s,
         "recommended_vs_paper": paper_s / with_maps,
+        "global_score_img_s": len(files) / global_s,
+        "fused_score_img_s": len(files) / fused_s,
+        "fused_vs_global": global_s / fused_s,
     }
     print(f"{len(files)} images: score {result['score_img_s']:.1f} img/s, score+maps {result['score_with_maps_img_s']:.1f} img/s, "
           f"maps cost x{result['maps_cost_ratio']:.2f}; paper preset {result['paper_img_s']:.1f} img/s, recommended "
-          f"(with maps, map_tiles {model.map_tiles_}) at {result['recommended_vs_paper']:.2f}x its throughput")
+          f"(with maps, map_tiles {model.map_tiles_}) at {result['recommended_vs_paper']:.2f}x its throughput; "
+          f"score_samples: global {result['global_score_img_s']:.1f} img/s, fused {result['fused_score_img_s']:.1f} img/s "
+          f"({result['fused_vs_global']:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
