@@ -5,7 +5,9 @@
 are (good) and with one small synthetic defect pasted in (:func:`bench.map_variants.synthetic_defect`). Calibration,
 as the fused score's: cross-conformal out-of-fold global scores (5 folds) and leave-one-image-out map evidence of the
 fit images. Per evidence variant: image AUROC of the evidence alone, of the fused score with Bonferroni and Fisher
-ranking, and the realised FPR / TPR of the fused decision (Bonferroni minimum of exact conformal p-values).
+ranking, and the realised FPR / TPR of two fused decisions: the Bonferroni minimum of exact conformal p-values
+(``rates``, the product's rule before the ninth session) and the full-conformal Fisher p-value
+(``fisher_conformal_rates``, :func:`gaussad.fusion.fisher_pvalue`, the product's rule since).
 
 Also the global score's own conformal decision (threshold at the cross-conformal quantile) for comparison. Each
 ``--seeds`` value draws another split and other defects.
@@ -44,21 +46,6 @@ def grids(state, per_image: list, image_ids: np.ndarray | None = None) -> list[n
     return out
 
 
-def fisher_conformal(calibrations: list[np.ndarray], evidence: list[np.ndarray]) -> np.ndarray:
-    """Full-conformal p-value of Fisher's statistic: per test image, every piece of evidence becomes a rank p-value
-    among the n calibration values plus the image's own, for the image and for each calibration image alike; the
-    image's p-value is the share of the n + 1 Fisher statistics at or above its own (exact under exchangeability)."""
-    n = len(calibrations[0])
-    t_test = np.zeros(len(evidence[0]))
-    t_cal = np.zeros((len(evidence[0]), n))
-    for c, e in zip(calibrations, evidence):
-        c, e = np.asarray(c, dtype=np.float64), np.asarray(e, dtype=np.float64)
-        others = (c[None, :] >= c[:, None]).sum(axis=1) - 1  # calibration values at or above each, itself excluded
-        t_test += -2.0 * np.log((1.0 + (c[None, :] >= e[:, None]).sum(axis=1)) / (n + 1.0))
-        t_cal += -2.0 * np.log((1.0 + others[None, :] + (e[:, None] >= c[None, :])) / (n + 1.0))
-    return (1.0 + (t_cal >= t_test[:, None]).sum(axis=1)) / (n + 1.0)
-
-
 def top_mean(grid: list[np.ndarray], k: int) -> np.ndarray:
     return np.array([np.sort(g)[-k:].mean() for g in grid])
 
@@ -93,9 +80,10 @@ def run(data: str, seed: int) -> dict:
     for k in TOP_K:
         cal, ev = top_mean(cal_grids, k), top_mean(test_grids, k)
         cals, evidence = [cv.calibration_scores_, cal], [glob, ev]
-        bonf, pvalue = fusion.fused(cals, evidence)
-        fisher, _ = fusion.fused(cals, evidence, "fisher")
-        fc = fisher_conformal(cals, evidence)
+        bonf = fusion.ranking_score(cals, evidence, "bonferroni")
+        fisher = fusion.ranking_score(cals, evidence, "fisher")
+        pvalue = fusion.combine([conformal_pvalue(e, c) for c, e in zip(cals, evidence)], "bonferroni")
+        fc = fusion.fisher_pvalue(cals, evidence)
         row = {"map_auroc": roc_auc(labels, ev), "fused_bonferroni_auroc": roc_auc(labels, bonf),
                "fused_fisher_auroc": roc_auc(labels, fisher),
                "rates": {str(a): {"fpr": float((pvalue[labels == 0] <= a).mean()),

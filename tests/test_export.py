@@ -108,7 +108,8 @@ def test_fused_score_matches_python_path(train_images, tiny_category):
     with pytest.raises(gaussad.GaussadError, match="--maps"):
         export_detector(model)
     sess = _session(export_detector(model, maps=True)[0])
-    images = _images() + [Image.open(p) for p in list_images(tiny_category / "test" / "good")]
+    images = (_images() + [Image.open(p) for p in list_images(tiny_category / "test" / "good")]
+              + [Image.open(p) for p in train_images[:6]])  # training images: ranks inside the calibrations
     levels, peaks, amaps = model.score_images(images, with_maps=True)
     scores = model.scores(levels, peaks)
     decisions, pvalues = model.decide(levels, map_peaks=peaks)

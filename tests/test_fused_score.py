@@ -70,7 +70,7 @@ def test_fit_learns_out_of_fold_calibrations_and_the_score_is_fusion_fused():
     summary = model.summary()
     assert summary["image_score"] == "fused" and summary["threshold"]["pvalue_threshold"] == 0.1
     assert summary["calibration"]["fused"]["n_scores"] == [40, 40]
-    assert summary["calibration"]["fused"]["min_fpr"] == pytest.approx(2 / 41)
+    assert summary["calibration"]["fused"]["min_fpr"] == pytest.approx(1 / 41)
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.1])
@@ -107,6 +107,11 @@ def test_model_file_round_trip_and_checks(tmp_path):
     save_model(tmp_path / "bad.gaussad", {**meta, "n_map_calibration": 3}, arrays)
     with pytest.raises(ModelFormatError, match="map calibration"):
         gaussad.load(tmp_path / "bad.gaussad")
+    # ... and so is one whose two calibrations do not pair up, a global score and a map peak per training image
+    short = {**arrays, "calibration.map_peaks": arrays["calibration.map_peaks"][:-1]}
+    save_model(tmp_path / "unpaired.gaussad", {**meta, "n_map_calibration": meta["n_map_calibration"] - 1}, short)
+    with pytest.raises(ModelFormatError, match="paired"):
+        gaussad.load(tmp_path / "unpaired.gaussad")
     del arrays["calibration.map_peaks"]
     save_model(tmp_path / "none.gaussad", {k: v for k, v in meta.items() if k != "n_map_calibration"}, arrays)
     with pytest.raises(ModelFormatError, match="fused image score needs its calibration"):
@@ -213,4 +218,4 @@ def test_service_rows_and_model_info_come_from_the_fused_rule(tiny_category):
     info = model_info("m", model, None)
     assert info["threshold"] == {"method": "conformal", "fpr": 0.2, "image_score": "fused", "pvalue_threshold": 0.2}
     assert info["calibration"]["fused"]["n_scores"] == [10, 10]
-    assert info["calibration"]["fused"]["min_fpr"] == pytest.approx(2 / 11)
+    assert info["calibration"]["fused"]["min_fpr"] == pytest.approx(1 / 11)

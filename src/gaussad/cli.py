@@ -168,7 +168,7 @@ RULES = {
     "chi2": "chi-square per level, Bonferroni over levels",
     "hotelling": "Hotelling F law per level, Bonferroni over levels",
     "conformal": "split conformal on the image score",
-    "fused": "Bonferroni minimum of the conformal p-values of the global score and the map peak",
+    "fused": "full-conformal Fisher combination of the global score and the map peak",
 }
 
 

@@ -63,8 +63,9 @@ class DecisionRule:
     way); its p-value is the conformal p-value, ``p <= fpr`` exactly when flagged.
 
     With ``image_score='fused'`` (method conformal) the evidence is the global score and the map peak: an image is
-    flagged when the Bonferroni minimum of their exact conformal p-values (:func:`gaussad.fusion.fused`) is at most
-    ``fpr``; the image score is ``-log10`` of :data:`RANKING`'s combination of smoothed p-values.
+    flagged when the full-conformal p-value of their Fisher combination (:func:`gaussad.fusion.fisher_pvalue`, against
+    the paired out-of-fold scores of the training images) is at most ``fpr``; the image score is ``-log10`` of
+    :data:`RANKING`'s combination of smoothed p-values.
     """
 
     method: str
@@ -107,6 +108,10 @@ class DecisionRule:
             raise GaussadError("the fused image score needs its calibration (out-of-fold global scores and "
                                "leave-one-image-out map peaks of the training images): fit the model with its maps, "
                                "or call calibrate(held-out normal images)")
+        if self.fused and state.calibration_scores.size != state.map_calibration.size:
+            raise GaussadError(f"the fused image score's calibrations must be paired, a global score and a map peak "
+                               f"per training image; this model has {state.calibration_scores.size} and "
+                               f"{state.map_calibration.size}: calibrate(held-out normal images) again")
         if self.method == "hotelling":
             n = state.n_samples
             bad = [f"{name} {k}" for name, k in zip(state.layout.level_names, state.dofs) if n <= k]
@@ -143,7 +148,7 @@ class DecisionRule:
         if not self.fused:
             return level_scores.mean(axis=1)
         self.check(state)
-        return fusion.fused(*self._evidence(state, level_scores, map_peaks), ranking)[0]
+        return fusion.ranking_score(*self._evidence(state, level_scores, map_peaks), ranking)
 
     def _evidence(self, state: Calibrated, level_scores: np.ndarray, map_peaks: np.ndarray | None
                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -163,7 +168,7 @@ class DecisionRule:
         self.check(state)
         level_scores = check_distances(level_scores, len(state.dofs))
         if self.fused:
-            pvalue = fusion.fused(*self._evidence(state, level_scores, map_peaks))[1]
+            pvalue = fusion.fisher_pvalue(*self._evidence(state, level_scores, map_peaks))
             return (pvalue <= self.fpr).astype(int), pvalue
         if self.method == "conformal":
             cal = state.calibration_scores
@@ -183,13 +188,13 @@ class DecisionRule:
 def calibration_summary(state: Calibrated, fpr: float) -> dict | None:
     """:func:`global_calibration`, with the fused score's calibration (``fused``: the number of out-of-fold
     scores per piece of evidence and the smallest target FPR at which the fused decision can flag anything,
-    ``m / (n + 1)`` for m = 2 pieces of evidence) when the state has one."""
+    ``1 / (n + 1)``) when the state has one."""
     out = global_calibration(state, fpr)
     peaks = getattr(state, "map_calibration", None)
     if out is not None and peaks is not None:
         n = min(int(peaks.size), out["n_scores"])
         out["fused"] = {"evidence": ["global score", "map peak"], "n_scores": [out["n_scores"], int(peaks.size)],
-                        "min_fpr": 2.0 / (n + 1), "decision": "bonferroni", "ranking": RANKING}
+                        "min_fpr": fusion.min_fpr(n), "decision": "fisher, full conformal", "ranking": RANKING}
     return out
 
 

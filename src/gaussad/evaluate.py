@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from . import fusion
 from . import params as parameters
 from .datasets import Category, find_categories, kfold_indices
 from .errors import GaussadError
@@ -154,12 +155,12 @@ def _fused(model: GaussianAD, level: np.ndarray, test_maps: list, labels: np.nda
     alpha."""
     peaks = model.state_.map_peaks_of(test_maps)
     rule = model.rule()
-    n = min(model.calibration_scores_.size, model.map_calibration_.size)
+    n = model.calibration_scores_.size  # paired with the map peaks, one of each per training image
     rates = {}
     for alpha in ALPHAS:
         flagged = model.decide(level, alpha, map_peaks=peaks)[0].astype(bool)
         rates[str(alpha)] = {"fpr": float(flagged[labels == 0].mean()), "tpr": float(flagged[labels == 1].mean()),
-                             "score_threshold": float(alpha) if 2.0 / (n + 1) <= alpha else None}
+                             "score_threshold": float(alpha) if fusion.min_fpr(n) <= alpha else None}
     return {"auroc": roc_auc(labels, rule.scores(model.state_, level, peaks, "bonferroni")),
             "fisher_auroc": roc_auc(labels, rule.scores(model.state_, level, peaks, "fisher")), "rates": rates}
 
@@ -314,8 +315,8 @@ def _threshold_notes(name: str, r: dict[str, Any]) -> list[str]:
         infinite = {a: sum(t is None for t in c["score_threshold_folds"]) for a, c in by_alpha.items() if c["fpr"] is not None}
         where = [f"alpha={a} in {k} of {len(r['n_calibration_folds'])} folds" for a, k in infinite.items() if k]
         if where and method == "fused":
-            notes.append(f"{name} fused: nothing flagged at {'; '.join(where)} (Bonferroni over 2 p-values needs at "
-                         "least 2/alpha - 1 out-of-fold training scores, one per image the fold fits on)")
+            notes.append(f"{name} fused: nothing flagged at {'; '.join(where)} (its p-values are at least 1/(n + 1): "
+                         "it needs at least 1/alpha - 1 out-of-fold training scores, one per image the fold fits on)")
         elif where:
             notes.append(f"{name} {method}: threshold infinite, nothing flagged, at {'; '.join(where)} "
                          f"(calibration images per fold: {', '.join(map(str, r['n_calibration_folds']))}; "

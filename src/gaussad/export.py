@@ -205,6 +205,31 @@ def _conformal_pvalue(b, x: str, calibration: np.ndarray) -> str:
     return b.op("Div", b.op("Add", count, b.const(1.0)), b.const(cal.size + 1.0))
 
 
+def _fisher_pvalue(b, evidence: list[str], calibrations: list[np.ndarray]) -> str:
+    """(N,) :func:`gaussad.fusion.fisher_pvalue` of (N,) float64 pieces of evidence against their paired
+    calibrations: rank counts as doubles (exact integers), their products compared, as the Python path does."""
+    from onnx import TensorProto
+
+    cals = [np.asarray(c, np.float64).ravel() for c in calibrations]
+    n = cals[0].size
+    if any(c.size != n for c in cals) or float(n + 1) ** len(cals) >= 2.0 ** 53:
+        raise GaussadError(f"the fused score's calibrations must be paired and at most 2^26 values to be exported; "
+                           f"got sizes {[c.size for c in cals]}")
+    axis = b.const(np.array([1], np.int64))
+    image = others = None
+    for e, c in zip(evidence, cals):
+        column = b.op("Unsqueeze", e, axis)  # (N, 1)
+        at_least = b.op("Cast", b.op("LessOrEqual", column, b.const(c[None, :])), to=TensorProto.DOUBLE)
+        count = b.op("Add", b.op("ReduceSum", at_least, axis, keepdims=0), b.const(1.0))  # 1 + #{c >= e}
+        own = (n - np.searchsorted(np.sort(c), c, "left")).astype(np.float64)  # 1 + the others at or above c_j
+        below = b.op("Cast", b.op("GreaterOrEqual", column, b.const(c[None, :])), to=TensorProto.DOUBLE)
+        rank = b.op("Add", below, b.const(own[None, :]))  # (N, n)
+        image = count if image is None else b.op("Mul", image, count)
+        others = rank if others is None else b.op("Mul", others, rank)
+    within = b.op("Cast", b.op("LessOrEqual", others, b.op("Unsqueeze", image, axis)), to=TensorProto.DOUBLE)
+    return b.op("Div", b.op("Add", b.op("ReduceSum", within, axis, keepdims=0), b.const(1.0)), b.const(n + 1.0))
+
+
 def _smooth_pvalue(b, x: str, calibration: np.ndarray) -> str:
     """(N,) :func:`gaussad.fusion.smooth_pvalues` of (N,) float64 scores: the rank interpolated between the sorted
     calibration scores (k = #{c <= x}, between c[k-1] and c[k]), 1 at and below the smallest, the exponential tail
@@ -235,12 +260,11 @@ def _smooth_pvalue(b, x: str, calibration: np.ndarray) -> str:
 def _fused(b, state: DetectorState, rule: DecisionRule, score: str, peak: str) -> tuple[str, str, str]:
     """(fused score, anomalous int64, p-value) of a fused image score (:func:`gaussad.fusion.fused`): -log10 of the
     ranking combination of smoothed p-values (Fisher's for two p-values in closed form: P (1 - ln P), P their
-    product), and the Bonferroni minimum of the exact conformal p-values, flagged at most the FPR."""
+    product), and the full-conformal Fisher p-value, flagged at most the FPR."""
     from onnx import TensorProto
 
     cals, evidence = [state.calibration_scores, state.map_calibration], [score, peak]
-    exact = [_conformal_pvalue(b, e, c) for e, c in zip(evidence, cals)]
-    pvalue = b.op("Min", b.op("Mul", b.op("Min", *exact), b.const(2.0)), b.const(1.0))
+    pvalue = _fisher_pvalue(b, evidence, cals)
     smooth = [b.op("Max", _smooth_pvalue(b, e, c), b.const(1e-300)) for e, c in zip(evidence, cals)]
     if RANKING == "fisher":
         log_product = b.op("Add", b.op("Log", smooth[0]), b.op("Log", smooth[1]))

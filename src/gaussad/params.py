@@ -301,7 +301,7 @@ PARAMS: tuple[Param, ...] = (
           "image score and decision: global = the mean over levels of the Mahalanobis distances; fused = the global "
           "score and the anomaly map's peak, each a p-value against out-of-fold scores of the training images "
           "(cross-conformal global scores, leave-one-image-out map peaks), combined: -log10 of Fisher's combination "
-          "ranks, the Bonferroni minimum of the exact conformal p-values decides at --fpr (needs nearest-neighbour "
+          "ranks, and decides at --fpr by full conformal prediction (needs nearest-neighbour "
           "maps, the conformal threshold and calibration cv, its defaults)", preset=True, flag="--image-score",
           choices=IMAGE_SCORES),
     Param("threshold", None, optional(choice(THRESHOLDS)),
