@@ -24,7 +24,6 @@ from typing import Sequence
 
 import numpy as np
 
-
 FUSIONS = ("bonferroni", "fisher")
 TAIL = 0.1  # share of the largest calibration scores the exponential tail is fitted to
 

@@ -301,8 +301,8 @@ PARAMS: tuple[Param, ...] = (
           "image score and decision: global = the mean over levels of the Mahalanobis distances; fused = the global "
           "score and the anomaly map's peak, each a p-value against out-of-fold scores of the training images "
           "(cross-conformal global scores, leave-one-image-out map peaks), combined: -log10 of Fisher's combination "
-          "ranks, and decides at --fpr by full conformal prediction (needs nearest-neighbour "
-          "maps, the conformal threshold and calibration cv, its defaults)", preset=True, flag="--image-score",
+          "ranks, and decides at --fpr by full conformal prediction (needs nearest-neighbour maps, the conformal "
+          "threshold and calibration cv, its defaults)", preset=True, flag="--image-score",
           choices=IMAGE_SCORES),
     Param("threshold", None, optional(choice(THRESHOLDS)),
           "decision rule: chi2 per level (the paper), hotelling (finite-sample F law per level) or conformal "

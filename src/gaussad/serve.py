@@ -306,8 +306,8 @@ class ImageResult(BaseModel):
                          "Mahalanobis distances, or for a fused image score -log10 of its combined p-value")
     anomalous: bool = Field(description="decision at the request's (else the service's, else the model's) target false-positive rate")
     pvalue: float | None = Field(None, description="the decision rule's p-value (chi2/hotelling: Bonferroni over "
-                                 "levels; conformal; fused: full-conformal Fisher combination of the global score and the map peak); "
-                                 "flagged when it is at most the FPR")
+                                 "levels; conformal; fused: full-conformal Fisher combination of the global score "
+                                 "and the map peak); flagged when it is at most the FPR")
     levels: dict[str, float] = Field(description="Mahalanobis distance at each level")
     map_max: float | None = Field(None, description="largest anomaly-map value (with maps=true)")
     overlay: str | None = Field(None, description="heat-map overlay as a PNG data URL (with maps=true)")
