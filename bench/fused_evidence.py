@@ -17,7 +17,6 @@ Also the global score's own conformal decision (threshold at the cross-conformal
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from gaussad import GaussianAD, fusion, maps
