@@ -221,7 +221,7 @@ def _fisher_pvalue(b, evidence: list[str], calibrations: list[np.ndarray]) -> st
         column = b.op("Unsqueeze", e, axis)  # (N, 1)
         at_least = b.op("Cast", b.op("LessOrEqual", column, b.const(c[None, :])), to=TensorProto.DOUBLE)
         count = b.op("Add", b.op("ReduceSum", at_least, axis, keepdims=0), b.const(1.0))  # 1 + #{c >= e}
-        own = (n - np.searchsorted(np.sort(c), c, "left")).astype(np.float64)  # 1 + the others at or above c_j
+        own = fusion.calibration_ranks(c).astype(np.float64)
         below = b.op("Cast", b.op("GreaterOrEqual", column, b.const(c[None, :])), to=TensorProto.DOUBLE)
         rank = b.op("Add", below, b.const(own[None, :]))  # (N, n)
         image = count if image is None else b.op("Mul", image, count)

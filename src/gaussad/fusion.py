@@ -73,6 +73,13 @@ def combine(pvalues: Sequence[np.ndarray], method: str = "bonferroni") -> np.nda
     raise ValueError(f"unknown fusion {method!r}; choose one of: {', '.join(FUSIONS)}")
 
 
+def calibration_ranks(calibration: np.ndarray) -> np.ndarray:
+    """Per calibration value, 1 + the other calibration values at or above it: the numerator of its rank p-value
+    among the calibration values and a test image's when the test value lies below it (add 1 when at or above)."""
+    c = np.asarray(calibration, dtype=np.float64).ravel()
+    return c.size - np.searchsorted(np.sort(c), c, "left")
+
+
 def fisher_pvalue(calibrations: Sequence[np.ndarray], evidence: Sequence[np.ndarray], rows: int = 1024
                   ) -> np.ndarray:
     """Full-conformal p-values of Fisher's combination of m pieces of ``evidence`` (each (N,)) against their paired
@@ -93,8 +100,7 @@ def fisher_pvalue(calibrations: Sequence[np.ndarray], evidence: Sequence[np.ndar
     if (n + 1) ** len(cals) >= 2 ** 63:
         raise ValueError(f"{n} calibration values are too many for exact products of {len(cals)} ranks")
     ordered = [np.sort(c) for c in cals]
-    # per calibration image: 1 + the other calibration values at or above its own
-    own = [n - np.searchsorted(o, c, "left") for o, c in zip(ordered, cals)]
+    own = [calibration_ranks(c) for c in cals]
     out = np.empty(ev[0].size)
     for lo in range(0, ev[0].size, rows):
         part = [e[lo:lo + rows] for e in ev]
