@@ -92,8 +92,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     cal = getattr(model, "calibration_scores_", None)
     fused = model.rule().fused
     limit = math.nan if fused else model.score_threshold()
-    calibration = model.summary()["calibration"]
+    brief = model.summary()
+    calibration = brief["calibration"]
     summary = {"model": str(args.output), "n_images": model.n_samples_, "backbone": model.backbone,
+               "precision": model.precision, **({"int8": brief["int8"]} if "int8" in brief else {}),
                "levels": model.level_names_, "input_size": model.input_size_, "feature_dims": model.feature_dims_,
                "image_score": model.setting("image_score"), "threshold": model.setting("threshold"), "fpr": model.fpr,
                "n_calibration": None if cal is None else int(cal.size),
@@ -109,6 +111,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if model.map_tiles_ > 1:
             print(f"anomaly maps from {model.map_tiles_} x {model.map_tiles_} tiles per image (map_tiles="
                   f"{model.setting('map_tiles')}; --map-tiles 1 or --preset fast for untiled, faster maps)")
+        if "int8" in brief:
+            print(f"int8 network: format {brief['int8']['format']} (scores alike on every CPU), calibrated on "
+                  f"{brief['int8']['calibrated_on']}")
         if calibration is not None:
             print(_calibration_line(calibration, min(model.calibration_folds, model.n_samples_)))
         if fused:

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
@@ -25,6 +26,7 @@ from .files import write_atomic
 from .params import ENGINES
 
 if TYPE_CHECKING:
+    import onnx
     from torch import nn
 
 OPSET = 17
@@ -253,8 +255,111 @@ def cached_onnx_graph(build: Callable[[], "nn.Module"], input_size: int, key: di
 
 # int8: ONNX Runtime's static quantization, as measured in bench/int8.py (BENCHMARKS.md, "int8"): shape inference and
 # graph optimisation first (without them ONNX Runtime fuses no quantized operator and int8 is no faster), then QDQ
-# with per-channel int8 weights and uint8 activations, their ranges the minima and maxima over the calibration inputs.
+# with uint8 activations, their ranges the minima and maxima over the calibration inputs, and the weights of
+# INT8_FORMAT.
 INT8_CALIBRATION_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class Int8Format:
+    """How an int8 network is quantized: its weights (activations are always uint8) and which convolutions stay fp32.
+
+    On x86-64 without VNNI, ONNX Runtime multiplies uint8 activations by int8 weights with ``VPMADDUBSW``, whose
+    16-bit sums of two products saturate where both are large (its quantization guide, "data type selection"):
+    full-range int8 weights then give features tens of per cent off there, and only there. Weights quantized to 7
+    bits (``reduce_range``) cannot saturate that sum, so they score alike on every CPU. ``fp32_first`` and
+    ``fp32_last`` convolutions of the graph (the stem and first block, at half the input side, and the head) are
+    left in fp32: most of the feature error of the levels they feed, for a few per cent of the arithmetic
+    (EXPERIMENTS.md, "int8 on CPUs without VNNI").
+    """
+
+    name: str
+    weight_type: str  # "int8" or "uint8"
+    per_channel: bool
+    reduce_range: bool
+    fp32_first: int = 0
+    fp32_last: int = 0
+
+    @property
+    def saturates_without_vnni(self) -> bool:
+        """Whether x86-64 CPUs without VNNI compute this format's products with saturating 16-bit sums."""
+        return self.weight_type == "int8" and not self.reduce_range
+
+    def fp32_nodes(self, graph: "onnx.ModelProto") -> list[str]:
+        """The names of the convolutions of ``graph`` this format leaves in fp32."""
+        convs = [n.name for n in graph.graph.node if n.op_type == "Conv"]
+        return convs[:self.fp32_first] + (convs[-self.fp32_last:] if self.fp32_last else [])
+
+
+INT8_FORMATS: dict[str, Int8Format] = {f.name: f for f in (
+    # gaussad 0.1.0's int8 models: every convolution with per-channel 8-bit signed weights (right only on CPUs with
+    # VNNI, or not x86)
+    Int8Format("u8s8", "int8", per_channel=True, reduce_range=False),
+    # per-channel 7-bit signed weights, the first three convolutions and the last in fp32: right on every CPU
+    Int8Format("u8s7-fp32-ends", "int8", per_channel=True, reduce_range=True, fp32_first=3, fp32_last=1),
+)}
+INT8_FORMAT = "u8s7-fp32-ends"  # what fit writes
+LEGACY_INT8_FORMAT = "u8s8"  # what int8 model files that record no format were written with
+
+
+def cpu_isa() -> str:
+    """The instruction set that decides ONNX Runtime's int8 kernels here: ``x86_64+avx512vnni``, ``x86_64+avxvnni``,
+    ``x86_64+avx2``, ``x86_64``, or the machine's name elsewhere (``arm64``, ...).
+
+    Read from the CPUID flags NumPy detected (what the operating system enables, as ONNX Runtime sees them); AVX-VNNI,
+    which NumPy does not name, from /proc/cpuinfo on Linux.
+    """
+    import platform
+
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        return machine or "unknown"
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # NumPy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    if features.get("AVX512VNNI"):
+        return "x86_64+avx512vnni"
+    if features.get("AVX2") and _cpuinfo_flag("avx_vnni"):
+        return "x86_64+avxvnni"
+    return "x86_64+avx2" if features.get("AVX2") else "x86_64"
+
+
+def _cpuinfo_flag(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            return any(line.startswith("flags") and flag in line.split() for line in fh)
+    except OSError:
+        return False
+
+
+def int8_saturates(fmt: str, isa: str) -> bool:
+    """Whether an int8 network of format ``fmt`` scores differently on a CPU of instruction set ``isa`` (see
+    :class:`Int8Format`) than where it was calibrated: x86-64 without VNNI and 8-bit signed weights."""
+    return INT8_FORMATS[fmt].saturates_without_vnni and isa.startswith("x86_64") and "vnni" not in isa
+
+
+def int8_summary(state) -> dict:
+    """What a summary says of a fitted int8 network (``state``: anything with ``int8_format`` and ``int8_isa``): its
+    weight format, the instruction set it was calibrated on, this CPU's, and whether it saturates here."""
+    here = cpu_isa()
+    return {"format": state.int8_format, "calibrated_on": state.int8_isa, "this_cpu": here,
+            "saturates_here": int8_saturates(state.int8_format, here)}
+
+
+_WARNED: set[str] = set()
+
+
+def warn_if_int8_saturates(fmt: str, source: str | os.PathLike) -> None:
+    """Warn, once per process and format, where an int8 network of format ``fmt`` (from ``source``) scores
+    differently on this CPU than where it was fitted (:func:`int8_saturates`), naming the remedy."""
+    isa = cpu_isa()
+    if fmt in _WARNED or not int8_saturates(fmt, isa):
+        return
+    _WARNED.add(fmt)
+    warnings.warn(f"gaussad: {source}: its int8 network ({fmt} format, 8-bit weights) saturates on this CPU ({isa}, "
+                  f"no VNNI): its features and scores here differ from those of the CPU it was fitted on. Refit it "
+                  f"with this gaussad (format {INT8_FORMAT}, right on every CPU) or use an fp32 model", stacklevel=3)
 
 
 def calibration_order(n: int, k: int = INT8_CALIBRATION_IMAGES) -> list[int]:
@@ -267,13 +372,17 @@ def calibration_order(n: int, k: int = INT8_CALIBRATION_IMAGES) -> list[int]:
     return spread + [i for i in range(n) if i not in chosen]
 
 
-def quantize_int8(graph: bytes, inputs: Sequence[np.ndarray]) -> bytes:
+def quantize_int8(graph: bytes, inputs: Sequence[np.ndarray], fmt: Int8Format | None = None) -> bytes:
     """The serialised int8 graph of an fp32 ONNX ``graph`` (input named "input"), its activation ranges calibrated
-    on ``inputs`` (prepared (3, H, W) float32 network inputs, one image each)."""
+    on ``inputs`` (prepared (3, H, W) float32 network inputs, one image each), its weights in format ``fmt``
+    (default :data:`INT8_FORMAT`)."""
     import tempfile
 
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fmt = fmt or INT8_FORMATS[INT8_FORMAT]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -289,8 +398,10 @@ def quantize_int8(graph: bytes, inputs: Sequence[np.ndarray]) -> bytes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ONNX Runtime's advice to pre-process, which is done
             quant_pre_process(str(fp32), str(pre))
-            quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+            quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=fmt.per_channel,
+                            reduce_range=fmt.reduce_range, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8 if fmt.weight_type == "int8" else QuantType.QUInt8,
+                            nodes_to_exclude=fmt.fp32_nodes(onnx.load(str(pre))))
         return int8.read_bytes()
 
 

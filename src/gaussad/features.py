@@ -78,6 +78,9 @@ class FeatureExtractor:
         self.engine = resolve_engine(engine)
         self.precision = precision
         self.network = network
+        # what :meth:`calibrate` quantized with: the weight format and this CPU's instruction set (None otherwise)
+        self.network_format: str | None = None
+        self.network_isa: str | None = None
         self.draft = draft
         if resize not in RESIZES:
             raise GaussadError(f"unknown resize {resize!r}; choose one of: {', '.join(RESIZES)}")
@@ -117,7 +120,7 @@ class FeatureExtractor:
         and run that network from now on (it becomes :attr:`network`); with fp32 nothing to do."""
         if self.precision != "int8":
             return
-        from .engine import INT8_CALIBRATION_IMAGES, cached_onnx_graph, quantize_int8
+        from .engine import INT8_CALIBRATION_IMAGES, INT8_FORMAT, cached_onnx_graph, cpu_isa, quantize_int8
 
         inputs: list[np.ndarray] = []
         for i in calibration_order(len(sources), INT8_CALIBRATION_IMAGES):
@@ -132,6 +135,7 @@ class FeatureExtractor:
             raise GaussadError("precision='int8' calibrates on the training images, but none could be read")
         graph = cached_onnx_graph(lambda: self.module, self.input_size, self._graph_key(), any_size=self.resize == "aspect")
         self.network = quantize_int8(graph, inputs)
+        self.network_format, self.network_isa = INT8_FORMAT, cpu_isa()
         self._runner = None  # :attr:`runner` builds the int8 engine of the new network
 
     @property

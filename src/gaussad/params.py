@@ -288,9 +288,10 @@ PARAMS: tuple[Param, ...] = (
           learned="map_tiles_", preset=True, flag="--map-tiles", parse=_tiles_text, metavar="K|auto"),
     Param("precision", "fp32", choice(PRECISIONS),
           "network arithmetic: fp32, or int8 = the network statically quantized at fit (ONNX Runtime, QDQ, "
-          "per-channel int8 weights, uint8 activations calibrated on 64 training images spread over the list), about 2x faster "
-          "on CPU for a small AUROC change (BENCHMARKS.md), the quantized network (a few MB) stored in the model "
-          "file; needs the onnxruntime engine", flag="--precision", choices=PRECISIONS),
+          "per-channel 7-bit weights, which score alike on CPUs with and without VNNI, the first three convolutions "
+          "and the last in fp32; uint8 activations calibrated on 64 training images spread over the list), about 2x "
+          "faster on CPU for a small AUROC change (BENCHMARKS.md), the quantized network (a few MB) stored in the "
+          "model file; needs the onnxruntime engine", flag="--precision", choices=PRECISIONS),
     Param("preset", None, optional(choice(PRESETS)),
           "recommended (default): the backbone's own input normalisation, aspect-kept resize, and nearest-neighbour "
           "anomaly maps from the backbone's map levels (EfficientNet: stage2-stage7; see README for the figures), "

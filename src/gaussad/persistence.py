@@ -24,6 +24,7 @@ from .files import open_regular_file, write_atomic
 from .params import (ESTIMATORS, MAP_GRIDS, MAP_METHODS, MAX_INPUT_SIZE, MAX_MAP_POOL, MAX_MAP_TILES, NORMALIZATIONS,
                      POOLS, PRESETS, REDUCTIONS, RESIZES)
 from .decision import DecisionRule
+from .engine import INT8_FORMATS
 from .state import DetectorState
 
 FORMAT_NAME = "gaussad-model"
@@ -182,6 +183,22 @@ def validate_meta(meta: Any) -> None:
         _need("dof" not in g or _is_int(g["dof"], 1, dims[i]), f"level {i}: dof must be 1..{dims[i]}")
 
 
+def validate_int8(meta: dict) -> None:
+    """An int8 model's ``int8`` entry: its weight format (one this gaussad knows) and the instruction set it was
+    calibrated on (a short name or null); absent in older int8 files (read as the legacy format) and in fp32 ones."""
+    int8 = meta.get("int8")
+    if int8 is None:
+        return
+    _need(meta.get("precision") == "int8", "an int8 entry in a model of precision fp32")
+    _need(isinstance(int8, dict) and set(int8) == {"format", "calibrated_on"},
+          "int8 must be an object with format and calibrated_on")
+    _need(int8["format"] in INT8_FORMATS, f"unknown int8 format {str(int8['format'])[:40]!r} (known: "
+          f"{', '.join(INT8_FORMATS)}): written by a newer gaussad? upgrade gaussad")
+    isa = int8["calibrated_on"]
+    _need(isa is None or (isinstance(isa, str) and 0 < len(isa) <= 40 and isa.isprintable()),
+          "int8 calibrated_on must be a short instruction-set name or null")
+
+
 def validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int, n_banks: int,
                     precision: str = "fp32") -> None:
     """Every array the model reads is float64 (sample counts and bank image ids int64, bank vectors float32) and
@@ -227,6 +244,7 @@ def read_model(path: str | os.PathLike) -> tuple[dict[str, Any], DetectorState]:
     meta, arrays = read_model_file(path)
     try:
         validate_meta(meta)
+        validate_int8(meta)
         validate_arrays(arrays, len(meta["levels"]), len(meta["map_gaussians"]), len(meta.get("map_banks", [])),
                         meta.get("precision", "fp32"))
         values = params.from_stored(meta)

@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, params
 from .errors import DataError, GaussadError, ImageError, ImageTooLargeError, UnknownImageFormatError
-from .engine import cpu_count
+from .engine import cpu_count, int8_summary
 from .images import NamedBytes, load_image, probe
 from .maps import overlay
 from .decision import calibration_summary
@@ -149,7 +149,9 @@ def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
     return {"name": name, "backbone": model.backbone, "preset": model.setting("preset"),
             "input_size": model.input_size_, "levels": list(model.level_names_), "n_samples": int(model.n_samples_),
             "maps": model.has_maps, "map_levels": list(model.map_level_names_), "map_tiles": model.map_tiles_,
-            "pool": model.state_.layout.setting("pool"), "threshold": decision_rule(model, fpr),
+            "pool": model.state_.layout.setting("pool"), "precision": model.precision,
+            "int8": None if model.state_.network is None else int8_summary(model.state_),
+            "threshold": decision_rule(model, fpr),
             "calibration": calibration_summary(model.state_, effective_fpr(model, fpr))}
 
 
@@ -333,6 +335,9 @@ class ModelInfo(BaseModel):
     map_levels: list[str]
     map_tiles: int = Field(description="tiles a side of the anomaly maps (1 = untiled)")
     pool: str = Field(description="how each level's feature map was pooled into the global features")
+    precision: str = Field(description="the network's arithmetic: fp32 or int8")
+    int8: dict | None = Field(None, description="an int8 network's weight format, the instruction set it was "
+                              "calibrated on, this CPU's, and whether the format saturates here")
     threshold: dict
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import maps
 from .bank import NearestBank
+from .engine import LEGACY_INT8_FORMAT
 from .errors import DataError, GaussadError, NotFittedError
 from .gaussian import MAX_ABS, LevelGaussian, MomentStats
 
@@ -121,8 +122,12 @@ class DetectorState:
     # the out-of-fold ``calibration_scores`` of the global score); None without a fused score.
     map_calibration: np.ndarray | None = None
     # The int8 network (precision='int8'): a serialised ONNX graph quantized at fit on its first training images; the
-    # model file carries it, since no other machine has those images to calibrate on again. None for fp32.
+    # model file carries it, since no other machine has those images to calibrate on again. None for fp32. With it,
+    # the format of its weights (a name of gaussad.engine.INT8_FORMATS: whether it scores alike on every CPU) and the
+    # instruction set of the CPU it was calibrated on (gaussad.engine.cpu_isa; None where the file does not say).
     network: bytes | None = None
+    int8_format: str | None = None
+    int8_isa: str | None = None
 
     # ----- building --------------------------------------------------------------------------------------------
     @classmethod
@@ -324,7 +329,12 @@ class DetectorState:
             "n_calibration": None if self.calibration_scores is None else int(self.calibration_scores.size),
             "calibration_method": self.calibration_method,
             **({} if self.map_calibration is None else {"n_map_calibration": int(self.map_calibration.size)}),
+            **({} if self.network is None else {"int8": self.int8_info()}),
         }
+
+    def int8_info(self) -> dict[str, str | None] | None:
+        """The int8 network's weight format and the instruction set it was calibrated on (None for fp32)."""
+        return None if self.network is None else {"format": self.int8_format, "calibrated_on": self.int8_isa}
 
     @classmethod
     def from_arrays(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "DetectorState":
@@ -366,9 +376,12 @@ class DetectorState:
         if method is not None and (method not in CALIBRATIONS or calibration is None):
             raise ValueError(f"calibration_method must be one of {', '.join(CALIBRATIONS)} with calibration scores")
         network = arrays.get("network.int8")
+        # int8 files that record no format were written before formats were recorded, all in LEGACY_INT8_FORMAT
+        int8 = meta.get("int8") or {"format": LEGACY_INT8_FORMAT, "calibrated_on": None}
         return cls(layout, stats, gaussians, meta["map_method"], int(meta["map_pool"]), map_stats, map_gaussians,
                    banks, calibration, method, meta.get("map_grid", "coarsest"), peaks,
-                   None if network is None else network.tobytes())
+                   *((None, None, None) if network is None else
+                     (network.tobytes(), int8["format"], int8["calibrated_on"])))
 
 
 def _learned(attr: str, doc: str, need_fit: bool = True) -> property:
