@@ -5,10 +5,11 @@ parameter ``precision="int8"``, :func:`gaussad.engine.quantize_int8`, measured h
 
 Exports the pooled-feature network (all 9 levels, the preset's normalisation, square resize), runs ONNX Runtime's
 ``quant_pre_process`` on it (shape inference and graph optimisation; without it ONNX Runtime cannot fuse the
-quantized operators and int8 is no faster, EXPERIMENTS.md), quantizes it with ``quantize_static`` (QDQ, per-channel
-int8 weights, uint8 activations, MinMax calibration on ``--calibration-images`` training images spread over the sorted list, as fit takes them), then, in
-one run: the full protocol (fit on all of train/good, score test/*) with the fp32 and the int8 network, image AUROC
-of each, and the network alone on random input (batch 16), also the same quantization without the pre-processing.
+quantized operators and int8 is no faster, EXPERIMENTS.md), quantizes it with ``quantize_static`` in the product's
+format (:data:`gaussad.engine.INT8_FORMAT`; uint8 activations, MinMax calibration on ``--calibration-images`` training
+images spread over the sorted list, as fit takes them), then, in one run: the full protocol (fit on all of train/good, score test/*) with the fp32 and the int8 network, image AUROC
+of each, and the network alone on random input (batch 16), also the first recipe without the pre-processing
+(per-channel 8-bit weights everywhere, the u8s8 format of gaussad 0.1.0). The formats side by side: ``bench.int8_formats``.
 """
 
 from __future__ import annotations

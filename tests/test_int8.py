@@ -366,6 +366,10 @@ def test_exported_int8_detector_agrees_with_score(pair, sets):
     fp32, int8 = pair
     data, _ = export_detector(int8)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["gaussad.precision"] == f"int8 {engine_mod.INT8_FORMAT}"
+    plain = ort.InferenceSession(export_detector(fp32)[0], providers=["CPUExecutionProvider"])
+    assert plain.get_modelmeta().custom_metadata_map["gaussad.precision"] == "fp32"
     names = [o.name for o in session.get_outputs()]
     images = sets[1] + sets[2]
     out = [dict(zip(names, session.run(None, {"image": np.asarray(load_image(p))[None]}))) for p in images]

@@ -267,16 +267,18 @@ class Int8Format:
     On x86-64 without VNNI, ONNX Runtime multiplies uint8 activations by int8 weights with ``VPMADDUBSW``, whose
     16-bit sums of two products saturate where both are large (its quantization guide, "data type selection"):
     full-range int8 weights then give features tens of per cent off there, and only there. Weights quantized to 7
-    bits (``reduce_range``) cannot saturate that sum, so they score alike on every CPU. ``fp32_first`` and
-    ``fp32_last`` convolutions of the graph (the stem and first block, at half the input side, and the head) are
-    left in fp32: most of the feature error of the levels they feed, for a few per cent of the arithmetic
-    (EXPERIMENTS.md, "int8 on CPUs without VNNI").
+    bits (``reduce_range``) cannot saturate that sum, so they score alike on every CPU. Depthwise convolutions are
+    computed with 32-bit sums on every CPU, so ``depthwise_full_range`` keeps their 8 bits (half the feature error of
+    7 bits there). The ``fp32_first`` and ``fp32_last`` convolutions of the graph (EfficientNet: the stem and first
+    block, at half the input side; the head) stay fp32: most of the error of the levels they feed, for a few per
+    cent of the arithmetic (EXPERIMENTS.md, "int8 on CPUs without VNNI").
     """
 
     name: str
     weight_type: str  # "int8" or "uint8"
     per_channel: bool
     reduce_range: bool
+    depthwise_full_range: bool = False
     fp32_first: int = 0
     fp32_last: int = 0
 
@@ -290,15 +292,24 @@ class Int8Format:
         convs = [n.name for n in graph.graph.node if n.op_type == "Conv"]
         return convs[:self.fp32_first] + (convs[-self.fp32_last:] if self.fp32_last else [])
 
+    def overrides(self, graph: "onnx.ModelProto") -> dict[str, list[dict]]:
+        """ONNX Runtime's per-tensor overrides of this format: the depthwise weights of ``graph`` at full range."""
+        if not (self.depthwise_full_range and self.reduce_range):
+            return {}
+        return {n.input[1]: [{"axis": 0, "reduce_range": False}] for n in graph.graph.node
+                if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)}
+
 
 INT8_FORMATS: dict[str, Int8Format] = {f.name: f for f in (
     # gaussad 0.1.0's int8 models: every convolution with per-channel 8-bit signed weights (right only on CPUs with
     # VNNI, or not x86)
     Int8Format("u8s8", "int8", per_channel=True, reduce_range=False),
-    # per-channel 7-bit signed weights, the first three convolutions and the last in fp32: right on every CPU
-    Int8Format("u8s7-fp32-ends", "int8", per_channel=True, reduce_range=True, fp32_first=3, fp32_last=1),
+    # per-channel 7-bit signed weights, 8-bit in depthwise convolutions, the first three convolutions and the last
+    # in fp32: the same features on every CPU
+    Int8Format("u8s7-dw8-ends", "int8", per_channel=True, reduce_range=True, depthwise_full_range=True,
+               fp32_first=3, fp32_last=1),
 )}
-INT8_FORMAT = "u8s7-fp32-ends"  # what fit writes
+INT8_FORMAT = "u8s7-dw8-ends"  # what fit writes
 LEGACY_INT8_FORMAT = "u8s8"  # what int8 model files that record no format were written with
 
 
@@ -398,10 +409,12 @@ def quantize_int8(graph: bytes, inputs: Sequence[np.ndarray], fmt: Int8Format | 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ONNX Runtime's advice to pre-process, which is done
             quant_pre_process(str(fp32), str(pre))
+            prepared = onnx.load(str(pre))
             quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=fmt.per_channel,
                             reduce_range=fmt.reduce_range, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8 if fmt.weight_type == "int8" else QuantType.QUInt8,
-                            nodes_to_exclude=fmt.fp32_nodes(onnx.load(str(pre))))
+                            nodes_to_exclude=fmt.fp32_nodes(prepared),
+                            extra_options={"TensorQuantOverrides": fmt.overrides(prepared)})
         return int8.read_bytes()
 
 

@@ -426,6 +426,7 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
         "gaussad.outputs": "score (N,) float64, levels (N, L) float64, pvalue (N,) float64, anomalous (N,) int64"
                            + (f", map (N, {layout.input_size}, {layout.input_size}) float32" if maps else ""),
         "gaussad.limits": " ".join(notes),
+        "gaussad.precision": "fp32" if state.network is None else f"int8 {state.int8_format}",
     }
     for key, value in meta.items():
         net.metadata_props.add(key=key, value=value)
