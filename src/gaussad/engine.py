@@ -350,12 +350,11 @@ def int8_saturates(fmt: str, isa: str) -> bool:
     return INT8_FORMATS[fmt].saturates_without_vnni and isa.startswith("x86_64") and "vnni" not in isa
 
 
-def int8_summary(state) -> dict:
-    """What a summary says of a fitted int8 network (``state``: anything with ``int8_format`` and ``int8_isa``): its
-    weight format, the instruction set it was calibrated on, this CPU's, and whether it saturates here."""
+def int8_summary(fmt: str, calibrated_on: str | None) -> dict:
+    """What the service says of a fitted int8 network: its format, the instruction set it was calibrated on, this
+    CPU's, and whether the format saturates here."""
     here = cpu_isa()
-    return {"format": state.int8_format, "calibrated_on": state.int8_isa, "this_cpu": here,
-            "saturates_here": int8_saturates(state.int8_format, here)}
+    return {"format": fmt, "calibrated_on": calibrated_on, "this_cpu": here, "saturates_here": int8_saturates(fmt, here)}
 
 
 _WARNED: set[str] = set()
@@ -370,7 +369,7 @@ def warn_if_int8_saturates(fmt: str, source: str | os.PathLike) -> None:
     _WARNED.add(fmt)
     warnings.warn(f"gaussad: {source}: its int8 network ({fmt} format, 8-bit weights) saturates on this CPU ({isa}, "
                   f"no VNNI): its features and scores here differ from those of the CPU it was fitted on. Refit it "
-                  f"with this gaussad (format {INT8_FORMAT}, right on every CPU) or use an fp32 model", stacklevel=3)
+                  f"with this gaussad (format {INT8_FORMAT}, right on every CPU) or use an fp32 model", stacklevel=4)
 
 
 def calibration_order(n: int, k: int = INT8_CALIBRATION_IMAGES) -> list[int]:

@@ -138,6 +138,11 @@ class FeatureExtractor:
         self.network_format, self.network_isa = INT8_FORMAT, cpu_isa()
         self._runner = None  # :attr:`runner` builds the int8 engine of the new network
 
+    def fitted_network(self) -> dict[str, Any]:
+        """The learned state's fields of the network this extractor runs: an int8 graph (None for fp32), the format
+        :meth:`calibrate` quantized it in and this CPU's instruction set then."""
+        return {"network": self.network, "int8_format": self.network_format, "int8_isa": self.network_isa}
+
     @property
     def runner(self) -> Engine:
         """The inference engine, built on first use (the ONNX graph comes from the on-disk cache when present; an

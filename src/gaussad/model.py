@@ -12,7 +12,6 @@ import numpy as np
 
 from . import __version__, params
 from .decision import DecisionRule, summary
-from .engine import int8_summary, warn_if_int8_saturates
 from .errors import DataError, GaussadError, InvalidParameterError
 from .features import ExtractorCache, normalization_meta
 from .fitting import Trainer, layout_of, refuse_differences
@@ -166,9 +165,7 @@ class GaussianAD(FittedAttributes):
         self.__dict__.pop("state_", None)
         trainer = self._trainer(calibration=images, on_error=on_error, tiles_from=images)
         self.skipped_ = trainer.skipped
-        extractor = self.feature_extractor()
-        self.state_ = replace(trainer.fit_images(images, on_error), network=extractor.network,
-                              int8_format=extractor.network_format, int8_isa=extractor.network_isa)
+        self.state_ = replace(trainer.fit_images(images, on_error), **self.feature_extractor().fitted_network())
         return self
 
     def partial_fit(self, images: Sequence["ImageSource"], y=None, *, on_error: str = "fail") -> "GaussianAD":
@@ -331,9 +328,7 @@ class GaussianAD(FittedAttributes):
 
     def summary(self) -> dict[str, Any]:
         """The fitted model in brief: backbone, levels, training images, decision rule and its calibration."""
-        state = self._state()
-        return {"backbone": self.backbone, "preset": self.setting("preset"), "precision": self.precision,
-                **summary(self.rule(), state), **({} if state.network is None else {"int8": int8_summary(state)})}
+        return {"backbone": self.backbone, "preset": self.setting("preset"), **summary(self.rule(), self._state())}
 
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable description of the fitted model (stored in the model file)."""
@@ -345,8 +340,6 @@ class GaussianAD(FittedAttributes):
 def load(path: str | os.PathLike) -> GaussianAD:
     """Load a model written by :meth:`GaussianAD.save`; anything else raises ModelFormatError."""
     values, state = read_model(path)
-    if state.network is not None:
-        warn_if_int8_saturates(state.int8_format, path)
     model = GaussianAD(**values)
     model.state_ = state
     return model

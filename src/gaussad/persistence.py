@@ -24,7 +24,7 @@ from .files import open_regular_file, write_atomic
 from .params import (ESTIMATORS, MAP_GRIDS, MAP_METHODS, MAX_INPUT_SIZE, MAX_MAP_POOL, MAX_MAP_TILES, NORMALIZATIONS,
                      POOLS, PRESETS, REDUCTIONS, RESIZES)
 from .decision import DecisionRule
-from .engine import INT8_FORMATS
+from .engine import INT8_FORMATS, warn_if_int8_saturates
 from .state import DetectorState
 
 FORMAT_NAME = "gaussad-model"
@@ -251,6 +251,8 @@ def read_model(path: str | os.PathLike) -> tuple[dict[str, Any], DetectorState]:
         params.validate(values)
         state = DetectorState.from_arrays({**meta, **values}, arrays)
         DecisionRule(values["threshold"], values["fpr"], values["image_score"]).check(state)  # its own rule must apply
-        return values, state
     except (KeyError, IndexError, TypeError, ValueError, GaussadError) as exc:
         raise ModelFormatError(f"{path}: inconsistent model file ({type(exc).__name__}: {str(exc)[:300]})") from None
+    if state.network is not None:
+        warn_if_int8_saturates(state.int8_format, path)
+    return values, state
