@@ -151,7 +151,11 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
     Failures raise :class:`GaussadError` naming ``path`` and saying what could not be written.
     """
     path = Path(path)
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:
+        raise GaussadError(f"{path}: cannot write {what} ({exc.strerror or exc})") from None
+    if is_dir:
         raise GaussadError(f"{path}: is a folder; give the {what}'s name")
     tmp = path.with_name(_temp_name(path))
     try:
@@ -175,7 +179,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the folder refuses even that (read-only, gone): the write's own error is the one to tell
+            pass
         if isinstance(exc, OSError):
             raise GaussadError(f"{path}: cannot write {what} ({exc.strerror or exc})") from None
         raise

@@ -76,6 +76,12 @@ class Metrics:
                              registry=self.registry)
         self.log_queue = Gauge("gaussad_results_log_pending", "scored images queued for the results log",
                                registry=self.registry)
+        self.log_failures = Gauge("gaussad_results_log_failures", "attempts at writing rows that the results log's "
+                                  "database refused since the start (each batch is retried until written)",
+                                  registry=self.registry)
+        self.log_image_failures = Gauge("gaussad_results_log_image_failures", "kept images that could not be "
+                                        "written since the start (their rows are logged without them)",
+                                        registry=self.registry)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -245,6 +251,8 @@ def router(registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics, fp
             metrics.version.labels(name).set(registry.current(name)[1])
         if log is not None:
             metrics.log_queue.set(log.pending)
+            metrics.log_failures.set(log.failures)
+            metrics.log_image_failures.set(log.image_failures)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     api.all_drift = all_drift  # used by /health

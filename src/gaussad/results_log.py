@@ -1,8 +1,12 @@
 """The service's results log: every scored image as one row of an SQL table (SQLAlchemy Core: SQLite by default,
 PostgreSQL or any other URL), written by one background thread so that logging never holds up scoring.
 
-Rows are queued in memory (an unbounded queue: nothing is dropped under load) and written in batches; ``flush``
-waits until everything queued so far is written and ``close`` flushes and stops the writer. Each row has a
+Rows are queued in memory and written in batches; ``flush`` waits until everything queued so far is written and
+``close`` flushes and stops the writer. Nothing is dropped: a batch the database refuses (locked, full disk, gone)
+stays queued and is retried with a bounded back-off until it is written, while ``failing_since`` says since when
+(the service's ``/health`` is then degraded); past ``max_pending`` rows waiting, :meth:`ResultsLog.record` refuses
+new ones (the service answers 503) rather than hold an unbounded backlog. Only ``close`` gives up, after
+``CLOSE_SECONDS`` of failures, and says how many rows it could not write. Each row has a
 random ``id`` given when it is queued (returned to the client at once) and a ``seq`` the database assigns in
 write order (the cursor of ``GET /results``). With ``keep_dir`` the image bytes are kept too, content-addressed
 as ``<sha256>.<ext>``, written atomically by the writer thread.
@@ -31,6 +35,13 @@ LABELS = ("good", "defect")
 COLUMNS = ("seq", "id", "time", "model", "version", "model_sha256", "image_sha256", "filename", "score", "levels",
            "pvalue", "anomalous", "map_max", "image_file", "label", "labelled_at", "applied_in")
 _STOP = object()
+MAX_PENDING = 10_000  # rows queued or waiting for a retry before new ones are refused
+RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)  # waits between attempts at a refused batch (the last one repeats)
+CLOSE_SECONDS = 30.0  # how long close() keeps retrying a refused batch before giving it up
+
+
+class Backlogged(GaussadError):
+    """The results log holds ``max_pending`` rows it could not write yet: no new row is taken."""
 
 
 def sha256(data: bytes) -> str:
@@ -57,7 +68,7 @@ def _shown(db: str) -> str:
 class ResultsLog:
     """Append-only results table with labels; thread-safe. ``db``: a SQLAlchemy URL or a SQLite file path."""
 
-    def __init__(self, db: str, keep_dir: str | None = None, batch: int = 256):
+    def __init__(self, db: str, keep_dir: str | None = None, batch: int = 256, max_pending: int = MAX_PENDING):
         try:
             import sqlalchemy as sa
         except ImportError as exc:  # pragma: no cover - an extra of the service
@@ -101,13 +112,19 @@ class ResultsLog:
         self._queue: queue.Queue = queue.Queue()
         self._written = threading.Condition()
         self._queued = self._done = 0
-        self.errors = 0
+        self.max_pending = max_pending
+        self.failures = 0  # refused attempts at writing a batch (each batch is retried until written)
+        self.image_failures = 0  # kept images that could not be written (their rows are logged without them)
+        self.lost = 0  # rows given up at close after CLOSE_SECONDS of failures
+        self.failing_since: float | None = None  # set while a refused batch waits for its retry
+        self.last_error: str | None = None
         self._thread = threading.Thread(target=self._writer, name="gaussad-results-log", daemon=True)
         self._thread.start()
 
     # ----- writing ---------------------------------------------------------------------------------------------
     def record(self, model: str, version: int, model_sha256: str, row: dict, image: bytes, suffix: str = "") -> str:
-        """Queue one scored image (a result row of :mod:`gaussad.results`); returns its id. Never blocks."""
+        """Queue one scored image (a result row of :mod:`gaussad.results`); returns its id. Never blocks; raises
+        :class:`Backlogged` while :attr:`backlogged`."""
         rid = uuid.uuid4().hex
         digest = sha256(image)
         entry = {"id": rid, "time": time.time(), "model": model, "version": int(version), "model_sha256": model_sha256,
@@ -119,51 +136,92 @@ class ResultsLog:
             entry["image_file"] = digest + (suffix.lower() if suffix.lower() in (
                 ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp") else "")
             image_data = image
-        with self._written:
+        with self._written:  # checked and counted together: concurrent requests cannot overfill the bound
+            if self.backlogged:
+                raise Backlogged(self.status_line())
             self._queued += 1
         self._queue.put((entry, image_data))
         return rid
 
     def _writer(self) -> None:
+        """Write queued rows in batches; a refused batch is kept and retried (first, with more rows behind it) after
+        a growing wait, so a fault of the database delays rows but loses none."""
+        rows: list = []
+        stop, attempts, stop_deadline = False, 0, None
         while True:
-            item = self._queue.get()
-            items = [item]
-            while len(items) < self.batch:
+            if not rows and not stop:
+                rows.append(self._queue.get())
+            while len(rows) < self.batch:
                 try:
-                    items.append(self._queue.get_nowait())
+                    rows.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            stop = any(i is _STOP for i in items)
-            rows = [i for i in items if i is not _STOP]
+            if any(r is _STOP for r in rows):
+                stop, stop_deadline = True, time.monotonic() + CLOSE_SECONDS
+                rows = [r for r in rows if r is not _STOP]
             if rows:
-                self._write(rows)
-            with self._written:
-                self._done += len(rows)
-                self._written.notify_all()
-            if stop:
+                try:
+                    self._write(rows)
+                except Exception as exc:  # noqa: BLE001 - any failure keeps the rows for the next attempt
+                    attempts += 1
+                    self._failed(exc, len(rows))
+                    if stop and time.monotonic() >= stop_deadline:
+                        self._give_up(rows)
+                        return
+                    time.sleep(RETRY_SECONDS[min(attempts, len(RETRY_SECONDS)) - 1])
+                    continue
+                with self._written:
+                    self._done += len(rows)
+                    if self.failing_since is not None:
+                        log.warning("results log: writing again after %.0f s of failures", time.time() - self.failing_since)
+                    self.failing_since, attempts, rows = None, 0, []
+                    self._written.notify_all()
+            if stop and self._queue.empty():
                 return
 
+    def _failed(self, exc: Exception, n: int) -> None:
+        self.failures += 1
+        self.last_error = str(getattr(exc, "orig", None) or exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        if self.failing_since is None:
+            self.failing_since = time.time()
+            log.error("results log: %d rows wait, the database refused them (%s); retrying", n, self.last_error)
+
+    def _give_up(self, rows: list) -> None:
+        with self._written:
+            self.lost += len(rows)
+            self._done += len(rows)
+            self._written.notify_all()
+        log.error("results log: closing with %d rows the database refused for %.0f s; they are not logged (%s)",
+                  len(rows), CLOSE_SECONDS, self.last_error)
+
     def _write(self, rows: list) -> None:
-        for entry, image in rows:
+        """Keep the rows' images (once each; a failure leaves that row without its image) and insert the rows in
+        one transaction (raises on failure: the caller retries them)."""
+        for i, (entry, image) in enumerate(rows):
             if image is not None and entry["image_file"]:
                 path = self.keep_dir / entry["image_file"]
                 try:
                     if not path.exists():
                         write_atomic(path, image, "kept image")
-                except GaussadError as exc:
-                    log.error("results log: %s", exc)
+                except Exception as exc:  # noqa: BLE001 - the row is logged without its image, never lost
+                    self.image_failures += 1
+                    log.error("results log: row %s is logged without its image: %s", entry["id"], exc)
                     entry["image_file"] = None
-        for attempt in range(5):
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(self.table.insert(), [entry for entry, _ in rows])
-                return
-            except self.sa.exc.SQLAlchemyError as exc:  # e.g. a locked SQLite file: retry, then report
-                if attempt == 4:
-                    self.errors += len(rows)
-                    log.error("results log: %d rows could not be written: %s", len(rows), exc)
-                    return
-                time.sleep(0.2 * (attempt + 1))
+                rows[i] = (entry, None)  # a retry of the batch does not write the image again
+        with self.engine.begin() as conn:
+            conn.execute(self.table.insert(), [entry for entry, _ in rows])
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether ``max_pending`` rows wait: new ones are refused until the database takes them."""
+        return self.pending >= self.max_pending
+
+    def status_line(self) -> str:
+        """One line on the rows waiting and why (for 503 answers and /health)."""
+        line = f"results log: {self.pending} rows wait to be written ({self.max_pending} at most)"
+        if self.failing_since is None:
+            return line
+        return f"{line}; the database has refused them for {time.time() - self.failing_since:.0f} s: {self.last_error}"
 
     @property
     def pending(self) -> int:
@@ -177,6 +235,7 @@ class ResultsLog:
             return self._written.wait_for(lambda: self._done >= target, timeout)
 
     def close(self) -> None:
+        """Write what is queued (retrying a refused batch for up to ``CLOSE_SECONDS``) and stop the writer."""
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join()

@@ -43,7 +43,7 @@ from .keys import KeyStore
 from .model import GaussianAD, load
 from .operations import KeyCheck, Metrics, MetricsMiddleware, check_exposure, router
 from .results import result_rows
-from .results_log import ResultsLog
+from .results_log import Backlogged, ResultsLog
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
             "input_size": model.input_size_, "levels": list(model.level_names_), "n_samples": int(model.n_samples_),
             "maps": model.has_maps, "map_levels": list(model.map_level_names_), "map_tiles": model.map_tiles_,
             "pool": model.state_.layout.setting("pool"), "precision": model.precision,
-            "int8": None if model.state_.network is None else int8_summary(model.state_),
+            "int8": None if model.state_.network is None else int8_summary(model.state_.int8_format, model.state_.int8_isa),
             "threshold": decision_rule(model, fpr),
             "calibration": calibration_summary(model.state_, effective_fpr(model, fpr))}
 
@@ -348,6 +348,8 @@ class Health(BaseModel):
     limits: dict[str, int]
     auth: bool = Field(False, description="whether requests need an API key")
     drift: dict[str, dict] = Field(default_factory=dict, description="per model: the drift tests over its recent results")
+    results_log: str | None = Field(None, description="while the results log's database refuses rows (status "
+                                    "degraded): how many wait, since when, and why")
 
 
 def _check_settings(fpr: float | None, workers: int | None) -> int:
@@ -406,13 +408,22 @@ def create_app(models: Mapping[str, GaussianAD] | ModelRegistry, fpr: float | No
             raise HTTPException(404, f"no model named {name!r}; models: {', '.join(sorted(registry.served))}")
         return registry.current(name)
 
+    def refuse_when_backlogged() -> None:
+        """503 before any work while the results log cannot take more rows (its database refuses them): a result
+        is answered only when it can be logged."""
+        if results_log is not None and results_log.backlogged:
+            raise HTTPException(503, results_log.status_line(), headers={"Retry-After": "5"})
+
     def record(name: str, version: int, sha: str, rows: list[dict], uploads: list[tuple[str, bytes]]) -> None:
         """Count the scored images and queue them for the results log (never waits); each row gets its log id."""
         metrics.scored.labels(name).inc(len(rows))
         metrics.flagged.labels(name).inc(sum(bool(r["anomalous"]) for r in rows))
         if results_log is not None:
-            for row, (filename, data) in zip(rows, uploads):
-                row["id"] = results_log.record(name, version, sha, row, data, Path(filename).suffix)
+            try:
+                for row, (filename, data) in zip(rows, uploads):
+                    row["id"] = results_log.record(name, version, sha, row, data, Path(filename).suffix)
+            except Backlogged as exc:  # filled up while this request was scored
+                raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from None
 
     async def read_uploads(files: list[UploadFile]) -> list[tuple[str, bytes]]:
         if len(files) > limits.max_files:
@@ -447,7 +458,9 @@ def create_app(models: Mapping[str, GaussianAD] | ModelRegistry, fpr: float | No
 
     @app.get("/health", response_model=Health, summary="service status, model names and upload limits")
     async def health() -> dict:
-        return {"status": "ok", "version": __version__, "models": sorted(registry.served),
+        failing = results_log is not None and results_log.failing_since is not None
+        return {"status": "degraded" if failing else "ok", "version": __version__, "models": sorted(registry.served),
+                **({"results_log": results_log.status_line()} if failing else {}),
                 "limits": {**asdict(limits), "max_request_bytes": limits.max_request_bytes},
                 "auth": keys is not None, "drift": await ops.all_drift()}
 
@@ -470,6 +483,7 @@ def create_app(models: Mapping[str, GaussianAD] | ModelRegistry, fpr: float | No
         maps: bool = Query(False, description="add a heat-map overlay per image (models fitted with anomaly maps)"),
     ) -> dict:
         model, version, sha = get_model(name)
+        refuse_when_backlogged()
         if maps and not model.has_maps:
             raise HTTPException(422, f"model {name!r} has no anomaly maps (fit it with --preset recommended)")
         uploads = await read_uploads(files)
@@ -484,6 +498,7 @@ def create_app(models: Mapping[str, GaussianAD] | ModelRegistry, fpr: float | No
                          415: {"description": "not an image"}, 422: {"description": "model without maps, or undecodable image"}})
     async def heat_map(name: str, file: UploadFile = File(..., description="one image")) -> Response:
         model, version, sha = get_model(name)
+        refuse_when_backlogged()
         if not model.has_maps:
             raise HTTPException(422, f"model {name!r} has no anomaly maps (fit it with --preset recommended)")
         (upload,) = await read_uploads([file])

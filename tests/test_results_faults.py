@@ -1,0 +1,155 @@
+"""The results log under faults (issue 32, N1 and N2): a folder that refuses a kept image, a database that refuses
+rows for a while. Nothing accepted is lost: the writer never dies, refused rows are retried until written, the
+service says it is degraded and answers 503, never 200 without a row, when too many rows wait."""
+
+import errno
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+import gaussad.results_log as results_log_mod
+from gaussad.errors import GaussadError
+from gaussad.files import write_atomic
+from gaussad.images import list_images
+from gaussad.results_log import Backlogged, ResultsLog
+from gaussad.serve import create_app, load_models
+
+from .test_operations import _upload, model_dir, served_dir  # noqa: F401 - fixtures
+
+
+def _row(i: int) -> dict:
+    return {"path": f"img{i}.png", "score": float(i), "levels": [float(i)], "anomalous": False}
+
+
+class Refusing:
+    """Makes the log's engine.begin() raise, like a locked or full database, while ``on`` is set."""
+
+    def __init__(self, log: ResultsLog):
+        import sqlalchemy as sa
+
+        self.on, self.calls, self.real, self.sa = True, 0, log.engine.begin, sa
+
+    def __call__(self):
+        if self.on:
+            self.calls += 1
+            raise self.sa.exc.OperationalError("INSERT", {}, Exception("database is locked"))
+        return self.real()
+
+
+def test_write_atomic_says_what_failed_even_when_the_clean_up_fails_too(tmp_path, monkeypatch):
+    """A read-only moment: the rename and then the removal of the temporary both fail (EROFS). The caller gets one
+    GaussadError naming the file, not the clean-up's OSError."""
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("os.replace", refuse)
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: refuse())
+    with pytest.raises(GaussadError, match=r"kept\.png: cannot write kept image \(Read-only file system\)"):
+        write_atomic(tmp_path / "kept.png", b"data", "kept image")
+
+
+def test_a_kept_image_that_cannot_be_written_leaves_its_row_and_the_writer_alive(tmp_path, monkeypatch):
+    log = ResultsLog(str(tmp_path / "r.sqlite"), str(tmp_path / "kept"))
+    real = results_log_mod.write_atomic
+    fail = {"n": 1}
+
+    def flaky(path, data, what):
+        if fail["n"]:
+            fail["n"] -= 1
+            raise OSError(errno.EROFS, "Read-only file system")  # any error, not only GaussadError
+        return real(path, data, what)
+
+    monkeypatch.setattr(results_log_mod, "write_atomic", flaky)
+    try:
+        ids = [log.record("m", 1, "0" * 64, _row(i), b"image %d" % i, ".png") for i in range(3)]
+        assert log.flush(10)
+        ids.append(log.record("m", 1, "0" * 64, _row(3), b"image 3", ".png"))  # the writer still runs
+        assert log.flush(10)
+        rows = {r["id"]: r for r in log.query(limit=10)}
+        assert list(rows) == ids
+        assert rows[ids[0]]["image_file"] is None
+        assert all((tmp_path / "kept" / rows[i]["image_file"]).read_bytes() == b"image %d" % n
+                   for n, i in enumerate(ids) if n)
+        assert log.image_failures == 1 and log.pending == 0
+    finally:
+        log.close()
+
+
+def test_refused_rows_are_retried_until_the_database_takes_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(results_log_mod, "RETRY_SECONDS", (0.01, 0.02))
+    log = ResultsLog(str(tmp_path / "r.sqlite"), batch=2)
+    refusing = Refusing(log)
+    monkeypatch.setattr(log.engine, "begin", refusing)
+    try:
+        ids = [log.record("m", 1, "0" * 64, _row(i), b"x") for i in range(5)]
+        assert not log.flush(0.5)  # refused for now: the rows wait, they are not dropped
+        assert refusing.calls >= 8 and log.failures == refusing.calls  # more attempts than the old five
+        assert log.failing_since is not None and "database is locked" in log.status_line() and log.pending == 5
+        refusing.on = False
+        assert log.flush(10)
+        assert [r["id"] for r in log.query(limit=10)] == ids
+        assert log.failing_since is None and log.lost == 0
+    finally:
+        log.close()
+
+
+def test_close_gives_up_after_its_deadline_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(results_log_mod, "RETRY_SECONDS", (0.01,))
+    monkeypatch.setattr(results_log_mod, "CLOSE_SECONDS", 0.2)
+    log = ResultsLog(str(tmp_path / "r.sqlite"))
+    monkeypatch.setattr(log.engine, "begin", Refusing(log))
+    log.record("m", 1, "0" * 64, _row(0), b"x")
+    log.close()
+    assert log.lost == 1 and "1 rows the database refused" in caplog.text
+
+
+def test_a_full_backlog_refuses_new_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(results_log_mod, "RETRY_SECONDS", (0.01,))
+    log = ResultsLog(str(tmp_path / "r.sqlite"), max_pending=3)
+    refusing = Refusing(log)
+    monkeypatch.setattr(log.engine, "begin", refusing)
+    try:
+        for i in range(3):
+            log.record("m", 1, "0" * 64, _row(i), b"x")
+        with pytest.raises(Backlogged, match="3 rows wait"):
+            log.record("m", 1, "0" * 64, _row(3), b"x")
+        refusing.on = False
+        assert log.flush(10) and log.count() == 3
+        log.record("m", 1, "0" * 64, _row(4), b"x")  # taken again once written
+    finally:
+        log.close()
+
+
+def test_service_under_a_refusing_database_answers_200_with_a_row_or_503(model_dir, tiny_category, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    """200 concurrent score requests while the database refuses every row: each is answered 200 or 503 (the log's
+    bound is 40 rows), /health is degraded and /metrics counts the failures; once the database takes rows again,
+    every result answered 200 is in the log, once."""
+    monkeypatch.setattr(results_log_mod, "RETRY_SECONDS", (0.05,))
+    log = ResultsLog(str(tmp_path / "r.sqlite"), str(tmp_path / "kept"), max_pending=40)
+    refusing = Refusing(log)
+    monkeypatch.setattr(log.engine, "begin", refusing)
+    image = list_images(tiny_category / "test" / "good")[0]
+    with TestClient(create_app(load_models(model_dir), results_log=log, folder=model_dir, workers=2)) as client:
+        def post(i: int):
+            return client.post("/models/plain/score", files=_upload([image]))
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(200)))
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 503} and codes.count(200) == 40 and codes.count(503) == 160
+        assert "results log" in answers[codes.index(503)].json()["detail"]
+        health = client.get("/health").json()
+        assert health["status"] == "degraded" and "database is locked" in health["results_log"]
+        metrics = client.get("/metrics").text
+        assert "gaussad_results_log_pending 40.0" in metrics
+        assert f"gaussad_results_log_failures {float(log.failures)}" in metrics and log.failures >= 1
+        refusing.on = False
+        assert log.flush(20)
+        assert client.get("/health").json()["status"] == "ok"
+        logged = [r["id"] for r in log.query(limit=1000)]
+        answered = [a.json()["results"][0]["id"] for a in answers if a.status_code == 200]
+        assert sorted(logged) == sorted(answered) and len(set(logged)) == len(logged)
+        assert client.post("/models/plain/score", files=_upload([image])).status_code == 200
