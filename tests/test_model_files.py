@@ -138,7 +138,12 @@ def test_other_format_version(model_path, version):
     if version is not None:
         header["format_version"] = version
     model_path.write_bytes(save(arrays, metadata=header))
-    _refused(model_path, f"model format version {version}, but this gaussad reads version {FORMAT_VERSION}")
+    if version == str(FORMAT_VERSION + 1):  # issue 32, N21: not "refit", which cannot help
+        _refused(model_path, f"written by a newer gaussad (model format {version}; this gaussad")
+        _refused(model_path, f"reads format {FORMAT_VERSION}): upgrade gaussad")
+    else:
+        _refused(model_path, f"model format version {version}, but this gaussad reads version {FORMAT_VERSION}; "
+                             "refit the model")
 
 
 # ----- absurd safetensors headers ------------------------------------------------------------------------

@@ -70,13 +70,14 @@ def _infinite_note(model, fpr: float) -> str:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from . import params
-    from .files import check_output
+    from .files import check_output, refuse_input_as_output
 
     # What needs no work first: the output, the settings, the image list; then the model (numpy, the network).
     check_output(args.output, "model file")
     settings = _model_params(args, "threshold")
     params.validate({**params.defaults(), **settings})
     files, names = _training_images(args.train_dir, args.recursive)
+    refuse_input_as_output(args.output, files, "model file")
     from .model import GaussianAD
 
     model = GaussianAD(**settings, verbose=not (args.quiet or args.json))
@@ -179,7 +180,7 @@ RULES = {
 
 def cmd_score(args: argparse.Namespace) -> int:
     from . import params
-    from .files import check_output
+    from .files import check_output, refuse_input_as_output
     from .images import find_images
 
     # What needs no work first: the overlay folder and the image list; then the model and the network.
@@ -195,6 +196,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             raise GaussadError("--maps is not available with --dask; score the images to overlay without it")
     files, names = find_images(args.images, args.recursive)
     if args.dask:
+        refuse_input_as_output(args.out, [args.model, *files], "results file")
         return _score_distributed(args, files, names)
     import numpy as np
 
@@ -340,9 +342,10 @@ def _write_overlays(folder: str, files: list[Path], names: list[str], amaps, max
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .files import check_output, write_atomic
+    from .files import check_output, refuse_input_as_output, write_atomic
 
     check_output(args.output, "ONNX file")
+    refuse_input_as_output(args.output, [args.model], "ONNX file")
     from .export import export_detector
     from .model import load
 

@@ -365,6 +365,7 @@ def write_part(path: Path, rows: list[dict], level_names: Sequence[str], fmt: st
     """One part, atomically: rows as ``score --json`` writes them, plus ``error`` (null unless the input was
     skipped); CSV flattens ``levels`` into ``levels.NAME`` columns."""
     from .files import write_atomic
+    from .results import spreadsheet_safe
 
     if fmt == ".jsonl":
         data = "".join(json.dumps(r) + "\n" for r in rows).encode()
@@ -377,8 +378,8 @@ def write_part(path: Path, rows: list[dict], level_names: Sequence[str], fmt: st
         writer.writerow(csv_header(level_names))
         for r in rows:
             lv = r["levels"] or {}
-            writer.writerow([r["path"], _cell(r["score"])] + [_cell(lv.get(n)) for n in level_names]
-                            + [_cell(r["pvalue"]), _cell(r["anomalous"]), r["error"] or ""])
+            writer.writerow([spreadsheet_safe(r["path"]), _cell(r["score"])] + [_cell(lv.get(n)) for n in level_names]
+                            + [_cell(r["pvalue"]), _cell(r["anomalous"]), spreadsheet_safe(r["error"] or "")])
         data = buf.getvalue().encode()
     else:
         data = _parquet_bytes(rows, level_names)
@@ -438,6 +439,8 @@ def score(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike], nam
     fpr = model.fpr if fpr is None else fpr
     model.rule(fpr, method).check(model.state_, f"{model_path}: ")  # fails early when the rule cannot apply
     paths, names = [os.fspath(p) for p in paths], [str(n) for n in names]
+    if fmt != ".parquet" and os.path.lexists(out):  # as a .parquet folder of another run is: never replaced unasked
+        raise GaussadError(f"{out}: exists (the results of an earlier run); remove it or choose another output")
     folder = parts_folder(out)
     key = _run_key(model_path, names, partition_size, fpr, method)
     manifest = folder / MANIFEST

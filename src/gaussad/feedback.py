@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -95,9 +96,26 @@ class ModelRegistry:
                 doc["stack"].append(new)
                 doc["current"] = new
                 return doc
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("%s: unreadable version history (%s); starting again at version 1", path, exc)
+            except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+                return self._restart_history(name, digest, f"{type(exc).__name__}: {exc}")
         return {"current": 1, "stack": [1], "versions": {"1": {"sha256": digest, "time": time.time(), "added": 0}}}
+
+    def _restart_history(self, name: str, digest: str, reason: str) -> dict:
+        """A new history after a damaged ``versions.json``: the damaged file is kept aside, and numbering goes on after
+        the highest ``vN`` file in the history folder, so that no earlier version's file is ever overwritten."""
+        path, folder = self._versions_file(name), self.history_dir(name)
+        highest = max((int(m.group(1)) for f in folder.glob(f"v*{MODEL_SUFFIX}")
+                       if (m := re.fullmatch(rf"v(\d+){re.escape(MODEL_SUFFIX)}", f.name))), default=0)
+        aside = path.with_name(f"versions.json.damaged-{int(time.time())}")
+        try:
+            path.rename(aside)
+        except OSError:
+            aside = path
+        first = highest + 1
+        log.warning("%s: unreadable version history (%s), kept as %s; the served model is version %d of a new history",
+                    path, reason, aside.name, first)
+        return {"current": first, "stack": [first],
+                "versions": {str(first): {"sha256": digest, "time": time.time(), "added": 0}}}
 
     def _write_versions(self, name: str) -> None:
         write_atomic(self._versions_file(name), json.dumps(self.versions[name], indent=1).encode(), "version history")

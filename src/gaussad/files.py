@@ -10,7 +10,7 @@ import secrets
 import stat
 import time
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterable
 
 from .errors import GaussadError
 
@@ -120,6 +120,15 @@ def check_output(path: str | os.PathLike, what: str = "file", folder: bool = Fal
     if read_only:
         raise fail(f"{where} is on a read-only file system")
     return path
+
+
+def refuse_input_as_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], what: str = "file") -> None:
+    """Refuse, before any work, an output that is one of the command's inputs (the same file by its resolved path,
+    links followed): writing it would destroy the input, as ``export m.gaussad -o m.gaussad`` did."""
+    target = os.path.realpath(output)
+    for source in inputs:
+        if os.path.realpath(source) == target:
+            raise GaussadError(f"{output}: is an input of this command ({source}); give another {what}")
 
 
 def _temp_name(path: Path) -> str:

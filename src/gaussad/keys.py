@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
+import logging
 import os
 import re
 import secrets
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import DataError, GaussadError
 from .files import write_atomic
+
+log = logging.getLogger(__name__)
 
 ROLES = ("score", "admin")
 KEY_BYTES = 32  # 256 random bits, URL-safe base64 (43 characters)
@@ -54,6 +59,8 @@ class KeyStore:
     def __init__(self, entries: list[KeyEntry] | None = None, path: Path | None = None):
         self.entries = list(entries or [])
         self.path = path
+        self._seen = _signature(path) if path is not None else None  # the file as last read: reread when it changes
+        self._broken = False
 
     @classmethod
     def load(cls, path: str | os.PathLike, missing_ok: bool = False) -> "KeyStore":
@@ -62,6 +69,18 @@ class KeyStore:
             if missing_ok:
                 return cls([], path)
             raise DataError(f"{path}: no such keys file (create one with `gaussad keys add NAME --keys {path}`)")
+        return cls(cls._read(path), path)
+
+    @staticmethod
+    def _read(path: Path) -> list[KeyEntry]:
+        """The entries of a keys file; a file others may write (as ssh refuses) or cannot parse is a DataError."""
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read the keys file: {exc.strerror or exc}") from None
+        if os.name == "posix" and mode & 0o022:
+            raise DataError(f"{path}: the keys file is writable by {'others' if mode & 0o002 else 'its group'}, so "
+                            f"anyone who can write it can give themselves a key: chmod 600 {path}")
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("keys"), list):
@@ -74,15 +93,35 @@ class KeyStore:
                 entries.append(entry)
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, GaussadError) as exc:
             raise DataError(f"{path}: cannot read the keys file: {exc}") from None
-        return cls(entries, path)
+        return entries
+
+    def refresh(self) -> None:
+        """Reread the file when it changed (another inode, size or modification time) since it was read: a key
+        added or removed with `gaussad keys` takes effect at the next request. A file that cannot be read then
+        refuses every key (one log line) until it can: a revocation never falls back to the old keys."""
+        if self.path is None:
+            return
+        seen = _signature(self.path)
+        if seen == self._seen:
+            return
+        self._seen = seen
+        try:
+            self.entries, self._broken = self._read(self.path), False
+        except DataError as exc:
+            if not self._broken:
+                log.error("%s; every key is refused until the file is fixed", exc)
+            self.entries, self._broken = [], True
 
     def save(self) -> None:
+        """Write the keys atomically, mode 600. A symbolic link is written through: its target (the file a service
+        reads) is replaced, and the link stays."""
         if self.path is None:
             raise GaussadError("this key store has no file")
         doc = {"format": FORMAT, "keys": [asdict(e) for e in self.entries]}
-        write_atomic(self.path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"), "keys file")
+        target = Path(os.path.realpath(self.path))
+        write_atomic(target, (json.dumps(doc, indent=2) + "\n").encode("utf-8"), "keys file")
         try:
-            os.chmod(self.path, 0o600)
+            os.chmod(target, 0o600)
         except OSError:
             pass
 
@@ -108,6 +147,7 @@ class KeyStore:
         does not depend on which entry, or how much of a hash, matches."""
         if not key:
             return None
+        self.refresh()
         digest = key_hash(key).encode("ascii")
         found = None
         for entry in self.entries:
@@ -124,8 +164,24 @@ def bearer(header: str | None) -> str | None:
     return value.strip() or None if scheme.lower() == "bearer" else None
 
 
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
+def _signature(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
+    """Whether ``host`` (an address or a name) reaches only this machine: an address in 127.0.0.0/8 or ::1, or a
+    name every address of which is one (``127.attacker.example`` is a name like any other, resolved and checked)."""
+    name = host.strip().strip("[]")
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(name, None)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)

@@ -33,6 +33,9 @@ def required_role(method: str, path: str) -> str | None:
     return "score"
 
 
+MAX_CURSOR = 2**63 - 1  # the largest row number a database's 64-bit integer holds: larger cursors are 422, not 500
+
+
 class KeyCheck:
     """ASGI middleware: 401 without a valid ``Authorization: Bearer KEY``, 403 when the key's role is too low."""
 
@@ -162,13 +165,15 @@ def router(registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics, fp
     @api.get("/results", summary="logged results, oldest first after the cursor")
     async def results(model: str | None = None, since: str | None = Query(None, description="unix seconds or ISO 8601"),
                       anomalous: bool | None = None, limit: int = Query(100, ge=1, le=10_000),
-                      cursor: int | None = Query(None, description="the next_cursor of the previous page")) -> dict:
+                      cursor: int | None = Query(None, ge=0, le=MAX_CURSOR,
+                                                 description="the next_cursor of the previous page")) -> dict:
         rows = rows_out(await query(model, since, anomalous, limit, cursor))
         return {"results": rows, "next_cursor": rows[-1]["seq"] if len(rows) == limit else None}
 
     @api.get("/results.csv", response_class=PlainTextResponse, summary="logged results as CSV")
     async def results_csv(model: str | None = None, since: str | None = None, anomalous: bool | None = None,
-                          limit: int = Query(100_000, ge=1, le=1_000_000), cursor: int | None = None) -> Response:
+                          limit: int = Query(100_000, ge=1, le=1_000_000),
+                          cursor: int | None = Query(None, ge=0, le=MAX_CURSOR)) -> Response:
         rows = await query(model, since, anomalous, limit, cursor)
         return Response(ResultsLog.csv(rows), media_type="text/csv",
                         headers={"Content-Disposition": 'attachment; filename="results.csv"'})

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import params
+from . import __version__, params
 from .errors import GaussadError, ModelFormatError
 from .files import open_regular_file, write_atomic
 from .params import (ESTIMATORS, MAP_GRIDS, MAP_METHODS, MAX_INPUT_SIZE, MAX_MAP_POOL, MAX_MAP_TILES, NORMALIZATIONS,
@@ -71,33 +71,55 @@ def _header_metadata(data: bytes) -> dict:
     return meta
 
 
+MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header (array names, shapes, offsets, metadata) larger than this is junk
+
+
+def _not_ours(path: Path, start: bytes, detail: str) -> ModelFormatError:
+    for magic, kind in _FOREIGN_MAGIC:  # only now: a safetensors header length can start with these bytes
+        if start.startswith(magic):
+            return ModelFormatError(f"{path}: not a gaussad model file ({kind}); gaussad model files are "
+                                    "safetensors and are never unpickled")
+    return ModelFormatError(f"{path}: not a gaussad model file, or a damaged one ({detail[:200]})")
+
+
+def _check_version(path: Path, header: dict) -> None:
+    version = str(header.get("format_version"))
+    if version != str(FORMAT_VERSION):
+        if version.isdigit() and int(version) > FORMAT_VERSION:
+            raise ModelFormatError(f"{path}: written by a newer gaussad (model format {version[:20]}; this gaussad "
+                                   f"{__version__} reads format {FORMAT_VERSION}): upgrade gaussad")
+        raise ModelFormatError(f"{path}: model format version {version[:20]}, but this gaussad reads version "
+                               f"{FORMAT_VERSION}; refit the model")
+
+
 def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """Checked metadata and arrays of a model file; any problem raises ModelFormatError naming the file."""
+    """Checked metadata and arrays of a model file; any problem raises ModelFormatError naming the file. The header
+    (its size, then whether it is gaussad's) is checked before the arrays are read, so a large file that is not a
+    model costs a few bytes of reading, not its size."""
     from safetensors.numpy import load as load_safetensors
 
     if not isinstance(path, (str, os.PathLike)):
         raise ModelFormatError(f"a model file's path is needed, got {type(path).__name__}")
     path = Path(path)
     with open_regular_file(path, ModelFormatError, "a model file") as fh:
-        data = fh.read()
+        size = os.fstat(fh.fileno()).st_size
+        start = fh.read(8)
+        n = int.from_bytes(start, "little") if len(start) == 8 else -1
+        if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+            raise _not_ours(path, start, f"a header of {n} bytes in a file of {size}")
+        head = fh.read(n)
+        try:
+            header = _header_metadata(start + head)
+        except Exception as exc:  # noqa: BLE001 - not JSON, not an object, any damage
+            raise _not_ours(path, start, f"{type(exc).__name__}: {exc}") from None
+        if header.get("format") != FORMAT_NAME:
+            raise ModelFormatError(f"{path}: not a gaussad model file (a safetensors file without gaussad metadata)")
+        data = start + head + fh.read()
     try:
         arrays = load_safetensors(data)
-        header = _header_metadata(data)
     except Exception as exc:  # safetensors raises several types for foreign or damaged files
-        for magic, kind in _FOREIGN_MAGIC:  # only now: a safetensors header length can start with these bytes
-            if data.startswith(magic):
-                raise ModelFormatError(f"{path}: not a gaussad model file ({kind}); gaussad model files are "
-                                       "safetensors and are never unpickled") from None
-        raise ModelFormatError(f"{path}: not a gaussad model file, or a damaged one ({type(exc).__name__}: "
-                               f"{str(exc)[:200]})") from None
-    if header.get("format") != FORMAT_NAME:
-        raise ModelFormatError(f"{path}: not a gaussad model file (a safetensors file without gaussad metadata)")
-    version = header.get("format_version")
-    if version != str(FORMAT_VERSION):
-        raise ModelFormatError(
-            f"{path}: model format version {str(version)[:20]}, but this gaussad reads version {FORMAT_VERSION}; "
-            "refit the model"
-        )
+        raise _not_ours(path, start, f"{type(exc).__name__}: {exc}") from None
+    _check_version(path, header)
     meta_json = header.get("meta")
     if not isinstance(meta_json, str) or header.get("checksum") != checksum(arrays, meta_json):
         raise ModelFormatError(f"{path}: model file is damaged (checksum mismatch)")

@@ -7,6 +7,16 @@ from typing import Sequence, TypedDict
 import numpy as np
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A CSV text cell that a spreadsheet shows as text and never evaluates (OWASP, "CSV injection"): one starting
+    with ``= + - @``, a tab or a carriage return gets a leading apostrophe. For text from outside (file names of
+    uploads and inputs, error messages); numbers are written as they are."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 class ResultRow(TypedDict, total=False):
     """``path``: the image's name as given (a path, or an upload's filename); ``score``: the model's image score
     (higher = more anomalous: the mean of the level distances, or for a fused image score ``-log10`` of its combined

@@ -28,6 +28,7 @@ from typing import Iterable
 
 from .errors import DataError, GaussadError
 from .files import write_atomic
+from .results import spreadsheet_safe
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,9 @@ class ResultsLog:
         except (sa.exc.SQLAlchemyError, ImportError) as exc:  # ImportError: the URL's driver is not installed
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise DataError(f"{_shown(db)}: cannot open the results database: {reason}") from None
+        except ValueError:  # an unparsable URL; the parser's message may quote part of the password: never shown
+            raise DataError(f"{_shown(db)}: cannot parse the results database URL (dialect+driver://user:password@"
+                            "host:port/database; percent-encode @, : and / inside the password)") from None
         self._queue: queue.Queue = queue.Queue()
         self._written = threading.Condition()
         self._queued = self._done = 0
@@ -347,5 +351,6 @@ class ResultsLog:
         writer = csv.writer(buf)
         writer.writerow(COLUMNS)
         for r in rows:
-            writer.writerow([json.dumps(r[c]) if c == "levels" else "" if r[c] is None else r[c] for c in COLUMNS])
+            writer.writerow([json.dumps(r[c]) if c == "levels" else "" if r[c] is None
+                             else spreadsheet_safe(r[c]) if isinstance(r[c], str) else r[c] for c in COLUMNS])
         return buf.getvalue()

@@ -1,0 +1,225 @@
+"""Issue 32, the third probe: keys, CSV cells, cursors, database URLs, outputs that are inputs, junk and newer
+model files, damaged version histories. Each test fails on 157d632 (RELIABILITY.md, "Third probe")."""
+
+import csv
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+import gaussad
+from gaussad import GaussianAD, ModelFormatError
+from gaussad.cli import main
+from gaussad.errors import DataError, GaussadError
+from gaussad.images import list_images
+from gaussad.keys import KeyStore, is_loopback
+from gaussad.results import spreadsheet_safe
+from gaussad.results_log import ResultsLog
+from gaussad.serve import create_app, load_models
+
+from .test_operations import _upload, model_dir, served_dir  # noqa: F401 - fixtures
+
+HOSTILE = ["=HYPERLINK(\"http://x.example\",\"click\")", "=cmd|' /C calc'!A0", "+1+1", "-2+3", "@SUM(1+1)",
+           "\t=1+1", "\r=1+1"]
+
+
+# ----- keys: revocation at the next request, links written through, loose permissions refused (N3, N4, N22) ------
+def test_a_removed_key_is_refused_at_the_next_request_and_an_added_one_works(model_dir, tmp_path):  # noqa: F811
+    path = tmp_path / "keys.json"
+    old = KeyStore.load(path, missing_ok=True)
+    key = old.add("line1", "score")
+    old.save()
+    with TestClient(create_app(load_models(model_dir), keys=KeyStore.load(path), folder=model_dir)) as c:
+        auth = {"Authorization": f"Bearer {key}"}
+        assert c.get("/models", headers=auth).status_code == 200
+        assert main(["keys", "remove", "line1", "--keys", str(path)]) == 0
+        assert c.get("/models", headers=auth).status_code == 401
+        store = KeyStore.load(path)
+        new = store.add("line2", "score")
+        store.save()
+        assert c.get("/models", headers={"Authorization": f"Bearer {new}"}).status_code == 200
+        path.write_text("{ damaged")  # a file that cannot be read refuses every key, never the old ones
+        os.chmod(path, 0o600)
+        assert c.get("/models", headers={"Authorization": f"Bearer {new}"}).status_code == 401
+
+
+def test_keys_through_a_symbolic_link_change_the_linked_file(tmp_path, capsys):
+    real = tmp_path / "real" / "keys.json"
+    real.parent.mkdir()
+    link = tmp_path / "keys-link.json"
+    link.symlink_to(real)
+    assert main(["keys", "add", "a", "--keys", str(link)]) == 0
+    assert main(["keys", "add", "b", "--keys", str(link)]) == 0
+    assert main(["keys", "remove", "a", "--keys", str(link)]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert [e.name for e in KeyStore.load(real).entries] == ["b"]  # the file serve reads
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o620])
+def test_a_keys_file_others_may_write_is_refused(tmp_path, mode, capsys):
+    path = tmp_path / "keys.json"
+    assert main(["keys", "add", "a", "--keys", str(path)]) == 0
+    os.chmod(path, mode)
+    with pytest.raises(DataError, match=r"writable by (others|its group).*chmod 600"):
+        KeyStore.load(path)
+    assert main(["serve", str(tmp_path), "--keys", str(path), "--db", "none"]) == 2
+    assert "chmod 600" in capsys.readouterr().err
+
+
+def test_loopback_is_an_address_not_a_prefix():
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"):
+        assert is_loopback(host), host
+    for host in ("127.attacker.example", "127.0.0.1.nip.io", "0.0.0.0", "192.168.1.5", "::", ""):
+        assert not is_loopback(host), host
+
+
+# ----- CSV cells (N5) ---------------------------------------------------------------------------------------------
+def test_spreadsheet_cells_never_start_a_formula():
+    for text in HOSTILE:
+        assert spreadsheet_safe(text) == "'" + text
+    for text in ("good/000.png", "a=b.png", "", "001.png"):
+        assert spreadsheet_safe(text) == text
+
+
+def test_results_csv_escapes_hostile_upload_names(model_dir, tiny_category, tmp_path):  # noqa: F811
+    log = ResultsLog(str(tmp_path / "r.sqlite"))
+    data = list_images(tiny_category / "test" / "good")[0].read_bytes()
+    names = ["=cmd|' /C calc'!A0", "+1+1", "-2+3", "@SUM(1+1)", "=HYPERLINK(1)"]
+    with TestClient(create_app(load_models(model_dir), results_log=log, folder=model_dir)) as c:
+        files = [("files", (name, data, "image/png")) for name in names]
+        assert c.post("/models/plain/score", files=files).status_code == 200
+        log.flush()
+        logged = [r["filename"] for r in c.get("/results").json()["results"]]
+        text = c.get("/results.csv").text
+    assert logged == names  # the upload names as sent
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["filename"] for r in rows] == ["'" + name for name in names]
+    assert all(not r["score"].startswith("'") for r in rows)  # numbers stay numbers
+
+
+def test_distributed_csv_escapes_hostile_names(tiny_category, tmp_path):
+    from gaussad import distributed
+
+    model = GaussianAD(backbone="efficientnet-lite0", input_size=64, levels=["stem", "stage1"], preset="paper")
+    model.fit(list_images(tiny_category / "train" / "good"))
+    model.save(tmp_path / "m.gaussad")
+    images = list_images(tiny_category / "test" / "good")[:3]
+    names = ["=1+1", "@SUM(A1)", "ok.png"]
+    out = tmp_path / "r.csv"
+    with distributed.connect("local:1") as client:
+        distributed.score(tmp_path / "m.gaussad", images, names, out, client)
+        assert [r["path"] for r in distributed.read_results(out)] == ["'=1+1", "'@SUM(A1)", "ok.png"]
+        # N17: a finished .jsonl/.csv of an earlier run is refused, as a .parquet folder of another run is
+        with pytest.raises(GaussadError, match=r"r\.csv: exists \(the results of an earlier run\)"):
+            distributed.score(tmp_path / "m.gaussad", images, names, out, client)
+
+
+# ----- cursors and database URLs (N13, N15) ------------------------------------------------------------------------
+def test_huge_cursors_are_422_not_500(model_dir, tmp_path):  # noqa: F811
+    log = ResultsLog(str(tmp_path / "r.sqlite"))
+    with TestClient(create_app(load_models(model_dir), results_log=log, folder=model_dir)) as c:
+        for path in ("/results", "/results.csv"):
+            for cursor in ("9223372036854775808", "1e30", "-1"):
+                assert c.get(path, params={"cursor": cursor}).status_code == 422, (path, cursor)
+            assert c.get(path, params={"cursor": "9223372036854775807"}).status_code == 200
+
+
+def test_an_unparsable_database_url_never_shows_its_password(tmp_path, capsys):
+    url = "postgresql+pg8000://u:p@ss:w0rd@127.0.0.1:1/db"
+    with pytest.raises(DataError) as info:
+        ResultsLog(url)
+    assert "w0rd" not in str(info.value) and "p@ss" not in str(info.value) and "ss:" not in str(info.value)
+    assert "percent-encode" in str(info.value)
+    model = tmp_path / "models"
+    model.mkdir()
+    assert main(["serve", str(model), "--db", url]) == 2
+    err = capsys.readouterr().err
+    assert "w0rd" not in err and err.count("\n") == 1
+
+
+# ----- outputs that are inputs (N18) -------------------------------------------------------------------------------
+def test_an_output_that_is_an_input_is_refused_before_any_work(model_dir, tiny_category, tmp_path, capsys):  # noqa: F811
+    model = model_dir / "plain.gaussad"
+    before = model.read_bytes()
+    assert main(["export", str(model), "-o", str(model), "--quiet"]) == 2
+    assert "is an input of this command" in capsys.readouterr().err and model.read_bytes() == before
+    link = tmp_path / "link.gaussad"
+    link.symlink_to(model)
+    assert main(["export", str(link), "-o", str(model), "--quiet"]) == 2
+    assert model.read_bytes() == before
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for p in list_images(tiny_category / "train" / "good")[:3]:
+        (images / p.name).write_bytes(p.read_bytes())
+    first = sorted(images.iterdir())[0]
+    pixels = first.read_bytes()
+    assert main(["fit", str(images), "-o", str(first), "--quiet", "--preset", "paper", "--input-size", "64"]) == 2
+    assert "is an input of this command" in capsys.readouterr().err and first.read_bytes() == pixels
+    assert main(["score", str(model), str(images), "--dask", "local:1", "--out", str(first)]) == 2
+
+
+# ----- model files: junk read cheaply, newer formats named (N19, N21 in test_model_files) -------------------------
+def test_a_large_junk_file_is_refused_from_its_first_bytes(tmp_path, monkeypatch):
+    junk = tmp_path / "junk.gaussad"
+    with open(junk, "wb") as fh:
+        fh.write(b"\xff" * 64)
+        fh.truncate(6 * 2**30)  # 6 GiB, sparse
+    read = []
+    real_open = os.fdopen
+
+    def counting_fdopen(fd, *args, **kwargs):
+        fh = real_open(fd, *args, **kwargs)
+        original = fh.read
+
+        def read_some(n=-1):
+            data = original(n)
+            read.append(len(data))
+            return data
+
+        fh.read = read_some
+        return fh
+
+    monkeypatch.setattr(os, "fdopen", counting_fdopen)
+    with pytest.raises(ModelFormatError, match="not a gaussad model file"):
+        gaussad.load(junk)
+    assert sum(read) <= 8
+
+
+# ----- version histories (N9, N10) ---------------------------------------------------------------------------------
+def _history(model_dir) -> Path:  # noqa: F811
+    return model_dir / "history" / "plain"
+
+
+@pytest.mark.parametrize("damage", ['{"current": 1, "stack": [], "versions": {}}', "not json", '[1, 2]'])
+def test_a_damaged_history_never_overwrites_a_kept_version(model_dir, tiny_category, tmp_path, damage):  # noqa: F811
+    """An update, then a damaged versions.json: the service starts, the damaged file is kept aside, and numbering goes
+    on after the versions on disk, so v1 and v2 keep their bytes and the next update is v4 (v3: the served model)."""
+    foreign = list_images(tiny_category.parent / "gravel" / "test" / "good")[:2]
+
+    def app():
+        return create_app(load_models(model_dir), results_log=ResultsLog(str(tmp_path / "r.sqlite"),
+                                                                        str(tmp_path / "kept")), folder=model_dir)
+
+    def mark_good(c) -> None:
+        for row in c.post("/models/plain/score", files=_upload(foreign)).json()["results"]:
+            assert c.post(f"/results/{row['id']}/label", json={"label": "good"}).status_code == 200
+
+    with TestClient(app()) as c:
+        mark_good(c)
+        assert c.post("/models/plain/update").json()["version"] == 2
+    kept = {p.name: p.read_bytes() for p in _history(model_dir).glob("v*.gaussad")}
+    (_history(model_dir) / "versions.json").write_text(damage)
+    with TestClient(app()) as c:
+        answer = c.get("/models/plain/versions").json()
+        assert answer["version"] == 3, answer
+        mark_good(c)
+        assert c.post("/models/plain/update").json()["version"] == 4
+        assert c.post("/models/plain/rollback").json()["version"] == 3
+    for name, data in kept.items():
+        assert (_history(model_dir) / name).read_bytes() == data
+    assert [p.name.split("-")[0] for p in _history(model_dir).glob("versions.json.damaged-*")] == ["versions.json.damaged"]
