@@ -89,3 +89,41 @@ def test_a_given_report_opens_in_chromium(tmp_path):
     found = check_report_in_chromium(Path(os.environ["GAUSSAD_REPORT_HTML"]),
                                      os.environ.get("GAUSSAD_REPORT_CATEGORY", "bottle"), tmp_path)
     print(found)
+
+
+def test_hostile_names_are_text_in_the_report_and_no_script_runs(tiny_root, tmp_path, capsys):
+    """Issue 32, N6 and N7: a defect folder named like an HTML tag with a script, and a category whose name matplotlib
+    would parse as mathtext. The report is written (so are --json and --report), the names show as text, and
+    Chromium runs no script from them."""
+    import shutil
+
+    hostile = "<img src=x onerror=alert(document.title)>"
+    category = "cat$\\foo$"
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root / "brick", root / category)
+    for part in ("test", "ground_truth"):
+        (root / category / part / "patch").rename(root / category / part / hostile)
+    out, json_out, md_out = tmp_path / "r.html", tmp_path / "r.json", tmp_path / "r.md"
+    assert main(["evaluate", str(root), "--quiet", "--html", str(out), "--json", str(json_out), "--report",
+                 str(md_out), *TINY_ARGS, "--map-levels", "stage2,stage3", "--map-method", "nearest"]) == 0
+    text = out.read_text()
+    assert hostile not in text and "&lt;img src=x onerror=alert(document.title)&gt;" in text
+    assert json_out.exists() and md_out.exists()
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    dialogs: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=executable,
+                                                        headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(out.resolve().as_uri())
+            page.wait_for_load_state("load")
+            page.wait_for_timeout(500)
+            shown = page.evaluate("() => [...document.querySelectorAll('.meta')].map(e => e.textContent).join(' ')")
+            title = page.evaluate("() => document.querySelector('h2').textContent")
+        finally:
+            browser.close()
+    assert dialogs == [] and hostile in shown and title == category

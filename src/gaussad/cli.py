@@ -379,14 +379,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise GaussadError("--html needs matplotlib: pip install 'gaussad[report]'") from None
     details: dict | None = {} if args.html else None
     report = evaluate(args.root, protocol=args.protocol, verbose=not args.quiet, details=details, **_model_params(args))
-    if args.html:
-        from .report import render_html
-
-        write_atomic(args.html, render_html(report, details).encode(), "HTML report")
+    # Each output on its own, the plain ones first: a failure drawing the HTML report loses no other output.
     if args.json:
         write_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode(), "JSON report")
     if args.report:
         write_atomic(args.report, format_markdown(report).encode(), "report")
+    if args.html:
+        from .report import render_html
+
+        write_atomic(args.html, render_html(report, details).encode(), "HTML report")
     print(format_table(report))
     return 0
 

@@ -131,7 +131,7 @@ def _gallery(detail: dict[str, Any], scores: np.ndarray) -> str:
                        for label, im in shown)
         map_max = f", map max {float(maps[k].max()):.2f}" if maps is not None else ""
         tiles.append(f'<div class="tile">{imgs}<div>{html.escape(path.parent.name)}/{html.escape(path.name)}</div>'
-                     f'<div class="meta">{kind}, score {scores[idx]:.3f}{map_max}</div></div>')
+                     f'<div class="meta">{html.escape(kind)}, score {scores[idx]:.3f}{map_max}</div></div>')
     return '<div class="gallery">' + "".join(tiles) + "</div>"
 
 
@@ -157,6 +157,11 @@ def render_html(report: dict[str, Any], details: dict[str, Any]) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
+    with matplotlib.rc_context({"text.parse_math": False}):  # names are text: a "$" is never parsed as mathtext
+        return _render_html(report, details)
+
+
+def _render_html(report: dict[str, Any], details: dict[str, Any]) -> str:
     head = (f"protocol {report['protocol']}, preset {report['preset'] or 'paper'}, backbone {report['backbone']} at "
             f"{report['input_size']} px, estimator {report['estimator']}, normalisation {report['normalize']}, "
             f"resize {report.get('resize', 'square')}"
