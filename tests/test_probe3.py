@@ -223,3 +223,71 @@ def test_a_damaged_history_never_overwrites_a_kept_version(model_dir, tiny_categ
     for name, data in kept.items():
         assert (_history(model_dir) / name).read_bytes() == data
     assert [p.name.split("-")[0] for p in _history(model_dir).glob("versions.json.damaged-*")] == ["versions.json.damaged"]
+
+
+# ----- cross-site requests and DNS rebinding (N8) -------------------------------------------------------------------
+def test_state_changing_requests_from_another_sites_page_are_refused(model_dir, tiny_category, tmp_path):  # noqa: F811
+    log = ResultsLog(str(tmp_path / "r.sqlite"))
+    image = list_images(tiny_category / "test" / "good")[0]
+    app = create_app(load_models(model_dir), results_log=log, folder=model_dir, loopback_only=True)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+                        {"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:8000"}):
+            assert c.post("/models/plain/update", headers=headers).status_code == 403, headers
+            assert c.post("/models/plain/score", files=_upload([image]), headers=headers).status_code == 403
+        same = {"Origin": "http://127.0.0.1:8000", "Sec-Fetch-Site": "same-origin"}
+        assert c.post("/models/plain/score", files=_upload([image]), headers=same).status_code == 200
+        assert c.post("/models/plain/score", files=_upload([image])).status_code == 200  # curl, scripts: no headers
+        assert c.get("/results", headers={"Origin": "https://evil.example"}).status_code == 200  # reads: CORS guards
+        log.flush()
+        assert log.count() == 2
+        # DNS rebinding: another site's name pointed at 127.0.0.1 reaches a loopback service with its own Host
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):
+            assert c.get("/results", headers={"Host": host}).status_code == 421, host
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+            assert c.get("/health", headers={"Host": host}).status_code == 200, host
+
+
+def test_a_page_of_another_origin_cannot_update_or_score_in_chromium(served_dir, tiny_category, tmp_path):  # noqa: F811
+    """The keyless loopback service of the probe: a page from another origin posts an update and a score with
+    ``mode: 'no-cors'`` (no answer needed to do harm). Nothing changes: the version stays 1, no row is logged."""
+    import shutil
+    import urllib.request
+
+    from bench.serve_load import serving
+
+    from .test_serve import CHROMIUM_ARGS, _chromium
+
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copyfile(served_dir / "plain.gaussad", folder / "plain.gaussad")
+    foreign = list_images(tiny_category.parent / "gravel" / "test" / "good")[0]
+    with serving(folder, "--log-level", "warning", "--db", str(tmp_path / "r.sqlite"), "--keep-images",
+                 str(tmp_path / "kept")) as url:
+        import httpx
+
+        row = httpx.post(url + "/models/plain/score", files=_upload([foreign])).json()["results"][0]
+        assert httpx.post(f"{url}/results/{row['id']}/label", json={"label": "good"}).status_code == 200
+        page_file = tmp_path / "evil.html"
+        page_file.write_text(f"""<!DOCTYPE html><script>
+            window.done = Promise.all([
+              fetch('{url}/models/plain/update', {{method: 'POST', mode: 'no-cors'}}),
+              fetch('{url}/models/plain/score', {{method: 'POST', mode: 'no-cors',
+                    body: (() => {{ const f = new FormData(); f.append('files', new Blob(['x']), 'x.png'); return f; }})()}})
+            ].map(p => p.catch(() => null))).then(() => 'sent');
+            </script>""")
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=executable,
+                                                            headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(page_file.resolve().as_uri())
+                assert page.evaluate("window.done") == "sent"
+            finally:
+                browser.close()
+        with urllib.request.urlopen(url + "/models/plain/versions") as answer:
+            assert json.loads(answer.read())["version"] == 1
+        assert len(httpx.get(url + "/results").json()["results"]) == 1

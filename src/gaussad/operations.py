@@ -5,6 +5,7 @@ updates and rollbacks), drift alarms and Prometheus metrics. :mod:`gaussad.serve
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from datetime import datetime, timezone
 from typing import Callable
@@ -58,6 +59,55 @@ class KeyCheck:
                                       status_code=403)
                 return await answer(scope, receive, send)
             scope.setdefault("state", {})["key_name"] = entry.name
+        await self.app(scope, receive, send)
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _loopback_literal(name: str) -> bool:
+    """``localhost`` or a loopback address as written (never resolved: a rebinding name resolves to 127.0.0.1)."""
+    name = name.strip("[]").lower()
+    try:
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(host: str) -> str:
+    """The name of a ``Host`` header or an origin's authority, without the port (``[::1]:8000`` -> ``::1``)."""
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class CrossSiteGuard:
+    """ASGI middleware against requests a web page of another site makes in the user's browser (issue 32, N8).
+
+    A request that changes state (any method but GET, HEAD, OPTIONS) is refused (403) when the browser says it is
+    cross-site or same-site (``Sec-Fetch-Site``), or its ``Origin`` is not the service's own (``null`` included);
+    clients that are not browsers send neither header and are unaffected. With ``loopback_only`` (a service bound to
+    a loopback address), a request whose ``Host`` is not ``localhost`` or a loopback address is refused (421): a name
+    of another site that an attacker re-points at 127.0.0.1 (DNS rebinding) reads nothing."""
+
+    def __init__(self, app: ASGIApp, loopback_only: bool = False):
+        self.app, self.loopback_only = app, loopback_only
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            host = headers.get("host", "")
+            if self.loopback_only and not _loopback_literal(_host_name(host)):
+                return await JSONResponse({"detail": f"Host {host[:100]!r} is not this loopback service's"},
+                                          status_code=421)(scope, receive, send)
+            if scope["method"] not in SAFE_METHODS:
+                site, origin = headers.get("sec-fetch-site"), headers.get("origin")
+                foreign = site in ("cross-site", "same-site") or (
+                    origin is not None and origin.partition("://")[2].rstrip("/") != host)
+                if foreign:
+                    return await JSONResponse({"detail": "a request from another site's page is refused (Origin "
+                                               f"{(origin or '?')[:100]!r}, Sec-Fetch-Site {site!r})"},
+                                              status_code=403)(scope, receive, send)
         await self.app(scope, receive, send)
 
 

@@ -39,9 +39,9 @@ from .images import NamedBytes, load_image, probe
 from .maps import overlay
 from .decision import calibration_summary
 from .feedback import ModelRegistry, UpdateError
-from .keys import KeyStore
+from .keys import KeyStore, is_loopback
 from .model import GaussianAD, load
-from .operations import KeyCheck, Metrics, MetricsMiddleware, check_exposure, router
+from .operations import CrossSiteGuard, KeyCheck, Metrics, MetricsMiddleware, check_exposure, router
 from .results import result_rows
 from .results_log import Backlogged, ResultsLog
 
@@ -365,10 +365,12 @@ def _check_settings(fpr: float | None, workers: int | None) -> int:
 # ----- the app -----------------------------------------------------------------------------------------------
 def create_app(models: Mapping[str, GaussianAD] | ModelRegistry, fpr: float | None = None, limits: Limits | None = None,
                workers: int | None = None, *, keys: KeyStore | None = None, results_log: ResultsLog | None = None,
-               folder: str | os.PathLike | None = None) -> FastAPI:
+               folder: str | os.PathLike | None = None, loopback_only: bool = False) -> FastAPI:
     """The FastAPI app serving ``models`` (name -> fitted model, or a :class:`ModelRegistry`); ``workers`` threads
     run the models. ``keys``: requests need an API key; ``results_log``: every scored image is logged (closed with
-    the app); ``folder``: where the models' files are, for feedback updates."""
+    the app); ``folder``: where the models' files are, for feedback updates. State-changing requests from another
+    site's page are refused, and with ``loopback_only`` (bound to loopback) requests for another host name
+    (:class:`~gaussad.operations.CrossSiteGuard`)."""
     workers = _check_settings(fpr, workers)
     limits = limits or Limits()
     registry = models if isinstance(models, ModelRegistry) else ModelRegistry(models, folder)
@@ -389,7 +391,8 @@ def create_app(models: Mapping[str, GaussianAD] | ModelRegistry, fpr: float | No
     app.add_middleware(_BodyLimit, max_bytes=limits.max_request_bytes)
     if keys is not None:
         app.add_middleware(KeyCheck, keys=keys)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 401s and 413s too
+    app.add_middleware(CrossSiteGuard, loopback_only=loopback_only)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 401s, 403s and 413s too
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
     async def in_pool(fn, *args):
@@ -538,6 +541,6 @@ def run(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, fp
     results_log = ResultsLog(db, keep_images) if db is not None else None  # a bad --db is found before loading
     models = load_models(folder)
     app = create_app(models, fpr=fpr, limits=limits, workers=workers, keys=keys, results_log=results_log,
-                     folder=folder)
+                     folder=folder, loopback_only=is_loopback(host))
     log.info("gaussad %s serving %d model(s) from %s: %s", __version__, len(models), folder, ", ".join(sorted(models)))
     uvicorn.run(app, host=host, port=port, log_level=log_level)
