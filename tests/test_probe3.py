@@ -291,3 +291,19 @@ def test_a_page_of_another_origin_cannot_update_or_score_in_chromium(served_dir,
         with urllib.request.urlopen(url + "/models/plain/versions") as answer:
             assert json.loads(answer.read())["version"] == 1
         assert len(httpx.get(url + "/results").json()["results"]) == 1
+
+
+def test_health_without_a_key_says_only_whether_the_service_is_up(model_dir, tmp_path):  # noqa: F811
+    """N22: with keys, an unauthenticated /health gives its status, whether keys are needed and the upload limits
+    (what the page needs before a key), never model names, drift or flag rates; with a key, everything."""
+    store = KeyStore([], tmp_path / "keys.json")
+    key = store.add("op", "score")
+    with TestClient(create_app(load_models(model_dir), keys=store, folder=model_dir)) as c:
+        bare = c.get("/health").json()
+        assert set(bare) == {"status", "auth", "limits"} and bare["status"] == "ok" and bare["auth"] is True
+        wrong = c.get("/health", headers={"Authorization": "Bearer nope"}).json()
+        assert set(wrong) == set(bare)
+        full = c.get("/health", headers={"Authorization": f"Bearer {key}"}).json()
+        assert full["models"] == ["plain"] and "drift" in full and "version" in full
+    with TestClient(create_app(load_models(model_dir), folder=model_dir)) as c:  # no keys: all, as before
+        assert c.get("/health").json()["models"] == ["plain"]

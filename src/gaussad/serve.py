@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -39,7 +39,7 @@ from .images import NamedBytes, load_image, probe
 from .maps import overlay
 from .decision import calibration_summary
 from .feedback import ModelRegistry, UpdateError
-from .keys import KeyStore, is_loopback
+from .keys import KeyStore, bearer, is_loopback
 from .model import GaussianAD, load
 from .operations import CrossSiteGuard, KeyCheck, Metrics, MetricsMiddleware, check_exposure, router
 from .results import result_rows
@@ -342,12 +342,13 @@ class ModelInfo(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
-    version: str
-    models: list[str]
+    """With API keys and no valid key, only ``status``, ``auth`` and ``limits`` (what the page needs before a key)."""
+    status: str = Field(description="ok, or degraded while the results log's database refuses rows")
+    version: str | None = None
+    models: list[str] | None = None
     limits: dict[str, int]
     auth: bool = Field(False, description="whether requests need an API key")
-    drift: dict[str, dict] = Field(default_factory=dict, description="per model: the drift tests over its recent results")
+    drift: dict[str, dict] | None = Field(None, description="per model: the drift tests over its recent results")
     results_log: str | None = Field(None, description="while the results log's database refuses rows (status "
                                     "degraded): how many wait, since when, and why")
 
@@ -459,13 +460,16 @@ def create_app(models: Mapping[str, GaussianAD] | ModelRegistry, fpr: float | No
     async def page() -> HTMLResponse:
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
-    @app.get("/health", response_model=Health, summary="service status, model names and upload limits")
-    async def health() -> dict:
+    @app.get("/health", response_model=Health, response_model_exclude_none=True,
+             summary="service status, model names and upload limits (with keys: names and drift need a key)")
+    async def health(request: Request) -> dict:
         failing = results_log is not None and results_log.failing_since is not None
-        return {"status": "degraded" if failing else "ok", "version": __version__, "models": sorted(registry.served),
-                **({"results_log": results_log.status_line()} if failing else {}),
-                "limits": {**asdict(limits), "max_request_bytes": limits.max_request_bytes},
-                "auth": keys is not None, "drift": await ops.all_drift()}
+        out = {"status": "degraded" if failing else "ok", "auth": keys is not None,
+               "limits": {**asdict(limits), "max_request_bytes": limits.max_request_bytes}}
+        if keys is not None and keys.check(bearer(request.headers.get("authorization"))) is None:
+            return out  # no model names, flag rates or database errors for whoever can reach the port
+        return {**out, "version": __version__, "models": sorted(registry.served),
+                **({"results_log": results_log.status_line()} if failing else {}), "drift": await ops.all_drift()}
 
     @app.get("/models", response_model=list[ModelInfo], summary="the loaded models")
     async def list_models() -> list[dict]:
