@@ -307,3 +307,33 @@ def test_health_without_a_key_says_only_whether_the_service_is_up(model_dir, tmp
         assert full["models"] == ["plain"] and "drift" in full and "version" in full
     with TestClient(create_app(load_models(model_dir), folder=model_dir)) as c:  # no keys: all, as before
         assert c.get("/health").json()["models"] == ["plain"]
+
+
+# ----- distributed fit refused before a cluster starts (N20); updates that cannot be kept (N12) ---------------------
+@pytest.mark.parametrize("flags", [["--image-score", "fused", "--map-levels", "stage2", "--map-method", "nearest"],
+                                   ["--calibration", "0.2", "--threshold", "conformal"]])
+def test_a_distributed_fit_it_cannot_do_is_refused_before_the_cluster_starts(tiny_category, tmp_path, capsys,
+                                                                              monkeypatch, flags):
+    from gaussad import distributed
+
+    started = []
+    monkeypatch.setattr(distributed, "connect", lambda *a, **k: started.append(a) or pytest.fail("cluster started"))
+    code = main(["fit", str(tiny_category), "-o", str(tmp_path / "m.gaussad"), "--quiet", "--dask", "local:1",
+                 "--preset", "paper", "--input-size", "64", "--levels", "stem,stage1,stage2", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and started == [] and "a distributed fit" in err and err.count("\n") == 1
+
+
+def test_an_update_whose_history_cannot_be_kept_is_409_and_changes_nothing(model_dir, tiny_category, tmp_path):  # noqa: F811
+    (model_dir / "history").mkdir()
+    (model_dir / "history" / "plain").write_text("a file where the history folder goes")
+    before = (model_dir / "plain.gaussad").read_bytes()
+    log = ResultsLog(str(tmp_path / "r.sqlite"), str(tmp_path / "kept"))
+    foreign = list_images(tiny_category.parent / "gravel" / "test" / "good")[:2]
+    with TestClient(create_app(load_models(model_dir), results_log=log, folder=model_dir)) as c:
+        for row in c.post("/models/plain/score", files=_upload(foreign)).json()["results"]:
+            assert c.post(f"/results/{row['id']}/label", json={"label": "good"}).status_code == 200
+        answer = c.post("/models/plain/update")
+        assert answer.status_code == 409 and "cannot keep its versions" in answer.json()["detail"]
+        assert c.get("/models/plain/versions").json()["version"] == 1
+    assert (model_dir / "plain.gaussad").read_bytes() == before

@@ -84,6 +84,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.dask:
         from . import distributed
 
+        distributed.check_fit(model, len(files))  # before any cluster starts
         with distributed.connect(args.dask) as client:
             distributed.fit(model, files, client, args.partition_size, args.on_error)
     else:

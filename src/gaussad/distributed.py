@@ -233,6 +233,20 @@ class TreeReduction:
         return future
 
 
+def check_fit(model, n_images: int) -> None:
+    """Refuse, before a cluster is started or sent any work, a distributed fit that cannot be done: fewer than 2
+    images, invalid settings, int8, a fused image score or a held-out calibration fraction (one line each)."""
+    from . import params
+    from .fitting import Trainer
+
+    if n_images < 2:
+        raise DataError(f"need at least 2 training images, got {n_images}")
+    params.validate(model.get_params())
+    if model.precision == "int8":
+        raise InvalidParameterError("a distributed fit with precision='int8' is not supported: fit on one machine")
+    Trainer(params.resolved(model.get_params())).distributed_calibration(n_images)
+
+
 def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION, on_error: str = "fail",
         progress: bool | None = None):
     """Fit ``model`` (a :class:`~gaussad.GaussianAD`) on ``images`` (paths the workers can read, or arrays) with
@@ -247,11 +261,7 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     from .images import image_list
 
     images = [os.fspath(i) if isinstance(i, os.PathLike) else i for i in image_list(images)]
-    if len(images) < 2:
-        raise DataError(f"need at least 2 training images, got {len(images)}")
-    params.validate(model.get_params())
-    if model.precision == "int8":
-        raise InvalidParameterError("a distributed fit with precision='int8' is not supported: fit on one machine")
+    check_fit(model, len(images))
     settings = params.resolved(model.get_params())
     if settings["map_tiles"] == "auto":  # decided on a worker, which sees the files, from the images it would read
         settings["map_tiles"] = _result(client.submit(_tiles_task, settings, tiles_sample(images), pure=False))

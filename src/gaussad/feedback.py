@@ -153,7 +153,14 @@ class ModelRegistry:
                 fresh.state_ = fresh.state_.with_calibration(cal, method).with_map_calibration(peaks)
             warm(fresh)
             history = self.history_dir(name)
-            history.mkdir(parents=True, exist_ok=True)
+            try:
+                history.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file in the way, a read-only model folder: say so (409), never a 500
+                raise UpdateError(f"model {name!r}: cannot keep its versions in {history} "
+                                  f"({exc.strerror or exc}); nothing was changed") from None
+            if not os.access(history, os.W_OK | os.X_OK):
+                raise UpdateError(f"model {name!r}: cannot write its versions into {history} (permission denied); "
+                                  "nothing was changed")
             kept = history / f"v{current}{MODEL_SUFFIX}"
             if not kept.exists():
                 write_atomic(kept, file.read_bytes(), "model version")

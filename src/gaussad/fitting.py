@@ -362,12 +362,9 @@ class Trainer:
             check_spread(stats, layout.level_names)
 
     # ----- partitions (gaussad.distributed) ----------------------------------------------------------------------
-    def fit_part(self, images: list, positions: Sequence[int], n_total: int, on_error: str = "fail") -> "Part":
-        """The mergeable statistics of one partition of a fit's image list: ``positions`` are the images' indices in
-        the whole list of ``n_total`` (their names, bank image ids and calibration folds); bank candidates are the
-        partition's own coreset. Without a calibration given, the conformal threshold is calibrated cross-conformally
-        at any number of images (one process holds out a fraction from :data:`gaussad.params.CV_BELOW` images on,
-        which here would need a second pass; the fold models come free from the merged statistics)."""
+    def distributed_calibration(self, n_total: int) -> str | None:
+        """The calibration of a distributed fit of ``n_total`` images ('cv' or None); the settings it cannot fit raise
+        :class:`InvalidParameterError` (checked before any work is sent to a cluster, and on each worker)."""
         calibration = self.calibration(n_total)
         if self.settings["calibration"] is None and calibration is not None:
             calibration = "cv"
@@ -378,6 +375,15 @@ class Trainer:
         if calibration not in (None, "cv"):
             raise InvalidParameterError("a distributed fit supports calibration 'cv' or none, not a held-out "
                                         f"fraction ({calibration}): use --calibration cv")
+        return calibration
+
+    def fit_part(self, images: list, positions: Sequence[int], n_total: int, on_error: str = "fail") -> "Part":
+        """The mergeable statistics of one partition of a fit's image list: ``positions`` are the images' indices in
+        the whole list of ``n_total`` (their names, bank image ids and calibration folds); bank candidates are the
+        partition's own coreset. Without a calibration given, the conformal threshold is calibrated cross-conformally
+        at any number of images (one process holds out a fraction from :data:`gaussad.params.CV_BELOW` images on,
+        which here would need a second pass; the fold models come free from the merged statistics)."""
+        calibration = self.distributed_calibration(n_total)
         acc = self._accumulator(self.layout, oversample=PART_OVERSAMPLE)
         folds = None
         if calibration == "cv":
