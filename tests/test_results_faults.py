@@ -155,3 +155,12 @@ def test_service_under_a_refusing_database_answers_200_with_a_row_or_503(model_d
         answered = [a.json()["results"][0]["id"] for a in answers if a.status_code == 200]
         assert sorted(logged) == sorted(answered) and len(set(logged)) == len(logged)
         assert client.post("/models/plain/score", files=_upload([image])).status_code == 200
+
+
+def test_a_closed_log_refuses_rows_instead_of_queueing_them_for_nobody(tmp_path):
+    log = ResultsLog(str(tmp_path / "r.sqlite"))
+    log.record("m", 1, "0" * 64, _row(0), b"x")
+    log.close()
+    with pytest.raises(GaussadError, match="the results log is closed"):
+        log.record("m", 1, "0" * 64, _row(1), b"x")
+    assert log.pending == 0 and log.flush(1)

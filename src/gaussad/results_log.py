@@ -141,6 +141,8 @@ class ResultsLog:
                 ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp") else "")
             image_data = image
         with self._written:  # checked and counted together: concurrent requests cannot overfill the bound
+            if not self._thread.is_alive():
+                raise GaussadError("the results log is closed: no row is taken")
             if self.backlogged:
                 raise Backlogged(self.status_line())
             self._queued += 1
