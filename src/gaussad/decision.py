@@ -218,8 +218,8 @@ def summary(rule: DecisionRule, state: Calibrated) -> dict:
            "n_samples": int(state.n_samples), "maps": bool(getattr(state, "has_maps", False)),
            "map_tiles": int(state.layout.setting("map_tiles")), "pool": state.layout.setting("pool"),
            "image_score": rule.image_score, "threshold": {"method": rule.method, "fpr": rule.fpr},
-           "precision": "fp32" if getattr(state, "network", None) is None else "int8",
-           **({} if getattr(state, "network", None) is None else {"int8": state.int8_info()})}
+           **({"precision": "fp32"} if getattr(state, "network", None) is None
+              else {"precision": "int8", "int8": state.int8_info()})}
     try:
         if rule.fused:
             rule.check(state)

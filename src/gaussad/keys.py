@@ -172,14 +172,18 @@ def _signature(path: Path) -> tuple | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def is_loopback(host: str) -> bool:
+def is_loopback(host: str, resolve: bool = True) -> bool:
     """Whether ``host`` (an address or a name) reaches only this machine: an address in 127.0.0.0/8 or ::1, or a
-    name every address of which is one (``127.attacker.example`` is a name like any other, resolved and checked)."""
+    name every address of which is one (``127.attacker.example`` is a name like any other, resolved and checked).
+    Without ``resolve`` only ``localhost`` and loopback addresses as written count (for names an attacker may point
+    at 127.0.0.1: DNS rebinding)."""
     name = host.strip().strip("[]")
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         pass
+    if not resolve:
+        return name.lower() == "localhost"
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(name, None)}
     except (OSError, UnicodeError):

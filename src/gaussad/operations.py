@@ -5,7 +5,6 @@ updates and rollbacks), drift alarms and Prometheus metrics. :mod:`gaussad.serve
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from datetime import datetime, timezone
 from typing import Callable
@@ -17,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .drift import WINDOW, drift
 from .errors import GaussadError
 from .feedback import ModelRegistry
-from .keys import KeyStore, bearer
+from .keys import KeyStore, bearer, is_loopback
 from .results_log import LABELS, ResultsLog
 
 # Paths anyone may reach: the page asks for a key itself; /health serves load balancers.
@@ -65,15 +64,6 @@ class KeyCheck:
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def _loopback_literal(name: str) -> bool:
-    """``localhost`` or a loopback address as written (never resolved: a rebinding name resolves to 127.0.0.1)."""
-    name = name.strip("[]").lower()
-    try:
-        return name == "localhost" or ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
 def _host_name(host: str) -> str:
     """The name of a ``Host`` header or an origin's authority, without the port (``[::1]:8000`` -> ``::1``)."""
     if host.startswith("["):
@@ -97,7 +87,7 @@ class CrossSiteGuard:
         if scope["type"] == "http":
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             host = headers.get("host", "")
-            if self.loopback_only and not _loopback_literal(_host_name(host)):
+            if self.loopback_only and not is_loopback(_host_name(host), resolve=False):
                 return await JSONResponse({"detail": f"Host {host[:100]!r} is not this loopback service's"},
                                           status_code=421)(scope, receive, send)
             if scope["method"] not in SAFE_METHODS:
@@ -316,8 +306,6 @@ def router(registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics, fp
 
 def check_exposure(host: str, keys: KeyStore | None, insecure: bool) -> None:
     """Refuse to listen beyond loopback without keys unless ``insecure`` is set."""
-    from .keys import is_loopback
-
     if keys is None and not insecure and not is_loopback(host):
         raise GaussadError(f"refusing to listen on {host} without access keys: anyone reaching the port could use "
                            f"the service. Pass --keys FILE (create keys with `gaussad keys add NAME --keys FILE`), "
