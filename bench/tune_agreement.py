@@ -20,7 +20,7 @@ from scipy.stats import spearmanr
 from gaussad import GaussianAD, params
 from gaussad.datasets import load_category
 from gaussad.evaluate import extract, load_masks, roc_auc
-from gaussad.features import map_tiles_for
+from gaussad.features import auto_settings
 from gaussad.tune import BASE, MAP_SIDE, _own_pooled, candidates, changed, describe
 
 UNION = ["stage2", "stage3", "stage4", "stage5", "stage6", "stage7"]  # every map level of the small grid
@@ -33,8 +33,8 @@ def real_figures(data: str, grid: str) -> list[dict]:
     points = candidates(grid)
     for size in dict.fromkeys(p.get("input_size") for p in points):
         extractor = GaussianAD(**{**BASE, "input_size": size, "map_levels": UNION})
-        if extractor.setting("map_tiles") == "auto":  # decided as a fit on these images decides it (as tune)
-            extractor.set_params(map_tiles=map_tiles_for(cat.train_files, params.resolved(extractor.get_params())))
+        # input_size and map_tiles 'auto' decided as a fit on these images decides them (as tune)
+        extractor.set_params(**auto_settings(cat.train_files, params.resolved(extractor.get_params())))
         fx = extractor.feature_extractor()
         t0 = time.perf_counter()
         train, train_maps = extract(extractor, cat.train_files, f"train {size}", True)

@@ -4,6 +4,7 @@ Only public API: GaussianAD's methods, gaussad.load, gaussad.evaluate, gaussad.t
 ``gaussad.cli.main`` / ``build_parser``, and the service through ``create_app`` and ``run``.
 """
 
+import json
 import os
 import re
 import stat
@@ -315,7 +316,8 @@ def merge_images():
 ])
 def test_merge_refuses_image_models_with_another_backbone_input_size_or_levels(merge_images, change, needle):
     """README: two models fitted on disjoint data merge exactly, with the same settings; others are refused."""
-    base = {"backbone": "efficientnet-lite0", "input_size": 64, "levels": ["stem", "stage1"], "engine": "torch"}
+    base = {"backbone": "efficientnet-lite0", "input_size": 64, "levels": ["stem", "stage1"], "engine": "torch",
+            "preset": "paper"}
     a = GaussianAD(**base).fit(merge_images[:3])
     b = GaussianAD(**{**base, **change}).fit(merge_images[3:])
     with pytest.raises(GaussadError, match=f"differ in {needle}"):
@@ -327,23 +329,34 @@ def test_merge_refuses_image_models_with_another_backbone_input_size_or_levels(m
     np.testing.assert_allclose(a.merge(same).level_scores(merge_images), whole.level_scores(merge_images), rtol=1e-6)
 
 
-# ----- fit warns about an infinite conformal threshold ---------------------------------------------------------
+# ----- fit says when the calibration cannot support the target FPR ---------------------------------------------
 
-def test_fit_warns_on_stderr_when_the_conformal_threshold_is_infinite(tiny_category, tmp_path, capsys):
-    """README: with too few calibration images (n < 1/alpha - 1) the threshold is +inf, nothing is flagged, and
-    ``fit`` warns. 10 training images, calibration 0.2: 2 scores, needing alpha >= 1/3."""
-    args = ["fit", str(tiny_category), "-o", str(tmp_path / "m.gaussad"), "--input-size", "64",
+def test_fit_says_before_writing_when_the_calibration_cannot_support_the_target_fpr(tiny_category, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """README, "Which decision rule": with n calibration scores a conformal rule cannot flag below 1/(n + 1), so
+    the model decides at 1/(n + 1), ``fit`` says so in one line before it writes the model, and the rate is stated
+    where the decision is shown. 10 training images, calibration 0.2: 2 scores, 1/3."""
+    args = ["fit", str(tiny_category), "-o", str(tmp_path / "m.gaussad"), "--input-size", "64", "--preset", "paper",
             "--levels", ",".join(TINY["levels"]), "--calibration", "0.2", "--threshold", "conformal"]
+    said_before_saving = []
+    save = GaussianAD.save
+    monkeypatch.setattr(GaussianAD, "save", lambda self, path: (said_before_saving.append(capsys.readouterr().err),
+                                                                save(self, path))[1])
     assert main([*args, "--fpr", "0.05"]) == 0
     out, err = capsys.readouterr()
-    assert ("warning: with 2 calibration scores the conformal threshold at FPR 0.05 is infinite "
-            "(FPR below 1/(n+1) = 0.333): nothing is flagged; use more images (with --calibration cv every "
-            "training image gives a calibration score)") in err
-    assert "warning" not in out and "conformal score threshold at FPR 0.05: infinite (nothing flagged)" in out
-    assert gaussad.load(tmp_path / "m.gaussad").score_threshold() == np.inf
-    assert main([*args, "--fpr", "0.4"]) == 0  # 2 scores suffice at alpha = 0.4: no warning, a finite threshold
+    note = ("note: 2 calibration scores support a conformal false-positive rate of at least 1/3 = 0.3333: deciding "
+            "at 0.3333 instead of 0.05")
+    assert note in said_before_saving[0] and note not in err
+    assert "threshold conformal at target FPR 0.333333: score threshold" in out
+    model = gaussad.load(tmp_path / "m.gaussad")
+    assert model.score_threshold() == model.calibration_scores_.max()  # flags what lies above every calibration score
+    assert model.summary()["threshold"]["fpr"] == pytest.approx(1 / 3)
+    assert main([*args, "--fpr", "0.4", "--json"]) == 0  # 2 scores suffice at alpha = 0.4: no note
     out, err = capsys.readouterr()
-    assert "warning" not in err and "threshold conformal at FPR 0.4: score threshold" in out
+    assert "note" not in said_before_saving[1] + err and json.loads(out)["fpr"] == 0.4
+    assert main([*args, "--fpr", "0.05", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["fpr"] == pytest.approx(1 / 3) and summary["fpr_requested"] == 0.05
 
 
 # ----- the ONNX cache key includes the package version ----------------------------------------------------------

@@ -79,7 +79,8 @@ def test_bad_input_gives_one_clear_error_line(tmp_path, make_args, needle):
     (tmp_path / "one").mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "one" / "a.png")
     (tmp_path / "corrupt").mkdir()
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "corrupt" / "a.png")
+    for name in ("a", "b", "c"):  # enough images for the default decision's calibration: the bad file decides
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "corrupt" / f"{name}.png")
     (tmp_path / "corrupt" / "bad.png").write_bytes(b"\x89PNG garbage")
     (tmp_path / "junk.gaussad").write_bytes(b"hello")
     proc = _run(*make_args(tmp_path), "--quiet")
@@ -137,9 +138,13 @@ def test_fit_with_conformal_threshold_and_score_with_each_method(tiny_category, 
     out = json.loads(capsys.readouterr().out)
     assert out["threshold"] == "chi2" and out["fpr"] == 0.05 and "Bonferroni" in out["rule"]
 
-    assert main(["score", str(model), str(good), "--fpr", "0.05"]) == 0  # 5 calibration scores: no finite threshold
+    # 5 calibration scores cannot support 0.05: the rule decides at 1/6, above every calibration score, and says so
+    assert main(["score", str(model), str(good), str(bad), "--fpr", "0.05", "--json"]) == 0
     captured = capsys.readouterr()
-    assert "infinite" in captured.err and "ANOMALY" not in captured.out
+    assert "deciding at 0.1667 instead of 0.05" in captured.err
+    out = json.loads(captured.out)
+    assert out["fpr"] == pytest.approx(1 / 6) and out["fpr_requested"] == 0.05
+    assert [r["anomalous"] for r in out["results"]] == [int(r["score"] > cal[-1]) for r in out["results"]]
 
     assert main(["score", str(model), str(good), "--threshold", "hotelling"]) == 2
     assert "more training images than dimensions" in capsys.readouterr().err

@@ -61,7 +61,7 @@ def test_text_summary_counts_skipped_images(fitted_model, tiny_category, tmp_pat
 
 def test_fit_with_nothing_readable(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
-    for name in ("a.png", "b.jpg"):
+    for name in ("a.png", "b.jpg", "c.png", "d.png"):
         (tmp_path / "bad" / name).write_bytes(b"not an image")
     assert main(["fit", str(tmp_path / "bad"), "-o", str(tmp_path / "m"), "--on-error", "skip", "--quiet", *TINY_ARGS]) == 2
     assert "no readable training images" in _error_line(capsys)

@@ -76,7 +76,9 @@ def test_default_calibration_is_cv_below_500_images_and_a_split_above():
     assert small.state_.calibration_method == "cv" and small.calibration_scores_.size == 50
     large = GaussianAD(backbone=None, threshold="conformal").fit_features(_levels(rng, params.CV_BELOW, (3,)))
     assert large.state_.calibration_method == "split" and large.calibration_scores_.size == params.CV_BELOW // 5
-    assert GaussianAD(backbone=None).fit_features(_levels(rng, 50, (3,))).state_.calibration_scores is None
+    assert GaussianAD(backbone=None, threshold="chi2").fit_features(_levels(rng, 50, (3,))).state_.calibration_scores is None
+    # the default preset decides by the conformal law (issue 30), calibrated cross-conformally below 500 images
+    assert GaussianAD(backbone=None).fit_features(_levels(rng, 50, (3,))).state_.calibration_method == "cv"
     assert params.calibration_for({"threshold": "chi2", "calibration": None}, 10) is None
     assert params.calibration_for({"threshold": "conformal", "calibration": 0.3}, 10) == 0.3
 
@@ -85,7 +87,7 @@ def test_fewer_images_than_folds_and_bad_values():
     rng = np.random.default_rng(4)
     model = GaussianAD(backbone=None, calibration="cv", calibration_folds=10).fit_features(_levels(rng, 6, (2,)))
     assert model.calibration_scores_.size == 6  # leave-one-out
-    with pytest.raises(DataError, match="fewer than 2"):
+    with pytest.raises(DataError, match="fewer than 3 images to fit each fold's model on"):
         GaussianAD(backbone=None, calibration="cv").fit_features(_levels(rng, 2, (2,)))
     for bad in ("CV", 1.0, 0, "0.2"):
         with pytest.raises(gaussad.InvalidParameterError, match="calibration"):
@@ -107,7 +109,9 @@ def test_cv_model_saves_loads_and_summarises(tmp_path):
     np.testing.assert_array_equal(loaded.calibration_scores_, model.calibration_scores_)
     assert loaded.summary() == summary and loaded.calibration_folds == 3 and loaded.calibration is None
     at_01 = GaussianAD(backbone=None, threshold="conformal", fpr=0.01).fit_features(_levels(rng, 30)).summary()
-    assert at_01["calibration"]["score_threshold"] is None and at_01["threshold"]["score_threshold"] is None
+    # 30 scores cannot support 0.01: the rule decides at 1/31, flagging what lies above every calibration score
+    assert at_01["threshold"]["fpr"] == pytest.approx(1 / 31) and at_01["threshold"]["fpr_requested"] == 0.01
+    assert at_01["calibration"]["score_threshold"] == at_01["threshold"]["score_threshold"] > 0
 
 
 def test_images_are_read_once_and_give_the_features_scores(tiny_category):

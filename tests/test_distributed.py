@@ -103,6 +103,30 @@ def test_fit_cross_conformal_and_banks(client, tiny_category):
     assert np.corrcoef(m_one.ravel(), m_dist.ravel())[0, 1] > 0.95
 
 
+def test_fit_and_score_with_the_default_preset_match_one_process(client, tiny_category, tmp_path):
+    """The default preset's fused score (issue 30): a distributed fit calibrates it as one process does (out-of-fold
+    global scores; leave-one-image-out map peaks against the final banks, a second pass on the workers), and a
+    distributed score gives one process's scores, p-values and decisions. Every location kept (map_coreset 1), so
+    that the banks, and with them the peaks, are one process's exactly."""
+    settings = dict(TINY, preset="recommended", map_levels=["stage2", "stage3"], map_coreset=1.0, fpr=0.2)
+    one = GaussianAD(**settings).fit(_train(tiny_category))
+    dist = distributed.fit(GaussianAD(**settings), _train(tiny_category), client, partition_size=3)
+    assert dist.setting("image_score") == "fused" and dist.setting("threshold") == "conformal"
+    np.testing.assert_allclose(dist.calibration_scores_, one.calibration_scores_, rtol=1e-6)
+    np.testing.assert_allclose(dist.map_calibration_, one.map_calibration_, rtol=1e-6)
+    path = tmp_path / "d.gaussad"
+    dist.save(path)
+    files, names = find_images([str(tiny_category / "test")], True)
+    summary = distributed.score(path, files, names, tmp_path / "r.jsonl", client, partition_size=4)
+    assert summary["fpr"] == 0.2
+    rows = {r["path"]: r for r in distributed.read_results(tmp_path / "r.jsonl")}
+    levels, peaks, _ = dist.score_images(files)
+    decisions, pvalues = dist.decide(levels, map_peaks=peaks)
+    np.testing.assert_allclose([rows[n]["score"] for n in names], dist.scores(levels, peaks), rtol=1e-6)
+    np.testing.assert_allclose([rows[n]["pvalue"] for n in names], pvalues, rtol=1e-6)
+    assert [rows[n]["anomalous"] for n in names] == list(decisions) and 0 < sum(decisions) < len(names)
+
+
 def test_client_streams_the_bank_candidates_through_a_bounded_buffer(client, tiny_category, monkeypatch):
     """The client feeds the partitions' candidates to streaming coresets as they arrive: their buffers stay within
     CHUNK rows (here fewer than the candidates, so that they fill and select several times), and each bank keeps

@@ -32,11 +32,13 @@ def test_paper_protocol_calibrates_on_each_held_out_fold():
         cal = np.sort(model.score_features([f[held] for f in train]))
         scores = model.score_features(test)
         for alpha in ("0.05", "0.1"):
-            k = int(np.ceil(13 * (1 - float(alpha)) - 1e-9))  # 13 * 0.95 = 12.35 -> 13 > 12: infinite
-            t = cal[k - 1] if k <= 12 else np.inf
+            # 13 * 0.95 = 12.35 -> rank 13 > 12: 12 scores cannot support 0.05, the rule decides at 1/13 (the largest)
+            k = min(int(np.ceil(13 * (1 - float(alpha)) - 1e-9)), 12)
+            t = cal[k - 1]
             assert conformal[alpha]["fpr_folds"][i] == pytest.approx(np.mean(scores[labels == 0] > t))
             assert conformal[alpha]["tpr_folds"][i] == pytest.approx(np.mean(scores[labels == 1] > t))
-        assert conformal["0.05"]["score_threshold_folds"][i] is None
+        assert conformal["0.05"]["target_folds"][i] == pytest.approx(1 / 13)
+        assert conformal["0.1"]["target_folds"][i] == 0.1
         level = model.level_scores_features(test)
         from scipy.stats import chi2 as chi2_law, f
 
@@ -51,7 +53,9 @@ def test_paper_protocol_calibrates_on_each_held_out_fold():
     report = {"protocol": "paper", "preset": None, "backbone": None, "input_size": None, "levels": ["a", "b"], "estimator": "ledoit-wolf",
               "reduction": None, "normalize": "imagenet", "categories": {"synthetic": result}, "n_categories": 1,
               "mean_image_auroc": result["image_auroc"], "sem": 0.0}
-    assert "threshold infinite" in format_table(report) and "| synthetic | hotelling | 0.1 |" in format_markdown(report)
+    assert ("synthetic conformal: decided at the smallest rate its calibration supports, 1/(n + 1), at alpha=0.01 in 5 "
+            "of 5 folds (at 0.0769); alpha=0.05 in 5 of 5 folds (at 0.0769)" in format_table(report))
+    assert "| synthetic | hotelling | 0.1 |" in format_markdown(report) and "(at 0.0769)" in format_markdown(report)
 
 
 def test_full_protocol_holds_out_a_fifth_and_refits_on_all():

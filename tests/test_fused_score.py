@@ -156,10 +156,6 @@ def test_map_less_models_and_other_paths_are_refused_clearly(tiny_category):
     no_maps = GaussianAD(**FUSED).fit_features(pooled)  # maps not fitted yet: no decision
     with pytest.raises(GaussadError, match="needs its calibration"):
         no_maps.decide(no_maps.level_scores_features(pooled), map_peaks=np.ones(40))
-    from gaussad.fitting import Trainer
-
-    with pytest.raises(InvalidParameterError, match="distributed fit"):
-        Trainer(gaussad.params.resolved({**gaussad.params.defaults(), **FUSED})).fit_part([], [], 10)
 
 
 def test_fit_on_images_calibrates_in_one_pass_and_the_cli_scores_with_it(tiny_category, tmp_path, capsys):
@@ -195,8 +191,8 @@ def test_fit_on_images_calibrates_in_one_pass_and_the_cli_scores_with_it(tiny_ca
     np.testing.assert_array_equal(loaded.predict(test), (pvalue <= 0.2).astype(int))
     assert main(["score", str(path), *map(str, test), "--threshold", "chi2"]) == 2
     assert "cannot apply" in capsys.readouterr().err
-    assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 2
-    assert "export this model with --maps" in capsys.readouterr().err
+    assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 0  # the map comes with a fused score
+    assert "under fused at FPR 0.2" in capsys.readouterr().out
 
 
 def test_service_rows_and_model_info_come_from_the_fused_rule(tiny_category):
@@ -219,3 +215,51 @@ def test_service_rows_and_model_info_come_from_the_fused_rule(tiny_category):
     assert info["threshold"] == {"method": "conformal", "fpr": 0.2, "image_score": "fused", "pvalue_threshold": 0.2}
     assert info["calibration"]["fused"]["n_scores"] == [10, 10]
     assert info["calibration"]["fused"]["min_fpr"] == pytest.approx(1 / 11)
+
+
+def test_merge_joins_the_calibrations_and_partial_fit_asks_for_calibrate(tiny_category):
+    """The default preset's fused score after merge: the two parts' calibrations joined, paired (each part's scores
+    made against a model of fewer images: conservative against the merged one), so the merged model decides; after
+    partial_fit the calibration is gone and a decision names what to do."""
+    files = sorted((tiny_category / "train" / "good").iterdir())
+    settings = {**TINY, "preset": "recommended", "map_levels": ["stage2", "stage3"]}
+    a, b = GaussianAD(**settings).fit(files[:5]), GaussianAD(**settings).fit(files[5:])
+    merged = a.merge(b)
+    np.testing.assert_array_equal(merged.calibration_scores_, np.r_[a.calibration_scores_, b.calibration_scores_])
+    np.testing.assert_array_equal(merged.map_calibration_, np.r_[a.map_calibration_, b.map_calibration_])
+    test = sorted((tiny_category / "test").rglob("*.png"))
+    levels, peaks, _ = merged.score_images(test)
+    expected = fusion.fisher_pvalue([merged.calibration_scores_, merged.map_calibration_],
+                                    [levels.mean(axis=1), peaks])
+    np.testing.assert_allclose(merged.decide(levels, map_peaks=peaks)[1], expected, rtol=1e-12)
+    assert merged.summary()["threshold"]["fpr"] == pytest.approx(1 / 11)  # 10 pairs cannot support 0.01
+    grown = GaussianAD(**settings).fit(files[:5]).partial_fit(files[5:])
+    with pytest.raises(GaussadError, match=r"needs its calibration .* call calibrate\(held-out normal images\)"):
+        grown.predict(test)
+
+
+@pytest.mark.parametrize("n", [30, 100, 300])
+def test_the_default_decision_keeps_its_false_positive_rate_on_gaussian_draws(n):
+    """Issue 30's acceptance: over 200 draws of n normal training images and 50 normal test images each, the default
+    decision flags at most 1.2 alpha + 0.01 of the test images at alpha 0.05 and 0.01 where n supports alpha
+    (1/(n + 1) <= alpha): the conformal decision on the global score (the default for plain features) and the fused
+    one (the default for image models: the global score and the map peak, paired out-of-fold calibrations)."""
+    from gaussad.decision import DecisionRule
+
+    plain = GaussianAD(backbone=None)
+    assert plain.setting("image_score") == "global" and plain.setting("threshold") == "conformal"
+    rng = np.random.default_rng(n)
+    alphas = [a for a in (0.05, 0.01) if 1 / (n + 1) <= a]
+    flagged = {(rule, a): [] for rule in ("global", "fused") for a in alphas}
+    for _ in range(200):
+        pooled, maps = _draw(rng, n)
+        test_pooled, test_maps = _draw(rng, 50)
+        # one fit for both rules: its global calibration is the plain default's (cross-conformal scores of the same
+        # Gaussians), and the fused rule adds the map peaks
+        fused = GaussianAD(**FUSED).fit_features(pooled).fit_map_features(maps)
+        levels, peaks = fused.level_scores_features(test_pooled), fused.state_.map_peaks_of(test_maps)
+        for a in alphas:
+            flagged["global", a].append(DecisionRule("conformal", a).decide(fused.state_, levels)[0].mean())
+            flagged["fused", a].append(fused.decide(levels, a, map_peaks=peaks)[0].mean())
+    for (rule, a), rates in flagged.items():
+        assert np.mean(rates) <= 1.2 * a + 0.01, (rule, a, np.mean(rates))

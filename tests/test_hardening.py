@@ -102,8 +102,8 @@ def test_file_size_limit_while_writing_overlays_gives_one_line(tiny_category, tm
     (["score", "{model}", "{images}", "--batch-size", "-1"], "batch_size must be an integer"),
     (["score", "{model}", "{images}", "--batch-size", "0"], "batch_size must be an integer"),
     (["fit", "{train}", "-o", "{tmp}/m.gaussad", "--seed", "-1", "--calibration", "0.2"], "random_state must be"),
-    (["fit", "{train}", "-o", "{tmp}/m.gaussad", "--input-size", "-5"], "input_size must be an integer 1..4096"),
-    (["fit", "{train}", "-o", "{tmp}/m.gaussad", "--input-size", "4097"], "input_size must be an integer 1..4096"),
+    (["fit", "{train}", "-o", "{tmp}/m.gaussad", "--input-size", "-5"], "input_size must be 'auto' or an integer 1..4096"),
+    (["fit", "{train}", "-o", "{tmp}/m.gaussad", "--input-size", "4097"], "input_size must be 'auto' or an integer 1..4096"),
     (["fit", "{train}", "-o", "{tmp}/" + "m" * 300 + ".gaussad"], "file name too long"),
     (["fit", "{train}", "-o", "{tmp}"], "is a folder"),
     (["serve", "{tmp}", "--max-file-mb", "nan"], "--max-file-mb"),
@@ -129,7 +129,7 @@ def test_a_long_but_valid_model_name_is_written(tiny_category, tmp_path):
 # 10. a model file that score would refuse is never written
 def test_merged_conformal_model_is_not_saved_without_calibration(tmp_path):
     a = GaussianAD(backbone=None, threshold="conformal", calibration=0.2).fit_features([t[:20] for t in TRAIN])
-    b = GaussianAD(backbone=None, threshold="conformal", calibration=0.2).fit_features([t[20:] for t in TRAIN])
+    b = GaussianAD(backbone=None, threshold="chi2").fit_features([t[20:] for t in TRAIN])  # no calibration scores
     merged = a.merge(b)
     with pytest.raises(GaussadError, match="not saved: the conformal threshold needs calibration scores"):
         merged.save(tmp_path / "m.gaussad")
@@ -248,7 +248,7 @@ def test_a_conformal_model_file_without_calibration_scores_is_refused_at_load(tm
     from gaussad.persistence import read_model_file, save_model
 
     path = tmp_path / "m.gaussad"
-    GaussianAD(backbone=None).fit_features(TRAIN).save(path)
+    GaussianAD(backbone=None, threshold="chi2").fit_features(TRAIN).save(path)
     meta, arrays = read_model_file(path)
     save_model(path, {**meta, "threshold": "conformal", "calibration": 0.2}, arrays)  # signed, but unusable
     with pytest.raises(gaussad.ModelFormatError, match="conformal threshold needs calibration scores"):

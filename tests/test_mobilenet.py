@@ -141,7 +141,10 @@ def test_fit_save_load_export(tmp_path, weights, tiny_category):
     assert scores.shape == (len(test),) and np.isfinite(scores).all()
     saved = tmp_path / "m.gaussad"
     model.save(saved)
-    np.testing.assert_allclose(gaussad.load(saved).score_samples(test), scores, rtol=1e-5)  # loads on ONNX Runtime
+    loaded = gaussad.load(saved)  # loads on ONNX Runtime
+    np.testing.assert_allclose(loaded.level_scores(test), model.level_scores(test), rtol=1e-5)
+    # the default's fused score: -log10 of interpolated p-values, which stretch the engines' float32 differences
+    np.testing.assert_allclose(loaded.score_samples(test), scores, rtol=1e-4)
     assert main(["export", str(saved), "-o", str(tmp_path / "m.onnx"), "--quiet"]) == 0
     assert (tmp_path / "m.onnx").stat().st_size > 1_000_000
 

@@ -176,7 +176,13 @@ def test_calibration_holds_out_scores_and_refits_on_all():
     np.testing.assert_allclose(pvalues, [(1 + np.sum(cal >= s)) / 11 for s in scores])
     np.testing.assert_array_equal(decisions, pvalues <= 0.1)
     assert model.score_threshold() == np.sort(cal)[int(np.ceil(11 * 0.9)) - 1]
-    assert model.score_threshold(fpr=0.05) == np.inf  # 1/(n+1) = 0.09 > 0.05: no finite threshold
+    # 1/(n+1) = 0.09 > 0.05: no finite threshold at 0.05, so the rule decides at the smallest rate the 10 scores
+    # support, 1/11 (above the largest calibration score), and says so
+    assert model.score_threshold(fpr=0.05) == cal.max()
+    assert model.rule(0.05).target_fpr(model.state_) == 1 / 11
+    assert "note" not in model.summary()["threshold"]
+    low = model.set_params(fpr=0.05).summary()["threshold"]
+    assert low["fpr"] == 1 / 11 and low["fpr_requested"] == 0.05 and "at least 19 calibration scores" in low["note"]
 
 
 def test_conformal_on_gaussian_features_keeps_fpr_where_chi2_fails():
@@ -225,7 +231,7 @@ def test_hotelling_decisions_match_scipy_and_refuse_n_below_dof():
 def test_chi2_score_threshold_is_a_union_bound():
     """An image above the combined-score threshold always has a level above its Bonferroni threshold."""
     rng = np.random.default_rng(4)
-    model = GaussianAD(backbone=None, fpr=0.2).fit_features(_gaussian_levels(rng, 500))
+    model = GaussianAD(backbone=None, fpr=0.2, threshold="chi2").fit_features(_gaussian_levels(rng, 500))
     levels = model.level_scores_features(_gaussian_levels(rng, 2000))
     above = levels.mean(axis=1) > model.score_threshold()
     flagged = model.decide(levels)[0].astype(bool)
@@ -236,7 +242,7 @@ def test_conformal_needs_calibration_and_calibrate_provides_it():
     rng = np.random.default_rng(6)
     assert GaussianAD(backbone=None, threshold="conformal").fit_features(
         _gaussian_levels(rng, 20)).state_.calibration_method == "cv"  # the default below 500 images
-    model = GaussianAD(backbone=None).fit_features(_gaussian_levels(rng, 20))
+    model = GaussianAD(backbone=None, threshold="chi2").fit_features(_gaussian_levels(rng, 20))
     with pytest.raises(GaussadError, match="calibrate"):
         model.decide(np.ones((1, 2)), threshold="conformal")
     held = _gaussian_levels(rng, 15)

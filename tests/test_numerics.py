@@ -66,7 +66,7 @@ def test_two_samples_cannot_shrink():
     X = rng.normal(size=(2, 6))
     assert LedoitWolf().fit(X).shrinkage_ == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(DataError, match="ledoit-wolf covariance is singular \\(n=2, d=6"):
-        GaussianAD(backbone=None).fit_features([X])
+        GaussianAD(backbone=None, threshold="chi2").fit_features([X])
 
 
 def test_identical_training_images_are_refused():
@@ -94,7 +94,7 @@ def test_identical_up_to_rounding(noise, fits):
     X = np.tile(x, (20, 1)) * (1 + noise * np.random.default_rng(1).normal(size=(20, 16)))
     if not fits:
         with pytest.raises(DataError, match="all 20 training samples are identical \\(up to rounding\\)"):
-            GaussianAD(backbone=None).fit_features([X])
+            GaussianAD(backbone=None, threshold="chi2").fit_features([X])
         return
     scores = GaussianAD(backbone=None).fit_features([X]).score_features([X[:3]])
     assert np.all(np.isfinite(scores))

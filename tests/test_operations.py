@@ -325,6 +325,36 @@ def _feedback_round(c, images, headers=None):
     return results, flagged
 
 
+def test_feedback_update_of_a_default_preset_model_keeps_its_fused_calibration(tiny_category, tmp_path):
+    """The default preset (fused score, conformal law): an update adds the marked images exactly and keeps the
+    calibration it was fitted with (out-of-fold global scores and map peaks, paired), so it still decides, at the
+    same stated target FPR."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    settings = {**TINY, "preset": "recommended", "map_levels": ["stage2", "stage3"]}
+    original = GaussianAD(**settings).fit(list_images(tiny_category / "train" / "good"))
+    assert original.setting("image_score") == "fused" and original.setting("threshold") == "conformal"
+    original.save(folder / "plain.gaussad")  # the name the helpers above score with
+    foreign = list_images(tiny_category.parent / "gravel" / "test" / "good")[:4]
+    log = ResultsLog(str(tmp_path / "r.sqlite"), str(tmp_path / "kept"))
+    with TestClient(create_app(load_models(folder), results_log=log, folder=folder)) as c:
+        _, flagged = _feedback_round(c, foreign)
+        assert len(flagged) == 4
+        stated = c.get("/models").json()[0]["threshold"]
+        assert stated["image_score"] == "fused" and stated["fpr"] == pytest.approx(1 / 11)  # 10 images: 1/(n+1)
+        assert stated["fpr_requested"] == 0.01 and "deciding at 0.09091" in stated["note"]
+        assert c.post("/models/plain/update").json()["n_samples"] == 14
+        assert c.get("/models").json()[0]["threshold"] == stated
+        after = c.post("/models/plain/score", files=_upload(foreign)).json()["results"]
+    updated = gaussad.load(folder / "plain.gaussad")
+    np.testing.assert_array_equal(updated.calibration_scores_, original.calibration_scores_)
+    np.testing.assert_array_equal(updated.map_calibration_, original.map_calibration_)
+    levels, peaks, _ = updated.score_images(foreign)
+    decisions, pvalues = updated.decide(levels, map_peaks=peaks)
+    assert [r["pvalue"] for r in after] == pytest.approx(list(pvalues)) and [r["anomalous"] for r in after] == list(
+        decisions)
+
+
 def test_feedback_update_adds_images_exactly_and_rollback_restores(model_dir, tiny_category, tmp_path):
     """The updated model equals partial_fit of the original on the marked images; rollback gives its scores back."""
     log = ResultsLog(str(tmp_path / "r.sqlite"), str(tmp_path / "kept"))
@@ -553,7 +583,10 @@ def test_feedback_on_bottle_clears_the_false_alarms_and_rollback_restores(tmp_pa
     bottle = needs_shared("mvtec_ad", "bottle")
     folder = tmp_path / "models"
     folder.mkdir()
-    GaussianAD().fit(list_images(bottle / "train" / "good")[:40]).save(folder / "plain.gaussad")
+    # the recommended preset before issue 30 (global score, chi2): it flags good test images, the feedback's work
+    # (today's default flags none of them: README, "Which decision rule")
+    GaussianAD(image_score="global", threshold="chi2", input_size=None).fit(
+        list_images(bottle / "train" / "good")[:40]).save(folder / "plain.gaussad")
     good = list_images(bottle / "test" / "good")
     log = ResultsLog(str(tmp_path / "r.sqlite"), str(tmp_path / "kept"))
     with TestClient(create_app(load_models(folder), results_log=log, folder=folder)) as c:

@@ -168,7 +168,9 @@ def test_fit_and_score_round_trip(tmp_path, r18_file, tiny_category):
     saved = tmp_path / "r18.gaussad"
     model.save(saved)
     again = gaussad.load(saved)
-    np.testing.assert_allclose(again.score_samples(test), scores, rtol=1e-6)
+    np.testing.assert_allclose(again.level_scores(test), model.level_scores(test), rtol=1e-6)
+    # the default's fused score: -log10 of interpolated p-values, which stretch the engines' float32 differences
+    np.testing.assert_allclose(again.score_samples(test), scores, rtol=1e-4)
 
 
 def test_renamed_key_is_refused_naming_it(tmp_path, r18_file):

@@ -317,9 +317,9 @@ def test_auto_tiles_are_decided_at_fit_from_the_images_and_kept(files, tmp_path)
     np.testing.assert_allclose(loaded.anomaly_map(big[:3]), auto.anomaly_map(big[:3]), rtol=1e-6, atol=1e-6)
     grown = GaussianAD(**TILED, map_tiles="auto").partial_fit(big[:5]).partial_fit(files[:5])  # the first chunk decides
     assert grown.map_tiles_ == 2 and grown.n_samples_ == 10
-    assert [GaussianAD(preset=p).setting("map_tiles") for p in ("recommended", "fast", "paper")] == ["auto", 1, 1]
-    assert GaussianAD().setting("map_tiles") == "auto"
-    with pytest.raises(gaussad.GaussadError, match="map_tiles='auto' is decided from the training images"):
+    # since issue 30 no preset tiles: the recommended one's input size follows the images instead
+    assert [GaussianAD(preset=p).setting("map_tiles") for p in ("recommended", "fast", "paper")] == [1, 1, 1]
+    with pytest.raises(gaussad.GaussadError, match="map_tiles 'auto' are decided from the training images"):
         GaussianAD(**TILED, map_tiles="auto").feature_extractor()
     from gaussad.export import export_detector
 

@@ -61,13 +61,6 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _infinite_note(model, fpr: float) -> str:
-    n = model.calibration_scores_.size
-    return (f"with {n} calibration scores the conformal threshold at FPR {fpr} is infinite "
-            f"(FPR below 1/(n+1) = {1 / (n + 1):.3g}): nothing is flagged; use more images (with --calibration cv "
-            "every training image gives a calibration score)")
-
-
 def cmd_fit(args: argparse.Namespace) -> int:
     from . import params
     from .files import check_output, refuse_input_as_output
@@ -89,17 +82,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
             distributed.fit(model, files, client, args.partition_size, args.on_error)
     else:
         model.fit(files, on_error=args.on_error)
+    brief = model.summary()
+    if brief["threshold"].get("note") and not args.quiet:  # said before the model is written
+        print(f"note: {brief['threshold']['note']}", file=sys.stderr)
     model.save(args.output)
     name_of = {str(f): n for f, n in zip(files, names)}
     cal = getattr(model, "calibration_scores_", None)
     fused = model.rule().fused
     limit = math.nan if fused else model.score_threshold()
-    brief = model.summary()
+    fpr = brief["threshold"]["fpr"]
     calibration = brief["calibration"]
     summary = {"model": str(args.output), "n_images": model.n_samples_, "backbone": model.backbone,
                "precision": model.precision, **({"int8": brief["int8"]} if "int8" in brief else {}),
                "levels": model.level_names_, "input_size": model.input_size_, "feature_dims": model.feature_dims_,
-               "image_score": model.setting("image_score"), "threshold": model.setting("threshold"), "fpr": model.fpr,
+               "image_score": model.setting("image_score"), "threshold": model.setting("threshold"), "fpr": fpr,
+               **({"fpr_requested": model.fpr} if fpr != model.fpr else {}),
                "n_calibration": None if cal is None else int(cal.size),
                "score_threshold": _finite(limit), "calibration": calibration,
                "skipped": [{"path": name_of.get(p, p), "error": m} for p, m in model.skipped_]}
@@ -108,7 +105,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     elif not args.quiet:
         for path, msg in model.skipped_:
             print(f"skipped: {msg}", file=sys.stderr)
-        print(f"fitted on {model.n_samples_} images from {args.train_dir} ({len(model.skipped_)} skipped); "
+        print(f"fitted on {model.n_samples_} images from {args.train_dir} ({len(model.skipped_)} skipped) at "
+              f"{model.input_size_} px{' (input_size auto)' if model.setting('input_size') == 'auto' else ''}; "
               f"wrote {args.output}")
         if model.map_tiles_ > 1:
             print(f"anomaly maps from {model.map_tiles_} x {model.map_tiles_} tiles per image (map_tiles="
@@ -119,11 +117,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if calibration is not None:
             print(_calibration_line(calibration, min(model.calibration_folds, model.n_samples_)))
         if fused:
-            print(_fused_line(calibration["fused"], model.fpr))
-        elif model.setting("threshold") == "conformal" and not math.isfinite(limit):
-            print(f"warning: {_infinite_note(model, model.fpr)}", file=sys.stderr)
+            print(_fused_line(calibration["fused"], fpr))
         else:
-            print(f"threshold {model.setting('threshold')} at FPR {model.fpr}: score threshold {limit:.3f}")
+            print(f"threshold {model.setting('threshold')} at target FPR {fpr:g}: score threshold {limit:.3f}")
     return 0
 
 
@@ -154,10 +150,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _fused_line(c: dict, fpr: float) -> str:
-    """One line on a fused image score's calibration (:func:`gaussad.decision.calibration_summary`)."""
-    reach = "" if fpr >= c["min_fpr"] else " (below it: nothing is flagged)"
+    """One line on a fused image score's calibration (:func:`gaussad.decision.calibration_summary`) and the target
+    FPR it decides at."""
     return (f"fused image score: {' and '.join(c['evidence'])} against {min(c['n_scores'])} out-of-fold scores of "
-            f"the training images; flags p-value <= FPR {fpr}; can flag at FPR >= {c['min_fpr']:.3g}{reach}")
+            f"the training images; flags p-value <= target FPR {fpr:g} (the smallest these images support: "
+            f"{c['min_fpr']:.3g})")
 
 
 CALIBRATIONS = {"cv": "out-of-fold scores (cross-conformal, {folds} folds)", "split": "held-out images (split conformal)",
@@ -201,6 +198,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         return _score_distributed(args, files, names)
     import numpy as np
 
+    from .decision import fpr_note
+    from .drift import drift, shift_warning
     from .results import result_rows
 
     if args.maps:
@@ -211,6 +210,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     fpr = model.fpr if args.fpr is None else args.fpr
     rule = model.rule(fpr, method)
     rule.check(model.state_, f"{args.model}: ")  # fails early when the rule cannot apply to this model
+    note = fpr_note(rule, model.state_)
+    fpr = rule.target_fpr(model.state_)
+    if note and not args.quiet:
+        print(f"note: {note}", file=sys.stderr)
     limit = math.nan if rule.fused else model.score_threshold(fpr, method)
     skipped: list = []
     peaks = amaps = None
@@ -234,10 +237,12 @@ def cmd_score(args: argparse.Namespace) -> int:
             if error is not None:
                 row["map_error"] = error
     errors = [{"path": names[i], "error": msg} for i, msg in sorted(skipped)]
+    shift = drift(decisions, pvalues, fpr)
     if args.json:
-        print(json.dumps({"model": str(args.model), "fpr": fpr, "threshold": method, "image_score": rule.image_score,
+        print(json.dumps({"model": str(args.model), "fpr": fpr, **({"fpr_requested": rule.fpr} if note else {}),
+                          "threshold": method, "image_score": rule.image_score,
                           "rule": RULES["fused" if rule.fused else method], "score_threshold": _finite(limit),
-                          "results": rows, "skipped": errors}))
+                          "drift": shift, "results": rows, "skipped": errors}))
         return 1 if errors and not rows else 0
     for e in errors:
         print(f"skipped: {e['error']}", file=sys.stderr)
@@ -245,16 +250,17 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise GaussadError(f"none of the {len(files)} images could be read")
     names = model.level_names_
     width = max(len(r["path"]) for r in rows)
-    print("  ".join(["path".ljust(width), "score".rjust(8)] + [n.rjust(8) for n in names] + ["p-value".rjust(9), "decision"]))
+    print("  ".join(["path".ljust(width), "score".rjust(8)] + [n.rjust(8) for n in names]
+                    + ["p-value".rjust(9), f"decision at target FPR {fpr:g}"]))
     for r in rows:
         cells = [r["path"].ljust(width), f"{r['score']:8.3f}"] + [f"{r['levels'][n]:8.3f}" for n in names]
         cells += [f"{r['pvalue']:9.2e}", "ANOMALY" if r["anomalous"] else "ok"]
         print("  ".join(cells))
     if not args.quiet:
-        if method == "conformal" and not math.isfinite(limit):
-            print(f"warning: {_infinite_note(model, fpr)}", file=sys.stderr)
-        print(f"{sum(r['anomalous'] for r in rows)} of {len(rows)} flagged at target FPR {fpr} "
+        print(f"{sum(r['anomalous'] for r in rows)} of {len(rows)} flagged at target FPR {fpr:g} "
               f"({RULES['fused' if rule.fused else method]}); {len(errors)} skipped", file=sys.stderr)
+        if shift["alarm"]:
+            print(f"warning: {shift_warning(shift)}", file=sys.stderr)
     return 0
 
 
@@ -554,14 +560,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the whole detector as one ONNX graph (no Python needed to run it)",
                        description="Write MODEL as one ONNX graph: uint8 RGB images (N, H, W, 3), any H and W, resized "
                                    "inside the graph as gaussad resizes, to the image score, the distance per level, "
-                                   "the p-value and the decision under the model's own threshold method and FPR "
-                                   "(calibration scores embedded; a fused image score, which needs --maps, with both "
-                                   "calibrations). The model's settings are in the graph's metadata.")
+                                   "the p-value and the decision under the model's own threshold method and target "
+                                   "FPR (calibration scores embedded; a fused image score, the default preset's, with "
+                                   "both calibrations and the anomaly map its peak needs). The model's settings are "
+                                   "in the graph's metadata.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write (written atomically)")
     p.add_argument("--maps", action="store_true",
                    help="also output the anomaly map (N, S, S), as gaussad score computes it (nearest-neighbour map "
-                        "models, e.g. --preset recommended); required for a fused image score")
+                        "models, e.g. --preset recommended); always there for a fused image score")
     p.add_argument("--quiet", action="store_true", help="no summary")
     p.set_defaults(func=cmd_export)
 

@@ -3,6 +3,7 @@ decisions for a fitted state (on top of :mod:`gaussad.threshold`'s laws)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,6 +83,12 @@ class DecisionRule:
     def fused(self) -> bool:
         return self.image_score == "fused"
 
+    def target_fpr(self, state: Calibrated) -> float:
+        """The false-positive rate the rule decides at on ``state``: ``fpr``, except that a conformal rule (and a
+        fused score's) cannot flag anything below ``1 / (n + 1)`` with n calibration scores, so it decides at that
+        smallest rate instead (:func:`supported_fpr`; README, "Which decision rule")."""
+        return supported_fpr(self.fpr, calibration_size(state)) if self.method == "conformal" else self.fpr
+
     def level_thresholds(self, state: Calibrated, fpr: float | None = None) -> np.ndarray:
         """Per-level distance thresholds at false-positive rate ``fpr`` per level (default: the rule's)."""
         fpr = self.fpr if fpr is None else fpr
@@ -137,7 +144,7 @@ class DecisionRule:
             raise GaussadError("a fused image score has no score threshold: it flags an image when its p-value is "
                                f"at most the target FPR ({self.fpr:g})")
         if self.method == "conformal":
-            return conformal_threshold(state.calibration_scores, self.fpr)
+            return conformal_threshold(state.calibration_scores, self.target_fpr(state))
         return float(self.level_thresholds(state, self.fpr / len(state.dofs)).mean())
 
     def scores(self, state: Calibrated, level_scores: np.ndarray, map_peaks: np.ndarray | None = None,
@@ -169,11 +176,12 @@ class DecisionRule:
         level_scores = check_distances(level_scores, len(state.dofs))
         if self.fused:
             pvalue = fusion.fisher_pvalue(*self._evidence(state, level_scores, map_peaks))
-            return (pvalue <= self.fpr).astype(int), pvalue
+            return (pvalue <= self.target_fpr(state)).astype(int), pvalue
         if self.method == "conformal":
             cal = state.calibration_scores
             scores = level_scores.mean(axis=1)
-            return (scores > conformal_threshold(cal, self.fpr)).astype(int), conformal_pvalue(scores, cal)
+            return ((scores > conformal_threshold(cal, self.target_fpr(state))).astype(int),
+                    conformal_pvalue(scores, cal))
         n_levels = level_scores.shape[1]
         thresholds = self.level_thresholds(state, self.fpr / n_levels)
         if self.method == "hotelling":
@@ -183,6 +191,33 @@ class DecisionRule:
         pvalue = np.minimum(np.stack(pvals, axis=1).min(axis=1) * n_levels, 1.0)
         return (level_scores > thresholds).any(axis=1).astype(int), pvalue
 
+
+
+def calibration_size(state: Calibrated) -> int | None:
+    """How many calibration scores a conformal decision on ``state`` ranks against (a fused score's: its pairs);
+    None without calibration."""
+    cal, peaks = state.calibration_scores, getattr(state, "map_calibration", None)
+    if cal is None:
+        return None
+    return int(cal.size) if peaks is None else int(min(cal.size, peaks.size))
+
+
+def supported_fpr(fpr: float, n_calibration: int | None) -> float:
+    """The target rate a conformal decision with ``n_calibration`` scores takes for ``fpr``: at least
+    ``1 / (n + 1)``, the smallest p-value it can give (``fpr`` itself without calibration)."""
+    return fpr if not n_calibration else max(float(fpr), fusion.min_fpr(n_calibration))
+
+
+def fpr_note(rule: "DecisionRule", state: Calibrated) -> str | None:
+    """One line when ``rule`` decides at another rate than asked (too few calibration scores), else None."""
+    used = rule.target_fpr(state)
+    if used == rule.fpr:
+        return None
+    n = calibration_size(state)
+    need = math.ceil(1.0 / rule.fpr) - 1
+    return (f"{n} calibration scores support a conformal false-positive rate of at least 1/{n + 1} = {used:.4g}: "
+            f"deciding at {used:.4g} instead of {rule.fpr:g} (at least {need} calibration scores for {rule.fpr:g}; "
+            "with cross-conformal calibration, the default, every training image gives one)")
 
 
 def calibration_summary(state: Calibrated, fpr: float) -> dict | None:
@@ -217,18 +252,28 @@ def summary(rule: DecisionRule, state: Calibrated) -> dict:
     out = {"levels": list(state.layout.level_names), "input_size": state.layout.input_size,
            "n_samples": int(state.n_samples), "maps": bool(getattr(state, "has_maps", False)),
            "map_tiles": int(state.layout.setting("map_tiles")), "pool": state.layout.setting("pool"),
-           "image_score": rule.image_score, "threshold": {"method": rule.method, "fpr": rule.fpr},
+           "image_score": rule.image_score, "threshold": _threshold_summary(rule, state),
            **({"precision": "fp32"} if getattr(state, "network", None) is None
               else {"precision": "int8", "int8": state.int8_info()})}
     try:
         if rule.fused:
             rule.check(state)
-            out["threshold"]["pvalue_threshold"] = rule.fpr
-            out["calibration"] = calibration_summary(state, rule.fpr)
+            out["threshold"]["pvalue_threshold"] = rule.target_fpr(state)
+            out["calibration"] = calibration_summary(state, rule.target_fpr(state))
             return out
         limit = rule.score_threshold(state)
         out["threshold"]["score_threshold"] = float(limit) if np.isfinite(limit) else None
     except GaussadError as exc:
         out["threshold"]["error"] = str(exc)
-    out["calibration"] = calibration_summary(state, rule.fpr)
+    out["calibration"] = calibration_summary(state, rule.target_fpr(state))
+    return out
+
+
+def _threshold_summary(rule: DecisionRule, state: Calibrated) -> dict:
+    """The rule in brief: its method and the target FPR it decides at (``fpr``), with the rate asked for and why it
+    differs (``fpr_requested``, ``note``) when the calibration cannot support that rate."""
+    out = {"method": rule.method, "fpr": rule.target_fpr(state)}
+    note = fpr_note(rule, state)
+    if note:
+        out.update(fpr_requested=rule.fpr, note=note)
     return out

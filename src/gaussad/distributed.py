@@ -145,10 +145,10 @@ def _layout_task(settings: dict):
         return layout_of(_extractor(settings), settings)
 
 
-def _tiles_task(settings: dict, images: list) -> int:
-    from .features import map_tiles_for
+def _auto_task(settings: dict, images: list) -> dict:
+    from .features import auto_settings
 
-    return map_tiles_for(images, settings)
+    return auto_settings(images, settings)
 
 
 def _fit_task(settings: dict, images: list, lo: int, n_total: int, on_error: str):
@@ -158,6 +158,20 @@ def _fit_task(settings: dict, images: list, lo: int, n_total: int, on_error: str
         extractor = _extractor(settings)
         trainer = Trainer(settings, _batches(extractor), layout_of(extractor, settings))
         return trainer.fit_part(images, range(lo, lo + len(images)), n_total, on_error)
+
+
+def _peaks_task(settings: dict, state, images: list, lo: int, on_error: str):
+    """(positions, leave-one-image-out map peaks) of one partition against the fit's final banks (the fused
+    score's calibration: :meth:`~gaussad.state.DetectorState.map_peaks` with each image's own members skipped)."""
+    import numpy as np
+
+    with _WORKER["lock"]:
+        extractor = _extractor(settings, state.layout)
+        positions, peaks = [np.zeros(0, np.int64)], [np.zeros(0)]
+        for idx, _, fmaps in extractor.iter_features_and_maps(images, None, on_error, []):
+            positions.append(lo + np.asarray(idx, dtype=np.int64))
+            peaks.append(state.map_peaks(fmaps, positions[-1]))
+    return np.concatenate(positions), np.concatenate(peaks)
 
 
 def _stats_of(part):
@@ -235,7 +249,7 @@ class TreeReduction:
 
 def check_fit(model, n_images: int) -> None:
     """Refuse, before a cluster is started or sent any work, a distributed fit that cannot be done: fewer than 2
-    images, invalid settings, int8, a fused image score or a held-out calibration fraction (one line each)."""
+    images, invalid settings, int8 or a held-out calibration fraction (one line each)."""
     from . import params
     from .fitting import Trainer
 
@@ -263,8 +277,8 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     images = [os.fspath(i) if isinstance(i, os.PathLike) else i for i in image_list(images)]
     check_fit(model, len(images))
     settings = params.resolved(model.get_params())
-    if settings["map_tiles"] == "auto":  # decided on a worker, which sees the files, from the images it would read
-        settings["map_tiles"] = _result(client.submit(_tiles_task, settings, tiles_sample(images), pure=False))
+    if "auto" in (settings["input_size"], settings["map_tiles"]):  # decided on a worker, which sees the files
+        settings.update(_result(client.submit(_auto_task, settings, tiles_sample(images), pure=False)))
     progress = model.verbose if progress is None else progress
     layout_future = client.submit(_layout_task, settings, pure=False)
     stats = TreeReduction(client, _merge)
@@ -293,8 +307,45 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
         bar.close()
     trainer.layout = _result(layout_future)
     state = trainer.fit_parts(merged, coresets)
+    if trainer.fused:
+        state = state.with_map_calibration(_map_calibration(client, settings, state, images, partition_size,
+                                                            on_error, progress))
     model.state_, model.skipped_ = state, trainer.skipped
     return model
+
+
+def _map_calibration(client, settings: dict, state, images: list, partition_size: int, on_error: str,
+                     progress: bool):
+    """The fused score's calibration peaks of a distributed fit, in the order of the images (as its out-of-fold
+    global scores): a second pass over the images, each partition's locations scored by a worker against the final
+    banks with the image's own members skipped (one process keeps every location from its one pass instead)."""
+    import numpy as np
+
+    from .features import progress_bar
+
+    shared = client.scatter(state, broadcast=True)
+    window = WINDOW_PER_THREAD * max(1, sum(client.nthreads().values()))
+    positions, peaks = [], []
+    bar = progress_bar(len(images), "calibrate (dask)", progress)
+
+    def submit(span: tuple[int, int]) -> tuple[int, Any]:
+        lo, hi = span
+        return hi - lo, client.submit(_peaks_task, settings, shared, images[lo:hi], lo, on_error, pure=False)
+
+    for size, future in bounded(partitions(len(images), partition_size), window, submit):
+        pos, peak = _result(future)
+        future.release()
+        positions.append(pos)
+        peaks.append(peak)
+        if bar is not None:
+            bar.update(size)
+    if bar is not None:
+        bar.close()
+    out = np.concatenate(peaks)[np.argsort(np.concatenate(positions), kind="stable")]
+    if out.size != state.calibration_scores.size:
+        raise DataError(f"{out.size} images were read for the fused score's map calibration, {state.n_samples} for "
+                        "its statistics: were images changed or removed during the fit?")
+    return out
 
 
 def _result(future):
@@ -477,7 +528,8 @@ def score(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike], nam
         _join_parts(Path(out), folder, len(bounds), fmt)
     return {"output": str(out), "parts": len(bounds), "parts_written": len(todo),
             "parts_reused": len(bounds) - len(todo), "rows": len(paths), "scored_now": sum(c[0] for c in counts),
-            "skipped_now": sum(c[1] for c in counts), "fpr": fpr, "threshold": method}
+            "skipped_now": sum(c[1] for c in counts), "fpr": model.rule(fpr, method).target_fpr(model.state_),
+            "threshold": method}
 
 
 def _join_parts(out: Path, folder: Path, n_parts: int, fmt: str) -> None:

@@ -42,3 +42,9 @@ def drift(flags: Sequence[bool], pvalues: Sequence[float | None], fpr: float, al
     out["alarm"] = bool(out["reasons"])
     out["status"] = "drift" if out["alarm"] else "ok"
     return out
+
+
+def shift_warning(result: dict) -> str:
+    """One line for a batch whose decisions raised :func:`drift`'s alarm: its reasons and what they can mean."""
+    return (f"{'; '.join(result['reasons'])}: either many of these parts are defective, or the images are unlike the "
+            "training images (another camera, light or product: the target FPR holds only for images like them)")

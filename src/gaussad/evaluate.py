@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from . import fusion
 from . import params as parameters
 from .datasets import Category, find_categories, kfold_indices
 from .errors import GaussadError
-from .features import map_tiles_for
+from .features import AUTO_SETTINGS, auto_settings
 from .model import GaussianAD
+from .report import auto_text
 from .threshold import METHODS
 
 PROTOCOLS = ("paper", "full")
@@ -81,11 +81,13 @@ def extract(model: GaussianAD, files: list, desc: str, with_maps: bool) -> tuple
 def evaluate_category(category: Category, features: tuple[list[np.ndarray], list[np.ndarray]], params: dict[str, Any],
                       protocol: str = "paper", seed: int = 0,
                       feature_maps: tuple[list, list, np.ndarray] | None = None,
-                      level_names: list[str] | None = None, details: dict[str, Any] | None = None) -> dict[str, Any]:
+                      level_names: list[str] | None = None, details: dict[str, Any] | None = None,
+                      map_size: int = 224) -> dict[str, Any]:
     """Fit per fold on train features, score the test features, and collect AUROCs and threshold rates.
 
-    With ``feature_maps`` (train maps, test maps, test masks) each fold also fits the anomaly maps, and the pixel
-    AUROC over all test pixels and the image AUROC of the maps' maxima are reported.  Conformal thresholds: with the paper protocol each
+    With ``feature_maps`` (train maps, test maps, test masks or None) each fold also fits the anomaly maps (at
+    ``map_size`` without masks), the image AUROC of the maps' maxima and the fused score are reported, and with
+    masks the pixel AUROC over all test pixels.  Conformal thresholds: with the paper protocol each
     fold's held-out 20 % of train/good calibrates the model fitted on the other 80 %; with the full protocol
     the model holds out ``FULL_CALIBRATION`` of train/good for calibration and then refits on all of it.
 
@@ -118,12 +120,13 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
                 model = GaussianAD(**{**model.get_params(), "image_score": "fused", "threshold": "conformal",
                                       "calibration": "cv"}).fit_features([f[keep] for f in train], level_names)
             model.fit_map_features([train_maps[i] for i in keep])
-            amaps = model.anomaly_map_features(test_maps, masks.shape[-1])
+            amaps = model.anomaly_map_features(test_maps, map_size if masks is None else masks.shape[-1])
             if gallery is not None:
                 details["gallery_maps"] = amaps[gallery]
-            pixel_aurocs.append(roc_auc(masks.ravel(), amaps.ravel()))
+            if masks is not None:  # pixel figures where the category has ground-truth masks
+                pixel_aurocs.append(roc_auc(masks.ravel(), amaps.ravel()))
+                hits.append(hit_rate(amaps, masks, category.test_labels))
             max_map_aurocs.append(roc_auc(category.test_labels, amaps.reshape(len(amaps), -1).max(axis=1)))
-            hits.append(hit_rate(amaps, masks, category.test_labels))
             if fusable:
                 fused.append(_fused(model, level, test_maps, category.test_labels))
     result = {
@@ -136,10 +139,11 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
         "n_test_good": int((category.test_labels == 0).sum()),
         "n_test_defective": int((category.test_labels == 1).sum()),
     }
+    if max_map_aurocs:
+        result["max_map_auroc"] = float(np.mean(max_map_aurocs))
     if pixel_aurocs:
         result["pixel_auroc"] = float(np.mean(pixel_aurocs))
         result["pixel_fold_aurocs"] = [float(a) for a in pixel_aurocs]
-        result["max_map_auroc"] = float(np.mean(max_map_aurocs))
         if all(h is not None for h in hits):
             result["hit_rate"] = float(np.mean(hits))
     if fused:
@@ -155,12 +159,11 @@ def _fused(model: GaussianAD, level: np.ndarray, test_maps: list, labels: np.nda
     alpha."""
     peaks = model.state_.map_peaks_of(test_maps)
     rule = model.rule()
-    n = model.calibration_scores_.size  # paired with the map peaks, one of each per training image
     rates = {}
     for alpha in ALPHAS:
         flagged = model.decide(level, alpha, map_peaks=peaks)[0].astype(bool)
         rates[str(alpha)] = {"fpr": float(flagged[labels == 0].mean()), "tpr": float(flagged[labels == 1].mean()),
-                             "score_threshold": float(alpha) if fusion.min_fpr(n) <= alpha else None}
+                             "score_threshold": None, "target": model.rule(alpha).target_fpr(model.state_)}
     return {"auroc": roc_auc(labels, rule.scores(model.state_, level, peaks, "bonferroni")),
             "fisher_auroc": roc_auc(labels, rule.scores(model.state_, level, peaks, "fisher")), "rates": rates}
 
@@ -193,7 +196,8 @@ def _threshold_rates(model: GaussianAD, level: np.ndarray, labels: np.ndarray) -
                 continue
             out[method][str(alpha)] = {"fpr": float(flagged[labels == 0].mean()),
                                        "tpr": float(flagged[labels == 1].mean()),
-                                       "score_threshold": float(limit) if np.isfinite(limit) else None}
+                                       "score_threshold": float(limit) if np.isfinite(limit) else None,
+                                       "target": model.rule(alpha, method).target_fpr(model.state_)}
     return out
 
 
@@ -215,6 +219,7 @@ def _average_rates(folds: list[dict[str, dict[str, dict]]]) -> dict[str, dict[st
                 "fpr_folds": [c["fpr"] for c in cells],
                 "tpr_folds": [c["tpr"] for c in cells],
                 "score_threshold_folds": [c["score_threshold"] for c in cells],
+                "target_folds": [c["target"] for c in cells],
             }
     return out
 
@@ -229,41 +234,46 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
     categories = find_categories(root)
     extractor_model = GaussianAD(**params, verbose=verbose)
     parameters.validate(extractor_model.get_params())
-    tiles = extractor_model.setting("map_tiles")
+    given = {k: extractor_model.get_params()[k] for k in AUTO_SETTINGS}
     results: dict[str, Any] = {}
     for cat in categories:
-        # map_tiles='auto' decided per category from its training images, as fit would decide it
-        extractor_model.set_params(map_tiles=map_tiles_for(cat.train_files, parameters.resolved(
-            {**extractor_model.get_params(), "map_tiles": tiles})))
+        # input_size and map_tiles 'auto' decided per category from its training images, as fit would decide them
+        extractor_model.set_params(**given)
+        extractor_model.set_params(**auto_settings(cat.train_files, parameters.resolved(extractor_model.get_params())))
         extractor = extractor_model.feature_extractor()
-        with_maps = bool(extractor.map_levels) and cat.has_masks
+        with_maps = bool(extractor.map_levels)  # the fused score needs map peaks, masks or not
         extractor.calibrate(cat.train_files)  # int8: the network quantized on this category's training images
         train, train_maps = extract(extractor_model, cat.train_files, f"{cat.name} train", with_maps)
         test, test_maps = extract(extractor_model, cat.test_files, f"{cat.name} test", with_maps)
-        fmaps = (train_maps, test_maps, load_masks(cat, extractor.input_size)) if with_maps else None
+        masks = load_masks(cat, extractor.input_size) if with_maps and cat.has_masks else None
+        fmaps = (train_maps, test_maps, masks) if with_maps else None
         extra = None if details is None else details.setdefault(cat.name, {"category": cat})
         results[cat.name] = {**evaluate_category(cat, (train, test), params, protocol, feature_maps=fmaps,
-                                                 level_names=extractor.level_names, details=extra),
-                             "map_tiles": extractor.map_tiles}
+                                                 level_names=extractor.level_names, details=extra,
+                                                 map_size=extractor.input_size),
+                             "input_size": extractor.input_size, "map_tiles": extractor.map_tiles}
     aurocs = [r["image_auroc"] for r in results.values()]
     sem = float(np.std(aurocs, ddof=1) / math.sqrt(len(aurocs))) if len(aurocs) > 1 else 0.0
     report = {
         "protocol": protocol,
         "preset": extractor_model.setting("preset"),
         "backbone": params.get("backbone", "efficientnet-lite0"),
-        "input_size": extractor.input_size,
+        "input_size": extractor.input_size if given["input_size"] != "auto" else "auto",
         "levels": extractor.level_names,
         "map_levels": extractor.map_level_names,
         "map_method": extractor_model.setting("map_method") if extractor.map_levels else None,
         "map_pool": extractor_model.setting("map_pool") if extractor.map_levels else None,
         "map_grid": extractor_model.setting("map_grid") if extractor.map_levels else None,
-        "map_tiles": tiles,  # 'auto': each category's own under "categories"
+        "map_tiles": extractor.map_tiles if given["map_tiles"] != "auto" else "auto",  # 'auto': per category
         "estimator": params.get("estimator", "ledoit-wolf"),
         "reduction": params.get("reduction"),
         "variance": params.get("variance", 0.99) if params.get("reduction") else None,
         "normalize": extractor_model.setting("normalize"),
         "resize": extractor_model.setting("resize"),
         "pool": extractor_model.setting("pool"),
+        # the decision a model of these parameters makes: its rows of "thresholds" ("fused" for a fused score)
+        "decision": {"rule": "fused" if extractor_model.setting("image_score") == "fused"
+                     else extractor_model.setting("threshold"), "fpr": extractor_model.fpr},
         "categories": results,
         "n_categories": len(results),
         "mean_image_auroc": float(np.mean(aurocs)),
@@ -275,52 +285,43 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
     return report
 
 
-def _tiles_text(report: dict[str, Any]) -> str:
-    """The map tiles of a report: the number, or 'auto' with each category's decision."""
-    tiles = report.get("map_tiles", 1)
-    if tiles != "auto":
-        return str(tiles)
-    return "auto (" + ", ".join(f"{name} {r.get('map_tiles')}" for name, r in report["categories"].items()) + ")"
-
-
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table: per category the combined and per-level AUROC, then mean +/- SEM."""
     levels = report["levels"]
-    pix = "mean_pixel_auroc" in report
+    pix = any("max_map_auroc" in r for r in report["categories"].values())  # maps: their columns
     head = ["category", "AUROC"] + (["pixel", "map-max", "hit", "fused"] if pix else []) + levels
     rows = [[name, f"{r['image_auroc']:.4f}"]
             + ([f"{r[k]:.4f}" if k in r else "-" for k in ("pixel_auroc", "max_map_auroc", "hit_rate", "fused_auroc")]
                if pix else [])
             + [f"{a:.3f}" for a in r["level_aurocs"]] for name, r in report["categories"].items()]
     rows.append([f"mean +/- SEM ({report['n_categories']})", f"{report['mean_image_auroc']:.4f} +/- {report['sem']:.4f}"]
-                + ([f"{report['mean_pixel_auroc']:.4f}", "", "", ""] if pix else []) + [""] * len(levels))
+                + ([f"{report['mean_pixel_auroc']:.4f}" if "mean_pixel_auroc" in report else "-", "", "", ""]
+                   if pix else []) + [""] * len(levels))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    title = (f"protocol={report['protocol']} preset={report['preset'] or 'paper'} backbone={report['backbone']} size={report['input_size']} "
+    title = (f"protocol={report['protocol']} preset={report['preset'] or 'paper'} backbone={report['backbone']} size={auto_text(report, 'input_size')} "
              f"estimator={report['estimator']} reduction={report['reduction'] or 'none'} normalize={report['normalize']} "
              f"resize={report.get('resize', 'square')} pool={report.get('pool', 'avg')}"
              + (f" maps={report['map_method']}:{','.join(report['map_levels'])} map_pool={report['map_pool']}"
-                f" grid={report.get('map_grid') or 'coarsest'} tiles={_tiles_text(report)}"
+                f" grid={report.get('map_grid') or 'coarsest'} tiles={auto_text(report, 'map_tiles')}"
                 if report.get("map_levels") else ""))
     out = [title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
     return "\n".join(out + [""] + _threshold_table(report))
 
 
 def _threshold_notes(name: str, r: dict[str, Any]) -> list[str]:
-    """Why cells of one category are unavailable, and where the conformal threshold is infinite."""
+    """Why cells of one category are unavailable, and where a conformal rule decided at a larger rate than alpha."""
     notes = []
     for method, by_alpha in r["thresholds"].items():
         reasons = {c["unavailable"] for c in by_alpha.values() if c["fpr"] is None}
         notes += [f"{name} {method} n/a: {reason}" for reason in sorted(reasons)]
-        infinite = {a: sum(t is None for t in c["score_threshold_folds"]) for a, c in by_alpha.items() if c["fpr"] is not None}
-        where = [f"alpha={a} in {k} of {len(r['n_calibration_folds'])} folds" for a, k in infinite.items() if k]
-        if where and method == "fused":
-            notes.append(f"{name} fused: nothing flagged at {'; '.join(where)} (its p-values are at least 1/(n + 1): "
-                         "it needs at least 1/alpha - 1 out-of-fold training scores, one per image the fold fits on)")
-        elif where:
-            notes.append(f"{name} {method}: threshold infinite, nothing flagged, at {'; '.join(where)} "
-                         f"(calibration images per fold: {', '.join(map(str, r['n_calibration_folds']))}; "
-                         "a finite threshold needs at least 1/alpha - 1)")
+        where = [f"alpha={a} in {len(raised)} of {len(c['target_folds'])} folds (at {max(raised):.3g})"
+                 for a, c in by_alpha.items() if c["fpr"] is not None
+                 for raised in [[t for t in c.get("target_folds", []) if t > float(a)]] if raised]
+        if where:
+            notes.append(f"{name} {method}: decided at the smallest rate its calibration supports, 1/(n + 1), at "
+                         f"{'; '.join(where)} (alpha needs at least 1/alpha - 1 calibration scores; calibration "
+                         f"scores per fold: {', '.join(map(str, r['n_calibration_folds']))})")
     return notes
 
 
@@ -328,10 +329,12 @@ def _threshold_table(report: dict[str, Any]) -> list[str]:
     """Realised FPR / TPR per category, method and alpha, with the reasons for unavailable or infinite cells."""
     head = ["category", "method"] + [f"alpha={a}" for a in ALPHAS]
     rows, notes = [], []
+    default = report.get("decision", {}).get("rule")
     for name, r in report["categories"].items():
         for method, by_alpha in r["thresholds"].items():
-            rows.append([name, method] + ["n/a" if c["fpr"] is None else f"{c['fpr']:.3f}/{c['tpr']:.3f}"
-                                          for c in by_alpha.values()])
+            label = f"{method} (the model's)" if method == default else method
+            rows.append([name, label] + ["n/a" if c["fpr"] is None else f"{c['fpr']:.3f}/{c['tpr']:.3f}"
+                                         for c in by_alpha.values()])
         notes += _threshold_notes(name, r)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -343,7 +346,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     """The same table as Markdown, for --report."""
     levels = report["levels"]
     out = ["# gaussad evaluation", "",
-           f"protocol `{report['protocol']}`, backbone `{report['backbone']}` at {report['input_size']} px, "
+           f"protocol `{report['protocol']}`, backbone `{report['backbone']}` at {auto_text(report, 'input_size')} px, "
            f"estimator `{report['estimator']}`, reduction `{report['reduction'] or 'none'}`, "
            f"normalisation `{report['normalize']}`, resize `{report.get('resize', 'square')}`"
            + (f", anomaly maps `{report['map_method']}` from {', '.join(report['map_levels'])} (pool {report['map_pool']})"
@@ -370,8 +373,8 @@ def format_markdown(report: dict[str, Any]) -> str:
                 if c["fpr"] is None:
                     out.append(f"| {name} | {method} | {alpha} | n/a | | | |")
                     continue
-                fpr = ", ".join(f"{v:.3f}" + ("" if t is not None else " (inf)")
-                                for v, t in zip(c["fpr_folds"], c["score_threshold_folds"]))
+                fpr = ", ".join(f"{v:.3f}" + ("" if t <= float(alpha) else f" (at {t:.3g})")
+                                for v, t in zip(c["fpr_folds"], c["target_folds"]))
                 tpr = ", ".join(f"{v:.3f}" for v in c["tpr_folds"])
                 out.append(f"| {name} | {method} | {alpha} | {c['fpr']:.3f} | {fpr} | {c['tpr']:.3f} | {tpr} |")
     notes = [n for name, r in report["categories"].items() for n in _threshold_notes(name, r)]

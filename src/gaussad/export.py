@@ -33,7 +33,6 @@ LIMITS = ("the graph takes decoded 8-bit RGB pixels: decoding, EXIF orientation 
           "are the caller's (gaussad also decodes JPEGs of at least twice the input size at reduced scale, PIL's "
           "draft mode; give such JPEGs decoded in full and the scores differ slightly)")
 NO_MAPS = "anomaly maps are not part of the graph: export with --maps to add them"
-FUSED = "the fused image score needs the map peaks: export this model with --maps"
 
 
 def _erfc_log(b, z: str) -> str:
@@ -273,7 +272,7 @@ def _fused(b, state: DetectorState, rule: DecisionRule, score: str, peak: str) -
         combined = b.op("Min", b.op("Mul", b.op("Min", *smooth), b.const(2.0)), b.const(1.0))
     clipped = b.op("Clip", combined, b.const(1e-300), b.const(1.0))
     fused = b.op("Div", b.op("Log", clipped), b.const(-math.log(10.0)))
-    flagged = b.op("Cast", b.op("LessOrEqual", pvalue, b.const(float(rule.fpr))), to=TensorProto.INT64)
+    flagged = b.op("Cast", b.op("LessOrEqual", pvalue, b.const(rule.target_fpr(state))), to=TensorProto.INT64)
     return fused, flagged, pvalue
 
 
@@ -340,8 +339,8 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     ``model`` is a fitted :class:`gaussad.GaussianAD` with a backbone; its own decision rule (method and FPR) is
     embedded. Outputs: ``score`` (N,), ``levels`` (N, L), ``pvalue`` (N,) float64 and ``anomalous`` (N,) int64; with
     ``maps`` (nearest-neighbour map models) also ``map`` (N, S, S) float32, as :meth:`GaussianAD.anomaly_map`. A
-    fused image score (exported with ``maps`` only) gives its own score, p-value and decision, with its calibration
-    scores as constants (:func:`_fused`).
+    fused image score (the default preset's) gives its own score, p-value and decision at the target FPR it decides
+    at, with its calibration scores as constants (:func:`_fused`); its graph always has the map, whose peak it needs.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -349,6 +348,8 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     from .engine import export_onnx
 
     state: DetectorState = model.state_
+    rule = model.rule()
+    maps = maps or rule.fused  # a fused image score needs the map peak: its graph always computes the map
     if model.backbone is None:
         raise GaussadError("this model works on plain feature arrays (backbone=None): there is no network to export")
     if maps and not state.has_maps:
@@ -363,9 +364,6 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     if maps and state.map_grid != "coarsest":
         raise GaussadError("--maps: only maps on the coarsest grid (--map-grid coarsest, every preset's) can be "
                            "exported so far; export without --maps")
-    rule = model.rule()
-    if rule.fused and not maps:
-        raise GaussadError(FUSED)
     if rule.method == "hotelling":
         raise GaussadError("the Hotelling p-value (F law) cannot be expressed in the graph: export a chi2 or conformal "
                            "model (refit with --threshold chi2 or conformal)")
@@ -419,7 +417,8 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
         "gaussad.version": __version__, "gaussad.preset": str(model.setting("preset")),
         "gaussad.backbone": str(model.backbone), "gaussad.levels": ",".join(layout.level_names),
         "gaussad.input_size": str(layout.input_size), "gaussad.resize": extractor.resize,
-        "gaussad.normalize": str(model.setting("normalize")), "gaussad.threshold": rule.method, "gaussad.fpr": repr(rule.fpr),
+        "gaussad.normalize": str(model.setting("normalize")), "gaussad.threshold": rule.method,
+        "gaussad.fpr": repr(rule.target_fpr(state)),
         "gaussad.image_score": rule.image_score,
         "gaussad.score_threshold": repr(float(limit)), "gaussad.n_samples": str(state.n_samples),
         "gaussad.n_calibration": str(0 if state.calibration_scores is None else state.calibration_scores.size),

@@ -13,14 +13,15 @@ from .backbones import get_spec, resolve_levels, weights_file
 from .engine import Engine, calibration_order, cpu_count, graph_key, resolve_engine
 from .errors import GaussadError, ImageError, InvalidParameterError
 from .images import IMAGENET, ImageSource, check_max_pixels, image_side, load_image, preprocess
-from .params import DEFAULT_MAX_PIXELS, NORMALIZATIONS, POOLS, RESIZES, check_precision
+from .params import AUTO_LARGE_INPUT, DEFAULT_MAX_PIXELS, NORMALIZATIONS, POOLS, RESIZES, check_precision
 from .tiles import Mosaic, auto_tiles, check_tiling, cut, map_side, tile_boxes
 
 if TYPE_CHECKING:
     from .backbones.base import PooledLevels
 
 ON_ERROR = ("fail", "skip")
-AUTO_TILES_SAMPLE = 64  # training images whose headers decide map_tiles='auto'
+AUTO_TILES_SAMPLE = 64  # training images whose headers decide input_size and map_tiles 'auto'
+AUTO_SETTINGS = ("input_size", "map_tiles")  # the settings that 'auto' decides at fit from the training images
 
 
 class FeatureExtractor:
@@ -304,27 +305,49 @@ class FeatureExtractor:
         return [np.concatenate(level) for level in zip(*chunks)]
 
 
-def map_tiles_for(images: Sequence[ImageSource], settings: Mapping[str, Any]) -> int:
-    """The tiles a side that resolved model ``settings`` fit ``images`` with: an explicit ``map_tiles``, or for
-    ``'auto'`` :func:`~gaussad.tiles.auto_tiles` of the median geometric-mean side of up to 64 images spread over
-    the list (headers only; an unreadable one is left out here and reported by the fit). 1 without map levels."""
-    tiles = settings["map_tiles"]
-    if tiles != "auto":
-        return int(tiles)
-    if not settings["map_levels"] or settings["backbone"] is None:
-        return 1
-    size = settings["input_size"] or get_spec(settings["backbone"]).input_size
-    sides = []
-    for i, image in enumerate(tiles_sample(images)):
-        try:
-            sides.append(image_side(image, i, int(settings["max_pixels"])))
-        except ImageError:
-            continue
-    return auto_tiles(float(np.median(sides)), size) if sides else 1
+def auto_settings(images: Sequence[ImageSource], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The values that the ``'auto'`` settings of resolved model ``settings`` take for a fit on ``images`` (only
+    those that are 'auto'): ``input_size`` (:func:`auto_input_size`) and then ``map_tiles``
+    (:func:`~gaussad.tiles.auto_tiles` at that size; 1 without map levels), both from the median geometric-mean
+    side of up to 64 images spread over the list (headers only; an unreadable one is left out here and reported by
+    the fit)."""
+    auto = [k for k in AUTO_SETTINGS if settings.get(k) == "auto"]
+    if not auto:
+        return {}
+    side = None
+    if settings["backbone"] is not None:
+        sides = []
+        for i, image in enumerate(tiles_sample(images)):
+            try:
+                sides.append(image_side(image, i, int(settings["max_pixels"])))
+            except ImageError:
+                continue
+        side = float(np.median(sides)) if sides else None
+    out: dict[str, Any] = {}
+    size = settings["input_size"]
+    if size == "auto":
+        size = out["input_size"] = auto_input_size(side, settings["backbone"])
+    if settings["map_tiles"] == "auto":
+        if side is None or not settings["map_levels"]:
+            out["map_tiles"] = 1
+        else:
+            out["map_tiles"] = auto_tiles(side, size or get_spec(settings["backbone"]).input_size)
+    return out
+
+
+def auto_input_size(side: float | None, backbone: str | None) -> int | None:
+    """The input size of ``input_size='auto'`` for images of about ``side`` x ``side`` pixels: about
+    :data:`~gaussad.params.AUTO_LARGE_INPUT` x the backbone's native size (a multiple of 32) where ``side`` is at
+    least that large, else the native size (None without backbone or readable images)."""
+    if backbone is None:
+        return None
+    native = get_spec(backbone).input_size
+    large = 32 * round(AUTO_LARGE_INPUT * native / 32)
+    return large if side is not None and side >= large else native
 
 
 def tiles_sample(images: Sequence[ImageSource]) -> list[ImageSource]:
-    """The images whose size decides ``map_tiles='auto'``: up to 64 spread evenly over the list (its own sample, so
+    """The images whose size decides the 'auto' settings (:func:`auto_settings`): up to 64 spread evenly over the list (its own sample, so
     that a distributed fit can send only these to the worker that decides)."""
     return [images[i] for i in calibration_order(len(images), AUTO_TILES_SAMPLE)[:AUTO_TILES_SAMPLE]]
 
@@ -354,22 +377,23 @@ class ExtractorCache:
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.extractor: FeatureExtractor | None = None
-        self.tiles: int | None = None  # map_tiles='auto' as decided for the model's fit
+        self.auto: dict[str, Any] = {}  # the 'auto' settings as decided for the model's fit
 
-    def decide_tiles(self, images: Sequence[ImageSource], settings: Mapping[str, Any]) -> None:
-        """Decide ``map_tiles='auto'`` for a fit of resolved ``settings`` on ``images`` (:func:`map_tiles_for`)."""
-        self.tiles = map_tiles_for(images, settings)
+    def decide(self, images: Sequence[ImageSource], settings: Mapping[str, Any]) -> None:
+        """Decide the ``'auto'`` settings for a fit of resolved ``settings`` on ``images`` (:func:`auto_settings`)."""
+        self.auto = auto_settings(images, settings)
 
     def get(self, settings: dict, layout=None, network: bytes | None = None) -> FeatureExtractor:
-        """The extractor for resolved model ``settings``; a fitted model's ``layout`` fixes levels and input size (and
-        the tiles of ``map_tiles='auto'``, else those of :meth:`decide_tiles`), its ``network`` is its int8 graph."""
+        """The extractor for resolved model ``settings``; a fitted model's ``layout`` fixes levels, input size and
+        map tiles (else the ``'auto'`` ones are those of :meth:`decide`), its ``network`` is its int8 graph."""
         spec = get_spec(settings["backbone"])
+        decided = ({"input_size": layout.input_size, "map_tiles": layout.setting("map_tiles")} if layout
+                   else self.auto)
+        settings = {**settings, **{k: decided.get(k, "auto") for k in AUTO_SETTINGS if settings[k] == "auto"}}
+        if "auto" in (settings["input_size"], settings["map_tiles"]):
+            raise GaussadError("input_size and map_tiles 'auto' are decided from the training images when the "
+                               "model is fitted: fit it first, or give their values")
         tiles = settings["map_tiles"]
-        if tiles == "auto":
-            tiles = layout.setting("map_tiles") if layout else self.tiles
-            if tiles is None:
-                raise GaussadError("map_tiles='auto' is decided from the training images when the model is fitted: "
-                                   "fit it first, or give the number of tiles")
         map_levels = settings["map_levels"]
         key = (settings["backbone"], settings["weights"],
                tuple(layout.levels if layout else resolve_levels(spec.level_names, settings["levels"])),

@@ -138,9 +138,10 @@ def calibration_split(n: int, fraction: float | None, seed: int | None) -> tuple
 def cv_folds(n: int, k: int, seed: int | None) -> np.ndarray:
     """Fold number of each of ``n`` positions: a seeded permutation cut into ``min(k, n)`` near-equal folds."""
     k = min(int(k), n)
-    if n - math.ceil(n / k) < 2:
-        raise DataError(f"cross-conformal calibration with {k} folds of {n} images leaves fewer than 2 images to fit "
-                        "each fold's model on")
+    if n - math.ceil(n / k) < 3:  # Ledoit-Wolf does not shrink with 2 samples: a fold model needs 3
+        raise DataError(f"cross-conformal calibration with {k} folds of {n} images leaves fewer than 3 images to fit "
+                        "each fold's model on: the conformal decision (the default preset's) needs at least 4 training "
+                        "images; give more, or decide by chi2 (threshold='chi2', --threshold chi2)")
     fold = np.empty(n, dtype=np.int64)
     for f, part in enumerate(np.array_split(np.random.default_rng(seed).permutation(n), k)):
         fold[part] = f
@@ -368,10 +369,6 @@ class Trainer:
         calibration = self.calibration(n_total)
         if self.settings["calibration"] is None and calibration is not None:
             calibration = "cv"
-        if self.fused:
-            raise InvalidParameterError("a distributed fit does not calibrate the fused image score (its map peaks "
-                                        "need every image's locations against the final banks): use "
-                                        "image_score='global' (--image-score global) or fit in one process")
         if calibration not in (None, "cv"):
             raise InvalidParameterError("a distributed fit supports calibration 'cv' or none, not a held-out "
                                         f"fraction ({calibration}): use --calibration cv")

@@ -40,7 +40,7 @@ class GaussianAD(FittedAttributes):
     levels_, level_names_ : list
         The backbone levels modelled (indices and names).
     input_size_ : int or None
-        Network input side S.
+        Network input side S (``input_size='auto'`` decided at fit).
     gaussians_, stats_ : list
         Per-level Gaussians and moment statistics.
     map_levels_, map_level_names_, map_gaussians_, map_stats_, map_banks_ : list
@@ -142,14 +142,14 @@ class GaussianAD(FittedAttributes):
     def _trainer(self, images: bool = True, calibration: list | None = None, on_error: str = "fail",
                  tiles_from: list | None = None) -> Trainer:
         """A :class:`~gaussad.fitting.Trainer` for this model's settings (validated); for images, with its
-        feature extractor's batches and layout, ``map_tiles='auto'`` first decided on ``tiles_from`` (the images of a
+        feature extractor's batches and layout, the 'auto' settings first decided on ``tiles_from`` (the images of a
         new fit) and the extractor's int8 network calibrated on ``calibration``."""
         params.validate(self.get_params())
         settings = params.resolved(self.get_params())
         if not images:
             return Trainer(settings)
         if tiles_from is not None:
-            self.__dict__.setdefault("_extractors", ExtractorCache()).decide_tiles(tiles_from, settings)
+            self.__dict__.setdefault("_extractors", ExtractorCache()).decide(tiles_from, settings)
         if calibration is not None:
             self.feature_extractor().calibrate(calibration, on_error)
         return Trainer(settings, self.iter_features, layout_of(self.feature_extractor(), settings))

@@ -31,6 +31,10 @@ ENGINES = ("auto", "onnxruntime", "torch")
 DECODERS = ("auto", "pil")
 PRECISIONS = ("fp32", "int8")
 MAX_INPUT_SIZE = 4096  # largest network input side (EfficientNet-B7 uses 600)
+# input_size='auto' takes about this many times the backbone's native size (a multiple of 32: 384 px for a native 224)
+# where the median training image is at least that large: at 384 px the fused score gained 0.02-0.07 image AUROC on
+# outside sets of 512-1131 px images and nothing on ~300 px ones (issue 30; EXPERIMENTS.md, "Input size by image size").
+AUTO_LARGE_INPUT = 1.7
 MAX_MAP_POOL = 15
 MAX_MAP_TILES = 8  # 64 tiles per image: about 64 network runs per image for its map
 # The most tiles a side that map_tiles='auto' picks (tiles.auto_tiles): at 3 the recommended preset scored bottle at
@@ -55,22 +59,27 @@ DEFAULT_PRESET = "recommended"
 BACKBONE_CHOICE = "backbone"
 _WITHOUT_BACKBONE = {"map_levels": (), "pool": "avg"}
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's recipe: ImageNet mean/std, global features only.
-    "paper": {"normalize": "imagenet", "resize": "square", "pool": "avg", "map_levels": (), "map_method": "gaussian",
-              "map_pool": 1, "map_grid": "coarsest", "map_tiles": 1, "image_score": "global", "threshold": "chi2"},
+    # The paper's recipe: ImageNet mean/std at the native size, global features only, chi2 thresholds.
+    "paper": {"input_size": None, "normalize": "imagenet", "resize": "square", "pool": "avg", "map_levels": (),
+              "map_method": "gaussian", "map_pool": 1, "map_grid": "coarsest", "map_tiles": 1,
+              "image_score": "global", "threshold": "chi2"},
     # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, the images' proportions kept,
     # and nearest-neighbour anomaly maps over 3 x 3 neighbourhoods of the backbone's map levels (its registry entry's
     # ``map_levels``: stage2-stage7 for EfficientNet, on the stage7 grid; layer2-layer3 for ResNet); and the
     # registry entry's ``pool``: for EfficientNet-Lite the map levels' global features also hold each channel's
     # spread over the map (square root of its standard deviation), elsewhere the paper's average.
-    # The image score stays the global one: the fused score (``image_score='fused'``) did not rank synthetic
-    # defects better and its decision caught fewer of them at the same target FPR (EXPERIMENTS.md, issue 14).
-    "recommended": {"normalize": "native", "resize": "aspect", "pool": BACKBONE_CHOICE, "map_levels": BACKBONE_CHOICE,
-                    "map_method": "nearest", "map_pool": 3, "map_grid": "coarsest", "map_tiles": "auto",
-                    "image_score": "global", "threshold": "chi2"},
+    # Since issue 30 it decides by the fused image score (the global score and the map peak as conformal p-values,
+    # Fisher's combination, full conformal prediction): the chi2 law does not hold on these features (it flagged
+    # 10-100 % of good parts at a 1 % target), the conformal law does. The input size follows the training images
+    # (``input_size='auto'``), and the maps are untiled: a larger input gives large images their detail in one
+    # network pass per image, where tiles cost 1 + K*K passes (README, "Which decision rule").
+    "recommended": {"input_size": "auto", "normalize": "native", "resize": "aspect", "pool": BACKBONE_CHOICE,
+                    "map_levels": BACKBONE_CHOICE, "map_method": "nearest", "map_pool": 3, "map_grid": "coarsest",
+                    "map_tiles": 1, "image_score": "fused", "threshold": "conformal"},
 }
-# The recommended preset before issue 14, kept under its own name for its speed: untiled maps.
-PRESETS["fast"] = {**PRESETS["recommended"], "map_tiles": 1}
+# The recommended preset at the backbone's native input size whatever the images' size: the same decision, one
+# cheaper network pass per image on large images.
+PRESETS["fast"] = {**PRESETS["recommended"], "input_size": None}
 
 
 def _fail(name: str, expected: str, value: Any) -> None:
@@ -182,6 +191,19 @@ def _calibration_text(text: str) -> str | float:
     return text if text == "cv" else _float_text(text)
 
 
+def _input_size(name: str, value: Any) -> None:
+    if value != "auto" and not (_is_int(value) and 1 <= value <= MAX_INPUT_SIZE):
+        _fail(name, f"'auto' or an integer 1..{MAX_INPUT_SIZE}", value)
+
+
+def _input_size_text(text: str) -> int | str | None:
+    """'auto', 'none' (the backbone's native size) or a number of pixels."""
+    word = text.strip().lower()
+    if word in ("auto", "none"):
+        return None if word == "none" else word
+    return _int_text(text)
+
+
 def _tiles(name: str, value: Any) -> None:
     if value != "auto" and not (_is_int(value) and 1 <= value <= MAX_MAP_TILES):
         _fail(name, f"'auto' or an integer 1..{MAX_MAP_TILES}", value)
@@ -235,10 +257,13 @@ PARAMS: tuple[Param, ...] = (
           "comma-separated levels by name or index (EfficientNet, MobileNetV2: stem,stage1..stage7,head = 0..8; "
           "ResNet: stem,layer1..layer4 = 0..4); default all",
           learned="levels_", flag="--levels", parse=_text_list),
-    Param("input_size", None, optional(integer(1, MAX_INPUT_SIZE)),
+    Param("input_size", None, optional(_input_size),
           "input size S in pixels: the side of the square input, or with --resize aspect the side of a square of "
-          "the same area; default the backbone's native size", learned="input_size_", flag="--input-size",
-          parse=_int_text, metavar="S"),
+          "the same area; none = the backbone's native size (paper and fast presets); auto (recommended preset): "
+          f"decided at fit from the training images' size: about {AUTO_LARGE_INPUT:g}x native (384 px for "
+          "EfficientNet-Lite0) where the median training image is at least that large, else native (never "
+          "upscaling)", learned="input_size_", preset=True, flag="--input-size", parse=_input_size_text,
+          metavar="S|auto|none"),
     Param("weights", None, optional(_path),
           "local weights file for the backbone (.pth/.pt state dict or .safetensors); required for "
           "efficientnet-b0..b7 and the ResNets", flag="--weights", parse=str, metavar="FILE"),
@@ -281,8 +306,8 @@ PARAMS: tuple[Param, ...] = (
           "tile the anomaly maps: the image resized to about K tiles of side S along each side (S + (K-1) x the tile "
           "step, tiles overlapping by about S/4), each tile run through the network at S, the map levels' feature "
           "maps stitched (overlaps averaged) into one; the image score still comes from the whole image at S. About "
-          "1 + K*K network runs per image (1 = off); input size a multiple of 32, maps export refuses it. auto "
-          "(recommended preset): decided at fit from the training images' size, the most tiles up to "
+          "1 + K*K network runs per image (1 = off); input size a multiple of 32, maps export refuses it. auto: "
+          "decided at fit from the training images' size, the most tiles up to "
           f"{AUTO_MAX_TILES} whose map image is no larger than the images (1 for images under about 384 px at "
           "S = 224)",
           learned="map_tiles_", preset=True, flag="--map-tiles", parse=_tiles_text, metavar="K|auto"),
@@ -293,10 +318,11 @@ PARAMS: tuple[Param, ...] = (
           "faster on CPU for a small AUROC change (BENCHMARKS.md), the quantized network (a few MB) stored in the "
           "model file; needs the onnxruntime engine", flag="--precision", choices=PRECISIONS),
     Param("preset", None, optional(choice(PRESETS)),
-          "recommended (default): the backbone's own input normalisation, aspect-kept resize, and nearest-neighbour "
-          "anomaly maps from the backbone's map levels (EfficientNet: stage2-stage7; see README for the figures), "
-          "tiled on large images (map_tiles auto); paper: the paper's recipe (global features only, ImageNet "
-          "normalisation, square resize); fast: recommended with untiled maps (its speed before tiling)",
+          "recommended (default): the fused image score decided by its conformal law at --fpr, the input size "
+          "following the training images (input_size auto), the backbone's own input normalisation, aspect-kept "
+          "resize, and nearest-neighbour anomaly maps from the backbone's map levels (EfficientNet: "
+          "stage2-stage7; see README for the figures); fast: recommended at the backbone's native input size; "
+          "paper: the paper's recipe (global features only, ImageNet normalisation, square resize, chi2)",
           flag="--preset", choices=tuple(PRESETS)),
     Param("image_score", None, optional(choice(IMAGE_SCORES)),
           "image score and decision: global = the mean over levels of the Mahalanobis distances; fused = the global "
@@ -349,7 +375,8 @@ def defaults() -> dict[str, Any]:
 
 def effective(params: Mapping[str, Any], name: str) -> Any:
     """A parameter's value in use: the explicit one, else the preset's (``DEFAULT_PRESET`` when none is given); the
-    threshold of a fused image score, unless given, is conformal (the only one it decides by)."""
+    threshold of a fused image score, unless given, is conformal (the only one it decides by), and a preset's fused
+    image score is the global one where there are no nearest-neighbour maps to fuse."""
     value = params.get(name)
     if name == "preset":
         return value or DEFAULT_PRESET
@@ -357,6 +384,8 @@ def effective(params: Mapping[str, Any], name: str) -> Any:
         return "conformal"
     if value is None and BY_NAME[name].preset:
         value = PRESETS[params.get("preset") or DEFAULT_PRESET][name]
+        if name == "image_score" and value == "fused" and not _has_nearest_maps(params):
+            return "global"  # nothing to fuse: the preset's conformal decision on the global score
         if value == BACKBONE_CHOICE:
             if params.get("backbone") is None:
                 return _WITHOUT_BACKBONE[name]
@@ -364,6 +393,13 @@ def effective(params: Mapping[str, Any], name: str) -> Any:
 
             return getattr(get_spec(params["backbone"]), name)
     return value
+
+
+def _has_nearest_maps(params: Mapping[str, Any]) -> bool:
+    """Whether the settings give nearest-neighbour anomaly maps, the evidence a fused image score needs besides the
+    global score (plain features and models without map levels have none)."""
+    return (params.get("backbone", BY_NAME["backbone"].default) is not None
+            and bool(list(effective(params, "map_levels") or ())) and effective(params, "map_method") == "nearest")
 
 
 def resolved(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -139,17 +139,18 @@ def _threshold_table(result: dict[str, Any]) -> str:
     rows = []
     for method, by_alpha in result["thresholds"].items():
         cells = []
-        for cell in by_alpha.values():
+        for alpha, cell in by_alpha.items():
             if cell["fpr"] is None:
                 cells.append("<td>n/a</td>")
                 continue
-            inf = sum(t is None for t in cell.get("score_threshold_folds", []))
-            cells.append(f"<td>{cell['fpr']:.3f} / {cell['tpr']:.3f}" + (f" ({inf} inf)" if inf else "") + "</td>")
-        rows.append(f"<tr><th>{method}</th>{''.join(cells)}</tr>")
+            raised = sum(t > float(alpha) for t in cell.get("target_folds", []))
+            cells.append(f"<td>{cell['fpr']:.3f} / {cell['tpr']:.3f}" + (f" ({raised} raised)" if raised else "")
+                         + "</td>")
+        rows.append(f"<tr><th>{html.escape(method)}</th>{''.join(cells)}</tr>")
     head = "".join(f"<th>alpha {a}</th>" for a in next(iter(result["thresholds"].values())))
     return (f"<table><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
             "<p class=meta>realised FPR on good test images / TPR on defective ones, mean over folds "
-            "(inf: folds without a finite conformal threshold)</p>")
+            "(raised: folds whose calibration cannot support alpha, decided at 1/(n + 1) instead)</p>")
 
 
 def render_html(report: dict[str, Any], details: dict[str, Any]) -> str:
@@ -161,9 +162,18 @@ def render_html(report: dict[str, Any], details: dict[str, Any]) -> str:
         return _render_html(report, details)
 
 
+def auto_text(report: dict[str, Any], name: str) -> str:
+    """A setting of an evaluation report that 'auto' may decide per category (input_size, map_tiles): its value, or
+    'auto' with each category's decision."""
+    value = report.get(name, 1)
+    if value != "auto":
+        return str(value)
+    return "auto (" + ", ".join(f"{cat} {r.get(name)}" for cat, r in report["categories"].items()) + ")"
+
+
 def _render_html(report: dict[str, Any], details: dict[str, Any]) -> str:
     head = (f"protocol {report['protocol']}, preset {report['preset'] or 'paper'}, backbone {report['backbone']} at "
-            f"{report['input_size']} px, estimator {report['estimator']}, normalisation {report['normalize']}, "
+            f"{auto_text(report, 'input_size')} px, estimator {report['estimator']}, normalisation {report['normalize']}, "
             f"resize {report.get('resize', 'square')}"
             + (f", anomaly maps {report['map_method']} from {', '.join(report['map_levels'])}" if report.get("map_levels")
                else ""))

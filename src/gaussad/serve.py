@@ -37,7 +37,7 @@ from .errors import DataError, GaussadError, ImageError, ImageTooLargeError, Unk
 from .engine import cpu_count, int8_summary
 from .images import NamedBytes, load_image, probe
 from .maps import overlay
-from .decision import calibration_summary
+from .decision import calibration_summary, fpr_note
 from .feedback import ModelRegistry, UpdateError
 from .keys import KeyStore, bearer, is_loopback
 from .model import GaussianAD, load
@@ -110,17 +110,22 @@ def load_models(folder: str | os.PathLike) -> dict[str, GaussianAD]:
 
 # ----- results -----------------------------------------------------------------------------------------------
 def effective_fpr(model: GaussianAD, fpr: float | None) -> float:
-    """The false-positive rate a decision uses: the request's or service's, else the model's own."""
-    return float(model.fpr if fpr is None else fpr)
+    """The target false-positive rate a decision uses: the request's or service's, else the model's own, raised for
+    a conformal rule to the smallest rate its calibration supports (:meth:`DecisionRule.target_fpr`)."""
+    rule = model.rule(fpr)
+    return rule.target_fpr(model.state_) if rule.method == "conformal" else rule.fpr
 
 
 def decision_rule(model: GaussianAD, fpr: float | None) -> dict:
     """How ``model.decide`` flags an image: the model's threshold method, the FPR, the score threshold
     (None when infinite) and, for chi2/hotelling, each level's distance threshold (Bonferroni over levels); for a
-    fused image score, the p-value threshold (the FPR) instead of a score threshold."""
-    fpr = effective_fpr(model, fpr)
+    fused image score, the p-value threshold (the FPR) instead of a score threshold. ``fpr`` is the target rate it
+    decides at; where the calibration cannot support the rate asked for, ``fpr_requested`` and ``note`` say so."""
     rule = model.rule(fpr)
-    out: dict = {"method": rule.method, "fpr": fpr, "image_score": rule.image_score}
+    note = fpr_note(rule, model.state_)
+    fpr = effective_fpr(model, fpr)
+    out: dict = {"method": rule.method, "fpr": fpr, "image_score": rule.image_score,
+                 **({"fpr_requested": rule.fpr, "note": note} if note else {})}
     try:
         if rule.fused:
             rule.check(model.state_)

@@ -158,15 +158,25 @@ class DetectorState:
         return replace(self, map_calibration=None if peaks is None else np.asarray(peaks, dtype=np.float64))
 
     def merge(self, other: "DetectorState", estimator: str, reduction: str | None, variance: float) -> "DetectorState":
-        """The state of the union of both training sets: statistics added exactly, memory banks joined."""
+        """The state of the union of both training sets: statistics added exactly, memory banks joined, and the
+        calibrations (global scores, and a fused score's map peaks) joined where both states have the same kind. Each
+        part's scores were made against a model of fewer images (its folds, its smaller bank), so against the
+        merged model they err large: conservative p-values, as after a feedback update (:mod:`gaussad.feedback`)."""
         if self.network is not None or other.network is not None:
             raise GaussadError("merge of int8 models is not supported (each network is calibrated on its own training "
                                "images): fit the union with precision='int8', or merge fp32 models")
         map_stats = [a.merge(b) for a, b in zip(self.map_stats, other.map_stats)]
         banks = [a.merge(b) for a, b in zip(self.map_banks, other.map_banks)]
-        return DetectorState.fit(self.layout, [a.merge(b) for a, b in zip(self.stats, other.stats)], estimator,
-                                 reduction, variance, self.map_method, self.map_pool, map_stats, banks,
-                                 map_grid=self.map_grid)
+        out = DetectorState.fit(self.layout, [a.merge(b) for a, b in zip(self.stats, other.stats)], estimator,
+                                reduction, variance, self.map_method, self.map_pool, map_stats, banks,
+                                map_grid=self.map_grid)
+        parts = (self, other)
+        if any(p.calibration_scores is None for p in parts) or len({p.map_calibration is None for p in parts}) > 1:
+            return out  # nothing to join: a conformal decision then asks for calibrate()
+        method = self.calibration_method if self.calibration_method == other.calibration_method else None
+        out = out.with_calibration(np.concatenate([p.calibration_scores for p in parts]), method)
+        return out if self.map_calibration is None else out.with_map_calibration(
+            np.concatenate([p.map_calibration for p in parts]))
 
     # ----- facts -----------------------------------------------------------------------------------------------
     @property

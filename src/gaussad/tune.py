@@ -262,7 +262,7 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
     import numpy as np
 
     from .evaluate import extract
-    from .features import map_tiles_for
+    from .features import auto_settings
     from .images import image_list
     from .model import GaussianAD
 
@@ -295,8 +295,8 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
 
             names = get_spec(first["backbone"]).level_names
             extractor.set_params(map_levels=[names[i] for i in union])
-            if extractor.setting("map_tiles") == "auto":  # decided as the refit on these images would decide it
-                extractor.set_params(map_tiles=map_tiles_for(images, params.resolved(extractor.get_params())))
+            # input_size and map_tiles 'auto' decided as the refit on these images would decide them
+            extractor.set_params(**auto_settings(images, params.resolved(extractor.get_params())))
             t0 = time.perf_counter()
             size = extractor.feature_extractor().input_size
             fit = extract(extractor, fit_files, f"tune {size} px: fit", bool(union))

@@ -52,7 +52,8 @@ function describeModel() {
   if (!m) return;
   const t = m.threshold;
   $("model-info").textContent = `${m.backbone}, ${m.input_size} px, trained on ${m.n_samples} images; ` +
-    `decision: ${t.method} at FPR ${t.fpr}; ${m.maps ? "heat maps" : "no heat maps"}`;
+    `decision: ${t.image_score === "fused" ? "fused score, conformal" : t.method} at target FPR ${t.fpr}` +
+    `${t.note ? ` (${t.note})` : ""}; ${m.maps ? "heat maps" : "no heat maps"}`;
   $("version").textContent = m.version == null ? "" : `version ${m.version}`;
   $("maps-toggle").hidden = !m.maps;
   loadHistory();
