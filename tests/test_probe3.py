@@ -401,3 +401,29 @@ def test_an_update_the_model_folder_refuses_is_409_and_changes_nothing(model_dir
         assert not (_history(model_dir) / "v2.gaussad").exists() and not (_history(model_dir) / "versions.json").exists()
         monkeypatch.setattr(files.os, "replace", real)
         assert c.post("/models/plain/update").json()["version"] == 2
+
+
+# ----- leftovers: parameters set anew on a fitted model, complex distances, empty ONNX input, tune's ties ------------
+@pytest.mark.parametrize("name, value, needle", [("levels", ["stem", "stage1"], r"levels \(\[0, 1, 2, 3\] vs \[0, 1\]\)"),
+                                                 ("input_size", 32, r"input size \(64 vs 32\)")])
+def test_levels_or_input_size_set_on_a_fitted_model_are_refused_by_partial_fit(tiny_category, tmp_path, name, value,
+                                                                                needle):
+    """As a backbone set anew is: ``partial_fit`` names the difference (was: the new value silently ignored, the
+    images added at the fitted levels and size)."""
+    files = list_images(tiny_category / "train" / "good")[:5]
+    GaussianAD(**TINY).fit(files[:3]).save(tmp_path / "m.gaussad")
+    model = gaussad.load(tmp_path / "m.gaussad")
+    setattr(model, name, value)
+    with pytest.raises(gaussad.InvalidParameterError, match=needle):
+        model.partial_fit(files[3:])
+    assert model.n_samples_ == 3
+
+
+@pytest.mark.parametrize("values, kind", [(np.array([[1 + 2j]]), "complex numbers"), (np.array([[1 + 0j]]), "complex numbers"),
+                                          (np.array([[1 + 2j]], dtype=object), "complex numbers"), ([["1.5"]], "text")])
+def test_decide_refuses_distances_that_are_not_real_numbers(values, kind):
+    """Was: complex distances decided on their real part (a ComplexWarning at most), text parsed as numbers."""
+    model = GaussianAD(backbone=None).fit_features([np.random.default_rng(0).normal(size=(30, 3))])
+    with pytest.raises(DataError, match=f"level distances must be real numbers, got {kind}"):
+        model.decide(values)
+    assert model.decide([[1.0]])[0].tolist() == [0]
