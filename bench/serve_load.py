@@ -48,14 +48,15 @@ def free_port() -> int:
 
 @contextmanager
 def serving(model_dir: str | os.PathLike, *args: str, timeout: float = 180.0,
-            procs: list | None = None) -> Iterator[str]:
+            procs: list | None = None, src: str | os.PathLike | None = None) -> Iterator[str]:
     """Run `gaussad serve MODEL_DIR` in a child process until the block ends; yields its base URL (the process is
-    appended to ``procs`` when given). The results log is off unless ``args`` has ``--db``."""
+    appended to ``procs`` when given). The results log is off unless ``args`` has ``--db``. ``src``: the source
+    folder of the gaussad to run (default: this process's)."""
     import gaussad
 
     port = free_port()
     env = dict(os.environ)
-    src = str(Path(gaussad.__file__).resolve().parents[1])
+    src = str(src or Path(gaussad.__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log = tempfile.TemporaryFile()
     db = [] if "--db" in args else ["--db", "none"]  # no results log unless asked for

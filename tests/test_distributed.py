@@ -254,6 +254,30 @@ def test_score_rerun_skips_finished_parts(client, fitted, tiny_category, tmp_pat
         distributed.score(fitted, files[:3], names[:3], out, client, partition_size=4)
 
 
+def test_score_rerun_scores_again_a_part_whose_input_was_replaced(client, fitted, tiny_category, tmp_path):
+    """Issue 32, N16: a good image replaced by a defective one under the same name after its part was written; the
+    rerun scores that part again (the row has the defect's score) and reuses the other (was: the old score kept)."""
+    import shutil
+
+    from gaussad.model import load
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for p in sorted((tiny_category / "test" / "good").glob("*.png"))[:4]:
+        shutil.copyfile(p, inputs / p.name)
+    files, names = find_images([str(inputs)], True)
+    out = tmp_path / "r.parquet"
+    distributed.score(fitted, files, names, out, client, partition_size=2)
+    kept = out / distributed.part_name(1, ".parquet")
+    stamp = kept.stat().st_mtime_ns
+    defect = sorted(p for p in (tiny_category / "test").rglob("*.png") if p.parent.name != "good")[0]
+    shutil.copyfile(defect, files[0])
+    again = distributed.score(fitted, files, names, out, client, partition_size=2)
+    assert again["parts_written"] == 1 and again["parts_reused"] == 1 and kept.stat().st_mtime_ns == stamp
+    scores = {r["path"]: float(r["score"]) for r in distributed.read_results(out)}
+    assert math.isclose(scores[names[0]], float(load(fitted).score_samples([defect])[0]), rel_tol=1e-6)
+
+
 def test_score_survives_a_killed_worker(client, fitted, tiny_category, tmp_path):
     files, names = find_images([str(tiny_category / "test")], True)
     files, names = files * 3, [f"{k}/{n}" for k in range(3) for n in names]

@@ -204,3 +204,20 @@ def test_finest_grid_maps_are_refused_by_export(train_images):
                                map_grid="finest", normalize="native").fit(train_images)
     with pytest.raises(gaussad.GaussadError, match="coarsest grid"):
         export_detector(model, maps=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 0, 0, 3), (1, 0, 40, 3), (2, 40, 0, 3)])
+def test_an_image_without_pixels_is_refused_by_a_named_node(train_images, shape):
+    """Issue 32: ONNX Runtime's error names the check (was: an index error of some Gather in the resize, with
+    nothing to say why); one pixel is enough, and gaussad's own path says so in one line."""
+    from gaussad.errors import ImageError
+    from gaussad.export import EMPTY_IMAGE, export_detector
+
+    model = gaussad.GaussianAD(**TINY).fit(train_images[:4])
+    sess = _session(export_detector(model)[0])
+    with pytest.raises(Exception, match=EMPTY_IMAGE):
+        sess.run(None, {"image": np.zeros(shape, np.uint8)})
+    one = np.full((1, 1, 1, 3), 128, np.uint8)
+    np.testing.assert_allclose(sess.run(["score"], {"image": one})[0], model.score_samples([one[0]]), rtol=1e-4)
+    with pytest.raises(ImageError, match="image has no pixels"):
+        model.score_samples([np.zeros(shape[1:], np.uint8)])

@@ -232,7 +232,7 @@ def test_results_log_on_a_database(db_url, tmp_path):
         (rate,) = log.rates()
         assert rate == {"model": "m", "version": 1, "good": 1, "good_flagged": 1, "defect": 2, "defect_flagged": 1,
                         "fpr": 1.0, "tpr": 0.5}
-        csv = ResultsLog.csv(log.query(limit=100)).splitlines()
+        csv = "".join(log.csv_stream(limit=100)).splitlines()
         assert csv[0].startswith("seq,id,time,model,version") and len(csv) == 11 and ids[4] in csv[5]
     finally:
         log.close()

@@ -19,9 +19,10 @@ from gaussad.errors import DataError, GaussadError
 from gaussad.images import list_images
 from gaussad.keys import KeyStore, is_loopback
 from gaussad.results import spreadsheet_safe
-from gaussad.results_log import ResultsLog
+from gaussad.results_log import ResultsLog, sha256
 from gaussad.serve import create_app, load_models
 
+from .conftest import TINY
 from .test_operations import _upload, model_dir, served_dir  # noqa: F401 - fixtures
 
 HOSTILE = ["=HYPERLINK(\"http://x.example\",\"click\")", "=cmd|' /C calc'!A0", "+1+1", "-2+3", "@SUM(1+1)",
@@ -337,3 +338,92 @@ def test_an_update_whose_history_cannot_be_kept_is_409_and_changes_nothing(model
         assert answer.status_code == 409 and "cannot keep its versions" in answer.json()["detail"]
         assert c.get("/models/plain/versions").json()["version"] == 1
     assert (model_dir / "plain.gaussad").read_bytes() == before
+
+
+# ----- updates: a model file replaced while served, a folder that refuses the new version (N11, N12) --------------
+def _service(model_dir, tmp_path):  # noqa: F811
+    return create_app(load_models(model_dir), results_log=ResultsLog(str(tmp_path / "r.sqlite"), str(tmp_path / "kept")),
+                      folder=model_dir)
+
+
+def _mark_good(c, tiny_category) -> None:
+    for row in c.post("/models/plain/score", files=_upload(list_images(
+            tiny_category.parent / "gravel" / "test" / "good")[:2])).json()["results"]:
+        assert c.post(f"/results/{row['id']}/label", json={"label": "good"}).status_code == 200
+
+
+def test_an_update_of_a_model_file_replaced_while_served_is_409(model_dir, tiny_category, tmp_path):  # noqa: F811
+    """The file refitted in place while served: the update and a rollback are refused (was: built on the replaced
+    file, recorded "from v1", and v1 kept with the replaced bytes, so rollback was 422 for good); the replaced file
+    keeps its bytes, and a restart serves it."""
+    with TestClient(_service(model_dir, tmp_path)) as c:
+        _mark_good(c, tiny_category)
+        GaussianAD(**{**TINY, "levels": ["stem", "stage1"]}).fit(
+            list_images(tiny_category.parent / "gravel" / "train" / "good")).save(model_dir / "plain.gaussad")
+        replaced = (model_dir / "plain.gaussad").read_bytes()
+        answer = c.post("/models/plain/update")
+        assert answer.status_code == 409, answer.text
+        assert "no longer the served version 1" in answer.json()["detail"]
+        assert c.post("/models/plain/rollback").status_code == 409
+        assert c.get("/models/plain/versions").json()["version"] == 1
+    assert (model_dir / "plain.gaussad").read_bytes() == replaced
+    assert not list(_history(model_dir).glob("v2.gaussad"))
+    with TestClient(_service(model_dir, tmp_path)) as c:
+        assert c.get("/models/plain/versions").json()["sha256"] == sha256(replaced)
+
+
+@pytest.mark.parametrize("refusing", ["plain.gaussad", "versions.json"])
+def test_an_update_the_model_folder_refuses_is_409_and_changes_nothing(model_dir, tiny_category, tmp_path,  # noqa: F811
+                                                                       monkeypatch, refusing):
+    """A read-only moment at the model file's (or the history's) rename: 409 naming the reason (was 422 with a
+    ``v2.gaussad`` left behind; for the history, version 2 in memory while version 1 was served), the model file
+    and history as before, and the next update once the fault is lifted is version 2."""
+    import errno
+
+    import gaussad.files as files
+
+    real = os.replace
+
+    def read_only(src, dst):
+        if Path(dst).name == refusing:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(src, dst)
+
+    before = (model_dir / "plain.gaussad").read_bytes()
+    with TestClient(_service(model_dir, tmp_path)) as c:
+        _mark_good(c, tiny_category)
+        monkeypatch.setattr(files.os, "replace", read_only)
+        answer = c.post("/models/plain/update")
+        assert answer.status_code == 409, answer.text
+        assert "Read-only file system" in answer.json()["detail"] and "nothing was changed" in answer.json()["detail"]
+        assert c.get("/models/plain/versions").json()["version"] == 1
+        assert (model_dir / "plain.gaussad").read_bytes() == before
+        assert not (_history(model_dir) / "v2.gaussad").exists() and not (_history(model_dir) / "versions.json").exists()
+        monkeypatch.setattr(files.os, "replace", real)
+        assert c.post("/models/plain/update").json()["version"] == 2
+
+
+# ----- leftovers: parameters set anew on a fitted model, complex distances, empty ONNX input, tune's ties ------------
+@pytest.mark.parametrize("name, value, needle", [("levels", ["stem", "stage1"], r"levels \(\[0, 1, 2, 3\] vs \[0, 1\]\)"),
+                                                 ("input_size", 32, r"input size \(64 vs 32\)")])
+def test_levels_or_input_size_set_on_a_fitted_model_are_refused_by_partial_fit(tiny_category, tmp_path, name, value,
+                                                                                needle):
+    """As a backbone set anew is: ``partial_fit`` names the difference (was: the new value silently ignored, the
+    images added at the fitted levels and size)."""
+    files = list_images(tiny_category / "train" / "good")[:5]
+    GaussianAD(**TINY).fit(files[:3]).save(tmp_path / "m.gaussad")
+    model = gaussad.load(tmp_path / "m.gaussad")
+    setattr(model, name, value)
+    with pytest.raises(gaussad.InvalidParameterError, match=needle):
+        model.partial_fit(files[3:])
+    assert model.n_samples_ == 3
+
+
+@pytest.mark.parametrize("values, kind", [(np.array([[1 + 2j]]), "complex numbers"), (np.array([[1 + 0j]]), "complex numbers"),
+                                          (np.array([[1 + 2j]], dtype=object), "complex numbers"), ([["1.5"]], "text")])
+def test_decide_refuses_distances_that_are_not_real_numbers(values, kind):
+    """Was: complex distances decided on their real part (a ComplexWarning at most), text parsed as numbers."""
+    model = GaussianAD(backbone=None).fit_features([np.random.default_rng(0).normal(size=(30, 3))])
+    with pytest.raises(DataError, match=f"level distances must be real numbers, got {kind}"):
+        model.decide(values)
+    assert model.decide([[1.0]])[0].tolist() == [0]

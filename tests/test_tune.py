@@ -153,9 +153,13 @@ def test_cli_tune_prints_the_ranking_saves_the_best_and_json_parses(tiny_categor
         {"map_grid": model.map_grid, "preset": "recommended"}
 
     assert main(["tune", str(tiny_category), "-o", str(tmp_path / "b.gaussad"), "--grid", "maps", "--budget", "6"]) == 0
-    text = capsys.readouterr().out
+    printed = capsys.readouterr()
+    text = printed.out
     assert "rank  image AUROC" in text and "map_grid=finest" in text and "map_grid=coarsest" in text
-    assert "wrote" in text
+    assert "wrote" in text and "then grid order (too few held out for pixel AUROC)" in text
+    # the maps grid leaves the global image score alone: with 2 held out, nothing separates the two (issue 32)
+    assert sum("tune: the held-out images cannot separate the 2 best settings" in line
+               for line in printed.err.splitlines()) == 1 and "UserWarning" not in printed.err
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -185,3 +189,21 @@ def test_the_scores_grid_ranks_the_fused_score_beside_the_global_one(train_dir):
     assert 0.0 <= fused["image_auroc"] <= 1.0
     # The ranking follows the image AUROC of each candidate's own score.
     assert result.ranking[0]["image_auroc"] >= result.ranking[1]["image_auroc"]
+
+
+def test_settings_the_held_out_images_cannot_separate_go_to_the_cheapest_with_a_warning(tmp_path, capsys):
+    """Issue 32: 8 x 8 noise images, 2 held out: both input sizes tie on image AUROC and the pixel AUROC of two pasted
+    defects, which is noise, favours 160 px (was: 160 px chosen on it, without a word). Now the first in grid order,
+    the cheaper 64 px, is chosen and tune warns (the command line prints the warning as one line: the test above)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(100, 140, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    files = sorted(tmp_path.glob("*.png"))
+    with pytest.warns(UserWarning, match=r"cannot separate the 2 best settings .* chose the first in grid order"):
+        result = tune(files, grid={"input_size": (64, 160)}, base=BASE, refit=False)
+    first, second = result.ranking
+    assert result.n_held_out == 2 and first["settings"] == {} and second["settings"] == {"input_size": 160}
+    assert first["image_auroc"] == second["image_auroc"] and second["pixel_auroc"] > first["pixel_auroc"]
+    assert "cannot separate" in result.to_json()["warning"]

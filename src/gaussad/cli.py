@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path, PurePath
 from typing import Sequence
 
@@ -136,8 +137,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .tune import candidates, format_ranking, tune
 
     candidates(args.grid, base)  # a bad grid fails before any work
-    result = tune(files, grid=args.grid, budget=args.budget, base=base, seed=seed,
-                  verbose=not (args.quiet or args.json))
+    with warnings.catch_warnings():  # its warning is printed below as one line
+        warnings.filterwarnings("ignore", message="tune: ", category=UserWarning)
+        result = tune(files, grid=args.grid, budget=args.budget, base=base, seed=seed,
+                      verbose=not (args.quiet or args.json))
+    if result.warning is not None:
+        print(result.warning, file=sys.stderr)
     result.model.save(args.output)
     if args.json:
         print(json.dumps({"model": str(args.output), "n_images": len(files), "grid": args.grid, "seed": seed,

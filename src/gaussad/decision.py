@@ -4,6 +4,7 @@ decisions for a fitted state (on top of :mod:`gaussad.threshold`'s laws)."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,13 +38,25 @@ class Calibrated(Protocol):
     def layout(self): ...
 
 
+def real_array(values, what: str) -> np.ndarray:
+    """``values`` as a float64 array when they are real numbers; complex numbers (whose imaginary part a float
+    conversion drops with only a warning), text and other objects raise DataError naming ``what``."""
+    try:
+        raw = np.asarray(values)
+    except (TypeError, ValueError):  # ragged nested lists
+        raise DataError(f"{what} must be real numbers") from None
+    if raw.dtype.kind not in "biuf" and not (raw.dtype.kind == "O" and all(
+            isinstance(v, numbers.Real) for v in raw.flat)):
+        kind = "complex numbers" if raw.dtype.kind == "c" or any(isinstance(v, complex) for v in raw.flat) else \
+            "text" if raw.dtype.kind in "US" else "other objects"
+        raise DataError(f"{what} must be real numbers, got {kind}")
+    return raw.astype(np.float64)
+
+
 def check_distances(level_scores: np.ndarray, n_levels: int) -> np.ndarray:
     """Per-level distances as a float64 (n, n_levels) array; anything else (another shape, NaN or negative
-    values, non-numbers) raises DataError: a decision on them would be silently wrong."""
-    try:
-        d = np.atleast_2d(np.asarray(level_scores, dtype=np.float64))
-    except (TypeError, ValueError):
-        raise DataError("level distances must be numbers") from None
+    values, non-numbers, complex numbers) raises DataError: a decision on them would be silently wrong."""
+    d = np.atleast_2d(real_array(level_scores, "level distances"))
     if d.ndim != 2 or d.shape[1] != n_levels:
         raise DataError(f"level distances must be an (n, {n_levels}) array, one column per level; got shape {d.shape}")
     if np.isnan(d).any():
@@ -162,7 +175,7 @@ class DecisionRule:
         """(calibrations, evidence) of the fused score: the global score and the map peak."""
         if map_peaks is None:
             raise GaussadError("the fused image score needs the map peaks of the images (score them with maps)")
-        peaks = np.asarray(map_peaks, dtype=np.float64)
+        peaks = real_array(map_peaks, "map peaks")
         if peaks.shape != (len(level_scores),) or not np.all(np.isfinite(peaks)):
             raise DataError(f"map peaks must be {len(level_scores)} finite numbers, one per image; got shape "
                             f"{peaks.shape}")

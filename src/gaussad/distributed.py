@@ -482,12 +482,43 @@ def _run_key(model_path: str | os.PathLike, names: list[str], size: int, fpr: fl
     return h.hexdigest()
 
 
+def _part_stamps(paths: list[str], bounds: list[tuple[int, int]]) -> list[str]:
+    """Per part, what its rows depend on beyond the run key: each input's size and modification time (ns). A file
+    replaced under the same name after its part was written makes that part stale, and a rerun scores it again."""
+    def stamp(path: str) -> list[int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:  # unreadable now: the worker says why in the row; a later, readable file differs
+            return None
+        return [st.st_size, st.st_mtime_ns]
+
+    return [hashlib.sha256(json.dumps([stamp(p) for p in paths[lo:hi]]).encode()).hexdigest()[:32] for lo, hi in bounds]
+
+
+def _previous_stamps(folder: Path, key: str) -> list[str]:
+    """The part stamps of the earlier run in ``folder`` (none: nothing to reuse); refuses a folder of another run."""
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        if folder.exists() and any(folder.iterdir()):
+            raise GaussadError(f"{folder}: exists and is not a gaussad results folder; choose another output")
+        return []
+    try:
+        doc = json.loads(manifest.read_text())
+        previous, stamps = doc.get("run"), doc.get("stamps")
+    except (OSError, ValueError, AttributeError):
+        previous, stamps = None, None
+    if previous != key:
+        raise GaussadError(f"{folder}: holds the parts of another run (another model, inputs, partitioning or "
+                           "rule); remove it or choose another output")
+    return stamps if isinstance(stamps, list) else []  # a manifest without stamps: every part is scored again
+
+
 def score(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike], names: Sequence[str],
           out: str | os.PathLike, client, fpr: float | None = None, threshold: str | None = None,
           partition_size: int = DEFAULT_PARTITION, on_error: str = "skip", progress: bool = False) -> dict:
     """Score images on the workers of ``client`` into ``out`` (.parquet folder of parts, or .jsonl/.csv): one part
     per partition, written atomically; a rerun of the same run (same model file, inputs, partitioning and rule)
-    skips the parts already written. Returns a summary (parts written and skipped, rows, skipped inputs)."""
+    skips the parts already written whose inputs are unchanged (size and modification time). Returns a summary (parts written and skipped, rows, skipped inputs)."""
     from .files import write_atomic
     from .model import load
 
@@ -504,20 +535,14 @@ def score(model_path: str | os.PathLike, paths: Sequence[str | os.PathLike], nam
         raise GaussadError(f"{out}: exists (the results of an earlier run); remove it or choose another output")
     folder = parts_folder(out)
     key = _run_key(model_path, names, partition_size, fpr, method)
-    manifest = folder / MANIFEST
-    if manifest.exists():
-        try:
-            previous = json.loads(manifest.read_text()).get("run")
-        except (OSError, ValueError, AttributeError):
-            previous = None
-        if previous != key:
-            raise GaussadError(f"{folder}: holds the parts of another run (another model, inputs, partitioning or "
-                               "rule); remove it or choose another output")
-    elif folder.exists() and any(folder.iterdir()):
-        raise GaussadError(f"{folder}: exists and is not a gaussad results folder; choose another output")
-    write_atomic(manifest, json.dumps({"run": key, "parts": len(partitions(len(paths), partition_size))}).encode(),
-                 "run manifest")
     bounds = partitions(len(paths), partition_size)
+    stamps = _part_stamps(paths, bounds)
+    previous = _previous_stamps(folder, key)
+    for i, stamp in enumerate(stamps):  # removed before the new manifest: a crash in between cannot revive them
+        if i >= len(previous) or previous[i] != stamp:
+            (folder / part_name(i, fmt)).unlink(missing_ok=True)
+    write_atomic(folder / MANIFEST, json.dumps({"run": key, "parts": len(bounds), "stamps": stamps}).encode(),
+                 "run manifest")
     todo = [i for i in range(len(bounds)) if not (folder / part_name(i, fmt)).exists()]
     futures = [client.submit(_score_task, os.path.abspath(model_path), key, names[bounds[i][0]:bounds[i][1]],
                              paths[bounds[i][0]:bounds[i][1]], i, str(folder), fmt, fpr, method, on_error, pure=False)

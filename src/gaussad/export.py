@@ -33,6 +33,8 @@ LIMITS = ("the graph takes decoded 8-bit RGB pixels: decoding, EXIF orientation 
           "are the caller's (gaussad also decodes JPEGs of at least twice the input size at reduced scale, PIL's "
           "draft mode; give such JPEGs decoded in full and the scores differ slightly)")
 NO_MAPS = "anomaly maps are not part of the graph: export with --maps to add them"
+# The name of the node that refuses an image without pixels (H or W 0): ONNX Runtime's error message quotes it.
+EMPTY_IMAGE = "gaussad_refuses_an_image_without_pixels_height_and_width_must_be_at_least_1"
 
 
 def _erfc_log(b, z: str) -> str:
@@ -83,11 +85,11 @@ class _Builder:
         self.graph.initializer.append(numpy_helper.from_array(arr, name))
         return name
 
-    def op(self, kind: str, *inputs: str, out: str | None = None, **attrs: Any) -> str:
+    def op(self, kind: str, *inputs: str, out: str | None = None, name: str | None = None, **attrs: Any) -> str:
         from onnx import helper
 
         out = out or self.name()
-        self.graph.node.append(helper.make_node(kind, list(inputs), [out], name=self.name(), **attrs))
+        self.graph.node.append(helper.make_node(kind, list(inputs), [out], name=name or self.name(), **attrs))
         return out
 
 
@@ -132,6 +134,11 @@ def _preprocess(b, image: str, size: int, resize: str, normalization) -> str:
     shape = b.op("Cast", b.op("Shape", x), to=TensorProto.DOUBLE)
     pick = lambda k: b.op("Gather", shape, b.const(np.array(k, np.int64)))  # noqa: E731  (a scalar)
     h, w = pick(1), pick(2)
+    # An image without pixels fails here, in a node whose name ONNX Runtime's error quotes (it would fail later in
+    # a Gather of the resize, with nothing to say why): index 1 - min(H, W, 1) into a one-element constant.
+    empty = b.op("Cast", b.op("Sub", b.const(1.0), b.op("Min", h, w, b.const(1.0))), to=TensorProto.INT64)
+    zero = b.op("Gather", b.const(np.zeros(1)), empty, name=EMPTY_IMAGE)
+    h, w = b.op("Add", h, zero), b.op("Add", w, zero)  # so that every later node runs after the check
     if resize == "square":
         out_h = out_w = b.const(float(size))
     else:  # aspect_size: round(side * S / sqrt(w h) / 32) clipped to 1..8S/32, times 32, in float64 as Python does

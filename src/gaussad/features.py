@@ -370,6 +370,16 @@ def progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
 
 
+def refitting_differences(settings: Mapping[str, Any], layout) -> list[str]:
+    """The levels and input size that resolved model ``settings`` ask for where a fitted ``layout`` has others, as
+    'name (fitted vs asked)' texts: a fitted model's layout fixes them (:meth:`ExtractorCache.get`), so a
+    parameter set anew after the fit would be ignored without a word by ``partial_fit``."""
+    spec = get_spec(settings["backbone"])
+    pairs = {"levels": (list(layout.levels), resolve_levels(spec.level_names, settings["levels"])),
+             "input size": (layout.input_size, settings["input_size"] or spec.input_size)}
+    return [f"{name} ({a!r} vs {b!r})" for name, (a, b) in pairs.items() if a != b]
+
+
 class ExtractorCache:
     """One :class:`FeatureExtractor` for a model: rebuilt only when a setting that shapes the network changes
     (an extractor holds an inference session); batch size and pixel limit are set on each use."""

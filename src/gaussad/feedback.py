@@ -17,6 +17,8 @@ flag rate 0.030, every defect flagged; EXPERIMENTS.md, "Feedback updates").
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import os
@@ -24,7 +26,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -117,9 +119,6 @@ class ModelRegistry:
         return {"current": first, "stack": [first],
                 "versions": {str(first): {"sha256": digest, "time": time.time(), "added": 0}}}
 
-    def _write_versions(self, name: str) -> None:
-        write_atomic(self._versions_file(name), json.dumps(self.versions[name], indent=1).encode(), "version history")
-
     def version(self, name: str) -> int:
         return int(self.versions[name]["current"])
 
@@ -137,6 +136,54 @@ class ModelRegistry:
             raise UpdateError("models not served from a folder cannot be updated")
 
     # ----- update and rollback -----------------------------------------------------------------------------------
+    def _served_bytes(self, name: str) -> bytes:
+        """The model file's bytes, when they still are the served version (an update builds on them, a rollback
+        replaces them); :class:`UpdateError` when the file was replaced on disk since it was loaded (refitted in
+        place, copied over): building on it would record another model as "from" the served version, and rolling
+        back would drop it unseen. A restart serves the replaced file (a new version when a history exists)."""
+        file = self.model_file(name)
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            raise UpdateError(f"model {name!r}: cannot read {file} ({exc.strerror or exc}); nothing was changed") from None
+        if sha256(data) != self.sha(name):
+            raise UpdateError(f"model {name!r}: {file} is no longer the served version {self.version(name)} (replaced "
+                              "on disk since it was loaded; its SHA-256 differs); restart the service to serve the new "
+                              "file, or put the served file back; nothing was changed")
+        return data
+
+    def _check_writable(self, name: str) -> Path:
+        """The history folder of ``name``, made; :class:`UpdateError` when it or the model folder cannot be written
+        (a file in the way, a read-only folder), found before any work."""
+        history = self.history_dir(name)
+        try:
+            history.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UpdateError(f"model {name!r}: cannot keep its versions in {history} "
+                              f"({exc.strerror or exc}); nothing was changed") from None
+        for folder, what in ((history, "its versions"), (self.folder, "its model file")):
+            if not os.access(folder, os.W_OK | os.X_OK):  # EROFS too, for root as well
+                raise UpdateError(f"model {name!r}: cannot write {what} into {folder} (read-only or permission "
+                                  "denied); nothing was changed")
+        return history
+
+    def _commit(self, name: str, old: bytes, doc: dict, write_new: Callable[[], bytes]) -> bytes:
+        """Write a new version: ``write_new()`` (returns the new model file's bytes), the model file, then the
+        version history ``doc``. A write that fails (read-only, full disk) undoes the model file and answers
+        :class:`UpdateError` (409): the served version, its file and its history stay as they were."""
+        file = self.model_file(name)
+        try:
+            data = write_new()
+            write_atomic(file, data, "model file")
+            try:
+                write_atomic(self._versions_file(name), json.dumps(doc, indent=1).encode(), "version history")
+            except GaussadError:
+                write_atomic(file, old, "model file")
+                raise
+        except GaussadError as exc:
+            raise UpdateError(f"model {name!r}: {exc}; nothing was changed") from None
+        return data
+
     def update(self, name: str, images: Sequence[str | os.PathLike]) -> dict:
         """Add ``images`` (confirmed good) to model ``name`` and serve the result as a new version (blocking)."""
         self._need_folder()
@@ -145,6 +192,8 @@ class ModelRegistry:
         with self._locks[name]:
             v = self.versions[name]
             current, file = int(v["current"]), self.model_file(name)
+            old = self._served_bytes(name)
+            history = self._check_writable(name)
             fresh = load(file)  # a copy: the served object is never changed while requests use it
             cal, method, peaks = (fresh.state_.calibration_scores, fresh.state_.calibration_method,
                                   fresh.state_.map_calibration)
@@ -152,28 +201,29 @@ class ModelRegistry:
             if cal is not None:  # kept: see the module's docstring
                 fresh.state_ = fresh.state_.with_calibration(cal, method).with_map_calibration(peaks)
             warm(fresh)
-            history = self.history_dir(name)
-            try:
-                history.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:  # a file in the way, a read-only model folder: say so (409), never a 500
-                raise UpdateError(f"model {name!r}: cannot keep its versions in {history} "
-                                  f"({exc.strerror or exc}); nothing was changed") from None
-            if not os.access(history, os.W_OK | os.X_OK):
-                raise UpdateError(f"model {name!r}: cannot write its versions into {history} (permission denied); "
-                                  "nothing was changed")
             kept = history / f"v{current}{MODEL_SUFFIX}"
-            if not kept.exists():
-                write_atomic(kept, file.read_bytes(), "model version")
             new = max(map(int, v["versions"])) + 1
             new_file = history / f"v{new}{MODEL_SUFFIX}"
-            fresh.save(new_file)
-            data = new_file.read_bytes()
-            write_atomic(file, data, "model file")
-            v["versions"][str(new)] = {"sha256": sha256(data), "time": time.time(), "added": len(images),
-                                       "from": current}
-            v["stack"].append(new)
-            v["current"] = new
-            self._write_versions(name)
+            doc = copy.deepcopy(v)  # changed in memory only once every file is written
+            doc["stack"].append(new)
+            doc["current"] = new
+            doc["versions"][str(new)] = {"sha256": None, "time": time.time(), "added": len(images), "from": current}
+
+            def write_new() -> bytes:
+                if not kept.exists():
+                    write_atomic(kept, old, "model version")
+                fresh.save(new_file)
+                data = new_file.read_bytes()
+                doc["versions"][str(new)]["sha256"] = sha256(data)
+                return data
+
+            try:
+                data = self._commit(name, old, doc, write_new)
+            except UpdateError:
+                with contextlib.suppress(OSError):  # a read-only folder may refuse even that
+                    new_file.unlink(missing_ok=True)
+                raise
+            self.versions[name] = doc
             self.served[name] = (fresh, new, sha256(data))
             log.info("model %s: version %d with %d added image(s) (was %d)", name, new, len(images), current)
             return {"model": name, "version": new, "previous": current, "added": len(images),
@@ -187,6 +237,7 @@ class ModelRegistry:
             if len(v["stack"]) < 2:
                 raise UpdateError(f"model {name!r}: version {v['current']} has no earlier version to roll back to")
             dropped, previous = v["stack"][-1], v["stack"][-2]
+            old = self._served_bytes(name)
             kept = self.history_dir(name) / f"v{previous}{MODEL_SUFFIX}"
             if not kept.exists():
                 raise DataError(f"{kept}: the file of version {previous} is missing")
@@ -194,10 +245,12 @@ class ModelRegistry:
             if sha256(data) != v["versions"][str(previous)]["sha256"]:
                 raise DataError(f"{kept}: the file does not match the SHA-256 recorded for version {previous}")
             model = warm(load(kept))
-            write_atomic(self.model_file(name), data, "model file")
-            v["stack"].pop()
-            v["current"] = previous
-            self._write_versions(name)
+            doc = copy.deepcopy(v)
+            doc["stack"].pop()
+            doc["current"] = previous
+            self._commit(name, old, doc, lambda: data)
+            self.versions[name] = doc
             self.served[name] = (model, previous, self.sha(name))
             log.info("model %s: rolled back from version %d to %d", name, dropped, previous)
             return {"model": name, "version": previous, "dropped": dropped, "sha256": v["versions"][str(previous)]["sha256"]}
+

@@ -249,8 +249,11 @@ class Trainer:
     def partial_fit_images(self, images: list, prev: DetectorState | None, on_error: str = "fail") -> DetectorState:
         """``prev`` (None: nothing yet) plus the statistics of ``images``; calibration scores are dropped."""
         layout = self.layout
-        if prev is not None:
-            refuse_differences(prev.layout.differences(replace(prev.layout, settings=layout.settings)))
+        if prev is not None:  # a backbone, levels or input size set anew since the fit: refused, never ignored
+            from .features import refitting_differences
+
+            refuse_differences(prev.layout.differences(replace(prev.layout, settings=layout.settings))
+                               + refitting_differences(self.settings, prev.layout))
             layout = prev.layout
         acc = self._accumulator(layout, prev)
         first_id = max((int(b.ids.max()) + 1 for b in prev.map_banks if b.ids.size), default=0) if prev else 0

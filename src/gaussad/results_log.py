@@ -9,7 +9,8 @@ new ones (the service answers 503) rather than hold an unbounded backlog. Only `
 ``CLOSE_SECONDS`` of failures, and says how many rows it could not write. Each row has a
 random ``id`` given when it is queued (returned to the client at once) and a ``seq`` the database assigns in
 write order (the cursor of ``GET /results``). With ``keep_dir`` the image bytes are kept too, content-addressed
-as ``<sha256>.<ext>``, written atomically by the writer thread.
+as ``<sha256>.<ext>``, written atomically by the writer thread. A SQLite file deleted while the log is open is
+put back with its rows (:mod:`gaussad.results_file`).
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ import io
 import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, Sequence
 
 from .errors import DataError, GaussadError
+from . import results_file
 from .files import write_atomic
 from .results import spreadsheet_safe
 
@@ -39,6 +43,8 @@ _STOP = object()
 MAX_PENDING = 10_000  # rows queued or waiting for a retry before new ones are refused
 RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)  # waits between attempts at a refused batch (the last one repeats)
 CLOSE_SECONDS = 30.0  # how long close() keeps retrying a refused batch before giving it up
+FILE_CHECK_SECONDS = 1.0  # how often an idle writer checks that the SQLite file is still the one it writes
+CSV_PAGE = 2_000  # rows read and formatted at a time for a CSV download (ResultsLog.csv_stream)
 
 
 class Backlogged(GaussadError):
@@ -82,9 +88,9 @@ class ResultsLog:
             except OSError as exc:
                 raise DataError(f"{self.keep_dir}: cannot create the image folder: {exc}") from None
         try:
-            self.engine = sa.create_engine(self.url)
-            if self.engine.dialect.name == "sqlite":  # readers do not wait for the writer's commits (write-ahead log)
-                sa.event.listen(self.engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
+            self.file = results_file.sqlite_file(self.url)  # a SQLite file: checked for deletion while in use
+            if self.file is not None:
+                results_file.create(self.file)
             meta = sa.MetaData()
             self.table = sa.Table(
                 "results", meta,
@@ -106,13 +112,17 @@ class ResultsLog:
                 sa.Column("labelled_at", sa.Float),
                 sa.Column("applied_in", sa.Integer),
             )
-            meta.create_all(self.engine)
-        except (sa.exc.SQLAlchemyError, ImportError) as exc:  # ImportError: the URL's driver is not installed
+            self.meta = meta
+            self.engine = self._open()
+        except (sa.exc.SQLAlchemyError, ImportError, OSError, sqlite3.Error) as exc:  # ImportError: the URL's driver is not installed
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise DataError(f"{_shown(db)}: cannot open the results database: {reason}") from None
         except ValueError:  # an unparsable URL; the parser's message may quote part of the password: never shown
             raise DataError(f"{_shown(db)}: cannot parse the results database URL (dialect+driver://user:password@"
                             "host:port/database; percent-encode @, : and / inside the password)") from None
+        self._identity = None if self.file is None else results_file.identity(self.file)
+        self._gate = threading.Condition()  # connections in use, and a new file being put in place (none then)
+        self._users, self._reopening = 0, False
         self._queue: queue.Queue = queue.Queue()
         self._written = threading.Condition()
         self._queued = self._done = 0
@@ -124,6 +134,60 @@ class ResultsLog:
         self.last_error: str | None = None
         self._thread = threading.Thread(target=self._writer, name="gaussad-results-log", daemon=True)
         self._thread.start()
+
+    def _open(self):
+        """An engine on the log's database, its table made; a SQLite file is opened read-write without creating it."""
+        sa = self.sa
+        engine = sa.create_engine(self.url if self.file is None else results_file.engine_url(self.file))
+        if engine.dialect.name == "sqlite":  # readers do not wait for the writer's commits (write-ahead log)
+            sa.event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
+        self.meta.create_all(engine)
+        return engine
+
+    @contextmanager
+    def _connect(self, begin: bool = False):
+        """A connection (in a transaction with ``begin``); waits while a deleted SQLite file is being put back."""
+        with self._gate:
+            self._gate.wait_for(lambda: not self._reopening)
+            self._users += 1
+            engine = self.engine
+        try:
+            with engine.begin() if begin else engine.connect() as conn:
+                yield conn
+        finally:
+            with self._gate:
+                self._users -= 1
+                self._gate.notify_all()
+
+    def _check_file(self) -> None:
+        """Before a write (and every second when idle): a SQLite file deleted or replaced since it was opened is
+        found here. Deleted: the rows it held are copied into a new file at its path (from a connection still open on
+        it) and the log goes on there; replaced (moved away, another file put there): the log goes on in the file
+        now at the path. One error line says which; a failure raises, so the rows wait and /health is degraded."""
+        if self.file is None or results_file.identity(self.file) == self._identity:
+            return
+        deleted = results_file.identity(self.file) is None
+        with self._gate:
+            self._reopening = True
+            self._gate.wait_for(lambda: self._users == 0)
+        try:
+            copied = results_file.restore(self.engine, self.file) if deleted else None
+            self.engine.dispose()
+            if deleted and copied is None:
+                results_file.create(self.file)
+            self.engine = self._open()
+            self._identity = results_file.identity(self.file)
+        except Exception as exc:  # noqa: BLE001 - the rows stay queued and the check runs again at the next attempt
+            raise GaussadError(f"{self.file}: the results database file was {'deleted' if deleted else 'replaced'} "
+                               f"while in use and cannot be put back ({exc})") from None
+        finally:
+            with self._gate:
+                self._reopening = False
+                self._gate.notify_all()
+        log.error("results log: %s was %s while in use; %s", self.file, "deleted" if deleted else "replaced",
+                  f"a new file there holds its {copied} rows and the log goes on in it" if copied is not None else
+                  "the rows it held could not be read back (no connection to it was left); new rows go to a new file"
+                  if deleted else "the log goes on in the file now there")
 
     # ----- writing ---------------------------------------------------------------------------------------------
     def record(self, model: str, version: int, model_sha256: str, row: dict, image: bytes, suffix: str = "") -> str:
@@ -153,10 +217,13 @@ class ResultsLog:
         """Write queued rows in batches; a refused batch is kept and retried (first, with more rows behind it) after
         a growing wait, so a fault of the database delays rows but loses none."""
         rows: list = []
-        stop, attempts, stop_deadline = False, 0, None
+        stop, attempts, stop_deadline, idle = False, 0, None, False
         while True:
             if not rows and not stop:
-                rows.append(self._queue.get())
+                try:
+                    rows.append(self._queue.get(timeout=FILE_CHECK_SECONDS))
+                except queue.Empty:
+                    idle = True  # nothing to write: only the file check runs
             while len(rows) < self.batch:
                 try:
                     rows.append(self._queue.get_nowait())
@@ -165,7 +232,8 @@ class ResultsLog:
             if any(r is _STOP for r in rows):
                 stop, stop_deadline = True, time.monotonic() + CLOSE_SECONDS
                 rows = [r for r in rows if r is not _STOP]
-            if rows:
+            if rows or idle:
+                idle = False
                 try:
                     self._write(rows)
                 except Exception as exc:  # noqa: BLE001 - any failure keeps the rows for the next attempt
@@ -202,7 +270,10 @@ class ResultsLog:
 
     def _write(self, rows: list) -> None:
         """Keep the rows' images (once each; a failure leaves that row without its image) and insert the rows in
-        one transaction (raises on failure: the caller retries them)."""
+        one transaction (raises on failure: the caller retries them). Checks the SQLite file first."""
+        self._check_file()
+        if not rows:
+            return
         for i, (entry, image) in enumerate(rows):
             if image is not None and entry["image_file"]:
                 path = self.keep_dir / entry["image_file"]
@@ -214,7 +285,7 @@ class ResultsLog:
                     log.error("results log: row %s is logged without its image: %s", entry["id"], exc)
                     entry["image_file"] = None
                 rows[i] = (entry, None)  # a retry of the batch does not write the image again
-        with self.engine.begin() as conn:
+        with self._connect(begin=True) as conn:
             conn.execute(self.table.insert(), [entry for entry, _ in rows])
 
     @property
@@ -276,12 +347,12 @@ class ResultsLog:
         if cursor is not None:
             q = q.where(t.c.seq < cursor if newest_first else t.c.seq > cursor)
         q = q.order_by(t.c.seq.desc() if newest_first else t.c.seq).limit(limit)
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return [self._row(r) for r in conn.execute(q)]
 
     def get(self, rid: str) -> dict | None:
         self.flush()
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             r = conn.execute(self.sa.select(self.table).where(self.table.c.id == rid)).first()
         return None if r is None else self._row(r)
 
@@ -289,7 +360,7 @@ class ResultsLog:
         q = self.sa.select(self.sa.func.count()).select_from(self.table)
         if model is not None:
             q = q.where(self.table.c.model == model)
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return int(conn.execute(q).scalar_one())
 
     def label(self, rid: str, label: str | None) -> dict:
@@ -298,7 +369,7 @@ class ResultsLog:
             raise GaussadError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
         if self.get(rid) is None:
             raise KeyError(rid)
-        with self.engine.begin() as conn:
+        with self._connect(begin=True) as conn:
             conn.execute(self.table.update().where(self.table.c.id == rid).values(
                 label=label, labelled_at=None if label is None else time.time()))
         return self.get(rid)
@@ -307,7 +378,7 @@ class ResultsLog:
         """Good-marked results of ``model`` not yet added to it."""
         t = self.table
         self.flush()
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             rows = conn.execute(self.sa.select(t).where(t.c.model == model, t.c.label == "good",
                                                         t.c.applied_in.is_(None)).order_by(t.c.seq))
             return [self._row(r) for r in rows]
@@ -316,13 +387,13 @@ class ResultsLog:
         seqs = list(seqs)
         if not seqs:
             return
-        with self.engine.begin() as conn:
+        with self._connect(begin=True) as conn:
             conn.execute(self.table.update().where(self.table.c.seq.in_(seqs)).values(applied_in=version))
 
     def unapply(self, model: str, version: int) -> None:
         """Rows added in ``version`` (rolled back) become pending again."""
         t = self.table
-        with self.engine.begin() as conn:
+        with self._connect(begin=True) as conn:
             conn.execute(t.update().where(t.c.model == model, t.c.applied_in == version).values(applied_in=None))
 
     def rates(self) -> list[dict]:
@@ -333,7 +404,7 @@ class ResultsLog:
             t.c.label.is_not(None)).group_by(t.c.model, t.c.version, t.c.label, t.c.anomalous)
         table: dict = {}
         self.flush()
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             for model, version, label, anomalous, n in conn.execute(q):
                 e = table.setdefault((model, version), {"model": model, "version": version, "good": 0,
                                                          "good_flagged": 0, "defect": 0, "defect_flagged": 0})
@@ -347,12 +418,27 @@ class ResultsLog:
             out.append(e)
         return out
 
-    @staticmethod
-    def csv(rows: list[dict]) -> str:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(COLUMNS)
-        for r in rows:
-            writer.writerow([json.dumps(r[c]) if c == "levels" else "" if r[c] is None
-                             else spreadsheet_safe(r[c]) if isinstance(r[c], str) else r[c] for c in COLUMNS])
-        return buf.getvalue()
+    def csv_stream(self, model: str | None = None, since: float | None = None, anomalous: bool | None = None,
+                   limit: int = 100_000, cursor: int | None = None) -> Iterator[str]:
+        """The rows :meth:`query` gives, as CSV text: the header, then ``CSV_PAGE`` rows at a time, each page read
+        after the last ``seq`` of the one before (its own short query) and formatted only when the consumer asks
+        for it. Memory stays one page at any ``limit`` (one page whole was 1.83 GB at 300,000 rows), and the
+        service runs this generator in a worker thread, never on its event loop."""
+        yield _csv_text([COLUMNS])
+        left, wait = limit, True
+        while left > 0:
+            page = self.query(model, since, anomalous, min(CSV_PAGE, left), cursor, wait=wait)
+            if not page:
+                return
+            yield _csv_text([[json.dumps(r[c]) if c == "levels" else "" if r[c] is None
+                              else spreadsheet_safe(r[c]) if isinstance(r[c], str) else r[c] for c in COLUMNS]
+                             for r in page])
+            left, cursor, wait = left - len(page), page[-1]["seq"], False
+            if len(page) < CSV_PAGE:
+                return
+
+
+def _csv_text(rows: Iterable[Sequence]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
