@@ -261,7 +261,7 @@ def test_a_conformal_model_file_without_calibration_scores_is_refused_at_load(tm
     (lambda: gaussad.load(None), gaussad.ModelFormatError, "path is needed"),
     (lambda: GaussianAD(backbone=None, map_method="nearest").fit_features(TRAIN).fit_map_features(
         [[np.ones((2, 3, 3))], [np.ones((3, 3, 3))]]), DataError, "same channels"),
-    (lambda: GaussianAD(input_size=32, levels=["stem"]).fit([1, 2, 3]), gaussad.ImageError, "image #0: unsupported"),
+    (lambda: GaussianAD(input_size=32, levels=["stem"]).fit([1, 2, 3, 4]), gaussad.ImageError, "image #0: unsupported"),
 ])
 def test_more_bad_api_input(make, error, message):
     with pytest.raises(error, match=message):

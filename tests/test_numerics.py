@@ -118,7 +118,8 @@ def test_fewer_images_than_dimensions_works_through_shrinkage():
     assert min(model.feature_dims_) > model.n_samples_ == 3
     train_feats, test_feats = model.extract_features(train), model.extract_features(test)
     for estimator, ref_cls in (("ledoit-wolf", LedoitWolf), ("oas", OAS)):
-        fitted = model if estimator == "ledoit-wolf" else GaussianAD(backbone=None, estimator="oas").fit_features(train_feats)
+        fitted = model if estimator == "ledoit-wolf" else GaussianAD(backbone=None, estimator="oas",
+                                                                     threshold="chi2").fit_features(train_feats)
         levels = fitted.level_scores_features(test_feats)
         assert np.all(np.isfinite(levels))
         for i, (tr, te) in enumerate(zip(train_feats, test_feats)):

@@ -235,6 +235,7 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
     extractor_model = GaussianAD(**params, verbose=verbose)
     parameters.validate(extractor_model.get_params())
     given = {k: extractor_model.get_params()[k] for k in AUTO_SETTINGS}
+    auto = {k for k in AUTO_SETTINGS if extractor_model.setting(k) == "auto"}  # decided per category
     results: dict[str, Any] = {}
     for cat in categories:
         # input_size and map_tiles 'auto' decided per category from its training images, as fit would decide them
@@ -258,13 +259,13 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
         "protocol": protocol,
         "preset": extractor_model.setting("preset"),
         "backbone": params.get("backbone", "efficientnet-lite0"),
-        "input_size": extractor.input_size if given["input_size"] != "auto" else "auto",
+        "input_size": "auto" if "input_size" in auto else extractor.input_size,
         "levels": extractor.level_names,
         "map_levels": extractor.map_level_names,
         "map_method": extractor_model.setting("map_method") if extractor.map_levels else None,
         "map_pool": extractor_model.setting("map_pool") if extractor.map_levels else None,
         "map_grid": extractor_model.setting("map_grid") if extractor.map_levels else None,
-        "map_tiles": extractor.map_tiles if given["map_tiles"] != "auto" else "auto",  # 'auto': per category
+        "map_tiles": "auto" if "map_tiles" in auto else extractor.map_tiles,  # 'auto': per category
         "estimator": params.get("estimator", "ledoit-wolf"),
         "reduction": params.get("reduction"),
         "variance": params.get("variance", 0.99) if params.get("reduction") else None,
