@@ -26,7 +26,7 @@ from gaussad.evaluate import roc_auc
 # The recommended preset before issue 30, spelled out (its preset name now means today's).
 PRESETS = {
     "recommended before issue 30": {"preset": "recommended", "image_score": "global", "threshold": "chi2",
-                                    "input_size": None, "map_tiles": "auto"},
+                                    "input_size": "native", "map_tiles": "auto"},
     "recommended (default)": {},
     "fast": {"preset": "fast"},
 }

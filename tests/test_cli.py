@@ -179,3 +179,32 @@ def test_engine_option_gives_the_same_scores(tiny_category, tmp_path, capsys):
     np.testing.assert_allclose(scores["onnxruntime"], scores["torch"], rtol=1e-4)
     with pytest.raises(SystemExit):
         main(["score", str(model), str(bad), "--engine", "tensorrt"])
+
+
+def test_score_warns_when_a_batch_drifts_from_the_training_images(tiny_root, tmp_path, capsys):
+    """Issue 30: the conformal guarantee holds for images like the training ones. ``score`` runs the service's drift
+    tests on its batch: images of another texture (all flagged, p-values far below uniform) get a one-line warning
+    and ``drift`` in --json; the training texture's own good images none."""
+    import shutil
+
+    model = tmp_path / "brick.gaussad"
+    default = ["--input-size", str(TINY["input_size"]), "--levels", ",".join(TINY["levels"]), "--map-levels",
+               "stage2,stage3"]  # the default preset: fused score, conformal decision
+    assert main(["fit", str(tiny_root / "brick" / "train" / "good"), "-o", str(model), "--quiet", *default]) == 0
+    for name, source in (("gravel", tiny_root / "gravel" / "test" / "good"), ("brick", tiny_root / "brick" / "train"
+                                                                                       / "good")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for copy in range(4):  # the drift tests need at least 20 images
+            for f in sorted(source.iterdir())[:6]:
+                shutil.copyfile(f, folder / f"{copy}_{f.name}")
+    capsys.readouterr()
+    assert main(["score", str(model), str(tmp_path / "gravel")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    warnings = [line for line in err if line.startswith("warning:")]
+    assert len(warnings) == 1 and "above the target FPR" in warnings[0] and "unlike the training images" in warnings[0]
+    assert main(["score", str(model), str(tmp_path / "gravel"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["drift"]["alarm"] is True
+    assert main(["score", str(model), str(tmp_path / "brick"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["drift"]["alarm"] is False and out["drift"]["n"] == 24

@@ -347,3 +347,41 @@ def test_scores_without_maps_run_no_tiles(tiled, tiny_category, monkeypatch):
                                   tiled.extract_features(test)[0])
     with pytest.raises(AssertionError, match="tiles run"):
         tiled.anomaly_map(test[:1])
+
+
+def test_input_size_auto_follows_the_images_and_never_upscales(tmp_path):
+    """input_size='auto' (the recommended preset's, issue 30): about 1.7x the native size, a multiple of 32, where
+    the median training image is at least that large, else native; decided at fit from the headers, kept in the
+    model file; 'native' asks for the backbone's own size whatever the preset."""
+    from PIL import Image
+
+    from gaussad.features import auto_input_size, auto_settings
+    from gaussad.params import resolved
+
+    assert [auto_input_size(side, "efficientnet-lite0") for side in (900, 384, 383, 318, None)] == [384, 384, 224,
+                                                                                                      224, 224]
+    assert auto_input_size(420, "efficientnet-lite1") == 416 and auto_input_size(415, "efficientnet-lite1") == 240
+    assert auto_input_size(900, "efficientnet-lite2") == 448 and auto_input_size(900, None) is None
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, side in (("big", 400), ("small", 120)):
+        folder = tmp_path / name
+        folder.mkdir()
+        paths[name] = []
+        for i in range(4):
+            paths[name].append(folder / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(paths[name][-1])
+    default = resolved(GaussianAD().get_params())
+    assert default["input_size"] == "auto" and default["map_tiles"] == 1
+    assert auto_settings(paths["big"], default) == {"input_size": 384}
+    assert auto_settings(paths["small"] + paths["big"][:3], default) == {"input_size": 224}  # the median decides
+    assert auto_settings(paths["big"], resolved(GaussianAD(input_size="native").get_params())) == {}
+    assert resolved(GaussianAD(input_size="native").get_params())["input_size"] is None
+    assert [GaussianAD(preset=p).setting("input_size") for p in ("recommended", "fast", "paper")] == ["auto", None,
+                                                                                                       None]
+    model = GaussianAD(levels=["stem", "stage1"], map_levels=["stage2"], engine="torch").fit(paths["big"])
+    assert model.input_size_ == 384 and model.feature_extractor().input_size == 384
+    model.save(tmp_path / "m.gaussad")
+    loaded = gaussad.load(tmp_path / "m.gaussad").set_params(engine="torch")
+    assert loaded.input_size == loaded.input_size_ == 384
+    np.testing.assert_allclose(loaded.level_scores(paths["big"][:2]), model.level_scores(paths["big"][:2]), rtol=1e-9)

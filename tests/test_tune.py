@@ -111,7 +111,7 @@ def test_candidates_with_other_map_levels_are_measured_on_their_own_pooled_featu
 def test_candidates_expand_a_grid_and_resolve_relative_input_sizes():
     points = candidates("small")
     assert len(points) == 6
-    assert sorted({p["input_size"] for p in points}, key=str) == [320, 384, None]
+    assert sorted({p["input_size"] for p in points}, key=str) == [320, 384, "native"]
     assert {p["map_grid"] for p in points} == {"coarsest", "finest"}
     assert candidates({"map_pool": (1, 3), "fpr": (0.01,)}, BASE) == [{"map_pool": 1, "fpr": 0.01},
                                                                       {"map_pool": 3, "fpr": 0.01}]
@@ -120,7 +120,7 @@ def test_candidates_expand_a_grid_and_resolve_relative_input_sizes():
 @pytest.mark.parametrize("grid, needle", [
     ("huge", "unknown grid 'huge'; choose one of: small"),
     ({"colour": (1, 2)}, "colour is not a GaussianAD parameter"),
-    ({"input_size": (0,)}, "input_size must be 'auto' or an integer"),
+    ({"input_size": (0,)}, "input_size must be 'auto', 'native' or an integer"),
     ({"map_pool": 3}, "give a non-empty list of values"),
     ({}, "non-empty mapping"),
     ({"image_score": ("global", "fused"), "map_method": ("gaussian",)}, "image_score='fused' needs nearest"),

@@ -192,16 +192,14 @@ def _calibration_text(text: str) -> str | float:
 
 
 def _input_size(name: str, value: Any) -> None:
-    if value != "auto" and not (_is_int(value) and 1 <= value <= MAX_INPUT_SIZE):
-        _fail(name, f"'auto' or an integer 1..{MAX_INPUT_SIZE}", value)
+    if value not in ("auto", "native") and not (_is_int(value) and 1 <= value <= MAX_INPUT_SIZE):
+        _fail(name, f"'auto', 'native' or an integer 1..{MAX_INPUT_SIZE}", value)
 
 
-def _input_size_text(text: str) -> int | str | None:
-    """'auto', 'none' (the backbone's native size) or a number of pixels."""
+def _input_size_text(text: str) -> int | str:
+    """'auto', 'native' (the backbone's own size) or a number of pixels."""
     word = text.strip().lower()
-    if word in ("auto", "none"):
-        return None if word == "none" else word
-    return _int_text(text)
+    return word if word in ("auto", "native") else _int_text(text)
 
 
 def _tiles(name: str, value: Any) -> None:
@@ -259,11 +257,11 @@ PARAMS: tuple[Param, ...] = (
           learned="levels_", flag="--levels", parse=_text_list),
     Param("input_size", None, optional(_input_size),
           "input size S in pixels: the side of the square input, or with --resize aspect the side of a square of "
-          "the same area; none = the backbone's native size (paper and fast presets); auto (recommended preset): "
+          "the same area; native = the backbone's own size (paper and fast presets); auto (recommended preset): "
           f"decided at fit from the training images' size: about {AUTO_LARGE_INPUT:g}x native (384 px for "
           "EfficientNet-Lite0) where the median training image is at least that large, else native (never "
           "upscaling)", learned="input_size_", preset=True, flag="--input-size", parse=_input_size_text,
-          metavar="S|auto|none"),
+          metavar="S|auto|native"),
     Param("weights", None, optional(_path),
           "local weights file for the backbone (.pth/.pt state dict or .safetensors); required for "
           "efficientnet-b0..b7 and the ResNets", flag="--weights", parse=str, metavar="FILE"),
@@ -382,6 +380,8 @@ def effective(params: Mapping[str, Any], name: str) -> Any:
         return value or DEFAULT_PRESET
     if value is None and name == "threshold" and effective(params, "image_score") == "fused":
         return "conformal"
+    if name == "input_size" and value == "native":
+        return None  # the backbone's own size, whatever the preset
     if value is None and BY_NAME[name].preset:
         value = PRESETS[params.get("preset") or DEFAULT_PRESET][name]
         if name == "image_score" and value == "fused" and not _has_nearest_maps(params):

@@ -60,7 +60,7 @@ class Scaled:
         return max(32, int(round(native * self.factor / 32)) * 32)
 
 
-_SIZES = (None, Scaled(10 / 7), Scaled(12 / 7))  # native, about 1.4x and 1.7x (224 -> 320 and 384 px)
+_SIZES = ("native", Scaled(10 / 7), Scaled(12 / 7))  # native, about 1.4x and 1.7x (224 -> 320 and 384 px)
 _MAPS = ({"map_grid": "coarsest"},  # the backbone's map levels averaged down to the coarsest grid, a bank each
          {"map_grid": "finest", "map_levels": ("stage4", "stage5", "stage6", "stage7")})  # stride 16, one bank
 # A grid: axis -> values. A value that is a mapping sets several parameters at once (the axis name is then only a
