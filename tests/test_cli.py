@@ -24,8 +24,19 @@ def test_fit_score_roundtrip(tiny_category, tmp_path, capsys):
     rows = out["results"]
     assert len(rows) == len(list(good.iterdir())) + len(list(bad.iterdir()))
     first = rows[0]
-    assert set(first) == {"path", "score", "levels", "pvalue", "anomalous"}
+    assert set(first) == {"path", "score", "levels", "pvalue", "anomalous", "evidence"}
     assert list(first["levels"]) == TINY["levels"]
+    # every row names what decided (issue 35): chi2's per-level thresholds at fpr / L and the levels above them
+    from scipy.stats import chi2
+
+    dofs = gaussad.load(model).state_.dofs
+    expected = {n: np.sqrt(chi2.ppf(1 - 0.05 / len(dofs), k)) for n, k in zip(TINY["levels"], dofs)}
+    for row in rows:
+        why = row["evidence"]
+        assert why["rule"] == "chi2" and why["level_thresholds"] == pytest.approx(expected, rel=1e-9)
+        assert why["tripped"] == [n for n in TINY["levels"] if row["levels"][n] > expected[n]]
+        assert row["anomalous"] == bool(why["tripped"]) and why["text"].startswith("flagged" if row["anomalous"]
+                                                                                 else "ok")
     assert first["score"] == pytest.approx(np.mean(list(first["levels"].values())))
     assert main(["score", str(model), str(good), "--quiet"]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -67,6 +78,7 @@ def _run(*args):
     "make_args, needle",
     [
         (lambda d: ["fit", str(d / "empty"), "-o", str(d / "m")], "no images found"),
+        (lambda d: ["fit", str(d / "nonexistent"), "-o", str(d / "m")], "nonexistent: no such folder"),
         (lambda d: ["fit", str(d / "one"), "-o", str(d / "m")], "at least 2"),
         (lambda d: ["fit", str(d / "corrupt"), "-o", str(d / "m")], "bad.png"),
         (lambda d: ["score", str(d / "junk.gaussad"), str(d / "one")], "junk.gaussad"),
@@ -202,9 +214,23 @@ def test_score_warns_when_a_batch_drifts_from_the_training_images(tiny_root, tmp
     assert main(["score", str(model), str(tmp_path / "gravel")]) == 0
     err = capsys.readouterr().err.splitlines()
     warnings = [line for line in err if line.startswith("warning:")]
-    assert len(warnings) == 1 and "above the target FPR" in warnings[0] and "unlike the training images" in warnings[0]
+    assert len(warnings) == 1 and "unlike the training images" in warnings[0]
     assert main(["score", str(model), str(tmp_path / "gravel"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["drift"]["alarm"] is True
+    out = json.loads(capsys.readouterr().out)
+    assert out["drift"]["alarm"] is True
+    # the one line: the out-of-distribution one when most images lie far beyond every training score, else drift's
+    assert ("above the target FPR" in warnings[0]) == (out["warnings"] == [])
     assert main(["score", str(model), str(tmp_path / "brick"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["drift"]["alarm"] is False and out["drift"]["n"] == 24
+    assert out["drift"]["alarm"] is False and out["drift"]["n"] == 24 and out["warnings"] == []
+
+
+def test_unlike_training_names_batches_far_beyond_every_training_score():
+    """Issue 35: one line when more than half of at least 5 images score above 3x the largest training score."""
+    from gaussad.drift import unlike_training
+
+    cal = np.array([5.0, 8.0, 10.0])
+    assert unlike_training([31, 40, 50, 1, 2], cal).startswith("3 of 5 images score more than 3 times")
+    assert unlike_training([31, 40, 1, 2, 3, 4], cal) is None  # half is not most: a batch with many gross defects
+    assert unlike_training([31, 40, 50, 60], cal) is None  # too few images to speak of a batch
+    assert unlike_training([29.9] * 10, cal) is None and unlike_training([99] * 10, None) is None

@@ -95,7 +95,7 @@ def test_overlay_names_are_distinct_and_stay_inside_the_folder():
              "x_map-2.png", "s" * 255 + ".png"]
     out = overlay_names(names)
     assert out[:6] == ["a/x_map.png", "c/x_2_map.png", "b/x_map.png", "x_map.png", "x_map-2.png", "X_map-3.png"]
-    assert out[6:8] == ["up/up_map.png", "abs/y_map.png"]
+    assert out[6:8] == ["up/up_map.png", "y_map.png"]  # a file given by absolute path: its name only (issue 35)
     assert len({o.casefold() for o in out}) == len(out)
     assert all(not o.startswith("/") and ".." not in o.split("/") for o in out)
     assert all(len(part.encode()) <= 255 for o in out for part in o.split("/"))
@@ -115,6 +115,7 @@ def test_maps_of_same_named_images_never_overwrite_one_another(map_model, tiny_c
     maps = [r["map"] for r in rows]
     assert len(set(maps)) == 3 and all(Path(m).is_file() for m in maps)
     assert all(Path(m).resolve().is_relative_to(out.resolve()) for m in maps)
+    assert sorted(Path(m).relative_to(out).as_posix() for m in maps) == ["x_2_map.png", "x_map-2.png", "x_map.png"]
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == sorted(
         str(Path(m).relative_to(out)) for m in maps)
     # A folder: the overlays mirror the relative names.

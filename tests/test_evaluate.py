@@ -69,3 +69,16 @@ def test_full_protocol_holds_out_a_fifth_and_refits_on_all():
     assert 0.6 < expected < 1.0  # neither trivial nor perfect, so a wrong AUROC would show
     assert result["image_auroc"] == pytest.approx(expected, rel=1e-12)
     assert len(result["thresholds"]["conformal"]["0.1"]["fpr_folds"]) == 1
+
+
+def test_a_full_protocol_report_of_one_category_reads_as_one_fit():
+    """Issue 35: one fit and one category: no 'mean over folds' and no '+/- 0.0000' in the tables."""
+    cat, train, test, labels = _synthetic()
+    result = evaluate_category(cat, (train, test), {"backbone": None}, "full")
+    report = {"protocol": "full", "preset": None, "backbone": None, "input_size": None, "levels": ["a", "b"],
+              "estimator": "ledoit-wolf", "reduction": None, "normalize": "imagenet",
+              "categories": {"synthetic": result}, "n_categories": 1, "mean_image_auroc": result["image_auroc"],
+              "sem": 0.0}
+    table, markdown = format_table(report), format_markdown(report)
+    assert "(one fit on all of train/good)" in table and "mean over folds" not in table
+    assert "+/-" not in table and "SEM" not in table and "+/-" not in markdown

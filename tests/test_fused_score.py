@@ -187,6 +187,15 @@ def test_fit_on_images_calibrates_in_one_pass_and_the_cli_scores_with_it(tiny_ca
     np.testing.assert_allclose([r["score"] for r in rows], score, rtol=1e-9)
     np.testing.assert_allclose([r["pvalue"] for r in rows], pvalue, rtol=1e-9)
     assert [r["anomalous"] for r in rows] == list(pvalue <= 0.2)
+    # each row names its evidence (issue 35): the conformal p-value of the global score and of the map peak, each
+    # (1 + #{calibration >= value}) / (n + 1), and the combined one that decided
+    n = loaded.calibration_scores_.size
+    for r, s, m, p in zip(rows, levels.mean(axis=1), peaks, pvalue):
+        why = r["evidence"]
+        assert why["rule"] == "fused" and why["pvalue"] == pytest.approx(p, rel=1e-12)
+        assert why["global"]["pvalue"] == pytest.approx((1 + np.sum(loaded.calibration_scores_ >= s)) / (n + 1))
+        assert why["map_peak"]["pvalue"] == pytest.approx((1 + np.sum(loaded.map_calibration_ >= m)) / (n + 1))
+        assert why["map_peak"]["value"] == pytest.approx(m, rel=1e-9) and "map peak" in why["text"]
     np.testing.assert_allclose(loaded.score_samples(test), score, rtol=1e-9)
     np.testing.assert_array_equal(loaded.predict(test), (pvalue <= 0.2).astype(int))
     assert main(["score", str(path), *map(str, test), "--threshold", "chi2"]) == 2

@@ -6,6 +6,8 @@ recommended-preset image AUROC is measured with the maps turned off (``map_level
 image score (README) and the nearest-neighbour banks of 1,000 tiles would take minutes.
 """
 
+import json
+
 import pytest
 
 from gaussad.evaluate import evaluate
@@ -69,3 +71,19 @@ def test_magnetic_tile_recommended_preset_full_protocol(tile):
     """README: 0.9153."""
     report = evaluate(tile, protocol="full", preset="recommended", map_levels=[])
     assert report["mean_image_auroc"] >= 0.9153 - MARGIN
+
+
+def test_scoring_another_product_warns_and_the_products_own_test_set_does_not(bottle, tile, tmp_path, capsys):
+    """Issue 35: a bottle model (the default preset) on magnetic tiles says in ``warnings`` that the images look
+    unlike its training images; on bottle's own test set (three quarters defective) it says nothing there."""
+    from gaussad.cli import main
+
+    model = tmp_path / "bottle.gaussad"
+    assert main(["fit", str(bottle / "train" / "good"), "-o", str(model), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["score", str(model), str(tile / "test" / "blowhole"), "--json"]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert len(warnings) == 1 and "unlike the training images" in warnings[0]
+    assert main(["score", str(model), str(bottle / "test"), "--json"]) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert own["warnings"] == [] and sum(r["anomalous"] for r in own["results"]) >= 60

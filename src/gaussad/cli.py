@@ -47,6 +47,8 @@ def _training_images(folder: str, recursive: bool) -> tuple[list[Path], list[str
     from .images import find_images
 
     path = Path(folder)
+    if not path.exists():
+        raise GaussadError(f"{folder}: no such folder (give a folder of good images, or an MVTec category)")
     return find_images([path / "train" / "good" if is_category(path) else path], recursive)
 
 
@@ -204,7 +206,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .decision import fpr_note
-    from .drift import drift, shift_warning
+    from .drift import drift, shift_warning, unlike_training
     from .results import result_rows
 
     if args.maps:
@@ -233,7 +235,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         levels = model.level_scores_features(feats) if kept else np.zeros((0, len(model.level_names_)))
     decisions, pvalues = model.decide(levels, fpr, method, peaks) if kept else ([], [])
     rows = result_rows(kept_names, model.level_names_, levels, decisions, pvalues,
-                       model.scores(levels, peaks) if kept else [])
+                       model.scores(levels, peaks) if kept else [], rule.evidence(model.state_, levels, peaks)
+                       if kept else [])
     if args.maps:
         written = _write_overlays(args.maps, kept, kept_names, amaps, args.max_pixels, args.on_error)
         for row, (path, error), amap in zip(rows, written, amaps):
@@ -243,11 +246,12 @@ def cmd_score(args: argparse.Namespace) -> int:
                 row["map_error"] = error
     errors = [{"path": names[i], "error": msg} for i, msg in sorted(skipped)]
     shift = drift(decisions, pvalues, fpr)
+    warnings = [w for w in [unlike_training(levels.mean(axis=1), model.state_.calibration_scores)] if w]
     if args.json:
         print(json.dumps({"model": str(args.model), "fpr": fpr, **({"fpr_requested": rule.fpr} if note else {}),
                           "threshold": method, "image_score": rule.image_score,
                           "rule": RULES["fused" if rule.fused else method], "score_threshold": _finite(limit),
-                          "drift": shift, "results": rows, "skipped": errors}))
+                          "warnings": warnings, "drift": shift, "results": rows, "skipped": errors}))
         return 1 if errors and not rows else 0
     for e in errors:
         print(f"skipped: {e['error']}", file=sys.stderr)
@@ -259,12 +263,14 @@ def cmd_score(args: argparse.Namespace) -> int:
                     + ["p-value".rjust(9), f"decision at target FPR {fpr:g}"]))
     for r in rows:
         cells = [r["path"].ljust(width), f"{r['score']:8.3f}"] + [f"{r['levels'][n]:8.3f}" for n in names]
-        cells += [f"{r['pvalue']:9.2e}", "ANOMALY" if r["anomalous"] else "ok"]
+        cells += [f"{r['pvalue']:9.2e}", f"ANOMALY ({r['evidence']['text']})" if r["anomalous"] else "ok"]
         print("  ".join(cells))
     if not args.quiet:
         print(f"{sum(r['anomalous'] for r in rows)} of {len(rows)} flagged at target FPR {fpr:g} "
               f"({RULES['fused' if rule.fused else method]}); {len(errors)} skipped", file=sys.stderr)
-        if shift["alarm"]:
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr)
+        if shift["alarm"] and not warnings:
             print(f"warning: {shift_warning(shift)}", file=sys.stderr)
     return 0
 
@@ -308,14 +314,14 @@ def _dask_options(p: argparse.ArgumentParser) -> None:
 
 def overlay_names(names: Sequence[str]) -> list[str]:
     """Relative overlay file names that mirror the images' names, all distinct: ``good/000.png`` ->
-    ``good/000_map.png``. The parts of a name that would leave the folder (a root, ``..``) are dropped or become
-    ``up``; a name already taken (the same stem twice, ``x.png`` and ``x.jpg``; case-insensitively, for file systems
+    ``good/000_map.png``. A file given by an absolute path keeps only its file name (``/tmp/x/000.png`` ->
+    ``000_map.png``, not ``tmp/x/000_map.png``); ``..`` in a relative name becomes ``up``; a name already taken (the same stem twice, ``x.png`` and ``x.jpg``; case-insensitively, for file systems
     that ignore case) becomes ``x_map-2.png``, ``x_map-3.png``, ... A name that would be too long is shortened."""
     used: set[str] = set()
     out = []
     for name in names:
         path = PurePath(name)
-        parts = ["up" if p == ".." else p for p in path.parts[1 if path.anchor else 0:-1] if p not in ("", ".")]
+        parts = [] if path.anchor else ["up" if p == ".." else p for p in path.parts[:-1] if p not in ("", ".")]
         stem = path.stem or "image"
         while len(stem.encode("utf-8", "surrogateescape")) > 230:  # room for "_map-N.png" within 255 bytes
             stem = stem[:-1]

@@ -205,6 +205,57 @@ class DecisionRule:
         return (level_scores > thresholds).any(axis=1).astype(int), pvalue
 
 
+    def evidence(self, state: Calibrated, level_scores: np.ndarray, map_peaks: np.ndarray | None = None
+                 ) -> list[dict]:
+        """Per image, the evidence the rule decided on, in numbers and in one plain sentence (``text``):
+        chi2/hotelling: each level's threshold at ``fpr / n_levels`` and the levels above it (``tripped``);
+        conformal: the image score, its threshold and p-value; fused: the conformal p-value of the global score and
+        of the map peak against their calibrations and the combined (full-conformal Fisher) p-value. The decisions
+        are :meth:`decide`'s."""
+        self.check(state)
+        level_scores = check_distances(level_scores, len(state.dofs))
+        decided, pvalues = self.decide(state, level_scores, map_peaks)
+        alpha, names = self.target_fpr(state), list(state.layout.level_names)
+
+        def verdict(flagged: int, p: float) -> str:
+            return f"{'flagged' if flagged else 'ok'}: p = {p:.3g} {'<=' if flagged else '>'} target FPR {alpha:.3g}"
+
+        if self.method in ("chi2", "hotelling"):
+            limits = dict(zip(names, map(float, self.level_thresholds(state, alpha / len(names)))))
+            out = []
+            for row, flagged, p in zip(level_scores, decided, pvalues):
+                tripped = [n for n, d in zip(names, row) if d > limits[n]]
+                why = ", ".join(f"{n} {d:.2f} > {limits[n]:.2f}" for n, d in zip(names, row) if n in tripped)
+                out.append({"rule": self.method, "level_thresholds": limits, "tripped": tripped,
+                            "text": verdict(flagged, p) + (f" ({why})" if why else " (every level below its threshold)")})
+            return out
+        cal = state.calibration_scores
+        scores, n = level_scores.mean(axis=1), int(cal.size)
+        p_global = conformal_pvalue(scores, cal)
+        if not self.fused:
+            limit = conformal_threshold(cal, alpha)
+            return [{"rule": "conformal", "global": {"score": float(s), "threshold": float(limit), "pvalue": float(pg)},
+                     "text": f"{verdict(f, pg)}: the image score {s:.2f} is {plain_pvalue(pg, n)}"}
+                    for s, pg, f in zip(scores, p_global, decided)]
+        peaks = self._evidence(state, level_scores, map_peaks)[1][1]
+        p_peak = conformal_pvalue(peaks, state.map_calibration)
+        return [{"rule": "fused", "global": {"score": float(s), "pvalue": float(pg)},
+                 "map_peak": {"value": float(m), "pvalue": float(pm)}, "pvalue": float(p),
+                 "text": f"{verdict(f, p)}; the map peak {m:.2f} is {plain_pvalue(pm, n)}, the global score {s:.2f} "
+                         f"{plain_pvalue(pg, n)}"}
+                for s, m, pg, pm, p, f in zip(scores, peaks, p_global, p_peak, pvalues, decided)]
+
+
+def plain_pvalue(p: float, n: int | None = None) -> str:
+    """A conformal p-value in words: where the value lies among the ``n`` good training images' values."""
+    if n and p <= 1.0 / (n + 1) + 1e-12:
+        return f"beyond all {n} good training images"
+    if p >= 0.5:
+        return "typical of good images"
+    if p < 1e-6:
+        return "above all but fewer than 1 in a million good images"
+    return f"reached by about 1 in {round(1 / p):,} good images"
+
 
 def calibration_size(state: Calibrated) -> int | None:
     """How many calibration scores a conformal decision on ``state`` ranks against (a fused score's: its pairs);

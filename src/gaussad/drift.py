@@ -11,6 +11,11 @@ import numpy as np
 WINDOW = 200     # the last N scored images of a model's current version
 ALPHA = 0.001    # significance of each test
 MIN_IMAGES = 20  # fewer images than this: no alarm, status "too few images"
+# A batch looks unlike the training images when most of its images score more than OOD_FACTOR times the largest
+# out-of-fold score of a training image. Bottle's model (issue 35): its own test images' median ratio 1.6 (a third of
+# them, defects, above 2), magnetic tiles' 20 (every one above 19).
+OOD_FACTOR = 3.0
+OOD_MIN_IMAGES = 5
 
 
 def drift(flags: Sequence[bool], pvalues: Sequence[float | None], fpr: float, alpha: float = ALPHA,
@@ -48,3 +53,21 @@ def shift_warning(result: dict) -> str:
     """One line for a batch whose decisions raised :func:`drift`'s alarm: its reasons and what they can mean."""
     return (f"{'; '.join(result['reasons'])}: either many of these parts are defective, or the images are unlike the "
             "training images (another camera, light or product: the target FPR holds only for images like them)")
+
+
+def unlike_training(scores: Sequence[float], calibration: Sequence[float] | None, factor: float = OOD_FACTOR,
+                    min_images: int = OOD_MIN_IMAGES) -> str | None:
+    """One line when most of a batch (more than half of at least ``min_images`` images) has image scores above
+    ``factor`` times the largest calibration score (out-of-fold scores of the training images): not a few defects
+    but images of another kind (camera, light, product), on which no decision of the model means anything. None
+    otherwise, and without calibration scores."""
+    s = np.asarray(scores, dtype=float)
+    if calibration is None or s.size < min_images:
+        return None
+    limit = factor * float(np.max(calibration))
+    far = int((s > limit).sum())
+    if far * 2 <= s.size:
+        return None
+    return (f"{far} of {s.size} images score more than {factor:g} times the highest training image's score "
+            f"({limit:.3g}): they look unlike the training images (another product, camera or light?); the model's "
+            "decisions mean nothing for them")

@@ -295,7 +295,9 @@ def format_table(report: dict[str, Any]) -> str:
             + ([f"{r[k]:.4f}" if k in r else "-" for k in ("pixel_auroc", "max_map_auroc", "hit_rate", "fused_auroc")]
                if pix else [])
             + [f"{a:.3f}" for a in r["level_aurocs"]] for name, r in report["categories"].items()]
-    rows.append([f"mean +/- SEM ({report['n_categories']})", f"{report['mean_image_auroc']:.4f} +/- {report['sem']:.4f}"]
+    several = report["n_categories"] > 1  # a mean and its SEM say something only over several categories
+    rows.append([f"mean +/- SEM ({report['n_categories']})" if several else "mean",
+                 f"{report['mean_image_auroc']:.4f}" + (f" +/- {report['sem']:.4f}" if several else "")]
                 + ([f"{report['mean_pixel_auroc']:.4f}" if "mean_pixel_auroc" in report else "-", "", "", ""]
                    if pix else []) + [""] * len(levels))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
@@ -339,7 +341,8 @@ def _threshold_table(report: dict[str, Any]) -> list[str]:
         notes += _threshold_notes(name, r)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    title = "thresholds: realised FPR on test/good / TPR on defective at target FPR alpha (mean over folds)"
+    over = "mean over folds" if report.get("protocol") != "full" else "one fit on all of train/good"
+    title = f"thresholds: realised FPR on test/good / TPR on defective at target FPR alpha ({over})"
     return [title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows] + notes
 
 
@@ -363,10 +366,14 @@ def format_markdown(report: dict[str, Any]) -> str:
         fz = f"{r['fused_auroc']:.4f}" if "fused_auroc" in r else "-"
         out.append(f"| {name} | {r['image_auroc']:.4f} | {folds} | {pixel} | {peak} | {hit} | {fz} | "
                    + " | ".join(f"{a:.3f}" for a in r["level_aurocs"]) + " |")
-    out += ["", f"Mean over {report['n_categories']} categories: {report['mean_image_auroc']:.4f} +/- {report['sem']:.4f} (SEM)", ""]
+    if report["n_categories"] > 1:
+        out += ["", f"Mean over {report['n_categories']} categories: {report['mean_image_auroc']:.4f} +/- "
+                    f"{report['sem']:.4f} (SEM)"]
+    out += [""]
     out += ["## Thresholds", "",
             "Realised false-positive rate on test/good and true-positive rate on defective test images at target "
-            "FPR alpha (mean over folds, then per fold; `inf`: no finite conformal threshold, nothing flagged).", "",
+            "FPR alpha (mean over folds, then per fold; with the full protocol one fit; `(at x)`: the calibration "
+            "cannot support alpha and the rule decided at x = 1/(n + 1)).", "",
             "| category | method | alpha | FPR | FPR per fold | TPR | TPR per fold |", "|---|---|---|---|---|---|---|"]
     for name, r in report["categories"].items():
         for method, by_alpha in r["thresholds"].items():

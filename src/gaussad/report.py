@@ -79,7 +79,9 @@ def _histogram_figure(name: str, labels: np.ndarray, scores: np.ndarray, thresho
     ax.hist(bad, bins=bins, alpha=0.6, color="#984ea3", label=f"defective ({bad.size})")
     top = ax.get_ylim()[1]
     for method, by_alpha in thresholds.items():
-        if method == "fused":  # decides on p-values, not on this score: no line on its axis
+        # only a rule that thresholds this score draws a line: fused decides on p-values, chi2 and hotelling on each
+        # level (Bonferroni), so no single line on the mean score is theirs (issue 35)
+        if method != "conformal":
             continue
         for alpha, cell in by_alpha.items():
             limit = (cell.get("score_threshold_folds") or [None])[0]
@@ -195,8 +197,9 @@ def _render_html(report: dict[str, Any], details: dict[str, Any]) -> str:
                 "<figcaption>ROC curve of the image score, one per fold</figcaption></figure>",
                 f'<figure><img class="histogram" alt="score histogram of {html.escape(name)}" '
                 f'src="{_histogram_figure(name, labels, fold_scores[0], result["thresholds"])}">'
-                "<figcaption>Scores of the first fold's model; vertical lines: its score thresholds per method "
-                "(line style) and alpha (colour); infinite thresholds are not drawn</figcaption></figure>",
+                "<figcaption>Scores of the first fold's model; vertical lines: the conformal rule's score "
+                "thresholds per alpha (colour); chi2, hotelling and the fused score have no single threshold on this "
+                "score (they decide per level or on p-values): their rates are in the table</figcaption></figure>",
                 f'<figure><img class="levels" alt="AUROC per level of {html.escape(name)}" '
                 f'src="{_levels_figure(name, report["levels"], result["level_aurocs"], result["image_auroc"])}">'
                 "<figcaption>Image AUROC of each level's distance alone (mean over folds)</figcaption></figure>",

@@ -21,23 +21,30 @@ class ResultRow(TypedDict, total=False):
     """``path``: the image's name as given (a path, or an upload's filename); ``score``: the model's image score
     (higher = more anomalous: the mean of the level distances, or for a fused image score ``-log10`` of its combined
     p-value); ``levels``: distance per level; ``pvalue`` and ``anomalous``: the
-    decision rule's; with anomaly maps also ``map_max`` and a ``map`` file or ``overlay`` data URL."""
+    decision rule's; ``evidence``: what the rule decided on, in numbers and one plain sentence
+    (:meth:`gaussad.decision.DecisionRule.evidence`); with anomaly maps also ``map_max`` and a ``map`` file or
+    ``overlay`` data URL."""
 
     path: str
     score: float
     levels: dict[str, float]
     pvalue: float
     anomalous: bool
+    evidence: dict
     map: str
     map_max: float
     overlay: str
 
 
 def result_rows(names: Sequence[str], level_names: Sequence[str], levels: np.ndarray, decisions: Sequence[int],
-                pvalues: Sequence[float], scores: Sequence[float] | None = None) -> list[ResultRow]:
-    """One row per image from per-level distances (n, L), the rule's decisions and p-values, and the image scores
-    (default: the mean of the level distances)."""
+                pvalues: Sequence[float], scores: Sequence[float] | None = None,
+                evidence: Sequence[dict] | None = None) -> list[ResultRow]:
+    """One row per image from per-level distances (n, L), the rule's decisions and p-values, the image scores
+    (default: the mean of the level distances) and, when given, the evidence of each decision."""
     scores = [float(np.mean(lv)) for lv in levels] if scores is None else scores
-    return [ResultRow(path=str(name), score=float(sc), levels=dict(zip(level_names, map(float, lv))),
+    rows = [ResultRow(path=str(name), score=float(sc), levels=dict(zip(level_names, map(float, lv))),
                       pvalue=float(p), anomalous=bool(d))
             for name, lv, d, p, sc in zip(names, levels, decisions, pvalues, scores)]
+    for row, why in zip(rows, evidence or ()):
+        row["evidence"] = why
+    return rows

@@ -145,8 +145,10 @@ def image_results(model: GaussianAD, filenames: list[str], levels: np.ndarray, f
                   peaks: np.ndarray | None = None) -> list[dict]:
     """One result row per image (:func:`gaussad.results.result_rows`, as ``gaussad score --json``); ``peaks``: the
     map peaks a fused image score decides on."""
-    decisions, pvalues = model.decide(levels, fpr, map_peaks=peaks)
-    return list(result_rows(filenames, model.level_names_, levels, decisions, pvalues, model.scores(levels, peaks)))
+    rule = model.rule(fpr)
+    decisions, pvalues = rule.decide(model.state_, levels, peaks)
+    return list(result_rows(filenames, model.level_names_, levels, decisions, pvalues, model.scores(levels, peaks),
+                            rule.evidence(model.state_, levels, peaks)))
 
 
 def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
@@ -316,6 +318,10 @@ class ImageResult(BaseModel):
                                  "levels; conformal; fused: full-conformal Fisher combination of the global score "
                                  "and the map peak); flagged when it is at most the FPR")
     levels: dict[str, float] = Field(description="Mahalanobis distance at each level")
+    evidence: dict | None = Field(None, description="what the rule decided on: chi2/hotelling each level's threshold "
+                                  "and the levels above it; conformal the score, threshold and p-value; fused the "
+                                  "p-values of the global score and of the map peak and the combined one; and `text`, "
+                                  "one plain sentence")
     map_max: float | None = Field(None, description="largest anomaly-map value (with maps=true)")
     overlay: str | None = Field(None, description="heat-map overlay as a PNG data URL (with maps=true)")
     id: str | None = Field(None, description="the result's id in the results log (to mark it good or defect)")
