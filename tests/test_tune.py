@@ -208,3 +208,19 @@ def test_settings_the_held_out_images_cannot_separate_go_to_the_cheapest_with_a_
     assert result.n_held_out == 2 and first["settings"] == {} and second["settings"] == {"input_size": 160}
     assert first["image_auroc"] == second["image_auroc"] and second["pixel_auroc"] > first["pixel_auroc"]
     assert "cannot separate" in result.to_json()["warning"]
+
+
+def test_the_ranking_shows_each_candidates_uncertainty_and_the_choice_as_flags():
+    """Issue 35: the AUROC's standard error (Hanley-McNeil) matches the spread of AUROCs over repeated draws of
+    that many held-out images; the choice reads as the flags that give it."""
+    from sklearn.metrics import roc_auc_score
+
+    from gaussad.tune import as_flags, auroc_se
+
+    rng = np.random.default_rng(0)
+    aurocs = [roc_auc_score(np.r_[np.zeros(40), np.ones(40)], np.r_[rng.normal(size=40), rng.normal(1.5, 1, 40)])
+              for _ in range(2000)]
+    assert auroc_se(float(np.mean(aurocs)), 40, 40) == pytest.approx(np.std(aurocs), rel=0.15)
+    assert as_flags({"input_size": 384, "map_levels": ("stage4", "stage5")}) == \
+        "--input-size 384 --map-levels stage4,stage5"
+    assert as_flags({}) == "(the base setting: no flags)"

@@ -136,7 +136,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     base = {**settings, "preset": "recommended"}
     params.validate({**params.defaults(), **base})
     files, _ = _training_images(args.train_dir, args.recursive)
-    from .tune import candidates, format_ranking, tune
+    from .tune import as_flags, candidates, format_ranking, tune
 
     candidates(args.grid, base)  # a bad grid fails before any work
     with warnings.catch_warnings():  # its warning is printed below as one line
@@ -151,7 +151,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                           **result.to_json()}))
     elif not args.quiet:
         print(format_ranking(result))
-        print(f"best: {result.ranking[0]['settings'] or 'the base setting'}; refitted on {len(files)} images from "
+        print(f"best: {as_flags(result.ranking[0]['settings'])}; refitted on {len(files)} images from "
               f"{args.train_dir}; wrote {args.output} ({result.seconds:.0f} s)")
     return 0
 

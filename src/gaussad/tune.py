@@ -370,11 +370,32 @@ def describe(setting: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
+def as_flags(setting: Mapping[str, Any]) -> str:
+    """A setting as the command-line flags that give it (``--input-size 384 --map-grid finest``)."""
+    parts = []
+    for k, v in setting.items():
+        text = "native" if v is None else ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+        flag = params.BY_NAME[k].flag if k in params.BY_NAME else None
+        parts.append(f"{flag} {text}" if flag else f"{k}={text}")
+    return " ".join(parts) or "(the base setting: no flags)"
+
+
+def auroc_se(auroc: float, n_good: int, n_bad: int) -> float:
+    """The standard error of an AUROC from ``n_good`` and ``n_bad`` images (Hanley and McNeil 1982, Radiology 143):
+    how far apart two candidates' image AUROCs must be before the held-out images tell them apart."""
+    a = min(max(float(auroc), 1e-9), 1 - 1e-9)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_bad - 1) * (q1 - a * a) + (n_good - 1) * (q2 - a * a)) / (n_good * n_bad)
+    return math.sqrt(max(var, 0.0))
+
+
 def format_ranking(result: TuneResult) -> str:
-    """The ranking as a plain-text table, best first."""
-    head = ["rank", "image AUROC", "global", "map max", "pixel AUROC", "fit+score s", "setting"]
+    """The ranking as a plain-text table, best first: each candidate's image AUROC with its standard error (the
+    held-out images are few: differences within about two standard errors are noise) and its cost."""
+    head = ["rank", "image AUROC", "+/- SE", "global", "map max", "pixel AUROC", "fit+score s", "setting"]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    rows = [[str(r["rank"]), fmt(r["image_auroc"]), fmt(r["global_auroc"]), fmt(r["map_max_auroc"]),
+    se = lambda v: "-" if v is None else f"{auroc_se(v, result.n_held_out, result.n_held_out):.4f}"  # noqa: E731
+    rows = [[str(r["rank"]), fmt(r["image_auroc"]), se(r["image_auroc"]), fmt(r["global_auroc"]), fmt(r["map_max_auroc"]),
              fmt(r["pixel_auroc"]), f"{r['seconds']:.1f}", describe(r["settings"])] for r in result.ranking]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
