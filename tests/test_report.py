@@ -64,7 +64,12 @@ def check_report_in_chromium(path: Path, category: str, tmp_path: Path) -> dict:
                 return {roc: all('img.roc').filter(ok).length, histogram: all('img.histogram').filter(ok).length,
                         levels: all('img.levels').filter(ok).length, thumbnails: all('img.thumbnail').filter(ok).length,
                         heatmaps: all('img.thumbnail[alt^="heat map"]').filter(ok).length,
-                        title: sec ? sec.querySelector('h2').textContent : null};
+                        title: sec ? sec.querySelector('h2').textContent : null,
+                        rows: all('.gallery-row').map(r => ({kind: r.dataset.kind, title: r.querySelector('h4').textContent,
+                            kinds: [...r.querySelectorAll('.kind')].map(k => k.textContent),
+                            scores: [...r.querySelectorAll('.meta')].map(m => m.textContent)})),
+                        heatSizes: all('img.thumbnail[alt^="heat map"]').map(i => [i.naturalWidth, i.naturalHeight]),
+                        imageSizes: all('img.thumbnail[alt^="image"]').map(i => [i.naturalWidth, i.naturalHeight])};
             }""", category)
         finally:
             browser.close()
@@ -81,6 +86,14 @@ def test_html_report_opens_in_chromium(tiny_root, tmp_path, capsys):
     assert out.stat().st_size > 10_000 and json.loads(json_out.read_text())["categories"].keys() == {"brick", "gravel"}
     found = check_report_in_chromium(out, "brick", tmp_path)
     assert found["heatmaps"] == 8  # 4 good and 4 defective images, each with its heat map
+    # two labelled rows: the good images, then the defective ones, each tile with its kind and score
+    good, bad = found["rows"]
+    assert (good["kind"], bad["kind"]) == ("good", "defective") and "good" in good["title"] and "defective" in bad["title"]
+    assert good["kinds"] == ["good"] * 4 and len(bad["kinds"]) == 4 and "good" not in bad["kinds"]
+    assert all("score " in m for m in good["scores"] + bad["scores"])
+    # each heat map is drawn at its thumbnail's size with the legend panel (decision, score, colour bar) under it
+    for (hw, hh), (iw, ih) in zip(found["heatSizes"], found["imageSizes"]):
+        assert hw == iw == 240 and hh > ih
 
 
 @pytest.mark.skipif(not os.environ.get("GAUSSAD_REPORT_HTML"), reason="set GAUSSAD_REPORT_HTML to a report to check")

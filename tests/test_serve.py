@@ -20,7 +20,7 @@ from gaussad import GaussianAD
 from gaussad.cli import build_parser
 from gaussad.errors import DataError
 from gaussad.images import list_images, load_image
-from gaussad.maps import overlay
+from gaussad.heatmap import heat_scale, render
 from gaussad.serve import Limits, create_app, load_models
 
 from .conftest import TINY
@@ -191,8 +191,10 @@ def test_score_with_maps_gives_overlays_at_the_image_size(client, model_dir, tes
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(row["overlay"].split(",", 1)[1]))))
     model = gaussad.load(model_dir / "maps.gaussad")
     amap = model.anomaly_map([crop])[0]
-    want = np.asarray(overlay(load_image(crop), amap))
-    assert got.shape == want.shape == (40, 60, 3)
+    # the upload with its heat on the model's scale, and the legend panel under it on a canvas as wide as the panel
+    want = np.asarray(render(load_image(crop), amap, heat_scale(model.state_.map_calibration), row["score"],
+                             row["anomalous"]))
+    assert got.shape == want.shape and got.shape[1] == 240 and got.shape[0] > 40
     assert np.abs(got.astype(int) - want).max() <= 2
     assert row["map_max"] == pytest.approx(float(amap.max()), rel=1e-4)
 
@@ -203,9 +205,10 @@ def test_map_endpoint_returns_a_png_overlay(client, model_dir, test_images):
     assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
     got = np.asarray(Image.open(io.BytesIO(resp.content)))
     model = gaussad.load(model_dir / "maps.gaussad")
-    want = np.asarray(overlay(load_image(crop), model.anomaly_map([crop])[0]))
-    assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 2
     _, scores, _, decisions = _expected(model_dir / "maps.gaussad", [crop])
+    want = np.asarray(render(load_image(crop), model.anomaly_map([crop])[0], heat_scale(model.state_.map_calibration),
+                             float(resp.headers["x-gaussad-score"]), bool(decisions[0])))
+    assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 2
     assert float(resp.headers["x-gaussad-score"]) == pytest.approx(scores[0], rel=1e-5)
     assert resp.headers["x-gaussad-anomalous"] == str(bool(decisions[0])).lower()
 

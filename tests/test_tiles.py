@@ -260,7 +260,7 @@ def test_service_map_of_a_tiled_model_is_its_tiled_overlay(tiled, tiny_category,
     from fastapi.testclient import TestClient
 
     from gaussad.images import load_image
-    from gaussad.maps import overlay
+    from gaussad.heatmap import heat_scale, render
     from gaussad.serve import create_app, load_models
 
     folder = tmp_path / "models"
@@ -272,7 +272,8 @@ def test_service_map_of_a_tiled_model_is_its_tiled_overlay(tiled, tiny_category,
         resp = client.post("/models/tiled/map", files={"file": ("crop.png", upload.read_bytes(), "image/png")})
     assert resp.status_code == 200
     got = np.asarray(Image.open(io.BytesIO(resp.content)))
-    want = np.asarray(overlay(load_image(upload), tiled.anomaly_map([upload])[0]))
+    want = np.asarray(render(load_image(upload), tiled.anomaly_map([upload])[0], heat_scale(tiled.state_.map_calibration),
+                             float(resp.headers["x-gaussad-score"]), resp.headers["x-gaussad-anomalous"] == "true"))
     assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 2
 
 

@@ -238,7 +238,8 @@ def cmd_score(args: argparse.Namespace) -> int:
                        model.scores(levels, peaks) if kept else [], rule.evidence(model.state_, levels, peaks)
                        if kept else [])
     if args.maps:
-        written = _write_overlays(args.maps, kept, kept_names, amaps, args.max_pixels, args.on_error)
+        written = _write_overlays(args.maps, kept, kept_names, amaps, args.max_pixels, args.on_error, rows,
+                                  model.state_.map_calibration)
         for row, (path, error), amap in zip(rows, written, amaps):
             row["map_max"] = float(amap.max())
             row["map"] = None if path is None else str(path)
@@ -334,21 +335,23 @@ def overlay_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def _write_overlays(folder: str, files: list[Path], names: list[str], amaps, max_pixels: int,
-                    on_error: str = "fail") -> list[tuple[Path | None, str | None]]:
-    """Write one heat-map overlay PNG per image into ``folder`` (atomically each), named by :func:`overlay_names`;
-    returns (path, None) per image, or with ``on_error="skip"`` (None, message) for an image that can no longer be
-    read (changed since scoring)."""
+def _write_overlays(folder: str, files: list[Path], names: list[str], amaps, max_pixels: int, on_error: str,
+                    rows: list[dict], map_calibration) -> list[tuple[Path | None, str | None]]:
+    """Write one heat-map overlay PNG per image into ``folder`` (atomically each), named by :func:`overlay_names`,
+    drawn by :func:`gaussad.heatmap.render` on the scale of the model's ``map_calibration`` with each row's score and
+    decision; returns (path, None) per image, or with ``on_error="skip"`` (None, message) for an image that can no
+    longer be read (changed since scoring)."""
     from .errors import ImageError
     from .files import write_atomic
+    from .heatmap import heat_scale, render
     from .images import load_image
-    from .maps import overlay
 
     out_dir = Path(folder)
+    scale = heat_scale(map_calibration)
     paths = []
-    for src, name, amap in zip(files, overlay_names(names), amaps):
+    for src, name, amap, row in zip(files, overlay_names(names), amaps, rows):
         try:
-            image = overlay(load_image(src, max_pixels=max_pixels), amap)
+            image = render(load_image(src, max_pixels=max_pixels), amap, scale, row["score"], row["anomalous"])
         except ImageError as exc:
             if on_error != "skip":
                 raise
@@ -556,7 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an unreadable image is reported and skipped (skip, default) or stops the run (fail)")
     p.add_argument("--maps", metavar="DIR",
                    help="write a heat-map overlay PNG per image into DIR, mirroring the images' names (good/000.png "
-                        "-> DIR/good/000_map.png; repeated names get -2, -3, ...); needs a model fitted with anomaly maps")
+                        "-> DIR/good/000_map.png; repeated names get -2, -3, ...): heat only above the largest map peak of the "
+                        "model's good training images, a colour bar, score and decision under the image; needs a "
+                        "model fitted with anomaly maps")
     p.add_argument("--preset", choices=tuple(params.PRESETS),
                    help="check that the model was fitted with this preset (the preset itself is stored in the model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")

@@ -93,7 +93,9 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
 
     ``details`` (a dict, for the HTML report) receives the test scores of every fold (``fold_scores``), and the
     indices of the first fold's :data:`GALLERY` most anomalous good and least anomalous defective test images
-    (``gallery``) with their anomaly maps (``gallery_maps``, when maps are fitted); the returned figures do not change.
+    (``gallery``) with their anomaly maps (``gallery_maps``, when maps are fitted), the map model's calibration peaks
+    (``gallery_map_calibration``, None without) and its decisions on them (``gallery_flags``); the returned figures do
+    not change.
     """
     train, test = features
     n = train[0].shape[0]
@@ -121,8 +123,11 @@ def evaluate_category(category: Category, features: tuple[list[np.ndarray], list
                                       "calibration": "cv"}).fit_features([f[keep] for f in train], level_names)
             model.fit_map_features([train_maps[i] for i in keep])
             amaps = model.anomaly_map_features(test_maps, map_size if masks is None else masks.shape[-1])
-            if gallery is not None:
+            if gallery is not None:  # what the report's heat maps need: the maps, their scale, the decisions
                 details["gallery_maps"] = amaps[gallery]
+                details["gallery_map_calibration"] = model.state_.map_calibration
+                peaks = model.state_.map_peaks_of([test_maps[i] for i in gallery]) if fusable else None
+                details["gallery_flags"] = model.decide(level[gallery], map_peaks=peaks)[0].astype(bool)
             if masks is not None:  # pixel figures where the category has ground-truth masks
                 pixel_aurocs.append(roc_auc(masks.ravel(), amaps.ravel()))
                 hits.append(hit_rate(amaps, masks, category.test_labels))

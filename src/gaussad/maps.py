@@ -1,6 +1,6 @@
 """Anomaly maps: location vectors of feature maps (optionally averaged over small neighbourhoods), scored per
 level by a Gaussian shared by all positions (Mahalanobis distance) or by a memory bank (:mod:`gaussad.bank`);
-levels are upsampled and averaged into one map per image."""
+levels are upsampled and averaged into one map per image (drawn over the image by :mod:`gaussad.heatmap`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,6 @@ from PIL import Image
 
 from .gaussian import LevelGaussian, MomentStats
 from .images import resize_bilinear
-
-# Five stops of a dark-blue -> red -> yellow ramp for heat-map overlays.
-_STOPS = np.array([[0, 0, 64], [0, 96, 192], [64, 192, 96], [240, 160, 0], [255, 255, 160]], dtype=np.float64)
-
 
 def patch_vectors(fmap: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     """(B, C, H, W) feature maps -> (B*H*W, C) vectors, one per location (row-major over B, H, W)."""
@@ -158,23 +154,3 @@ def to_finest(fmaps: Sequence[np.ndarray], size: int = 1) -> list[np.ndarray]:
             rows, cols = _linear(f.shape[2], h) @ rows, _linear(f.shape[3], w) @ cols
         out.append(_separable(f, rows, cols) if size > 1 or f.shape[2:] != (h, w) else np.asarray(f, np.float32))
     return [np.concatenate(out, axis=1)]
-
-
-def heat_colors(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] to uint8 RGB along the heat ramp."""
-    v = np.clip(values, 0.0, 1.0) * (len(_STOPS) - 1)
-    lo = np.floor(v).astype(int).clip(0, len(_STOPS) - 2)
-    t = (v - lo)[..., None]
-    return ((1 - t) * _STOPS[lo] + t * _STOPS[lo + 1]).astype(np.uint8)
-
-
-def overlay(image: Image.Image, amap: np.ndarray, vmin: float = 1.0, vmax: float = 4.0,
-            alpha: float = 0.5) -> Image.Image:
-    """Blend a heat map over the image at its own size; values <= vmin are transparent-ish, >= vmax hottest."""
-    rgb = image.convert("RGB")
-    m = upsample(amap, rgb.size)
-    scaled = (m - vmin) / max(vmax - vmin, 1e-12)
-    heat = heat_colors(scaled).astype(np.float64)
-    weight = alpha * np.clip(scaled, 0.15, 1.0)[..., None]
-    base = np.asarray(rgb, dtype=np.float64)
-    return Image.fromarray((base * (1 - weight) + heat * weight).round().astype(np.uint8))

@@ -14,7 +14,7 @@ import numpy as np
 
 METHOD_STYLES = {"conformal": "-", "chi2": "--", "hotelling": ":"}
 ALPHA_COLOURS = {"0.01": "#b2182b", "0.05": "#ef8a62", "0.1": "#67a9cf"}
-THUMBNAIL = 192
+THUMBNAIL = 240  # the heat map's panel needs this width (heatmap.MIN_PANEL_WIDTH) for its text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
@@ -23,8 +23,9 @@ h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2e
 figcaption { font-size: .85em; color: #555; max-width: 420px; }
 table { border-collapse: collapse; font-size: .9em; margin: .5em 0; }
 td, th { border: 1px solid #ccc; padding: .2em .6em; text-align: right; } th { background: #f3f3f3; }
-.gallery { display: flex; flex-wrap: wrap; gap: .8em; } .tile { font-size: .8em; text-align: center; width: 200px; }
-.tile img { width: 192px; height: auto; display: block; margin: 0 auto; } .meta { color: #555; }
+.gallery { display: flex; flex-wrap: wrap; gap: .8em; } .tile { font-size: .8em; text-align: center; width: 500px; }
+.tile img { width: 240px; height: auto; display: inline-block; vertical-align: top; margin: 0 2px; }
+.meta { color: #555; } .kind { font-weight: 600; } h4 { margin: .8em 0 .3em; }
 """
 
 
@@ -108,33 +109,46 @@ def _levels_figure(name: str, level_names: list[str], aurocs: list[float], combi
     return _png(fig)
 
 
-def _gallery(detail: dict[str, Any], scores: np.ndarray) -> str:
-    """Thumbnails of the gallery images, with their heat maps beside them when the model has maps."""
+def _tile(cat, idx: int, score: float, amap: np.ndarray | None, scale, flagged: bool | None) -> str:
+    """One gallery image: its thumbnail, beside it the heat-map overlay (:func:`gaussad.heatmap.render`, drawn at the
+    thumbnail's size so that its panel stays legible), and its kind (good or the defect), path and score."""
+    from .heatmap import render
     from .images import load_image
-    from .maps import overlay
+
+    path = cat.test_files[idx]
+    try:
+        image = load_image(path)
+    except Exception as exc:  # an unreadable file must not stop the report
+        return f'<div class="tile">{html.escape(path.name)}: {html.escape(str(exc))}</div>'
+    scale_by = THUMBNAIL / max(image.size)
+    thumb = image.resize((max(1, round(image.size[0] * scale_by)), max(1, round(image.size[1] * scale_by))))
+    shown = [("image", thumb)] + ([] if amap is None else [("heat map", render(thumb, amap, scale, score, flagged))])
+    kind = "good" if cat.test_labels[idx] == 0 else cat.test_defects[idx]
+    imgs = "".join(f'<img class="thumbnail" alt="{label}: {html.escape(path.name)}" src="{_image_url(im)}">'
+                   for label, im in shown)
+    map_max = "" if amap is None else f", map max {float(amap.max()):.2f}"
+    return (f'<div class="tile">{imgs}<div>{html.escape(path.parent.name)}/{html.escape(path.name)}</div>'
+            f'<div class="meta"><span class="kind">{html.escape(kind)}</span>, score {score:.3f}{map_max}</div></div>')
+
+
+def _gallery(detail: dict[str, Any], scores: np.ndarray) -> str:
+    """Two labelled rows of gallery images (the most anomalous good ones, the least anomalous defective ones), with
+    their heat maps beside them when the model has maps."""
+    from .heatmap import heat_scale
 
     cat = detail["category"]
     maps = detail.get("gallery_maps")
-    tiles = []
+    flags = detail.get("gallery_flags")
+    scale = heat_scale(detail.get("gallery_map_calibration"))
+    rows: dict[str, list[str]] = {"good": [], "defective": []}
     for k, idx in enumerate(detail.get("gallery", [])):
-        path = cat.test_files[idx]
-        try:
-            image = load_image(path)
-        except Exception as exc:  # an unreadable file must not stop the report
-            tiles.append(f'<div class="tile">{html.escape(path.name)}: {html.escape(str(exc))}</div>')
-            continue
-        scale = THUMBNAIL / max(image.size)
-        thumb_size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
-        shown = [("image", image.resize(thumb_size))]
-        if maps is not None:
-            shown.append(("heat map", overlay(image, maps[k]).resize(thumb_size)))
-        kind = "good" if cat.test_labels[idx] == 0 else cat.test_defects[idx]
-        imgs = "".join(f'<img class="thumbnail" alt="{label}: {html.escape(path.name)}" src="{_image_url(im)}">'
-                       for label, im in shown)
-        map_max = f", map max {float(maps[k].max()):.2f}" if maps is not None else ""
-        tiles.append(f'<div class="tile">{imgs}<div>{html.escape(path.parent.name)}/{html.escape(path.name)}</div>'
-                     f'<div class="meta">{html.escape(kind)}, score {scores[idx]:.3f}{map_max}</div></div>')
-    return '<div class="gallery">' + "".join(tiles) + "</div>"
+        tile = _tile(cat, idx, float(scores[idx]), None if maps is None else maps[k], scale,
+                     None if flags is None else bool(flags[k]))
+        rows["good" if cat.test_labels[idx] == 0 else "defective"].append(tile)
+    titles = {"good": "good test images, most anomalous first", "defective": "defective test images, least anomalous "
+              "first"}
+    return "".join(f'<div class="gallery-row" data-kind="{kind}"><h4>{html.escape(titles[kind])}</h4>'
+                   f'<div class="gallery">{"".join(tiles)}</div></div>' for kind, tiles in rows.items() if tiles)
 
 
 def _threshold_table(result: dict[str, Any]) -> str:

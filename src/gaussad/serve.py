@@ -36,7 +36,7 @@ from . import __version__, params
 from .errors import DataError, GaussadError, ImageError, ImageTooLargeError, UnknownImageFormatError
 from .engine import cpu_count, int8_summary
 from .images import NamedBytes, load_image, probe
-from .maps import overlay
+from .heatmap import heat_scale, render
 from .decision import calibration_summary, fpr_note
 from .feedback import ModelRegistry, UpdateError
 from .keys import KeyStore, bearer, is_loopback
@@ -159,6 +159,7 @@ def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
             "pool": model.state_.layout.setting("pool"), "precision": model.precision,
             "int8": None if model.state_.network is None else int8_summary(model.state_.int8_format, model.state_.int8_isa),
             "threshold": decision_rule(model, fpr),
+            "heat_scale": asdict(heat_scale(model.state_.map_calibration)) if model.has_maps else None,
             "calibration": calibration_summary(model.state_, effective_fpr(model, fpr))}
 
 
@@ -243,7 +244,8 @@ def _png(img: Image.Image) -> bytes:
 
 def score_uploads(model: GaussianAD, uploads: list[tuple[str, bytes]], fpr: float, limits: Limits,
                   with_maps: bool) -> list[dict]:
-    """Score checked uploads (blocking: run it in a worker thread); with maps each result has a PNG overlay.
+    """Score checked uploads (blocking: run it in a worker thread); with maps each result has a PNG overlay
+    (:func:`gaussad.heatmap.render`: heat on the model's good-image scale, colour bar, score and decision).
 
     The model's extractor decodes the uploads a few at a time, each freed once resized; overlays are drawn one
     image at a time, at most ``OVERLAY_SIDE`` pixels on the longest side.
@@ -257,10 +259,13 @@ def score_uploads(model: GaussianAD, uploads: list[tuple[str, bytes]], fpr: floa
         results = image_results(model, names, levels, fpr, peaks)
         if not with_maps:
             return results
+        scale = heat_scale(model.state_.map_calibration)
         for row, (name, data), amap in zip(results, uploads, amaps):
             row["map_max"] = float(amap.max())
             img = decode_upload(data, name, limits, OVERLAY_SIDE)
-            row["overlay"] = "data:image/png;base64," + base64.b64encode(_png(overlay(img, amap))).decode("ascii")
+            drawn = render(img, amap, scale, row["score"], row["anomalous"])
+            row["overlay"] = "data:image/png;base64," + base64.b64encode(_png(drawn)).decode("ascii")
+            del drawn
             del img
         return results
     except ImageError as exc:
@@ -323,7 +328,8 @@ class ImageResult(BaseModel):
                                   "p-values of the global score and of the map peak and the combined one; and `text`, "
                                   "one plain sentence")
     map_max: float | None = Field(None, description="largest anomaly-map value (with maps=true)")
-    overlay: str | None = Field(None, description="heat-map overlay as a PNG data URL (with maps=true)")
+    overlay: str | None = Field(None, description="heat-map overlay as a PNG data URL (with maps=true): the image "
+                                "with the heat blended over it and a panel under it (decision, score, colour bar)")
     id: str | None = Field(None, description="the result's id in the results log (to mark it good or defect)")
 
 
@@ -350,6 +356,8 @@ class ModelInfo(BaseModel):
     int8: dict | None = Field(None, description="an int8 network's weight format, the instruction set it was "
                               "calibrated on, this CPU's, and whether the format saturates here")
     threshold: dict
+    heat_scale: dict | None = Field(None, description="heat-map colours (models with maps): none up to `low`, full "
+                                    "from `high`; `source`: what `low` is (the training images' largest map peak)")
 
 
 class Health(BaseModel):
