@@ -565,6 +565,17 @@ def test_page_in_chromium_key_feedback_and_new_version(served_dir, tiny_category
             assert cells == ["plain", "1", "1", "1 (100.0 %)", "0", "0 (–)"]
             page.wait_for_selector("#history:not([hidden])")
             assert page.locator("#chart circle").count() == 3 and page.locator("#chart .threshold").count() == 1
+            # round dots on screen (the chart is drawn in its own pixels) and labelled axes
+            boxes = page.eval_on_selector_all("#chart circle", """cs => cs.map(c => {
+                const b = c.getBoundingClientRect(); return [b.width, b.height]; })""")
+            assert all(w > 0 and abs(w - h) < 0.01 for w, h in boxes), boxes
+            assert page.text_content("#chart .ylabel") == "score"
+            assert "scored images, oldest left" in page.text_content("#chart .xlabel")
+            assert page.locator("#chart .ytick").count() == 3 and page.locator("#chart .axis").count() == 2
+            page.set_viewport_size({"width": 500, "height": 700})  # redrawn at the new width: still round
+            page.wait_for_function("""() => { const b = document.querySelector('#chart circle').getBoundingClientRect();
+                return Math.abs(b.width - b.height) < 0.01; }""")
+            assert page.is_visible("#apply")  # this service keeps the images (--keep-images): feedback can work
             page.click("#apply")
             page.wait_for_function("document.getElementById('version').textContent === 'version 2'")
             assert "trained on 11 images" in page.inner_text("#model-info")

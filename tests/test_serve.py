@@ -19,8 +19,8 @@ from bench.serve_load import check, run_load, serving
 from gaussad import GaussianAD
 from gaussad.cli import build_parser
 from gaussad.errors import DataError
-from gaussad.images import list_images, load_image
 from gaussad.heatmap import heat_scale, render
+from gaussad.images import list_images, load_image
 from gaussad.serve import Limits, create_app, load_models
 
 from .conftest import TINY
@@ -402,3 +402,68 @@ def test_page_in_chromium_shows_scores_decisions_and_maps_sorted(served, model_d
             assert {"pick/a/x.png", "pick/b/x.png"} <= set(names)
         finally:
             browser.close()
+
+
+def _plain(p: float) -> str:
+    """The page's words for a p-value, written out apart from it."""
+    if p < 1e-6:
+        return "below 1e-6: fewer than 1 in a million good images score this high"
+    if p >= 0.1:
+        return f"{round(100 * p)} % of good images score this high"
+    return f"1 in {int(float(f'{1 / p:.2g}')):,} good images score this high"
+
+
+def test_page_in_chromium_names_apart_plain_pvalues_favicon_and_no_apply(served, model_dir, test_images, tmp_path):
+    """Issue 35, item 4: two files named 000.png picked one after the other from different folders are told apart;
+    p-values read in words; the page loads with no 404 (the favicon); "apply feedback" is hidden where the service
+    keeps no images."""
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    picks = []
+    for sub, image in (("one", test_images[0]), ("two", test_images[2])):
+        (tmp_path / sub).mkdir()
+        picks.append(tmp_path / sub / "000.png")
+        shutil.copyfile(image, picks[-1])
+    _, _, pvalues, _ = _expected(model_dir / "plain.gaussad", picks)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=executable,
+                                                        headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(120_000)
+            missing = []
+            page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
+            page.goto(served + "/")
+            page.wait_for_selector("#model option", state="attached")
+            page.select_option("#model", "plain")
+            for n, pick in enumerate(picks, 1):
+                page.set_input_files("#files", [str(pick)])
+                page.wait_for_function(f"document.querySelectorAll('#results .card').length === {n}")
+            cards = page.eval_on_selector_all("#results .card", """cs => cs.map(c => ({
+                name: c.querySelector('.filename').textContent, p: c.querySelector('.pvalue').textContent}))""")
+            assert sorted(c["name"] for c in cards) == ["000 (2).png", "000.png"]
+            by_name = {c["name"]: c["p"] for c in cards}
+            assert [by_name["000.png"], by_name["000 (2).png"]] == [_plain(p) for p in pvalues]
+            assert not page.is_visible("#apply")
+            icon = page.request.get(served + "/favicon.ico")
+            assert icon.status == 200 and icon.headers["content-type"] == "image/svg+xml" and b"<svg" in icon.body()
+            assert page.request.get(served + page.get_attribute("link[rel=icon]", "href")).status == 200
+            assert missing == []
+        finally:
+            browser.close()
+
+
+def test_serve_says_where_it_writes_the_results_log(model_dir, tmp_path, monkeypatch, caplog):
+    import uvicorn
+
+    from gaussad.serve import run
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="gaussad.serve"):
+        run(model_dir, db="results.sqlite", keep_images="kept")
+        run(model_dir, db=None)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("results log:")]
+    assert lines == [f"results log: {tmp_path.resolve() / 'results.sqlite'}, images kept in {tmp_path.resolve() / 'kept'}",
+                     "results log: off (--db none)"]

@@ -8,9 +8,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .datasets import Category
+    from .heatmap import HeatScale
 
 METHOD_STYLES = {"conformal": "-", "chi2": "--", "hotelling": ":"}
 ALPHA_COLOURS = {"0.01": "#b2182b", "0.05": "#ef8a62", "0.1": "#67a9cf"}
@@ -109,7 +113,8 @@ def _levels_figure(name: str, level_names: list[str], aurocs: list[float], combi
     return _png(fig)
 
 
-def _tile(cat, idx: int, score: float, amap: np.ndarray | None, scale, flagged: bool | None) -> str:
+def _tile(cat: "Category", idx: int, score: float, amap: np.ndarray | None, scale: "HeatScale",
+          flagged: bool | None) -> str:
     """One gallery image: its thumbnail, beside it the heat-map overlay (:func:`gaussad.heatmap.render`, drawn at the
     thumbnail's size so that its panel stays legible), and its kind (good or the defect), path and score."""
     from .heatmap import render

@@ -288,6 +288,13 @@ class ResultsLog:
         with self._connect(begin=True) as conn:
             conn.execute(self.table.insert(), [entry for entry, _ in rows])
 
+    def where(self) -> str:
+        """Where rows (and kept images) go, in one line for the service's start: the SQLite file's absolute path or
+        the database URL with its password hidden."""
+        place = str(self.file) if self.file is not None else \
+            self.sa.engine.make_url(self.url).render_as_string(hide_password=True)
+        return place + (f", images kept in {self.keep_dir.resolve()}" if self.keep_dir is not None else "")
+
     @property
     def backlogged(self) -> bool:
         """Whether ``max_pending`` rows wait: new ones are refused until the database takes them."""

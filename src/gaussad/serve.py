@@ -368,6 +368,8 @@ class Health(BaseModel):
     limits: dict[str, int]
     auth: bool = Field(False, description="whether requests need an API key")
     drift: dict[str, dict] | None = Field(None, description="per model: the drift tests over its recent results")
+    feedback: bool | None = Field(None, description="whether feedback updates can work: the service keeps the scored "
+                                  "images (--keep-images) of the models' folder")
     results_log: str | None = Field(None, description="while the results log's database refuses rows (status "
                                     "degraded): how many wait, since when, and why")
 
@@ -460,6 +462,8 @@ def create_app(models: Mapping[str, GaussianAD] | ModelRegistry, fpr: float | No
         return out
 
     budget = PixelBudget(limits.max_pixels_in_flight, limits.busy_seconds)
+    # Feedback updates add the kept images of good-marked results: without kept images "apply feedback" cannot work.
+    feedback = results_log is not None and results_log.keep_dir is not None and registry.folder is not None
 
     async def run_admitted(uploads: list[tuple[str, bytes]], fn, *args):
         """Check the uploads' headers, wait for room in the pixel budget (503 when none comes), run ``fn``."""
@@ -479,6 +483,11 @@ def create_app(models: Mapping[str, GaussianAD] | ModelRegistry, fpr: float | No
     async def page() -> HTMLResponse:
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        """The page's icon (an SVG) where a browser asks for it by the old name."""
+        return Response((STATIC / "favicon.svg").read_bytes(), media_type="image/svg+xml")
+
     @app.get("/health", response_model=Health, response_model_exclude_none=True,
              summary="service status, model names and upload limits (with keys: names and drift need a key)")
     async def health(request: Request) -> dict:
@@ -487,7 +496,7 @@ def create_app(models: Mapping[str, GaussianAD] | ModelRegistry, fpr: float | No
                "limits": {**asdict(limits), "max_request_bytes": limits.max_request_bytes}}
         if keys is not None and keys.check(bearer(request.headers.get("authorization"))) is None:
             return out  # no model names, flag rates or database errors for whoever can reach the port
-        return {**out, "version": __version__, "models": sorted(registry.served),
+        return {**out, "version": __version__, "models": sorted(registry.served), "feedback": feedback,
                 **({"results_log": results_log.status_line()} if failing else {}), "drift": await ops.all_drift()}
 
     @app.get("/models", response_model=list[ModelInfo], summary="the loaded models")
@@ -566,4 +575,5 @@ def run(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, fp
     app = create_app(models, fpr=fpr, limits=limits, workers=workers, keys=keys, results_log=results_log,
                      folder=folder, loopback_only=is_loopback(host))
     log.info("gaussad %s serving %d model(s) from %s: %s", __version__, len(models), folder, ", ".join(sorted(models)))
+    log.info("results log: %s", "off (--db none)" if results_log is None else results_log.where())
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], maxFiles: 16, results: [], pending: 0, auth: false };
+const state = { models: [], maxFiles: 16, results: [], pending: 0, auth: false, feedback: false, history: null,
+  names: new Set() }; // names: every name given to a file since the page was last cleared
 const KEY = "gaussad-key"; // the API key, kept for this browser tab only (sessionStorage)
 
 // fetch with the API key when the service needs one; a 401 asks for the key again.
@@ -32,6 +33,29 @@ function fileName(f) {
   return f.webkitRelativePath || f.name;
 }
 
+// Names for a batch of files, none equal to another of the batch or to one given earlier: a repeated name
+// (000.png picked from two folders one after the other) becomes "000 (2).png", "000 (3).png", ...
+function uniqueNames(files) {
+  return files.map((f) => {
+    const name = fileName(f);
+    const dot = name.lastIndexOf(".");
+    const [stem, ext] = dot > name.lastIndexOf("/") + 1 ? [name.slice(0, dot), name.slice(dot)] : [name, ""];
+    let out = name;
+    for (let k = 2; state.names.has(out); k += 1) out = `${stem} (${k})${ext}`;
+    state.names.add(out);
+    return out;
+  });
+}
+
+// A p-value in words: how rare a score this high is among good images.
+function plainP(p) {
+  if (p == null) return "";
+  if (p < 1e-6) return "below 1e-6: fewer than 1 in a million good images score this high";
+  if (p >= 0.1) return `${Math.round(100 * p)} % of good images score this high`;
+  const n = Number((1 / p).toPrecision(2));
+  return `1 in ${n.toLocaleString("en-US")} good images score this high`;
+}
+
 function showError(text) {
   const line = document.createElement("div");
   line.textContent = text;
@@ -56,6 +80,7 @@ function describeModel() {
     `${t.note ? ` (${t.note})` : ""}; ${m.maps ? "heat maps" : "no heat maps"}`;
   $("version").textContent = m.version == null ? "" : `version ${m.version}`;
   $("maps-toggle").hidden = !m.maps;
+  $("apply").hidden = !state.feedback;
   loadHistory();
 }
 
@@ -64,6 +89,9 @@ async function reloadModels() {
   if (!resp.ok) { showError(await errorText(resp)); return false; }
   const chosen = $("model").value;
   state.models = await resp.json();
+  // "apply feedback" works only where the service keeps the scored images (--keep-images): /health says so.
+  const health = await api("/health");
+  state.feedback = health.ok && (await health.json()).feedback === true;
   $("model").replaceChildren(...state.models.map((m) => new Option(m.name, m.name)));
   if (state.models.some((m) => m.name === chosen)) $("model").value = chosen;
   describeModel();
@@ -78,25 +106,47 @@ async function loadHistory() {
   if (!resp.ok) { $("history").hidden = true; return; }
   const h = await resp.json();
   $("history").hidden = false;
-  const svg = $("chart");
-  const W = 600, H = 120, pad = 4;
-  const scores = h.points.map((p) => p.score);
-  const top = Math.max(...scores, h.threshold || 0, 1e-9) * 1.05;
-  const x = (i) => pad + (h.points.length < 2 ? 0 : (i * (W - 2 * pad)) / (h.points.length - 1));
-  const y = (v) => H - pad - (v / top) * (H - 2 * pad);
-  const parts = [];
-  if (h.threshold != null) {
-    parts.push(`<line class="threshold" x1="0" x2="${W}" y1="${y(h.threshold)}" y2="${y(h.threshold)}"></line>`);
-  }
-  h.points.forEach((p, i) => parts.push(
-    `<circle class="${p.anomalous ? "flag" : "pt"}" cx="${x(i).toFixed(1)}" cy="${y(p.score).toFixed(1)}" r="2.5"></circle>`));
-  svg.innerHTML = parts.join("");
+  state.history = h;
+  drawChart();
   loadRates();
   const d = h.drift;
   const alarm = $("drift");
   alarm.className = d.alarm ? "alarm" : "";
   alarm.textContent = d.alarm ? `DRIFT: ${d.reasons.join("; ")}` :
     `no drift (${d.status}; last ${d.n} images of version ${h.version}, ${d.flagged} flagged at target FPR ${d.fpr})`;
+}
+
+// The chart in the SVG's own pixels (its viewBox follows its size), so that the dots stay round at any width;
+// labelled axes: score up, the scored images from oldest to newest across.
+function drawChart() {
+  const h = state.history;
+  const svg = $("chart");
+  if (!h || $("history").hidden) return;
+  const W = Math.max(svg.clientWidth, 200), H = Math.max(svg.clientHeight, 100);
+  const left = 52, right = 10, top = 8, bottom = 30;
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  const scores = h.points.map((p) => p.score);
+  const ymax = Math.max(...scores, h.threshold || 0, 1e-9) * 1.05;
+  const x = (i) => left + (h.points.length < 2 ? 0 : (i * (W - left - right)) / (h.points.length - 1));
+  const y = (v) => H - bottom - (v / ymax) * (H - top - bottom);
+  const fmt = (v) => (ymax >= 100 ? v.toFixed(0) : ymax >= 10 ? v.toFixed(1) : v.toFixed(2));
+  const parts = [
+    `<line class="axis" x1="${left}" x2="${left}" y1="${top}" y2="${H - bottom}"></line>`,
+    `<line class="axis" x1="${left}" x2="${W - right}" y1="${H - bottom}" y2="${H - bottom}"></line>`,
+  ];
+  for (const v of [0, ymax / 2, ymax / 1.05]) {
+    parts.push(`<text class="ytick" x="${left - 4}" y="${y(v) + 4}" text-anchor="end">${fmt(v)}</text>`);
+  }
+  parts.push(`<text class="ylabel" transform="translate(12 ${(top + H - bottom) / 2}) rotate(-90)" ` +
+    `text-anchor="middle">score</text>`);
+  parts.push(`<text class="xlabel" x="${(left + W - right) / 2}" y="${H - 8}" text-anchor="middle">` +
+    `last ${h.points.length} scored images, oldest left${h.threshold != null ? "; dashed: threshold" : ""}</text>`);
+  if (h.threshold != null) {
+    parts.push(`<line class="threshold" x1="${left}" x2="${W - right}" y1="${y(h.threshold)}" y2="${y(h.threshold)}"></line>`);
+  }
+  h.points.forEach((p, i) => parts.push(
+    `<circle class="${p.anomalous ? "flag" : "pt"}" cx="${x(i).toFixed(1)}" cy="${y(p.score).toFixed(1)}" r="3"></circle>`));
+  svg.innerHTML = parts.join("");
 }
 
 // Realised rates from the operators' labels, per model and version (false alarms among good-marked, hits among
@@ -153,6 +203,7 @@ async function rollback() {
 function clearResults() {
   state.results.forEach((r) => URL.revokeObjectURL(r.url));
   state.results = [];
+  state.names.clear();
   $("error").textContent = "";
   render();
 }
@@ -191,10 +242,13 @@ function card(r, showMaps) {
   line.append(score, decision);
   const details = document.createElement("details");
   const summary = document.createElement("summary");
-  const p = r.pvalue == null ? "" : r.pvalue === 0 ? "p < 1e-300; " : `p = ${r.pvalue.toExponential(2)}; `;
-  summary.textContent = `${p}levels`;
+  const pvalue = document.createElement("div");
+  pvalue.className = "pvalue";
+  pvalue.textContent = plainP(r.pvalue);
+  if (r.pvalue != null) pvalue.title = `p-value ${r.pvalue.toExponential(2)}`;
+  summary.textContent = "levels";
   details.append(summary, levelTable(r.levels));
-  cap.append(name, line, details);
+  cap.append(name, line, pvalue, details);
   if (r.id) {
     const fb = document.createElement("div");
     fb.className = "feedback";
@@ -228,9 +282,9 @@ function render() {
     : state.results.length ? `${state.results.length} image(s), ${flagged} flagged` : "";
 }
 
-async function scoreChunk(model, files) {
+async function scoreChunk(model, files, names) {
   const form = new FormData();
-  files.forEach((f) => form.append("files", f, fileName(f)));
+  files.forEach((f, i) => form.append("files", f, names[i]));
   const url = `/models/${encodeURIComponent(model.name)}/score?maps=${model.maps}`;
   try {
     const resp = await api(url, { method: "POST", body: form });
@@ -258,11 +312,14 @@ async function scoreFiles(fileList) {
     if (f.type.startsWith("image/")) files.push(f);
     else showError(`${fileName(f)}: skipped, not an image`);
   }
+  const names = uniqueNames(files);
   const chunks = [];
-  for (let i = 0; i < files.length; i += state.maxFiles) chunks.push(files.slice(i, i + state.maxFiles));
+  for (let i = 0; i < files.length; i += state.maxFiles) {
+    chunks.push([files.slice(i, i + state.maxFiles), names.slice(i, i + state.maxFiles)]);
+  }
   state.pending += files.length;
   render();
-  await Promise.all(chunks.map((c) => scoreChunk(model, c)));
+  await Promise.all(chunks.map(([c, n]) => scoreChunk(model, c, n)));
 }
 
 async function init() {
@@ -286,6 +343,7 @@ async function init() {
     $(id).addEventListener("change", (e) => { scoreFiles(e.target.files); e.target.value = ""; });
   }
   $("show-maps").addEventListener("change", render);
+  window.addEventListener("resize", drawChart);
   $("clear").addEventListener("click", clearResults);
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
