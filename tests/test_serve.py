@@ -377,12 +377,16 @@ def test_page_in_chromium_shows_scores_decisions_and_maps_sorted(served, model_d
             page.wait_for_function("document.querySelectorAll('#results .card').length === 3")
             cards = page.eval_on_selector_all("#results .card", """cs => cs.map(c => ({
                 name: c.querySelector('.filename').textContent, score: c.querySelector('.score').textContent,
-                decision: c.querySelector('.decision').textContent, src: c.querySelector('img').src}))""")
+                decision: c.querySelector('.decision').textContent, src: c.querySelector('img').src,
+                why: c.querySelector('.evidence').textContent}))""")
             assert [c["name"] for c in cards] == sorted(expected, key=lambda n: -expected[n][0])
             for c in cards:
                 score, anomalous = expected[c["name"]]
                 assert float(c["score"]) == pytest.approx(score, abs=6e-4)
                 assert c["decision"] == ("ANOMALY" if anomalous else "ok")
+                # what decided, in words (issue 35): the levels over their thresholds for this chi2 model
+                assert c["why"].startswith("flagged" if anomalous else "ok") and "target FPR" in c["why"]
+                assert ("(every level below its threshold)" in c["why"]) == (not anomalous)
                 assert c["src"].startswith("data:image/png;base64,")
             page.uncheck("#show-maps")
             assert all(s.startswith("blob:") for s in page.eval_on_selector_all("#results img", "is => is.map(i => i.src)"))

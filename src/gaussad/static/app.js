@@ -235,7 +235,9 @@ function card(r, showMaps) {
   const score = document.createElement("span");
   score.className = "score";
   score.textContent = r.score.toFixed(3);
-  score.title = "score: mean Mahalanobis distance over the levels";
+  score.title = r.evidence && r.evidence.rule === "fused"
+    ? "score: -log10 of the fused p-value (global score and map peak); higher = more anomalous"
+    : "score: mean Mahalanobis distance over the levels";
   const decision = document.createElement("span");
   decision.className = "decision";
   decision.textContent = r.anomalous ? "ANOMALY" : "ok";
@@ -248,7 +250,14 @@ function card(r, showMaps) {
   if (r.pvalue != null) pvalue.title = `p-value ${r.pvalue.toExponential(2)}`;
   summary.textContent = "levels";
   details.append(summary, levelTable(r.levels));
-  cap.append(name, line, pvalue, details);
+  cap.append(name, line, pvalue);
+  if (r.evidence && r.evidence.text) {  // what decided, in words (issue 35)
+    const why = document.createElement("div");
+    why.className = "evidence";
+    why.textContent = r.evidence.text;
+    cap.append(why);
+  }
+  cap.append(details);
   if (r.id) {
     const fb = document.createElement("div");
     fb.className = "feedback";
