@@ -235,8 +235,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         levels = model.level_scores_features(feats) if kept else np.zeros((0, len(model.level_names_)))
     decisions, pvalues = model.decide(levels, fpr, method, peaks) if kept else ([], [])
     rows = result_rows(kept_names, model.level_names_, levels, decisions, pvalues,
-                       model.scores(levels, peaks) if kept else [], rule.evidence(model.state_, levels, peaks)
-                       if kept else [])
+                       model.scores(levels, peaks) if kept else [],
+                       rule.evidence(model.state_, levels, peaks, decisions, pvalues) if kept else [])
     if args.maps:
         written = _write_overlays(args.maps, kept, kept_names, amaps, args.max_pixels, args.on_error, rows,
                                   model.state_.map_calibration)

@@ -204,17 +204,15 @@ class DecisionRule:
         pvalue = np.minimum(np.stack(pvals, axis=1).min(axis=1) * n_levels, 1.0)
         return (level_scores > thresholds).any(axis=1).astype(int), pvalue
 
-
-    def evidence(self, state: Calibrated, level_scores: np.ndarray, map_peaks: np.ndarray | None = None
-                 ) -> list[dict]:
+    def evidence(self, state: Calibrated, level_scores: np.ndarray, map_peaks: np.ndarray | None,
+                 decided: np.ndarray, pvalues: np.ndarray) -> list[dict]:
         """Per image, the evidence the rule decided on, in numbers and in one plain sentence (``text``):
         chi2/hotelling: each level's threshold at ``fpr / n_levels`` and the levels above it (``tripped``);
         conformal: the image score, its threshold and p-value; fused: the conformal p-value of the global score and
-        of the map peak against their calibrations and the combined (full-conformal Fisher) p-value. The decisions
-        are :meth:`decide`'s."""
-        self.check(state)
+        of the map peak against their calibrations and the combined (full-conformal Fisher) p-value. ``decided`` and
+        ``pvalues`` are :meth:`decide`'s on the same images (taken, not computed again: the fused p-value costs
+        n x calibration products)."""
         level_scores = check_distances(level_scores, len(state.dofs))
-        decided, pvalues = self.decide(state, level_scores, map_peaks)
         alpha, names = self.target_fpr(state), list(state.layout.level_names)
 
         def verdict(flagged: int, p: float) -> str:

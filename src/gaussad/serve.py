@@ -112,8 +112,7 @@ def load_models(folder: str | os.PathLike) -> dict[str, GaussianAD]:
 def effective_fpr(model: GaussianAD, fpr: float | None) -> float:
     """The target false-positive rate a decision uses: the request's or service's, else the model's own, raised for
     a conformal rule to the smallest rate its calibration supports (:meth:`DecisionRule.target_fpr`)."""
-    rule = model.rule(fpr)
-    return rule.target_fpr(model.state_) if rule.method == "conformal" else rule.fpr
+    return model.rule(fpr).target_fpr(model.state_)
 
 
 def decision_rule(model: GaussianAD, fpr: float | None) -> dict:
@@ -148,7 +147,7 @@ def image_results(model: GaussianAD, filenames: list[str], levels: np.ndarray, f
     rule = model.rule(fpr)
     decisions, pvalues = rule.decide(model.state_, levels, peaks)
     return list(result_rows(filenames, model.level_names_, levels, decisions, pvalues, model.scores(levels, peaks),
-                            rule.evidence(model.state_, levels, peaks)))
+                            rule.evidence(model.state_, levels, peaks, decisions, pvalues)))
 
 
 def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
