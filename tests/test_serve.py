@@ -2,10 +2,13 @@
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import shutil
 import threading
+from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -353,59 +356,67 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def test_page_in_chromium_shows_scores_decisions_and_maps_sorted(served, model_dir, test_images, tmp_path):
+@contextlib.contextmanager
+def chromium_page(tmp_path: Path) -> Iterator:
+    """A page of a headless Chromium (Debian's binary; the test is skipped where it is absent), profile under
+    ``tmp_path``, closed on exit."""
     executable = _chromium()
     from playwright.sync_api import sync_playwright
 
-    upload = [test_images[0], test_images[2], test_images[3]]
-    _, scores, _, decisions = _expected(model_dir / "maps.gaussad", upload)
-    expected = {p.name: (s, d) for p, s, d in zip(upload, scores, decisions)}
-    not_image = tmp_path / "notes.png"
-    not_image.write_text("not an image")
     with sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=executable,
                                                         headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.set_default_timeout(120_000)
-            page.goto(served + "/")
-            page.wait_for_selector("#model option", state="attached")
-            assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == ["maps", "plain"]
-            page.select_option("#model", "maps")
-            assert "trained on 10 images" in page.inner_text("#model-info")
-            page.set_input_files("#files", [str(p) for p in upload])
-            page.wait_for_function("document.querySelectorAll('#results .card').length === 3")
-            cards = page.eval_on_selector_all("#results .card", """cs => cs.map(c => ({
-                name: c.querySelector('.filename').textContent, score: c.querySelector('.score').textContent,
-                decision: c.querySelector('.decision').textContent, src: c.querySelector('img').src,
-                why: c.querySelector('.evidence').textContent}))""")
-            assert [c["name"] for c in cards] == sorted(expected, key=lambda n: -expected[n][0])
-            for c in cards:
-                score, anomalous = expected[c["name"]]
-                assert float(c["score"]) == pytest.approx(score, abs=6e-4)
-                assert c["decision"] == ("ANOMALY" if anomalous else "ok")
-                # what decided, in words (issue 35): the levels over their thresholds for this chi2 model
-                assert c["why"].startswith("flagged" if anomalous else "ok") and "target FPR" in c["why"]
-                assert ("(every level below its threshold)" in c["why"]) == (not anomalous)
-                assert c["src"].startswith("data:image/png;base64,")
-            page.uncheck("#show-maps")
-            assert all(s.startswith("blob:") for s in page.eval_on_selector_all("#results img", "is => is.map(i => i.src)"))
-
-            page.set_input_files("#files", [str(not_image)])
-            page.wait_for_function("document.getElementById('error').textContent.length > 0")
-            assert "notes.png: not a PNG" in page.inner_text("#error")
-            assert page.locator("#results .card").count() == 3
-
-            # A folder picked with its sub-folders: the cards show each file's path inside it.
-            for sub, image in (("a", test_images[0]), ("b", test_images[1])):
-                (tmp_path / "pick" / sub).mkdir(parents=True)
-                (tmp_path / "pick" / sub / "x.png").write_bytes(image.read_bytes())
-            page.set_input_files("#folder", str(tmp_path / "pick"))
-            page.wait_for_function("document.querySelectorAll('#results .card').length === 5")
-            names = page.eval_on_selector_all("#results .filename", "ns => ns.map(n => n.textContent)")
-            assert {"pick/a/x.png", "pick/b/x.png"} <= set(names)
+            yield page
         finally:
             browser.close()
+
+
+def test_page_in_chromium_shows_scores_decisions_and_maps_sorted(served, model_dir, test_images, tmp_path):
+    upload = [test_images[0], test_images[2], test_images[3]]
+    _, scores, _, decisions = _expected(model_dir / "maps.gaussad", upload)
+    expected = {p.name: (s, d) for p, s, d in zip(upload, scores, decisions)}
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    with chromium_page(tmp_path) as page:
+        page.goto(served + "/")
+        page.wait_for_selector("#model option", state="attached")
+        assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == ["maps", "plain"]
+        page.select_option("#model", "maps")
+        assert "trained on 10 images" in page.inner_text("#model-info")
+        page.set_input_files("#files", [str(p) for p in upload])
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 3")
+        cards = page.eval_on_selector_all("#results .card", """cs => cs.map(c => ({
+            name: c.querySelector('.filename').textContent, score: c.querySelector('.score').textContent,
+            decision: c.querySelector('.decision').textContent, src: c.querySelector('img').src,
+            why: c.querySelector('.evidence').textContent}))""")
+        assert [c["name"] for c in cards] == sorted(expected, key=lambda n: -expected[n][0])
+        for c in cards:
+            score, anomalous = expected[c["name"]]
+            assert float(c["score"]) == pytest.approx(score, abs=6e-4)
+            assert c["decision"] == ("ANOMALY" if anomalous else "ok")
+            # what decided, in words (issue 35): the levels over their thresholds for this chi2 model
+            assert c["why"].startswith("flagged" if anomalous else "ok") and "target FPR" in c["why"]
+            assert ("(every level below its threshold)" in c["why"]) == (not anomalous)
+            assert c["src"].startswith("data:image/png;base64,")
+        page.uncheck("#show-maps")
+        assert all(s.startswith("blob:") for s in page.eval_on_selector_all("#results img", "is => is.map(i => i.src)"))
+
+        page.set_input_files("#files", [str(not_image)])
+        page.wait_for_function("document.getElementById('error').textContent.length > 0")
+        assert "notes.png: not a PNG" in page.inner_text("#error")
+        assert page.locator("#results .card").count() == 3
+
+        # A folder picked with its sub-folders: the cards show each file's path inside it.
+        for sub, image in (("a", test_images[0]), ("b", test_images[1])):
+            (tmp_path / "pick" / sub).mkdir(parents=True)
+            (tmp_path / "pick" / sub / "x.png").write_bytes(image.read_bytes())
+        page.set_input_files("#folder", str(tmp_path / "pick"))
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 5")
+        names = page.eval_on_selector_all("#results .filename", "ns => ns.map(n => n.textContent)")
+        assert {"pick/a/x.png", "pick/b/x.png"} <= set(names)
 
 
 def _plain(p: float) -> str:
@@ -421,41 +432,31 @@ def test_page_in_chromium_names_apart_plain_pvalues_favicon_and_no_apply(served,
     """Issue 35, item 4: two files named 000.png picked one after the other from different folders are told apart;
     p-values read in words; the page loads with no 404 (the favicon); "apply feedback" is hidden where the service
     keeps no images."""
-    executable = _chromium()
-    from playwright.sync_api import sync_playwright
-
     picks = []
     for sub, image in (("one", test_images[0]), ("two", test_images[2])):
         (tmp_path / sub).mkdir()
         picks.append(tmp_path / sub / "000.png")
         shutil.copyfile(image, picks[-1])
     _, _, pvalues, _ = _expected(model_dir / "plain.gaussad", picks)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=executable,
-                                                        headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(120_000)
-            missing = []
-            page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
-            page.goto(served + "/")
-            page.wait_for_selector("#model option", state="attached")
-            page.select_option("#model", "plain")
-            for n, pick in enumerate(picks, 1):
-                page.set_input_files("#files", [str(pick)])
-                page.wait_for_function(f"document.querySelectorAll('#results .card').length === {n}")
-            cards = page.eval_on_selector_all("#results .card", """cs => cs.map(c => ({
-                name: c.querySelector('.filename').textContent, p: c.querySelector('.pvalue').textContent}))""")
-            assert sorted(c["name"] for c in cards) == ["000 (2).png", "000.png"]
-            by_name = {c["name"]: c["p"] for c in cards}
-            assert [by_name["000.png"], by_name["000 (2).png"]] == [_plain(p) for p in pvalues]
-            assert not page.is_visible("#apply")
-            icon = page.request.get(served + "/favicon.ico")
-            assert icon.status == 200 and icon.headers["content-type"] == "image/svg+xml" and b"<svg" in icon.body()
-            assert page.request.get(served + page.get_attribute("link[rel=icon]", "href")).status == 200
-            assert missing == []
-        finally:
-            browser.close()
+    with chromium_page(tmp_path) as page:
+        missing = []
+        page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
+        page.goto(served + "/")
+        page.wait_for_selector("#model option", state="attached")
+        page.select_option("#model", "plain")
+        for n, pick in enumerate(picks, 1):
+            page.set_input_files("#files", [str(pick)])
+            page.wait_for_function(f"document.querySelectorAll('#results .card').length === {n}")
+        cards = page.eval_on_selector_all("#results .card", """cs => cs.map(c => ({
+            name: c.querySelector('.filename').textContent, p: c.querySelector('.pvalue').textContent}))""")
+        assert sorted(c["name"] for c in cards) == ["000 (2).png", "000.png"]
+        by_name = {c["name"]: c["p"] for c in cards}
+        assert [by_name["000.png"], by_name["000 (2).png"]] == [_plain(p) for p in pvalues]
+        assert not page.is_visible("#apply")
+        icon = page.request.get(served + "/favicon.ico")
+        assert icon.status == 200 and icon.headers["content-type"] == "image/svg+xml" and b"<svg" in icon.body()
+        assert page.request.get(served + page.get_attribute("link[rel=icon]", "href")).status == 200
+        assert missing == []
 
 
 def test_serve_says_where_it_writes_the_results_log(model_dir, tmp_path, monkeypatch, caplog):
