@@ -41,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -596,6 +597,41 @@ class FineTuned(Scorer):
         return nn_maps(self.banks, self.adapted(f).grid, own_ids)
 
 
+class BNStats(FineTuned):
+    """No gradient step: the batch-norm statistics of the tail after stage ``start`` re-estimated on the fit images
+    (one pass in training mode, a cumulative average over batches of 32), mixed with the pretrained ones as
+    ``(1 - mix) * pretrained + mix * fit``; Gaussians and banks refitted on the resulting features."""
+
+    def __init__(self, net: Network, fit: Feats, seed: int, start: int, mix: float, batch: int = 32):
+        import copy
+
+        import torch
+
+        self.torch = torch
+        self.start = start
+        self.bn = "train"
+        self.net = Network.__new__(Network)
+        self.net.torch, self.net.input_size = torch, net.input_size
+        self.net.backbone = copy.deepcopy(net.backbone)
+        self.tail_levels = list(range(start + 1, N_LEVELS))
+        self.best_epoch = None
+        bns = [m for t in self.net.tail_modules(start) for m in t.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        pretrained = [(b.running_mean.clone(), b.running_var.clone()) for b in bns]
+        for b in bns:
+            b.reset_running_stats()
+            b.momentum = None
+        self.train_mode()
+        x = fit.tail_input(start)
+        with torch.no_grad():
+            for lo in range(0, fit.n, batch):
+                self.net.tail(torch.from_numpy(x[lo:lo + batch].astype(np.float32)), start)
+        for b, (mean, var) in zip(bns, pretrained):
+            b.running_mean.mul_(mix).add_((1 - mix) * mean)
+            b.running_var.mul_(mix).add_((1 - mix) * var)
+        self.net.backbone.eval()
+        self.refit(fit, banks=True, seed=seed)
+
+
 # ------------------------------------------------------------------------------------------------------ figures
 
 
@@ -663,12 +699,18 @@ def make_variant(name: str, net: Network, sets: dict[str, Feats], seed: int, fro
         a = Adaptor(fit, vg, vd, seed, sigma, negatives, sets["fit_def"], epochs=epochs, frozen_global=frozen)
         a.score_by = "nn" if parts[-1] == "nn" else "disc"
         return a
-    if name.startswith("finetune"):
-        # finetune-bnfrozen|bntrain[-lr1e-3][-from3]
-        bn = "train" if "bntrain" in name else "frozen"
-        lr = next((float(p[2:]) for p in name.split("-") if p.startswith("lr")), 1e-4)
+    if name.startswith("bnstats"):  # bnstats-from5-mix0.5
         start = next((int(p[4:]) for p in name.split("-") if p.startswith("from")), 5)
-        return FineTuned(net, fit, vg, vd, seed, bn, start=start, lr=lr)
+        mix = next((float(p[3:]) for p in name.split("-") if p.startswith("mix")), 1.0)
+        return BNStats(net, fit, seed, start, mix)
+    if name.startswith("finetune"):
+        # finetune-bnfrozen|bntrain[-lr1e-3][-from3][-e24]
+        bn = "train" if "bntrain" in name else "frozen"
+        found = re.search(r"lr(\d+(?:\.\d+)?(?:e-?\d+)?)", name)
+        lr = float(found.group(1)) if found else 1e-4
+        start = next((int(p[4:]) for p in name.split("-") if p.startswith("from")), 5)
+        epochs = next((int(p[1:]) for p in name.split("-") if p.startswith("e") and p[1:2].isdigit()), 12)
+        return FineTuned(net, fit, vg, vd, seed, bn, start=start, lr=lr, epochs=epochs)
     raise SystemExit(f"unknown variant {name!r}")
 
 
