@@ -120,14 +120,19 @@ class Feats:
 class Network:
     """EfficientNet-Lite0 in torch: the frozen head part (up to stage5) and the tail that may be trained."""
 
-    def __init__(self, input_size: int):
+    def __init__(self, input_size: int, normalize: str = "imagenet"):
         import torch
+
+        from gaussad.backbones import get_spec
+        from gaussad.images import IMAGENET
 
         from gaussad.backbones import create_backbone
 
         self.torch = torch
         self.backbone = create_backbone("efficientnet-lite0", input_size).eval()
         self.input_size = input_size
+        self.normalize = normalize
+        self.normalization = IMAGENET if normalize == "imagenet" else get_spec("efficientnet-lite0").native_normalization
 
     def all_levels(self, x: "Any") -> list:
         return self.backbone.forward_levels(x, list(range(N_LEVELS)))
@@ -172,7 +177,7 @@ def extract(net: Network, images: Sequence[np.ndarray], batch: int = 16) -> Feat
     """Frozen features of uint8 images (the product's preprocessing: square resize, ImageNet normalisation)."""
     from PIL import Image
 
-    from gaussad.images import IMAGENET, preprocess
+    from gaussad.images import preprocess
 
     torch = net.torch
     pooled: list[list[np.ndarray]] = [[] for _ in range(N_LEVELS)]
@@ -181,7 +186,7 @@ def extract(net: Network, images: Sequence[np.ndarray], batch: int = 16) -> Feat
     s3: list[np.ndarray] = []
     with torch.no_grad():
         for lo in range(0, len(images), batch):
-            x = torch.from_numpy(np.stack([preprocess(Image.fromarray(a), net.input_size, IMAGENET)
+            x = torch.from_numpy(np.stack([preprocess(Image.fromarray(a), net.input_size, net.normalization)
                                            for a in images[lo:lo + batch]]))
             levels = net.all_levels(x)
             for i, f in enumerate(levels):
@@ -236,7 +241,8 @@ def prepare(data: Path, cache: Path, seed: int, input_size: int, net: Network, t
     from gaussad.synthetic import PASTED_DEFECTS
 
     cat = load_category(data)
-    cache = cache / f"{data.name}-{input_size}-s{seed}-v2"
+    norm = "" if net.normalize == "imagenet" else f"-{net.normalize}"
+    cache = cache / f"{data.name}-{input_size}{norm}-s{seed}-v2"
     cache.mkdir(parents=True, exist_ok=True)
     sp = split(len(cat.train_files), seed)
     need = ["train", "val_def", "sel_def0", "sel_def1", "fit_def"] + (["test"] if test else [])
@@ -722,7 +728,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--variants", nargs="+", default=["frozen", "simplenet-s0.5", "paste", "finetune-bnfrozen"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--normalize", choices=("imagenet", "native"), default="imagenet",
+                    help="input normalisation: ImageNet's (the paper preset) or the Lite network's own (recommended)")
     ap.add_argument("--test", metavar="VARIANT", help="after choosing: the test set, frozen and this variant")
+    ap.add_argument("--test-fit", choices=("fit", "all"), default="fit",
+                    help="with --test: fit on the fit part (default) or on all of train/good, as the product does "
+                         "(the fused score's p-values then come from in-sample validation goods: not meaningful)")
     ap.add_argument("--json", type=Path, help="append one JSON line per variant here")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -730,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    net = Network(args.input_size)
+    net = Network(args.input_size, args.normalize)
     raw = prepare(args.data, args.cache, args.seed, args.input_size, net, args.test is not None)
     sp: Split = raw["_split"]  # type: ignore[assignment]
     train = raw["train"]
@@ -739,6 +750,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "fit_def": raw["fit_def"]}
     say(f"{args.data.name}: fit {sp.fit.size}, validation {sp.val.size} (+{raw['val_def'].n} defects), "
         f"selection {sp.select.size} (+{sets['sel_def'].n} defects), seed {args.seed}, {args.input_size} px")
+    if args.test and args.test_fit == "all":
+        sets["fit"] = train
     t0 = time.perf_counter()
     frozen = Frozen(sets["fit"], args.seed)
     frozen_s = time.perf_counter() - t0
@@ -748,6 +761,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         scorer = make_variant(name, net, sets, args.seed, frozen)
         seconds = frozen_s if name == "frozen" else time.perf_counter() - t0
         row: dict[str, Any] = {"data": args.data.name, "variant": name, "seed": args.seed,
+                               "fit_images": sets["fit"].n,
                                "train_s": round(seconds, 1),
                                "best_epoch": getattr(scorer, "best_epoch", None),
                                "history": getattr(scorer, "history", None)}
