@@ -1,36 +1,45 @@
 """Research for issue 33: do features that learn the product beat the frozen ImageNet features?
 
 Only train/good images choose. They are split (seeded) into a fit part (70 %), a validation part (15 %: early
-stopping and hyper-parameters) and a selection part (15 %: the figures that compare the variants). Every validation
-good gets one synthetic defect (:func:`gaussad.synthetic.add_defect`, the four kinds cycling, donors from the fit
-part), every selection good two (two seeds). Variants, all on EfficientNet-Lite0 at one input size, the product's
-pooling (average, plus the square root of the spread at the map levels) and its maps (stage2-stage7 on the coarsest
-grid, 3 x 3 neighbourhoods, one nearest-neighbour bank per level, 10 % coreset):
+stopping) and a selection part (15 %: the figures that compare the variants). Every validation good gets one
+synthetic defect (:func:`gaussad.synthetic.add_defect`, the four kinds cycling, donors from the fit part), every
+selection good two (two seeds). Variants, all on EfficientNet-Lite0 at one square input size (``--input-size``,
+224), ImageNet or the network's own normalisation (``--normalize``; the recommended preset uses ``native``), the
+product's pooling (average, plus the square root of the spread at the map levels) and its maps (stage2-stage7 on the
+coarsest grid, 3 x 3 neighbourhoods, one nearest-neighbour bank per level, 10 % coreset), re-implemented here on
+cached features:
 
 - ``frozen``: the product's features (the baseline): global score = mean over the 9 levels of the Mahalanobis
-  distances (Ledoit-Wolf), map = mean over the levels of the nearest-neighbour distances;
-- ``simplenet-s{sigma}``: a light adaptor (SimpleNet, Liu et al. 2023): a linear layer (identity at start) on the
-  standardised location vectors of the map levels (768 values per cell), trained with a small discriminator to tell
-  adapted good locations from the same with Gaussian noise (std ``sigma`` in standardised units); scored by the
-  discriminator (``disc``) or by nearest neighbours on the adapted vectors (``nn``); the global score is frozen;
+  distances (Ledoit-Wolf), map = mean over the levels of the scaled nearest-neighbour distances;
+- ``concat-nn``: the map levels' location vectors standardised and concatenated (768 values per cell), one bank;
+- ``simplenet-s{sigma}[-e{epochs}]``: a light adaptor (SimpleNet, Liu et al. 2023): a linear layer (identity at
+  start) on those 768 values, trained with a small discriminator to tell adapted good locations from the same with
+  Gaussian noise (std ``sigma`` in standardised units), early-stopped on the validation map-maximum AUROC; scored by
+  the discriminator (``select``) and by nearest neighbours on the adapted vectors (``select_nn``); global score frozen;
 - ``paste``: the same adaptor and discriminator trained with pasted synthetic defects of the fit images as the
   negatives (kinds ``patch`` and ``noise`` only, so that ``scratch`` and ``spot`` of the selection set are unseen);
-- ``finetune-bn{frozen,train}``: Rippel et al. 2021 (arXiv 2108.04116): the network's last stages (stage6, stage7
-  and head) trained to minimise the Mahalanobis distance of the fit images' pooled features to the Gaussians fitted
-  on the pretrained features, early-stopped on the validation AUROC of the global score (Gaussians refitted each
-  epoch); the frozen part's output (stage5) is cached, so only the tail runs; batch-norm statistics frozen or not.
+- ``finetune-bn{frozen,train}[-lr{lr}][-from3][-e{epochs}]``: Rippel et al. (arXiv 2108.04116): the network's tail
+  (stage6, stage7 and head; ``-from3``: stage4 on) trained to minimise the Mahalanobis distance of the fit images'
+  pooled features to the Gaussians fitted on the pretrained features, early-stopped on the validation AUROC of the
+  global score (Gaussians refitted each epoch, epoch 0 = frozen); the tail's input (stage5 or stage3 maps) is cached,
+  so only the tail runs; batch-norm layers in eval mode (``bnfrozen``) or training mode (``bntrain``);
+- ``bnstats-from{5,3}-mix{a}``: no gradient step: the tail's batch-norm statistics re-estimated on the fit images in
+  one pass and mixed with the pretrained ones, ``(1 - a) pretrained + a fit``.
 
 Figures per variant on the selection part: image AUROC of the global score, of the map maximum and of a fused score
 (Fisher's combination of the two p-values against the validation goods), pixel AUROC of the map against the
 synthetic masks at 224 x 224, per-kind map-maximum AUROC, the false alarms of held-out goods (share of selection
 goods above the 95th percentile of the validation goods' scores, about 0.05 when calibrated; and the share of them
 above the 95th percentile of the fit images' own scores, far above 0.05 when a variant learned its training images
-and a threshold set on them would flag new good parts), and the training
-time on one thread. ``--test VARIANT`` (after choosing) scores the real test set with the frozen features and with
-that variant, fitted on the same fit part and calibrated on the same validation goods.
+and a threshold set on them would flag new good parts), and the training time on one thread. ``--test VARIANT``
+(after choosing) scores the real test set with the frozen features and with that variant, fitted on the same fit
+part and calibrated on the same validation goods (``--test-fit all``: fitted on all of train/good). One JSON line
+per variant goes to stdout (and ``--json``); ``--quiet`` silences the progress lines. Results: EXPERIMENTS.md,
+"Issue 33: adapting the features".
 
     PYTHONPATH=src:. OMP_NUM_THREADS=1 python -m bench.adapt --data ../shared/data/magnetic_tile \
-        [--cache /tmp/adapt-cache] [--variants frozen simplenet-s0.5 ...] [--seed 0] [--test VARIANT] [--quiet]
+        [--cache /tmp/adapt-cache] [--variants frozen bnstats-from5-mix0.5 ...] [--seed 0] [--normalize native] \
+        [--test VARIANT [--test-fit all]] [--json out.jsonl] [--quiet]
 
 Frozen features are cached under ``--cache`` (never in the repository): the backbone runs once per image and set.
 """
@@ -40,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -725,9 +733,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, type=Path, help="a category in MVTec layout")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/adapt-cache"), help="frozen features (not the repo)")
-    ap.add_argument("--variants", nargs="+", default=["frozen", "simplenet-s0.5", "paste", "finetune-bnfrozen"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--variants", nargs="+", metavar="VARIANT",
+                    default=["frozen", "concat-nn", "simplenet-s0.5", "paste", "finetune-bnfrozen",
+                             "bnstats-from5-mix0.5"], help="names as in the module docstring")
+    ap.add_argument("--seed", type=int, default=0, help="split, defects, training")
+    ap.add_argument("--input-size", type=int, default=224, help="square network input, pixels")
     ap.add_argument("--normalize", choices=("imagenet", "native"), default="imagenet",
                     help="input normalisation: ImageNet's (the paper preset) or the Lite network's own (recommended)")
     ap.add_argument("--test", metavar="VARIANT", help="after choosing: the test set, frozen and this variant")
@@ -735,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="with --test: fit on the fit part (default) or on all of train/good, as the product does "
                          "(the fused score's p-values then come from in-sample validation goods: not meaningful)")
     ap.add_argument("--json", type=Path, help="append one JSON line per variant here")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="only the JSON lines")
     args = ap.parse_args(argv)
     QUIET = args.quiet
     import torch
