@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from pathlib import Path, PurePath
 from typing import Sequence
 
@@ -139,20 +138,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .tune import as_flags, candidates, format_ranking, tune
 
     candidates(args.grid, base)  # a bad grid fails before any work
-    with warnings.catch_warnings():  # its warning is printed below as one line
-        warnings.filterwarnings("ignore", message="tune: ", category=UserWarning)
-        result = tune(files, grid=args.grid, budget=args.budget, base=base, seed=seed,
-                      verbose=not (args.quiet or args.json))
-    if result.warning is not None:
-        print(result.warning, file=sys.stderr)
+    result = tune(files, grid=args.grid, budget=args.budget, base=base, seed=seed, verbose=not (args.quiet or args.json))
     result.model.save(args.output)
     if args.json:
         print(json.dumps({"model": str(args.output), "n_images": len(files), "grid": args.grid, "seed": seed,
                           **result.to_json()}))
     elif not args.quiet:
         print(format_ranking(result))
-        print(f"best: {as_flags(result.ranking[0]['settings'])}; refitted on {len(files)} images from "
-              f"{args.train_dir}; wrote {args.output} ({result.seconds:.0f} s)")
+        flags = "the default" if result.chosen["default"] else as_flags(result.chosen["settings"])
+        print(f"chose: {flags} ({result.choice}); refitted on {len(files)} images from {args.train_dir}; wrote "
+              f"{args.output} ({result.seconds:.0f} s)")
     return 0
 
 
@@ -526,7 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "training image, a scratch, a Perlin-noise blob or a colour spot), fit every "
                                    "setting of a grid on the rest, rank the settings by the image AUROC of held-out "
                                    "goods against the synthetic defects (then by pixel AUROC), print the ranking, "
-                                   "refit the best on all images and write it to MODEL. Grids start from --preset "
+                                   "keep the default settings (measured beside the grid) unless a setting beats "
+                                   "them by more than 2 standard errors of the paired difference, refit the choice "
+                                   "on all images and write it to MODEL. Grids start from --preset "
                                    "recommended. small: input size native / ~1.4x / ~1.7x times map grid coarsest "
                                    "(stage2-7) / finest (stage4-7); sizes: the input sizes only; maps: the map "
                                    "grids only; scores: the global against the fused image score; tiles: map "
