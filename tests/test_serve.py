@@ -431,7 +431,7 @@ def _plain(p: float) -> str:
 def test_page_in_chromium_names_apart_plain_pvalues_favicon_and_no_apply(served, model_dir, test_images, tmp_path):
     """Issue 35, item 4: two files named 000.png picked one after the other from different folders are told apart;
     p-values read in words; the page loads with no 404 (the favicon); "apply feedback" is hidden where the service
-    keeps no images."""
+    keeps no images, "roll back" where the model has no earlier version."""
     picks = []
     for sub, image in (("one", test_images[0]), ("two", test_images[2])):
         (tmp_path / sub).mkdir()
@@ -452,7 +452,7 @@ def test_page_in_chromium_names_apart_plain_pvalues_favicon_and_no_apply(served,
         assert sorted(c["name"] for c in cards) == ["000 (2).png", "000.png"]
         by_name = {c["name"]: c["p"] for c in cards}
         assert [by_name["000.png"], by_name["000 (2).png"]] == [_plain(p) for p in pvalues]
-        assert not page.is_visible("#apply")
+        assert not page.is_visible("#apply") and not page.is_visible("#rollback")  # version 1: nothing to go back to
         icon = page.request.get(served + "/favicon.ico")
         assert icon.status == 200 and icon.headers["content-type"] == "image/svg+xml" and b"<svg" in icon.body()
         assert page.request.get(served + page.get_attribute("link[rel=icon]", "href")).status == 200

@@ -635,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow listening on a non-loopback address without --keys")
     p.add_argument("--db", default="results.sqlite", metavar="URL",
                    help="results log: a SQLite file or a SQLAlchemy URL, e.g. postgresql+pg8000://user@host/db; "
-                        "'none' turns it off (default %(default)s)")
+                        "'none' turns it off (default %(default)s, in the folder serve starts in; serve logs the path)")
     p.add_argument("--keep-images", metavar="DIR",
                    help="keep every scored image in DIR (named by SHA-256); needed to apply feedback to a model")
     p.set_defaults(func=cmd_serve)

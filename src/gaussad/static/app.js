@@ -81,6 +81,7 @@ function describeModel() {
   $("version").textContent = m.version == null ? "" : `version ${m.version}`;
   $("maps-toggle").hidden = !m.maps;
   $("apply").hidden = !state.feedback;
+  $("rollback").hidden = !(m.version > 1);  // only an updated model has a previous version to serve again
   loadHistory();
 }
 
