@@ -11,7 +11,7 @@ from typing import Sequence
 
 # Only what answers --help and argument errors is imported here: numpy, scipy, the model and the network are
 # imported by the command that needs them (bench/startup.py measures the start-up).
-from . import __version__
+from .version import __version__
 from .errors import GaussadError
 
 EPILOG = ("Images: PNG, JPEG, BMP, TIFF, WebP (the first frame of multi-frame files). Grayscale (8/16-bit), palette, "

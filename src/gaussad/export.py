@@ -21,7 +21,8 @@ import numpy as np
 import scipy.linalg
 from scipy.special import gammaln
 
-from . import __version__, fusion
+from . import fusion
+from .version import __version__
 from .decision import RANKING, DecisionRule
 from .errors import GaussadError
 from .images import ASPECT_STEP

@@ -32,7 +32,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, params
+from . import params
+from .version import __version__
 from .errors import DataError, GaussadError, ImageError, ImageTooLargeError, UnknownImageFormatError
 from .engine import cpu_count, int8_summary
 from .images import NamedBytes, load_image, probe
