@@ -295,13 +295,13 @@ def test_concurrent_requests_do_not_block_each_other(model_dir, test_images):
     models = load_models(model_dir)
     model = models["plain"]
     barrier = threading.Barrier(3, timeout=60)
-    real = model.level_scores
+    real = model.extract_features
 
-    def level_scores(images):
+    def extract_features(*args, **kwargs):
         barrier.wait()
-        return real(images)
+        return real(*args, **kwargs)
 
-    model.level_scores = level_scores
+    model.extract_features = extract_features
     app = create_app(models, workers=2)
 
     async def scenario():

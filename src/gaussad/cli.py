@@ -198,50 +198,33 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.dask:
         refuse_input_as_output(args.out, [args.model, *files], "results file")
         return _score_distributed(args, files, names)
-    import numpy as np
-
+    from . import inference
     from .decision import fpr_note
     from .drift import drift, shift_warning, unlike_training
-    from .results import result_rows
 
     if args.maps:
         check_output(args.maps, "overlay", folder=True)
     model = _load_checked(args)
     model.set_params(verbose=not (args.quiet or args.json), **params.from_args(args, params.cli_names("intake")))
     method = args.threshold or model.setting("threshold")
-    fpr = model.fpr if args.fpr is None else args.fpr
-    rule = model.rule(fpr, method)
-    rule.check(model.state_, f"{args.model}: ")  # fails early when the rule cannot apply to this model
-    note = fpr_note(rule, model.state_)
-    fpr = rule.target_fpr(model.state_)
-    if note and not args.quiet:
+    rule = inference.rule_for(model, args.fpr, method, f"{args.model}: ")  # fails before any image is read
+    if (note := fpr_note(rule, model.state_)) and not args.quiet:
         print(f"note: {note}", file=sys.stderr)
+    fpr = rule.target_fpr(model.state_)
     limit = math.nan if rule.fused else model.score_threshold(fpr, method)
-    skipped: list = []
-    peaks = amaps = None
-    if args.maps or rule.fused:
-        levels, peaks, amaps = model.score_images(files, args.on_error, skipped, with_maps=bool(args.maps))
-    else:
-        feats = model.extract_features(files, "score", on_error=args.on_error, skipped=skipped)
-    bad = {i for i, _ in skipped}
-    kept = [f for i, f in enumerate(files) if i not in bad]
-    kept_names = [n for i, n in enumerate(names) if i not in bad]
-    if not (args.maps or rule.fused):
-        levels = model.level_scores_features(feats) if kept else np.zeros((0, len(model.level_names_)))
-    decisions, pvalues = model.decide(levels, fpr, method, peaks) if kept else ([], [])
-    rows = result_rows(kept_names, model.level_names_, levels, decisions, pvalues,
-                       model.scores(levels, peaks) if kept else [],
-                       rule.evidence(model.state_, levels, peaks, decisions, pvalues) if kept else [])
+    scored = inference.score(model, files, names, fpr=args.fpr, method=method, with_maps=bool(args.maps),
+                             on_error=args.on_error)
+    rows, skipped, levels = scored.rows, scored.skipped, scored.levels
     if args.maps:
-        written = _write_overlays(args.maps, kept, kept_names, amaps, args.max_pixels, args.on_error, rows,
-                                  model.state_.map_calibration)
-        for row, (path, error), amap in zip(rows, written, amaps):
-            row["map_max"] = float(amap.max())
+        kept = [files[i] for i in scored.read]
+        written = _write_overlays(args.maps, kept, [r["path"] for r in rows], scored.maps, args.max_pixels,
+                                  args.on_error, rows, model.state_.map_calibration)
+        for row, (path, error) in zip(rows, written):
             row["map"] = None if path is None else str(path)
             if error is not None:
                 row["map_error"] = error
-    errors = [{"path": names[i], "error": msg} for i, msg in sorted(skipped)]
-    shift = drift(decisions, pvalues, fpr)
+    errors = [{"path": names[i], "error": msg} for i, msg in skipped]
+    shift = drift([r["anomalous"] for r in rows], [r["pvalue"] for r in rows], fpr)
     warnings = [w for w in [unlike_training(levels.mean(axis=1), model.state_.calibration_scores)] if w]
     if args.json:
         print(json.dumps({"model": str(args.model), "fpr": fpr, **({"fpr_requested": rule.fpr} if note else {}),
