@@ -459,6 +459,38 @@ def test_page_in_chromium_names_apart_plain_pvalues_favicon_and_no_apply(served,
         assert missing == []
 
 
+def test_page_walks_a_dropped_folder_and_names_its_files_by_their_path(served, test_images, tmp_path):
+    """A folder dropped on the page (issue 35, noticed at its first round): every image under it, sub-folders
+    included, is scored and named by its path from the folder, so two 000.png stay apart. Chromium gives a dropped
+    folder as a FileSystemDirectoryEntry, which a test cannot make: the page's walker is given entries of the same
+    interface (a reader that answers in batches, then an empty one) holding real image bytes."""
+    import base64
+
+    data = [base64.b64encode(p.read_bytes()).decode() for p in test_images[:2]]
+    with chromium_page(tmp_path) as page:
+        page.goto(served + "/")
+        page.wait_for_selector("#model option", state="attached")
+        page.select_option("#model", "plain")
+        names = page.evaluate("""async ([a, b]) => {
+            const bytes = (s) => Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
+            const file = (name, s) => ({isFile: true, isDirectory: false, name,
+                                        file: (ok) => ok(new File([bytes(s)], name, {type: "image/png"}))});
+            const folder = (name, batches) => ({isFile: false, isDirectory: true, name, createReader: () => {
+                let i = 0;
+                return {readEntries: (ok) => ok(i < batches.length ? batches[i++] : [])};
+            }});
+            const good = folder("good", [[file("000.png", a)], [file("001.png", b)]]);
+            const root = folder("lot7", [[good, folder("bad", [[file("000.png", b)]])]]);
+            const files = await walkEntries([root]);
+            await scoreFiles(files);
+            return files.map(fileName);
+        }""", data)
+        assert names == ["lot7/bad/000.png", "lot7/good/000.png", "lot7/good/001.png"]
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 3")
+        shown = page.eval_on_selector_all("#results .card .filename", "els => els.map(e => e.textContent)")
+        assert sorted(shown) == names
+
+
 def test_serve_says_where_it_writes_the_results_log(model_dir, tmp_path, monkeypatch, caplog):
     import uvicorn
 
