@@ -99,8 +99,26 @@ def test_a_clearly_better_setting_replaces_the_default_and_a_grid_point_can_be_t
     assert [(r["settings"], r["default"], r["chosen"]) for r in result.ranking] == \
         [({"map_pool": 1}, False, True), ({}, True, False)]
     assert result.chosen["pixel_auroc"] > result.ranking[1]["pixel_auroc"] + 0.1
-    assert "map_pool=1 is no worse on image AUROC" in result.choice and "standard errors" in result.choice
+    assert "map_pool=1 ties the default on image AUROC" in result.choice and "standard errors" in result.choice
     assert result.best_params["map_pool"] == 1 and result.to_json()["chosen_rank"] == 1
+
+
+def test_a_grid_point_that_fits_the_same_model_as_the_base_is_the_default(tmp_path):
+    """'auto' and 'native' input sizes, and the native size spelled as a number, are one setting where the images are
+    too small for 'auto' to enlarge them: tune measures the base once, as that grid point (was: twice, the base
+    prepended beside its own grid point)."""
+    from PIL import Image
+
+    from gaussad.tune import _in_use
+
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((40, 60, 3), 100 + i, np.uint8)).save(files[-1])
+    base = {**GaussianAD().get_params(), **BASE, "input_size": "auto"}
+    same = [_in_use({**base, "input_size": v}, files) for v in ("auto", "native", 224)]
+    assert same[0] == same[1] == same[2] and same[0]["input_size"] == 224
+    assert _in_use({**base, "input_size": 320}, files) != same[0]
 
 
 def test_the_paired_standard_error_matches_the_spread_over_fresh_held_out_sets():
