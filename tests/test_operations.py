@@ -238,6 +238,47 @@ def test_results_log_on_a_database(db_url, tmp_path):
         log.close()
 
 
+def test_a_table_of_an_older_gaussad_gets_the_evidence_column_and_keeps_its_rows(db_url, caplog):
+    """Issue 35: the log stores each row's evidence; a results table made before that column existed (the old
+    columns, one old row) is opened, the column added (the old row's empty), and new rows carry their evidence."""
+    import logging
+
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(gaussad.results_log._url(db_url))
+    old = [c for c in gaussad.results_log.COLUMNS if c not in gaussad.results_log.ADDED_COLUMNS]
+    types = {"time": sa.Float, "score": sa.Float, "pvalue": sa.Float, "map_max": sa.Float, "version": sa.Integer,
+             "anomalous": sa.Boolean, "labelled_at": sa.Float, "applied_in": sa.Integer}
+    table = sa.Table("results", sa.MetaData(), sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+                     *[sa.Column(c, types.get(c, sa.Text)) for c in old if c != "seq"])
+    table.drop(engine, checkfirst=True)
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert().values(id="old", time=1.0, model="m", version=1, model_sha256="f",
+                                           image_sha256="f", filename="a.png", score=2.0, levels='{"a": 2.0}',
+                                           anomalous=False))
+    engine.dispose()
+    evidence = {"rule": "conformal", "text": "ok: p = 0.5 > target FPR 0.01"}
+    with caplog.at_level(logging.INFO, logger="gaussad.results_log"):
+        log = ResultsLog(db_url)
+    try:
+        assert "added the evidence column" in caplog.text
+        rid = log.record("m", 1, "f" * 64, {"path": "b.png", "score": 1.0, "levels": {"a": 1.0}, "pvalue": 0.5,
+                                            "anomalous": False, "evidence": evidence}, b"b")
+        old_row, new_row = log.query(limit=10)
+        assert (old_row["id"], old_row["evidence"], old_row["levels"]) == ("old", None, {"a": 2.0})
+        assert (new_row["id"], new_row["evidence"]) == (rid, evidence)
+        header, first, second = "".join(log.csv_stream()).splitlines()
+        assert header.endswith(",evidence") and first.endswith(",") and "target FPR 0.01" in second
+    finally:
+        log.close()
+    again = ResultsLog(db_url)  # opened once more: nothing left to add
+    try:
+        assert [r["evidence"] for r in again.query(limit=10)] == [None, evidence]
+    finally:
+        again.close()
+
+
 def test_unusable_database_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(DataError, match="missing/r.sqlite: cannot open the results database"):
         ResultsLog(str(tmp_path / "missing" / "r.sqlite"))
@@ -272,8 +313,9 @@ def test_results_endpoints_and_csv(model_dir, tiny_category, tmp_path):
         assert rest["next_cursor"] is None
         assert [r["id"] for r in rows] == [r["id"] for r in body["results"]]
         for r, answer in zip(rows, body["results"]):
-            assert (r["filename"], r["score"], r["anomalous"], r["levels"]) == (
-                answer["path"], answer["score"], answer["anomalous"], answer["levels"])
+            assert (r["filename"], r["score"], r["anomalous"], r["levels"], r["evidence"]) == (
+                answer["path"], answer["score"], answer["anomalous"], answer["levels"], answer["evidence"])
+            assert r["evidence"]["text"].startswith("flagged" if r["anomalous"] else "ok")  # issue 35
             assert r["version"] == 1 and r["model_sha256"] == gaussad.results_log.sha256(
                 (model_dir / "plain.gaussad").read_bytes())
             assert r["time_iso"].endswith("Z")

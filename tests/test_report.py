@@ -43,6 +43,13 @@ def test_roc_points_and_render_without_maps(tmp_path):
     assert page.count('class="roc"') == 1 and page.count('class="histogram"') == 1
     assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
     assert page.count("t0.png: ") + page.count('class="tile"') >= 8  # files absent: named with the reason
+    assert "mean over folds" in page and "(fold 1)" in page and "first fold's model" in page
+    # the full protocol fits once on every training image: no word of folds (issue 35)
+    details = {"category": cat}
+    result = evaluate_category(cat, (train, test), {"backbone": None}, "full", details=details)
+    page = render_html({**report, "protocol": "full", "categories": {"synthetic": result}}, {"synthetic": details})
+    assert len(details["fold_scores"]) == 1 and "fold" not in page.lower().replace("protocol full", "")
+    assert "Scores of the model;" in page and "realised FPR on good test images / TPR on defective ones (raised" in page
 
 
 def check_report_in_chromium(path: Path, category: str, tmp_path: Path) -> dict:

@@ -295,13 +295,13 @@ def test_concurrent_requests_do_not_block_each_other(model_dir, test_images):
     models = load_models(model_dir)
     model = models["plain"]
     barrier = threading.Barrier(3, timeout=60)
-    real = model.level_scores
+    real = model.extract_features
 
-    def level_scores(images):
+    def extract_features(*args, **kwargs):
         barrier.wait()
-        return real(images)
+        return real(*args, **kwargs)
 
-    model.level_scores = level_scores
+    model.extract_features = extract_features
     app = create_app(models, workers=2)
 
     async def scenario():
@@ -431,7 +431,7 @@ def _plain(p: float) -> str:
 def test_page_in_chromium_names_apart_plain_pvalues_favicon_and_no_apply(served, model_dir, test_images, tmp_path):
     """Issue 35, item 4: two files named 000.png picked one after the other from different folders are told apart;
     p-values read in words; the page loads with no 404 (the favicon); "apply feedback" is hidden where the service
-    keeps no images."""
+    keeps no images, "roll back" where the model has no earlier version."""
     picks = []
     for sub, image in (("one", test_images[0]), ("two", test_images[2])):
         (tmp_path / sub).mkdir()
@@ -452,11 +452,43 @@ def test_page_in_chromium_names_apart_plain_pvalues_favicon_and_no_apply(served,
         assert sorted(c["name"] for c in cards) == ["000 (2).png", "000.png"]
         by_name = {c["name"]: c["p"] for c in cards}
         assert [by_name["000.png"], by_name["000 (2).png"]] == [_plain(p) for p in pvalues]
-        assert not page.is_visible("#apply")
+        assert not page.is_visible("#apply") and not page.is_visible("#rollback")  # version 1: nothing to go back to
         icon = page.request.get(served + "/favicon.ico")
         assert icon.status == 200 and icon.headers["content-type"] == "image/svg+xml" and b"<svg" in icon.body()
         assert page.request.get(served + page.get_attribute("link[rel=icon]", "href")).status == 200
         assert missing == []
+
+
+def test_page_walks_a_dropped_folder_and_names_its_files_by_their_path(served, test_images, tmp_path):
+    """A folder dropped on the page (issue 35, noticed at its first round): every image under it, sub-folders
+    included, is scored and named by its path from the folder, so two 000.png stay apart. Chromium gives a dropped
+    folder as a FileSystemDirectoryEntry, which a test cannot make: the page's walker is given entries of the same
+    interface (a reader that answers in batches, then an empty one) holding real image bytes."""
+    import base64
+
+    data = [base64.b64encode(p.read_bytes()).decode() for p in test_images[:2]]
+    with chromium_page(tmp_path) as page:
+        page.goto(served + "/")
+        page.wait_for_selector("#model option", state="attached")
+        page.select_option("#model", "plain")
+        names = page.evaluate("""async ([a, b]) => {
+            const bytes = (s) => Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
+            const file = (name, s) => ({isFile: true, isDirectory: false, name,
+                                        file: (ok) => ok(new File([bytes(s)], name, {type: "image/png"}))});
+            const folder = (name, batches) => ({isFile: false, isDirectory: true, name, createReader: () => {
+                let i = 0;
+                return {readEntries: (ok) => ok(i < batches.length ? batches[i++] : [])};
+            }});
+            const good = folder("good", [[file("000.png", a)], [file("001.png", b)]]);
+            const root = folder("lot7", [[good, folder("bad", [[file("000.png", b)]])]]);
+            const files = await walkEntries([root]);
+            await scoreFiles(files);
+            return files.map(fileName);
+        }""", data)
+        assert names == ["lot7/bad/000.png", "lot7/good/000.png", "lot7/good/001.png"]
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 3")
+        shown = page.eval_on_selector_all("#results .card .filename", "els => els.map(e => e.textContent)")
+        assert sorted(shown) == names
 
 
 def test_serve_says_where_it_writes_the_results_log(model_dir, tmp_path, monkeypatch, caplog):

@@ -282,11 +282,13 @@ def test_tune_ranks_map_tiles_by_their_maps(files):
     from gaussad.tune import GRIDS, tune
 
     assert GRIDS["tiles"] == {"map_tiles": (1, 2, 3)}
-    with pytest.warns(UserWarning, match="cannot separate"):  # 2 held out: too few for the pixel AUROC to rank
-        result = tune(files, grid={"map_tiles": (1, 2)}, base={**TILED, "preset": "recommended"}, refit=False)
-    rows = {r["settings"].get("map_tiles", 1): r for r in result.ranking}  # settings: what differs from the base
+    result = tune(files, grid={"map_tiles": (1, 2)}, base={**TILED, "preset": "recommended"}, refit=False)
+    rows = {r["settings"]["map_tiles"]: r for r in result.ranking}
     assert rows[1]["image_auroc"] == pytest.approx(rows[2]["image_auroc"], abs=1e-12)
     assert rows[1]["pixel_auroc"] != rows[2]["pixel_auroc"]
+    # 2 held out: too few for the pixel AUROC to rank, so the preset's own 1 (untiled) is kept (issue 35)
+    assert result.chosen is rows[1] and result.chosen["default"]
+    assert "pixel AUROC not used below" in result.choice or result.choice == "the default ranks first"
 
 
 @pytest.mark.parametrize("size", [64, 224, 320])

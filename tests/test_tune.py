@@ -66,17 +66,84 @@ def test_tune_ranks_a_known_better_map_setting_first_and_is_deterministic(train_
     # map_pool 15 averages every location over a 15 x 15 neighbourhood of a 16 x 16 (stage2) or 8 x 8 (stage3) map:
     # the map can no longer say where a defect is, so its pixel AUROC must be lower than that of the unpooled map.
     # The global score does not use the maps, so both candidates must tie on image AUROC and the pixel AUROC
-    # decides. The worse one is first in grid order, so grid order cannot explain the result.
+    # decides. The worse one is first in grid order, so grid order cannot explain the result. The grid lacks the
+    # preset's own map_pool (3): the default is measured beside it, and with 4 held-out images nothing beats it
+    # clearly, so it is kept.
     files = sorted(train_dir.glob("*.png"))
     result = tune(files, grid={"map_pool": (15, 1)}, base=BASE, refit=False, seed=0)
-    worse, better = result.ranking[1], result.ranking[0]
-    assert better["settings"] == {"map_pool": 1} and worse["settings"] == {"map_pool": 15}
-    assert better["image_auroc"] == worse["image_auroc"]
+    rows = {json.dumps(r["settings"]): r for r in result.ranking}
+    assert set(rows) == {"{}", '{"map_pool": 1}', '{"map_pool": 15}'}
+    better, worse, default = rows['{"map_pool": 1}'], rows['{"map_pool": 15}'], rows["{}"]
+    assert result.ranking.index(better) < result.ranking.index(worse)
+    assert better["image_auroc"] == worse["image_auroc"] == default["image_auroc"]
     assert better["pixel_auroc"] > worse["pixel_auroc"] + 0.05
     assert (result.n_fit, result.n_held_out) == (16, 4)
+    assert default["default"] and default["chosen"] and [r["chosen"] for r in result.ranking].count(True) == 1
+    assert result.choice.startswith("kept the default: the best, map_pool=1, is not clearly better")
+    assert result.best_params["map_pool"] is None  # the base's own value: the preset's
     again = tune(files, grid={"map_pool": (15, 1)}, base=BASE, refit=False, seed=0)
     strip = lambda res: [{k: v for k, v in r.items() if k != "seconds"} for r in res.ranking]  # noqa: E731
-    assert strip(again) == strip(result)
+    assert strip(again) == strip(result) and again.choice == result.choice
+
+
+def test_a_clearly_better_setting_replaces_the_default_and_a_grid_point_can_be_the_default(tmp_path):
+    """Issue 35: with 10 held-out goods and 10 synthetic defects, unpooled maps beat a default that pools every map
+    over 15 x 15 locations by far more than two standard errors of the paired difference: tune takes them. A grid
+    point that fits the same model as the base is the default itself (nothing extra measured)."""
+    pytest.importorskip("skimage")
+    from gaussad.synthetic import build_texture_dataset
+
+    root = build_texture_dataset(tmp_path, size=64, n_train=50, n_test_good=0, n_test_bad=0, categories=["brick"])
+    files = sorted((root / "brick" / "train" / "good").glob("*.png"))
+    result = tune(files, grid={"map_pool": (15, 1)}, base={**BASE, "map_pool": 15}, refit=False, seed=0)
+    assert [(r["settings"], r["default"], r["chosen"]) for r in result.ranking] == \
+        [({"map_pool": 1}, False, True), ({}, True, False)]
+    assert result.chosen["pixel_auroc"] > result.ranking[1]["pixel_auroc"] + 0.1
+    assert "map_pool=1 ties the default on image AUROC" in result.choice and "standard errors" in result.choice
+    assert result.best_params["map_pool"] == 1 and result.to_json()["chosen_rank"] == 1
+
+
+def test_a_grid_point_that_fits_the_same_model_as_the_base_is_the_default(tmp_path):
+    """'auto' and 'native' input sizes, and the native size spelled as a number, are one setting where the images are
+    too small for 'auto' to enlarge them: tune measures the base once, as that grid point (was: twice, the base
+    prepended beside its own grid point)."""
+    from PIL import Image
+
+    from gaussad.tune import _in_use
+
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((40, 60, 3), 100 + i, np.uint8)).save(files[-1])
+    base = {**GaussianAD().get_params(), **BASE, "input_size": "auto"}
+    same = [_in_use({**base, "input_size": v}, files) for v in ("auto", "native", 224)]
+    assert same[0] == same[1] == same[2] and same[0]["input_size"] == 224
+    assert _in_use({**base, "input_size": 320}, files) != same[0]
+
+
+def test_the_paired_standard_error_matches_the_spread_over_fresh_held_out_sets():
+    """The bootstrap standard error of the difference between two candidates' AUROCs on the same images (their
+    scores correlated) matches the spread of that difference over independently drawn held-out sets."""
+    from gaussad.evaluate import roc_auc
+    from gaussad.tune import _paired_differences
+
+    def draw(rng):
+        shared = rng.normal(size=80)  # what both candidates see of an image
+        shift = np.r_[np.zeros(40), np.ones(40)]
+        return shared + 1.2 * shift + 0.5 * rng.normal(size=80), shared + 0.9 * shift + 0.5 * rng.normal(size=80)
+
+    labels = np.r_[np.zeros(40), np.ones(40)]
+    rng = np.random.default_rng(0)
+    spread = np.std([roc_auc(labels, a) - roc_auc(labels, b) for a, b in (draw(rng) for _ in range(1000))])
+    a, b = draw(rng)
+    rows = [{"scores": s, "image_auroc": roc_auc(labels, s), "maps": None, "pixel_auroc": None} for s in (a, b)]
+    d, se, d_pixel, se_pixel = _paired_differences(rows[0], rows[1], labels, None, seed=0)
+    assert d == pytest.approx(rows[0]["image_auroc"] - rows[1]["image_auroc"])
+    assert se == pytest.approx(spread, rel=0.3) and (d_pixel, se_pixel) == (None, None)
+    # a per-candidate (unpaired) error would be several times larger: the pairing is what makes it small
+    from gaussad.tune import auroc_se
+
+    assert np.hypot(auroc_se(rows[0]["image_auroc"], 40, 40), auroc_se(rows[1]["image_auroc"], 40, 40)) > 1.5 * spread
 
 
 def test_candidates_with_other_map_levels_are_measured_on_their_own_pooled_features(train_dir):
@@ -146,21 +213,23 @@ def test_cli_tune_prints_the_ranking_saves_the_best_and_json_parses(tiny_categor
     assert (report["n_fit"], report["n_held_out"]) == (4, 2)
     model = load(out)
     assert model.n_samples_ == 10  # the refit uses every training image (train/good), not only the budget
-    for name, value in report["ranking"][0]["settings"].items():
+    chosen = [r for r in report["ranking"] if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["rank"] == report["chosen_rank"]
+    for name, value in ({} if chosen[0]["default"] else chosen[0]["settings"]).items():
         got = model.get_params()[name]
         assert (list(got) if isinstance(got, tuple) else got) == value
     assert {k: v for k, v in report["best_params"].items() if k in ("map_grid", "preset")} == \
         {"map_grid": model.map_grid, "preset": "recommended"}
+    assert sum(r["default"] for r in report["ranking"]) == 1 and report["choice"]
 
     assert main(["tune", str(tiny_category), "-o", str(tmp_path / "b.gaussad"), "--grid", "maps", "--budget", "6"]) == 0
     printed = capsys.readouterr()
     text = printed.out
     assert "rank  image AUROC" in text and "map_grid=finest" in text and "map_grid=coarsest" in text
     assert "wrote" in text and "then grid order (too few held out for pixel AUROC)" in text
-    # with 2 held out the two may tie on image AUROC: then, and only then, one warning line says so (issue 32)
-    tied = report["ranking"][0]["image_auroc"] == report["ranking"][1]["image_auroc"]
-    assert sum("tune: the held-out images cannot separate the 2 best settings" in line
-               for line in printed.err.splitlines()) == int(tied) and "UserWarning" not in printed.err
+    # 2 held-out images cannot show a setting clearly better: the default is kept, and the line says why (issue 35)
+    assert f"chose: the default ({report['choice']}); refitted on 10 images" in text
+    assert "default/chosen" in text and "Warning" not in printed.err
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -192,22 +261,23 @@ def test_the_scores_grid_ranks_the_fused_score_beside_the_global_one(train_dir):
     assert result.ranking[0]["image_auroc"] >= result.ranking[1]["image_auroc"]
 
 
-def test_settings_the_held_out_images_cannot_separate_go_to_the_cheapest_with_a_warning(tmp_path, capsys):
+def test_settings_the_held_out_images_cannot_separate_keep_the_default(tmp_path, recwarn):
     """Issue 32: 8 x 8 noise images, 2 held out: both input sizes tie on image AUROC and the pixel AUROC of two pasted
-    defects, which is noise, favours 160 px (was: 160 px chosen on it, without a word). Now the first in grid order,
-    the cheaper 64 px, is chosen and tune warns (the command line prints the warning as one line: the test above)."""
+    defects, which is noise, favours 160 px (was: 160 px chosen on it, without a word). Issue 35: the default (64 px,
+    the base's size) is kept unless a setting is clearly better, and the choice says why."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     for i in range(8):
         Image.fromarray(rng.integers(100, 140, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
     files = sorted(tmp_path.glob("*.png"))
-    with pytest.warns(UserWarning, match=r"cannot separate the 2 best settings .* chose the first in grid order"):
-        result = tune(files, grid={"input_size": (64, 160)}, base=BASE, refit=False)
+    result = tune(files, grid={"input_size": (160, 64)}, base=BASE, refit=False)
     first, second = result.ranking
-    assert result.n_held_out == 2 and first["settings"] == {} and second["settings"] == {"input_size": 160}
-    assert first["image_auroc"] == second["image_auroc"] and second["pixel_auroc"] > first["pixel_auroc"]
-    assert "cannot separate" in result.to_json()["warning"]
+    assert result.n_held_out == 2 and first["settings"] == {"input_size": 160} and second["settings"] == {}
+    assert first["image_auroc"] == second["image_auroc"] and first["pixel_auroc"] > second["pixel_auroc"]
+    assert second["default"] and second["chosen"] and result.best_params["input_size"] == 64
+    assert "kept the default" in result.to_json()["choice"] and "pixel AUROC not used below 4" in result.choice
+    assert not [w for w in recwarn if "tune" in str(w.message)]
 
 
 def test_the_ranking_shows_each_candidates_uncertainty_and_the_choice_as_flags():

@@ -1,7 +1,6 @@
 """gaussad: visual anomaly detection with Gaussians on pretrained deep features (Rippel et al., ICPR 2020)."""
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: F401
 from .errors import DataError, GaussadError, ImageError, InvalidParameterError, ModelFormatError, NotFittedError  # noqa: E402
 
 __all__ = ["GaussianAD", "load", "GaussadError", "DataError", "ImageError", "ModelFormatError", "InvalidParameterError",

@@ -6,13 +6,12 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from pathlib import Path, PurePath
 from typing import Sequence
 
 # Only what answers --help and argument errors is imported here: numpy, scipy, the model and the network are
 # imported by the command that needs them (bench/startup.py measures the start-up).
-from . import __version__
+from .version import __version__
 from .errors import GaussadError
 
 EPILOG = ("Images: PNG, JPEG, BMP, TIFF, WebP (the first frame of multi-frame files). Grayscale (8/16-bit), palette, "
@@ -139,20 +138,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .tune import as_flags, candidates, format_ranking, tune
 
     candidates(args.grid, base)  # a bad grid fails before any work
-    with warnings.catch_warnings():  # its warning is printed below as one line
-        warnings.filterwarnings("ignore", message="tune: ", category=UserWarning)
-        result = tune(files, grid=args.grid, budget=args.budget, base=base, seed=seed,
-                      verbose=not (args.quiet or args.json))
-    if result.warning is not None:
-        print(result.warning, file=sys.stderr)
+    result = tune(files, grid=args.grid, budget=args.budget, base=base, seed=seed, verbose=not (args.quiet or args.json))
     result.model.save(args.output)
     if args.json:
         print(json.dumps({"model": str(args.output), "n_images": len(files), "grid": args.grid, "seed": seed,
                           **result.to_json()}))
     elif not args.quiet:
         print(format_ranking(result))
-        print(f"best: {as_flags(result.ranking[0]['settings'])}; refitted on {len(files)} images from "
-              f"{args.train_dir}; wrote {args.output} ({result.seconds:.0f} s)")
+        flags = "the default" if result.chosen["default"] else as_flags(result.chosen["settings"])
+        print(f"chose: {flags} ({result.choice}); refitted on {len(files)} images from {args.train_dir}; wrote "
+              f"{args.output} ({result.seconds:.0f} s)")
     return 0
 
 
@@ -203,50 +198,33 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.dask:
         refuse_input_as_output(args.out, [args.model, *files], "results file")
         return _score_distributed(args, files, names)
-    import numpy as np
-
+    from . import inference
     from .decision import fpr_note
     from .drift import drift, shift_warning, unlike_training
-    from .results import result_rows
 
     if args.maps:
         check_output(args.maps, "overlay", folder=True)
     model = _load_checked(args)
     model.set_params(verbose=not (args.quiet or args.json), **params.from_args(args, params.cli_names("intake")))
     method = args.threshold or model.setting("threshold")
-    fpr = model.fpr if args.fpr is None else args.fpr
-    rule = model.rule(fpr, method)
-    rule.check(model.state_, f"{args.model}: ")  # fails early when the rule cannot apply to this model
-    note = fpr_note(rule, model.state_)
-    fpr = rule.target_fpr(model.state_)
-    if note and not args.quiet:
+    rule = inference.rule_for(model, args.fpr, method, f"{args.model}: ")  # fails before any image is read
+    if (note := fpr_note(rule, model.state_)) and not args.quiet:
         print(f"note: {note}", file=sys.stderr)
+    fpr = rule.target_fpr(model.state_)
     limit = math.nan if rule.fused else model.score_threshold(fpr, method)
-    skipped: list = []
-    peaks = amaps = None
-    if args.maps or rule.fused:
-        levels, peaks, amaps = model.score_images(files, args.on_error, skipped, with_maps=bool(args.maps))
-    else:
-        feats = model.extract_features(files, "score", on_error=args.on_error, skipped=skipped)
-    bad = {i for i, _ in skipped}
-    kept = [f for i, f in enumerate(files) if i not in bad]
-    kept_names = [n for i, n in enumerate(names) if i not in bad]
-    if not (args.maps or rule.fused):
-        levels = model.level_scores_features(feats) if kept else np.zeros((0, len(model.level_names_)))
-    decisions, pvalues = model.decide(levels, fpr, method, peaks) if kept else ([], [])
-    rows = result_rows(kept_names, model.level_names_, levels, decisions, pvalues,
-                       model.scores(levels, peaks) if kept else [],
-                       rule.evidence(model.state_, levels, peaks, decisions, pvalues) if kept else [])
+    scored = inference.score(model, files, names, fpr=args.fpr, method=method, with_maps=bool(args.maps),
+                             on_error=args.on_error)
+    rows, skipped, levels = scored.rows, scored.skipped, scored.levels
     if args.maps:
-        written = _write_overlays(args.maps, kept, kept_names, amaps, args.max_pixels, args.on_error, rows,
-                                  model.state_.map_calibration)
-        for row, (path, error), amap in zip(rows, written, amaps):
-            row["map_max"] = float(amap.max())
+        kept = [files[i] for i in scored.read]
+        written = _write_overlays(args.maps, kept, [r["path"] for r in rows], scored.maps, args.max_pixels,
+                                  args.on_error, rows, model.state_.map_calibration)
+        for row, (path, error) in zip(rows, written):
             row["map"] = None if path is None else str(path)
             if error is not None:
                 row["map_error"] = error
-    errors = [{"path": names[i], "error": msg} for i, msg in sorted(skipped)]
-    shift = drift(decisions, pvalues, fpr)
+    errors = [{"path": names[i], "error": msg} for i, msg in skipped]
+    shift = drift([r["anomalous"] for r in rows], [r["pvalue"] for r in rows], fpr)
     warnings = [w for w in [unlike_training(levels.mean(axis=1), model.state_.calibration_scores)] if w]
     if args.json:
         print(json.dumps({"model": str(args.model), "fpr": fpr, **({"fpr_requested": rule.fpr} if note else {}),
@@ -526,7 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "training image, a scratch, a Perlin-noise blob or a colour spot), fit every "
                                    "setting of a grid on the rest, rank the settings by the image AUROC of held-out "
                                    "goods against the synthetic defects (then by pixel AUROC), print the ranking, "
-                                   "refit the best on all images and write it to MODEL. Grids start from --preset "
+                                   "keep the default settings (measured beside the grid) unless a setting beats "
+                                   "their image AUROC by more than 2 standard errors of the paired difference (pixel "
+                                   "AUROC where image AUROCs tie exactly), refit the choice "
+                                   "on all images and write it to MODEL. Grids start from --preset "
                                    "recommended. small: input size native / ~1.4x / ~1.7x times map grid coarsest "
                                    "(stage2-7) / finest (stage4-7); sizes: the input sizes only; maps: the map "
                                    "grids only; scores: the global against the fused image score; tiles: map "
@@ -638,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow listening on a non-loopback address without --keys")
     p.add_argument("--db", default="results.sqlite", metavar="URL",
                    help="results log: a SQLite file or a SQLAlchemy URL, e.g. postgresql+pg8000://user@host/db; "
-                        "'none' turns it off (default %(default)s)")
+                        "'none' turns it off (default %(default)s, in the folder serve starts in; serve logs the path)")
     p.add_argument("--keep-images", metavar="DIR",
                    help="keep every scored image in DIR (named by SHA-256); needed to apply feedback to a model")
     p.set_defaults(func=cmd_serve)

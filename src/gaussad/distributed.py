@@ -27,6 +27,7 @@ WINDOW_PER_THREAD = 4
 T = TypeVar("T")
 FORMATS = (".parquet", ".jsonl", ".csv")
 MANIFEST = "_gaussad_run.json"
+PART_COLUMNS = 2  # the parts' columns: 2 since the rows carry their evidence (a rerun rescoring older parts)
 
 # Per worker process: one extractor cache for its lifetime, used by one task at a time.
 _WORKER: dict[str, Any] = {"cache": None, "lock": threading.Lock()}
@@ -388,8 +389,7 @@ def _score_task(model_path: str, key: str, names: list[str], paths: list[str], i
     """Score one partition and write its part atomically: (rows scored, inputs skipped)."""
     import numpy as np
 
-    from . import params
-    from .results import result_rows
+    from . import inference, params
 
     with _WORKER["lock"]:
         model = _worker_model(model_path, key)
@@ -404,16 +404,10 @@ def _score_task(model_path: str, key: str, names: list[str], paths: list[str], i
             feats = [np.concatenate(level) for level in zip(*pooled)]
     bad = dict(skipped)
     kept = [n for i, n in enumerate(names) if i not in bad]
-    if kept:
-        levels = model.level_scores_features(feats)
-        decisions, pvalues = model.decide(levels, fpr, threshold, peaks)
-        scores = model.scores(levels, peaks)
-    else:
-        levels, decisions, pvalues, scores = np.zeros((0, len(model.level_names_))), [], [], []
-    rows: list[dict] = [{**r, "error": None} for r in result_rows(kept, model.level_names_, levels, decisions, pvalues,
-                                                                  scores)]
-    rows += [{"path": names[i], "score": None, "levels": None, "pvalue": None, "anomalous": None, "error": msg}
-             for i, msg in sorted(bad.items())]
+    levels = model.level_scores_features(feats) if kept else np.zeros((0, len(model.level_names_)))
+    rows: list[dict] = [{**r, "error": None} for r in inference.result_rows(model, rule, kept, levels, peaks)]
+    rows += [{"path": names[i], "score": None, "levels": None, "pvalue": None, "anomalous": None, "evidence": None,
+              "error": msg} for i, msg in sorted(bad.items())]
     write_part(Path(folder) / part_name(index, fmt), rows, model.level_names_, fmt)
     return len(kept), len(bad)
 
@@ -424,7 +418,7 @@ def part_name(index: int, fmt: str) -> str:
 
 def write_part(path: Path, rows: list[dict], level_names: Sequence[str], fmt: str) -> None:
     """One part, atomically: rows as ``score --json`` writes them, plus ``error`` (null unless the input was
-    skipped); CSV flattens ``levels`` into ``levels.NAME`` columns."""
+    skipped); CSV flattens ``levels`` into ``levels.NAME`` columns; CSV and Parquet hold ``evidence`` as JSON text."""
     from .files import write_atomic
     from .results import spreadsheet_safe
 
@@ -440,7 +434,8 @@ def write_part(path: Path, rows: list[dict], level_names: Sequence[str], fmt: st
         for r in rows:
             lv = r["levels"] or {}
             writer.writerow([spreadsheet_safe(r["path"]), _cell(r["score"])] + [_cell(lv.get(n)) for n in level_names]
-                            + [_cell(r["pvalue"]), _cell(r["anomalous"]), spreadsheet_safe(r["error"] or "")])
+                            + [_cell(r["pvalue"]), _cell(r["anomalous"]), spreadsheet_safe(r["error"] or ""),
+                               _evidence_text(r["evidence"]) or ""])
         data = buf.getvalue().encode()
     else:
         data = _parquet_bytes(rows, level_names)
@@ -448,7 +443,11 @@ def write_part(path: Path, rows: list[dict], level_names: Sequence[str], fmt: st
 
 
 def csv_header(level_names: Sequence[str]) -> list[str]:
-    return ["path", "score"] + [f"levels.{n}" for n in level_names] + ["pvalue", "anomalous", "error"]
+    return ["path", "score"] + [f"levels.{n}" for n in level_names] + ["pvalue", "anomalous", "error", "evidence"]
+
+
+def _evidence_text(evidence: dict | None) -> str | None:
+    return None if evidence is None else json.dumps(evidence)
 
 
 def _cell(value) -> str:
@@ -465,16 +464,17 @@ def _parquet_bytes(rows: list[dict], level_names: Sequence[str]) -> bytes:
         raise GaussadError("Parquet output needs pyarrow: pip install 'gaussad[dask]'") from None
     schema = pa.schema([("path", pa.string()), ("score", pa.float64()),
                         ("levels", pa.struct([(n, pa.float64()) for n in level_names])), ("pvalue", pa.float64()),
-                        ("anomalous", pa.bool_()), ("error", pa.string())])
-    table = pa.Table.from_pylist(rows, schema=schema)
+                        ("anomalous", pa.bool_()), ("error", pa.string()), ("evidence", pa.string())])
+    table = pa.Table.from_pylist([{**r, "evidence": _evidence_text(r["evidence"])} for r in rows], schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
 
 
 def _run_key(model_path: str | os.PathLike, names: list[str], size: int, fpr: float, threshold: str) -> str:
-    """What the parts of a run depend on: the model file's bytes, the inputs, the partitioning and the rule."""
-    h = hashlib.sha256()
+    """What the parts of a run depend on: the model file's bytes, the inputs, the partitioning, the rule and the
+    parts' columns (:data:`PART_COLUMNS`: parts of an older gaussad without ``evidence`` are not reused)."""
+    h = hashlib.sha256(f"columns {PART_COLUMNS}".encode())
     with open(model_path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)

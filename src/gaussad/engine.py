@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 
-from . import __version__
+from .version import __version__
 from .errors import GaussadError
 from .files import write_atomic
 from .params import ENGINES

@@ -21,7 +21,8 @@ import numpy as np
 import scipy.linalg
 from scipy.special import gammaln
 
-from . import __version__, fusion
+from . import fusion
+from .version import __version__
 from .decision import RANKING, DecisionRule
 from .errors import GaussadError
 from .images import ASPECT_STEP
@@ -285,17 +286,22 @@ def _fused(b, state: DetectorState, rule: DecisionRule, score: str, peak: str) -
 
 def _grid_kernels(extractor, layout) -> list[int]:
     """Per map level the block size that averages it down to the coarsest map level's grid (1 on that grid), from
-    the network's map shapes at the input size; refused where the grids do not divide evenly."""
+    the network's map shapes at the input it sees (the square input size, or with the aspect-keeping resize a
+    square image's input, whose sides are multiples of 32 like every aspect-kept input's: Lite1's native 240 px is
+    256 there); refused where the grids do not divide evenly."""
     import torch
 
+    from .images import aspect_size
+
     size = layout.input_size
+    side = size if extractor.resize == "square" else aspect_size(size, size, size)[0]
     with torch.inference_mode():
-        shapes = [tuple(o.shape[2:]) for o in extractor.module(torch.zeros(1, 3, size, size))[len(layout.levels):]]
+        shapes = [tuple(o.shape[2:]) for o in extractor.module(torch.zeros(1, 3, side, side))[len(layout.levels):]]
     h, w = min(s[0] for s in shapes), min(s[1] for s in shapes)
-    if size % 32 or any(a % h or b % w or a // h != b // w for a, b in shapes):
+    if any(a % h or b % w or a // h != b // w for a, b in shapes):
         raise GaussadError(f"--maps: the feature maps at input size {size} do not average evenly onto the "
                            f"coarsest map grid (shapes {shapes}); maps export needs an input size that is a "
-                           "multiple of 32")
+                           "multiple of 32 (or --resize aspect, which makes every input one)")
     return [a // h for a, _ in shapes]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
@@ -380,12 +381,35 @@ def refitting_differences(settings: Mapping[str, Any], layout) -> list[str]:
     return [f"{name} ({a!r} vs {b!r})" for name, (a, b) in pairs.items() if a != b]
 
 
+@dataclass(frozen=True)
+class ExtractorKey:
+    """Everything that shapes an extractor's network and its outputs: a change in any field builds a new one (an
+    extractor holds an inference session); batch size, pixel limit and decoder are set on each use instead."""
+
+    backbone: str
+    weights: str | None
+    levels: tuple[int, ...]
+    input_size: int
+    normalize: str
+    resize: str
+    map_levels: tuple[int, ...]
+    engine: str
+    precision: str
+    map_tiles: int
+    pool: str
+
+    def build(self, settings: Mapping[str, Any], network: bytes | None) -> FeatureExtractor:
+        return FeatureExtractor(self.backbone, list(self.levels), self.input_size, self.weights,
+                                int(settings["batch_size"]), normalize=self.normalize, map_levels=list(self.map_levels),
+                                engine=self.engine, max_pixels=settings["max_pixels"], resize=self.resize,
+                                precision=self.precision, network=network, map_tiles=self.map_tiles, pool=self.pool)
+
+
 class ExtractorCache:
-    """One :class:`FeatureExtractor` for a model: rebuilt only when a setting that shapes the network changes
-    (an extractor holds an inference session); batch size and pixel limit are set on each use."""
+    """One :class:`FeatureExtractor` for a model: rebuilt only when its :class:`ExtractorKey` changes."""
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
+        self.key: ExtractorKey | None = None
         self.extractor: FeatureExtractor | None = None
         self.auto: dict[str, Any] = {}  # the 'auto' settings as decided for the model's fit
 
@@ -403,21 +427,18 @@ class ExtractorCache:
         if "auto" in (settings["input_size"], settings["map_tiles"]):
             raise GaussadError("input_size and map_tiles 'auto' are decided from the training images when the "
                                "model is fitted: fit it first, or give their values")
-        tiles = settings["map_tiles"]
         map_levels = settings["map_levels"]
-        key = (settings["backbone"], settings["weights"],
-               tuple(layout.levels if layout else resolve_levels(spec.level_names, settings["levels"])),
-               (layout.input_size if layout else settings["input_size"]) or spec.input_size,
-               settings["normalize"], settings["resize"],
-               tuple(layout.map_levels if layout else resolve_levels(spec.level_names, map_levels) if map_levels else ()),
-               settings["engine"], settings.get("precision", "fp32"), int(tiles),
-               layout.setting("pool") if layout else settings["pool"])
+        key = ExtractorKey(
+            backbone=settings["backbone"], weights=settings["weights"],
+            levels=tuple(layout.levels if layout else resolve_levels(spec.level_names, settings["levels"])),
+            input_size=(layout.input_size if layout else settings["input_size"]) or spec.input_size,
+            normalize=settings["normalize"], resize=settings["resize"],
+            map_levels=tuple(layout.map_levels if layout else
+                             resolve_levels(spec.level_names, map_levels) if map_levels else ()),
+            engine=settings["engine"], precision=settings.get("precision", "fp32"),
+            map_tiles=int(settings["map_tiles"]), pool=layout.setting("pool") if layout else settings["pool"])
         if self.extractor is None or self.key != key or (network is not None and self.extractor.network != network):
-            backbone, weights, levels, size, normalize, resize, maps, engine, precision, tiles, pool = key
-            self.extractor = FeatureExtractor(backbone, list(levels), size, weights, int(settings["batch_size"]),
-                                              normalize=normalize, map_levels=list(maps), engine=engine,
-                                              max_pixels=settings["max_pixels"], resize=resize, precision=precision,
-                                              network=network, map_tiles=tiles, pool=pool)
+            self.extractor = key.build(settings, network)
             self.key = key
         self.extractor.batch_size, self.extractor.max_pixels = int(settings["batch_size"]), int(settings["max_pixels"])
         self.extractor.decoder = settings.get("decoder", "pil")

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from . import __version__, params
+from . import params
+from .version import __version__
 from .decision import DecisionRule, summary
 from .errors import DataError, GaussadError, InvalidParameterError
 from .features import ExtractorCache, normalization_meta

@@ -232,6 +232,9 @@ class Param:
     ``stored``: written to model files; ``learned`` names the fitted attribute whose value is stored instead
     (the levels actually resolved, for example). ``preset``: None means "the preset's value". ``flag`` and
     ``parse`` spell it on the command line (no flag: not a CLI option); ``group`` is the CLI option group.
+    ``features``: it shapes the features, so statistics fitted with other values cannot be combined (``merge``,
+    ``partial_fit``; :data:`gaussad.state.FEATURE_SETTINGS`); ``legacy``: what model files written before the
+    parameter existed meant by its absence.
     """
 
     name: str
@@ -246,11 +249,13 @@ class Param:
     metavar: str | None = None
     choices: tuple | None = None
     group: str = "model"
+    features: bool = False
+    legacy: Any = None
 
 
 PARAMS: tuple[Param, ...] = (
     Param("backbone", "efficientnet-lite0", _backbone, "feature network (see `gaussad backbones`)",
-          flag="--backbone"),
+          features=True, flag="--backbone"),
     Param("levels", None, optional(_levels),
           "comma-separated levels by name or index (EfficientNet, MobileNetV2: stem,stage1..stage7,head = 0..8; "
           "ResNet: stem,layer1..layer4 = 0..4); default all",
@@ -264,7 +269,7 @@ PARAMS: tuple[Param, ...] = (
           metavar="S|auto|native"),
     Param("weights", None, optional(_path),
           "local weights file for the backbone (.pth/.pt state dict or .safetensors); required for "
-          "efficientnet-b0..b7 and the ResNets", flag="--weights", parse=str, metavar="FILE"),
+          "efficientnet-b0..b7 and the ResNets", features=True, flag="--weights", parse=str, metavar="FILE"),
     Param("estimator", "ledoit-wolf", choice(ESTIMATORS), "covariance estimator or baseline", flag="--estimator",
           choices=ESTIMATORS),
     Param("reduction", None, choice(REDUCTIONS),
@@ -274,31 +279,31 @@ PARAMS: tuple[Param, ...] = (
           parse=_float_text),
     Param("normalize", None, optional(choice(NORMALIZATIONS)),
           "input normalisation: ImageNet mean/std as the paper, or the backbone's own training normalisation "
-          "(EfficientNet-Lite: (x-127)/128)", preset=True, flag="--normalize", choices=NORMALIZATIONS),
+          "(EfficientNet-Lite: (x-127)/128)", preset=True, features=True, flag="--normalize", choices=NORMALIZATIONS),
     Param("resize", None, optional(choice(RESIZES)),
           "square: plain resize to S x S as the paper; aspect: keep the image's proportions at about S x S "
-          "pixels (sides multiples of 32)", preset=True, flag="--resize", choices=RESIZES),
+          "pixels (sides multiples of 32)", preset=True, features=True, flag="--resize", choices=RESIZES),
     Param("pool", None, optional(choice(POOLS)),
           "global features of each level: avg = each channel's average over the feature map (the paper); avg+std "
           "= for the map levels also each channel's spread over the map, the square root of its standard deviation "
           "(a small defect moves a channel's spread more than its average), the other levels their average; "
           "nothing changes without map levels. The recommended preset takes the backbone's own (EfficientNet-Lite: "
-          "avg+std; others: avg)", preset=True, flag="--pool", choices=POOLS),
+          "avg+std; others: avg)", preset=True, features=True, legacy="avg", flag="--pool", choices=POOLS),
     Param("map_levels", None, optional(_levels), "comma-separated levels for anomaly maps, or 'none'",
           learned="map_levels_", preset=True, flag="--map-levels", parse=_map_level_list),
     Param("map_method", None, optional(choice(MAP_METHODS)),
           "anomaly-map scoring: one Gaussian per level shared by all positions, or the distance to the nearest "
-          "location of a memory bank of training locations", preset=True, flag="--map-method", choices=MAP_METHODS),
+          "location of a memory bank of training locations", preset=True, features=True, flag="--map-method", choices=MAP_METHODS),
     Param("map_pool", None, optional(integer(1, MAX_MAP_POOL, odd=True)),
           "average location vectors over K x K neighbourhoods before scoring them (odd K; 1 = off)", preset=True,
-          flag="--map-pool", parse=_int_text, metavar="K"),
+          features=True, flag="--map-pool", parse=_int_text, metavar="K"),
     Param("map_coreset", 0.1, fraction(include_one=True),
           "fraction of the training locations kept in each memory bank (greedy k-centre coreset; nearest maps "
           "only)", flag="--map-coreset", parse=_float_text, metavar="F"),
     Param("map_grid", None, optional(choice(MAP_GRIDS)),
           "where map levels meet: coarsest = each level averaged down to the coarsest map level's grid and scored "
           "on its own (one bank per level); finest = PatchCore's recipe, every level upsampled to the finest map "
-          "level's grid and concatenated into one vector per location (one bank)", preset=True, flag="--map-grid",
+          "level's grid and concatenated into one vector per location (one bank)", preset=True, features=True, legacy="coarsest", flag="--map-grid",
           choices=MAP_GRIDS),
     Param("map_tiles", None, optional(_tiles),
           "tile the anomaly maps: the image resized to about K tiles of side S along each side (S + (K-1) x the tile "
@@ -308,7 +313,7 @@ PARAMS: tuple[Param, ...] = (
           "decided at fit from the training images' size, the most tiles up to "
           f"{AUTO_MAX_TILES} whose map image is no larger than the images (1 for images under about 384 px at "
           "S = 224)",
-          learned="map_tiles_", preset=True, flag="--map-tiles", parse=_tiles_text, metavar="K|auto"),
+          learned="map_tiles_", preset=True, features=True, legacy=1, flag="--map-tiles", parse=_tiles_text, metavar="K|auto"),
     Param("precision", "fp32", choice(PRECISIONS),
           "network arithmetic: fp32, or int8 = the network statically quantized at fit (ONNX Runtime, QDQ, "
           "per-channel 7-bit weights, which score alike on CPUs with and without VNNI, the first three convolutions "
@@ -364,6 +369,10 @@ PARAMS: tuple[Param, ...] = (
           choices=DECODERS, group="intake"),
 )
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
+# The settings besides the network layout (levels, input size) that shape the features, and what model files from
+# before one of them existed meant by its absence: read off the table.
+FEATURE_SETTINGS: tuple[str, ...] = tuple(p.name for p in PARAMS if p.features)
+FEATURE_LEGACY: dict[str, Any] = {p.name: p.legacy for p in PARAMS if p.legacy is not None}
 
 
 def defaults() -> dict[str, Any]:

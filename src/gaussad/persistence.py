@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, params
+from . import params
+from .version import __version__
 from .errors import GaussadError, ModelFormatError
 from .files import open_regular_file, write_atomic
 from .params import (ESTIMATORS, MAP_GRIDS, MAP_METHODS, MAX_INPUT_SIZE, MAX_MAP_POOL, MAX_MAP_TILES, NORMALIZATIONS,

@@ -74,7 +74,8 @@ def _roc_figure(name: str, labels: np.ndarray, fold_scores: list[np.ndarray], au
     return _png(fig)
 
 
-def _histogram_figure(name: str, labels: np.ndarray, scores: np.ndarray, thresholds: dict[str, dict]) -> str:
+def _histogram_figure(name: str, labels: np.ndarray, scores: np.ndarray, thresholds: dict[str, dict],
+                      one_fit: bool) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -96,7 +97,7 @@ def _histogram_figure(name: str, labels: np.ndarray, scores: np.ndarray, thresho
                        label=f"{method} at alpha {alpha}")
     ax.set_ylim(0, top)
     ax.set(xlabel="image score (mean Mahalanobis distance over levels)", ylabel="test images",
-           title=f"{name}: test scores and thresholds (fold 1)")
+           title=f"{name}: test scores and thresholds{'' if one_fit else ' (fold 1)'}")
     ax.legend(fontsize=7, ncol=2)
     return _png(fig)
 
@@ -156,7 +157,7 @@ def _gallery(detail: dict[str, Any], scores: np.ndarray) -> str:
                    f'<div class="gallery">{"".join(tiles)}</div></div>' for kind, tiles in rows.items() if tiles)
 
 
-def _threshold_table(result: dict[str, Any]) -> str:
+def _threshold_table(result: dict[str, Any], one_fit: bool) -> str:
     rows = []
     for method, by_alpha in result["thresholds"].items():
         cells = []
@@ -170,8 +171,10 @@ def _threshold_table(result: dict[str, Any]) -> str:
         rows.append(f"<tr><th>{html.escape(method)}</th>{''.join(cells)}</tr>")
     head = "".join(f"<th>alpha {a}</th>" for a in next(iter(result["thresholds"].values())))
     return (f"<table><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
-            "<p class=meta>realised FPR on good test images / TPR on defective ones, mean over folds "
-            "(raised: folds whose calibration cannot support alpha, decided at 1/(n + 1) instead)</p>")
+            "<p class=meta>realised FPR on good test images / TPR on defective ones"
+            + (" (raised: the calibration cannot support alpha, decided at 1/(n + 1) instead)</p>" if one_fit else
+               ", mean over folds (raised: folds whose calibration cannot support alpha, decided at 1/(n + 1) "
+               "instead)</p>"))
 
 
 def render_html(report: dict[str, Any], details: dict[str, Any]) -> str:
@@ -207,23 +210,26 @@ def _render_html(report: dict[str, Any], details: dict[str, Any]) -> str:
         fold_scores = detail["fold_scores"]
         pixel = f", pixel AUROC {result['pixel_auroc']:.4f}" if "pixel_auroc" in result else ""
         maps = "gallery_maps" in detail
+        one = len(fold_scores) == 1  # the full protocol: one fit on every training image, no folds to speak of
+        whose = "the model" if one else "the first fold's model"
         out += [f'<section class="category" id="{html.escape(name)}"><h2>{html.escape(name)}</h2>',
                 f"<p>image AUROC {result['image_auroc']:.4f}{pixel}; {result['n_train']} training images, "
                 f"{result['n_test_good']} good and {result['n_test_defective']} defective test images</p>",
                 '<div class="figures">',
                 f'<figure><img class="roc" alt="ROC curve of {html.escape(name)}" '
                 f'src="{_roc_figure(name, labels, fold_scores, result["fold_aurocs"])}">'
-                "<figcaption>ROC curve of the image score, one per fold</figcaption></figure>",
+                f"<figcaption>ROC curve of the image score{'' if one else ', one per fold'}</figcaption></figure>",
                 f'<figure><img class="histogram" alt="score histogram of {html.escape(name)}" '
-                f'src="{_histogram_figure(name, labels, fold_scores[0], result["thresholds"])}">'
-                "<figcaption>Scores of the first fold's model; vertical lines: the conformal rule's score "
+                f'src="{_histogram_figure(name, labels, fold_scores[0], result["thresholds"], one)}">'
+                f"<figcaption>Scores of {whose}; vertical lines: the conformal rule's score "
                 "thresholds per alpha (colour); chi2, hotelling and the fused score have no single threshold on this "
                 "score (they decide per level or on p-values): their rates are in the table</figcaption></figure>",
                 f'<figure><img class="levels" alt="AUROC per level of {html.escape(name)}" '
                 f'src="{_levels_figure(name, report["levels"], result["level_aurocs"], result["image_auroc"])}">'
-                "<figcaption>Image AUROC of each level's distance alone (mean over folds)</figcaption></figure>",
-                "</div>", _threshold_table(result),
-                f"<h3>Most anomalous good and least anomalous defective test images (fold 1)"
+                f"<figcaption>Image AUROC of each level's distance alone{'' if one else ' (mean over folds)'}"
+                "</figcaption></figure>",
+                "</div>", _threshold_table(result, one),
+                f"<h3>Most anomalous good and least anomalous defective test images{'' if one else ' (fold 1)'}"
                 f"{', with heat maps' if maps else ''}</h3>", _gallery(detail, fold_scores[0]), "</section>"]
     out.append("</body></html>")
     return "\n".join(out)

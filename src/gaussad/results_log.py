@@ -38,7 +38,11 @@ log = logging.getLogger(__name__)
 
 LABELS = ("good", "defect")
 COLUMNS = ("seq", "id", "time", "model", "version", "model_sha256", "image_sha256", "filename", "score", "levels",
-           "pvalue", "anomalous", "map_max", "image_file", "label", "labelled_at", "applied_in")
+           "pvalue", "anomalous", "map_max", "image_file", "label", "labelled_at", "applied_in", "evidence")
+JSON_COLUMNS = ("levels", "evidence")  # stored as JSON text
+# Columns added after the first release, with their SQL type: a table made by an older gaussad gets them (empty for
+# its old rows) when the log opens it.
+ADDED_COLUMNS = {"evidence": "TEXT"}
 _STOP = object()
 MAX_PENDING = 10_000  # rows queued or waiting for a retry before new ones are refused
 RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)  # waits between attempts at a refused batch (the last one repeats)
@@ -111,6 +115,7 @@ class ResultsLog:
                 sa.Column("label", sa.String(16)),
                 sa.Column("labelled_at", sa.Float),
                 sa.Column("applied_in", sa.Integer),
+                sa.Column("evidence", sa.Text),  # what the decision rule decided on (DecisionRule.evidence), JSON
             )
             self.meta = meta
             self.engine = self._open()
@@ -142,6 +147,13 @@ class ResultsLog:
         if engine.dialect.name == "sqlite":  # readers do not wait for the writer's commits (write-ahead log)
             sa.event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
         self.meta.create_all(engine)
+        present = {c["name"] for c in sa.inspect(engine).get_columns("results")}
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in present:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(f"ALTER TABLE results ADD COLUMN {name} {kind}"))
+                log.info("results log: added the %s column to the table of an older gaussad (empty for its rows)",
+                         name)
         return engine
 
     @contextmanager
@@ -198,7 +210,8 @@ class ResultsLog:
         entry = {"id": rid, "time": time.time(), "model": model, "version": int(version), "model_sha256": model_sha256,
                  "image_sha256": digest, "filename": str(row["path"]), "score": float(row["score"]),
                  "levels": json.dumps(row["levels"]), "pvalue": row.get("pvalue"), "anomalous": bool(row["anomalous"]),
-                 "map_max": row.get("map_max"), "image_file": None}
+                 "map_max": row.get("map_max"), "image_file": None,
+                 "evidence": None if row.get("evidence") is None else json.dumps(row["evidence"])}
         image_data = None
         if self.keep_dir is not None:
             entry["image_file"] = digest + (suffix.lower() if suffix.lower() in (
@@ -328,7 +341,8 @@ class ResultsLog:
     # ----- reading ---------------------------------------------------------------------------------------------
     def _row(self, r) -> dict:
         d = dict(r._mapping)
-        d["levels"] = json.loads(d["levels"])
+        for c in JSON_COLUMNS:
+            d[c] = None if d[c] is None else json.loads(d[c])
         d["anomalous"] = bool(d["anomalous"])
         return d
 
@@ -437,7 +451,7 @@ class ResultsLog:
             page = self.query(model, since, anomalous, min(CSV_PAGE, left), cursor, wait=wait)
             if not page:
                 return
-            yield _csv_text([[json.dumps(r[c]) if c == "levels" else "" if r[c] is None
+            yield _csv_text([[json.dumps(r[c]) if c in JSON_COLUMNS and r[c] is not None else "" if r[c] is None
                               else spreadsheet_safe(r[c]) if isinstance(r[c], str) else r[c] for c in COLUMNS]
                              for r in page])
             left, cursor, wait = left - len(page), page[-1]["seq"], False

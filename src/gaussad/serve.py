@@ -32,7 +32,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, params
+from . import inference, params
+from .version import __version__
 from .errors import DataError, GaussadError, ImageError, ImageTooLargeError, UnknownImageFormatError
 from .engine import cpu_count, int8_summary
 from .images import NamedBytes, load_image, probe
@@ -42,7 +43,6 @@ from .feedback import ModelRegistry, UpdateError
 from .keys import KeyStore, bearer, is_loopback
 from .model import GaussianAD, load
 from .operations import CrossSiteGuard, KeyCheck, Metrics, MetricsMiddleware, check_exposure, router
-from .results import result_rows
 from .results_log import Backlogged, ResultsLog
 
 log = logging.getLogger(__name__)
@@ -138,16 +138,6 @@ def decision_rule(model: GaussianAD, fpr: float | None) -> dict:
     except GaussadError as exc:
         out["error"] = str(exc)
     return out
-
-
-def image_results(model: GaussianAD, filenames: list[str], levels: np.ndarray, fpr: float | None,
-                  peaks: np.ndarray | None = None) -> list[dict]:
-    """One result row per image (:func:`gaussad.results.result_rows`, as ``gaussad score --json``); ``peaks``: the
-    map peaks a fused image score decides on."""
-    rule = model.rule(fpr)
-    decisions, pvalues = rule.decide(model.state_, levels, peaks)
-    return list(result_rows(filenames, model.level_names_, levels, decisions, pvalues, model.scores(levels, peaks),
-                            rule.evidence(model.state_, levels, peaks, decisions, pvalues)))
 
 
 def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
@@ -250,17 +240,13 @@ def score_uploads(model: GaussianAD, uploads: list[tuple[str, bytes]], fpr: floa
     image at a time, at most ``OVERLAY_SIDE`` pixels on the longest side.
     """
     sources = [NamedBytes(data, name) for name, data in uploads]
-    names = [name for name, _ in uploads]
     try:
-        if not (with_maps or model.rule().fused):
-            return image_results(model, names, model.level_scores(sources), fpr)
-        levels, peaks, amaps = model.score_images(sources, with_maps=with_maps)
-        results = image_results(model, names, levels, fpr, peaks)
+        scored = inference.score(model, sources, [name for name, _ in uploads], fpr=fpr, with_maps=with_maps)
+        results = scored.rows
         if not with_maps:
             return results
         scale = heat_scale(model.state_.map_calibration)
-        for row, (name, data), amap in zip(results, uploads, amaps):
-            row["map_max"] = float(amap.max())
+        for row, (name, data), amap in zip(results, uploads, scored.maps):
             img = decode_upload(data, name, limits, OVERLAY_SIDE)
             drawn = render(img, amap, scale, row["score"], row["anomalous"])
             row["overlay"] = "data:image/png;base64," + base64.b64encode(_png(drawn)).decode("ascii")

@@ -11,17 +11,16 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from . import maps
+from . import maps, params
 from .bank import NearestBank
 from .engine import LEGACY_INT8_FORMAT
 from .errors import DataError, GaussadError, NotFittedError
 from .gaussian import MAX_ABS, LevelGaussian, MomentStats
 
-# The settings besides the layout that shape the features (statistics made with others cannot be combined).
-FEATURE_SETTINGS = ("backbone", "weights", "normalize", "resize", "pool", "map_method", "map_pool", "map_grid",
-                    "map_tiles")
-# What files from before a feature setting existed meant by it.
-FEATURE_DEFAULTS = {"pool": "avg", "map_grid": "coarsest", "map_tiles": 1}
+# The settings besides the layout that shape the features (statistics made with others cannot be combined), and
+# what files from before a feature setting existed meant by it: rows of the parameter table (``features``, ``legacy``).
+FEATURE_SETTINGS = params.FEATURE_SETTINGS
+FEATURE_DEFAULTS = params.FEATURE_LEGACY
 # How calibration scores were made: a held-out fraction (split conformal), out-of-fold scores (cross-conformal), or
 # other normal images scored by the final model (``calibrate``).
 CALIBRATIONS = ("split", "cv", "calibrate")

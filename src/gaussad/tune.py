@@ -6,7 +6,10 @@ another training image, a scratch, a Perlin-noise blob or a colour spot, cycling
 candidate setting of a grid is fitted on the fit part and ranked by the image AUROC of its image score on held-out
 goods against synthetic defects, then by the pixel AUROC of its anomaly maps. Features are extracted once per
 network input (input size, normalisation, resize, levels) and shared by every candidate that differs only in its
-anomaly maps. The best setting is then refitted on all training images.
+anomaly maps. The default (the base settings: measured as a candidate of its own when the grid lacks it) is kept
+unless the best candidate is clearly better (:func:`choose`: by more than :data:`CLEARLY` standard errors of the
+paired difference, over bootstrap draws of the held-out images); the chosen setting is refitted on all training
+images.
 
 Why not ``GaussianAD(preset="auto")``: a preset is a fixed table of settings that :func:`gaussad.params.effective`
 resolves *before* fitting (the feature extractor, validation and model files all read it), and ``fit_features``,
@@ -22,7 +25,6 @@ import itertools
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -48,6 +50,13 @@ SEARCH_ONLY = {"threshold": "chi2", "calibration": None, "verbose": False}  # no
 # its differences are noise (8 x 8 images, 2 held out: 0.645 to 0.745 over six settings tied at image AUROC), so
 # ties on image AUROC keep grid order, the cheapest (native size, coarsest maps) first.
 MIN_HELD_FOR_PIXELS = 4
+# A candidate replaces the default only when it beats it by more than CLEARLY standard errors of the difference (a
+# one-sided test at about 2 %): with a few dozen held-out images a +0.009 AUROC is noise, and the candidate may cost
+# several times the default's scoring time. The standard errors come from BOOTSTRAP paired draws of the held-out
+# goods and defects; a pixel AUROC draw uses PIXELS_PER_IMAGE seeded pixels of each drawn image.
+CLEARLY = 2.0
+BOOTSTRAP = 400
+PIXELS_PER_IMAGE = 256
 
 
 @dataclass(frozen=True)
@@ -110,11 +119,16 @@ class TuneResult:
     n_held_out: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
-    warning: str | None = None  # when the held-out images could not separate the best settings
+    choice: str = ""  # why the chosen setting was chosen (the default kept, or how much better the other one is)
+
+    @property
+    def chosen(self) -> dict[str, Any]:
+        """The ranking's row of the chosen setting."""
+        return next(r for r in self.ranking if r["chosen"])
 
     def to_json(self) -> dict[str, Any]:
         return {"best_params": _jsonable(self.best_params), "n_fit": self.n_fit, "n_held_out": self.n_held_out,
-                "warning": self.warning,
+                "choice": self.choice, "chosen_rank": self.chosen["rank"],
                 "seconds": round(self.seconds, 2), "timings": {k: round(v, 2) for k, v in self.timings.items()},
                 "ranking": [{**r, "settings": _jsonable(r["settings"])} for r in self.ranking]}
 
@@ -229,7 +243,9 @@ def _score(setting: dict[str, Any], fit: tuple, held: tuple, extracted: FeatureE
         row["pixel_auroc"] = roc_auc(masks.ravel(), amaps.ravel())
     row["global_auroc"] = roc_auc(labels, IMAGE_SCORES["global"](model, held[0], amaps, held_maps))
     row["image_score"] = score
-    row["image_auroc"] = roc_auc(labels, IMAGE_SCORES[score](model, held[0], amaps, held_maps))
+    row["scores"] = IMAGE_SCORES[score](model, held[0], amaps, held_maps)
+    row["image_auroc"] = roc_auc(labels, row["scores"])
+    row["maps"] = amaps
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 
@@ -262,17 +278,80 @@ def _rank_key(row: dict[str, Any], pixels: bool) -> tuple[float, float, int]:
     return -row["image_auroc"], -pixel, row["candidate"]
 
 
-def _tie_warning(ranking: list[dict[str, Any]], n_held: int, pixels: bool) -> str | None:
-    """A warning when the best settings tie on what ranks them: the choice is then grid order's, not a measurement."""
+def _in_use(setting: Mapping[str, Any], images: list) -> dict[str, Any]:
+    """Every parameter's value as a fit on ``images`` would use it ('auto' decided): two settings that agree here
+    give the same model."""
+    from .backbones import get_spec
+    from .features import auto_settings
+
+    r = {k: v for k, v in params.resolved(setting).items() if k != "verbose"}
+    r.update(auto_settings(images, r))
+    if r["input_size"] is None and r["backbone"] is not None:  # 'native', spelled as the size 'auto' gives
+        r["input_size"] = get_spec(r["backbone"]).input_size
+    return r
+
+
+def _paired_differences(best: dict[str, Any], default: dict[str, Any], labels: np.ndarray, masks: np.ndarray | None,
+                        seed: int) -> tuple[float, float, float | None, float | None]:
+    """How much ``best`` beats ``default`` on the held-out images: (image AUROC difference, its standard error, pixel
+    AUROC difference, its standard error); the pixel pair is None without ``masks``. The standard errors are the
+    spread of the differences over :data:`BOOTSTRAP` draws (with replacement, goods and defects apart) of the held-out
+    images, both candidates scored on the same draw: their scores move together, which a per-candidate standard
+    error ignores. A pixel draw reads every 8th row and column of the drawn images' maps."""
+    import numpy as np
+
+    from .evaluate import roc_auc
+
+    rng = np.random.default_rng([seed, 35])
+    goods, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    with_pixels = masks is not None and best["maps"] is not None and default["maps"] is not None
+    if with_pixels:
+        cut = np.s_[:, ::8, ::8]
+        maps = (best["maps"][cut], default["maps"][cut])
+        truth = masks[cut]
+    image_diffs, pixel_diffs = [], []
+    for _ in range(BOOTSTRAP):
+        idx = np.r_[rng.choice(goods, goods.size), rng.choice(bad, bad.size)]
+        image_diffs.append(roc_auc(labels[idx], best["scores"][idx]) - roc_auc(labels[idx], default["scores"][idx]))
+        if with_pixels and truth[idx].any():
+            pixel_diffs.append(roc_auc(truth[idx], maps[0][idx]) - roc_auc(truth[idx], maps[1][idx]))
+    d_image = best["image_auroc"] - default["image_auroc"]
+    if not with_pixels or len(pixel_diffs) < 2:
+        return d_image, float(np.std(image_diffs, ddof=1)), None, None
+    return (d_image, float(np.std(image_diffs, ddof=1)), best["pixel_auroc"] - default["pixel_auroc"],
+            float(np.std(pixel_diffs, ddof=1)))
+
+
+def choose(ranking: list[dict[str, Any]], labels: np.ndarray, masks: np.ndarray, pixels: bool, seed: int
+           ) -> tuple[dict[str, Any], str]:
+    """The row to refit and why: the first of the ranking where it beats the default (the row marked ``default``) by
+    more than :data:`CLEARLY` standard errors of the paired difference in image AUROC, or, where the two tie exactly
+    on image AUROC (settings that change only the maps of a global image score), on pixel AUROC (with ``pixels``);
+    else the default. The decisions are made on the image score: a better map alone does not replace the default
+    where the image AUROCs differ within noise (on magnetic tile the synthetic defects' pixel AUROC favoured 384 px
+    by 3.5 standard errors, a setting 7x slower whose real maps were worse: EXPERIMENTS.md, issue 35)."""
+    default = next(r for r in ranking if r["default"])
     best = ranking[0]
-    tied = [r for r in ranking if _rank_key(r, pixels)[:2] == _rank_key(best, pixels)[:2]]
-    if len(tied) < 2:
-        return None
-    why = "" if pixels else f", pixel AUROC not used below {MIN_HELD_FOR_PIXELS} held-out images"
-    return (f"tune: the held-out images cannot separate the {len(tied)} best settings (image AUROC "
-            f"{best['image_auroc']:.4f}{why}; {n_held} held-out goods and as many synthetic defects): chose the first "
-            f"in grid order, the cheapest: {describe(best['settings'])}; with more training "
-            f"images (at least {math.ceil(MIN_HELD_FOR_PIXELS / HELD_OUT)}) the choice is measured")
+    if best is default:
+        return default, "the default ranks first"
+    d_image, se_image, d_pixel, se_pixel = _paired_differences(best, default, labels, masks if pixels else None, seed)
+    name = describe(best["settings"])
+    if d_image > CLEARLY * se_image:
+        return best, (f"{name} beats the default by {d_image:+.4f} image AUROC, "
+                      f"{_in_errors(d_image, se_image)} standard errors of the difference")
+    if d_image == 0 and d_pixel is not None and d_pixel > CLEARLY * se_pixel:
+        return best, (f"{name} ties the default on image AUROC and beats it by {d_pixel:+.4f} pixel AUROC, "
+                      f"{_in_errors(d_pixel, se_pixel)} standard errors of the difference")
+    gains = f"{d_image:+.4f} image AUROC (SE of the difference {se_image:.4f})"
+    if d_pixel is not None:
+        gains += f", {d_pixel:+.4f} pixel AUROC (SE {se_pixel:.4f})"
+    why = "" if pixels else f"; pixel AUROC not used below {MIN_HELD_FOR_PIXELS} held-out images"
+    return default, (f"kept the default: the best, {name}, is not clearly better ({gains}; it must win by more than "
+                     f"{CLEARLY:g} SE{why})")
+
+
+def _in_errors(d: float, se: float) -> str:
+    return "infinitely many" if se == 0 else f"{d / se:.1f}"
 
 
 def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "small", budget: int = DEFAULT_BUDGET,
@@ -281,8 +360,9 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
     """Rank the settings of ``grid`` on held-out good images against synthetic defects made from them, and (with
     ``refit``) fit the best on all ``images``. ``base``: the parameters the grid starts from (default
     :data:`BASE`, the recommended preset); its threshold and calibration apply to the refitted model only.
-    The same images, grid, budget, base and seed give the same ranking. Ties keep grid order (the cheaper first),
-    and a warning says when the best settings tie (:data:`MIN_HELD_FOR_PIXELS`)."""
+    The same images, grid, budget, base and seed give the same ranking and choice. The base itself is measured too
+    (first, where the grid lacks a setting that fits the same model) and kept unless a candidate is clearly better
+    (:func:`choose`); ties keep grid order."""
     import numpy as np
 
     from .evaluate import extract
@@ -292,8 +372,12 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
 
     started = time.perf_counter()
     base = {**params.defaults(), **(BASE if base is None else base), "random_state": seed}
-    settings = [{**base, **c} for c in candidates(grid, base)]
     images = image_list(images)
+    points = candidates(grid, base)
+    same = [_in_use({**base, **c}, images) == _in_use(base, images) for c in points]
+    if not any(same):
+        points, same = [{}, *points], [True, *same]
+    settings = [{**base, **c} for c in points]
     fit_idx, held_idx = split(len(images), budget, seed)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -327,8 +411,8 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
             held = extract(extractor, scored, f"tune {size} px: held-out", bool(union))
             timings[f"features_{size}px_s"] = timings.get(f"features_{size}px_s", 0.0) + time.perf_counter() - t0
             for i in members:
-                rows[i] = {"candidate": i, **_score(settings[i], fit, held, extractor.feature_extractor(), union,
-                                                    masks, labels)}
+                rows[i] = {"candidate": i, "default": same[i] and i == same.index(True),
+                           **_score(settings[i], fit, held, extractor.feature_extractor(), union, masks, labels)}
                 if bar is not None:
                     bar.update(1)
             del fit, held
@@ -340,10 +424,11 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
     for rank, r in enumerate(ranking, 1):
         r["rank"] = rank
         r["settings"] = changed(r["settings"], base)
-    warning = _tie_warning(ranking, len(held_idx), pixels)
-    if warning is not None:
-        warnings.warn(warning, UserWarning, stacklevel=2)
-    best = {**base, **ranking[0]["settings"]}
+    pick, choice = choose(ranking, labels, masks, pixels, seed)
+    for r in ranking:
+        r["chosen"] = r is pick
+        del r["scores"], r["maps"]
+    best = {**base, **pick["settings"]}
     best_params = {k: v for k, v in best.items() if k != "verbose"}
     model = None
     if refit:
@@ -351,7 +436,7 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
         model = GaussianAD(**{**best_params, "verbose": verbose}).fit(images)
         timings["refit_s"] = time.perf_counter() - t0
     return TuneResult(ranking, best_params, model, len(fit_idx), len(held_idx), time.perf_counter() - started, timings,
-                      warning)
+                      choice)
 
 
 def changed(setting: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
@@ -362,7 +447,7 @@ def changed(setting: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, An
 def describe(setting: Mapping[str, Any]) -> str:
     """One short text for a setting: ``input_size=320 map_grid=finest map_levels=stage4,...``."""
     if not setting:
-        return "(base)"
+        return "(the default)"
     parts = []
     for k, v in setting.items():
         text = "native" if v is None else ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
@@ -389,14 +474,18 @@ def auroc_se(auroc: float, n_good: int, n_bad: int) -> float:
     return math.sqrt(max(var, 0.0))
 
 
+def _marks(row: dict[str, Any]) -> str:
+    return "/".join(m for m, on in (("default", row["default"]), ("chosen", row["chosen"])) if on)
+
+
 def format_ranking(result: TuneResult) -> str:
     """The ranking as a plain-text table, best first: each candidate's image AUROC with its standard error (the
     held-out images are few: differences within about two standard errors are noise) and its cost."""
-    head = ["rank", "image AUROC", "+/- SE", "global", "map max", "pixel AUROC", "fit+score s", "setting"]
+    head = ["rank", "image AUROC", "+/- SE", "global", "map max", "pixel AUROC", "fit+score s", "", "setting"]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     se = lambda v: "-" if v is None else f"{auroc_se(v, result.n_held_out, result.n_held_out):.4f}"  # noqa: E731
     rows = [[str(r["rank"]), fmt(r["image_auroc"]), se(r["image_auroc"]), fmt(r["global_auroc"]), fmt(r["map_max_auroc"]),
-             fmt(r["pixel_auroc"]), f"{r['seconds']:.1f}", describe(r["settings"])] for r in result.ranking]
+             fmt(r["pixel_auroc"]), f"{r['seconds']:.1f}", _marks(r), describe(r["settings"])] for r in result.ranking]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     title = (f"held-out goods vs synthetic defects ({result.n_held_out} + {result.n_held_out}; fitted on "

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import GaussadError
-from . import BackboneSpec, register
+from .registry import BackboneSpec, register
 
 if TYPE_CHECKING:
     from .efficientnet_net import EfficientNetBackbone

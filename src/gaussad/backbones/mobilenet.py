@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import GaussadError
-from . import BackboneSpec, register
+from .registry import BackboneSpec, register
 
 if TYPE_CHECKING:
     from .mobilenet_net import MobileNetV2

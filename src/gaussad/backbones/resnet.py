@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from . import BackboneSpec, register
+from .registry import BackboneSpec, register
 
 if TYPE_CHECKING:
     from .resnet_net import ResNet

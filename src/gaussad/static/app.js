@@ -27,10 +27,32 @@ function currentModel() {
   return state.models.find((m) => m.name === $("model").value);
 }
 
-// A file's name as shown and sent: its path inside the chosen folder (webkitRelativePath, e.g. "test/good/000.png")
-// when it came from the folder picker, so that same-named files of different sub-folders stay apart; else its name.
+// A file's name as shown and sent: its path inside the chosen or dropped folder (e.g. "test/good/000.png"), so that
+// same-named files of different sub-folders stay apart; else its name.
 function fileName(f) {
-  return f.webkitRelativePath || f.name;
+  return f.relativePath || f.webkitRelativePath || f.name;
+}
+
+// The files under dropped entries (FileSystemEntry: files and folders, walked to every depth), each with its path
+// from the dropped item as relativePath. A folder reader gives its entries in batches until an empty one.
+async function walkEntries(entries) {
+  const files = [];
+  async function walk(entry, path) {
+    if (entry.isFile) {
+      const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
+      file.relativePath = path;
+      files.push(file);
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {
+        const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+        if (!batch.length) break;
+        for (const child of batch) await walk(child, `${path}/${child.name}`);
+      }
+    }
+  }
+  for (const entry of entries) await walk(entry, entry.name);
+  return files.sort((a, b) => fileName(a).localeCompare(fileName(b)));
 }
 
 // Names for a batch of files, none equal to another of the batch or to one given earlier: a repeated name
@@ -81,6 +103,7 @@ function describeModel() {
   $("version").textContent = m.version == null ? "" : `version ${m.version}`;
   $("maps-toggle").hidden = !m.maps;
   $("apply").hidden = !state.feedback;
+  $("rollback").hidden = !(m.version > 1);  // only an updated model has a previous version to serve again
   loadHistory();
 }
 
@@ -360,7 +383,13 @@ async function init() {
   drop.addEventListener("drop", (e) => {
     e.preventDefault();
     drop.classList.remove("over");
-    scoreFiles(e.dataTransfer.files);
+    // The entries must be taken while the event runs: a dropped folder is walked for its images afterwards.
+    const entries = [...e.dataTransfer.items].map((i) => i.webkitGetAsEntry && i.webkitGetAsEntry()).filter(Boolean);
+    if (entries.some((entry) => entry.isDirectory)) {
+      walkEntries(entries).then(scoreFiles, (err) => showError(`could not read the dropped folder: ${err}`));
+    } else {
+      scoreFiles(e.dataTransfer.files);
+    }
   });
   // A file dropped beside the zone must not make the browser navigate away from the page.
   window.addEventListener("dragover", (e) => e.preventDefault());
