@@ -36,6 +36,9 @@ def test_auto_engine_is_onnxruntime_and_unknown_names_are_refused(monkeypatch):
     with pytest.raises(GaussadError, match="unknown engine"):
         GaussianAD(**TINY, engine="tensorrt").fit([np.zeros((8, 8), np.uint8)] * 2)
     monkeypatch.setattr(engine_mod, "onnxruntime_available", lambda: False)
+    monkeypatch.setattr(engine_mod, "openvino_available", lambda: True)
+    assert engine_mod.resolve_engine("auto") == "openvino"
+    monkeypatch.setattr(engine_mod, "openvino_available", lambda: False)
     assert engine_mod.resolve_engine("auto") == "torch"
     with pytest.raises(GaussadError, match="pip install onnx onnxruntime"):
         engine_mod.resolve_engine("onnxruntime")
