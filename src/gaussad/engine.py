@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 OPSET = 17
+# What the exported graphs compute beyond their key's settings, in the cache key so that graphs cached before a change
+# are rebuilt: 2 = pooled means taken as means of row means (issue 34; PooledLevels).
+GRAPH_REVISION = 2
 
 
 class Engine(Protocol):
@@ -280,6 +283,7 @@ def graph_key(graph: str, backbone: str, weights: str | os.PathLike | None, inpu
         "gaussad.version": __version__,
         "gaussad.torch": metadata.version("torch"),
         "gaussad.opset": str(OPSET),
+        "gaussad.graph_revision": str(GRAPH_REVISION),
     }
 
 
