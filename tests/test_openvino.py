@@ -184,6 +184,24 @@ def test_auto_keeps_onnxruntime_where_outputs_differ(tmp_path, monkeypatch):
     assert json.loads(choice.read_text())["relative_difference"] > engine_mod.AGREEMENT
 
 
+@needs_openvino  # the choice is keyed by OpenVINO's version
+def test_auto_keeps_onnxruntime_where_openvino_fails(tmp_path, monkeypatch):
+    """A graph OpenVINO cannot compile (here: its engine made to raise) stays in ONNX Runtime under 'auto', the error
+    kept in the choice's record; nothing fails."""
+    monkeypatch.setenv("GAUSSAD_CACHE", str(tmp_path))
+    monkeypatch.delenv("GAUSSAD_AUTO_ENGINE")
+
+    def refuse(graph):
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp: unsupported operation")
+
+    monkeypatch.setattr(engine_mod, "OpenVinoEngine", refuse)
+    x = np.random.default_rng(10).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    fe = FeatureExtractor(**TINY_FE)
+    assert fe.runner.name == "onnxruntime" and [o.shape for o in fe.runner.run(x)][0] == (2, 32)
+    (choice,) = tmp_path.glob("engine-choice-*.json")
+    assert "unsupported operation" in json.loads(choice.read_text())["openvino_error"]
+
+
 def test_auto_engine_variable_is_checked(monkeypatch):
     monkeypatch.setenv("GAUSSAD_AUTO_ENGINE", "tensorrt")
     with pytest.raises(GaussadError, match=r"\$GAUSSAD_AUTO_ENGINE is 'tensorrt'; it may be 'fastest'"):

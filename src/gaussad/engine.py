@@ -393,7 +393,8 @@ def fastest_engine(graph: str | os.PathLike | bytes, input_size: int, onnxruntim
                    directory: str | os.PathLike | None = None) -> GraphEngine:
     """An engine of ``graph`` (a file or its bytes) in the runtime 'auto' chose for it (:func:`choose_engine`): read
     from the cache folder, else measured now on a random batch of ``input_size`` inputs and kept there (a JSON file
-    holding the times and the difference too). ``onnxruntime``: an ONNX Runtime engine of ``graph`` already built."""
+    holding the times and the difference too; or OpenVINO's error where it cannot compile or run the graph, which then
+    stays in ONNX Runtime). ``onnxruntime``: an ONNX Runtime engine of ``graph`` already built."""
     data = graph if isinstance(graph, bytes) else Path(graph).read_bytes()
     path = _choice_path(data, directory)
     try:
@@ -401,13 +402,19 @@ def fastest_engine(graph: str | os.PathLike | bytes, input_size: int, onnxruntim
     except (OSError, ValueError, KeyError, TypeError):
         choice = None
     if choice not in GRAPH_ENGINES:
-        engines = {"onnxruntime": onnxruntime or OnnxRuntimeEngine(graph), "openvino": OpenVinoEngine(graph)}
+        engines: dict[str, GraphEngine] = {"onnxruntime": onnxruntime or OnnxRuntimeEngine(graph)}
         batch = np.random.default_rng(0).standard_normal((CHOICE_BATCH, 3, input_size, input_size), dtype=np.float32)
-        seconds, outputs = measure_engines(engines, batch)
-        choice = choose_engine(seconds, outputs)
-        record = {"engine": choice, "seconds": seconds, "batch": list(batch.shape), "threads": cpu_count(),
-                  "relative_difference": relative_difference(outputs["openvino"], outputs["onnxruntime"]),
-                  "agreement": AGREEMENT, "cpu": cpu_isa()}
+        try:
+            engines["openvino"] = OpenVinoEngine(graph)
+            seconds, outputs = measure_engines(engines, batch)
+        except Exception as exc:  # OpenVINO cannot compile or run this graph: ONNX Runtime, as without OpenVINO
+            choice = "onnxruntime"
+            record = {"engine": choice, "openvino_error": str(exc)[:500], "cpu": cpu_isa()}
+        else:
+            choice = choose_engine(seconds, outputs)
+            record = {"engine": choice, "seconds": seconds, "batch": list(batch.shape), "threads": cpu_count(),
+                      "relative_difference": relative_difference(outputs["openvino"], outputs["onnxruntime"]),
+                      "agreement": AGREEMENT, "cpu": cpu_isa()}
         try:
             write_atomic(path, json.dumps(record, indent=1).encode(), "engine choice")
         except GaussadError as exc:
