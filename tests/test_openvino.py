@@ -90,7 +90,8 @@ def test_int8_network_runs_in_openvino(tiny_category):
     train = list_images(tiny_category / "train" / "good")
     test = list_images(tiny_category / "test", recursive=True)
     network = GaussianAD(**TINY, precision="int8").fit(train).feature_extractor().network
-    fe = {e: FeatureExtractor(**TINY_FE, precision="int8", network=network, engine=e) for e in ("onnxruntime", "openvino")}
+    fe = {e: FeatureExtractor(**TINY_FE, precision="int8", network=network, engine=e)
+          for e in ("onnxruntime", "openvino")}
     feats = {e: f.extract(test) for e, f in fe.items()}
     fp32 = FeatureExtractor(**TINY_FE).extract(test)
     assert fe["openvino"].runner.name == "openvino"

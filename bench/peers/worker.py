@@ -29,8 +29,9 @@ def gaussad(preset: str, train: list[str], test: list[str], workdir: Path) -> di
     t1 = time.perf_counter()
     scores = model.score_samples(test)
     t2 = time.perf_counter()
-    return {"fit_s": t1 - t0, "score_s": t2 - t1, "n_scores": len(scores), "engine": model.feature_extractor().runner.name,
-            "input_size": model.feature_extractor().input_size}
+    extractor = model.feature_extractor()
+    return {"fit_s": t1 - t0, "score_s": t2 - t1, "n_scores": len(scores), "engine": extractor.runner.name,
+            "input_size": extractor.input_size}
 
 
 def anomalib(name: str, train: list[str], test: list[str], workdir: Path) -> dict:
@@ -88,7 +89,8 @@ def main() -> None:
     test = Path(test_list).read_text().split("\n")
     family, _, name = tool.partition(":")
     warnings.filterwarnings("ignore")
-    out = {"gaussad": gaussad, "anomalib": anomalib, "anomavision": anomavision}[family](name, train, test, Path(workdir))
+    tools = {"gaussad": gaussad, "anomalib": anomalib, "anomavision": anomavision}
+    out = tools[family](name, train, test, Path(workdir))
     out.update(tool=tool, train_images=len(train), test_images=len(test),
                fit_img_s=len(train) / out["fit_s"], score_img_s=len(test) / out["score_s"])
     print("RESULT " + json.dumps(out), flush=True)

@@ -198,8 +198,8 @@ class OpenVinoEngine:
     """An ONNX graph compiled by OpenVINO for its CPU plugin: fp32 arithmetic, one stream using one thread per core.
 
     OpenVINO's CPU plugin computes in bfloat16 by default on CPUs with AVX-512 BF16 or AMX (outputs up to 3e-2 of
-    their scale off, EXPERIMENTS.md); the precision hint keeps fp32, so that its features equal ONNX Runtime's and torch's. A QDQ int8
-    graph runs with OpenVINO's own int8 kernels. Each thread gets its own infer request (the service's worker threads
+    their scale off, EXPERIMENTS.md); the precision hint keeps fp32, so that its features equal ONNX Runtime's and
+    torch's. A QDQ int8 graph runs with OpenVINO's own int8 kernels. Each thread gets its own infer request (the service's worker threads
     share one engine).
     """
 
