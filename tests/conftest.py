@@ -37,17 +37,20 @@ TINY = {"backbone": "efficientnet-lite0", "input_size": 64, "levels": ["stem", "
 
 @pytest.fixture(scope="session", autouse=True)
 def onnx_cache(tmp_path_factory) -> Path:
-    """Exported ONNX graphs go to a per-session folder, never the user's cache."""
+    """Exported ONNX graphs go to a per-session folder, never the user's cache; engine 'auto' stays ONNX Runtime in
+    this process and the children it starts (where OpenVINO is installed it would pick the faster of the two by
+    timing them, whose outcome varies with the load; tests/test_openvino.py tests that choice)."""
     import os
 
     path = tmp_path_factory.mktemp("onnx-cache")
-    old = os.environ.get("GAUSSAD_CACHE")
-    os.environ["GAUSSAD_CACHE"] = str(path)
+    saved = {name: os.environ.get(name) for name in ("GAUSSAD_CACHE", "GAUSSAD_AUTO_ENGINE")}
+    os.environ.update(GAUSSAD_CACHE=str(path), GAUSSAD_AUTO_ENGINE="onnxruntime")
     yield path
-    if old is None:
-        os.environ.pop("GAUSSAD_CACHE", None)
-    else:
-        os.environ["GAUSSAD_CACHE"] = old
+    for name, old in saved.items():
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 @pytest.fixture(scope="session")

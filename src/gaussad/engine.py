@@ -1,9 +1,12 @@
-"""Inference engines: run a torch feature module in torch eager or, exported once to ONNX, in ONNX Runtime.
+"""Inference engines: run a torch feature module in torch eager or, exported once to ONNX, in ONNX Runtime or
+OpenVINO.
 
 An engine maps a float32 input batch (B, 3, S, S) to the module's outputs as float32 arrays. The ONNX graph is
 cached on disk under a key of everything that shapes it, so the export happens once per backbone, weights,
 input size, levels and package version. Any module returning a tuple of tensors with the batch first can be
-exported (pooled vectors, followed by spatial feature maps when map levels are asked for).
+exported (pooled vectors, followed by spatial feature maps when map levels are asked for). ``auto`` runs a graph in
+whichever of ONNX Runtime and OpenVINO is faster on it here, where both give the same features
+(:func:`fastest_engine`, measured once per graph and cached beside the graphs).
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -30,6 +36,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 OPSET = 17
+# What the exported graphs compute beyond their key's settings, in the cache key so that graphs cached before a change
+# are rebuilt: 2 = pooled means taken as means of row means (issue 34; PooledLevels).
+GRAPH_REVISION = 2
 
 
 class Engine(Protocol):
@@ -47,25 +56,59 @@ def onnxruntime_available() -> bool:
 
     onnx is looked up, not imported: importing it takes most of a second and only an export needs it.
     """
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return _onnx_installed()
+
+
+def openvino_available() -> bool:
+    """Whether OpenVINO can be imported here, and onnx (for the export) is installed."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return _onnx_installed()
+
+
+def _onnx_installed() -> bool:
     import importlib.util
 
     try:
-        import onnxruntime  # noqa: F401
-
         return importlib.util.find_spec("onnx") is not None
-    except (ImportError, ValueError):  # ValueError: a module entry without a spec (sys.modules["onnx"] = None)
+    except ValueError:  # a module entry without a spec (sys.modules["onnx"] = None)
         return False
 
 
+AUTO_ENGINE_VARIABLE = "GAUSSAD_AUTO_ENGINE"  # "onnxruntime": engine 'auto' never times OpenVINO (default "fastest")
+
+
+def auto_runtimes() -> tuple[str, ...]:
+    """The runtimes engine 'auto' chooses between for an ONNX graph: onnxruntime, and openvino where it is installed,
+    unless $GAUSSAD_AUTO_ENGINE is "onnxruntime" (the same runtime in every process and on every machine, without
+    timing; the test suite sets it)."""
+    pinned = os.environ.get(AUTO_ENGINE_VARIABLE, "fastest")
+    if pinned not in ("fastest", "onnxruntime"):
+        raise GaussadError(f"${AUTO_ENGINE_VARIABLE} is {pinned!r}; it may be 'fastest' (the default: the faster of "
+                           "ONNX Runtime and OpenVINO where both are installed) or 'onnxruntime'")
+    return ("onnxruntime", "openvino") if pinned == "fastest" and openvino_available() else ("onnxruntime",)
+
+
 def resolve_engine(engine: str) -> str:
-    """The concrete engine for a requested name: ``auto`` is onnxruntime when installed (with onnx), else torch."""
+    """The engine family for a requested name: ``auto`` is onnxruntime when installed (with onnx; where OpenVINO is
+    installed too, :func:`fastest_engine` may then run the graph in OpenVINO instead), else openvino when installed,
+    else torch; an engine asked for by name that is not installed is an error naming the packages."""
     if engine not in ENGINES:
         raise GaussadError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
     if engine == "auto":
-        return "onnxruntime" if onnxruntime_available() else "torch"
+        return "onnxruntime" if onnxruntime_available() else "openvino" if openvino_available() else "torch"
     if engine == "onnxruntime" and not onnxruntime_available():
         raise GaussadError("engine 'onnxruntime' needs the onnx and onnxruntime packages (pip install onnx "
                            "onnxruntime); or use engine 'torch'")
+    if engine == "openvino" and not openvino_available():
+        raise GaussadError("engine 'openvino' needs the onnx and openvino packages (pip install onnx openvino, or "
+                           "gaussad's extra: pip install 'gaussad[openvino]'); or use engine 'onnxruntime'")
     return engine
 
 
@@ -151,6 +194,45 @@ class OnnxRuntimeEngine:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
 
 
+class OpenVinoEngine:
+    """An ONNX graph compiled by OpenVINO for its CPU plugin: fp32 arithmetic, one stream using one thread per core.
+
+    OpenVINO's CPU plugin computes in bfloat16 by default on CPUs with AVX-512 BF16 or AMX (outputs up to 3e-2 of
+    their scale off, EXPERIMENTS.md); the precision hint keeps fp32, so that its features equal ONNX Runtime's and
+    torch's. A QDQ int8 graph runs with OpenVINO's own int8 kernels. Each thread gets its own infer request (the service's worker threads
+    share one engine).
+    """
+
+    name = "openvino"
+
+    def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None):
+        import openvino as ov
+
+        core = ov.Core()
+        graph = core.read_model(model if isinstance(model, bytes) else os.fspath(model))
+        self.compiled = core.compile_model(graph, "CPU", {
+            "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+            "INFERENCE_NUM_THREADS": threads or cpu_count()})
+        self.channels = [o.get_partial_shape()[1].get_length() for o in self.compiled.outputs]
+        # the ONNX file's metadata properties (the graph's cache key), which OpenVINO's reader keeps as "framework"
+        framework = graph.get_rt_info()["framework"] if graph.has_rt_info("framework") else {}
+        self.metadata = {k: v.astype(str) for k, v in framework.items()}
+        self._local = threading.local()
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+        # copies: the request's output tensors are overwritten by its next inference
+        return [np.array(request.get_output_tensor(i).data) for i in range(len(self.compiled.outputs))]
+
+
+GraphEngine = OnnxRuntimeEngine | OpenVinoEngine
+GRAPH_ENGINES: dict[str, Callable[[str | os.PathLike | bytes], GraphEngine]] = {
+    "onnxruntime": OnnxRuntimeEngine, "openvino": OpenVinoEngine}
+
+
 def export_onnx(module: "nn.Module", input_size: int, meta: dict[str, str] | None = None,
                 any_size: bool = False) -> bytes:
     """Serialised ONNX graph of ``module`` for a (batch, 3, input_size, input_size) input, batch axis dynamic;
@@ -201,6 +283,7 @@ def graph_key(graph: str, backbone: str, weights: str | os.PathLike | None, inpu
         "gaussad.version": __version__,
         "gaussad.torch": metadata.version("torch"),
         "gaussad.opset": str(OPSET),
+        "gaussad.graph_revision": str(GRAPH_REVISION),
     }
 
 
@@ -211,17 +294,18 @@ def _cache_path(key: dict[str, str], directory: str | os.PathLike | None) -> Pat
 
 
 def _cached(build: Callable[[], "nn.Module"], input_size: int, key: dict[str, str],
-            directory: str | os.PathLike | None, any_size: bool) -> tuple[Path | None, bytes | None, OnnxRuntimeEngine | None]:
-    """(cache file, or None when it cannot be written; the graph's bytes when just exported; an engine of a valid
+            directory: str | os.PathLike | None, any_size: bool,
+            engine: str = "onnxruntime") -> tuple[Path | None, bytes | None, GraphEngine | None]:
+    """(cache file, or None when it cannot be written; the graph's bytes when just exported; an ``engine`` of a valid
     cached file)."""
     path = _cache_path(key, directory)
     if path.is_file():
         try:
-            engine = OnnxRuntimeEngine(path)
-        except Exception:  # onnxruntime raises its own types for a truncated or foreign file: rebuild it
-            engine = None
-        if engine is not None and all(engine.metadata.get(k) == v for k, v in key.items()):
-            return path, None, engine
+            runner = GRAPH_ENGINES[engine](path)
+        except Exception:  # the runtimes raise their own types for a truncated or foreign file: rebuild it
+            runner = None
+        if runner is not None and all(runner.metadata.get(k) == v for k, v in key.items()):
+            return path, None, runner
     data = export_onnx(build(), input_size, key, any_size)
     try:
         write_atomic(path, data, "ONNX graph")
@@ -233,17 +317,20 @@ def _cached(build: Callable[[], "nn.Module"], input_size: int, key: dict[str, st
 
 
 def cached_onnx_engine(build: Callable[[], "nn.Module"], input_size: int, key: dict[str, str],
-                       directory: str | os.PathLike | None = None, any_size: bool = False) -> OnnxRuntimeEngine:
-    """An ONNX Runtime engine for the module ``build()`` makes, built and exported only when no valid cached
-    graph matches ``key``.
+                       directory: str | os.PathLike | None = None, any_size: bool = False,
+                       engine: str = "onnxruntime") -> GraphEngine:
+    """An engine of the ONNX graph of the module ``build()`` makes, built and exported only when no valid cached
+    graph matches ``key``: ``engine`` "onnxruntime", "openvino", or "fastest" (:func:`fastest_engine` of the two).
 
     A cache file that is damaged or was made for another key is rebuilt; an unwritable cache folder means
     the graph is exported to memory for this process only.
     """
-    path, data, engine = _cached(build, input_size, key, directory, any_size)
-    if engine is not None:
-        return engine
-    return OnnxRuntimeEngine(path if path is not None else data)
+    path, data, runner = _cached(build, input_size, key, directory, any_size,
+                                 "onnxruntime" if engine == "fastest" else engine)
+    graph = path if path is not None else data
+    if engine == "fastest":
+        return fastest_engine(graph, input_size, runner, directory)
+    return runner if runner is not None else GRAPH_ENGINES[engine](graph)
 
 
 def cached_onnx_graph(build: Callable[[], "nn.Module"], input_size: int, key: dict[str, str],
@@ -251,6 +338,92 @@ def cached_onnx_graph(build: Callable[[], "nn.Module"], input_size: int, key: di
     """The serialised fp32 ONNX graph that :func:`cached_onnx_engine` runs, from the same on-disk cache."""
     path, data, _ = _cached(build, input_size, key, directory, any_size)
     return data if data is not None else path.read_bytes()
+
+
+# engine 'auto' where OpenVINO is installed: the graph runs in OpenVINO only where its outputs equal ONNX Runtime's to
+# AGREEMENT (each output's largest difference over its largest magnitude) and it ran the timing batch faster.
+AGREEMENT = 1e-5
+CHOICE_BATCH, CHOICE_REPEATS = 4, 3  # the timing: random (4, 3, S, S) inputs, best of 3 runs after one warm-up each
+
+
+def relative_difference(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """The largest over the outputs of max |a - b| / max |b|: how far one engine's outputs are from another's, in
+    units of each output's scale (an element-wise ratio would be dominated by features near 0)."""
+    worst = 0.0
+    for a, b in zip(outputs, reference, strict=True):
+        scale = float(np.max(np.abs(b))) if b.size else 0.0
+        gap = float(np.max(np.abs(a.astype(np.float64) - b))) if b.size else 0.0
+        worst = max(worst, gap / scale if scale > 0 else (0.0 if gap == 0 else math.inf))
+    return worst
+
+
+def choose_engine(seconds: dict[str, float], outputs: dict[str, Sequence[np.ndarray]]) -> str:
+    """The engine 'auto' runs a graph in, from each engine's time on the same batch and its outputs there: openvino
+    where its outputs agree with onnxruntime's to :data:`AGREEMENT` (:func:`relative_difference`) and it took less
+    time, else onnxruntime."""
+    if relative_difference(outputs["openvino"], outputs["onnxruntime"]) > AGREEMENT:
+        return "onnxruntime"
+    return "openvino" if seconds["openvino"] < seconds["onnxruntime"] else "onnxruntime"
+
+
+def measure_engines(engines: dict[str, GraphEngine], batch: np.ndarray,
+                    repeats: int = CHOICE_REPEATS) -> tuple[dict[str, float], dict[str, list[np.ndarray]]]:
+    """Each engine's best time over ``repeats`` runs of ``batch`` (the engines taking turns, after one untimed run
+    each) and its outputs."""
+    outputs = {name: engine.run(batch) for name, engine in engines.items()}
+    seconds = {name: math.inf for name in engines}
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            engine.run(batch)
+            seconds[name] = min(seconds[name], time.perf_counter() - start)
+    return seconds, outputs
+
+
+def _choice_path(graph: bytes, directory: str | os.PathLike | None) -> Path:
+    """Where the choice of 'auto' for ``graph`` is kept: keyed by the graph's bytes, both runtimes' versions and the
+    threads the engines run with (what the timing depends on)."""
+    parts = [hashlib.sha256(graph).hexdigest(), metadata.version("onnxruntime"), metadata.version("openvino"),
+             str(cpu_count())]
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+    return (Path(directory) if directory is not None else cache_dir()) / f"engine-choice-{digest}.json"
+
+
+def fastest_engine(graph: str | os.PathLike | bytes, input_size: int, onnxruntime: OnnxRuntimeEngine | None = None,
+                   directory: str | os.PathLike | None = None) -> GraphEngine:
+    """An engine of ``graph`` (a file or its bytes) in the runtime 'auto' chose for it (:func:`choose_engine`): read
+    from the cache folder, else measured now on a random batch of ``input_size`` inputs and kept there (a JSON file
+    holding the times and the difference too; or OpenVINO's error where it cannot compile or run the graph, which then
+    stays in ONNX Runtime). ``onnxruntime``: an ONNX Runtime engine of ``graph`` already built."""
+    data = graph if isinstance(graph, bytes) else Path(graph).read_bytes()
+    path = _choice_path(data, directory)
+    try:
+        choice = json.loads(path.read_text())["engine"]
+    except (OSError, ValueError, KeyError, TypeError):
+        choice = None
+    if choice not in GRAPH_ENGINES:
+        engines: dict[str, GraphEngine] = {"onnxruntime": onnxruntime or OnnxRuntimeEngine(graph)}
+        batch = np.random.default_rng(0).standard_normal((CHOICE_BATCH, 3, input_size, input_size), dtype=np.float32)
+        try:
+            engines["openvino"] = OpenVinoEngine(graph)
+            seconds, outputs = measure_engines(engines, batch)
+        except Exception as exc:  # OpenVINO cannot compile or run this graph: ONNX Runtime, as without OpenVINO
+            choice = "onnxruntime"
+            record = {"engine": choice, "openvino_error": str(exc)[:500], "cpu": cpu_isa()}
+        else:
+            choice = choose_engine(seconds, outputs)
+            record = {"engine": choice, "seconds": seconds, "batch": list(batch.shape), "threads": cpu_count(),
+                      "relative_difference": relative_difference(outputs["openvino"], outputs["onnxruntime"]),
+                      "agreement": AGREEMENT, "cpu": cpu_isa()}
+        try:
+            write_atomic(path, json.dumps(record, indent=1).encode(), "engine choice")
+        except GaussadError as exc:
+            warnings.warn(f"gaussad: cannot keep the engine choice in {path.parent} ({exc}); measuring it on each run",
+                          stacklevel=3)
+        return engines[choice]
+    if choice == "onnxruntime" and onnxruntime is not None:
+        return onnxruntime
+    return GRAPH_ENGINES[choice](graph)
 
 
 # int8: ONNX Runtime's static quantization, as measured in bench/int8.py (BENCHMARKS.md, "int8"): shape inference and
@@ -417,12 +590,17 @@ def quantize_int8(graph: bytes, inputs: Sequence[np.ndarray], fmt: Int8Format | 
         return int8.read_bytes()
 
 
-def int8_engine(network: bytes) -> OnnxRuntimeEngine:
-    """An engine of a model file's int8 network; a graph ONNX Runtime cannot load is one clear error."""
-    if not onnxruntime_available():
+RUNTIMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "fastest": "ONNX Runtime or OpenVINO"}
+
+
+def int8_engine(network: bytes, input_size: int, engine: str = "onnxruntime") -> GraphEngine:
+    """An engine of a model file's int8 network: ``engine`` "onnxruntime", "openvino", or "fastest" of the two
+    (:func:`fastest_engine`, timed at ``input_size``); a graph the runtime cannot load is one clear error."""
+    if engine != "openvino" and not onnxruntime_available():
         raise GaussadError("this model's network is int8 (precision='int8'), run by ONNX Runtime: pip install onnx "
                            "onnxruntime")
     try:
-        return OnnxRuntimeEngine(network)
-    except Exception as exc:  # onnxruntime raises its own types for a graph it cannot load
-        raise GaussadError(f"the model's int8 network cannot be loaded by ONNX Runtime ({str(exc)[:200]})") from None
+        return fastest_engine(network, input_size) if engine == "fastest" else GRAPH_ENGINES[engine](network)
+    except Exception as exc:  # the runtimes raise their own types for a graph they cannot load
+        raise GaussadError(f"the model's int8 network cannot be loaded by {RUNTIMES[engine]} "
+                           f"({str(exc)[:200]})") from None

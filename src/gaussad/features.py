@@ -28,9 +28,10 @@ AUTO_SETTINGS = ("input_size", "map_tiles")  # the settings that 'auto' decides 
 class FeatureExtractor:
     """Runs images through a backbone and returns one (n, C_l) float64 array per chosen level.
 
-    Images are decoded and resized in a thread pool while the engine (ONNX Runtime by default, or torch eager)
-    runs the previous batch; only a few batches are held at once, whatever the number of images.
-    ``engine`` is "onnxruntime", "torch" or "auto" (ONNX Runtime when installed); ``draft`` lets large JPEGs
+    Images are decoded and resized in a thread pool while the engine (ONNX Runtime by default, OpenVINO, or torch
+    eager) runs the previous batch; only a few batches are held at once, whatever the number of images.
+    ``engine`` is "onnxruntime", "openvino", "torch" or "auto" (ONNX Runtime when installed; where OpenVINO is too,
+    whichever of the two :func:`~gaussad.engine.fastest_engine` chose for the graph); ``draft`` lets large JPEGs
     decode at reduced scale, ``decoder`` picks the decoders (see :func:`gaussad.images.load_image`).
     ``precision="int8"`` runs a statically quantized ONNX graph: ``network`` (a fitted model's), or the one
     :meth:`calibrate` makes from training images. ``map_tiles`` > 1 takes the feature maps of the map levels from
@@ -77,7 +78,8 @@ class FeatureExtractor:
         if network is not None and precision != "int8":
             raise InvalidParameterError(f"this model's network is int8 (fitted with precision='int8'), precision="
                                         f"{precision!r} cannot use it: set precision='int8' or refit")
-        self.engine = resolve_engine(engine)
+        self.engine = resolve_engine(engine)  # the family; :attr:`runner`'s name is the runtime that runs
+        self._auto = engine == "auto"
         self.precision = precision
         self.network = network
         # what :meth:`calibrate` quantized with: the weight format and this CPU's instruction set (None otherwise)
@@ -156,27 +158,36 @@ class FeatureExtractor:
                                        "makes: fit the model first")
                 from .engine import int8_engine
 
-                self._runner = int8_engine(self.network)
-            elif self.engine == "onnxruntime":
-                from .engine import cached_onnx_engine
-
-                self._runner = cached_onnx_engine(lambda: self.module, self.input_size, self._graph_key(),
-                                                  any_size=self.resize == "aspect")
-            else:
+                self._runner = int8_engine(self.network, self.input_size, self._graph_engine())
+            elif self.engine == "torch":
                 from .engine import TorchEngine
 
                 self._runner = TorchEngine(self.module)
+            else:
+                from .engine import cached_onnx_engine
+
+                self._runner = cached_onnx_engine(lambda: self.module, self.input_size, self._graph_key(),
+                                                  any_size=self.resize == "aspect", engine=self._graph_engine())
         return self._runner
+
+    def _graph_engine(self) -> str:
+        """The runtime of the ONNX graph: the one named, or with engine 'auto' "fastest" where OpenVINO is installed
+        beside ONNX Runtime (:func:`~gaussad.engine.auto_runtimes`, :func:`~gaussad.engine.fastest_engine`). An int8
+        network where 'auto' found no ONNX runtime asks for onnxruntime, whose absence
+        :func:`~gaussad.engine.int8_engine` reports."""
+        from .engine import auto_runtimes
+
+        if self.engine == "torch":
+            return "onnxruntime"
+        if self._auto and self.engine == "onnxruntime" and len(auto_runtimes()) > 1:
+            return "fastest"
+        return self.engine
 
     @property
     def level_dims(self) -> list[int]:
         """Feature dimension of each chosen level (from the ONNX graph when that is the engine: no torch needed)."""
-        if self.engine == "onnxruntime":
-            from .engine import OnnxRuntimeEngine
-
-            runner = self.runner
-            if isinstance(runner, OnnxRuntimeEngine):
-                return [int(c) for c in runner.channels[:len(self.levels)]]
+        if self.engine != "torch":
+            return [int(c) for c in self.runner.channels[:len(self.levels)]]
         return self.module.pooled_dims()
 
     def prepare(self, source: ImageSource, index: int | None = None) -> np.ndarray:
