@@ -97,7 +97,7 @@ def test_html_report_opens_in_chromium(tiny_root, tmp_path, capsys):
     good, bad = found["rows"]
     assert (good["kind"], bad["kind"]) == ("good", "defective") and "good" in good["title"] and "defective" in bad["title"]
     assert good["kinds"] == ["good"] * 4 and len(bad["kinds"]) == 4 and "good" not in bad["kinds"]
-    assert all("score " in m for m in good["scores"] + bad["scores"])
+    assert all("global score " in m and "flagged" in m for m in good["scores"] + bad["scores"])
     # each heat map is drawn at its thumbnail's size with the legend panel (decision, score, colour bar) under it
     for (hw, hh), (iw, ih) in zip(found["heatSizes"], found["imageSizes"]):
         assert hw == iw == 240 and hh > ih

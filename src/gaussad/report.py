@@ -117,7 +117,9 @@ def _levels_figure(name: str, level_names: list[str], aurocs: list[float], combi
 def _tile(cat: "Category", idx: int, score: float, amap: np.ndarray | None, scale: "HeatScale",
           flagged: bool | None) -> str:
     """One gallery image: its thumbnail, beside it the heat-map overlay (:func:`gaussad.heatmap.render`, drawn at the
-    thumbnail's size so that its panel stays legible), and its kind (good or the defect), path and score."""
+    thumbnail's size so that its panel stays legible), and its kind (good or the defect), path, global score (the
+    mean level distance the report ranks by) and the model's decision (its own rule: the fused score's for the
+    default preset, which is why a flagged image can have a lower global score than one not flagged)."""
     from .heatmap import render
     from .images import load_image
 
@@ -134,7 +136,8 @@ def _tile(cat: "Category", idx: int, score: float, amap: np.ndarray | None, scal
                    for label, im in shown)
     map_max = "" if amap is None else f", map max {float(amap.max()):.2f}"
     return (f'<div class="tile">{imgs}<div>{html.escape(path.parent.name)}/{html.escape(path.name)}</div>'
-            f'<div class="meta"><span class="kind">{html.escape(kind)}</span>, score {score:.3f}{map_max}</div></div>')
+            f'<div class="meta"><span class="kind">{html.escape(kind)}</span>, global score {score:.3f}{map_max}'
+            f'{"" if flagged is None else ", flagged" if flagged else ", not flagged"}</div></div>')
 
 
 def _gallery(detail: dict[str, Any], scores: np.ndarray) -> str:
