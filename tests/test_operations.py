@@ -279,6 +279,30 @@ def test_a_table_of_an_older_gaussad_gets_the_evidence_column_and_keeps_its_rows
         again.close()
 
 
+def test_a_column_another_service_added_meanwhile_is_no_error(tmp_path, monkeypatch):
+    """Two services opening one older table: the second one's ALTER fails (the column is there by then); it checks
+    again and goes on instead of refusing the database."""
+    import sqlalchemy as sa
+
+    ResultsLog(str(tmp_path / "r.sqlite")).close()  # a table that has the column
+    real, calls = sa.inspect, []
+
+    def stale(engine):  # the first look misses the column, as it did before the other service added it
+        inspector = real(engine)
+        calls.append(1)
+        if len(calls) == 1:
+            get = inspector.get_columns
+            inspector.get_columns = lambda table: [c for c in get(table) if c["name"] != "evidence"]
+        return inspector
+
+    monkeypatch.setattr(sa, "inspect", stale)
+    log = ResultsLog(str(tmp_path / "r.sqlite"))
+    try:
+        assert len(calls) == 2 and log.query() == []
+    finally:
+        log.close()
+
+
 def test_unusable_database_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(DataError, match="missing/r.sqlite: cannot open the results database"):
         ResultsLog(str(tmp_path / "missing" / "r.sqlite"))

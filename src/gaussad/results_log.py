@@ -149,11 +149,16 @@ class ResultsLog:
         self.meta.create_all(engine)
         present = {c["name"] for c in sa.inspect(engine).get_columns("results")}
         for name, kind in ADDED_COLUMNS.items():
-            if name not in present:
+            if name in present:
+                continue
+            try:
                 with engine.begin() as conn:
                     conn.execute(sa.text(f"ALTER TABLE results ADD COLUMN {name} {kind}"))
-                log.info("results log: added the %s column to the table of an older gaussad (empty for its rows)",
-                         name)
+            except sa.exc.SQLAlchemyError:  # another service opening the same table may have added it meanwhile
+                if name not in {c["name"] for c in sa.inspect(engine).get_columns("results")}:
+                    raise
+                continue
+            log.info("results log: added the %s column to the table of an older gaussad (empty for its rows)", name)
         return engine
 
     @contextmanager
