@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.int8_formats import _network_ms
-from bench.throughput import LoadMeter, cpu_model
+from bench.throughput import LoadMeter, best_times, cpu_model
 
 ENGINES = ("onnxruntime", "openvino")
 
@@ -90,13 +90,8 @@ def run(data: str, runs: int, folder: Path) -> dict:
         models = {e: load(path).set_params(engine=e) for e in ENGINES}
         for model in models.values():
             model.score_images(test[:8])  # builds the engine (OpenVINO compiles here) and warms it
-        best = dict.fromkeys(ENGINES, float("inf"))
         with LoadMeter() as load_meter:
-            for _ in range(runs):
-                for engine, model in models.items():
-                    t = time.perf_counter()
-                    model.score_images(test)
-                    best[engine] = min(best[engine], time.perf_counter() - t)
+            best = best_times({e: (lambda m=model: m.score_images(test)) for e, model in models.items()}, runs)
             extractors = {e: m.feature_extractor() for e, m in models.items()}
             network = _network_ms({e: x.runner for e, x in extractors.items()}, extractors["onnxruntime"].input_size)
         r["score_img_s"] = {e: round(len(test) / best[e], 1) for e in ENGINES}

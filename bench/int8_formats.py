@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.throughput import best_times
+
 # name: (weight type, per channel, 7-bit weights, 8-bit depthwise weights, convolutions left in fp32 at the start,
 # at the end)
 VARIANTS = {
@@ -67,14 +69,9 @@ def _relative_errors(a: list[np.ndarray], b: list[np.ndarray]) -> list[float]:
 
 def _network_ms(engines: dict, size: int, batch: int = 16, repeats: int = 5) -> dict[str, float]:
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
-    best = dict.fromkeys(engines, float("inf"))
     for engine in engines.values():
         engine.run(x)
-    for _ in range(repeats):  # interleaved, so that a change in the machine's load touches every variant alike
-        for name, engine in engines.items():
-            t = time.perf_counter()
-            engine.run(x)
-            best[name] = min(best[name], time.perf_counter() - t)
+    best = best_times({name: (lambda e=engine: e.run(x)) for name, engine in engines.items()}, repeats)
     return {name: round(1000 * s / batch, 3) for name, s in best.items()}
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.int8_formats import _network_ms
+from bench.throughput import best_times
 
 
 def run(data: str, runs: int) -> dict:
@@ -34,12 +35,7 @@ def run(data: str, runs: int) -> dict:
         t = time.perf_counter()
         models[precision] = GaussianAD(precision=precision).fit(train)
         out[f"fit_s_{precision}"] = round(time.perf_counter() - t, 1)
-    best = dict.fromkeys(models, float("inf"))
-    for _ in range(runs):
-        for precision, model in models.items():
-            t = time.perf_counter()
-            model.score_samples(test)
-            best[precision] = min(best[precision], time.perf_counter() - t)
+    best = best_times({p: (lambda m=model: m.score_samples(test)) for p, model in models.items()}, runs)
     extractors = {p: m.feature_extractor() for p, m in models.items()}
     network = _network_ms({p: e.runner for p, e in extractors.items()}, extractors["fp32"].input_size)
     for precision in models:

@@ -73,6 +73,18 @@ class LoadMeter:
             self.others = max(0.0, others / (wall * (os.cpu_count() or 1)))
 
 
+def best_times(calls: dict, repeats: int) -> dict[str, float]:
+    """The shortest of ``repeats`` wall times of each call (name -> no-argument callable), the calls taking turns, so
+    that a change in the machine's load touches every variant alike."""
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(repeats):
+        for name, call in calls.items():
+            t = time.perf_counter()
+            call()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
 def split_images(data: Path) -> tuple[list[Path], list[Path]]:
     """Training and scoring images of a category (train/good, test/*) or of a plain folder (all, twice)."""
     from gaussad.datasets import find_categories, is_category
