@@ -374,7 +374,8 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
     base = {**params.defaults(), **(BASE if base is None else base), "random_state": seed}
     images = image_list(images)
     points = candidates(grid, base)
-    same = [_in_use({**base, **c}, images) == _in_use(base, images) for c in points]
+    default = _in_use(base, images)
+    same = [_in_use({**base, **c}, images) == default for c in points]
     if not any(same):
         points, same = [{}, *points], [True, *same]
     settings = [{**base, **c} for c in points]
