@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m gaussad.demo --shared $(SHARED)
+	$(BIN)/python -m gaussad.tools.demo --shared $(SHARED)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -2,7 +2,7 @@
 
 Only train/good images choose. They are split (seeded) into a fit part (70 %), a validation part (15 %: early
 stopping) and a selection part (15 %: the figures that compare the variants). Every validation good gets one
-synthetic defect (:func:`gaussad.synthetic.add_defect`, the four kinds cycling, donors from the fit part), every
+synthetic defect (:func:`gaussad.tools.synthetic.add_defect`, the four kinds cycling, donors from the fit part), every
 selection good two (two seeds). Variants, all on EfficientNet-Lite0 at one square input size (``--input-size``,
 224), ImageNet or the network's own normalisation (``--normalize``; the recommended preset uses ``native``), the
 product's pooling (average, plus the square root of the spread at the map levels) and its maps (stage2-stage7 on the
@@ -131,10 +131,10 @@ class Network:
     def __init__(self, input_size: int, normalize: str = "imagenet"):
         import torch
 
-        from gaussad.backbones import get_spec
-        from gaussad.images import IMAGENET
+        from gaussad.intake.backbones import get_spec
+        from gaussad.intake.images import IMAGENET
 
-        from gaussad.backbones import create_backbone
+        from gaussad.intake.backbones import create_backbone
 
         self.torch = torch
         self.backbone = create_backbone("efficientnet-lite0", input_size).eval()
@@ -174,7 +174,7 @@ def pool(torch: Any, fmap: Any, spread: bool) -> Any:
 
 def grid_of(torch: Any, fmaps: Sequence[Any]) -> list[np.ndarray]:
     """Grid vectors (n, h*w, C) of the map levels as the product makes them (coarsest grid, 3 x 3 neighbourhoods)."""
-    from gaussad.maps import to_grid
+    from gaussad.core.maps import to_grid
 
     grids = to_grid([f.detach().numpy() for f in fmaps], 3)
     return [np.ascontiguousarray(g.transpose(0, 2, 3, 1).reshape(g.shape[0], -1, g.shape[1]), np.float32)
@@ -185,7 +185,7 @@ def extract(net: Network, images: Sequence[np.ndarray], batch: int = 16) -> Feat
     """Frozen features of uint8 images (the product's preprocessing: square resize, ImageNet normalisation)."""
     from PIL import Image
 
-    from gaussad.images import preprocess
+    from gaussad.intake.images import preprocess
 
     torch = net.torch
     pooled: list[list[np.ndarray]] = [[] for _ in range(N_LEVELS)]
@@ -208,7 +208,7 @@ def extract(net: Network, images: Sequence[np.ndarray], batch: int = 16) -> Feat
 
 
 def read(path: Path) -> np.ndarray:
-    from gaussad.images import load_image
+    from gaussad.intake.images import load_image
 
     return np.asarray(load_image(path, decoder="pil"))
 
@@ -218,7 +218,7 @@ def with_defects(goods: Sequence[np.ndarray], donors: Sequence[np.ndarray], seed
     """One pasted defect per good image (kinds cycling); images, masks at 224 x 224, kinds."""
     from PIL import Image
 
-    from gaussad.synthetic import add_defect
+    from gaussad.tools.synthetic import add_defect
 
     out, masks, names = [], [], []
     for k, good in enumerate(goods):
@@ -245,8 +245,8 @@ def cached(cache: Path, key: str, make: Callable[[], Feats]) -> Feats:
 def prepare(data: Path, cache: Path, seed: int, input_size: int, net: Network, test: bool
             ) -> dict[str, Feats]:
     """The frozen features of every set this bench uses (cached)."""
-    from gaussad.datasets import load_category
-    from gaussad.synthetic import PASTED_DEFECTS
+    from gaussad.tools.datasets import load_category
+    from gaussad.tools.synthetic import PASTED_DEFECTS
 
     cat = load_category(data)
     norm = "" if net.normalize == "imagenet" else f"-{net.normalize}"
@@ -270,7 +270,7 @@ def prepare(data: Path, cache: Path, seed: int, input_size: int, net: Network, t
             return f
         out[key] = cached(cache, key, make)
     if test:
-        from gaussad.evaluate import load_masks
+        from gaussad.tools.evaluate import load_masks
 
         def make_test() -> Feats:
             f = extract(net, [read(p) for p in cat.test_files])
@@ -310,7 +310,7 @@ class Scorer:
 
 
 def fit_gaussians(pooled: Sequence[np.ndarray]) -> list:
-    from gaussad.gaussian import LevelGaussian, MomentStats
+    from gaussad.core.gaussian import LevelGaussian, MomentStats
 
     return [LevelGaussian.fit(MomentStats.from_array(p)) for p in pooled]
 
@@ -330,7 +330,7 @@ def nn_maps(banks: Sequence, grids: Sequence[np.ndarray], own_ids: np.ndarray | 
 
 
 def build_banks(grids: Sequence[np.ndarray], seed: int) -> list:
-    from gaussad.bank import NearestBank
+    from gaussad.core.bank import NearestBank
 
     n, cells = grids[0].shape[:2]
     ids = np.repeat(np.arange(n), cells)
@@ -407,7 +407,7 @@ class Adaptor(Scorer):
         self.score_by = "disc"
         val = concat([val_goods, val_defects])
         val_labels = np.r_[np.zeros(val_goods.n), np.ones(val_defects.n)]
-        from gaussad.evaluate import roc_auc
+        from gaussad.tools.evaluate import roc_auc
 
         best = (-1.0, 0, None)
         self.history: list[tuple[int, float]] = []
@@ -441,7 +441,7 @@ class Adaptor(Scorer):
         self.disc.eval()
         with torch.no_grad():
             adapted = self.adaptor(good).numpy()
-        from gaussad.bank import NearestBank
+        from gaussad.core.bank import NearestBank
 
         n = fit.n
         self.bank = NearestBank.build(adapted, np.repeat(np.arange(n), self.cells), CORESET, seed)
@@ -473,7 +473,7 @@ class Concat(Scorer):
     concatenated (768 values), one nearest-neighbour bank; the global score is frozen."""
 
     def __init__(self, fit: Feats, seed: int, frozen_global: Frozen):
-        from gaussad.bank import NearestBank
+        from gaussad.core.bank import NearestBank
 
         x = flat_locations(fit)
         self.mu, self.sd = x.mean(axis=0), x.std(axis=0) + 1e-6
@@ -508,7 +508,7 @@ class FineTuned(Scorer):
 
         import torch
 
-        from gaussad.evaluate import roc_auc
+        from gaussad.tools.evaluate import roc_auc
 
         torch.manual_seed(seed)
         self.torch = torch
@@ -650,7 +650,7 @@ class BNStats(FineTuned):
 
 
 def upsampled(maps: np.ndarray) -> np.ndarray:
-    from gaussad.maps import combine
+    from gaussad.core.maps import combine
 
     return combine([maps], PIXEL_SIDE)
 
@@ -663,7 +663,7 @@ def p_values(cal: np.ndarray, x: np.ndarray) -> np.ndarray:
 def figures(scorer: Scorer, fit: Feats, val_goods: Feats, goods: Feats, defects: Feats) -> dict[str, Any]:
     """Selection (or test) figures of a fitted variant; ``goods``/``defects`` are scored, the validation goods
     calibrate the false-alarm threshold and the fused score's p-values."""
-    from gaussad.evaluate import roc_auc
+    from gaussad.tools.evaluate import roc_auc
 
     allf = concat([goods, defects])
     labels = np.r_[np.zeros(goods.n), np.ones(defects.n)]

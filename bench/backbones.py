@@ -25,9 +25,9 @@ import numpy as np
 
 from bench.map_variants import split_masks, synthetic_split
 from gaussad import GaussianAD
-from gaussad.datasets import load_category
-from gaussad.evaluate import hit_rate, roc_auc
-from gaussad.maps import combine, to_grid
+from gaussad.tools.datasets import load_category
+from gaussad.tools.evaluate import hit_rate, roc_auc
+from gaussad.core.maps import combine, to_grid
 
 LEVELS = ["stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "head"]  # candidate map levels
 VARIANTS = {  # name -> map levels (each includes a stride-32 level, so each is on the stage7 grid)

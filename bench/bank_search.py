@@ -1,7 +1,7 @@
 """Nearest-neighbour bank search: gaussad's blocked float32 matrix products against faiss-cpu (issue 14).
 
 For memory banks of the sizes the product builds, times the query of every map location of a batch of images
-against one bank with ``gaussad.bank.nearest_distances`` (exact), faiss ``IndexFlatL2`` (exact) and faiss
+against one bank with ``gaussad.core.bank.nearest_distances`` (exact), faiss ``IndexFlatL2`` (exact) and faiss
 ``IndexHNSWFlat`` (approximate: M = 32, efSearch 64; its build time, recall of the exact nearest member and largest
 relative distance error are reported). Both libraries run on one thread, as scoring with maps does (it holds BLAS
 to one thread beside ONNX Runtime); ``--threads 2`` for both cores. Random Gaussian vectors with a decaying
@@ -23,7 +23,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from gaussad.bank import nearest_distances
+from gaussad.core.bank import nearest_distances
 
 # (name, bank members, dimensions, query locations): banks as the recommended preset builds them
 CASES = (

@@ -7,7 +7,7 @@ rows (4,096: 8 flushes over the 609 fit images). Variants per bank:
 - ``one pass``: one greedy pass over every location (today's banks on the tile set);
 - ``independent chunks``: each chunk of ``--pending`` rows keeps its own share, with no deduplication across chunks
   (the one-process fit past ``CHUNK`` rows before streaming);
-- ``streaming``: chunks selected against the running bank (:class:`gaussad.bank.StreamingCoreset`), at ``--pending``
+- ``streaming``: chunks selected against the running bank (:class:`gaussad.core.bank.StreamingCoreset`), at ``--pending``
   and a quarter of it;
 - ``streaming 2x + final pass``: a streaming coreset at twice the fraction, then one greedy pass over its members
   down to the bank's size (2 x the memory).
@@ -28,11 +28,13 @@ from dataclasses import replace
 
 import numpy as np
 
-from gaussad import GaussianAD, maps, params
-from gaussad.bank import NearestBank, StreamingCoreset, greedy_coreset, nearest_distances
-from gaussad.datasets import load_category
-from gaussad.evaluate import extract, hit_rate, load_masks, roc_auc
-from gaussad.state import prepare_maps
+from gaussad import GaussianAD
+from gaussad.core import maps
+from gaussad.detector import params
+from gaussad.core.bank import NearestBank, StreamingCoreset, greedy_coreset, nearest_distances
+from gaussad.tools.datasets import load_category
+from gaussad.tools.evaluate import extract, hit_rate, load_masks, roc_auc
+from gaussad.detector.state import prepare_maps
 
 from .map_variants import split_masks, synthetic_split
 

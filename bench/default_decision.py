@@ -20,8 +20,8 @@ import time
 import numpy as np
 
 from gaussad import GaussianAD
-from gaussad.datasets import load_category
-from gaussad.evaluate import roc_auc
+from gaussad.tools.datasets import load_category
+from gaussad.tools.evaluate import roc_auc
 
 # The recommended preset before issue 30, spelled out (its preset name now means today's).
 PRESETS = {

@@ -1,4 +1,4 @@
-"""Distributed fit (gaussad.distributed) against one process, on the magnetic tiles.
+"""Distributed fit (gaussad.tools.distributed) against one process, on the magnetic tiles.
 
     python -m bench.distributed accept [--preset paper|recommended]   # same scores / map AUROC as one process
     python -m bench.distributed scaling [--n 761]                       # fit time, 1 vs 2 local workers
@@ -40,9 +40,10 @@ def _cluster(n: int):
 
 
 def accept(preset: str, dist_only: bool = False) -> dict:
-    from gaussad import GaussianAD, distributed
-    from gaussad.datasets import load_category
-    from gaussad.evaluate import load_masks, roc_auc
+    from gaussad import GaussianAD
+    from gaussad.tools import distributed
+    from gaussad.tools.datasets import load_category
+    from gaussad.tools.evaluate import load_masks, roc_auc
 
     cat = load_category(TILE)
     t0 = time.perf_counter()
@@ -85,8 +86,9 @@ def accept(preset: str, dist_only: bool = False) -> dict:
 
 
 def scaling(n: int, preset: str) -> list[dict]:
-    from gaussad import GaussianAD, distributed
-    from gaussad.datasets import load_category
+    from gaussad import GaussianAD
+    from gaussad.tools import distributed
+    from gaussad.tools.datasets import load_category
 
     files = load_category(TILE).train_files[:n]
     rows = []
@@ -109,7 +111,7 @@ def _shifted_copies(n: int, folder: Path) -> list[Path]:
     """N images: the tile train images, repeated, each copy rolled by its repetition number of pixels."""
     from PIL import Image
 
-    from gaussad.datasets import load_category
+    from gaussad.tools.datasets import load_category
 
     train = load_category(TILE).train_files
     out = []
@@ -129,7 +131,8 @@ def _shifted_copies(n: int, folder: Path) -> list[Path]:
 def memory(n: int, preset: str, partition_size: int) -> dict:
     import psutil
 
-    from gaussad import GaussianAD, distributed
+    from gaussad import GaussianAD
+    from gaussad.tools import distributed
 
     folder = Path(tempfile.gettempdir()) / "gaussad-bench-shifted"
     folder.mkdir(exist_ok=True)

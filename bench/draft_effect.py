@@ -32,11 +32,11 @@ def jpeg_copy(src: Path, dst: Path, quality: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gaussad.datasets import find_categories
-    from gaussad.engine import cpu_count
-    from gaussad.evaluate import evaluate_category
-    from gaussad.features import FeatureExtractor
-    from gaussad.images import load_image
+    from gaussad.tools.datasets import find_categories
+    from gaussad.intake.engine import cpu_count
+    from gaussad.tools.evaluate import evaluate_category
+    from gaussad.intake.features import FeatureExtractor
+    from gaussad.intake.images import load_image
 
     p = argparse.ArgumentParser(prog="python -m bench.draft_effect", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="an MVTec-layout category")

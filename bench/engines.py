@@ -15,7 +15,7 @@ int8: the network quantized at fit), engine onnxruntime, saved. Then
 - **throughput**: the fitted model's ``score_images(test)`` (what ``score`` runs for a fused score: decode, resize,
   network, distances, map peaks) in this process with each engine, after one warm-up, ``--runs`` times with the
   engines taking turns, the best run counting; the network alone on random input (batch 16, best of 5, turns);
-- **auto**: what engine 'auto' chose for each graph (:func:`gaussad.engine.fastest_engine`), with its timing.
+- **auto**: what engine 'auto' chose for each graph (:func:`gaussad.intake.engine.fastest_engine`), with its timing.
 
 The share of the CPU taken by other processes during the timings and the load averages are printed and kept.
 """
@@ -72,8 +72,8 @@ def differences(rows: list[dict], reference: list[dict]) -> dict:
 
 def run(data: str, runs: int, folder: Path) -> dict:
     from gaussad import GaussianAD, load
-    from gaussad.engine import fastest_engine
-    from gaussad.images import list_images
+    from gaussad.intake.engine import fastest_engine
+    from gaussad.intake.images import list_images
 
     root = Path(data)
     train = list_images(root / "train" / "good", recursive=True)
@@ -110,7 +110,7 @@ def run(data: str, runs: int, folder: Path) -> dict:
 
 def _fp32_graph(extractor) -> bytes:
     """The cached fp32 ONNX graph an extractor runs."""
-    from gaussad.engine import cached_onnx_graph
+    from gaussad.intake.engine import cached_onnx_graph
 
     return cached_onnx_graph(lambda: extractor.module, extractor.input_size, extractor._graph_key(),
                              any_size=extractor.resize == "aspect")
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from importlib import metadata
 
-    from gaussad.engine import cpu_isa
+    from gaussad.intake.engine import cpu_isa
 
     os.environ.pop("GAUSSAD_AUTO_ENGINE", None)  # 'auto' as users get it
     versions = {p: metadata.version(p) for p in ("onnxruntime", "openvino", "torch")}

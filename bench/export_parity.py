@@ -6,7 +6,7 @@
 ``--preset recommended`` (the default's fused score: its graph always has the map) compares the fused score and
 its full-conformal p-value.
 
-Fits a model on train/good (or the first N images), exports it (:func:`gaussad.export.export_detector`), scores the
+Fits a model on train/good (or the first N images), exports it (:func:`gaussad.tools.export.export_detector`), scores the
 test images (the first ``--limit`` in sorted order) both ways, and prints the largest relative differences of the
 score, the per-level distances and the p-value, and the number of differing decisions.
 """
@@ -36,8 +36,8 @@ def main() -> None:
     import onnxruntime as ort
 
     import gaussad
-    from gaussad.export import export_detector
-    from gaussad.images import list_images
+    from gaussad.tools.export import export_detector
+    from gaussad.intake.images import list_images
 
     root = Path(args.data)
     train = list_images(root / "train" / "good", recursive=True)[:args.train_limit]

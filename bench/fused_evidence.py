@@ -7,7 +7,7 @@ as the fused score's: cross-conformal out-of-fold global scores (5 folds) and le
 fit images. Per evidence variant: image AUROC of the evidence alone, of the fused score with Bonferroni and Fisher
 ranking, and the realised FPR / TPR of two fused decisions: the Bonferroni minimum of exact conformal p-values
 (``rates``, the product's rule before the ninth session) and the full-conformal Fisher p-value
-(``fisher_conformal_rates``, :func:`gaussad.fusion.fisher_pvalue`, the product's rule since).
+(``fisher_conformal_rates``, :func:`gaussad.core.fusion.fisher_pvalue`, the product's rule since).
 
 Also the global score's own conformal decision (threshold at the cross-conformal quantile) for comparison. Each
 ``--seeds`` value draws another split and other defects.
@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from gaussad import GaussianAD, fusion, maps
-from gaussad.datasets import load_category
-from gaussad.evaluate import extract, roc_auc
-from gaussad.state import prepare_maps
-from gaussad.threshold import conformal_pvalue
+from gaussad import GaussianAD
+from gaussad.core import fusion, maps
+from gaussad.tools.datasets import load_category
+from gaussad.tools.evaluate import extract, roc_auc
+from gaussad.detector.state import prepare_maps
+from gaussad.core.threshold import conformal_pvalue
 
 from .map_variants import run_seeds, synthetic_split
 

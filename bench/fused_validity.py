@@ -1,6 +1,6 @@
 """Is the fused decision valid with tiled maps? Realised false-positive rates on held-out training goods only.
 
-K-fold cross-fitting over train/good (``KFold``-style seeded folds, :func:`gaussad.datasets.kfold_indices`): each
+K-fold cross-fitting over train/good (``KFold``-style seeded folds, :func:`gaussad.tools.datasets.kfold_indices`): each
 fold fits the recommended preset with ``image_score='fused'`` (conformal, cross-conformal calibration: out-of-fold
 global scores and leave-one-image-out map peaks, as ``fit`` calibrates it) and ``map_tiles=K`` (at each ``--input-size``) on the other folds'
 images, through ``fit`` itself, and scores its own images, which every fold's model has never seen. Per K: the share of
@@ -19,8 +19,8 @@ import json
 import numpy as np
 
 from gaussad import GaussianAD
-from gaussad.datasets import kfold_indices, load_category
-from gaussad.threshold import conformal_pvalue
+from gaussad.tools.datasets import kfold_indices, load_category
+from gaussad.core.threshold import conformal_pvalue
 
 ALPHAS = (0.01, 0.05, 0.1)
 

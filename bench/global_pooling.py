@@ -3,7 +3,7 @@ synthetic defects and held-out good images, before any test figure (``--test`` a
 
 The recommended preset's network (native normalisation, aspect-kept resize, EfficientNet-Lite0) runs once over
 train/good, the test set and three copies of train/good with one synthetic defect each
-(:func:`gaussad.synthetic.add_defect`, the kinds cycling, seeds 0-1-2); every level's raw map is pooled by its
+(:func:`gaussad.tools.synthetic.add_defect`, the kinds cycling, seeds 0-1-2); every level's raw map is pooled by its
 channels' average, standard deviation, maximum and generalised mean (p = 3). Per variant (which pooled vectors make
 each level's global features), 5-fold cross-fitting over train/good: each fold's Gaussians (Ledoit-Wolf, the
 product's ``fit_features``) score its held-out goods and their defective copies. Figures: image AUROC of held-out
@@ -29,10 +29,10 @@ from PIL import Image
 from sklearn.model_selection import KFold
 
 from gaussad import GaussianAD
-from gaussad.backbones import get_spec
-from gaussad.datasets import load_category
-from gaussad.evaluate import roc_auc
-from gaussad.synthetic import PASTED_DEFECTS, add_defect
+from gaussad.intake.backbones import get_spec
+from gaussad.tools.datasets import load_category
+from gaussad.tools.evaluate import roc_auc
+from gaussad.tools.synthetic import PASTED_DEFECTS, add_defect
 
 LEVELS = ("stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "head")
 MAP_LEVELS = list(range(2, 8))  # stage2-stage7: the recommended preset's map levels for EfficientNet (--backbone)

@@ -1,6 +1,6 @@
 """Do the heat maps show the defect, and leave good images alone? (issue 35). The default model
 (``GaussianAD().fit(train/good)``) scores a category's test set with maps; each image's overlay is measured as
-:mod:`gaussad.heatmap` draws it, at the image's own size: the share of defective images with visible heat (blend
+:mod:`gaussad.detector.heatmap` draws it, at the image's own size: the share of defective images with visible heat (blend
 weight > 0) inside the ground-truth mask (per defect kind and overall), and the share of good images with no heat at
 all. The colour's start level is the model's (the largest leave-one-image-out map peak of its training images); for
 the record the same figures at two other start levels computed from the training peaks alone (their 99th
@@ -22,10 +22,10 @@ import numpy as np
 from PIL import Image
 
 from gaussad import GaussianAD
-from gaussad.datasets import load_category
-from gaussad.heatmap import FALLBACK_LOW, FULL_AT, HeatScale, heat_level, heat_scale, heat_weight, render
-from gaussad.images import load_image
-from gaussad.maps import upsample
+from gaussad.tools.datasets import load_category
+from gaussad.detector.heatmap import FALLBACK_LOW, FULL_AT, HeatScale, heat_level, heat_scale, heat_weight, render
+from gaussad.intake.images import load_image
+from gaussad.core.maps import upsample
 
 EXAMPLES = ("good", "broken_small", "contamination")
 EXAMPLE_WIDTH = 300

@@ -1,12 +1,12 @@
 """Static int8 quantization of the feature network: image AUROC change and network speed-up (the recipe of the model
-parameter ``precision="int8"``, :func:`gaussad.engine.quantize_int8`, measured here on its own).
+parameter ``precision="int8"``, :func:`gaussad.intake.engine.quantize_int8`, measured here on its own).
 
     python -m bench.int8 --data ../shared/data/mvtec_ad/bottle [--calibration-images 64] [--preset paper]
 
 Exports the pooled-feature network (all 9 levels, the preset's normalisation, square resize), runs ONNX Runtime's
 ``quant_pre_process`` on it (shape inference and graph optimisation; without it ONNX Runtime cannot fuse the
 quantized operators and int8 is no faster, EXPERIMENTS.md), quantizes it with ``quantize_static`` in the product's
-format (:data:`gaussad.engine.INT8_FORMAT`; uint8 activations, MinMax calibration on ``--calibration-images`` training
+format (:data:`gaussad.intake.engine.INT8_FORMAT`; uint8 activations, MinMax calibration on ``--calibration-images`` training
 images spread over the sorted list, as fit takes them), then, in one run: the full protocol (fit on all of train/good, score test/*) with the fp32 and the int8 network, image AUROC
 of each, and the network alone on random input (batch 16), also the first recipe without the pre-processing
 (per-channel 8-bit weights everywhere, the u8s8 format of gaussad 0.1.0). The formats side by side: ``bench.int8_formats``.
@@ -53,9 +53,9 @@ def main() -> None:
     from sklearn.metrics import roc_auc_score
 
     from gaussad import GaussianAD
-    from gaussad.engine import OnnxRuntimeEngine, calibration_order, export_onnx, quantize_int8
-    from gaussad.features import FeatureExtractor
-    from gaussad.images import list_images
+    from gaussad.intake.engine import OnnxRuntimeEngine, calibration_order, export_onnx, quantize_int8
+    from gaussad.intake.features import FeatureExtractor
+    from gaussad.intake.images import list_images
 
     root = Path(args.data)
     train = list_images(root / "train" / "good", recursive=True)

@@ -4,7 +4,7 @@ speed, for each format, in one run.
     python -m bench.int8_formats --data ../shared/data/mvtec_ad/bottle [--emulate EPYC-Rome] [--json out.json]
 
 On x86-64 without VNNI, ONNX Runtime multiplies uint8 activations by int8 weights with ``VPMADDUBSW``, whose 16-bit
-sums saturate (:class:`gaussad.engine.Int8Format`). Each format quantizes the default preset's network (its
+sums saturate (:class:`gaussad.intake.engine.Int8Format`). Each format quantizes the default preset's network (its
 normalisation, aspect resize, spread pooling; untiled: tiles shape the maps, not the pooled features) on the 64
 training images fit calibrates on; then on this CPU and, with ``--emulate CPU``, on a CPU without VNNI emulated by
 ``qemu-x86_64 -cpu CPU`` (Debian's qemu-user; EPYC-Rome and Haswell have AVX2 and no AVX-512):
@@ -52,8 +52,8 @@ VARIANTS = {
 def _extractor(precision: str, network: bytes | None = None):
     """The default preset's pooled-feature extractor (int8: running ``network``, or to be calibrated)."""
     from gaussad import GaussianAD
-    from gaussad.features import ExtractorCache
-    from gaussad.params import resolved
+    from gaussad.intake.features import ExtractorCache
+    from gaussad.detector.params import resolved
 
     settings = resolved(GaussianAD(map_tiles=1, precision=precision, engine="onnxruntime").get_params())
     return ExtractorCache().get(settings, network=network)
@@ -83,7 +83,7 @@ def worker(spec_path: str) -> None:
     for name, path in spec["networks"].items():
         for i, level in enumerate(_features(Path(path).read_bytes(), files)):
             out[f"{name}/{i}"] = level
-    from gaussad.engine import cpu_isa
+    from gaussad.intake.engine import cpu_isa
 
     out["isa"] = np.array(cpu_isa())
     np.savez(spec["out"], **out)
@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from sklearn.metrics import roc_auc_score
 
-    from gaussad import GaussianAD, engine
-    from gaussad.engine import INT8_CALIBRATION_IMAGES, Int8Format, OnnxRuntimeEngine, calibration_order, cpu_isa
-    from gaussad.images import list_images
+    from gaussad import GaussianAD
+    from gaussad.intake import engine
+    from gaussad.intake.engine import INT8_CALIBRATION_IMAGES, Int8Format, OnnxRuntimeEngine, calibration_order, cpu_isa
+    from gaussad.intake.images import list_images
 
     root = Path(args.data)
     train = list_images(root / "train" / "good", recursive=True)

@@ -25,7 +25,7 @@ from bench.throughput import best_times
 
 def run(data: str, runs: int) -> dict:
     from gaussad import GaussianAD
-    from gaussad.images import list_images
+    from gaussad.intake.images import list_images
 
     root = Path(data)
     train = list_images(root / "train" / "good", recursive=True)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from bench.throughput import cpu_model
-    from gaussad.engine import cpu_isa
+    from gaussad.intake.engine import cpu_isa
 
     print(f"CPU: {cpu_model()} ({cpu_isa()})")
     results = []

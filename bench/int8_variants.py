@@ -27,9 +27,9 @@ def main() -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from gaussad.engine import OnnxRuntimeEngine, export_onnx
-    from gaussad.features import FeatureExtractor
-    from gaussad.images import list_images
+    from gaussad.intake.engine import OnnxRuntimeEngine, export_onnx
+    from gaussad.intake.features import FeatureExtractor
+    from gaussad.intake.images import list_images
 
     extractor = FeatureExtractor(normalize="imagenet", engine="onnxruntime")
     size = extractor.input_size

@@ -16,9 +16,10 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from gaussad import GaussianAD, maps
-from gaussad.datasets import load_category
-from gaussad.evaluate import extract, hit_rate, roc_auc
+from gaussad import GaussianAD
+from gaussad.core import maps
+from gaussad.tools.datasets import load_category
+from gaussad.tools.evaluate import extract, hit_rate, roc_auc
 
 from .map_variants import run_seeds, split_masks, synthetic_split
 

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 
 from gaussad import GaussianAD
-from gaussad.datasets import load_category
-from gaussad.evaluate import extract, hit_rate, load_masks, roc_auc
+from gaussad.tools.datasets import load_category
+from gaussad.tools.evaluate import extract, hit_rate, load_masks, roc_auc
 
 ALL_MAP_LEVELS = ["stage2", "stage3", "stage4", "stage5", "stage6", "stage7"]
 VARIANTS = [  # (name, map levels, grid, coreset)

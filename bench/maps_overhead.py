@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from gaussad import GaussianAD
-from gaussad.datasets import load_category
+from gaussad.tools.datasets import load_category
 
 
 def best_of(fn, repeats: int) -> float:

@@ -11,7 +11,7 @@ import argparse
 import time
 
 from gaussad import GaussianAD
-from gaussad.datasets import load_category
+from gaussad.tools.datasets import load_category
 
 POOLS = ("avg", "avg+std")
 

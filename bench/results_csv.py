@@ -30,7 +30,7 @@ LEVELS = [f"stage{i}" for i in range(9)]
 
 def fill(db: Path, rows: int) -> None:
     """``rows`` result rows written straight into a results log's table, in batches."""
-    from gaussad.results_log import ResultsLog
+    from gaussad.service.results_log import ResultsLog
 
     log = ResultsLog(str(db))
     try:

@@ -208,8 +208,8 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 def tiny_model(folder: Path) -> tuple[Path, list[Path]]:
     """Fit the test suite's tiny model (64 px, 4 levels) on a synthetic texture set; (model file, test images)."""
     from gaussad import GaussianAD
-    from gaussad.images import list_images
-    from gaussad.synthetic import build_texture_dataset
+    from gaussad.intake.images import list_images
+    from gaussad.tools.synthetic import build_texture_dataset
 
     root = build_texture_dataset(folder / "data", size=64, n_train=10, n_test_good=4, n_test_bad=4, categories=["brick"])
     model = GaussianAD(backbone="efficientnet-lite0", input_size=64, levels=["stem", "stage1", "stage2", "stage3"])
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--model and --images go together")
 
     import gaussad
-    from gaussad.images import list_images
+    from gaussad.intake.images import list_images
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def log_rows(db: Path) -> list[str]:
     """The ids of the rows of a results log (after the server stopped: everything queued is written)."""
-    from gaussad.results_log import ResultsLog
+    from gaussad.service.results_log import ResultsLog
 
     log = ResultsLog(str(db))
     try:

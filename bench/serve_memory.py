@@ -53,8 +53,8 @@ def status_kb(pid: int, key: str) -> int:
 
 def tiny_maps_model(folder: Path) -> Path:
     from gaussad import GaussianAD
-    from gaussad.images import list_images
-    from gaussad.synthetic import build_texture_dataset
+    from gaussad.intake.images import list_images
+    from gaussad.tools.synthetic import build_texture_dataset
 
     root = build_texture_dataset(folder / "data", size=64, n_train=8, n_test_good=2, n_test_bad=2, categories=["brick"])
     model = GaussianAD(input_size=64, levels=["stem", "stage1"], map_levels=["stage1"], map_method="nearest",

@@ -87,8 +87,8 @@ def best_times(calls: dict, repeats: int) -> dict[str, float]:
 
 def split_images(data: Path) -> tuple[list[Path], list[Path]]:
     """Training and scoring images of a category (train/good, test/*) or of a plain folder (all, twice)."""
-    from gaussad.datasets import find_categories, is_category
-    from gaussad.images import list_images
+    from gaussad.tools.datasets import find_categories, is_category
+    from gaussad.intake.images import list_images
 
     if is_category(data):
         cat = find_categories(data)[0]
@@ -101,7 +101,7 @@ def reference_features(module, files: list[Path], size: int, batch_size: int) ->
     """The paper's pipeline: each image decoded and resized in turn, then batches through torch eager."""
     import torch
 
-    from gaussad.images import load_image, preprocess
+    from gaussad.intake.images import load_image, preprocess
 
     chunks = []
     with torch.inference_mode():
@@ -114,7 +114,7 @@ def reference_features(module, files: list[Path], size: int, batch_size: int) ->
 def time_reference(args, train: list[Path], test: list[Path]) -> dict:
     """Fit and score with the reference pipeline; the network is built inside the fit timing."""
     from gaussad import GaussianAD
-    from gaussad.features import FeatureExtractor
+    from gaussad.intake.features import FeatureExtractor
 
     t0 = time.perf_counter()
     fe = FeatureExtractor(args.backbone, input_size=args.input_size, engine="torch")
@@ -148,7 +148,7 @@ def time_ours(args, train: list[Path], test: list[Path]) -> dict:
 
 def time_decode(extractor, files: list[Path]) -> float:
     """Seconds to decode, resize and normalise every file, one thread per core."""
-    from gaussad.engine import cpu_count
+    from gaussad.intake.engine import cpu_count
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(cpu_count()) as pool:
@@ -209,9 +209,9 @@ def run(args) -> dict:
     import torch
 
     import gaussad
-    from gaussad.engine import cpu_count
-    from gaussad.features import FeatureExtractor
-    from gaussad.images import fast_decoders
+    from gaussad.intake.engine import cpu_count
+    from gaussad.intake.features import FeatureExtractor
+    from gaussad.intake.images import fast_decoders
 
     train, test = split_images(Path(args.data))
     files = train + test

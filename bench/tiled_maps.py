@@ -18,8 +18,8 @@ import time
 import numpy as np
 
 from gaussad import GaussianAD
-from gaussad.datasets import load_category
-from gaussad.evaluate import hit_rate, roc_auc
+from gaussad.tools.datasets import load_category
+from gaussad.tools.evaluate import hit_rate, roc_auc
 
 from .map_variants import split_masks, synthetic_split
 

@@ -17,11 +17,12 @@ import time
 import numpy as np
 from scipy.stats import spearmanr
 
-from gaussad import GaussianAD, params
-from gaussad.datasets import load_category
-from gaussad.evaluate import extract, load_masks, roc_auc
-from gaussad.features import auto_settings
-from gaussad.tune import BASE, MAP_SIDE, _own_pooled, candidates, changed, describe
+from gaussad import GaussianAD
+from gaussad.detector import params
+from gaussad.tools.datasets import load_category
+from gaussad.tools.evaluate import extract, load_masks, roc_auc
+from gaussad.intake.features import auto_settings
+from gaussad.tools.tune import BASE, MAP_SIDE, _own_pooled, candidates, changed, describe
 
 UNION = ["stage2", "stage3", "stage4", "stage5", "stage6", "stage7"]  # every map level of the small grid
 

@@ -56,7 +56,7 @@ def onnx_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     """A small texture data set with two categories, built once per test session."""
-    from gaussad.synthetic import build_texture_dataset
+    from gaussad.tools.synthetic import build_texture_dataset
 
     root = tmp_path_factory.mktemp("textures")
     return build_texture_dataset(root, size=64, n_train=10, n_test_good=6, n_test_bad=6, categories=["brick", "gravel"])
@@ -78,8 +78,8 @@ def needs_shared(*parts: str) -> Path:
 def record_coresets(monkeypatch, chunk: int) -> list:
     """Shrink the streaming coresets' buffer to ``chunk`` rows and collect every coreset a fit makes (for the
     structural memory tests of one-process and distributed fits)."""
-    import gaussad.bank as bank_mod
-    from gaussad.fitting import Trainer
+    import gaussad.core.bank as bank_mod
+    from gaussad.detector.fitting import Trainer
 
     monkeypatch.setattr(bank_mod, "CHUNK", chunk)
     made: list = []

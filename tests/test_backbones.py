@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from gaussad.backbones import create_backbone, get_spec, list_backbones, resolve_levels
-from gaussad.backbones.base import read_state_dict
-from gaussad.backbones.efficientnet import LEVEL_NAMES, _bundled_weights
+from gaussad.intake.backbones import create_backbone, get_spec, list_backbones, resolve_levels
+from gaussad.intake.backbones.base import read_state_dict
+from gaussad.intake.backbones.efficientnet import LEVEL_NAMES, _bundled_weights
 from gaussad.errors import GaussadError
-from gaussad.images import load_image, preprocess
+from gaussad.intake.images import load_image, preprocess
 
 
 def test_registry_lists_lite_and_b_series():

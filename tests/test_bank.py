@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from gaussad.bank import NearestBank, StreamingCoreset, greedy_coreset, nearest_distances
-from gaussad.maps import local_mean
+from gaussad.core.bank import NearestBank, StreamingCoreset, greedy_coreset, nearest_distances
+from gaussad.core.maps import local_mean
 from tests.conftest import record_coresets
 
 
@@ -191,7 +191,7 @@ def test_streaming_coreset_of_candidates_keeps_the_share_of_the_locations_they_s
 
 def test_large_sets_are_selected_chunk_by_chunk_against_the_bank(monkeypatch):
     """Past CHUNK rows a built bank is a streaming coreset's with a CHUNK-row buffer."""
-    import gaussad.bank as bank_mod
+    import gaussad.core.bank as bank_mod
 
     monkeypatch.setattr(bank_mod, "CHUNK", 100)
     rng = np.random.default_rng(6)

@@ -1,6 +1,6 @@
 """README claims that had no test of their own (issue 21): each test names the claim it checks.
 
-Only public API: GaussianAD's methods, gaussad.load, gaussad.evaluate, gaussad.threshold, the CLI through
+Only public API: GaussianAD's methods, gaussad.load, gaussad.tools.evaluate, gaussad.core.threshold, the CLI through
 ``gaussad.cli.main`` / ``build_parser``, and the service through ``create_app`` and ``run``.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import gaussad
 from gaussad import GaussadError, GaussianAD
 from gaussad.cli import build_parser, main
-from gaussad.images import list_images
+from gaussad.intake.images import list_images
 
 from .conftest import TINY
 
@@ -27,11 +27,11 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 @pytest.mark.parametrize("seed", range(6))
 def test_roc_auc_equals_scikit_learn_on_ties_and_random_data(seed):
-    """README: every AUROC we report. gaussad.evaluate.roc_auc against sklearn.metrics.roc_auc_score, on continuous
+    """README: every AUROC we report. gaussad.tools.evaluate.roc_auc against sklearn.metrics.roc_auc_score, on continuous
     scores, heavily tied scores (few distinct values) and imbalanced labels."""
     from sklearn.metrics import roc_auc_score
 
-    from gaussad.evaluate import roc_auc
+    from gaussad.tools.evaluate import roc_auc
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(5, 300))
@@ -46,7 +46,7 @@ def test_roc_auc_equals_scikit_learn_on_ties_and_random_data(seed):
 
 def test_roc_auc_hand_computed_ties():
     # pairs (pos, neg): 0.5 for each tie. pos {2, 1}, neg {1, 0}: (2>1) (2>0) (1=1 -> 0.5) (1>0) = 3.5 / 4
-    from gaussad.evaluate import roc_auc
+    from gaussad.tools.evaluate import roc_auc
 
     assert roc_auc([1, 1, 0, 0], [2.0, 1.0, 1.0, 0.0]) == 0.875
     assert roc_auc([1, 1, 1, 0], [2.0, 1.0, 1.0, 1.0]) == 0.6666666666666666  # the larger class positive: 2 / 3
@@ -57,7 +57,7 @@ def test_roc_auc_of_pixel_sized_inputs_and_nan():
     arrays; NaN scores are refused rather than ranked."""
     from sklearn.metrics import roc_auc_score
 
-    from gaussad.evaluate import roc_auc
+    from gaussad.tools.evaluate import roc_auc
 
     rng = np.random.default_rng(7)
     masks = rng.random((6, 32, 32)) < 0.03
@@ -143,7 +143,7 @@ def test_save_fsyncs_the_temporary_file_before_the_rename_and_the_folder_after(t
 def test_calibrate_with_images_replaces_the_calibration_scores(tiny_category):
     """README: ``model.calibrate(more_held_out_good_images)`` replaces the calibration scores with those images'
     scores under the final model, and the conformal decisions follow them."""
-    from gaussad.threshold import conformal_pvalue, conformal_threshold
+    from gaussad.core.threshold import conformal_pvalue, conformal_threshold
 
     train = list_images(tiny_category / "train" / "good")
     held = list_images(tiny_category / "test" / "good")
@@ -179,7 +179,7 @@ def test_service_wide_fpr_overrides_each_models_own(served_models, tiny_category
     from fastapi.testclient import TestClient
     from scipy.stats import chi2
 
-    from gaussad.serve import create_app
+    from gaussad.service.serve import create_app
 
     model = served_models["plain"]
     files = list_images(tiny_category / "test" / "good") + list_images(tiny_category / "test" / "patch")
@@ -205,7 +205,7 @@ def test_service_wide_fpr_overrides_each_models_own(served_models, tiny_category
 @pytest.mark.parametrize("cpus, expected", [(1, 1), (2, 2), (3, 3), (4, 4), (64, 4), (None, 1)])
 def test_default_worker_count_is_min_of_4_and_cpus(served_models, monkeypatch, cpus, expected):
     """README: the models run in a pool of ``--workers`` threads (default min(4, CPUs))."""
-    import gaussad.serve as serve
+    import gaussad.service.serve as serve
 
     sizes = []
     real = serve.ThreadPoolExecutor
@@ -224,7 +224,7 @@ def test_default_worker_count_is_min_of_4_and_cpus(served_models, monkeypatch, c
 
 def _serve_call(monkeypatch, argv):
     """Run ``gaussad serve ...`` through the CLI with the server itself replaced: what would it be started with?"""
-    import gaussad.serve as serve
+    import gaussad.service.serve as serve
 
     seen = {}
 
@@ -241,7 +241,7 @@ def test_readme_limit_figures_are_the_serve_command_defaults(monkeypatch, tmp_pa
     (parsed by the real parser, started through the real command) hands to the service, and what /health reports."""
     from fastapi.testclient import TestClient
 
-    from gaussad.serve import create_app
+    from gaussad.service.serve import create_app
 
     text = " ".join(README.split())
     mb = int(re.search(r"`--max-file-mb` \((\d+)\)", text).group(1))
@@ -282,7 +282,7 @@ def test_serve_settings_errors_exit_2_before_loading_anything(tmp_path, capsys, 
 
 
 def test_service_settings_errors_in_create_app(served_models):
-    from gaussad.serve import create_app
+    from gaussad.service.serve import create_app
 
     for kwargs, needle in (({"fpr": 0.0}, "fpr must .*got 0.0"), ({"fpr": 1.0}, "fpr must .*got 1.0"),
                            ({"workers": 0}, "workers.*got 0")):
@@ -364,8 +364,8 @@ def test_fit_says_before_writing_when_the_calibration_cannot_support_the_target_
 def test_onnx_cache_key_changes_with_the_package_version(tmp_path, monkeypatch):
     """README: graphs are cached "under a key of backbone, weights file hash, input size, levels and package
     version": another version gets another key and another cache file, never the old graph."""
-    from gaussad import engine
-    from gaussad.features import FeatureExtractor
+    from gaussad.intake import engine
+    from gaussad.intake.features import FeatureExtractor
 
     key = engine.graph_key("pooled", "efficientnet-lite0", None, 64, [0, 1])
     monkeypatch.setattr(engine, "__version__", "999.0.0")
@@ -388,8 +388,8 @@ def test_onnx_cache_key_changes_with_the_package_version(tmp_path, monkeypatch):
 def test_demo_module_on_the_bundled_texture_set(tmp_path, monkeypatch, capsys):
     """README: ``make demo`` evaluates on ../shared/data/mvtec_ad when it exists, elsewhere on a texture set built
     from scikit-image's photos. Run small: a shared folder without mvtec_ad, a smaller texture set, two levels."""
-    import gaussad.demo as demo
-    import gaussad.synthetic as synthetic
+    import gaussad.tools.demo as demo
+    import gaussad.tools.synthetic as synthetic
 
     built = []
     real_build = synthetic.build_texture_dataset

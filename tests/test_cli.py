@@ -227,7 +227,7 @@ def test_score_warns_when_a_batch_drifts_from_the_training_images(tiny_root, tmp
 
 def test_unlike_training_names_batches_far_beyond_every_training_score():
     """Issue 35: one line when more than half of at least 5 images score above 3x the largest training score."""
-    from gaussad.drift import unlike_training
+    from gaussad.core.drift import unlike_training
 
     cal = np.array([5.0, 8.0, 10.0])
     assert unlike_training([31, 40, 50, 1, 2], cal).startswith("3 of 5 images score more than 3 times")

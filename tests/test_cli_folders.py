@@ -76,7 +76,7 @@ def test_an_mvtec_category_still_fits_on_train_good(tiny_category, tmp_path, cap
 
 
 def test_symlink_loops_hidden_folders_and_non_images_are_skipped(tmp_path):
-    from gaussad.images import find_images, list_images
+    from gaussad.intake.images import find_images, list_images
 
     for sub in ("a", "a/deeper", ".hidden", "b"):
         (tmp_path / sub).mkdir(parents=True, exist_ok=True)
@@ -131,15 +131,15 @@ def test_maps_of_same_named_images_never_overwrite_one_another(map_model, tiny_c
                                   "report name too long"])
 def test_errors_that_need_no_work_come_before_any_model_or_image(case, tiny_category, map_model, tmp_path, capsys,
                                                                  monkeypatch):
-    import gaussad.images
-    import gaussad.model
+    import gaussad.intake.images
+    import gaussad.detector.model
 
     def never(*a, **k):
         pytest.fail("a model was loaded or an image read before the error")
 
-    monkeypatch.setattr(gaussad.model, "load", never)
-    monkeypatch.setattr(gaussad.model.GaussianAD, "fit", never)
-    monkeypatch.setattr(gaussad.images, "load_image", never)
+    monkeypatch.setattr(gaussad.detector.model, "load", never)
+    monkeypatch.setattr(gaussad.detector.model.GaussianAD, "fit", never)
+    monkeypatch.setattr(gaussad.intake.images, "load_image", never)
     (tmp_path / "file").write_bytes(b"x")
     (tmp_path / "empty").mkdir()
     fit = ["fit", str(tiny_category), "--quiet", *TINY_ARGS]
@@ -196,7 +196,7 @@ BLOCK_TORCH = textwrap.dedent("""
 def test_help_and_argument_errors_import_neither_numpy_nor_the_model():
     code = ("import sys\nfrom gaussad.cli import main\nfor argv in (['--help'], ['fit', '--help'], ['score', 'm', 'x', "
             "'--fpr', '2']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "heavy = sorted({'numpy', 'scipy', 'torch', 'PIL', 'onnxruntime', 'gaussad.model'} & set(sys.modules))\n"
+            "heavy = sorted({'numpy', 'scipy', 'torch', 'PIL', 'onnxruntime', 'gaussad.detector.model'} & set(sys.modules))\n"
             "assert not heavy, heavy\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

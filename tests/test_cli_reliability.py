@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import gaussad
-import gaussad.files as files
+import gaussad.intake.files as files
 from gaussad.cli import main
 
 from .conftest import TINY
@@ -68,7 +68,7 @@ def test_fit_with_nothing_readable(tmp_path, capsys):
 
 
 def test_fit_refuses_a_folder_as_output_before_fitting(tiny_category, tmp_path, capsys, monkeypatch):
-    from gaussad.model import GaussianAD
+    from gaussad.detector.model import GaussianAD
 
     monkeypatch.setattr(GaussianAD, "fit", lambda *a, **k: pytest.fail("fitted before checking the output"))
     assert main(["fit", str(tiny_category), "-o", str(tmp_path), "--quiet"]) == 2

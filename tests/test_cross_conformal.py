@@ -6,10 +6,11 @@ import pytest
 
 import gaussad
 from bench.conformal_fpr import realised_fpr
-from gaussad import GaussianAD, params
+from gaussad import GaussianAD
+from gaussad.detector import params
 from gaussad.errors import DataError
-from gaussad.fitting import cv_folds
-from gaussad.gaussian import LevelGaussian, MomentStats
+from gaussad.detector.fitting import cv_folds
+from gaussad.core.gaussian import LevelGaussian, MomentStats
 
 
 def _levels(rng, n, dims=(4, 12)):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.model_selection import KFold
 
-from gaussad.datasets import find_categories, kfold_indices, load_category
+from gaussad.tools.datasets import find_categories, kfold_indices, load_category
 from gaussad.errors import DataError
 
 from .conftest import needs_shared

@@ -10,7 +10,7 @@ from PIL import Image
 
 import gaussad
 from gaussad.errors import ImageError
-from gaussad.images import _fast_decode, _open, fast_decoders, list_images, load_image
+from gaussad.intake.images import _fast_decode, _open, fast_decoders, list_images, load_image
 
 from .conftest import SHARED_DATA
 
@@ -77,9 +77,9 @@ def test_damaged_files_keep_pillows_messages():
     png = CASES["png rgb"][0]
     for data in (png[: len(png) // 2], png[:60] + bytes(len(png) - 60), CASES["jpeg rgb"][0][:300]):
         with pytest.raises(ImageError) as auto:
-            load_image(gaussad.images.NamedBytes(data, "bad.png"), decoder="auto")
+            load_image(gaussad.intake.images.NamedBytes(data, "bad.png"), decoder="auto")
         with pytest.raises(ImageError) as pil:
-            load_image(gaussad.images.NamedBytes(data, "bad.png"), decoder="pil")
+            load_image(gaussad.intake.images.NamedBytes(data, "bad.png"), decoder="pil")
         assert str(auto.value) == str(pil.value) and "bad.png" in str(auto.value)
 
 

@@ -22,10 +22,10 @@ dd = pytest.importorskip("dask.distributed")
 pytest.importorskip("pyarrow")
 
 from gaussad import GaussianAD  # noqa: E402
-from gaussad import distributed  # noqa: E402
+from gaussad.tools import distributed  # noqa: E402
 from gaussad.errors import InvalidParameterError  # noqa: E402
 from gaussad.cli import main  # noqa: E402
-from gaussad.images import find_images  # noqa: E402
+from gaussad.intake.images import find_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +263,7 @@ def test_score_rerun_scores_again_a_part_whose_input_was_replaced(client, fitted
     rerun scores that part again (the row has the defect's score) and reuses the other (was: the old score kept)."""
     import shutil
 
-    from gaussad.model import load
+    from gaussad.detector.model import load
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -333,7 +333,7 @@ def test_default_conformal_calibration_is_cross_conformal_at_any_size(tiny_categ
     """From CV_BELOW images on, one process holds out a fraction by default; a distributed fit, which cannot score a
     held-out part without a second pass, calibrates cross-conformally instead (its partitions run in-process here),
     with the out-of-fold scores of a one-process calibration='cv' fit; an explicit fraction is still refused."""
-    from gaussad import params
+    from gaussad.detector import params
 
     monkeypatch.setattr(params, "CV_BELOW", 4)
     files = _train(tiny_category)

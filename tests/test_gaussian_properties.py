@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gaussad.gaussian import REDUCTIONS, LevelGaussian, MomentStats
+from gaussad.core.gaussian import REDUCTIONS, LevelGaussian, MomentStats
 
 from .test_gaussian import make_data
 

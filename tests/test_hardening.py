@@ -64,7 +64,7 @@ def test_maps_into_an_existing_file_is_refused_before_scoring(tiny_model, tiny_c
 def test_an_image_changed_between_scoring_and_overlay_is_skipped(tiny_category, tmp_path, monkeypatch, capsys):
     import json
 
-    import gaussad.images as images
+    import gaussad.intake.images as images
 
     model_path = tmp_path / "maps.gaussad"
     assert main(["fit", str(tiny_category), "-o", str(model_path), "--quiet", "--input-size", "64",
@@ -144,7 +144,7 @@ SLOW_SAVE = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a child of a background job starts with Ctrl-C ignored
 import numpy as np
-import gaussad.files as files
+import gaussad.intake.files as files
 real = files.write_all
 def slow(fd, data):  # half the bytes, then a long pause: the signal arrives mid-save
     real(fd, data[: len(data) // 2])
@@ -245,7 +245,7 @@ def test_bad_api_input_raises_gaussad_errors(make):
 def test_a_conformal_model_file_without_calibration_scores_is_refused_at_load(tmp_path):
     import json
 
-    from gaussad.persistence import read_model_file, save_model
+    from gaussad.detector.persistence import read_model_file, save_model
 
     path = tmp_path / "m.gaussad"
     GaussianAD(backbone=None, threshold="chi2").fit_features(TRAIN).save(path)

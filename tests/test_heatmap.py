@@ -1,4 +1,4 @@
-"""Heat-map overlays (gaussad.heatmap): the colour scale from the model's good images, nothing tinted below it, a
+"""Heat-map overlays (gaussad.detector.heatmap): the colour scale from the model's good images, nothing tinted below it, a
 visible tint above it, the legend panel with the decision, and the same rendering written by ``score --maps``."""
 
 import json
@@ -9,8 +9,8 @@ from PIL import Image
 
 from gaussad import GaussianAD
 from gaussad.cli import main
-from gaussad.heatmap import FALLBACK_LOW, HeatScale, heat_scale, render
-from gaussad.images import list_images, load_image
+from gaussad.detector.heatmap import FALLBACK_LOW, HeatScale, heat_scale, render
+from gaussad.intake.images import list_images, load_image
 
 from .conftest import TINY
 

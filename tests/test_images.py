@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from gaussad.errors import DataError, ImageError
-from gaussad.images import IMAGENET_MEAN, IMAGENET_STD, expand_sources, list_images, load_image, preprocess
+from gaussad.intake.images import IMAGENET_MEAN, IMAGENET_STD, expand_sources, list_images, load_image, preprocess
 
 
 def test_modes_are_converted_to_rgb(tmp_path):
@@ -57,7 +57,7 @@ def test_folders_list_images_sorted_and_empty_folder_errors(tmp_path):
 
 def test_native_lite_normalisation_is_tf_scaling():
     """EfficientNet-Lite's own normalisation is (x - 127) / 128, the TF training recipe."""
-    from gaussad.backbones import get_spec
+    from gaussad.intake.backbones import get_spec
 
     arr = np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     x = preprocess(load_image(arr), 16, get_spec("efficientnet-lite0").native_normalization)
@@ -68,7 +68,7 @@ def test_resize_matches_cv2_inter_linear_within_one_level():
     """The square resize samples bilinearly at pixel centres like cv2.INTER_LINEAR (the paper's albumentations)."""
     import torch
 
-    from gaussad.images import resize_square
+    from gaussad.intake.images import resize_square
 
     arr = np.random.default_rng(4).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     ours = np.asarray(resize_square(Image.fromarray(arr), 24)).astype(float)
@@ -82,7 +82,7 @@ def test_resize_matches_cv2_inter_linear_within_one_level():
 
 @pytest.mark.parametrize("width, height", [(224, 224), (103, 400), (632, 222), (900, 900), (5000, 10), (1, 1)])
 def test_aspect_size_keeps_proportions_at_about_the_same_area(width, height):
-    from gaussad.images import aspect_size
+    from gaussad.intake.images import aspect_size
 
     tw, th = aspect_size(width, height, 224)
     assert tw % 32 == 0 and th % 32 == 0 and 32 <= tw <= 8 * 224 and 32 <= th <= 8 * 224
@@ -95,7 +95,7 @@ def test_aspect_resize_is_the_square_interpolation_at_another_size():
     """resize='aspect' samples like the square resize, only to the aspect-kept size (checked against torch)."""
     import torch
 
-    from gaussad.images import aspect_size, resize_to
+    from gaussad.intake.images import aspect_size, resize_to
 
     arr = np.random.default_rng(5).integers(0, 256, (150, 60, 3), dtype=np.uint8)
     tw, th = aspect_size(60, 150, 64)

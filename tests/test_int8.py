@@ -12,11 +12,11 @@ import pytest
 
 import gaussad
 from gaussad import GaussianAD, InvalidParameterError, ModelFormatError
-from gaussad import engine as engine_mod
+from gaussad.intake import engine as engine_mod
 from gaussad.cli import main
 from gaussad.errors import GaussadError
-from gaussad.images import list_images
-from gaussad.persistence import FORMAT_NAME, FORMAT_VERSION, checksum, read_model_file
+from gaussad.intake.images import list_images
+from gaussad.detector.persistence import FORMAT_NAME, FORMAT_VERSION, checksum, read_model_file
 
 from .conftest import TINY
 
@@ -77,7 +77,7 @@ EMULATED_CPU = "Haswell"  # qemu's model of an Intel Haswell: AVX2, no AVX-512, 
 
 _EMULATED_FEATURES = """
 import sys, numpy as np, gaussad
-from gaussad.engine import cpu_isa
+from gaussad.intake.engine import cpu_isa
 out = {"isa": np.array(cpu_isa())}
 for i, path in enumerate(sys.argv[2:]):
     for j, level in enumerate(gaussad.load(path).extract_features(open(sys.argv[1]).read().split("\\n"))):
@@ -139,7 +139,7 @@ def test_int8_model_records_its_format_and_cpu_and_warns_where_it_saturates(pair
     assert meta["int8"] == {"format": engine_mod.INT8_FORMAT, "calibrated_on": engine_mod.cpu_isa()}
     from fastapi.testclient import TestClient
 
-    from gaussad.serve import create_app
+    from gaussad.service.serve import create_app
 
     with TestClient(create_app({"i": int8, "f": pair[0]})) as client:
         info = {m["name"]: m for m in client.get("/models").json()}
@@ -239,7 +239,7 @@ def test_torch_engine_and_plain_features_are_refused_with_int8(sets, pair):
 
 
 def test_unsupported_uses_of_int8_models_are_refused(pair, sets, tmp_path):
-    from gaussad import distributed
+    from gaussad.tools import distributed
 
     fp32, int8 = pair
     with pytest.raises(InvalidParameterError, match="partial_fit with precision='int8' is not supported"):
@@ -336,7 +336,7 @@ def test_fitted_int8_network_is_not_silently_replaced_by_fp32(pair, sets):
 
 
 def test_evaluate_quantizes_per_category_and_ranks_like_fp32(tiny_root, monkeypatch):
-    from gaussad.evaluate import evaluate
+    from gaussad.tools.evaluate import evaluate
 
     calls = []
     quantize = engine_mod.quantize_int8
@@ -362,8 +362,8 @@ def test_exported_int8_detector_agrees_with_score(pair, sets):
     ``score`` (which runs it in ONNX Runtime too), and not those of the fp32 network."""
     import onnxruntime as ort
 
-    from gaussad.export import export_detector
-    from gaussad.images import load_image
+    from gaussad.tools.export import export_detector
+    from gaussad.intake.images import load_image
 
     fp32, int8 = pair
     data, _ = export_detector(int8)
@@ -390,7 +390,7 @@ def test_int8_calibrates_on_images_spread_over_the_list(monkeypatch):
     assert engine_mod.calibration_order(5) == [0, 1, 2, 3, 4] and engine_mod.calibration_order(0) == []
 
     from gaussad.errors import ImageError
-    from gaussad.features import FeatureExtractor
+    from gaussad.intake.features import FeatureExtractor
 
     seen = []
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import gaussad.files
+import gaussad.intake.files
 from gaussad.errors import DataError, GaussadError, ImageError
-from gaussad.images import DEFAULT_MAX_PIXELS, list_images, load_image
+from gaussad.intake.images import DEFAULT_MAX_PIXELS, list_images, load_image
 
 from .conftest import in_child
 
@@ -307,13 +307,13 @@ def test_pixel_limit_is_per_call_and_independent_of_pils_global(tmp_path, monkey
     _refused(path, "exceeds the limit of 100", max_pixels=100)
     for bad in (0, -5, 1.5, True, "many"):
         with pytest.raises(GaussadError, match="max_pixels must be a positive integer"):
-            from gaussad.images import check_max_pixels
+            from gaussad.intake.images import check_max_pixels
 
             check_max_pixels(bad)
 
 
 def test_pixel_limit_reaches_the_pipeline(tmp_path):
-    from gaussad.features import FeatureExtractor
+    from gaussad.intake.features import FeatureExtractor
 
     small = _save(tmp_path, "small.png", Image.fromarray(REF[:8, :8]))
     big = _save(tmp_path, "big.png", Image.fromarray(REF))
@@ -371,7 +371,7 @@ def test_unreadable_file_simulated_eacces(tmp_path, monkeypatch):
             raise PermissionError(errno.EACCES, "Permission denied", str(p))
         return real_open(p, flags, *args)
 
-    monkeypatch.setattr(gaussad.files.os, "open", guarded)
+    monkeypatch.setattr(gaussad.intake.files.os, "open", guarded)
     _refused(path, "cannot open (permission denied)")
 
 

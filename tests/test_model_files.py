@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import gaussad
-import gaussad.files as files
+import gaussad.intake.files as files
 from gaussad import GaussadError, GaussianAD, ModelFormatError
-from gaussad.persistence import FORMAT_NAME, FORMAT_VERSION, checksum, read_model_file
+from gaussad.detector.persistence import FORMAT_NAME, FORMAT_VERSION, checksum, read_model_file
 
 from .conftest import in_child
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from gaussad import GaussadError, GaussianAD
-from gaussad import engine as engine_mod
+from gaussad.intake import engine as engine_mod
 from gaussad.cli import main
-from gaussad.features import FeatureExtractor
-from gaussad.images import list_images
+from gaussad.intake.features import FeatureExtractor
+from gaussad.intake.images import list_images
 
 from .conftest import TINY
 from .test_engine import TINY_FE, _assert_close

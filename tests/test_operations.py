@@ -17,13 +17,13 @@ from scipy import stats
 import gaussad
 from gaussad import GaussianAD
 from gaussad.cli import main
-from gaussad.drift import drift
+from gaussad.core.drift import drift
 from gaussad.errors import DataError, GaussadError
-from gaussad.images import list_images
-from gaussad.keys import KeyStore, bearer, key_hash
-from gaussad.operations import required_role
-from gaussad.results_log import ResultsLog
-from gaussad.serve import create_app, load_models
+from gaussad.intake.images import list_images
+from gaussad.service.keys import KeyStore, bearer, key_hash
+from gaussad.service.operations import required_role
+from gaussad.service.results_log import ResultsLog
+from gaussad.service.serve import create_app, load_models
 
 from .conftest import TINY
 
@@ -208,7 +208,7 @@ def test_results_log_on_a_database(db_url, tmp_path):
         assert [r["id"] for r in got] == ids and [r["seq"] for r in got] == sorted(r["seq"] for r in got)
         first = got[0]
         assert first["levels"] == {"a": 0.0, "b": 0.0} and first["anomalous"] is True and first["model"] == "m"
-        assert first["image_sha256"] == gaussad.results_log.sha256(b"image 0")
+        assert first["image_sha256"] == gaussad.service.results_log.sha256(b"image 0")
         assert (tmp_path / "kept" / first["image_file"]).read_bytes() == b"image 0"
         assert first["image_file"].endswith(".png")
         assert [r["filename"] for r in log.query(model="m", anomalous=True)] == ["img0.png", "img3.png", "img6.png"]
@@ -245,8 +245,8 @@ def test_a_table_of_an_older_gaussad_gets_the_evidence_column_and_keeps_its_rows
 
     import sqlalchemy as sa
 
-    engine = sa.create_engine(gaussad.results_log._url(db_url))
-    old = [c for c in gaussad.results_log.COLUMNS if c not in gaussad.results_log.ADDED_COLUMNS]
+    engine = sa.create_engine(gaussad.service.results_log._url(db_url))
+    old = [c for c in gaussad.service.results_log.COLUMNS if c not in gaussad.service.results_log.ADDED_COLUMNS]
     types = {"time": sa.Float, "score": sa.Float, "pvalue": sa.Float, "map_max": sa.Float, "version": sa.Integer,
              "anomalous": sa.Boolean, "labelled_at": sa.Float, "applied_in": sa.Integer}
     table = sa.Table("results", sa.MetaData(), sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
@@ -259,7 +259,7 @@ def test_a_table_of_an_older_gaussad_gets_the_evidence_column_and_keeps_its_rows
                                            anomalous=False))
     engine.dispose()
     evidence = {"rule": "conformal", "text": "ok: p = 0.5 > target FPR 0.01"}
-    with caplog.at_level(logging.INFO, logger="gaussad.results_log"):
+    with caplog.at_level(logging.INFO, logger="gaussad.service.results_log"):
         log = ResultsLog(db_url)
     try:
         assert "added the evidence column" in caplog.text
@@ -340,7 +340,7 @@ def test_results_endpoints_and_csv(model_dir, tiny_category, tmp_path):
             assert (r["filename"], r["score"], r["anomalous"], r["levels"], r["evidence"]) == (
                 answer["path"], answer["score"], answer["anomalous"], answer["levels"], answer["evidence"])
             assert r["evidence"]["text"].startswith("flagged" if r["anomalous"] else "ok")  # issue 35
-            assert r["version"] == 1 and r["model_sha256"] == gaussad.results_log.sha256(
+            assert r["version"] == 1 and r["model_sha256"] == gaussad.service.results_log.sha256(
                 (model_dir / "plain.gaussad").read_bytes())
             assert r["time_iso"].endswith("Z")
         flagged = c.get("/results", params={"anomalous": True}).json()["results"]

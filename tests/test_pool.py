@@ -6,10 +6,10 @@ import pytest
 
 import gaussad
 from gaussad import GaussianAD, InvalidParameterError
-from gaussad.images import list_images
-from gaussad.params import effective, from_stored
-from gaussad.persistence import read_model_file
-from gaussad.state import feature_settings
+from gaussad.intake.images import list_images
+from gaussad.detector.params import effective, from_stored
+from gaussad.detector.persistence import read_model_file
+from gaussad.detector.state import feature_settings
 
 from .conftest import TINY
 
@@ -71,7 +71,7 @@ def test_merge_refuses_another_pool_and_bad_values_are_named(spread, files):
 
 
 def test_evaluate_reports_the_pooling(tiny_root):
-    from gaussad.evaluate import evaluate, format_table
+    from gaussad.tools.evaluate import evaluate, format_table
 
     report = evaluate(tiny_root / "brick", protocol="full", **MAPPED, pool="avg+std")
     assert report["pool"] == "avg+std" and "pool=avg+std" in format_table(report).splitlines()[0]
@@ -81,7 +81,7 @@ def test_evaluate_reports_the_pooling(tiny_root):
 def test_service_lists_the_pooling(spread):
     from fastapi.testclient import TestClient
 
-    from gaussad.serve import create_app
+    from gaussad.service.serve import create_app
 
     with TestClient(create_app({"spread": spread})) as client:
         info = client.get("/models").json()[0]

@@ -16,11 +16,11 @@ import gaussad
 from gaussad import GaussianAD, ModelFormatError
 from gaussad.cli import main
 from gaussad.errors import DataError, GaussadError
-from gaussad.images import list_images
-from gaussad.keys import KeyStore, is_loopback
-from gaussad.results import spreadsheet_safe
-from gaussad.results_log import ResultsLog, sha256
-from gaussad.serve import create_app, load_models
+from gaussad.intake.images import list_images
+from gaussad.service.keys import KeyStore, is_loopback
+from gaussad.detector.results import spreadsheet_safe
+from gaussad.service.results_log import ResultsLog, sha256
+from gaussad.service.serve import create_app, load_models
 
 from .conftest import TINY
 from .test_operations import _upload, model_dir, served_dir  # noqa: F401 - fixtures
@@ -104,7 +104,7 @@ def test_results_csv_escapes_hostile_upload_names(model_dir, tiny_category, tmp_
 
 
 def test_distributed_csv_escapes_hostile_names(tiny_category, tmp_path):
-    from gaussad import distributed
+    from gaussad.tools import distributed
 
     model = GaussianAD(backbone="efficientnet-lite0", input_size=64, levels=["stem", "stage1"], preset="paper")
     model.fit(list_images(tiny_category / "train" / "good"))
@@ -315,7 +315,7 @@ def test_health_without_a_key_says_only_whether_the_service_is_up(model_dir, tmp
 @pytest.mark.parametrize("flags", [["--calibration", "0.2", "--threshold", "conformal"]])
 def test_a_distributed_fit_it_cannot_do_is_refused_before_the_cluster_starts(tiny_category, tmp_path, capsys,
                                                                               monkeypatch, flags):
-    from gaussad import distributed
+    from gaussad.tools import distributed
 
     started = []
     monkeypatch.setattr(distributed, "connect", lambda *a, **k: started.append(a) or pytest.fail("cluster started"))
@@ -380,7 +380,7 @@ def test_an_update_the_model_folder_refuses_is_409_and_changes_nothing(model_dir
     and history as before, and the next update once the fault is lifted is version 2."""
     import errno
 
-    import gaussad.files as files
+    import gaussad.intake.files as files
 
     real = os.replace
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from gaussad.evaluate import evaluate
+from gaussad.tools.evaluate import evaluate
 
 from .conftest import needs_shared
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gaussad.cli import main
-from gaussad.evaluate import evaluate_category
+from gaussad.tools.evaluate import evaluate_category
 
 from .test_cli import TINY_ARGS
 from .test_evaluate import _synthetic
@@ -29,7 +29,7 @@ def test_details_leave_the_figures_unchanged():
 
 
 def test_roc_points_and_render_without_maps(tmp_path):
-    from gaussad.report import render_html, roc_points
+    from gaussad.tools.report import render_html, roc_points
 
     fpr, tpr = roc_points(np.array([0, 0, 1, 1]), np.array([0.1, 0.5, 0.5, 0.9]))
     assert fpr.tolist() == [0.0, 0.0, 0.5, 1.0] and tpr.tolist() == [0.0, 0.5, 1.0, 1.0]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from gaussad.backbones import create_backbone, get_spec, list_backbones
-from gaussad.backbones.resnet import LEVEL_NAMES
-from gaussad.backbones.resnet_net import create
+from gaussad.intake.backbones import create_backbone, get_spec, list_backbones
+from gaussad.intake.backbones.resnet import LEVEL_NAMES
+from gaussad.intake.backbones.resnet_net import create
 from gaussad.errors import GaussadError
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2")
@@ -138,7 +138,7 @@ def test_level_channels_and_strides(name, channels):
 
 
 def test_onnx_runtime_equals_torch(r18_file):
-    from gaussad.features import FeatureExtractor
+    from gaussad.intake.features import FeatureExtractor
 
     path, _ = r18_file
     rng = np.random.default_rng(0)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-import gaussad.results_log as results_log_mod
+import gaussad.service.results_log as results_log_mod
 from gaussad.errors import GaussadError
-from gaussad.files import write_atomic
-from gaussad.images import list_images
-from gaussad.results_log import Backlogged, ResultsLog
-from gaussad.serve import create_app, load_models
+from gaussad.intake.files import write_atomic
+from gaussad.intake.images import list_images
+from gaussad.service.results_log import Backlogged, ResultsLog
+from gaussad.service.serve import create_app, load_models
 
 from .test_operations import (_upload, db_url, db_url_postgresql, model_dir, postgres_url,  # noqa: F401 - fixtures
                               served_dir)

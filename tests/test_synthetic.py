@@ -1,4 +1,4 @@
-"""Tests for gaussad.synthetic: the offline texture data set in MVTec AD layout."""
+"""Tests for gaussad.tools.synthetic: the offline texture data set in MVTec AD layout."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from PIL import Image
 
 pytest.importorskip("skimage")
 
-from gaussad import synthetic  # noqa: E402
+from gaussad.tools import synthetic  # noqa: E402
 from gaussad.errors import DataError  # noqa: E402
-from gaussad.synthetic import DEFECTS, available_textures, build_texture_dataset  # noqa: E402
+from gaussad.tools.synthetic import DEFECTS, available_textures, build_texture_dataset  # noqa: E402
 
 SMALL = dict(size=64, n_train=6, n_test_good=3, n_test_bad=5, seed=0)
 

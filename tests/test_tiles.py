@@ -11,9 +11,9 @@ from PIL import Image
 import gaussad
 from gaussad import GaussianAD, InvalidParameterError
 from gaussad.cli import main
-from gaussad.features import FeatureExtractor
-from gaussad.images import list_images
-from gaussad.tiles import AUTO_MAX_TILES, Mosaic, auto_tiles, check_tiling, cut, map_side, starts, tile_boxes, tile_step
+from gaussad.intake.features import FeatureExtractor
+from gaussad.intake.images import list_images
+from gaussad.intake.tiles import (AUTO_MAX_TILES, Mosaic, auto_tiles, check_tiling, cut, map_side, starts, tile_boxes, tile_step)
 
 from .conftest import TINY
 
@@ -164,7 +164,7 @@ def test_map_tiles_1_is_the_untiled_model_and_tiles_leave_the_global_scores(file
 def test_tiled_maps_localise_and_every_map_consumer_works(tiny_root, tiny_category, tiled):
     """evaluate (pixel AUROC, hit rate, map maxima, the fused score) and the fused score's leave-one-image-out peaks
     run on tiled maps as on untiled ones."""
-    from gaussad.evaluate import evaluate
+    from gaussad.tools.evaluate import evaluate
 
     report = evaluate(tiny_root / "brick", protocol="full", **TILED, map_tiles=2)
     r = report["categories"]["brick"]
@@ -184,12 +184,12 @@ def test_model_files_keep_map_tiles_and_old_files_load_untiled(tiled, tiny_categ
     loaded = gaussad.load(path)
     assert loaded.map_tiles == 2 and loaded.state_.layout.settings["map_tiles"] == 2
     np.testing.assert_allclose(loaded.anomaly_map(test), tiled.anomaly_map(test), rtol=1e-5, atol=1e-5)
-    from gaussad.persistence import read_model_file
+    from gaussad.detector.persistence import read_model_file
 
     meta, _ = read_model_file(path)
     assert meta["map_tiles"] == 2
-    from gaussad.params import from_stored
-    from gaussad.state import feature_settings
+    from gaussad.detector.params import from_stored
+    from gaussad.detector.state import feature_settings
 
     old = {k: v for k, v in meta.items() if k != "map_tiles"}  # a file from before map_tiles existed
     assert from_stored(old)["map_tiles"] == 1 and feature_settings(old)["map_tiles"] == 1
@@ -215,7 +215,7 @@ def test_bad_map_tiles_are_refused_with_the_parameter_named(files):
 
 
 def test_export_with_maps_refuses_a_tiled_model_in_one_line(tiled):
-    from gaussad.export import export_detector
+    from gaussad.tools.export import export_detector
 
     with pytest.raises(gaussad.GaussadError, match=r"^--maps: this model's maps are tiled \(map_tiles=2\)"):
         export_detector(tiled, maps=True)
@@ -259,9 +259,9 @@ def test_service_map_of_a_tiled_model_is_its_tiled_overlay(tiled, tiny_category,
 
     from fastapi.testclient import TestClient
 
-    from gaussad.images import load_image
-    from gaussad.heatmap import heat_scale, render
-    from gaussad.serve import create_app, load_models
+    from gaussad.intake.images import load_image
+    from gaussad.detector.heatmap import heat_scale, render
+    from gaussad.service.serve import create_app, load_models
 
     folder = tmp_path / "models"
     folder.mkdir()
@@ -279,7 +279,7 @@ def test_service_map_of_a_tiled_model_is_its_tiled_overlay(tiled, tiny_category,
 
 def test_tune_ranks_map_tiles_by_their_maps(files):
     """tune's tiles axis: the candidates share the global score (same image AUROC), their maps differ."""
-    from gaussad.tune import GRIDS, tune
+    from gaussad.tools.tune import GRIDS, tune
 
     assert GRIDS["tiles"] == {"map_tiles": (1, 2, 3)}
     result = tune(files, grid={"map_tiles": (1, 2)}, base={**TILED, "preset": "recommended"}, refit=False)
@@ -299,7 +299,7 @@ def test_auto_tiles_take_the_most_tiles_whose_map_image_the_images_fill(size):
     assert auto_tiles(map_side(size, 3), size, most=3) == 3 and auto_tiles(map_side(size, 3) - 1, size, most=3) == 2
     assert auto_tiles(100 * size, size) == AUTO_MAX_TILES == 2
     assert auto_tiles(100 * size, size + 1) == 1  # an input size tiles cannot align on: untiled, not refused
-    assert f"under about {map_side(224, 2)} px at S = 224" in gaussad.params.BY_NAME["map_tiles"].help
+    assert f"under about {map_side(224, 2)} px at S = 224" in gaussad.detector.params.BY_NAME["map_tiles"].help
 
 
 def test_auto_tiles_are_decided_at_fit_from_the_images_and_kept(files, tmp_path):
@@ -325,7 +325,7 @@ def test_auto_tiles_are_decided_at_fit_from_the_images_and_kept(files, tmp_path)
     assert [GaussianAD(preset=p).setting("map_tiles") for p in ("recommended", "fast", "paper")] == [1, 1, 1]
     with pytest.raises(gaussad.GaussadError, match="map_tiles 'auto' are decided from the training images"):
         GaussianAD(**TILED, map_tiles="auto").feature_extractor()
-    from gaussad.export import export_detector
+    from gaussad.tools.export import export_detector
 
     with pytest.raises(gaussad.GaussadError, match=r"tiled \(map_tiles=2 decided by auto\)"):
         export_detector(auto, maps=True)
@@ -358,8 +358,8 @@ def test_input_size_auto_follows_the_images_and_never_upscales(tmp_path):
     model file; 'native' asks for the backbone's own size whatever the preset."""
     from PIL import Image
 
-    from gaussad.features import auto_input_size, auto_settings
-    from gaussad.params import resolved
+    from gaussad.intake.features import auto_input_size, auto_settings
+    from gaussad.detector.params import resolved
 
     assert [auto_input_size(side, "efficientnet-lite0") for side in (900, 384, 383, 318, None)] == [384, 384, 224,
                                                                                                       224, 224]

@@ -1,4 +1,4 @@
-"""Tests for gaussad.tune (the settings search on synthetic defects) and synthetic.add_defect."""
+"""Tests for gaussad.tools.tune (the settings search on synthetic defects) and synthetic.add_defect."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from gaussad import GaussianAD, InvalidParameterError, load
 from gaussad.cli import main
 from gaussad.errors import DataError
-from gaussad.synthetic import PASTED_DEFECTS, add_defect
-from gaussad.tune import _feature_key, candidates, split, tune
+from gaussad.tools.synthetic import PASTED_DEFECTS, add_defect
+from gaussad.tools.tune import _feature_key, candidates, split, tune
 
 # Small, fast settings: 64-pixel input, the first levels, maps from stage2-3; the global image score, which the maps
 # do not change (the recommended preset's fused score is a grid value where a test asks for it).
@@ -22,7 +22,7 @@ BASE = {"backbone": "efficientnet-lite0", "input_size": 64, "levels": ["stem", "
 @pytest.fixture(scope="module")
 def train_dir(tmp_path_factory):
     pytest.importorskip("skimage")
-    from gaussad.synthetic import build_texture_dataset
+    from gaussad.tools.synthetic import build_texture_dataset
 
     root = build_texture_dataset(tmp_path_factory.mktemp("tune"), size=64, n_train=20, n_test_good=0, n_test_bad=0,
                                  categories=["brick"])
@@ -91,7 +91,7 @@ def test_a_clearly_better_setting_replaces_the_default_and_a_grid_point_can_be_t
     over 15 x 15 locations by far more than two standard errors of the paired difference: tune takes them. A grid
     point that fits the same model as the base is the default itself (nothing extra measured)."""
     pytest.importorskip("skimage")
-    from gaussad.synthetic import build_texture_dataset
+    from gaussad.tools.synthetic import build_texture_dataset
 
     root = build_texture_dataset(tmp_path, size=64, n_train=50, n_test_good=0, n_test_bad=0, categories=["brick"])
     files = sorted((root / "brick" / "train" / "good").glob("*.png"))
@@ -109,7 +109,7 @@ def test_a_grid_point_that_fits_the_same_model_as_the_base_is_the_default(tmp_pa
     prepended beside its own grid point)."""
     from PIL import Image
 
-    from gaussad.tune import _in_use
+    from gaussad.tools.tune import _in_use
 
     files = []
     for i in range(3):
@@ -124,8 +124,8 @@ def test_a_grid_point_that_fits_the_same_model_as_the_base_is_the_default(tmp_pa
 def test_the_paired_standard_error_matches_the_spread_over_fresh_held_out_sets():
     """The bootstrap standard error of the difference between two candidates' AUROCs on the same images (their
     scores correlated) matches the spread of that difference over independently drawn held-out sets."""
-    from gaussad.evaluate import roc_auc
-    from gaussad.tune import _paired_differences
+    from gaussad.tools.evaluate import roc_auc
+    from gaussad.tools.tune import _paired_differences
 
     def draw(rng):
         shared = rng.normal(size=80)  # what both candidates see of an image
@@ -141,7 +141,7 @@ def test_the_paired_standard_error_matches_the_spread_over_fresh_held_out_sets()
     assert d == pytest.approx(rows[0]["image_auroc"] - rows[1]["image_auroc"])
     assert se == pytest.approx(spread, rel=0.3) and (d_pixel, se_pixel) == (None, None)
     # a per-candidate (unpaired) error would be several times larger: the pairing is what makes it small
-    from gaussad.tune import auroc_se
+    from gaussad.tools.tune import auroc_se
 
     assert np.hypot(auroc_se(rows[0]["image_auroc"], 40, 40), auroc_se(rows[1]["image_auroc"], 40, 40)) > 1.5 * spread
 
@@ -158,8 +158,8 @@ def test_candidates_with_other_map_levels_are_measured_on_their_own_pooled_featu
     row = together[json.dumps(alone["settings"], sort_keys=True)]
     for key in ("global_auroc", "map_max_auroc", "pixel_auroc"):
         assert row[key] == pytest.approx(alone[key], abs=1e-12), key
-    from gaussad.features import FeatureExtractor
-    from gaussad.tune import _own_pooled
+    from gaussad.intake.features import FeatureExtractor
+    from gaussad.tools.tune import _own_pooled
 
     settings = dict(backbone=BASE["backbone"], levels=BASE["levels"], input_size=64, normalize="native",
                     resize="aspect", pool="avg+std")
@@ -285,7 +285,7 @@ def test_the_ranking_shows_each_candidates_uncertainty_and_the_choice_as_flags()
     that many held-out images; the choice reads as the flags that give it."""
     from sklearn.metrics import roc_auc_score
 
-    from gaussad.tune import as_flags, auroc_se
+    from gaussad.tools.tune import as_flags, auroc_se
 
     rng = np.random.default_rng(0)
     aurocs = [roc_auc_score(np.r_[np.zeros(40), np.ones(40)], np.r_[rng.normal(size=40), rng.normal(1.5, 1, 40)])

@@ -8,7 +8,7 @@ throughput and peak RSS of anomalib 2.7's PaDiM and PatchCore and AnomaVision's 
 
 Never part of ``make test``. Each job (one tool, one set) runs bench/peers/worker.py in its own child process: fit on
 ``--train`` training images and score ``--test`` test images, both spread evenly over the sorted lists
-(:func:`gaussad.engine.calibration_order`) and the same for every tool; the child's peak RSS is its
+(:func:`gaussad.intake.engine.calibration_order`) and the same for every tool; the child's peak RSS is its
 ``ru_maxrss`` from ``wait4`` (its own and that of any child it waited for). gaussad runs in this interpreter's
 environment, the peers in ``--peers-python``'s. The peers' backbones are untrained (no ImageNet weights can be
 downloaded here), which changes no timing. A job that fails is reported with the last lines of its error output,
@@ -37,7 +37,7 @@ WORKER = Path(__file__).with_name("worker.py")
 
 def subset(files: list[Path], n: int) -> list[Path]:
     """``n`` files spread evenly over the sorted list (all of them when fewer)."""
-    from gaussad.engine import calibration_order
+    from gaussad.intake.engine import calibration_order
 
     return [files[i] for i in sorted(calibration_order(len(files), n)[:n])]
 
@@ -45,7 +45,7 @@ def subset(files: list[Path], n: int) -> list[Path]:
 def prepare(data: Path, n_train: int, n_test: int, workdir: Path) -> tuple[Path, Path]:
     """The listings of a set's chosen training and test images, and ``workdir/{train,test}`` folders of symlinks to
     them (the peers' dataset classes read folders)."""
-    from gaussad.images import list_images
+    from gaussad.intake.images import list_images
 
     chosen = {"train": subset(list_images(data / "train" / "good", recursive=True), n_train),
               "test": subset(list_images(data / "test", recursive=True), n_test)}
