@@ -179,7 +179,7 @@ def test_service_wide_fpr_overrides_each_models_own(served_models, tiny_category
     from fastapi.testclient import TestClient
     from scipy.stats import chi2
 
-    from gaussad.service.serve import create_app
+    from gaussad.service.app import create_app
 
     model = served_models["plain"]
     files = list_images(tiny_category / "test" / "good") + list_images(tiny_category / "test" / "patch")
@@ -205,7 +205,7 @@ def test_service_wide_fpr_overrides_each_models_own(served_models, tiny_category
 @pytest.mark.parametrize("cpus, expected", [(1, 1), (2, 2), (3, 3), (4, 4), (64, 4), (None, 1)])
 def test_default_worker_count_is_min_of_4_and_cpus(served_models, monkeypatch, cpus, expected):
     """README: the models run in a pool of ``--workers`` threads (default min(4, CPUs))."""
-    import gaussad.service.serve as serve
+    import gaussad.service.app as serve
 
     sizes = []
     real = serve.ThreadPoolExecutor
@@ -224,7 +224,7 @@ def test_default_worker_count_is_min_of_4_and_cpus(served_models, monkeypatch, c
 
 def _serve_call(monkeypatch, argv):
     """Run ``gaussad serve ...`` through the CLI with the server itself replaced: what would it be started with?"""
-    import gaussad.service.serve as serve
+    import gaussad.service.app as serve
 
     seen = {}
 
@@ -241,7 +241,7 @@ def test_readme_limit_figures_are_the_serve_command_defaults(monkeypatch, tmp_pa
     (parsed by the real parser, started through the real command) hands to the service, and what /health reports."""
     from fastapi.testclient import TestClient
 
-    from gaussad.service.serve import create_app
+    from gaussad.service.app import create_app
 
     text = " ".join(README.split())
     mb = int(re.search(r"`--max-file-mb` \((\d+)\)", text).group(1))
@@ -282,7 +282,7 @@ def test_serve_settings_errors_exit_2_before_loading_anything(tmp_path, capsys, 
 
 
 def test_service_settings_errors_in_create_app(served_models):
-    from gaussad.service.serve import create_app
+    from gaussad.service.app import create_app
 
     for kwargs, needle in (({"fpr": 0.0}, "fpr must .*got 0.0"), ({"fpr": 1.0}, "fpr must .*got 1.0"),
                            ({"workers": 0}, "workers.*got 0")):

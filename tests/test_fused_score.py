@@ -207,7 +207,8 @@ def test_fit_on_images_calibrates_in_one_pass_and_the_cli_scores_with_it(tiny_ca
 
 def test_service_rows_and_model_info_come_from_the_fused_rule(tiny_category):
     pytest.importorskip("fastapi")
-    from gaussad.service.serve import Limits, model_info, score_uploads
+    from gaussad.service.catalog import model_info
+    from gaussad.service.uploads import Limits, score_uploads
 
     files = sorted((tiny_category / "train" / "good").iterdir())
     model = GaussianAD(**TINY_FUSED).fit(files)
@@ -222,7 +223,8 @@ def test_service_rows_and_model_info_come_from_the_fused_rule(tiny_category):
         np.testing.assert_allclose([r["pvalue"] for r in rows], pvalue, rtol=1e-9)
         assert [r["anomalous"] for r in rows] == list(pvalue <= 0.3)
     info = model_info("m", model, None)
-    assert info["threshold"] == {"method": "conformal", "fpr": 0.2, "image_score": "fused", "pvalue_threshold": 0.2}
+    assert info["threshold"] == {"method": "conformal", "fpr": 0.2, "image_score": "fused", "pvalue_threshold": 0.2,
+                                 "rule": "full-conformal Fisher combination of the global score and the map peak"}
     assert info["calibration"]["fused"]["n_scores"] == [10, 10]
     assert info["calibration"]["fused"]["min_fpr"] == pytest.approx(1 / 11)
 

@@ -285,7 +285,7 @@ def _service():
     cheap enough to score thousands of uploads."""
     from fastapi.testclient import TestClient
 
-    from gaussad.service.serve import Limits, create_app
+    from gaussad.service.app import Limits, create_app
 
     rng = np.random.default_rng(0)
     train = [(rng.random((12, 12, 3)) * 255).astype(np.uint8) for _ in range(6)]

@@ -139,7 +139,7 @@ def test_int8_model_records_its_format_and_cpu_and_warns_where_it_saturates(pair
     assert meta["int8"] == {"format": engine_mod.INT8_FORMAT, "calibrated_on": engine_mod.cpu_isa()}
     from fastapi.testclient import TestClient
 
-    from gaussad.service.serve import create_app
+    from gaussad.service.app import create_app
 
     with TestClient(create_app({"i": int8, "f": pair[0]})) as client:
         info = {m["name"]: m for m in client.get("/models").json()}

@@ -23,7 +23,7 @@ from gaussad.intake.images import list_images
 from gaussad.service.keys import KeyStore, bearer, key_hash
 from gaussad.service.operations import required_role
 from gaussad.service.results_log import ResultsLog
-from gaussad.service.serve import create_app, load_models
+from gaussad.service.app import create_app, load_models
 
 from .conftest import TINY
 

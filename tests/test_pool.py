@@ -81,7 +81,7 @@ def test_evaluate_reports_the_pooling(tiny_root):
 def test_service_lists_the_pooling(spread):
     from fastapi.testclient import TestClient
 
-    from gaussad.service.serve import create_app
+    from gaussad.service.app import create_app
 
     with TestClient(create_app({"spread": spread})) as client:
         info = client.get("/models").json()[0]

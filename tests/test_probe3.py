@@ -20,7 +20,7 @@ from gaussad.intake.images import list_images
 from gaussad.service.keys import KeyStore, is_loopback
 from gaussad.detector.results import spreadsheet_safe
 from gaussad.service.results_log import ResultsLog, sha256
-from gaussad.service.serve import create_app, load_models
+from gaussad.service.app import create_app, load_models
 
 from .conftest import TINY
 from .test_operations import _upload, model_dir, served_dir  # noqa: F401 - fixtures

@@ -14,7 +14,7 @@ from gaussad.errors import GaussadError
 from gaussad.intake.files import write_atomic
 from gaussad.intake.images import list_images
 from gaussad.service.results_log import Backlogged, ResultsLog
-from gaussad.service.serve import create_app, load_models
+from gaussad.service.app import create_app, load_models
 
 from .test_operations import (_upload, db_url, db_url_postgresql, model_dir, postgres_url,  # noqa: F401 - fixtures
                               served_dir)

@@ -24,7 +24,7 @@ from gaussad.cli import build_parser
 from gaussad.errors import DataError
 from gaussad.detector.heatmap import heat_scale, render
 from gaussad.intake.images import list_images, load_image
-from gaussad.service.serve import Limits, create_app, load_models
+from gaussad.service.app import Limits, create_app, load_models
 
 from .conftest import TINY
 
@@ -91,7 +91,7 @@ def test_load_models_names_by_stem_and_skips_bad_files(model_dir, tmp_path, capl
         shutil.copyfile(f, tmp_path / f.name)
     (tmp_path / "junk.gaussad").write_bytes(b"not a model")
     (tmp_path / "notes.txt").write_text("ignored")
-    with caplog.at_level(logging.WARNING, logger="gaussad.service.serve"):
+    with caplog.at_level(logging.WARNING, logger="gaussad.service.catalog"):
         loaded = load_models(tmp_path)
     assert sorted(loaded) == ["maps", "plain"]
     assert any("junk.gaussad" in r.getMessage() for r in caplog.records)
@@ -494,11 +494,11 @@ def test_page_walks_a_dropped_folder_and_names_its_files_by_their_path(served, t
 def test_serve_says_where_it_writes_the_results_log(model_dir, tmp_path, monkeypatch, caplog):
     import uvicorn
 
-    from gaussad.service.serve import run
+    from gaussad.service.app import run
 
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     monkeypatch.chdir(tmp_path)
-    with caplog.at_level(logging.INFO, logger="gaussad.service.serve"):
+    with caplog.at_level(logging.INFO, logger="gaussad.service.app"):
         run(model_dir, db="results.sqlite", keep_images="kept")
         run(model_dir, db=None)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("results log:")]

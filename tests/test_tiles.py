@@ -261,7 +261,7 @@ def test_service_map_of_a_tiled_model_is_its_tiled_overlay(tiled, tiny_category,
 
     from gaussad.intake.images import load_image
     from gaussad.detector.heatmap import heat_scale, render
-    from gaussad.service.serve import create_app, load_models
+    from gaussad.service.app import create_app, load_models
 
     folder = tmp_path / "models"
     folder.mkdir()

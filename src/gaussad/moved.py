@@ -21,7 +21,7 @@ MOVED = {
                                     "results", "heatmap")},
     **{m: f"tools.{m}" for m in ("tune", "evaluate", "report", "datasets", "synthetic", "export", "distributed",
                                  "demo")},
-    **{m: f"service.{m}" for m in ("serve", "operations", "feedback", "results_log", "results_file", "keys")},
+    **{"serve": "service.app"}, **{m: f"service.{m}" for m in ("operations", "feedback", "results_log", "results_file", "keys")},
 }
 
 

@@ -301,34 +301,48 @@ def global_calibration(state: Calibrated, fpr: float) -> dict | None:
             "score_threshold": float(limit) if np.isfinite(limit) else None}
 
 
-def summary(rule: DecisionRule, state: Calibrated) -> dict:
-    """A fitted state and its decision rule in brief: levels, input size, training images, maps, the rule (method,
-    target FPR, score threshold, or the reason it cannot apply) and :func:`calibration_summary`."""
-    out = {"levels": list(state.layout.level_names), "input_size": state.layout.input_size,
-           "n_samples": int(state.n_samples), "maps": bool(getattr(state, "has_maps", False)),
-           "map_tiles": int(state.layout.setting("map_tiles")), "pool": state.layout.setting("pool"),
-           "image_score": rule.image_score, "threshold": _threshold_summary(rule, state),
-           **({"precision": "fp32"} if getattr(state, "network", None) is None
-              else {"precision": "int8", "int8": state.int8_info()})}
-    try:
-        if rule.fused:
-            rule.check(state)
-            out["threshold"]["pvalue_threshold"] = rule.target_fpr(state)
-            out["calibration"] = calibration_summary(state, rule.target_fpr(state))
-            return out
-        limit = rule.score_threshold(state)
-        out["threshold"]["score_threshold"] = float(limit) if np.isfinite(limit) else None
-    except GaussadError as exc:
-        out["threshold"]["error"] = str(exc)
-    out["calibration"] = calibration_summary(state, rule.target_fpr(state))
-    return out
+RULE_TEXT = {
+    "chi2": "chi-square per level, Bonferroni over levels",
+    "hotelling": "Hotelling F law per level, Bonferroni over levels",
+    "conformal": "split conformal on the image score",
+    "fused": "full-conformal Fisher combination of the global score and the map peak",
+}
 
 
-def _threshold_summary(rule: DecisionRule, state: Calibrated) -> dict:
-    """The rule in brief: its method and the target FPR it decides at (``fpr``), with the rate asked for and why it
-    differs (``fpr_requested``, ``note``) when the calibration cannot support that rate."""
-    out = {"method": rule.method, "fpr": rule.target_fpr(state)}
+def describe(rule: DecisionRule, state: Calibrated) -> dict:
+    """How ``rule`` flags an image on ``state``, for people and reports: its ``method``, ``image_score`` and
+    ``rule`` (in words); ``fpr``, the target rate it decides at (with ``fpr_requested`` and ``note`` where the
+    calibration cannot support the rate asked for, :func:`fpr_note`); then for a fused score the p-value threshold,
+    else the score threshold (None when infinite) and for chi2/hotelling each level's distance threshold (Bonferroni
+    over levels); or ``error``, why the rule cannot apply to ``state``."""
+    fpr = rule.target_fpr(state)
+    out: dict = {"method": rule.method, "fpr": fpr, "image_score": rule.image_score,
+                 "rule": RULE_TEXT["fused" if rule.fused else rule.method]}
     note = fpr_note(rule, state)
     if note:
         out.update(fpr_requested=rule.fpr, note=note)
+    try:
+        if rule.fused:
+            rule.check(state)
+            out["pvalue_threshold"] = fpr
+            return out
+        limit = rule.score_threshold(state)
+        out["score_threshold"] = float(limit) if np.isfinite(limit) else None
+        if rule.method != "conformal":
+            thresholds = rule.level_thresholds(state, fpr / len(state.dofs))
+            out["level_thresholds"] = dict(zip(state.layout.level_names, map(float, thresholds)))
+    except GaussadError as exc:
+        out["error"] = str(exc)
     return out
+
+
+def summary(rule: DecisionRule, state: Calibrated) -> dict:
+    """A fitted state and its decision rule in brief: levels, input size, training images, maps, the rule
+    (:func:`describe`) and :func:`calibration_summary`."""
+    return {"levels": list(state.layout.level_names), "input_size": state.layout.input_size,
+            "n_samples": int(state.n_samples), "maps": bool(getattr(state, "has_maps", False)),
+            "map_tiles": int(state.layout.setting("map_tiles")), "pool": state.layout.setting("pool"),
+            "image_score": rule.image_score, "threshold": describe(rule, state),
+            **({"precision": "fp32"} if getattr(state, "network", None) is None
+               else {"precision": "int8", "int8": state.int8_info()}),
+            "calibration": calibration_summary(state, rule.target_fpr(state))}

@@ -18,12 +18,8 @@ def spreadsheet_safe(text: str) -> str:
 
 
 class ResultRow(TypedDict, total=False):
-    """``path``: the image's name as given (a path, or an upload's filename); ``score``: the model's image score
-    (higher = more anomalous: the mean of the level distances, or for a fused image score ``-log10`` of its combined
-    p-value); ``levels``: distance per level; ``pvalue`` and ``anomalous``: the
-    decision rule's; ``evidence``: what the rule decided on, in numbers and one plain sentence
-    (:meth:`gaussad.detector.decision.DecisionRule.evidence`); with anomaly maps also ``map_max`` and a ``map`` file or
-    ``overlay`` data URL."""
+    """One scored image, as ``gaussad score --json``, the service and the Dask workers answer it; :data:`FIELDS`
+    says what each key holds (the service's API schema is made from both)."""
 
     path: str
     score: float
@@ -34,6 +30,26 @@ class ResultRow(TypedDict, total=False):
     map: str
     map_max: float
     overlay: str
+
+
+# What each key of a result row holds; the keys every row has first (REQUIRED).
+FIELDS: dict[str, str] = {
+    "path": "the image's name as given: its path, or an upload's filename",
+    "score": "the model's image score, higher = more anomalous: the mean over levels of the Mahalanobis distances, "
+             "or for a fused image score -log10 of its combined p-value",
+    "levels": "Mahalanobis distance at each level",
+    "pvalue": "the decision rule's p-value (chi2/hotelling: Bonferroni over levels; conformal; fused: full-conformal "
+              "Fisher combination of the global score and the map peak); flagged when it is at most the FPR",
+    "anomalous": "decision at the target false-positive rate (a request's, else the service's, else the model's)",
+    "evidence": "what the rule decided on: chi2/hotelling each level's threshold and the levels above it; conformal "
+                "the score, threshold and p-value; fused the p-values of the global score and of the map peak and the "
+                "combined one; and `text`, one plain sentence",
+    "map": "the heat-map overlay PNG written for the image (gaussad score --maps)",
+    "map_max": "largest anomaly-map value (with maps)",
+    "overlay": "heat-map overlay as a PNG data URL (the service, with maps=true): the image with the heat blended over "
+               "it and a panel under it (decision, score, colour bar)",
+}
+REQUIRED = ("path", "score", "levels", "pvalue", "anomalous")
 
 
 def result_rows(names: Sequence[str], level_names: Sequence[str], levels: np.ndarray, decisions: Sequence[int],

@@ -1,5 +1,5 @@
 """The production-line side of the HTTP service: access keys, the results log's routes, feedback (labels, model
-updates and rollbacks), drift alarms and Prometheus metrics. :mod:`gaussad.service.serve` builds the app and mounts these.
+updates and rollbacks), drift alarms and Prometheus metrics. :mod:`gaussad.service.app` builds the app and mounts these.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Awaitable, Callable
 
 from fastapi import APIRouter, Body, HTTPException, Query
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -180,26 +180,36 @@ def router(registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics, fp
            threshold_of: Callable[[str], float | None], run_blocking: Callable) -> APIRouter:
     """Routes of the results log, feedback, drift and metrics. ``fpr_of(name)``: the FPR the service decides at;
     ``threshold_of(name)``: the current score threshold (None when not a finite number); ``run_blocking(fn, *args)``
-    awaits ``fn`` in the model threads."""
+    awaits ``fn`` in the model threads. The router's ``all_drift()`` gives each model's drift tests (for /health)."""
     api = APIRouter()
-    changing: dict[str, asyncio.Lock] = {}  # per model: one update or rollback at a time
+    _results_routes(api, log)
+    _feedback_routes(api, registry, log, metrics, run_blocking)
+    api.all_drift = _drift_routes(api, registry, log, metrics, fpr_of, threshold_of)
+    return api
 
-    def need_log() -> ResultsLog:
-        if log is None:
-            raise HTTPException(409, "the results log is off (start the service with --db)")
-        return log
 
-    def need_model(name: str) -> None:
-        if name not in registry.served:
-            raise HTTPException(404, f"no model named {name!r}; models: {', '.join(sorted(registry.served))}")
+def _need_log(log: ResultsLog | None) -> ResultsLog:
+    if log is None:
+        raise HTTPException(409, "the results log is off (start the service with --db)")
+    return log
 
-    def rows_out(rows: list[dict]) -> list[dict]:
-        for r in rows:
-            r["time_iso"] = _iso(r["time"])
-        return rows
+
+def _need_model(registry: ModelRegistry, name: str) -> None:
+    if name not in registry.served:
+        raise HTTPException(404, f"no model named {name!r}; models: {', '.join(sorted(registry.served))}")
+
+
+def _rows_out(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        r["time_iso"] = _iso(r["time"])
+    return rows
+
+
+def _results_routes(api: APIRouter, log: ResultsLog | None) -> None:
+    """``GET /results``, ``GET /results.csv``, ``POST /results/ID/label`` and ``GET /feedback/rates``."""
 
     async def query(model, since, anomalous, limit, cursor) -> list[dict]:
-        lg = need_log()
+        lg = _need_log(log)
         return await asyncio.to_thread(lg.query, model, _since(since), anomalous, limit, cursor)
 
     @api.get("/results", summary="logged results, oldest first after the cursor")
@@ -207,37 +217,43 @@ def router(registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics, fp
                       anomalous: bool | None = None, limit: int = Query(100, ge=1, le=10_000),
                       cursor: int | None = Query(None, ge=0, le=MAX_CURSOR,
                                                  description="the next_cursor of the previous page")) -> dict:
-        rows = rows_out(await query(model, since, anomalous, limit, cursor))
+        rows = _rows_out(await query(model, since, anomalous, limit, cursor))
         return {"results": rows, "next_cursor": rows[-1]["seq"] if len(rows) == limit else None}
 
     @api.get("/results.csv", response_class=PlainTextResponse, summary="logged results as CSV")
     async def results_csv(model: str | None = None, since: str | None = None, anomalous: bool | None = None,
                           limit: int = Query(100_000, ge=1, le=1_000_000),
                           cursor: int | None = Query(None, ge=0, le=MAX_CURSOR)) -> Response:
-        lg, since = need_log(), _since(since)  # bad parameters answer 422 before the first byte
+        lg, since = _need_log(log), _since(since)  # bad parameters answer 422 before the first byte
         # a sync iterator: Starlette reads it in its worker threads, a page at a time (never on the event loop)
         return StreamingResponse(lg.csv_stream(model, since, anomalous, limit, cursor), media_type="text/csv",
                                  headers={"Content-Disposition": 'attachment; filename="results.csv"'})
 
     @api.post("/results/{rid}/label", summary="mark a logged result good (a false alarm) or defect")
     async def label(rid: str, label: str | None = Body(..., embed=True, description="good, defect or null")) -> dict:
-        lg = need_log()
+        lg = _need_log(log)
         if label is not None and label not in LABELS:
             raise HTTPException(422, f"label must be one of {', '.join(LABELS)} or null, got {label!r}")
         try:
             row = await asyncio.to_thread(lg.label, rid, label)
         except KeyError:
             raise HTTPException(404, f"no logged result with id {rid!r}") from None
-        return rows_out([row])[0]
+        return _rows_out([row])[0]
 
     @api.get("/feedback/rates", summary="realised FPR and TPR per model and version, from the labels")
     async def rates() -> list[dict]:
-        return await asyncio.to_thread(need_log().rates)
+        return await asyncio.to_thread(_need_log(log).rates)
+
+
+def _feedback_routes(api: APIRouter, registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics,
+                     run_blocking: Callable) -> None:
+    """``POST /models/NAME/update``, ``POST /models/NAME/rollback`` and ``GET /models/NAME/versions``."""
+    changing: dict[str, asyncio.Lock] = {}  # per model: one update or rollback at a time
 
     @api.post("/models/{name}/update", summary="add the good-marked images to the model as a new version (admin)")
     async def update(name: str) -> dict:
-        need_model(name)
-        lg = need_log()
+        _need_model(registry, name)
+        lg = _need_log(log)
         if lg.keep_dir is None:
             raise HTTPException(409, "feedback needs the images: start the service with --keep-images DIR")
         async with changing.setdefault(name, asyncio.Lock()):  # two updates never add the same images twice
@@ -253,7 +269,7 @@ def router(registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics, fp
 
     @api.post("/models/{name}/rollback", summary="serve the previous version of the model again (admin)")
     async def rollback(name: str) -> dict:
-        need_model(name)
+        _need_model(registry, name)
         async with changing.setdefault(name, asyncio.Lock()):
             out = await run_blocking(registry.rollback, name)  # answers 409 for an UpdateError
             if log is not None:
@@ -263,8 +279,14 @@ def router(registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics, fp
 
     @api.get("/models/{name}/versions", summary="the model's version history")
     async def versions(name: str) -> dict:
-        need_model(name)
+        _need_model(registry, name)
         return registry.info(name)
+
+
+def _drift_routes(api: APIRouter, registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics,
+                  fpr_of: Callable[[str], float], threshold_of: Callable[[str], float | None]
+                  ) -> Callable[[], Awaitable[dict]]:
+    """``GET /models/NAME/history`` and ``GET /metrics``; returns ``all_drift()``, each model's drift tests."""
 
     def model_drift(name: str, window: int) -> tuple[dict, list[dict]]:
         _, version, _ = registry.current(name)
@@ -274,8 +296,8 @@ def router(registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics, fp
 
     @api.get("/models/{name}/history", summary="recent scores with the threshold, and the drift tests")
     async def history(name: str, limit: int = Query(WINDOW, ge=1, le=10_000)) -> dict:
-        need_model(name)
-        lg = need_log()
+        _need_model(registry, name)
+        lg = _need_log(log)
         rows = await asyncio.to_thread(lg.query, name, None, None, limit, None, None, None, True)
         d, _ = await asyncio.to_thread(model_drift, name, WINDOW)
         return {"model": name, "version": registry.current(name)[1], "threshold": threshold_of(name),
@@ -301,8 +323,7 @@ def router(registry: ModelRegistry, log: ResultsLog | None, metrics: Metrics, fp
             metrics.log_image_failures.set(log.image_failures)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    api.all_drift = all_drift  # used by /health
-    return api
+    return all_drift
 
 
 def check_exposure(host: str, keys: KeyStore | None, insecure: bool) -> None:
