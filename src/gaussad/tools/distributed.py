@@ -146,12 +146,6 @@ def _layout_task(settings: dict):
         return layout_of(_extractor(settings), settings)
 
 
-def _auto_task(settings: dict, images: list) -> dict:
-    from ..intake.features import auto_settings
-
-    return auto_settings(images, settings)
-
-
 def _fit_task(settings: dict, images: list, lo: int, n_total: int, on_error: str):
     from ..detector.fitting import Trainer, layout_of
 
@@ -271,6 +265,7 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     Partitions are submitted :data:`WINDOW_PER_THREAD` per worker thread ahead of the client, so neither the
     workers nor the client hold more than a window of them whatever the number of images."""
     from ..detector import params
+    from ..detector.resolve import resolve
     from ..intake.features import progress_bar, tiles_sample
     from ..detector.fitting import Trainer
     from ..intake.images import image_list
@@ -279,7 +274,7 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     check_fit(model, len(images))
     settings = params.resolved(model.get_params())
     if "auto" in (settings["input_size"], settings["map_tiles"]):  # decided on a worker, which sees the files
-        settings.update(_result(client.submit(_auto_task, settings, tiles_sample(images), pure=False)))
+        settings = _result(client.submit(resolve, settings, tiles_sample(images), pure=False))
     progress = model.verbose if progress is None else progress
     layout_future = client.submit(_layout_task, settings, pure=False)
     stats = TreeReduction(client, _merge)

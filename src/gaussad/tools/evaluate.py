@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from ..detector import params as parameters
+from ..detector import params as parameters, resolve
 from .datasets import Category, find_categories, kfold_indices
 from ..errors import GaussadError
-from ..intake.features import AUTO_SETTINGS, auto_settings
+from ..intake.features import AUTO_SETTINGS, ExtractorCache
 from ..detector.model import GaussianAD
 from .report import auto_text
 from ..core.threshold import METHODS
@@ -65,17 +65,6 @@ def load_masks(category: Category, size: int) -> np.ndarray:
             with Image.open(path) as m:
                 out[i] = np.asarray(m.convert("L").resize((size, size), Image.NEAREST)) > 127
     return out
-
-
-def extract(model: GaussianAD, files: list, desc: str, with_maps: bool) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
-    """Pooled features of ``files`` and, if asked, their raw feature maps (per image, one (C, H, W) array per map
-    level: sizes differ between images with the aspect-kept resize), in one pass."""
-    pooled, fmaps = [], []
-    for _, batch, fm in model.iter_features(files, desc, maps=with_maps):
-        pooled.append(batch)
-        if with_maps:
-            fmaps.extend(list(image) for image in zip(*fm))
-    return [np.concatenate(p) for p in zip(*pooled)], fmaps
 
 
 def evaluate_category(category: Category, features: tuple[list[np.ndarray], list[np.ndarray]], params: dict[str, Any],
@@ -237,20 +226,18 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     categories = find_categories(root)
-    extractor_model = GaussianAD(**params, verbose=verbose)
-    parameters.validate(extractor_model.get_params())
-    given = {k: extractor_model.get_params()[k] for k in AUTO_SETTINGS}
-    auto = {k for k in AUTO_SETTINGS if extractor_model.setting(k) == "auto"}  # decided per category
+    given = {**parameters.defaults(), **params}
+    parameters.validate(given)
+    auto = {k for k in AUTO_SETTINGS if parameters.effective(given, k) == "auto"}  # decided per category
+    cache = ExtractorCache()
     results: dict[str, Any] = {}
     for cat in categories:
-        # input_size and map_tiles 'auto' decided per category from its training images, as fit would decide them
-        extractor_model.set_params(**given)
-        extractor_model.set_params(**auto_settings(cat.train_files, parameters.resolved(extractor_model.get_params())))
-        extractor = extractor_model.feature_extractor()
+        # input_size and map_tiles 'auto' decided per category from its training images, as fit decides them
+        extractor = resolve.extractor(resolve.resolve(given, cat.train_files), cache)
         with_maps = bool(extractor.map_levels)  # the fused score needs map peaks, masks or not
         extractor.calibrate(cat.train_files)  # int8: the network quantized on this category's training images
-        train, train_maps = extract(extractor_model, cat.train_files, f"{cat.name} train", with_maps)
-        test, test_maps = extract(extractor_model, cat.test_files, f"{cat.name} test", with_maps)
+        train, train_maps = resolve.features(extractor, cat.train_files, f"{cat.name} train", with_maps, verbose)
+        test, test_maps = resolve.features(extractor, cat.test_files, f"{cat.name} test", with_maps, verbose)
         masks = load_masks(cat, extractor.input_size) if with_maps and cat.has_masks else None
         fmaps = (train_maps, test_maps, masks) if with_maps else None
         extra = None if details is None else details.setdefault(cat.name, {"category": cat})
@@ -259,27 +246,28 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
                                                  map_size=extractor.input_size),
                              "input_size": extractor.input_size, "map_tiles": extractor.map_tiles}
     aurocs = [r["image_auroc"] for r in results.values()]
+    setting = lambda name: parameters.effective(given, name)  # noqa: E731
     sem = float(np.std(aurocs, ddof=1) / math.sqrt(len(aurocs))) if len(aurocs) > 1 else 0.0
     report = {
         "protocol": protocol,
-        "preset": extractor_model.setting("preset"),
+        "preset": setting("preset"),
         "backbone": params.get("backbone", "efficientnet-lite0"),
         "input_size": "auto" if "input_size" in auto else extractor.input_size,
         "levels": extractor.level_names,
         "map_levels": extractor.map_level_names,
-        "map_method": extractor_model.setting("map_method") if extractor.map_levels else None,
-        "map_pool": extractor_model.setting("map_pool") if extractor.map_levels else None,
-        "map_grid": extractor_model.setting("map_grid") if extractor.map_levels else None,
+        "map_method": setting("map_method") if extractor.map_levels else None,
+        "map_pool": setting("map_pool") if extractor.map_levels else None,
+        "map_grid": setting("map_grid") if extractor.map_levels else None,
         "map_tiles": "auto" if "map_tiles" in auto else extractor.map_tiles,  # 'auto': per category
         "estimator": params.get("estimator", "ledoit-wolf"),
         "reduction": params.get("reduction"),
         "variance": params.get("variance", 0.99) if params.get("reduction") else None,
-        "normalize": extractor_model.setting("normalize"),
-        "resize": extractor_model.setting("resize"),
-        "pool": extractor_model.setting("pool"),
+        "normalize": setting("normalize"),
+        "resize": setting("resize"),
+        "pool": setting("pool"),
         # the decision a model of these parameters makes: its rows of "thresholds" ("fused" for a fused score)
-        "decision": {"rule": "fused" if extractor_model.setting("image_score") == "fused"
-                     else extractor_model.setting("threshold"), "fpr": extractor_model.fpr},
+        "decision": {"rule": "fused" if setting("image_score") == "fused" else setting("threshold"),
+                     "fpr": given["fpr"]},
         "categories": results,
         "n_categories": len(results),
         "mean_image_auroc": float(np.mean(aurocs)),

@@ -363,23 +363,7 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     state: DetectorState = model.state_
     rule = model.rule()
     maps = maps or rule.fused  # a fused image score needs the map peak: its graph always computes the map
-    if model.backbone is None:
-        raise GaussadError("this model works on plain feature arrays (backbone=None): there is no network to export")
-    if maps and not state.has_maps:
-        raise GaussadError("--maps: this model has no anomaly maps (fit it with --preset recommended or --map-levels)")
-    if maps and not state.map_banks:
-        raise GaussadError("--maps: only nearest-neighbour maps (--map-method nearest, the recommended preset's) can be "
-                           "exported; export without --maps")
-    if maps and model.map_tiles_ > 1:
-        raise GaussadError(f"--maps: this model's maps are tiled (map_tiles={model.map_tiles_}"
-                           f"{' decided by auto' if model.setting('map_tiles') == 'auto' else ''}) and the graph does "
-                           "not tile; export without --maps, or fit with --map-tiles 1 (or --preset fast)")
-    if maps and state.map_grid != "coarsest":
-        raise GaussadError("--maps: only maps on the coarsest grid (--map-grid coarsest, every preset's) can be "
-                           "exported so far; export without --maps")
-    if rule.method == "hotelling":
-        raise GaussadError("the Hotelling p-value (F law) cannot be expressed in the graph: export a chi2 or conformal "
-                           "model (refit with --threshold chi2 or conformal)")
+    _check_exportable(model, state, rule, maps)
     rule.check(state, "cannot export: ")
     extractor = model.feature_extractor()
     layout = state.layout
@@ -425,8 +409,41 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     ] + ([helper.make_tensor_value_info("map", TensorProto.FLOAT, ["batch", layout.input_size, layout.input_size])]
          if maps else []))
     notes = [LIMITS, NO_MAPS] if state.has_maps and not maps else [LIMITS]
+    meta = _metadata(model, state, rule, extractor, maps, notes)
+    for key, value in meta.items():
+        net.metadata_props.add(key=key, value=value)
+    net.producer_name = "gaussad"
+    net.producer_version = __version__
+    onnx.checker.check_model(net)
+    return net.SerializeToString(), notes
+
+
+def _check_exportable(model, state: DetectorState, rule: DecisionRule, maps: bool) -> None:
+    """Refuse, naming the reason and the way out, what the graph cannot express."""
+    if model.backbone is None:
+        raise GaussadError("this model works on plain feature arrays (backbone=None): there is no network to export")
+    if maps and not state.has_maps:
+        raise GaussadError("--maps: this model has no anomaly maps (fit it with --preset recommended or --map-levels)")
+    if maps and not state.map_banks:
+        raise GaussadError("--maps: only nearest-neighbour maps (--map-method nearest, the recommended preset's) can be "
+                           "exported; export without --maps")
+    if maps and model.map_tiles_ > 1:
+        raise GaussadError(f"--maps: this model's maps are tiled (map_tiles={model.map_tiles_}"
+                           f"{' decided by auto' if model.setting('map_tiles') == 'auto' else ''}) and the graph does "
+                           "not tile; export without --maps, or fit with --map-tiles 1 (or --preset fast)")
+    if maps and state.map_grid != "coarsest":
+        raise GaussadError("--maps: only maps on the coarsest grid (--map-grid coarsest, every preset's) can be "
+                           "exported so far; export without --maps")
+    if rule.method == "hotelling":
+        raise GaussadError("the Hotelling p-value (F law) cannot be expressed in the graph: export a chi2 or conformal "
+                           "model (refit with --threshold chi2 or conformal)")
+
+
+def _metadata(model, state: DetectorState, rule: DecisionRule, extractor, maps: bool, notes: list[str]) -> dict[str, str]:
+    """The graph's metadata: the model's settings, its decision rule and what the graph leaves out."""
+    layout = state.layout
     limit = math.nan if rule.fused else rule.score_threshold(state)
-    meta = {
+    return {
         "gaussad.version": __version__, "gaussad.preset": str(model.setting("preset")),
         "gaussad.backbone": str(model.backbone), "gaussad.levels": ",".join(layout.level_names),
         "gaussad.input_size": str(layout.input_size), "gaussad.resize": extractor.resize,
@@ -440,9 +457,3 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
         "gaussad.limits": " ".join(notes),
         "gaussad.precision": "fp32" if state.network is None else f"int8 {state.int8_format}",
     }
-    for key, value in meta.items():
-        net.metadata_props.add(key=key, value=value)
-    net.producer_name = "gaussad"
-    net.producer_version = __version__
-    onnx.checker.check_model(net)
-    return net.SerializeToString(), notes

@@ -281,11 +281,10 @@ def _rank_key(row: dict[str, Any], pixels: bool) -> tuple[float, float, int]:
 def _in_use(setting: Mapping[str, Any], images: list) -> dict[str, Any]:
     """Every parameter's value as a fit on ``images`` would use it ('auto' decided): two settings that agree here
     give the same model."""
+    from ..detector.resolve import resolve
     from ..intake.backbones import get_spec
-    from ..intake.features import auto_settings
 
-    r = {k: v for k, v in params.resolved(setting).items() if k != "verbose"}
-    r.update(auto_settings(images, r))
+    r = {k: v for k, v in resolve(setting, images).items() if k != "verbose"}
     if r["input_size"] is None and r["backbone"] is not None:  # 'native', spelled as the size 'auto' gives
         r["input_size"] = get_spec(r["backbone"]).input_size
     return r
@@ -354,6 +353,25 @@ def _in_errors(d: float, se: float) -> str:
     return "infinitely many" if se == 0 else f"{d / se:.1f}"
 
 
+def _group_features(first: dict[str, Any], union: list[int], images: list, fit_files: list, scored: list,
+                    timings: dict[str, float], verbose: bool) -> tuple[Any, tuple, tuple]:
+    """The extractor of a group of settings that share their features (the union of their map levels), and the
+    features of the fit part and of the held-out images (timed into ``timings``)."""
+    from ..detector import resolve
+    from ..intake.backbones import get_spec
+
+    names = get_spec(first["backbone"]).level_names
+    # input_size and map_tiles 'auto' decided as the refit on these images decides them
+    extractor = resolve.extractor(resolve.resolve({**first, **SEARCH_ONLY, "verbose": verbose,
+                                                   "map_levels": [names[i] for i in union]}, images))
+    t0 = time.perf_counter()
+    size = extractor.input_size
+    fit = resolve.features(extractor, fit_files, f"tune {size} px: fit", bool(union), verbose)
+    held = resolve.features(extractor, scored, f"tune {size} px: held-out", bool(union), verbose)
+    timings[f"features_{size}px_s"] = timings.get(f"features_{size}px_s", 0.0) + time.perf_counter() - t0
+    return extractor, fit, held
+
+
 def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "small", budget: int = DEFAULT_BUDGET,
          base: Mapping[str, Any] | None = None, seed: int = 0, refit: bool = True, verbose: bool = False
          ) -> TuneResult:
@@ -365,10 +383,8 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
     (:func:`choose`); ties keep grid order."""
     import numpy as np
 
-    from .evaluate import extract
-    from ..intake.features import auto_settings
-    from ..intake.images import image_list
     from ..detector.model import GaussianAD
+    from ..intake.images import image_list
 
     started = time.perf_counter()
     base = {**params.defaults(), **(BASE if base is None else base), "random_state": seed}
@@ -398,22 +414,11 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
     try:
         for members in groups.values():
             union = sorted({lv for i in members for lv in _map_level_indices(settings[i])})
-            first = settings[members[0]]
-            extractor = GaussianAD(**{**first, **SEARCH_ONLY, "verbose": verbose})
-            from ..intake.backbones import get_spec
-
-            names = get_spec(first["backbone"]).level_names
-            extractor.set_params(map_levels=[names[i] for i in union])
-            # input_size and map_tiles 'auto' decided as the refit on these images would decide them
-            extractor.set_params(**auto_settings(images, params.resolved(extractor.get_params())))
-            t0 = time.perf_counter()
-            size = extractor.feature_extractor().input_size
-            fit = extract(extractor, fit_files, f"tune {size} px: fit", bool(union))
-            held = extract(extractor, scored, f"tune {size} px: held-out", bool(union))
-            timings[f"features_{size}px_s"] = timings.get(f"features_{size}px_s", 0.0) + time.perf_counter() - t0
+            extractor, fit, held = _group_features(settings[members[0]], union, images, fit_files, scored, timings,
+                                                   verbose)
             for i in members:
                 rows[i] = {"candidate": i, "default": same[i] and i == same.index(True),
-                           **_score(settings[i], fit, held, extractor.feature_extractor(), union, masks, labels)}
+                           **_score(settings[i], fit, held, extractor, union, masks, labels)}
                 if bar is not None:
                     bar.update(1)
             del fit, held
