@@ -34,8 +34,8 @@ fuzz: $(STAMP)
 # Throughput against the paper's pipeline and this machine's limits (see BENCHMARKS.md); JSON in out/.
 bench: $(STAMP)
 	mkdir -p out
-	$(BIN)/python -m bench.throughput --data $(SHARED)/mvtec_ad/bottle --runs 3 --json out/bench-bottle.json
-	$(BIN)/python -m bench.throughput --data $(SHARED)/magnetic_tile --runs 3 --rss-images 5000 --json out/bench-magnetic_tile.json
+	$(BIN)/python -m bench.speed.throughput --data $(SHARED)/mvtec_ad/bottle --runs 3 --json out/bench-bottle.json
+	$(BIN)/python -m bench.speed.throughput --data $(SHARED)/magnetic_tile --runs 3 --rss-images 5000 --json out/bench-magnetic_tile.json
 
 clean:
 	rm -rf $(VENV) demo-data out .pytest_cache .hypothesis
