@@ -40,8 +40,30 @@ def site_path(path: str) -> str | None:
     return None
 
 
+def parameter_table(root: Path) -> str:
+    """The parameter table of ``GaussianAD`` as Markdown, from ``gaussad.detector.params.PARAMS`` (the source of the
+    Parameters section that ``GaussianAD.__doc__`` gets at import, which the API reference's static reading of the
+    source cannot see)."""
+    import sys
+
+    sys.path.insert(0, str(root / "src"))
+    try:
+        from gaussad.detector import params
+    finally:
+        sys.path.pop(0)
+    rows = ["| parameter | default | meaning |", "|---|---|---|"]
+    for p in params.PARAMS:
+        default = "the preset's" if p.preset else f"`{p.default!r}`"
+        meaning = p.help + ("" if p.stored else " (not stored in model files)")
+        rows.append(f"| `{p.name}` | {default} | {meaning.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows)
+
+
 def on_page_markdown(markdown, page, config, files):
     src = page.file.src_uri
+    if "<!-- gaussad-parameters -->" in markdown:
+        markdown = markdown.replace("<!-- gaussad-parameters -->",
+                                    parameter_table(Path(config["config_file_path"]).parent))
     here = posixpath.dirname(repo_path(src))
 
     def rewrite(m: re.Match) -> str:
