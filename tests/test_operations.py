@@ -662,7 +662,7 @@ def test_feedback_on_bottle_clears_the_false_alarms_and_rollback_restores(tmp_pa
     folder = tmp_path / "models"
     folder.mkdir()
     # the recommended preset before issue 30 (global score, chi2): it flags good test images, the feedback's work
-    # (today's default flags none of them: README, "Which decision rule")
+    # (today's default flags none of them: docs/guide/thresholds.md, "Which decision rule")
     GaussianAD(image_score="global", threshold="chi2", input_size="native").fit(
         list_images(bottle / "train" / "good")[:40]).save(folder / "plain.gaussad")
     good = list_images(bottle / "test" / "good")
