@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import gaussad
-from bench.conformal_fpr import realised_fpr
+from bench.experiments.conformal_fpr import realised_fpr
 from gaussad import GaussianAD
 from gaussad.detector import params
 from gaussad.errors import DataError

@@ -1,5 +1,5 @@
-"""`gaussad export`: the whole detector as one ONNX graph agrees with the Python path; the README's standalone
-example runs with onnxruntime, numpy and Pillow only."""
+"""`gaussad export`: the whole detector as one ONNX graph agrees with the Python path; the deploy guide's
+standalone example (docs/guide/deploy.md) runs with onnxruntime, numpy and Pillow only."""
 
 from __future__ import annotations
 
@@ -150,8 +150,9 @@ README_EXAMPLE = re.compile(r"<!-- standalone-example -->\s*```python\n(.*?)```"
 
 
 def test_readme_example_runs_without_torch_or_gaussad(train_images, tmp_path):
-    """The README's example, verbatim, in a process where importing torch or gaussad fails."""
-    code = README_EXAMPLE.search((ROOT / "README.md").read_text()).group(1)
+    """The deploy guide's example (docs/guide/deploy.md, once README's), verbatim, in a process where importing torch
+    or gaussad fails."""
+    code = README_EXAMPLE.search((ROOT / "docs" / "guide" / "deploy.md").read_text()).group(1)
     assert len(code.strip().splitlines()) <= 20
     model = gaussad.GaussianAD(**TINY, threshold="conformal", fpr=0.2).fit(train_images)
     model.save(tmp_path / "m.gaussad")

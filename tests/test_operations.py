@@ -548,7 +548,8 @@ def test_drift_alarm_in_health_and_history(model_dir, tiny_category, tmp_path):
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_load_with_the_log_answers_everything_and_logs_each_image_once(backend, served_dir, tiny_category, tmp_path,
                                                                       request):
-    from bench.serve_load import check, log_check, run_load, serving
+    from bench.common import serving
+    from bench.speed.serve_load import check, log_check, run_load
 
     db = str(tmp_path / "results.sqlite") if backend == "sqlite" else request.getfixturevalue("db_url_postgresql")
     images = list_images(tiny_category / "test" / "good") + list_images(tiny_category / "test" / "patch")
@@ -592,7 +593,7 @@ def test_page_in_chromium_key_feedback_and_new_version(served_dir, tiny_category
     executable = _chromium()
     from playwright.sync_api import sync_playwright
 
-    from bench.serve_load import serving
+    from bench.common import serving
 
     folder = tmp_path / "models"
     folder.mkdir()
@@ -661,7 +662,7 @@ def test_feedback_on_bottle_clears_the_false_alarms_and_rollback_restores(tmp_pa
     folder = tmp_path / "models"
     folder.mkdir()
     # the recommended preset before issue 30 (global score, chi2): it flags good test images, the feedback's work
-    # (today's default flags none of them: README, "Which decision rule")
+    # (today's default flags none of them: docs/guide/thresholds.md, "Which decision rule")
     GaussianAD(image_score="global", threshold="chi2", input_size="native").fit(
         list_images(bottle / "train" / "good")[:40]).save(folder / "plain.gaussad")
     good = list_images(bottle / "test" / "good")

@@ -255,7 +255,7 @@ def test_a_page_of_another_origin_cannot_update_or_score_in_chromium(served_dir,
     import shutil
     import urllib.request
 
-    from bench.serve_load import serving
+    from bench.common import serving
 
     from .test_serve import CHROMIUM_ARGS, _chromium
 

@@ -18,7 +18,8 @@ from PIL import Image
 from scipy import stats
 
 import gaussad
-from bench.serve_load import check, run_load, serving
+from bench.common import serving
+from bench.speed.serve_load import check, run_load
 from gaussad import GaussianAD
 from gaussad.cli import build_parser
 from gaussad.errors import DataError
