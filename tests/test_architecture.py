@@ -283,3 +283,34 @@ def test_recommended_preset_takes_the_backbones_map_levels():
     assert GaussianAD().setting("preset") == "recommended"
     assert GaussianAD(backbone="resnet18").setting("map_levels") == ("layer2", "layer3")
     assert GaussianAD(backbone=None, preset="recommended").setting("map_levels") == ()
+
+
+def test_no_function_in_the_package_is_longer_than_80_lines():
+    long = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long
+
+
+# What deciding means: a decision rule's methods, the model's shortcuts to them, and the modules that hold the laws.
+DECIDING_CALLS = {"rule", "decide", "score_threshold", "level_thresholds", "target_fpr", "rule_for", "fpr_note",
+                  "calibration_summary", "describe"}
+DECIDING_MODULES = {"gaussad.detector.decision", "gaussad.core.threshold", "gaussad.core.fusion"}
+
+
+def test_the_command_line_and_the_service_decide_nothing_themselves():
+    """They format what the inference pipeline (gaussad.detector.inference) answers: no call of a decision rule's
+    methods but through ``inference.``, no import of the modules that hold the rules and their laws (issue 31)."""
+    offences = []
+    for name, path in _modules().items():
+        if _wing(name) not in ("cli", "service"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in DECIDING_CALLS
+                    and not (isinstance(node.func.value, ast.Name) and node.func.value.id == "inference")):
+                offences.append(f"{name}:{node.lineno} calls .{node.func.attr}()")
+        offences += [f"{name} imports {module}" for module, _ in _imports(name, path) if module in DECIDING_MODULES]
+    assert not offences, "\n".join(offences)

@@ -92,7 +92,7 @@ class DecisionRule:
     def target_fpr(self, state: Calibrated) -> float:
         """The false-positive rate the rule decides at on ``state``: ``fpr``, except that a conformal rule (and a
         fused score's) cannot flag anything below ``1 / (n + 1)`` with n calibration scores, so it decides at that
-        smallest rate instead (:func:`supported_fpr`; README, "Which decision rule")."""
+        smallest rate instead (:func:`supported_fpr`; docs/guide/thresholds.md, "Which decision rule")."""
         return supported_fpr(self.fpr, calibration_size(state)) if self.method == "conformal" else self.fpr
 
     def level_thresholds(self, state: Calibrated, fpr: float | None = None) -> np.ndarray:

@@ -37,7 +37,8 @@ CV_BELOW = 500
 DEFAULT_SPLIT = 0.2
 
 # The preset of a model that names none. It was "paper" before issue 13: the paper's recipe flagged 55 % of bottle's
-# good test images with a conformal threshold calibrated on 40 training images, the recommended one 5 % (README).
+# good test images with a conformal threshold calibrated on 40 training images, the recommended one 5 % (EXPERIMENTS.md,
+# "Recommended as the default preset").
 DEFAULT_PRESET = "recommended"
 # A preset's value for map_levels and pool meaning "what the backbone's registry entry recommends" (plain features,
 # no backbone: no map levels, the average).
@@ -57,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Fisher's combination, full conformal prediction): the chi2 law does not hold on these features (it flagged
     # 10-100 % of good parts at a 1 % target), the conformal law does. The input size follows the training images
     # (``input_size='auto'``), and the maps are untiled: a larger input gives large images their detail in one
-    # network pass per image, where tiles cost 1 + K*K passes (README, "Which decision rule").
+    # network pass per image, where tiles cost 1 + K*K passes (docs/guide/thresholds.md, "Which decision rule").
     "recommended": {"input_size": "auto", "normalize": "native", "resize": "aspect", "pool": BACKBONE_CHOICE,
                     "map_levels": BACKBONE_CHOICE, "map_method": "nearest", "map_pool": 3, "map_grid": "coarsest",
                     "map_tiles": 1, "image_score": "fused", "threshold": "conformal"},

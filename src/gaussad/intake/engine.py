@@ -426,7 +426,7 @@ def fastest_engine(graph: str | os.PathLike | bytes, input_size: int, onnxruntim
     return GRAPH_ENGINES[choice](graph)
 
 
-# int8: ONNX Runtime's static quantization, as measured in bench/int8.py (BENCHMARKS.md, "int8"): shape inference and
+# int8: ONNX Runtime's static quantization, as measured in bench/speed/int8.py (BENCHMARKS.md, "int8"): shape inference and
 # graph optimisation first (without them ONNX Runtime fuses no quantized operator and int8 is no faster), then QDQ
 # with uint8 activations, their ranges the minima and maxima over the calibration inputs, and the weights of
 # INT8_FORMAT.

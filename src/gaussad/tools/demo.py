@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
           " pixel = pixel AUROC of the anomaly maps; map-max = image AUROC of each map's peak; hit = share of defective"
           " images whose map peak lies inside the defect; fused = image AUROC of the default's fused score; then each"
           " level's own AUROC.\nThresholds: realised false-positive rate on good test images / true-positive rate on"
-          " defective ones when each rule targets alpha; '(the model's)' marks the default's own decision (README,"
+          " defective ones when each rule targets alpha; '(the model's)' marks the default's own decision (docs/guide/thresholds.md,"
           " 'Which decision rule'). The texture set is easy: 1.000 and 0.000 are its real figures.")
     return 0
 

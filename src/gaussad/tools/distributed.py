@@ -261,7 +261,7 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     """Fit ``model`` (a :class:`~gaussad.GaussianAD`) on ``images`` (paths the workers can read, or arrays) with
     the workers of ``client``; returns the model. The Gaussians are those of ``model.fit(images)`` up to float
     rounding (merged moment statistics); each map bank is a streaming greedy selection over the partitions'
-    coresets as they arrive, so the client holds the banks and one buffer of candidates (README, "Distributed").
+    coresets as they arrive, so the client holds the banks and one buffer of candidates (docs/guide/dask.md).
     Partitions are submitted :data:`WINDOW_PER_THREAD` per worker thread ahead of the client, so neither the
     workers nor the client hold more than a window of them whatever the number of images."""
     from ..detector import params
