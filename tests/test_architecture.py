@@ -314,3 +314,41 @@ def test_the_command_line_and_the_service_decide_nothing_themselves():
                 offences.append(f"{name}:{node.lineno} calls .{node.func.attr}()")
         offences += [f"{name} imports {module}" for module, _ in _imports(name, path) if module in DECIDING_MODULES]
     assert not offences, "\n".join(offences)
+
+
+def test_a_new_parameter_in_a_copy_of_the_table_reaches_the_cli_the_file_and_the_reports(tiny_category, monkeypatch,
+                                                                                         tmp_path):
+    """Issue 31: one row is the whole truth. A row added to a copy of the table becomes a ``fit`` option checked as
+    the row says, a setting model files store (and a file with a bad value for it is refused, one without it reads
+    its default), and a column of evaluate's report and of ``GET /models``. The constructor's signature is the one
+    place a real parameter adds by hand: scikit-learn's rule of explicit arguments, held by the test above."""
+    from gaussad.detector.persistence import validate_meta
+    from gaussad.service.catalog import model_info
+    from gaussad.tools.evaluate import evaluate
+    from .conftest import TINY
+
+    row = params.Param("smoothing", 0.5, params.fraction(), "a new setting", flag="--smoothing",
+                       parse=float, report=True)
+    table = params.PARAMS + (row,)
+    monkeypatch.setattr(params, "PARAMS", table)
+    monkeypatch.setattr(params, "BY_NAME", {p.name: p for p in table})
+    monkeypatch.setattr(GaussianAD, "smoothing", 0.5, raising=False)  # what the constructor would store
+    # the command line: fit has the option, checked by the row
+    fit = build_parser()._subparsers._group_actions[0].choices["fit"]
+    args = fit.parse_args([str(tiny_category), "-o", "m.gaussad", "--smoothing", "0.25"])
+    assert params.from_args(args, params.cli_names("model"))["smoothing"] == 0.25
+    with pytest.raises(SystemExit):
+        fit.parse_args([str(tiny_category), "-o", "m.gaussad", "--smoothing", "2"])
+    # the file: a fitted model stores it, the metadata check refuses a bad value, an older file reads the default
+    model = GaussianAD(**TINY).fit(sorted((tiny_category / "train" / "good").iterdir())[:4])
+    model.smoothing = 0.25
+    meta = json.loads(json.dumps(model.metadata()))
+    assert meta["smoothing"] == 0.25
+    validate_meta(meta)
+    with pytest.raises(ValueError, match="smoothing"):
+        validate_meta({**meta, "smoothing": 2.0})
+    assert params.from_stored({k: v for k, v in meta.items() if k != "smoothing"})["smoothing"] == 0.5
+    # the reports
+    assert model_info("m", model, None)["smoothing"] == 0.25
+    report = evaluate(tiny_category, **{**TINY, "map_levels": []})
+    assert report["smoothing"] == 0.5

@@ -220,7 +220,8 @@ class Param:
     ``parse`` spell it on the command line (no flag: not a CLI option); ``group`` is the CLI option group.
     ``features``: it shapes the features, so statistics fitted with other values cannot be combined (``merge``,
     ``partial_fit``; :data:`gaussad.detector.state.FEATURE_SETTINGS`); ``legacy``: what model files written before the
-    parameter existed meant by its absence.
+    parameter existed meant by its absence. ``report``: the reports show it (``evaluate``'s, ``GET /models``:
+    :func:`reported`), as None where the setting ``needs`` is empty (map settings without map levels).
     """
 
     name: str
@@ -237,52 +238,54 @@ class Param:
     group: str = "model"
     features: bool = False
     legacy: Any = None
+    report: bool = False
+    needs: str | None = None
 
 
 PARAMS: tuple[Param, ...] = (
     Param("backbone", "efficientnet-lite0", _backbone, "feature network (see `gaussad backbones`)",
-          features=True, flag="--backbone"),
+          features=True, flag="--backbone", report=True),
     Param("levels", None, optional(_levels),
           "comma-separated levels by name or index (EfficientNet, MobileNetV2: stem,stage1..stage7,head = 0..8; "
           "ResNet: stem,layer1..layer4 = 0..4); default all",
-          learned="levels_", flag="--levels", parse=_text_list),
+          learned="levels_", flag="--levels", parse=_text_list, report=True),
     Param("input_size", None, optional(_input_size),
           "input size S in pixels: the side of the square input, or with --resize aspect the side of a square of "
           "the same area; native = the backbone's own size (paper and fast presets); auto (recommended preset): "
           f"decided at fit from the training images' size: about {AUTO_LARGE_INPUT:g}x native (384 px for "
           "EfficientNet-Lite0) where the median training image is at least that large, else native (never "
           "upscaling)", learned="input_size_", preset=True, flag="--input-size", parse=_input_size_text,
-          metavar="S|auto|native"),
+          metavar="S|auto|native", report=True),
     Param("weights", None, optional(_path),
           "local weights file for the backbone (.pth/.pt state dict or .safetensors); required for "
           "efficientnet-b0..b7 and the ResNets", features=True, flag="--weights", parse=str, metavar="FILE"),
     Param("estimator", "ledoit-wolf", choice(ESTIMATORS), "covariance estimator or baseline", flag="--estimator",
-          choices=ESTIMATORS),
+          choices=ESTIMATORS, report=True),
     Param("reduction", None, choice(REDUCTIONS),
           "pca keeps the high-variance components, npca the low-variance ones", flag="--reduction",
-          parse=_none_or_text, choices=("none", "pca", "npca")),
+          parse=_none_or_text, choices=("none", "pca", "npca"), report=True),
     Param("variance", 0.99, fraction(), "explained-variance threshold for pca/npca", flag="--variance",
-          parse=_float_text),
+          parse=_float_text, report=True, needs="reduction"),
     Param("normalize", None, optional(choice(NORMALIZATIONS)),
           "input normalisation: ImageNet mean/std as the paper, or the backbone's own training normalisation "
-          "(EfficientNet-Lite: (x-127)/128)", preset=True, features=True, flag="--normalize", choices=NORMALIZATIONS),
+          "(EfficientNet-Lite: (x-127)/128)", preset=True, features=True, flag="--normalize", choices=NORMALIZATIONS, report=True),
     Param("resize", None, optional(choice(RESIZES)),
           "square: plain resize to S x S as the paper; aspect: keep the image's proportions at about S x S "
-          "pixels (sides multiples of 32)", preset=True, features=True, flag="--resize", choices=RESIZES),
+          "pixels (sides multiples of 32)", preset=True, features=True, flag="--resize", choices=RESIZES, report=True),
     Param("pool", None, optional(choice(POOLS)),
           "global features of each level: avg = each channel's average over the feature map (the paper); avg+std "
           "= for the map levels also each channel's spread over the map, the square root of its standard deviation "
           "(a small defect moves a channel's spread more than its average), the other levels their average; "
           "nothing changes without map levels. The recommended preset takes the backbone's own (EfficientNet-Lite: "
-          "avg+std; others: avg)", preset=True, features=True, legacy="avg", flag="--pool", choices=POOLS),
+          "avg+std; others: avg)", preset=True, features=True, legacy="avg", flag="--pool", choices=POOLS, report=True),
     Param("map_levels", None, optional(_levels), "comma-separated levels for anomaly maps, or 'none'",
-          learned="map_levels_", preset=True, flag="--map-levels", parse=_map_level_list),
+          learned="map_levels_", preset=True, flag="--map-levels", parse=_map_level_list, report=True),
     Param("map_method", None, optional(choice(MAP_METHODS)),
           "anomaly-map scoring: one Gaussian per level shared by all positions, or the distance to the nearest "
-          "location of a memory bank of training locations", preset=True, features=True, flag="--map-method", choices=MAP_METHODS),
+          "location of a memory bank of training locations", preset=True, features=True, flag="--map-method", choices=MAP_METHODS, report=True, needs="map_levels"),
     Param("map_pool", None, optional(integer(1, MAX_MAP_POOL, odd=True)),
           "average location vectors over K x K neighbourhoods before scoring them (odd K; 1 = off)", preset=True,
-          features=True, flag="--map-pool", parse=_int_text, metavar="K"),
+          features=True, flag="--map-pool", parse=_int_text, metavar="K", report=True, needs="map_levels"),
     Param("map_coreset", 0.1, fraction(include_one=True),
           "fraction of the training locations kept in each memory bank (greedy k-centre coreset; nearest maps "
           "only)", flag="--map-coreset", parse=_float_text, metavar="F"),
@@ -290,7 +293,7 @@ PARAMS: tuple[Param, ...] = (
           "where map levels meet: coarsest = each level averaged down to the coarsest map level's grid and scored "
           "on its own (one bank per level); finest = PatchCore's recipe, every level upsampled to the finest map "
           "level's grid and concatenated into one vector per location (one bank)", preset=True, features=True, legacy="coarsest", flag="--map-grid",
-          choices=MAP_GRIDS),
+          choices=MAP_GRIDS, report=True, needs="map_levels"),
     Param("map_tiles", None, optional(_tiles),
           "tile the anomaly maps: the image resized to about K tiles of side S along each side (S + (K-1) x the tile "
           "step, tiles overlapping by about S/4), each tile run through the network at S, the map levels' feature "
@@ -299,20 +302,20 @@ PARAMS: tuple[Param, ...] = (
           "decided at fit from the training images' size, the most tiles up to "
           f"{AUTO_MAX_TILES} whose map image is no larger than the images (1 for images under about 384 px at "
           "S = 224)",
-          learned="map_tiles_", preset=True, features=True, legacy=1, flag="--map-tiles", parse=_tiles_text, metavar="K|auto"),
+          learned="map_tiles_", preset=True, features=True, legacy=1, flag="--map-tiles", parse=_tiles_text, metavar="K|auto", report=True),
     Param("precision", "fp32", choice(PRECISIONS),
           "network arithmetic: fp32, or int8 = the network statically quantized at fit (ONNX Runtime, QDQ, "
           "per-channel 7-bit weights, which score alike on CPUs with and without VNNI, the first three convolutions "
           "and the last in fp32; uint8 activations calibrated on 64 training images spread over the list), about 2x "
           "faster on CPU for a small AUROC change (BENCHMARKS.md), the quantized network (a few MB) stored in the "
-          "model file; needs an ONNX engine (onnxruntime, openvino or auto)", flag="--precision", choices=PRECISIONS),
+          "model file; needs an ONNX engine (onnxruntime, openvino or auto)", flag="--precision", choices=PRECISIONS, report=True),
     Param("preset", None, optional(choice(PRESETS)),
           "recommended (default): the fused image score decided by its conformal law at --fpr, the input size "
           "following the training images (input_size auto), the backbone's own input normalisation, aspect-kept "
           "resize, and nearest-neighbour anomaly maps from the backbone's map levels (EfficientNet: "
           "stage2-stage7; see README for the figures); fast: recommended at the backbone's native input size; "
           "paper: the paper's recipe (global features only, ImageNet normalisation, square resize, chi2)",
-          flag="--preset", choices=tuple(PRESETS)),
+          flag="--preset", choices=tuple(PRESETS), report=True),
     Param("image_score", None, optional(choice(IMAGE_SCORES)),
           "image score and decision: global = the mean over levels of the Mahalanobis distances; fused = the global "
           "score and the anomaly map's peak, each a p-value against out-of-fold scores of the training images "
@@ -486,6 +489,18 @@ def numpydoc(indent: str = "    ") -> str:
 
 
 # ----- model files ---------------------------------------------------------------------------------------------
+def reported(params: Mapping[str, Any], fitted: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings a report shows (the rows marked ``report``, in table order): each value in use, a learned one as
+    ``fitted`` gives it (the levels' names, the input size 'auto' decided...), None where the setting it ``needs``
+    is empty (the map settings of a model without map levels, the variance without a reduction)."""
+    fitted = fitted or {}
+
+    def value(name: str) -> Any:
+        return fitted[name] if name in fitted else effective(params, name)
+
+    return {p.name: None if p.needs and not value(p.needs) else _json_value(value(p.name)) for p in PARAMS if p.report}
+
+
 def _json_value(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)

@@ -22,7 +22,7 @@ from . import params
 from ..version import __version__
 from ..errors import GaussadError, ModelFormatError
 from ..intake.files import open_regular_file, write_atomic
-from .params import (ESTIMATORS, MAP_GRIDS, MAP_METHODS, MAX_INPUT_SIZE, MAX_MAP_POOL, MAX_MAP_TILES, NORMALIZATIONS, POOLS, PRESETS, REDUCTIONS, RESIZES)
+from .params import MAX_INPUT_SIZE, MAX_MAP_TILES
 from .decision import DecisionRule
 from ..intake.engine import INT8_FORMATS, warn_if_int8_saturates
 from .state import DetectorState
@@ -144,14 +144,18 @@ def _is_number(value: Any) -> bool:
 
 
 def validate_meta(meta: Any) -> None:
-    """Check the metadata schema: types, ranges and consistent lengths (ValueError says what is wrong)."""
+    """Check the metadata: every stored setting as the parameter table checks it (the values a model file's
+    absent keys meant included, :func:`~gaussad.detector.params.from_stored`), then what the table cannot know: the
+    learned structure's types, ranges and consistent lengths (ValueError says what is wrong)."""
     _need(isinstance(meta, dict), "metadata is not a JSON object")
     missing = [k for k in ("backbone", "weights", "levels", "level_names", "input_size", "normalize", "estimator",
                            "reduction", "variance", "n_samples", "feature_dims", "gaussians", "preset", "map_levels",
                            "map_level_names", "map_gaussians") if k not in meta]
     _need(not missing, f"metadata lacks {', '.join(missing)}")
-    _need(meta["backbone"] is None or isinstance(meta["backbone"], str), "backbone must be a name or null")
-    _need(meta["weights"] is None or isinstance(meta["weights"], str), "weights must be a path or null")
+    try:
+        params.validate(params.from_stored(meta))
+    except GaussadError as exc:
+        raise ValueError(str(exc)) from None
     levels, names, dims = meta["levels"], meta["level_names"], meta["feature_dims"]
     _need(isinstance(levels, list) and len(levels) >= 1 and all(_is_int(v, 0) for v in levels)
           and len(set(levels)) == len(levels), "levels must be a non-empty list of distinct non-negative integers")
@@ -161,26 +165,14 @@ def validate_meta(meta: Any) -> None:
           "feature_dims must be one positive integer per level")
     size = meta["input_size"]
     _need(size is None or _is_int(size, 1, MAX_INPUT_SIZE), f"input_size must be 1..{MAX_INPUT_SIZE} or null")
-    _need(meta["normalize"] in NORMALIZATIONS, f"unknown normalize {str(meta['normalize'])[:40]!r}")
-    _need(meta.get("resize", "square") in RESIZES, f"unknown resize {str(meta.get('resize'))[:40]!r}")
-    _need(meta.get("pool", "avg") in POOLS, f"unknown pool {str(meta.get('pool'))[:40]!r}")
-    _need(meta["estimator"] in ESTIMATORS, f"unknown estimator {str(meta['estimator'])[:40]!r}")
-    _need(meta["reduction"] in REDUCTIONS, f"unknown reduction {str(meta['reduction'])[:40]!r}")
-    _need(_is_number(meta["variance"]) and 0.0 < meta["variance"] < 1.0, "variance must lie in (0, 1)")
     _need(_is_int(meta["n_samples"], 2), "n_samples must be an integer >= 2")
-    _need(meta["preset"] is None or meta["preset"] in PRESETS, f"unknown preset {str(meta['preset'])[:40]!r}")
     map_levels, map_names, map_gaussians = meta["map_levels"], meta["map_level_names"], meta["map_gaussians"]
     _need(isinstance(map_levels, list) and all(_is_int(v, 0) for v in map_levels)
           and len(set(map_levels)) == len(map_levels), "map_levels must be a list of distinct non-negative integers")
     _need(isinstance(map_names, list) and len(map_names) == len(map_levels) and all(isinstance(v, str) for v in map_names),
           "map_level_names must be one name per map level")
-    method, pool, coreset = (meta.get("map_method", "gaussian"), meta.get("map_pool", 1),
-                             meta.get("map_coreset", 0.1))
-    _need(method in MAP_METHODS, f"unknown map_method {str(method)[:40]!r}")
-    _need(_is_int(pool, 1, MAX_MAP_POOL) and pool % 2 == 1, f"map_pool must be an odd integer 1..{MAX_MAP_POOL}")
-    _need(_is_number(coreset) and 0.0 < coreset <= 1.0, "map_coreset must lie in (0, 1]")
-    grid = meta.get("map_grid", "coarsest")
-    _need(grid in MAP_GRIDS, f"unknown map_grid {str(grid)[:40]!r}")
+    stored = params.from_stored(meta)
+    method, grid = params.effective(stored, "map_method"), params.effective(stored, "map_grid")
     _need(_is_int(meta.get("map_tiles", 1), 1, MAX_MAP_TILES), f"map_tiles must be an integer 1..{MAX_MAP_TILES}")
     n_maps = min(len(map_levels), 1) if grid == "finest" else len(map_levels)
     banks = meta.get("map_banks", [])

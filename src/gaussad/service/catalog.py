@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..detector import inference
+from ..detector import inference, params
 from ..detector.heatmap import heat_scale
 from ..detector.model import GaussianAD, load
 from ..errors import DataError
@@ -47,11 +47,14 @@ def load_models(folder: str | os.PathLike) -> dict[str, GaussianAD]:
 
 
 def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
-    """What ``GET /models`` says about one model."""
-    return {"name": name, "backbone": model.backbone, "preset": model.setting("preset"),
-            "input_size": model.input_size_, "levels": list(model.level_names_), "n_samples": int(model.n_samples_),
-            "maps": model.has_maps, "map_levels": list(model.map_level_names_), "map_tiles": model.map_tiles_,
-            "pool": model.state_.layout.setting("pool"), "precision": model.precision,
+    """What ``GET /models`` says about one model: its settings as every report shows them (the parameter table's
+    :func:`~gaussad.detector.params.reported`, the learned ones as fitted), how it decides at the service's ``fpr``
+    and its calibration."""
+    fitted = {"input_size": model.input_size_, "levels": list(model.level_names_),
+              "map_levels": list(model.map_level_names_), "map_tiles": model.map_tiles_,
+              "pool": model.state_.layout.setting("pool")}
+    return {"name": name, **params.reported(model.get_params(), fitted), "n_samples": int(model.n_samples_),
+            "maps": model.has_maps,
             "int8": None if model.state_.network is None else int8_summary(model.state_.int8_format, model.state_.int8_isa),
             "threshold": inference.decision(model, fpr),
             "heat_scale": asdict(heat_scale(model.state_.map_calibration)) if model.has_maps else None,

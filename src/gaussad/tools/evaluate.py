@@ -248,23 +248,12 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
     aurocs = [r["image_auroc"] for r in results.values()]
     setting = lambda name: parameters.effective(given, name)  # noqa: E731
     sem = float(np.std(aurocs, ddof=1) / math.sqrt(len(aurocs))) if len(aurocs) > 1 else 0.0
+    fitted = {"input_size": "auto" if "input_size" in auto else extractor.input_size, "levels": extractor.level_names,
+              "map_levels": extractor.map_level_names,
+              "map_tiles": "auto" if "map_tiles" in auto else extractor.map_tiles}  # 'auto': per category
     report = {
         "protocol": protocol,
-        "preset": setting("preset"),
-        "backbone": params.get("backbone", "efficientnet-lite0"),
-        "input_size": "auto" if "input_size" in auto else extractor.input_size,
-        "levels": extractor.level_names,
-        "map_levels": extractor.map_level_names,
-        "map_method": setting("map_method") if extractor.map_levels else None,
-        "map_pool": setting("map_pool") if extractor.map_levels else None,
-        "map_grid": setting("map_grid") if extractor.map_levels else None,
-        "map_tiles": "auto" if "map_tiles" in auto else extractor.map_tiles,  # 'auto': per category
-        "estimator": params.get("estimator", "ledoit-wolf"),
-        "reduction": params.get("reduction"),
-        "variance": params.get("variance", 0.99) if params.get("reduction") else None,
-        "normalize": setting("normalize"),
-        "resize": setting("resize"),
-        "pool": setting("pool"),
+        **parameters.reported(given, fitted),
         # the decision a model of these parameters makes: its rows of "thresholds" ("fused" for a fused score)
         "decision": {"rule": "fused" if setting("image_score") == "fused" else setting("threshold"),
                      "fpr": given["fpr"]},
