@@ -64,3 +64,9 @@ def result_rows(names: Sequence[str], level_names: Sequence[str], levels: np.nda
     for row, why in zip(rows, evidence or ()):
         row["evidence"] = why
     return rows
+
+
+def unread_row(name: str, message: str) -> dict:
+    """The row of an image that could not be read, where a results file keeps one per input (``score --dask``): its
+    name, every result None, and ``error``, what went wrong."""
+    return {"path": str(name), **{k: None for k in REQUIRED[1:]}, "evidence": None, "error": message}

@@ -385,6 +385,7 @@ def _score_task(model_path: str, key: str, names: list[str], paths: list[str], i
     import numpy as np
 
     from ..detector import inference, params
+    from ..detector.results import unread_row
 
     with _WORKER["lock"]:
         model = _worker_model(model_path, key)
@@ -401,8 +402,7 @@ def _score_task(model_path: str, key: str, names: list[str], paths: list[str], i
     kept = [n for i, n in enumerate(names) if i not in bad]
     levels = model.level_scores_features(feats) if kept else np.zeros((0, len(model.level_names_)))
     rows: list[dict] = [{**r, "error": None} for r in inference.result_rows(model, rule, kept, levels, peaks)]
-    rows += [{"path": names[i], "score": None, "levels": None, "pvalue": None, "anomalous": None, "evidence": None,
-              "error": msg} for i, msg in sorted(bad.items())]
+    rows += [unread_row(names[i], msg) for i, msg in sorted(bad.items())]
     write_part(Path(folder) / part_name(index, fmt), rows, model.level_names_, fmt)
     return len(kept), len(bad)
 
