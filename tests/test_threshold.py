@@ -5,7 +5,8 @@ import pytest
 from scipy import stats
 
 from gaussad.core.gaussian import LevelGaussian, MomentStats
-from gaussad.core.threshold import (chi2_pvalue, chi2_threshold, conformal_pvalue, conformal_rank, conformal_threshold, hotelling_pvalue, hotelling_threshold)
+from gaussad.core.threshold import (chi2_pvalue, chi2_threshold, conformal_pvalue, conformal_rank,
+                                    conformal_threshold, hotelling_pvalue, hotelling_threshold)
 
 
 @pytest.mark.parametrize("dof", [1, 2, 5, 64, 1000])

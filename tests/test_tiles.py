@@ -13,7 +13,8 @@ from gaussad import GaussianAD, InvalidParameterError
 from gaussad.cli import main
 from gaussad.intake.features import FeatureExtractor
 from gaussad.intake.images import list_images
-from gaussad.intake.tiles import (AUTO_MAX_TILES, Mosaic, auto_tiles, check_tiling, cut, map_side, starts, tile_boxes, tile_step)
+from gaussad.intake.tiles import (AUTO_MAX_TILES, Mosaic, auto_tiles, check_tiling, cut, map_side, starts, tile_boxes,
+                                  tile_step)
 
 from .conftest import TINY
 

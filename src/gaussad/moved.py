@@ -1,5 +1,6 @@
-"""The module paths of the one flat package (gaussad 0.1.0 until the wings layout) keep working: ``import gaussad.tune`` (or ``from gaussad import
-distributed``) imports ``gaussad.tools.tune`` and warns once, with a DeprecationWarning naming the new path.
+"""The module paths of the one flat package (gaussad 0.1.0, before the wings layout) keep working: ``import
+gaussad.tune`` (or ``from gaussad import distributed``) imports ``gaussad.tools.tune`` and warns once, with a
+DeprecationWarning naming the new path.
 
 CHANGELOG.md lists the moves. Only the modules that moved are aliased; the alias is the module itself (no copy), so
 ``gaussad.tune.tune is gaussad.tools.tune.tune``.
@@ -21,7 +22,8 @@ MOVED = {
                                     "results", "heatmap")},
     **{m: f"tools.{m}" for m in ("tune", "evaluate", "report", "datasets", "synthetic", "export", "distributed",
                                  "demo")},
-    **{"serve": "service.app"}, **{m: f"service.{m}" for m in ("operations", "feedback", "results_log", "results_file", "keys")},
+    "serve": "service.app",
+    **{m: f"service.{m}" for m in ("operations", "feedback", "results_log", "results_file", "keys")},
 }
 
 
@@ -48,10 +50,12 @@ class _Finder(importlib.abc.MetaPathFinder):
         head, _, rest = fullname.removeprefix("gaussad.").partition(".")
         if not fullname.startswith("gaussad.") or head not in MOVED:
             return None
-        return importlib.util.spec_from_loader(fullname, _Alias(f"gaussad.{MOVED[head]}" + (f".{rest}" if rest else "")))
+        target = f"gaussad.{MOVED[head]}" + (f".{rest}" if rest else "")
+        return importlib.util.spec_from_loader(fullname, _Alias(target))
 
 
 def install() -> None:
     """Put the finder for the old paths on ``sys.meta_path`` (once)."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Finder())  # before the path finder, which would find old submodules by the new __path__
+        # first: the path finder would find an old path's submodules through the new package's __path__
+        sys.meta_path.insert(0, _Finder())

@@ -13,7 +13,8 @@ import numpy as np
 from ..core import fusion
 from ..errors import DataError, GaussadError
 from .params import check_value
-from ..core.threshold import (chi2_pvalue, chi2_threshold, conformal_pvalue, conformal_threshold, hotelling_pvalue, hotelling_threshold)
+from ..core.threshold import (chi2_pvalue, chi2_threshold, conformal_pvalue, conformal_threshold, hotelling_pvalue,
+                              hotelling_threshold)
 
 
 RANKING = "fisher"  # how the fused score's smoothed p-values are combined for ranking (EXPERIMENTS.md, issue 14)
