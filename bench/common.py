@@ -263,3 +263,11 @@ def run_seeds(run: Callable[[str, int], dict]) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(reports, f, indent=1)
+
+
+def extract(model, files: list, desc: str, with_maps: bool):
+    """Pooled features of ``files`` and their raw feature maps per image, from a model's feature extractor
+    (:func:`gaussad.detector.resolve.features`), with a progress bar when the model is verbose."""
+    from gaussad.detector.resolve import features
+
+    return features(model.feature_extractor(), files, desc, with_maps, model.verbose)

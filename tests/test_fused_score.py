@@ -160,11 +160,11 @@ def test_map_less_models_and_other_paths_are_refused_clearly(tiny_category):
 
 
 def test_fit_on_images_calibrates_in_one_pass_and_the_cli_scores_with_it(tiny_category, tmp_path, capsys):
-    from gaussad.tools.evaluate import extract
+    from gaussad.detector.resolve import features
 
     files = sorted((tiny_category / "train" / "good").iterdir())
     model = GaussianAD(**TINY_FUSED).fit(files)
-    feats, fmaps = extract(GaussianAD(**TINY_FUSED), files, "x", True)
+    feats, fmaps = features(GaussianAD(**TINY_FUSED).feature_extractor(), files, "x", True)
     np.testing.assert_allclose(model.calibration_scores_,
                                GaussianAD(backbone=None, calibration="cv").fit_features(feats).calibration_scores_,
                                rtol=1e-9)

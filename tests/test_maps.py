@@ -203,7 +203,7 @@ def test_cli_maps_and_pixel_auroc(tiny_root, tiny_category, tmp_path, capsys):
 def test_aspect_kept_maps_of_mixed_sizes(tiny_category):
     """With resize='aspect' images of different proportions are scored in runs of equal shape: maps come back in
     input order at S x S, equal to scoring each image alone and to the raw-feature-map path used by evaluate."""
-    from gaussad.tools.evaluate import extract
+    from gaussad.detector.resolve import features
 
     def crops(folder):
         out = []
@@ -218,8 +218,8 @@ def test_aspect_kept_maps_of_mixed_sizes(tiny_category):
     assert amaps.shape == (len(test), 64, 64)
     alone = np.concatenate([model.anomaly_map([img]) for img in test])
     np.testing.assert_allclose(amaps, alone, rtol=1e-5, atol=1e-5)
-    _, train_maps = extract(model, train, "train", True)
-    _, test_maps = extract(model, test, "test", True)
+    _, train_maps = features(model.feature_extractor(), train, "train", True)
+    _, test_maps = features(model.feature_extractor(), test, "test", True)
     assert len({m[0].shape for m in test_maps}) > 1
     refit = GaussianAD(**{**TINY_NEAREST, "resize": "aspect"}).fit_map_features(train_maps)
     np.testing.assert_allclose(refit.anomaly_map_features(test_maps, 64), amaps, rtol=1e-4, atol=1e-4)

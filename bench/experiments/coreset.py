@@ -33,10 +33,10 @@ from gaussad.core import maps
 from gaussad.detector import params
 from gaussad.core.bank import NearestBank, StreamingCoreset, greedy_coreset, nearest_distances
 from gaussad.tools.datasets import load_category
-from gaussad.tools.evaluate import extract, hit_rate, load_masks, roc_auc
+from gaussad.tools.evaluate import hit_rate, load_masks, roc_auc
 from gaussad.detector.state import prepare_maps
 
-from bench.common import split_masks, synthetic_split
+from bench.common import extract, split_masks, synthetic_split
 
 
 def location_vectors(model: GaussianAD, per_image: list) -> tuple[list[np.ndarray], np.ndarray]:

@@ -22,11 +22,11 @@ import numpy as np
 from gaussad import GaussianAD
 from gaussad.core import fusion, maps
 from gaussad.tools.datasets import load_category
-from gaussad.tools.evaluate import extract, roc_auc
+from gaussad.tools.evaluate import roc_auc
 from gaussad.detector.state import prepare_maps
 from gaussad.core.threshold import conformal_pvalue
 
-from bench.common import run_seeds, synthetic_split
+from bench.common import extract, run_seeds, synthetic_split
 
 TOP_K = (1, 3, 5, 10)  # cells averaged: 1 = the peak
 ALPHAS = (0.01, 0.05, 0.1)

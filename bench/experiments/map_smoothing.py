@@ -19,9 +19,9 @@ from scipy.ndimage import gaussian_filter
 from gaussad import GaussianAD
 from gaussad.core import maps
 from gaussad.tools.datasets import load_category
-from gaussad.tools.evaluate import extract, hit_rate, roc_auc
+from gaussad.tools.evaluate import hit_rate, roc_auc
 
-from bench.common import run_seeds, split_masks, synthetic_split
+from bench.common import extract, run_seeds, split_masks, synthetic_split
 
 SIGMAS = (0, 1, 2, 4, 8)
 

@@ -21,9 +21,9 @@ import numpy as np
 
 from gaussad import GaussianAD
 from gaussad.tools.datasets import load_category
-from gaussad.tools.evaluate import extract, hit_rate, load_masks, roc_auc
+from gaussad.tools.evaluate import hit_rate, load_masks, roc_auc
 
-from bench.common import split_masks, synthetic_split
+from bench.common import extract, split_masks, synthetic_split
 
 ALL_MAP_LEVELS = ["stage2", "stage3", "stage4", "stage5", "stage6", "stage7"]
 VARIANTS = [  # (name, map levels, grid, coreset)

@@ -20,7 +20,8 @@ from scipy.stats import spearmanr
 from gaussad import GaussianAD
 from gaussad.detector import params
 from gaussad.tools.datasets import load_category
-from gaussad.tools.evaluate import extract, load_masks, roc_auc
+from bench.common import extract
+from gaussad.tools.evaluate import load_masks, roc_auc
 from gaussad.intake.features import auto_settings
 from gaussad.tools.tune import BASE, MAP_SIDE, _own_pooled, candidates, changed, describe
 
