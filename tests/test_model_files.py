@@ -198,7 +198,7 @@ FORGERIES = {
     "levels-not-a-list": (_set("levels", "abc"), None, "levels must be a non-empty list"),
     "absurd-input-size": (_set("input_size", 10**9), None, "input_size must be 1..4096"),
     "unknown-estimator": (_set("estimator", "banana"), None, "unknown estimator 'banana'"),
-    "variance-out-of-range": (_set("variance", 7.0), None, "variance must lie in (0, 1)"),
+    "variance-out-of-range": (_set("variance", 7.0), None, "variance must be a fraction in (0, 1)"),
     "sample-count-mismatch": (_set("n_samples", 31), None, "sample counts [30] do not match n_samples 31"),
     "bool-as-number": (_set("n_samples", True), None, "n_samples must be an integer >= 2"),
     "per-level-estimator": (lambda m: m["gaussians"][1].__setitem__("estimator", "oas"), None,

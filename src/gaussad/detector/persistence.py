@@ -144,18 +144,22 @@ def _is_number(value: Any) -> bool:
 
 
 def validate_meta(meta: Any) -> None:
-    """Check the metadata: every stored setting as the parameter table checks it (the values a model file's
-    absent keys meant included, :func:`~gaussad.detector.params.from_stored`), then what the table cannot know: the
-    learned structure's types, ranges and consistent lengths (ValueError says what is wrong)."""
+    """Check the metadata: every stored setting as its row of the parameter table checks it (the values a model
+    file's absent keys meant included, :func:`~gaussad.detector.params.from_stored`), then what the table cannot
+    know: the learned structure's types, ranges and consistent lengths (ValueError says what is wrong). The
+    combinations of settings are the table's too: :func:`read_model` validates them next."""
     _need(isinstance(meta, dict), "metadata is not a JSON object")
     missing = [k for k in ("backbone", "weights", "levels", "level_names", "input_size", "normalize", "estimator",
                            "reduction", "variance", "n_samples", "feature_dims", "gaussians", "preset", "map_levels",
                            "map_level_names", "map_gaussians") if k not in meta]
     _need(not missing, f"metadata lacks {', '.join(missing)}")
-    try:
-        params.validate(params.from_stored(meta))
-    except GaussadError as exc:
-        raise ValueError(str(exc)) from None
+    stored = params.from_stored(meta)
+    for row in params.PARAMS:  # the learned ones (levels, input size, ...) are checked as fitted, below
+        if row.stored and row.learned is None:
+            try:
+                row.check(row.name, stored[row.name])
+            except GaussadError as exc:
+                raise ValueError(str(exc)) from None
     levels, names, dims = meta["levels"], meta["level_names"], meta["feature_dims"]
     _need(isinstance(levels, list) and len(levels) >= 1 and all(_is_int(v, 0) for v in levels)
           and len(set(levels)) == len(levels), "levels must be a non-empty list of distinct non-negative integers")
@@ -171,7 +175,6 @@ def validate_meta(meta: Any) -> None:
           and len(set(map_levels)) == len(map_levels), "map_levels must be a list of distinct non-negative integers")
     _need(isinstance(map_names, list) and len(map_names) == len(map_levels) and all(isinstance(v, str) for v in map_names),
           "map_level_names must be one name per map level")
-    stored = params.from_stored(meta)
     method, grid = params.effective(stored, "map_method"), params.effective(stored, "map_grid")
     _need(_is_int(meta.get("map_tiles", 1), 1, MAX_MAP_TILES), f"map_tiles must be an integer 1..{MAX_MAP_TILES}")
     n_maps = min(len(map_levels), 1) if grid == "finest" else len(map_levels)
