@@ -176,8 +176,9 @@ class FineNN(FineScorer):
 
 
 class FineDisc(FineScorer):
-    def __init__(self, fit: A.Feats, val: A.Feats, frozen: A.Frozen, seed: int, sigma: float, epochs: int,
+    def __init__(self, fit: A.Feats, val: A.Feats | None, frozen: A.Frozen, seed: int, sigma: float, epochs: int,
                  steps: int, batch: int = 4096):
+        """``val`` None: train ``epochs`` epochs and keep the last (fits on all of train/good, no held-out part)."""
         import torch
         from torch import nn
 
@@ -212,7 +213,7 @@ class FineDisc(FineScorer):
                 loss.backward()
                 opt.step()
                 total += loss.item()
-            auc = pixel_auc(self.maps(val), val.masks)
+            auc = pixel_auc(self.maps(val), val.masks) if val is not None else float(epoch)
             self.history.append((epoch, round(auc, 4), round(total / steps, 4)))
             say(f"    epoch {epoch}: loss {total / steps:.4f}, validation pixel AUROC {auc:.4f}")
             if auc > best[0]:
@@ -237,10 +238,12 @@ class Combo(A.Scorer):
     """The frozen coarse map and a fine map, each standardised on the validation goods' cells, averaged at 224 with
     weight ``w`` on the coarse one; ``w`` chosen on the validation pixel AUROC."""
 
-    def __init__(self, coarse: A.Frozen, fine: A.Scorer, val_goods: A.Feats, val: A.Feats,
-                 weights: Sequence[float] = (0.25, 0.5, 0.75)):
+    def __init__(self, coarse: A.Frozen, fine: A.Scorer, val_goods: A.Feats, val: A.Feats | None,
+                 weights: Sequence[float] = (0.25, 0.5, 0.75), own_ids: np.ndarray | None = None):
+        """``val`` None: ``weights`` holds the one weight; ``own_ids``: ``val_goods`` are fit images (their own
+        bank members skipped in the coarse map, leave-one-image-out)."""
         self.coarse, self.fine, self.frozen = coarse, fine, coarse
-        cm, fm = coarse.maps(val_goods), fine.maps(val_goods)
+        cm, fm = coarse.maps(val_goods, own_ids), fine.maps(val_goods, own_ids)
         self.cstat = (float(cm.mean()), float(cm.std()) + 1e-12)
         self.fstat = (float(fm.mean()), float(fm.std()) + 1e-12)
         self.w = 0.5
@@ -248,7 +251,7 @@ class Combo(A.Scorer):
         best = -1.0
         for w in weights:
             self.w = w
-            auc = pixel_auc(self.maps(val), val.masks)
+            auc = pixel_auc(self.maps(val), val.masks) if val is not None else 0.0
             self.history.append((w, round(auc, 4)))
             if auc > best:
                 best, chosen = auc, w
@@ -265,11 +268,14 @@ class Combo(A.Scorer):
 
 
 def make_variant(name: str, sets: dict[str, A.Feats], seed: int, frozen: A.Frozen, epochs: int, steps: int,
-                 made: dict[str, A.Scorer]) -> A.Scorer:
+                 made: dict[str, A.Scorer], weight: float | None = None, own_ids: np.ndarray | None = None
+                 ) -> A.Scorer:
+    """``weight`` given: fitted on all of train/good (no validation: the discriminator trains ``epochs`` epochs, the
+    combination uses ``weight`` and standardises on the validation goods' leave-one-image-out maps, ``own_ids``)."""
     if name in made:
         return made[name]
     fit = sets["fit"]
-    val = concat([sets["val_good"], sets["val_def"]])
+    val = None if weight is not None else concat([sets["val_good"], sets["val_def"]])
     if name == "frozen":
         s: A.Scorer = frozen
     elif name == "fine-gauss":
@@ -279,8 +285,8 @@ def make_variant(name: str, sets: dict[str, A.Feats], seed: int, frozen: A.Froze
     elif name.startswith("fine-disc-s"):
         s = FineDisc(fit, val, frozen, seed, float(name[len("fine-disc-s"):]), epochs, steps)
     elif name.startswith("combo-"):
-        s = Combo(frozen, make_variant(name[len("combo-"):], sets, seed, frozen, epochs, steps, made),
-                  sets["val_good"], val)
+        s = Combo(frozen, make_variant(name[len("combo-"):], sets, seed, frozen, epochs, steps, made, weight, own_ids),
+                  sets["val_good"], val, (weight,) if weight is not None else (0.25, 0.5, 0.75), own_ids)
     else:
         raise SystemExit(f"unknown variant {name!r}")
     made[name] = s
@@ -297,6 +303,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40, help="batches of 4,096 locations per epoch")
     ap.add_argument("--test", metavar="VARIANT")
+    ap.add_argument("--test-fit", choices=("fit", "all"), default="fit",
+                    help="with --test: fit on the fit part (validation chooses as in selection) or on all of "
+                         "train/good as the full protocol (then --epochs trains that many epochs, --weight is the "
+                         "combination's; the fused score's p-values are in-sample and not meaningful)")
+    ap.add_argument("--weight", type=float, default=0.5, help="with --test-fit all: the combination weight")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -316,15 +327,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     sets = {"fit": take(train, sp.fit), "val_good": take(train, sp.val), "val_def": raw["val_def"],
             "sel_good": take(train, sp.select), "sel_def": concat([raw["sel_def0"], raw["sel_def1"]])}
     say(f"{args.data.name}: fit {sp.fit.size}, validation {sp.val.size}, selection {sp.select.size}, seed {args.seed}")
+    weight, own_ids = None, None
+    if args.test and args.test_fit == "all":
+        sets["fit"] = train
+        weight, own_ids = args.weight, sp.val
     t0 = time.perf_counter()
     frozen = A.Frozen(sets["fit"], args.seed)
     frozen_s = time.perf_counter() - t0
     made: dict[str, A.Scorer] = {}
     for name in ([args.test] if args.test else args.variants):
         t0 = time.perf_counter()
-        scorer = make_variant(name, sets, args.seed, frozen, args.epochs, args.steps, made)
+        scorer = make_variant(name, sets, args.seed, frozen, args.epochs, args.steps, made, weight, own_ids)
         seconds = frozen_s if name == "frozen" else time.perf_counter() - t0
         row: dict[str, Any] = {"data": args.data.name, "variant": name, "seed": args.seed, "fit_images": sets["fit"].n,
+                               "test_fit": args.test_fit if args.test else None,
                                "train_s": round(seconds, 1), "best_epoch": getattr(scorer, "best_epoch", None),
                                "history": getattr(scorer, "history", None), "weight": getattr(scorer, "w", None),
                                "epochs": args.epochs, "steps": args.steps}
