@@ -267,6 +267,20 @@ class Combo(A.Scorer):
         return (self.w * c + (1 - self.w) * m).astype(np.float32)
 
 
+def pixel_parts(scorer: A.Scorer, goods: A.Feats, defects: A.Feats) -> dict[str, float]:
+    """The pixel AUROC split by where the normal pixels are: defect pixels against the good images' pixels
+    (``pixel_vs_goods``) and against the normal pixels of the defective images (``pixel_within_defective``)."""
+    from gaussad.tools.evaluate import roc_auc
+
+    g = A.upsampled(scorer.maps(goods))
+    d = A.upsampled(scorer.maps(defects))
+    pos = d[defects.masks.astype(bool)]
+    neg_in = d[~defects.masks.astype(bool)]
+    neg_g = g.reshape(-1)
+    auc = lambda p, n: roc_auc(np.r_[np.ones(p.size), np.zeros(n.size)], np.r_[p, n])
+    return {"pixel_vs_goods": round(auc(pos, neg_g), 4), "pixel_within_defective": round(auc(pos, neg_in), 4)}
+
+
 def make_variant(name: str, sets: dict[str, A.Feats], seed: int, frozen: A.Frozen, epochs: int, steps: int,
                  made: dict[str, A.Scorer], weight: float | None = None, own_ids: np.ndarray | None = None
                  ) -> A.Scorer:
@@ -302,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40, help="batches of 4,096 locations per epoch")
-    ap.add_argument("--test", metavar="VARIANT")
+    ap.add_argument("--test", metavar="VARIANT", nargs="+", help="after choosing: the test set, frozen and these")
     ap.add_argument("--test-fit", choices=("fit", "all"), default="fit",
                     help="with --test: fit on the fit part (validation chooses as in selection) or on all of "
                          "train/good as the full protocol (then --epochs trains that many epochs, --weight is the "
@@ -317,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     net = A.Network(224, "native")
-    raw = A.prepare(args.data, args.cache, args.seed, 224, net, args.test is not None)
+    raw = A.prepare(args.data, args.cache, args.seed, 224, net, bool(args.test))
     cache = args.cache / f"{args.data.name}-224-native-s{args.seed}-v2"
     sp: A.Split = raw["_split"]  # type: ignore[assignment]
     keys = ["train", "val_def", "sel_def0", "sel_def1"] + (["test"] if args.test else [])
@@ -335,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     frozen = A.Frozen(sets["fit"], args.seed)
     frozen_s = time.perf_counter() - t0
     made: dict[str, A.Scorer] = {}
-    for name in ([args.test] if args.test else args.variants):
+    for name in (args.test or args.variants):
         t0 = time.perf_counter()
         scorer = make_variant(name, sets, args.seed, frozen, args.epochs, args.steps, made, weight, own_ids)
         seconds = frozen_s if name == "frozen" else time.perf_counter() - t0
@@ -351,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             defects = take(test, np.flatnonzero(np.array(test.kinds) == "1"))
             row["test_frozen"] = A.figures(frozen, sets["fit"], sets["val_good"], goods, defects)
             row["test"] = A.figures(scorer, sets["fit"], sets["val_good"], goods, defects)
+            row["test_frozen"].update(pixel_parts(frozen, goods, defects))
+            row["test"].update(pixel_parts(scorer, goods, defects))
         else:
             row["select"] = A.figures(scorer, sets["fit"], sets["val_good"], sets["sel_good"], sets["sel_def"])
         row["figures_s"] = round(time.perf_counter() - t1, 1)
