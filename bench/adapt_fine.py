@@ -215,7 +215,7 @@ class FineDisc(FineScorer):
                 total += loss.item()
             auc = pixel_auc(self.maps(val), val.masks) if val is not None else float(epoch)
             self.history.append((epoch, round(auc, 4), round(total / steps, 4)))
-            say(f"    epoch {epoch}: loss {total / steps:.4f}, validation pixel AUROC {auc:.4f}")
+            say(f"    epoch {epoch}: loss {total / steps:.4f}" + (f", validation pixel AUROC {auc:.4f}" if val is not None else ""))
             if auc > best[0]:
                 best = (auc, epoch, ({k: v.clone() for k, v in self.adaptor.state_dict().items()},
                                      {k: v.clone() for k, v in self.disc.state_dict().items()}))
@@ -340,11 +340,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     train = raw["train"]
     sets = {"fit": take(train, sp.fit), "val_good": take(train, sp.val), "val_def": raw["val_def"],
             "sel_good": take(train, sp.select), "sel_def": concat([raw["sel_def0"], raw["sel_def1"]])}
-    say(f"{args.data.name}: fit {sp.fit.size}, validation {sp.val.size}, selection {sp.select.size}, seed {args.seed}")
     weight, own_ids = None, None
     if args.test and args.test_fit == "all":
         sets["fit"] = train
         weight, own_ids = args.weight, sp.val
+    say(f"{args.data.name}: fit {sets['fit'].n}, validation {sp.val.size}, selection {sp.select.size}, seed {args.seed}")
     t0 = time.perf_counter()
     frozen = A.Frozen(sets["fit"], args.seed)
     frozen_s = time.perf_counter() - t0
