@@ -5,11 +5,11 @@ SimpleNet-style adaptor worked on those 49 cells and lost. Here the location fea
 finer grid: stage3 (28 x 28, 40 channels), stage4 and stage5 (14 x 14, 80 + 112 channels) averaged over 3 x 3
 neighbourhoods at their own resolution, upsampled bilinearly to 28 x 28 and concatenated (232 values per cell,
 :func:`gaussad.core.maps.to_finest`), 784 cells per image. The frozen backbone's stage3 and stage5 maps come from
-``bench.adapt``'s cache (square resize, ``--normalize native`` as the recommended preset; stage4 is recomputed from
+``bench.experiments.adapt``'s cache (square resize, ``--normalize native`` as the recommended preset; stage4 is recomputed from
 the cached stage3 maps), so the network runs once per image. Same split, synthetic defects and figures as
-``bench.adapt`` (fit 70 % / validation 15 % / selection 15 % of train/good; pasted defects).
+``bench.experiments.adapt`` (fit 70 % / validation 15 % / selection 15 % of train/good; pasted defects).
 
-Variants (the global score is always the frozen one, :class:`bench.adapt.Frozen`):
+Variants (the global score is always the frozen one, :class:`bench.experiments.adapt.Frozen`):
 
 - ``frozen``: the product's maps (stage2-7, coarsest grid, nearest neighbours), the baseline;
 - ``fine-gauss``: frozen fine features, one Gaussian (Ledoit-Wolf) over all fit locations, map = Mahalanobis
@@ -25,11 +25,11 @@ Variants (the global score is always the frozen one, :class:`bench.adapt.Frozen`
   cells (mean, std), upsampled to 224 and averaged with weight ``w`` on the coarse one, ``w`` in {0.25, 0.5, 0.75}
   chosen on the validation pixel AUROC.
 
-Selection figures as ``bench.adapt.figures``; the validation split chooses sigma's epoch and the combination weight.
+Selection figures as ``bench.experiments.adapt.figures``; the validation split chooses sigma's epoch and the combination weight.
 ``--test VARIANT`` (after choosing): the real test set, frozen and that variant, fitted on the seed's fit part and
 calibrated on its validation goods. One JSON line per variant.
 
-    PYTHONPATH=src:. OMP_NUM_THREADS=1 python -m bench.adapt_fine --data ../shared/data/magnetic_tile \
+    PYTHONPATH=src:. OMP_NUM_THREADS=1 python -m bench.experiments.adapt_fine --data ../shared/data/magnetic_tile \
         --variants frozen fine-gauss fine-disc-s0.5 combo-fine-disc-s0.5 [--seed 0] [--test VARIANT] [--json F]
 """
 
@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench import adapt as A
+from bench.experiments import adapt as A
 
 SIDE = 28
 QUIET = False
@@ -111,7 +111,7 @@ def concat(fs: Sequence[A.Feats]) -> A.Feats:
     return attach(out, np.concatenate([f.fine for f in fs])) if all(hasattr(f, "fine") for f in fs) else out
 
 
-A.take, A.concat = take, concat  # bench.adapt.figures concatenates goods and defects: keep the fine vectors
+A.take, A.concat = take, concat  # bench.experiments.adapt.figures concatenates goods and defects: keep the fine vectors
 
 
 def pixel_auc(maps: np.ndarray, masks: np.ndarray, step: int = 4) -> float:

@@ -1,6 +1,6 @@
-"""Research for issue 33, session 13: the fine-grid map of ``bench.adapt_fine`` measured in the product's own pipeline.
+"""Research for issue 33, session 13: the fine-grid map of ``bench.experiments.adapt_fine`` measured in the product's own pipeline.
 
-``bench.adapt_fine`` works on square-resized inputs; the product (preset ``recommended``) keeps the aspect ratio
+``bench.experiments.adapt_fine`` works on square-resized inputs; the product (preset ``recommended``) keeps the aspect ratio
 and decides the input size per set (``auto``: tile 224 px, bottle 384 px). This script runs ``gaussad evaluate
 --protocol full`` as the product does (:func:`gaussad.tools.evaluate.evaluate_category`, the frozen baseline's figures
 exactly as the acceptance measures them) and, from the same raw feature maps, a fine map for the chosen variant:
@@ -8,7 +8,7 @@ stage3, stage4 and stage5 of the product's maps through :func:`gaussad.core.maps
 the stage3 grid: 28 x 28 at 224 px square, other shapes for other aspect ratios), scored by
 
 - ``fine-gauss``: one Ledoit-Wolf Gaussian over all training locations (Mahalanobis distance per cell), or
-- ``fine-disc-s{sigma}``: ``bench.adapt_fine.FineDisc`` (SimpleNet's adaptor and discriminator, noise of std sigma),
+- ``fine-disc-s{sigma}``: ``bench.experiments.adapt_fine.FineDisc`` (SimpleNet's adaptor and discriminator, noise of std sigma),
   trained on all of train/good for ``--epochs`` epochs of ``--steps`` batches, the last epoch kept (no held-out
   validation: the epoch count is the one chosen on the split),
 
@@ -19,7 +19,7 @@ the coarse map. Figures: pixel AUROC over all test pixels, the map maximum's ima
 fine map and the combination; the product's image figures (global, fused) are unchanged when the combination only
 replaces the map shown.
 
-    PYTHONPATH=src:. OMP_NUM_THREADS=1 python -m bench.adapt_product --data ../shared/data/magnetic_tile \
+    PYTHONPATH=src:. OMP_NUM_THREADS=1 python -m bench.experiments.adapt_product --data ../shared/data/magnetic_tile \
         --variant fine-disc-s0.5 --epochs 12 --weight 0.25 [--seed 0] [--json F]
 """
 
@@ -33,8 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench import adapt as A
-from bench import adapt_fine as F
+from bench.experiments import adapt as A
+from bench.experiments import adapt_fine as F
 
 
 def fine_maps_of(per_image: Sequence[Sequence[np.ndarray]], net: A.Network, names: Sequence[str]
@@ -102,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from gaussad.intake.features import AUTO_SETTINGS, auto_settings
     from gaussad.detector import params as parameters
     from gaussad.tools.datasets import load_category
-    from gaussad.tools.evaluate import evaluate_category, extract, load_masks, roc_auc
+    from bench.common import extract
+    from gaussad.tools.evaluate import evaluate_category, load_masks, roc_auc
 
     cat = load_category(args.data)
     row: dict[str, Any] = {"data": args.data.name, "variant": args.variant, "seed": args.seed, "epochs": args.epochs,
