@@ -369,6 +369,21 @@ def cell_coverage(masks: np.ndarray, side: int) -> np.ndarray:
     return m.reshape(n, -1)
 
 
+def adaptor_and_discriminator(dim: int):
+    """SimpleNet's pair: a linear adaptor started at the identity and a one-hidden-layer discriminator, with their
+    Adam optimiser (learning rates 1e-4 and 2e-4)."""
+    import torch
+    from torch import nn
+
+    adaptor = nn.Linear(dim, dim)
+    with torch.no_grad():
+        adaptor.weight.copy_(torch.eye(dim))
+        adaptor.bias.zero_()
+    disc = nn.Sequential(nn.Linear(dim, 1024), nn.BatchNorm1d(1024), nn.LeakyReLU(0.2), nn.Linear(1024, 1))
+    opt = torch.optim.Adam([{"params": adaptor.parameters(), "lr": 1e-4}, {"params": disc.parameters(), "lr": 2e-4}])
+    return adaptor, disc, opt
+
+
 class Adaptor(Scorer):
     """SimpleNet's feature adaptor and discriminator on the standardised location vectors of the map levels.
 
@@ -389,13 +404,7 @@ class Adaptor(Scorer):
         self.sd = x.std(axis=0) + 1e-6
         self.cells = fit.grid[0].shape[1]
         dim = x.shape[1]
-        self.adaptor = nn.Linear(dim, dim)
-        with torch.no_grad():
-            self.adaptor.weight.copy_(torch.eye(dim))
-            self.adaptor.bias.zero_()
-        self.disc = nn.Sequential(nn.Linear(dim, 1024), nn.BatchNorm1d(1024), nn.LeakyReLU(0.2), nn.Linear(1024, 1))
-        opt = torch.optim.Adam([{"params": self.adaptor.parameters(), "lr": 1e-4},
-                                {"params": self.disc.parameters(), "lr": 2e-4}])
+        self.adaptor, self.disc, opt = adaptor_and_discriminator(dim)
         good = torch.from_numpy(self.standard(x))
         bad = None
         if negatives in ("paste", "both"):

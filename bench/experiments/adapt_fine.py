@@ -189,13 +189,7 @@ class FineDisc(FineScorer):
         self.mu = x.mean(axis=0)
         self.sd = x.std(axis=0) + 1e-6
         dim = x.shape[1]
-        self.adaptor = nn.Linear(dim, dim)
-        with torch.no_grad():
-            self.adaptor.weight.copy_(torch.eye(dim))
-            self.adaptor.bias.zero_()
-        self.disc = nn.Sequential(nn.Linear(dim, 1024), nn.BatchNorm1d(1024), nn.LeakyReLU(0.2), nn.Linear(1024, 1))
-        opt = torch.optim.Adam([{"params": self.adaptor.parameters(), "lr": 1e-4},
-                                {"params": self.disc.parameters(), "lr": 2e-4}])
+        self.adaptor, self.disc, opt = A.adaptor_and_discriminator(dim)
         good = torch.from_numpy(self.standard(x))
         rng = np.random.default_rng(seed)
         best = (-1.0, 0, None)
