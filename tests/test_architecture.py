@@ -352,3 +352,15 @@ def test_a_new_parameter_in_a_copy_of_the_table_reaches_the_cli_the_file_and_the
     assert model_info("m", model, None)["smoothing"] == 0.25
     report = evaluate(tiny_category, **{**TINY, "map_levels": []})
     assert report["smoothing"] == 0.5
+
+
+def test_the_extractor_cache_key_has_a_field_for_each_row_that_shapes_the_extractor():
+    """The intake cannot read the table (it lies below it): the key's fields and the table's ``extractor`` rows are
+    held equal here, so a new row that shapes the extractor cannot be left out of the key."""
+    from dataclasses import fields
+
+    from gaussad.intake.features import ExtractorKey
+
+    assert sorted(f.name for f in fields(ExtractorKey)) == sorted(p.name for p in params.PARAMS if p.extractor)
+    assert {p.name for p in params.PARAMS if p.features} - {p.name for p in params.PARAMS if p.extractor} == {
+        "map_method", "map_pool", "map_grid"}  # they shape the map statistics, not the extractor

@@ -220,7 +220,8 @@ class Param:
     ``parse`` spell it on the command line (no flag: not a CLI option); ``group`` is the CLI option group.
     ``features``: it shapes the features, so statistics fitted with other values cannot be combined (``merge``,
     ``partial_fit``; :data:`gaussad.detector.state.FEATURE_SETTINGS`); ``legacy``: what model files written before the
-    parameter existed meant by its absence. ``report``: the reports show it (``evaluate``'s, ``GET /models``:
+    parameter existed meant by its absence. ``extractor``: it shapes the feature extractor, so it is a field of the
+    extractor's cache key (:class:`gaussad.intake.features.ExtractorKey`). ``report``: the reports show it (``evaluate``'s, ``GET /models``:
     :func:`reported`), as None where the setting ``needs`` is empty (map settings without map levels).
     """
 
@@ -238,27 +239,28 @@ class Param:
     group: str = "model"
     features: bool = False
     legacy: Any = None
+    extractor: bool = False
     report: bool = False
     needs: str | None = None
 
 
 PARAMS: tuple[Param, ...] = (
     Param("backbone", "efficientnet-lite0", _backbone, "feature network (see `gaussad backbones`)",
-          features=True, flag="--backbone", report=True),
+          features=True, flag="--backbone", report=True, extractor=True),
     Param("levels", None, optional(_levels),
           "comma-separated levels by name or index (EfficientNet, MobileNetV2: stem,stage1..stage7,head = 0..8; "
           "ResNet: stem,layer1..layer4 = 0..4); default all",
-          learned="levels_", flag="--levels", parse=_text_list, report=True),
+          learned="levels_", flag="--levels", parse=_text_list, report=True, extractor=True),
     Param("input_size", None, optional(_input_size),
           "input size S in pixels: the side of the square input, or with --resize aspect the side of a square of "
           "the same area; native = the backbone's own size (paper and fast presets); auto (recommended preset): "
           f"decided at fit from the training images' size: about {AUTO_LARGE_INPUT:g}x native (384 px for "
           "EfficientNet-Lite0) where the median training image is at least that large, else native (never "
           "upscaling)", learned="input_size_", preset=True, flag="--input-size", parse=_input_size_text,
-          metavar="S|auto|native", report=True),
+          metavar="S|auto|native", report=True, extractor=True),
     Param("weights", None, optional(_path),
           "local weights file for the backbone (.pth/.pt state dict or .safetensors); required for "
-          "efficientnet-b0..b7 and the ResNets", features=True, flag="--weights", parse=str, metavar="FILE"),
+          "efficientnet-b0..b7 and the ResNets", features=True, flag="--weights", parse=str, metavar="FILE", extractor=True),
     Param("estimator", "ledoit-wolf", choice(ESTIMATORS), "covariance estimator or baseline", flag="--estimator",
           choices=ESTIMATORS, report=True),
     Param("reduction", None, choice(REDUCTIONS),
@@ -268,18 +270,18 @@ PARAMS: tuple[Param, ...] = (
           parse=_float_text, report=True, needs="reduction"),
     Param("normalize", None, optional(choice(NORMALIZATIONS)),
           "input normalisation: ImageNet mean/std as the paper, or the backbone's own training normalisation "
-          "(EfficientNet-Lite: (x-127)/128)", preset=True, features=True, flag="--normalize", choices=NORMALIZATIONS, report=True),
+          "(EfficientNet-Lite: (x-127)/128)", preset=True, features=True, flag="--normalize", choices=NORMALIZATIONS, report=True, extractor=True),
     Param("resize", None, optional(choice(RESIZES)),
           "square: plain resize to S x S as the paper; aspect: keep the image's proportions at about S x S "
-          "pixels (sides multiples of 32)", preset=True, features=True, flag="--resize", choices=RESIZES, report=True),
+          "pixels (sides multiples of 32)", preset=True, features=True, flag="--resize", choices=RESIZES, report=True, extractor=True),
     Param("pool", None, optional(choice(POOLS)),
           "global features of each level: avg = each channel's average over the feature map (the paper); avg+std "
           "= for the map levels also each channel's spread over the map, the square root of its standard deviation "
           "(a small defect moves a channel's spread more than its average), the other levels their average; "
           "nothing changes without map levels. The recommended preset takes the backbone's own (EfficientNet-Lite: "
-          "avg+std; others: avg)", preset=True, features=True, legacy="avg", flag="--pool", choices=POOLS, report=True),
+          "avg+std; others: avg)", preset=True, features=True, legacy="avg", flag="--pool", choices=POOLS, report=True, extractor=True),
     Param("map_levels", None, optional(_levels), "comma-separated levels for anomaly maps, or 'none'",
-          learned="map_levels_", preset=True, flag="--map-levels", parse=_map_level_list, report=True),
+          learned="map_levels_", preset=True, flag="--map-levels", parse=_map_level_list, report=True, extractor=True),
     Param("map_method", None, optional(choice(MAP_METHODS)),
           "anomaly-map scoring: one Gaussian per level shared by all positions, or the distance to the nearest "
           "location of a memory bank of training locations", preset=True, features=True, flag="--map-method", choices=MAP_METHODS, report=True, needs="map_levels"),
@@ -302,13 +304,13 @@ PARAMS: tuple[Param, ...] = (
           "decided at fit from the training images' size, the most tiles up to "
           f"{AUTO_MAX_TILES} whose map image is no larger than the images (1 for images under about 384 px at "
           "S = 224)",
-          learned="map_tiles_", preset=True, features=True, legacy=1, flag="--map-tiles", parse=_tiles_text, metavar="K|auto", report=True),
+          learned="map_tiles_", preset=True, features=True, legacy=1, flag="--map-tiles", parse=_tiles_text, metavar="K|auto", report=True, extractor=True),
     Param("precision", "fp32", choice(PRECISIONS),
           "network arithmetic: fp32, or int8 = the network statically quantized at fit (ONNX Runtime, QDQ, "
           "per-channel 7-bit weights, which score alike on CPUs with and without VNNI, the first three convolutions "
           "and the last in fp32; uint8 activations calibrated on 64 training images spread over the list), about 2x "
           "faster on CPU for a small AUROC change (BENCHMARKS.md), the quantized network (a few MB) stored in the "
-          "model file; needs an ONNX engine (onnxruntime, openvino or auto)", flag="--precision", choices=PRECISIONS, report=True),
+          "model file; needs an ONNX engine (onnxruntime, openvino or auto)", flag="--precision", choices=PRECISIONS, report=True, extractor=True),
     Param("preset", None, optional(choice(PRESETS)),
           "recommended (default): the fused image score decided by its conformal law at --fpr, the input size "
           "following the training images (input_size auto), the backbone's own input normalisation, aspect-kept "
@@ -349,7 +351,7 @@ PARAMS: tuple[Param, ...] = (
           "(eager), or auto = onnxruntime when installed, or openvino where installed too and faster on the graph "
           "with the same features to 1e-5 (timed once per graph, the choice cached beside it); all give the same "
           "scores",
-          stored=False, flag="--engine", choices=ENGINES, group="intake"),
+          stored=False, flag="--engine", choices=ENGINES, group="intake", extractor=True),
     Param("verbose", False, _boolean, "progress bars on stderr", stored=False),
     Param("max_pixels", DEFAULT_MAX_PIXELS, integer(1),
           "refuse image files with more pixels than N, checked before decoding (decompression-bomb guard)",
