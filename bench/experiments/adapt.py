@@ -395,7 +395,6 @@ class Adaptor(Scorer):
                  negatives: str = "noise", fit_defects: Feats | None = None, epochs: int = 40, every: int = 4,
                  frozen_global: Frozen | None = None):
         import torch
-        from torch import nn
 
         torch.manual_seed(seed)
         self.torch = torch

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -180,7 +179,6 @@ class FineDisc(FineScorer):
                  steps: int, batch: int = 4096):
         """``val`` None: train ``epochs`` epochs and keep the last (fits on all of train/good, no held-out part)."""
         import torch
-        from torch import nn
 
         torch.manual_seed(seed)
         self.torch = torch

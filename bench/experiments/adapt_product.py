@@ -40,8 +40,6 @@ from bench.experiments import adapt_fine as F
 def fine_maps_of(per_image: Sequence[Sequence[np.ndarray]], net: A.Network, names: Sequence[str]
                  ) -> list[np.ndarray]:
     """Per image (H3 * W3, 232) fine vectors and the grid shape, from the product's raw map levels."""
-    import torch
-
     from gaussad.core.maps import shape_groups, to_finest
 
     i3, i4, i5 = (list(names).index(n) for n in ("stage3", "stage4", "stage5"))
