@@ -80,7 +80,7 @@ def head_pass(net: A.Network, tensors: Sequence[np.ndarray], batch: int = 16) ->
                     p = A.pool(torch, f, li in A.MAP_LEVELS).double().numpy()
                     for j, i in enumerate(chunk):
                         pooled_rows[li][i] = p[j]
-                groups.append((np.array(chunk), levels[-1].numpy().astype(np.float16)))
+                groups.append((np.array(chunk), levels[-1].numpy().astype(np.float16), x.numpy().astype(np.float16)))
     return {"groups": groups, "pooled": [np.stack(r) for r in pooled_rows], "n": len(tensors)}
 
 
@@ -94,7 +94,7 @@ def prepare_sets(data: Path, seed: int, net: A.Network, ex) -> dict[str, Any]:
     from gaussad.tools.synthetic import PASTED_DEFECTS
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"{data.name}-{ex.input_size}-s{seed}.pt"
+    path = CACHE / f"{data.name}-{ex.input_size}-s{seed}-v2.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
     t0 = time.perf_counter()
@@ -120,26 +120,43 @@ def subset(hp: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
     """A head pass restricted to images ``idx`` (renumbered in the order of ``idx``)."""
     where = {int(i): k for k, i in enumerate(idx)}
     groups = []
-    for g_idx, maps in hp["groups"]:
+    for g_idx, maps, inputs in hp["groups"]:
         keep = [j for j, i in enumerate(g_idx) if int(i) in where]
         if keep:
-            groups.append((np.array([where[int(g_idx[j])] for j in keep]), maps[keep]))
+            groups.append((np.array([where[int(g_idx[j])] for j in keep]), maps[keep], inputs[keep]))
     return {"groups": groups, "pooled": [p[idx] for p in hp["pooled"]], "n": len(idx)}
 
 
-def tail_pooled(net: A.Network, hp: dict[str, Any], batch: int = 32) -> list[np.ndarray]:
-    """All 9 pooled levels of a head pass's images with the current tail."""
+def trained_levels(stages: str) -> tuple[int, ...]:
+    return TAIL_LEVELS if stages == "stage4" else tuple(range(A.N_LEVELS))
+
+
+def run_trained(net: A.Network, stages: str, x: Any) -> list:
+    """The maps of the trained levels: from the stage3 maps (``stage4``) or from the input (``all``)."""
+    if stages == "stage4":
+        return net.tail(x, START)
+    return net.backbone.forward_levels(x, list(range(A.N_LEVELS)))
+
+
+def group_input(group: tuple, stages: str) -> np.ndarray:
+    return group[1] if stages == "stage4" else group[2]
+
+
+def tail_pooled(net: A.Network, hp: dict[str, Any], stages: str, batch: int = 32) -> list[np.ndarray]:
+    """All 9 pooled levels of a head pass's images with the current network."""
     torch = net.torch
-    rows: list[list[Any]] = [[None] * hp["n"] for _ in TAIL_LEVELS]
+    levels = trained_levels(stages)
+    rows: list[list[Any]] = [[None] * hp["n"] for _ in levels]
     with torch.no_grad():
-        for g_idx, maps in hp["groups"]:
+        for group in hp["groups"]:
+            g_idx, inp = group[0], group_input(group, stages)
             for lo in range(0, len(g_idx), batch):
-                outs = net.tail(torch.from_numpy(maps[lo:lo + batch].astype(np.float32)), START)
-                for li, (f, level) in enumerate(zip(outs, TAIL_LEVELS)):
+                outs = run_trained(net, stages, torch.from_numpy(inp[lo:lo + batch].astype(np.float32)))
+                for li, (f, level) in enumerate(zip(outs, levels)):
                     p = A.pool(torch, f, level in A.MAP_LEVELS).double().numpy()
                     for j, i in enumerate(g_idx[lo:lo + batch]):
                         rows[li][i] = p[j]
-    return list(hp["pooled"]) + [np.stack(r) for r in rows]
+    return list(hp["pooled"][:A.N_LEVELS - len(levels)]) + [np.stack(r) for r in rows]
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,7 +169,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     sets = prepare_sets(args.data, args.seed, net, ex)
     row: dict[str, Any] = {"data": args.data.name, "seed": args.seed, "lr": args.lr, "epochs": args.epochs,
-                           "patience": args.patience, "stages": "stage4-head", "bn": "frozen (eval mode)",
+                           "patience": args.patience, "stages": "stage4-head" if args.stages == "stage4" else "all", "bn": "frozen (eval mode)",
                            "input_size": ex.input_size, "resize": ex.resize, "cache_load_s": round(time.perf_counter() - t0, 1),
                            "cache_s": sets.get("cache_s")}
     sp = sets["split"]
@@ -164,13 +181,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     backbone = net.backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-    params = [p for m in net.tail_modules(START) for p in m.parameters()]
+    params = ([p for m in net.tail_modules(START) for p in m.parameters()] if args.stages == "stage4"
+              else list(backbone.parameters()))
     for p in params:
         p.requires_grad_(True)
     row["trained_parameters"] = int(sum(p.numel() for p in params))
 
     def all_pooled(hp):
-        return tail_pooled(net, hp)
+        return tail_pooled(net, hp, args.stages)
 
     def evaluate() -> tuple[float, float]:
         gs = A.fit_gaussians(all_pooled(fit))
@@ -182,7 +200,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         return float(val), float(sel)
 
     # the fixed targets: Gaussians of the pretrained features of the fit part, trained levels only
-    pre = A.fit_gaussians(all_pooled(fit)[len(HEAD_LEVELS):])
+    levels = trained_levels(args.stages)
+    pre = A.fit_gaussians(all_pooled(fit)[A.N_LEVELS - len(levels):])
     targets = [(torch.from_numpy(g.mean).float(), torch.from_numpy(np.linalg.inv(g.chol).T).float(),
                 math.sqrt(g.dim)) for g in pre]
     opt = torch.optim.Adam(params, lr=args.lr)
@@ -192,8 +211,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     print(json.dumps(history[-1]), flush=True)
     best = (val, 0, copy.deepcopy(backbone.state_dict()))
     rng = np.random.default_rng(args.seed)
-    chunks = [(g_idx[lo:lo + args.batch], maps[lo:lo + args.batch]) for g_idx, maps in fit["groups"]
-              for lo in range(0, len(g_idx), args.batch)]
+    chunks = [(g[0][lo:lo + args.batch], group_input(g, args.stages)[lo:lo + args.batch]) for g in fit["groups"]
+              for lo in range(0, len(g[0]), args.batch)]
     bad = 0
     deadline = time.time() + args.max_train_s
     for epoch in range(1, args.epochs + 1):
@@ -201,9 +220,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         total, count = 0.0, 0
         for k in rng.permutation(len(chunks)):
             _, maps = chunks[k]
-            outs = net.tail(torch.from_numpy(maps.astype(np.float32)), START)
+            outs = run_trained(net, args.stages, torch.from_numpy(maps.astype(np.float32)))
             loss = 0.0
-            for (mean, linv_t, scale), f, level in zip(targets, outs, TAIL_LEVELS):
+            for (mean, linv_t, scale), f, level in zip(targets, outs, levels):
                 z = (A.pool(torch, f, level in A.MAP_LEVELS) - mean) @ linv_t
                 loss = loss + (z.square().sum(dim=1) + 1e-12).sqrt().mean() / scale
             loss = loss / len(targets)
@@ -227,7 +246,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     row["history"] = history
     row["best_epoch"], row["best_val"] = best[1], round(best[0], 4)
     row["best_sel"] = next(h["sel"] for h in history if h["epoch"] == best[1])
-    state = CACHE / f"state-{args.data.name}-s{args.seed}-lr{args.lr:g}.pt"
+    state = CACHE / f"state-{args.data.name}-s{args.seed}-{args.stages}-lr{args.lr:g}.pt"
     torch.save(best[2], state)
     row["state"] = str(state)
     return row
@@ -265,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--stages", choices=("stage4", "all"), default="stage4",
+                    help="train stage4 .. head (stem .. stage3 frozen, their outputs cached) or the whole network")
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-train-s", type=float, default=900, help="stop after the epoch that passes this")
