@@ -261,7 +261,8 @@ def test(args: argparse.Namespace) -> dict[str, Any]:
 
     cat, em, ex = product_extractor(args.data, engine="torch")
     net = A.Network(ex.input_size, "native")
-    net.backbone.load_state_dict(torch.load(args.test, weights_only=True))
+    if str(args.test) != "pretrained":  # 'pretrained': the control, the same path with the ImageNet weights
+        net.backbone.load_state_dict(torch.load(args.test, weights_only=True))
     ex._module = PooledLevels(net.backbone.eval(), ex.levels, ex.map_levels, ex.spread_levels).eval()
     ex._runner = None
     row: dict[str, Any] = {"data": args.data.name, "state": str(args.test), "engine": "torch"}
@@ -290,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-train-s", type=float, default=900, help="stop after the epoch that passes this")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--test", type=Path, help="a saved state: the product's full-protocol figures with it")
+    ap.add_argument("--test", type=Path, help="a saved state (or 'pretrained'): the product's full-protocol figures "
+                    "with it")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     import torch
