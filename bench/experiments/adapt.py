@@ -736,6 +736,14 @@ def make_variant(name: str, net: Network, sets: dict[str, Feats], seed: int, fro
     raise SystemExit(f"unknown variant {name!r}")
 
 
+def emit(row: dict, json_path: str | None) -> None:
+    """Print one result row as JSON and, with ``json_path``, append it there (one JSON object a line)."""
+    print(json.dumps(row), flush=True)
+    if json_path:
+        with open(json_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     global QUIET
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -794,10 +802,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if isinstance(scorer, Adaptor) and scorer.score_by == "disc":  # the same adaptor, nearest neighbours
                 scorer.score_by = "nn"
                 row["select_nn"] = figures(scorer, sets["fit"], sets["val_good"], sets["sel_good"], sets["sel_def"])
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with open(args.json, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        emit(row, args.json)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ calibrated on its validation goods. One JSON line per variant.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -362,10 +361,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             row["select"] = A.figures(scorer, sets["fit"], sets["val_good"], sets["sel_good"], sets["sel_def"])
         row["figures_s"] = round(time.perf_counter() - t1, 1)
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with open(args.json, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        A.emit(row, args.json)
 
 
 if __name__ == "__main__":

@@ -299,10 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     row = test(args) if args.test else train(args)
-    print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+    A.emit(row, args.json)
 
 
 if __name__ == "__main__":

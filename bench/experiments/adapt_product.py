@@ -26,7 +26,6 @@ replaces the map shown.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -183,10 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         row[name] = {"pixel": round(roc_auc(masks.ravel(), m.ravel()), 4),
                      "map_max": round(roc_auc(labels, m.reshape(len(m), -1).max(axis=1)), 4)}
     row["score_s"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+    A.emit(row, args.json)
 
 
 if __name__ == "__main__":
