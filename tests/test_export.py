@@ -56,6 +56,7 @@ def train_images(tiny_category) -> list[Path]:
     {"threshold": "conformal", "fpr": 0.2, "resize": "aspect", "normalize": "native"},
     {"threshold": "chi2", "fpr": 0.05, "reduction": "pca", "variance": 0.9, "resize": "aspect"},
     {"threshold": "chi2", "fpr": 0.05, "estimator": "diagonal", "levels": ["stage2", "stage3"]},
+    {"threshold": "chi2", "fpr": 0.05, "brightness": "match", "resize": "aspect", "normalize": "native"},
 ])
 def test_graph_matches_python_path(train_images, settings):
     from gaussad.tools.export import export_detector
@@ -63,7 +64,9 @@ def test_graph_matches_python_path(train_images, settings):
     model = gaussad.GaussianAD(**{**TINY, **settings}).fit(train_images)
     data, notes = export_detector(model)
     sess = _session(data)
-    images = _images() + [Image.open(p) for p in train_images[:2]]
+    dark = np.full((50, 70, 3), 12, np.uint8)
+    dark[20:30, 30:40] = 250  # matched brightness scales this up about 5 times: the bright square clips at 255
+    images = _images() + [Image.open(p) for p in train_images[:2]] + [Image.fromarray(dark)]
     levels = model.level_scores(images)
     decisions, pvalues = model.decide(levels)
     for i, img in enumerate(images):
@@ -75,6 +78,7 @@ def test_graph_matches_python_path(train_images, settings):
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["gaussad.threshold"] == settings["threshold"] and float(meta["gaussad.fpr"]) == settings["fpr"]
     assert meta["gaussad.levels"] == ",".join(model.level_names_)
+    assert meta["gaussad.brightness"] == settings.get("brightness", "keep")
     assert meta["gaussad.version"] == gaussad.__version__ and meta["gaussad.preset"] == "paper"
     assert any("decoded" in n for n in notes)
 

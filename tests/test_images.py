@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gaussad.errors import DataError, ImageError
+from gaussad.errors import DataError, GaussadError, ImageError
 from gaussad.intake.images import IMAGENET_MEAN, IMAGENET_STD, expand_sources, list_images, load_image, preprocess
 
 
@@ -26,6 +26,36 @@ def test_preprocess_is_square_resize_and_imagenet_normalisation():
     assert x.shape == (3, 16, 16) and x.dtype == np.float32
     expected = (1.0 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
     np.testing.assert_allclose(x[:, 5, 5], expected, rtol=1e-6)
+
+
+def _pixels(x: np.ndarray) -> np.ndarray:
+    """Undo the ImageNet normalisation: the 0..255 pixel values the network input was made of."""
+    return (x * np.asarray(IMAGENET_STD)[:, None, None] + np.asarray(IMAGENET_MEAN)[:, None, None]) * 255
+
+
+def test_brightness_match_scales_to_one_grey_level():
+    """``brightness='match'``: the resized image's mean grey (PIL's own 'L' conversion, computed independently here)
+    becomes 117 by one factor on every channel, clipped at 255; a black image stays black; a photo taken at half the
+    light gives the same input as the full-light one (up to its 8-bit rounding); 'keep' leaves the pixels alone."""
+    rng = np.random.default_rng(0)
+    arr = rng.integers(20, 120, (16, 16, 3), dtype=np.uint8)  # at the input size: the resize leaves it as it is
+    img = load_image(arr)
+    kept, matched = preprocess(img, 16), preprocess(img, 16, brightness="match")
+    grey = np.asarray(img.convert("L"), float).mean()
+    np.testing.assert_allclose(_pixels(kept), arr.transpose(2, 0, 1), atol=1e-3)
+    np.testing.assert_allclose(_pixels(matched), arr.transpose(2, 0, 1) * 117.0 / grey, rtol=0.01)
+    assert abs(np.asarray(Image.fromarray(_pixels(matched).round().astype(np.uint8).transpose(1, 2, 0)).convert("L"),
+                          float).mean() - 117.0) < 1.0
+    half = load_image((arr // 2).astype(np.uint8))
+    assert np.abs(_pixels(preprocess(half, 16, brightness="match")) - _pixels(matched)).max() < 6.0
+    assert np.abs(_pixels(preprocess(half, 16)) - _pixels(kept)).max() > 20.0
+    black = preprocess(load_image(np.zeros((8, 8, 3), np.uint8)), 8, brightness="match")
+    np.testing.assert_allclose(_pixels(black), 0.0, atol=1e-3)
+    spot = np.zeros((32, 32, 3), np.uint8)
+    spot[:4, :4] = 200  # mean grey about 3: a gain of about 37 that only the clipping keeps in range
+    assert _pixels(preprocess(load_image(spot), 32, brightness="match")).max() == pytest.approx(255.0, abs=1e-3)
+    with pytest.raises(GaussadError, match="unknown brightness 'auto'; choose one of: keep, match"):
+        preprocess(img, 16, brightness="auto")
 
 
 def test_bad_images_name_the_file(tmp_path):

@@ -435,3 +435,26 @@ def test_files_from_before_the_recommended_default_say_paper(model_path, tmp_pat
     assert read_model_file(tmp_path / "again.gaussad")[0]["preset"] == "paper"
     GaussianAD(backbone=None).fit_features(TRAIN).save(tmp_path / "new.gaussad")
     assert read_model_file(tmp_path / "new.gaussad")[0]["preset"] == "recommended"
+
+
+def test_recommended_files_from_before_brightness_matching_keep_the_pixels(tiny_category, tmp_path):
+    """Model files written before ``brightness`` existed stored no such key: a recommended one was fitted on the pixels
+    as decoded, so it loads as ``'keep'`` and scores as it did, where a new recommended model matches brightness."""
+    from gaussad.intake.images import list_images
+
+    from .conftest import TINY
+
+    images = list_images(tiny_category / "train" / "good")
+    settings = {**TINY, "preset": "recommended", "map_levels": ["stage2", "stage3"]}
+    path = tmp_path / "before.gaussad"
+    before = GaussianAD(**settings, brightness="keep").fit(images)
+    before.save(path)
+    _forge(path, edit_meta=lambda m: (m.pop("brightness"), m["normalization"].pop("brightness")))
+    assert "brightness" not in read_model_file(path)[0]
+    old = gaussad.load(path)
+    assert old.setting("brightness") == "keep" and old.feature_extractor().brightness == "keep"
+    probe = [np.full((64, 64, 3), v, np.uint8) + np.arange(64, dtype=np.uint8)[:, None, None] for v in (30, 150)]
+    np.testing.assert_allclose(old.level_scores(probe), before.level_scores(probe), rtol=1e-6)
+    new = GaussianAD(**settings).fit(images)
+    assert new.setting("brightness") == "match" and new.feature_extractor().brightness == "match"
+    assert not np.allclose(new.level_scores(probe), before.level_scores(probe), rtol=1e-3)

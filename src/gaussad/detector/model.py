@@ -63,17 +63,17 @@ class GaussianAD(FittedAttributes):
     def __init__(self, backbone: str | None = "efficientnet-lite0", levels: Sequence[int | str] | None = None,
                  input_size: int | None = None, weights: str | os.PathLike | None = None,
                  estimator: str = "ledoit-wolf", reduction: str | None = None, variance: float = 0.99,
-                 normalize: str | None = None, resize: str | None = None, pool: str | None = None,
-                 map_levels: Sequence[int | str] | None = None, map_method: str | None = None,
+                 normalize: str | None = None, resize: str | None = None, brightness: str | None = None,
+                 pool: str | None = None, map_levels: Sequence[int | str] | None = None, map_method: str | None = None,
                  map_pool: int | None = None, map_coreset: float = 0.1, map_grid: str | None = None,
-                 map_tiles: int | str | None = None,
-                 precision: str = "fp32", preset: str | None = None, image_score: str | None = None,
+                 map_tiles: int | str | None = None, precision: str = "fp32", preset: str | None = None, image_score: str | None = None,
                  threshold: str | None = None, fpr: float = 0.01, calibration: float | str | None = None, calibration_folds: int = 5,
                  random_state: int | None = 0, batch_size: int = 16, engine: str = "auto", verbose: bool = False,
                  max_pixels: int = params.DEFAULT_MAX_PIXELS, decoder: str = "pil"):
         self.backbone, self.levels, self.input_size, self.weights = backbone, levels, input_size, weights
         self.estimator, self.reduction, self.variance = estimator, reduction, variance
-        self.normalize, self.resize, self.pool, self.decoder = normalize, resize, pool, decoder
+        self.normalize, self.resize, self.brightness, self.pool = normalize, resize, brightness, pool
+        self.decoder = decoder
         self.map_levels, self.map_method, self.map_pool, self.map_coreset = map_levels, map_method, map_pool, map_coreset
         self.preset, self.image_score, self.threshold, self.fpr = preset, image_score, threshold, fpr
         self.map_grid, self.map_tiles, self.precision = map_grid, map_tiles, precision
@@ -334,8 +334,8 @@ class GaussianAD(FittedAttributes):
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable description of the fitted model (stored in the model file)."""
         state = self._state()
-        return {"gaussad_version": __version__, **params.stored_values(self.get_params()),
-                "normalization": normalization_meta(self.backbone, self.setting("normalize"), self.setting("resize")),
+        return {"gaussad_version": __version__, **params.stored_values(self.get_params()), "normalization":
+                normalization_meta(self.backbone, *(self.setting(k) for k in ("normalize", "resize", "brightness"))),
                 **state.metadata()}
 
 def load(path: str | os.PathLike) -> GaussianAD:

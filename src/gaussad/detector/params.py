@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..core import ESTIMATORS, REDUCTIONS, THRESHOLDS
 from ..errors import GaussadError, InvalidParameterError
-from ..intake import (AUTO_LARGE_INPUT, AUTO_MAX_TILES, DECODERS, DEFAULT_MAX_PIXELS, ENGINES, NORMALIZATIONS, POOLS,
+from ..intake import (AUTO_LARGE_INPUT, AUTO_MAX_TILES, BRIGHTNESS, DECODERS, DEFAULT_MAX_PIXELS, ENGINES, NORMALIZATIONS, POOLS,
                       PRECISIONS, RESIZES, check_precision)
 
 MAP_METHODS = ("gaussian", "nearest")
@@ -46,8 +46,8 @@ BACKBONE_CHOICE = "backbone"
 _WITHOUT_BACKBONE = {"map_levels": (), "pool": "avg"}
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe: ImageNet mean/std at the native size, global features only, chi2 thresholds.
-    "paper": {"input_size": None, "normalize": "imagenet", "resize": "square", "pool": "avg", "map_levels": (),
-              "map_method": "gaussian", "map_pool": 1, "map_grid": "coarsest", "map_tiles": 1,
+    "paper": {"input_size": None, "normalize": "imagenet", "resize": "square", "brightness": "keep", "pool": "avg",
+              "map_levels": (), "map_method": "gaussian", "map_pool": 1, "map_grid": "coarsest", "map_tiles": 1,
               "image_score": "global", "threshold": "chi2"},
     # Measured best here (EXPERIMENTS.md): the backbone's own input normalisation, the images' proportions kept,
     # and nearest-neighbour anomaly maps over 3 x 3 neighbourhoods of the backbone's map levels (its registry entry's
@@ -59,8 +59,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 10-100 % of good parts at a 1 % target), the conformal law does. The input size follows the training images
     # (``input_size='auto'``), and the maps are untiled: a larger input gives large images their detail in one
     # network pass per image, where tiles cost 1 + K*K passes (docs/guide/thresholds.md, "Which decision rule").
-    "recommended": {"input_size": "auto", "normalize": "native", "resize": "aspect", "pool": BACKBONE_CHOICE,
-                    "map_levels": BACKBONE_CHOICE, "map_method": "nearest", "map_pool": 3, "map_grid": "coarsest",
+    # Since issue 33 each image's brightness is matched to one grey level before the network: tile's goods vary in
+    # brightness from photo to photo, and the Gaussians spent their spread on it (EXPERIMENTS.md, "Issue 33:
+    # matching brightness before the network").
+    "recommended": {"input_size": "auto", "normalize": "native", "resize": "aspect", "brightness": "match",
+                    "pool": BACKBONE_CHOICE, "map_levels": BACKBONE_CHOICE, "map_method": "nearest", "map_pool": 3, "map_grid": "coarsest",
                     "map_tiles": 1, "image_score": "fused", "threshold": "conformal"},
 }
 # The recommended preset at the backbone's native input size whatever the images' size: the same decision, one
@@ -274,6 +277,12 @@ PARAMS: tuple[Param, ...] = (
     Param("resize", None, optional(choice(RESIZES)),
           "square: plain resize to S x S as the paper; aspect: keep the image's proportions at about S x S "
           "pixels (sides multiples of 32)", preset=True, features=True, flag="--resize", choices=RESIZES, report=True, extractor=True),
+    Param("brightness", None, optional(choice(BRIGHTNESS)),
+          "match: scale each resized image so that its mean grey level is that of ImageNet's mean colour (117) "
+          "before normalising, so that a photo's overall brightness (lighting that drifts between shots) does not "
+          "move its score; a defect that only makes the whole image brighter or darker is then not seen. keep: "
+          "the pixels as decoded (the paper)", preset=True, features=True, legacy="keep", flag="--brightness",
+          choices=BRIGHTNESS, report=True, extractor=True),
     Param("pool", None, optional(choice(POOLS)),
           "global features of each level: avg = each channel's average over the feature map (the paper); avg+std "
           "= for the map levels also each channel's spread over the map, the square root of its standard deviation "

@@ -12,6 +12,15 @@ from ..errors import InvalidParameterError
 NORMALIZATIONS = ("imagenet", "native")
 RESIZES = ("square", "aspect")
 POOLS = ("avg", "avg+std")
+# keep: the pixels as decoded; match: each resized image scaled so that its mean grey level is MATCH_GREY, so that a
+# photo's overall brightness (lighting that drifts between shots) does not move its features (issue 33, EXPERIMENTS.md
+# "Issue 33: matching brightness before the network").
+BRIGHTNESS = ("keep", "match")
+# The grey level of ImageNet's mean colour (0.485, 0.456, 0.406) * 255 under ITU-R 601 luma: a target known without
+# data (within 0.003 AUROC of the training images' median on both shared sets' synthetic defects).
+MATCH_GREY = 117.0
+# ITU-R 601 luma weights of R, G, B: the grey PIL's convert('L') computes.
+LUMA = (0.299, 0.587, 0.114)
 ENGINES = ("auto", "onnxruntime", "openvino", "torch")
 DECODERS = ("auto", "pil")
 PRECISIONS = ("fp32", "int8")

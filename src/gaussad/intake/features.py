@@ -14,7 +14,7 @@ from .backbones import get_spec, resolve_levels, weights_file
 from .engine import Engine, calibration_order, cpu_count, graph_key, resolve_engine
 from ..errors import GaussadError, ImageError, InvalidParameterError
 from .images import IMAGENET, ImageSource, check_max_pixels, image_side, load_image, preprocess
-from . import AUTO_LARGE_INPUT, DEFAULT_MAX_PIXELS, NORMALIZATIONS, POOLS, RESIZES, check_precision
+from . import AUTO_LARGE_INPUT, BRIGHTNESS, DEFAULT_MAX_PIXELS, MATCH_GREY, NORMALIZATIONS, POOLS, RESIZES, check_precision
 from .tiles import Mosaic, auto_tiles, check_tiling, cut, map_side, tile_boxes
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ class FeatureExtractor:
     overlapping tiles of a larger map image (:mod:`gaussad.intake.tiles`), the pooled features still from the whole image.
     ``pool="avg+std"`` pools each map level's channels by their spread over the map (the square root of their
     standard deviation) as well as their average (the other levels by their average, as the paper).
+    ``brightness="match"`` scales each resized image to one mean grey level before normalising
+    (:func:`~gaussad.intake.images.match_brightness`).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class FeatureExtractor:
         network: bytes | None = None,
         map_tiles: int = 1,
         pool: str = "avg",
+        brightness: str = "keep",
     ):
         spec = get_spec(backbone)
         if normalize not in NORMALIZATIONS:
@@ -94,6 +97,9 @@ class FeatureExtractor:
         if pool not in POOLS:
             raise GaussadError(f"unknown pool {pool!r}; choose one of: {', '.join(POOLS)}")
         self.pool = pool
+        if brightness not in BRIGHTNESS:
+            raise GaussadError(f"unknown brightness {brightness!r}; choose one of: {', '.join(BRIGHTNESS)}")
+        self.brightness = brightness
         # levels whose pooled vector also holds each channel's spread over the map (PooledLevels)
         self.spread_levels = [i for i in self.levels if i in self.map_levels] if pool == "avg+std" else []
         check_tiling(self.input_size, self.map_tiles)
@@ -194,7 +200,7 @@ class FeatureExtractor:
         """One image decoded, resized and normalised: the (3, H, W) float32 network input (H = W = S when square)."""
         draft = self.input_size if self.draft else None
         return preprocess(load_image(source, index, self.max_pixels, draft, decoder=self.decoder), self.input_size,
-                          self.normalization, self.resize)
+                          self.normalization, self.resize, self.brightness)
 
     def prepare_tiled(self, source: ImageSource, index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """With map tiles: one image decoded once (a large JPEG drafted at the map image's scale, so that its tiles
@@ -202,8 +208,8 @@ class FeatureExtractor:
         same resize at :func:`~gaussad.intake.tiles.map_side` pixels a side that the tiles cut."""
         side = map_side(self.input_size, self.map_tiles)
         img = load_image(source, index, self.max_pixels, side if self.draft else None, decoder=self.decoder)
-        return (preprocess(img, self.input_size, self.normalization, self.resize),
-                preprocess(img, side, self.normalization, self.resize))
+        return (preprocess(img, self.input_size, self.normalization, self.resize, self.brightness),
+                preprocess(img, side, self.normalization, self.resize, self.brightness))
 
     @property
     def images_per_batch(self) -> int:
@@ -364,13 +370,17 @@ def tiles_sample(images: Sequence[ImageSource]) -> list[ImageSource]:
     return [images[i] for i in calibration_order(len(images), AUTO_TILES_SAMPLE)[:AUTO_TILES_SAMPLE]]
 
 
-def normalization_meta(backbone: str | None, normalize: str, resize: str) -> dict | None:
-    """Mean/std and resize actually applied to the input, as model files describe them (None without backbone)."""
+def normalization_meta(backbone: str | None, normalize: str, resize: str, brightness: str = "keep") -> dict | None:
+    """Mean/std, resize and brightness actually applied to the input, as model files describe them (None without
+    backbone)."""
     if backbone is None:
         return None
     mean, std = IMAGENET if normalize == "imagenet" else get_spec(backbone).native_normalization
     shape = "square" if resize == "square" else "aspect kept, about S*S pixels, sides multiples of 32"
-    return {"mean": list(mean), "std": list(std), "resize": f"{shape}, bilinear at pixel centres (cv2 INTER_LINEAR)"}
+    light = ("as decoded" if brightness == "keep" else
+             f"each resized image scaled to a mean grey (ITU-R 601 luma) of {MATCH_GREY:g}, clipped at 255")
+    return {"mean": list(mean), "std": list(std), "resize": f"{shape}, bilinear at pixel centres (cv2 INTER_LINEAR)",
+            "brightness": light}
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -408,12 +418,14 @@ class ExtractorKey:
     precision: str
     map_tiles: int
     pool: str
+    brightness: str
 
     def build(self, settings: Mapping[str, Any], network: bytes | None) -> FeatureExtractor:
         return FeatureExtractor(self.backbone, list(self.levels), self.input_size, self.weights,
                                 int(settings["batch_size"]), normalize=self.normalize, map_levels=list(self.map_levels),
                                 engine=self.engine, max_pixels=settings["max_pixels"], resize=self.resize,
-                                precision=self.precision, network=network, map_tiles=self.map_tiles, pool=self.pool)
+                                precision=self.precision, network=network, map_tiles=self.map_tiles, pool=self.pool,
+                                brightness=self.brightness)
 
 
 class ExtractorCache:
@@ -447,7 +459,8 @@ class ExtractorCache:
             map_levels=tuple(layout.map_levels if layout else
                              resolve_levels(spec.level_names, map_levels) if map_levels else ()),
             engine=settings["engine"], precision=settings.get("precision", "fp32"),
-            map_tiles=int(settings["map_tiles"]), pool=layout.setting("pool") if layout else settings["pool"])
+            map_tiles=int(settings["map_tiles"]), pool=layout.setting("pool") if layout else settings["pool"],
+            brightness=layout.setting("brightness") if layout else settings["brightness"])
         if self.extractor is None or self.key != key or (network is not None and self.extractor.network != network):
             self.extractor = key.build(settings, network)
             self.key = key

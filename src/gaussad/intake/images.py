@@ -15,7 +15,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError, GaussadError, ImageError, ImageTooLargeError, UnknownImageFormatError
 from .files import open_regular_file
-from . import DEFAULT_MAX_PIXELS
+from . import BRIGHTNESS, DEFAULT_MAX_PIXELS, LUMA, MATCH_GREY
 from ..core.maps import resize_bilinear
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]
@@ -317,12 +317,27 @@ def resize_to(img: Image.Image, size: int, resize: str = "square") -> Image.Imag
     return resize_bilinear(img, *aspect_size(*img.size, size))
 
 
+def match_brightness(pixels: np.ndarray) -> np.ndarray:
+    """(3, H, W) uint8 pixels as float32 scaled so that their mean grey (ITU-R 601 luma) is
+    :data:`~gaussad.intake.MATCH_GREY`, clipped at 255: the input then depends on the pixels' proportions to their
+    mean alone, not on how bright the photo is. A black image (mean grey under 1) is scaled as if it were 1."""
+    px = pixels.astype(np.float32)
+    grey = np.tensordot(np.asarray(LUMA, np.float32), px, axes=1).mean(dtype=np.float32)
+    np.multiply(px, np.float32(MATCH_GREY) / max(grey, np.float32(1.0)), out=px)
+    return np.minimum(px, np.float32(255.0), out=px)
+
+
 def preprocess(img: Image.Image, size: int, normalization: Normalization = IMAGENET,
-               resize: str = "square") -> np.ndarray:
-    """Resize an RGB image (see :func:`resize_to`) and normalise (ImageNet mean/std by default, as the paper):
-    (3, H, W) float32, H = W = size for the square resize."""
+               resize: str = "square", brightness: str = "keep") -> np.ndarray:
+    """Resize an RGB image (see :func:`resize_to`), match its brightness with ``brightness='match'``
+    (:func:`match_brightness`) and normalise (ImageNet mean/std by default, as the paper): (3, H, W) float32,
+    H = W = size for the square resize."""
+    if brightness not in BRIGHTNESS:
+        raise GaussadError(f"unknown brightness {brightness!r}; choose one of: {', '.join(BRIGHTNESS)}")
     mean, std = np.asarray(normalization[0], np.float32), np.asarray(normalization[1], np.float32)
     pixels = np.asarray(resize_to(img, size, resize)).transpose(2, 0, 1)
+    if brightness == "match":
+        pixels = match_brightness(pixels)
     # (x / 255 - mean) / std as one multiply-add written straight into the output: ten times faster than
     # the textbook form, equal to it within float32 rounding.
     out = np.empty(pixels.shape, np.float32)

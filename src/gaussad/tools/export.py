@@ -25,6 +25,7 @@ from ..core import fusion
 from ..version import __version__
 from ..detector.decision import RANKING, DecisionRule
 from ..errors import GaussadError
+from ..intake import LUMA, MATCH_GREY
 from ..intake.images import ASPECT_STEP
 from ..detector.state import DetectorState
 
@@ -123,8 +124,9 @@ def _lerp(b, x: str, i0: str, i1: str, w: str, axis: int) -> str:
     return b.op("Add", lo, b.op("Mul", b.op("Sub", b.op("Gather", x, i1, axis=axis), lo), w))
 
 
-def _preprocess(b, image: str, size: int, resize: str, normalization) -> str:
-    """uint8 (N, H, W, 3) -> the normalised float32 network input (N, 3, H', W').
+def _preprocess(b, image: str, size: int, resize: str, normalization, brightness: str) -> str:
+    """uint8 (N, H, W, 3) -> the normalised float32 network input (N, 3, H', W'), the brightness matched as
+    :func:`gaussad.intake.images.match_brightness` does with ``brightness='match'``.
 
     The resize is PIL's affine bilinear transform (:func:`gaussad.core.maps.resize_bilinear`) replayed in float64 with
     its truncation to 8 bit: the same pixels, not merely close ones.
@@ -158,6 +160,12 @@ def _preprocess(b, image: str, size: int, resize: str, normalization) -> str:
     wy = b.op("Unsqueeze", dy, b.const(np.array([0, 2, 3], np.int64)))
     value = b.op("Add", top, b.op("Mul", b.op("Sub", bottom, top), wy))
     pixels = b.op("Transpose", b.op("Cast", b.op("Floor", value), to=TensorProto.FLOAT), perm=[0, 3, 1, 2])
+    if brightness == "match":
+        luma = np.asarray(LUMA, np.float32).reshape(1, 3, 1, 1)
+        grey = b.op("ReduceSum", b.op("Mul", pixels, b.const(luma)), b.const(np.array([1], np.int64)), keepdims=1)
+        gain = b.op("Div", b.const(MATCH_GREY, np.float32),
+                    b.op("Max", b.op("ReduceMean", grey, axes=[2, 3], keepdims=1), b.const(1.0, np.float32)))
+        pixels = b.op("Min", b.op("Mul", pixels, gain), b.const(255.0, np.float32))
     mean, std = (np.asarray(v, np.float32) for v in normalization)
     scale = (1.0 / (255.0 * std)).astype(np.float32).reshape(1, 3, 1, 1)
     shift = (-mean / std).astype(np.float32).reshape(1, 3, 1, 1)
@@ -383,8 +391,8 @@ def export_detector(model, maps: bool = False) -> tuple[bytes, list[str]]:
     # The network's nodes read the old input: the preprocessing must come first in topological order.
     body = list(graph.node)
     del graph.node[:]
-    b.op("Identity", _preprocess(b, "image", layout.input_size, extractor.resize, extractor.normalization),
-         out=old_input)
+    b.op("Identity", _preprocess(b, "image", layout.input_size, extractor.resize, extractor.normalization,
+                                 extractor.brightness), out=old_input)
     graph.node.extend(body)
     per_level = _distances(b, state, pooled)
     levels = b.op("Concat", *per_level, axis=1, out="levels")
@@ -447,6 +455,7 @@ def _metadata(model, state: DetectorState, rule: DecisionRule, extractor, maps: 
         "gaussad.version": __version__, "gaussad.preset": str(model.setting("preset")),
         "gaussad.backbone": str(model.backbone), "gaussad.levels": ",".join(layout.level_names),
         "gaussad.input_size": str(layout.input_size), "gaussad.resize": extractor.resize,
+        "gaussad.brightness": extractor.brightness,
         "gaussad.normalize": str(model.setting("normalize")), "gaussad.threshold": rule.method,
         "gaussad.fpr": repr(rule.target_fpr(state)),
         "gaussad.image_score": rule.image_score,

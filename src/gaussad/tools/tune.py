@@ -80,6 +80,7 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "maps": {"maps": _MAPS},
     "scores": {"image_score": ("global", "fused")},
     "tiles": {"map_tiles": (1, 2, 3)},  # the global score does not change: the pixel AUROC decides
+    "brightness": {"brightness": ("match", "keep")},  # the recommended preset's first, so a tie keeps it
 }
 
 
@@ -195,10 +196,12 @@ def split(n: int, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _feature_key(setting: Mapping[str, Any]) -> str:
-    """What shapes the network's input and pooled features: candidates with the same key share one extraction."""
+    """What shapes the network's input and pooled features (the table's extractor rows but the map levels, which a
+    group extracts as the union of its members', and the engine and precision a search runs in): candidates with
+    the same key share one extraction."""
     r = params.resolved(setting)
-    return json.dumps({k: r[k] for k in ("backbone", "weights", "input_size", "levels", "normalize", "resize",
-                                     "map_tiles", "pool")},
+    return json.dumps({p.name: r[p.name] for p in params.PARAMS
+                       if p.extractor and p.name not in ("map_levels", "engine", "precision")},
                       sort_keys=True, default=str)
 
 
