@@ -175,6 +175,24 @@ def test_candidates_with_other_map_levels_are_measured_on_their_own_pooled_featu
     assert _feature_key({**full, "pool": "avg"}) != _feature_key({**full, "pool": "avg+std"})
 
 
+def test_the_brightness_grid_measures_each_setting_on_its_own_features(train_dir):
+    """``--grid brightness`` ranks the preset's ``match`` against ``keep``; brightness shapes the network's input, so
+    the two never share an extraction: each row has the figures of that setting searched alone."""
+    files = sorted(train_dir.glob("*.png"))
+    together = tune(files, grid="brightness", base=BASE, refit=False, seed=0).ranking
+    brightness = lambda row: GaussianAD(**{**BASE, **row["settings"]}).setting("brightness")  # noqa: E731
+    rows = {brightness(r): r for r in together}
+    assert set(rows) == {"keep", "match"} and len(together) == 2
+    for value in ("keep", "match"):  # alone: 'keep' is ranked beside the base (the preset's 'match')
+        alone = {brightness(r): r for r in tune(files, grid={"brightness": (value,)}, base=BASE, refit=False,
+                                                seed=0).ranking}[value]
+        for key in ("global_auroc", "map_max_auroc", "pixel_auroc"):
+            assert rows[value][key] == pytest.approx(alone[key], abs=1e-12), (value, key)
+    assert rows["keep"]["global_auroc"] != rows["match"]["global_auroc"]
+    full = GaussianAD(**BASE).get_params()
+    assert _feature_key({**full, "brightness": "keep"}) != _feature_key({**full, "brightness": "match"})
+
+
 def test_candidates_expand_a_grid_and_resolve_relative_input_sizes():
     points = candidates("small")
     assert len(points) == 6
