@@ -320,10 +320,15 @@ def resize_to(img: Image.Image, size: int, resize: str = "square") -> Image.Imag
 def match_brightness(pixels: np.ndarray) -> np.ndarray:
     """(3, H, W) uint8 pixels as float32 scaled so that their mean grey (ITU-R 601 luma) is
     :data:`~gaussad.intake.MATCH_GREY`, clipped at 255: the input then depends on the pixels' proportions to their
-    mean alone, not on how bright the photo is. A black image (mean grey under 1) is scaled as if it were 1."""
+    mean alone, not on how bright the photo is. A black image (mean grey under 1) is scaled as if it were 1.
+
+    The channel sums are exact integers and the mean grey is float64, so the exported graph, which computes it the
+    same way, finds the same factor and feeds the network the same float32 input (bit for bit on bottle's test
+    images at 384 px)."""
+    r, g, b = (int(v) for v in pixels.reshape(3, -1).sum(axis=1, dtype=np.int64))
+    grey = (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b) / (pixels.shape[1] * pixels.shape[2])
     px = pixels.astype(np.float32)
-    grey = np.tensordot(np.asarray(LUMA, np.float32), px, axes=1).mean(dtype=np.float32)
-    np.multiply(px, np.float32(MATCH_GREY) / max(grey, np.float32(1.0)), out=px)
+    np.multiply(px, np.float32(MATCH_GREY / max(grey, 1.0)), out=px)
     return np.minimum(px, np.float32(255.0), out=px)
 
 

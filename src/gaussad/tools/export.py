@@ -160,11 +160,12 @@ def _preprocess(b, image: str, size: int, resize: str, normalization, brightness
     wy = b.op("Unsqueeze", dy, b.const(np.array([0, 2, 3], np.int64)))
     value = b.op("Add", top, b.op("Mul", b.op("Sub", bottom, top), wy))
     pixels = b.op("Transpose", b.op("Cast", b.op("Floor", value), to=TensorProto.FLOAT), perm=[0, 3, 1, 2])
-    if brightness == "match":
-        luma = np.asarray(LUMA, np.float32).reshape(1, 3, 1, 1)
-        grey = b.op("ReduceSum", b.op("Mul", pixels, b.const(luma)), b.const(np.array([1], np.int64)), keepdims=1)
-        gain = b.op("Div", b.const(MATCH_GREY, np.float32),
-                    b.op("Max", b.op("ReduceMean", grey, axes=[2, 3], keepdims=1), b.const(1.0, np.float32)))
+    if brightness == "match":  # as match_brightness: exact channel sums in float64, the factor rounded once
+        sums = b.op("ReduceSum", b.op("Cast", pixels, to=TensorProto.DOUBLE), b.const(np.array([2, 3], np.int64)),
+                    keepdims=1)
+        grey = b.op("Div", b.op("ReduceSum", b.op("Mul", sums, b.const(np.asarray(LUMA).reshape(1, 3, 1, 1))),
+                                b.const(np.array([1], np.int64)), keepdims=1), b.op("Mul", out_h, out_w))
+        gain = b.op("Cast", b.op("Div", b.const(MATCH_GREY), b.op("Max", grey, b.const(1.0))), to=TensorProto.FLOAT)
         pixels = b.op("Min", b.op("Mul", pixels, gain), b.const(255.0, np.float32))
     mean, std = (np.asarray(v, np.float32) for v in normalization)
     scale = (1.0 / (255.0 * std)).astype(np.float32).reshape(1, 3, 1, 1)
