@@ -66,8 +66,9 @@ class GaussianAD(FittedAttributes):
                  normalize: str | None = None, resize: str | None = None, brightness: str | None = None,
                  pool: str | None = None, map_levels: Sequence[int | str] | None = None, map_method: str | None = None,
                  map_pool: int | None = None, map_coreset: float = 0.1, map_grid: str | None = None,
-                 map_tiles: int | str | None = None, precision: str = "fp32", preset: str | None = None, image_score: str | None = None,
-                 threshold: str | None = None, fpr: float = 0.01, calibration: float | str | None = None, calibration_folds: int = 5,
+                 map_tiles: int | str | None = None, precision: str = "fp32", preset: str | None = None,
+                 image_score: str | None = None, threshold: str | None = None, fpr: float = 0.01,
+                 calibration: float | str | None = None, calibration_folds: int = 5,
                  random_state: int | None = 0, batch_size: int = 16, engine: str = "auto", verbose: bool = False,
                  max_pixels: int = params.DEFAULT_MAX_PIXELS, decoder: str = "pil"):
         self.backbone, self.levels, self.input_size, self.weights = backbone, levels, input_size, weights

@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..core import ESTIMATORS, REDUCTIONS, THRESHOLDS
 from ..errors import GaussadError, InvalidParameterError
-from ..intake import (AUTO_LARGE_INPUT, AUTO_MAX_TILES, BRIGHTNESS, DECODERS, DEFAULT_MAX_PIXELS, ENGINES, NORMALIZATIONS, POOLS,
-                      PRECISIONS, RESIZES, check_precision)
+from ..intake import (AUTO_LARGE_INPUT, AUTO_MAX_TILES, BRIGHTNESS, DECODERS, DEFAULT_MAX_PIXELS, ENGINES,
+                      NORMALIZATIONS, POOLS, PRECISIONS, RESIZES, check_precision)
 
 MAP_METHODS = ("gaussian", "nearest")
 MAP_GRIDS = ("coarsest", "finest")
@@ -63,8 +63,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # brightness from photo to photo, and the Gaussians spent their spread on it (EXPERIMENTS.md, "Issue 33:
     # matching brightness before the network").
     "recommended": {"input_size": "auto", "normalize": "native", "resize": "aspect", "brightness": "match",
-                    "pool": BACKBONE_CHOICE, "map_levels": BACKBONE_CHOICE, "map_method": "nearest", "map_pool": 3, "map_grid": "coarsest",
-                    "map_tiles": 1, "image_score": "fused", "threshold": "conformal"},
+                    "pool": BACKBONE_CHOICE, "map_levels": BACKBONE_CHOICE, "map_method": "nearest", "map_pool": 3,
+                    "map_grid": "coarsest", "map_tiles": 1, "image_score": "fused", "threshold": "conformal"},
 }
 # The recommended preset at the backbone's native input size whatever the images' size: the same decision, one
 # cheaper network pass per image on large images.

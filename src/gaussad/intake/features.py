@@ -14,7 +14,8 @@ from .backbones import get_spec, resolve_levels, weights_file
 from .engine import Engine, calibration_order, cpu_count, graph_key, resolve_engine
 from ..errors import GaussadError, ImageError, InvalidParameterError
 from .images import IMAGENET, ImageSource, check_max_pixels, image_side, load_image, preprocess
-from . import AUTO_LARGE_INPUT, BRIGHTNESS, DEFAULT_MAX_PIXELS, MATCH_GREY, NORMALIZATIONS, POOLS, RESIZES, check_precision
+from . import (AUTO_LARGE_INPUT, BRIGHTNESS, DEFAULT_MAX_PIXELS, MATCH_GREY, NORMALIZATIONS, POOLS, RESIZES,
+               check_precision)
 from .tiles import Mosaic, auto_tiles, check_tiling, cut, map_side, tile_boxes
 
 if TYPE_CHECKING:
