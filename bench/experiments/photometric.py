@@ -1,8 +1,9 @@
 """Research for issue 33, session 14: does matching each image's brightness (and contrast) to the training images'
 before the network help, as a preprocessing step beside adapting the features?
 
-Magnetic tile's goods vary in brightness from photo to photo (train/good: per-image mean grey level from about 40 to
-160); a Gaussian on features that carry that variation spends its spread on lighting. Three transforms of every image
+Magnetic tile's goods vary in brightness from photo to photo (train/good: per-image mean grey level 62-163 between
+the 5th and 95th percentiles); a Gaussian on features that carry that variation spends its spread on
+lighting. Three transforms of every image
 (fit, held-out and defective alike), on the luminance (ITU-R 601 grey of the RGB image):
 
 - ``none``: the image as it is (the product today);
