@@ -315,6 +315,7 @@ def merge_images():
     ({"backbone": "efficientnet-lite1"}, "backbone"),
     ({"input_size": 96}, "input.size"),
     ({"levels": ["stem", "stage2"]}, "levels"),
+    ({"brightness": "match"}, "brightness"),
 ])
 def test_merge_refuses_image_models_with_another_backbone_input_size_or_levels(merge_images, change, needle):
     """README: two models fitted on disjoint data merge exactly, with the same settings; others are refused."""
