@@ -13,6 +13,11 @@ extractor's own settings. Goods and pasted defects are decoded alike (full decod
 Because stem .. stage3 are frozen their outputs are cached once (``/tmp/ft-cache``, never in the repository): the
 stage3 maps (float16) and the pooled vectors of levels 0-3 per image, grouped into batches of equal input shape.
 
+Session 14: the inputs follow the recommended preset as it now is, brightness matched (``--brightness match``; the
+cache and state files say so in their names), and ``--bn train`` puts the trained part's batch-norm layers in
+training mode while training (batch statistics in the forward pass, running statistics moving; scoring always in
+eval mode).
+
 Only train/good chooses: :func:`bench.experiments.adapt.split` (fit 70 %, validation 15 %, selection 15 %, seeded), one
 pasted defect per validation good, two per selection good (:func:`bench.experiments.adapt.with_defects`, the same seeds
 as ``bench.experiments.adapt``). Each epoch the Gaussians are refitted on the fit part's features of the current network
@@ -94,7 +99,8 @@ def prepare_sets(data: Path, seed: int, net: A.Network, ex) -> dict[str, Any]:
     from gaussad.tools.synthetic import PASTED_DEFECTS
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"{data.name}-{ex.input_size}-s{seed}-v2.pt"
+    light = "" if ex.brightness == "keep" else f"-{ex.brightness}"  # session 13's files: the pixels as decoded
+    path = CACHE / f"{data.name}-{ex.input_size}{light}-s{seed}-v2.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
     t0 = time.perf_counter()
@@ -103,7 +109,8 @@ def prepare_sets(data: Path, seed: int, net: A.Network, ex) -> dict[str, Any]:
     images = [A.read(p) for p in cat.train_files]
 
     def pre(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return [preprocess(Image.fromarray(a), ex.input_size, ex.normalization, ex.resize) for a in arrays]
+        return [preprocess(Image.fromarray(a), ex.input_size, ex.normalization, ex.resize, ex.brightness)
+                for a in arrays]
 
     out: dict[str, Any] = {"split": sp, "train": head_pass(net, pre(images))}
     donors = [images[i] for i in sp.fit]
@@ -169,7 +176,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     sets = prepare_sets(args.data, args.seed, net, ex)
     row: dict[str, Any] = {"data": args.data.name, "seed": args.seed, "lr": args.lr, "epochs": args.epochs,
-                           "patience": args.patience, "stages": "stage4-head" if args.stages == "stage4" else "all", "bn": "frozen (eval mode)",
+                           "patience": args.patience, "stages": "stage4-head" if args.stages == "stage4" else "all",
+                           "bn": "frozen (eval mode)" if args.bn == "frozen" else "train mode while training",
+                           "brightness": ex.brightness,
                            "input_size": ex.input_size, "resize": ex.resize, "cache_load_s": round(time.perf_counter() - t0, 1),
                            "cache_s": sets.get("cache_s")}
     sp = sets["split"]
@@ -186,6 +195,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     for p in params:
         p.requires_grad_(True)
     row["trained_parameters"] = int(sum(p.numel() for p in params))
+    # --bn train: the trained part's batch-norm layers normalise by each batch and move their running statistics
+    # while training (scoring always uses the running statistics); everything else stays in eval mode
+    trained_parts = net.tail_modules(START) if args.stages == "stage4" else [backbone]
+    norms = [m for part in trained_parts for m in part.modules()
+             if args.bn == "train" and isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    row["moving_norms"] = len(norms)
 
     def all_pooled(hp):
         return tail_pooled(net, hp, args.stages)
@@ -218,6 +233,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
         total, count = 0.0, 0
+        for m in norms:
+            m.train()
         for k in rng.permutation(len(chunks)):
             _, maps = chunks[k]
             outs = run_trained(net, args.stages, torch.from_numpy(maps.astype(np.float32)))
@@ -231,6 +248,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             opt.step()
             total += loss.item() * len(maps)
             count += len(maps)
+        for m in norms:
+            m.eval()
         train_s = time.perf_counter() - t0
         val, sel = evaluate()
         history.append({"epoch": epoch, "val": round(val, 4), "sel": round(sel, 4), "loss": round(total / count, 4),
@@ -246,7 +265,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     row["history"] = history
     row["best_epoch"], row["best_val"] = best[1], round(best[0], 4)
     row["best_sel"] = next(h["sel"] for h in history if h["epoch"] == best[1])
-    state = CACHE / f"state-{args.data.name}-s{args.seed}-{args.stages}-lr{args.lr:g}.pt"
+    extra = ("" if args.bn == "frozen" else "-bntrain") + ("" if ex.brightness == "keep" else f"-{ex.brightness}")
+    state = CACHE / f"state-{args.data.name}-s{args.seed}-{args.stages}-lr{args.lr:g}{extra}.pt"
     torch.save(best[2], state)
     row["state"] = str(state)
     return row
@@ -287,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--stages", choices=("stage4", "all"), default="stage4",
                     help="train stage4 .. head (stem .. stage3 frozen, their outputs cached) or the whole network")
+    ap.add_argument("--bn", choices=("frozen", "train"), default="frozen",
+                    help="the trained part's batch norm: eval mode throughout (frozen) or train mode while training")
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-train-s", type=float, default=900, help="stop after the epoch that passes this")
