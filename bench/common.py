@@ -1,7 +1,7 @@
 """Helpers that more than one bench script uses (a helper used by one script stays in that script).
 
 - machine and timing: :func:`cpu_model`, :class:`LoadMeter`, :func:`best_times`, :func:`network_ms`,
-  :func:`split_images`, :func:`time_backbone`;
+  :func:`split_images`, :func:`time_backbone`, :func:`variants_throughput`;
 - serving: :func:`serving` (a `gaussad serve` child process), :func:`status_kb`, :func:`tiny_maps_model`;
 - the shared synthetic split of the accuracy experiments: :func:`synthetic_split`, :func:`split_masks`,
   :func:`run_seeds`.
@@ -76,6 +76,24 @@ def best_times(calls: dict, repeats: int) -> dict[str, float]:
             call()
             best[name] = min(best[name], time.perf_counter() - t)
     return best
+
+
+def variants_throughput(data: str | os.PathLike, variants: dict[str, dict], rounds: int = 3, n_fit: int = 40
+                        ) -> tuple[dict, list, dict[str, float]]:
+    """Scoring throughput of the default preset with each variant's settings (name -> GaussianAD parameters), in one
+    process: every model fitted on the first ``n_fit`` training images of the category ``data``, warmed up, then
+    ``score_samples`` of the whole test set, the variants taking turns, best of ``rounds``. Returns the models, the
+    test files and each variant's images per second."""
+    from gaussad import GaussianAD
+    from gaussad.tools.datasets import load_category
+
+    cat = load_category(data)
+    test = list(cat.test_files)
+    models = {name: GaussianAD(**settings).fit(list(cat.train_files)[:n_fit]) for name, settings in variants.items()}
+    for model in models.values():  # warm up: graph load, first batches
+        model.score_samples(test[:8])
+    best = best_times({name: (lambda m=m: m.score_samples(test)) for name, m in models.items()}, rounds)
+    return models, test, {name: len(test) / t for name, t in best.items()}
 
 
 def split_images(data: Path) -> tuple[list[Path], list[Path]]:

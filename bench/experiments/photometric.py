@@ -91,7 +91,8 @@ def synthetic(data: Path, seed: int, modes: Sequence[str]) -> list[dict[str, Any
     rows = []
     for mode in modes:
         t0 = time.perf_counter()
-        model = GaussianAD(verbose=False, random_state=seed).fit([transform(im, mode, m, s) for im in fit])
+        model = GaussianAD(verbose=False, random_state=seed, brightness="keep")  # the bench's transform alone
+        model.fit([transform(im, mode, m, s) for im in fit])
         scored = [transform(im, mode, m, s) for im in held + bad]
         levels, peaks, maps = model.score_images(scored, with_maps=True)
         size = maps.shape[-1]
@@ -133,14 +134,37 @@ def lighting(data: Path, seed: int, fpr: float = 0.05) -> list[dict[str, Any]]:
     return rows
 
 
-def test(data: Path, modes: Sequence[str]) -> list[dict[str, Any]]:
-    """The full protocol on the real test set, features of transformed images (M, S from all of train/good)."""
+FIGURES = ("image_auroc", "fused_auroc", "max_map_auroc", "pixel_auroc", "hit_rate")
+
+
+def full_protocol(cat: Any, ex: Any, train: Sequence[Any], tests: Sequence[Any]) -> dict[str, float]:
+    """``gaussad evaluate``'s full-protocol figures (:func:`evaluate_category`) for category ``cat`` on the features
+    extractor ``ex`` gives ``train`` and ``tests`` (files or images, in the category's order)."""
+    from gaussad.detector.resolve import features
+    from gaussad.tools.evaluate import evaluate_category, load_masks
+
+    tr, tr_maps = features(ex, train, "train", True, False)
+    te, te_maps = features(ex, tests, "test", True, False)
+    r = evaluate_category(cat, (tr, te), {}, "full", feature_maps=(tr_maps, te_maps, load_masks(cat, ex.input_size)),
+                          level_names=ex.level_names, map_size=ex.input_size)
+    return {k: round(float(r[k]), 4) for k in FIGURES if r.get(k) is not None}
+
+
+def recommended_extractor(cat: Any, **settings: Any) -> Any:
+    """The recommended preset's extractor with ``settings``, its 'auto' settings decided from ``cat``'s training files."""
     from gaussad import GaussianAD
     from gaussad.detector import params as parameters
-    from gaussad.detector.resolve import features
     from gaussad.intake.features import AUTO_SETTINGS, auto_settings
+
+    em = GaussianAD(verbose=False, **settings)
+    em.set_params(**{k: em.get_params()[k] for k in AUTO_SETTINGS})
+    em.set_params(**auto_settings(cat.train_files, parameters.resolved(em.get_params())))
+    return em.feature_extractor()
+
+
+def test(data: Path, modes: Sequence[str]) -> list[dict[str, Any]]:
+    """The full protocol on the real test set, features of transformed images (M, S from all of train/good)."""
     from gaussad.tools.datasets import load_category
-    from gaussad.tools.evaluate import evaluate_category, load_masks
 
     cat = load_category(data)
     train, tests = load(cat.train_files), load(cat.test_files)
@@ -148,18 +172,10 @@ def test(data: Path, modes: Sequence[str]) -> list[dict[str, Any]]:
     rows = []
     for mode in modes:
         t0 = time.perf_counter()
-        em = GaussianAD(verbose=False)
-        em.set_params(**{k: em.get_params()[k] for k in AUTO_SETTINGS})
-        em.set_params(**auto_settings(cat.train_files, parameters.resolved(em.get_params())))
-        ex = em.feature_extractor()
-        tr, tr_maps = features(ex, [transform(im, mode, m, s) for im in train], "train", True, False)
-        te, te_maps = features(ex, [transform(im, mode, m, s) for im in tests], "test", True, False)
-        masks = load_masks(cat, ex.input_size)
-        r = evaluate_category(cat, (tr, te), {}, "full", feature_maps=(tr_maps, te_maps, masks),
-                              level_names=ex.level_names, map_size=ex.input_size)
-        rows.append({"data": data.name, "mode": mode, "test": True, "input_size": ex.input_size,
-                     **{k: round(float(r[k]), 4) for k in ("image_auroc", "fused_auroc", "max_map_auroc",
-                                                            "pixel_auroc", "hit_rate") if r.get(k) is not None},
+        ex = recommended_extractor(cat, brightness="keep")  # the transform is the bench's, not the product's
+        figures = full_protocol(cat, ex, [transform(im, mode, m, s) for im in train],
+                                [transform(im, mode, m, s) for im in tests])
+        rows.append({"data": data.name, "mode": mode, "test": True, "input_size": ex.input_size, **figures,
                      "s": round(time.perf_counter() - t0, 1)})
     return rows
 

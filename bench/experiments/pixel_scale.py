@@ -29,7 +29,7 @@ from PIL import Image
 
 from bench.common import split_masks, synthetic_split
 from bench.experiments.adapt import emit
-from bench.experiments.photometric import load
+from bench.experiments.photometric import full_protocol, load, recommended_extractor
 
 MODES = ("area", "scale")
 
@@ -92,34 +92,18 @@ def synthetic(data: Path, seed: int, modes: Sequence[str], brightness: str) -> l
 
 
 def test(data: Path, modes: Sequence[str], brightness: str) -> list[dict[str, Any]]:
-    from gaussad import GaussianAD
-    from gaussad.detector import params as parameters
-    from gaussad.detector.resolve import features
-    from gaussad.intake.features import AUTO_SETTINGS, auto_settings
     from gaussad.tools.datasets import load_category
-    from gaussad.tools.evaluate import evaluate_category, load_masks
 
     cat = load_category(data)
-    train = load(cat.train_files)
-    side = median_side(train)
+    side = median_side(load(cat.train_files))
     rows = []
     for mode in modes:
         t0 = time.perf_counter()
-        em = GaussianAD(verbose=False, brightness=brightness)
-        em.set_params(**{k: em.get_params()[k] for k in AUTO_SETTINGS})
-        em.set_params(**auto_settings(cat.train_files, parameters.resolved(em.get_params())))
-        ex = em.feature_extractor()
+        ex = recommended_extractor(cat, brightness=brightness)
         with one_scale(mode, side):
-            tr, tr_maps = features(ex, cat.train_files, "train", True, False)
-            te, te_maps = features(ex, cat.test_files, "test", True, False)
-        masks = load_masks(cat, ex.input_size)
-        r = evaluate_category(cat, (tr, te), {}, "full", feature_maps=(tr_maps, te_maps, masks),
-                              level_names=ex.level_names, map_size=ex.input_size)
+            figures = full_protocol(cat, ex, cat.train_files, cat.test_files)
         rows.append({"data": data.name, "mode": mode, "brightness": brightness, "test": True,
-                     "input_size": ex.input_size,
-                     **{k: round(float(r[k]), 4) for k in ("image_auroc", "fused_auroc", "max_map_auroc",
-                                                            "pixel_auroc", "hit_rate") if r.get(k) is not None},
-                     "s": round(time.perf_counter() - t0, 1)})
+                     "input_size": ex.input_size, **figures, "s": round(time.perf_counter() - t0, 1)})
     return rows
 
 
