@@ -369,6 +369,16 @@ def cell_coverage(masks: np.ndarray, side: int) -> np.ndarray:
     return m.reshape(n, -1)
 
 
+def snapshot(*modules: Any) -> tuple[dict, ...]:
+    """Copies of the modules' weights, to return to the best epoch's with :func:`restore`."""
+    return tuple({k: v.clone() for k, v in m.state_dict().items()} for m in modules)
+
+
+def restore(modules: Sequence[Any], states: Sequence[dict]) -> None:
+    for module, state in zip(modules, states):
+        module.load_state_dict(state)
+
+
 def adaptor_and_discriminator(dim: int):
     """SimpleNet's pair: a linear adaptor started at the identity and a one-hidden-layer discriminator, with their
     Adam optimiser (learning rates 1e-4 and 2e-4)."""
@@ -440,11 +450,9 @@ class Adaptor(Scorer):
                 auc = roc_auc(val_labels, self.maps(val).reshape(val.n, -1).max(axis=1))
                 self.history.append((epoch, round(auc, 4)))
                 if auc > best[0]:
-                    best = (auc, epoch, ({k: v.clone() for k, v in self.adaptor.state_dict().items()},
-                                         {k: v.clone() for k, v in self.disc.state_dict().items()}))
+                    best = (auc, epoch, snapshot(self.adaptor, self.disc))
         self.best_epoch = best[1]
-        self.adaptor.load_state_dict(best[2][0])
-        self.disc.load_state_dict(best[2][1])
+        restore((self.adaptor, self.disc), best[2])
         self.adaptor.eval()
         self.disc.eval()
         with torch.no_grad():

@@ -208,11 +208,9 @@ class FineDisc(FineScorer):
             self.history.append((epoch, round(auc, 4), round(total / steps, 4)))
             say(f"    epoch {epoch}: loss {total / steps:.4f}" + (f", validation pixel AUROC {auc:.4f}" if val is not None else ""))
             if auc > best[0]:
-                best = (auc, epoch, ({k: v.clone() for k, v in self.adaptor.state_dict().items()},
-                                     {k: v.clone() for k, v in self.disc.state_dict().items()}))
+                best = (auc, epoch, A.snapshot(self.adaptor, self.disc))
         self.best_epoch = best[1]
-        self.adaptor.load_state_dict(best[2][0])
-        self.disc.load_state_dict(best[2][1])
+        A.restore((self.adaptor, self.disc), best[2])
 
     def standard(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.mu) / self.sd).astype(np.float32)
