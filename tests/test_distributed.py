@@ -127,6 +127,22 @@ def test_fit_and_score_with_the_default_preset_match_one_process(client, tiny_ca
     assert [rows[n]["anomalous"] for n in names] == list(decisions) and 0 < sum(decisions) < len(names)
 
 
+def test_fit_adapts_once_then_takes_every_partition_with_the_adapted_network(client, tiny_category, tmp_path):
+    """adapt (issue 33): one worker adapts the network on every image, the partitions' statistics are taken with
+    it; the adapted tensors, the record and the scores are one process's (the worker runs 1 thread: 1e-4)."""
+    settings = dict(TINY, levels=["stage2", "stage4", "head"], adapt=2, adapt_stop="last")
+    one = GaussianAD(**settings).fit(_train(tiny_category))
+    dist = distributed.fit(GaussianAD(**settings), _train(tiny_category), client, partition_size=3)
+    assert dist.adaptation_["kept_epoch"] == one.adaptation_["kept_epoch"] == 2
+    assert set(dist.state_.adapted) == set(one.state_.adapted)
+    for k, v in one.state_.adapted.items():
+        np.testing.assert_allclose(dist.state_.adapted[k], v, rtol=1e-4, atol=1e-6)
+    test = _test(tiny_category)
+    np.testing.assert_allclose(dist.score_samples(test), one.score_samples(test), rtol=1e-4)
+    pretrained = GaussianAD(**{**settings, "adapt": 0}).fit(_train(tiny_category))
+    assert np.abs(pretrained.score_samples(test) - one.score_samples(test)).max() > 1e-3
+
+
 def test_client_streams_the_bank_candidates_through_a_bounded_buffer(client, tiny_category, monkeypatch):
     """The client feeds the partitions' candidates to streaming coresets as they arrive: their buffers stay within
     CHUNK rows (here fewer than the candidates, so that they fill and select several times), and each bank keeps

@@ -415,7 +415,9 @@ class Trainer:
 
     def _finish(self, acc: Accumulator, layout: Layout, prev: DetectorState | None = None,
                 allow_few: bool = False) -> DetectorState:
-        return self._state(layout, acc.stats, acc.map_stats, acc.banks(), allow_few)
+        state = self._state(layout, acc.stats, acc.map_stats, acc.banks(), allow_few)
+        # images added to a fitted model went through its network: an adapted one stays, with its record
+        return state if prev is None else replace(state, adapted=prev.adapted, adaptation=prev.adaptation)
 
     def _state(self, layout: Layout, stats: list[MomentStats], map_stats: list[MomentStats] | None,
                banks: list[NearestBank], allow_few: bool = False) -> DetectorState:

@@ -37,7 +37,7 @@ class GaussianAD(FittedAttributes):
     Attributes
     ----------
     state_ : DetectorState
-        Everything fit learns (statistics, Gaussians, map banks, calibration scores).
+        Everything fit learns (statistics, Gaussians, banks, calibration, an adapted network: ``adaptation_``).
     levels_, level_names_ : list
         The backbone levels modelled (indices and names).
     input_size_ : int or None
@@ -64,7 +64,7 @@ class GaussianAD(FittedAttributes):
                  input_size: int | None = None, weights: str | os.PathLike | None = None,
                  estimator: str = "ledoit-wolf", reduction: str | None = None, variance: float = 0.99,
                  normalize: str | None = None, resize: str | None = None, brightness: str | None = None,
-                 pool: str | None = None, map_levels: Sequence[int | str] | None = None, map_method: str | None = None,
+                 adapt: int = 0, adapt_stop: str = "validation", pool: str | None = None, map_levels: Sequence[int | str] | None = None, map_method: str | None = None,
                  map_pool: int | None = None, map_coreset: float = 0.1, map_grid: str | None = None,
                  map_tiles: int | str | None = None, precision: str = "fp32", preset: str | None = None,
                  image_score: str | None = None, threshold: str | None = None, fpr: float = 0.01,
@@ -74,7 +74,7 @@ class GaussianAD(FittedAttributes):
         self.backbone, self.levels, self.input_size, self.weights = backbone, levels, input_size, weights
         self.estimator, self.reduction, self.variance = estimator, reduction, variance
         self.normalize, self.resize, self.brightness, self.pool = normalize, resize, brightness, pool
-        self.decoder = decoder
+        self.decoder, self.adapt, self.adapt_stop = decoder, adapt, adapt_stop
         self.map_levels, self.map_method, self.map_pool, self.map_coreset = map_levels, map_method, map_pool, map_coreset
         self.preset, self.image_score, self.threshold, self.fpr = preset, image_score, threshold, fpr
         self.map_grid, self.map_tiles, self.precision = map_grid, map_tiles, precision
@@ -114,8 +114,8 @@ class GaussianAD(FittedAttributes):
         params.check_precision(self.get_params())
         state = self.__dict__.get("state_")
         cache = self.__dict__.setdefault("_extractors", ExtractorCache())
-        return cache.get(params.resolved(self.get_params()), state.layout if state is not None else None,
-                         state.network if state is not None else None)
+        return cache.get(params.resolved(self.get_params()), *((state.layout, state.network, state.adapted)
+                                                                if state is not None else ()))
 
     def iter_features(self, images: Sequence["ImageSource"], desc: str = "features", on_error: str = "fail",
                       skipped: list | None = None, maps: bool = True
@@ -145,7 +145,7 @@ class GaussianAD(FittedAttributes):
                  tiles_from: list | None = None) -> Trainer:
         """A :class:`~gaussad.detector.fitting.Trainer` for this model's settings (validated); for images, with its
         feature extractor's batches and layout, the 'auto' settings first decided on ``tiles_from`` (the images of a
-        new fit) and the extractor's int8 network calibrated on ``calibration``."""
+        new fit), the network adapted on ``calibration`` (with ``adapt``) and its int8 graph calibrated on them."""
         params.validate(self.get_params())
         settings = params.resolved(self.get_params())
         if not images:
@@ -153,7 +153,7 @@ class GaussianAD(FittedAttributes):
         if tiles_from is not None:
             self.__dict__.setdefault("_extractors", ExtractorCache()).decide(tiles_from, settings)
         if calibration is not None:
-            self.feature_extractor().calibrate(calibration, on_error)
+            self.feature_extractor().fit_network(calibration, settings, on_error, self.verbose)
         return Trainer(settings, self.iter_features, layout_of(self.feature_extractor(), settings))
 
     def fit(self, images: Sequence["ImageSource"], y=None, *, on_error: str = "fail") -> "GaussianAD":
@@ -161,8 +161,7 @@ class GaussianAD(FittedAttributes):
 
         ``on_error="skip"`` leaves out unreadable images (listed in ``skipped_``). ``calibration_scores_``: with
         ``calibration="cv"`` out-of-fold scores of every image, with a fraction those of the held-out images. With
-        ``precision="int8"`` the network is first quantized on 64 images spread over the list (:meth:`FeatureExtractor.calibrate`).
-        """
+        ``adapt`` or ``precision="int8"`` the network is first adapted or quantized (:meth:`FeatureExtractor.fit_network`)."""
         images = image_list(images)
         self.__dict__.pop("state_", None)
         trainer = self._trainer(calibration=images, on_error=on_error, tiles_from=images)
@@ -177,8 +176,9 @@ class GaussianAD(FittedAttributes):
         coreset below 1 they differ from one fit's). Calibration scores are dropped: call :meth:`calibrate` after
         the last chunk. The settings that shape the features must be those the model was fitted with.
         """
-        if self.precision == "int8":
-            raise InvalidParameterError("partial_fit with precision='int8' is not supported: fit all images at once")
+        if self.precision == "int8" or (self.adapt and not self.__dict__.get("state_")):
+            what = "with precision='int8'" if self.precision == "int8" else "of a new model with adapt"
+            raise InvalidParameterError(f"partial_fit {what} is not supported: fit all images at once")
         images = image_list(images)
         trainer = self._trainer(tiles_from=None if self.__dict__.get("state_") else images)
         trainer.skipped = self.skipped_ = self.__dict__.get("skipped_", [])

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..core import ESTIMATORS, REDUCTIONS, THRESHOLDS
 from ..errors import GaussadError, InvalidParameterError
-from ..intake import (AUTO_LARGE_INPUT, AUTO_MAX_TILES, BRIGHTNESS, DECODERS, DEFAULT_MAX_PIXELS, ENGINES,
+from ..intake import (ADAPT_STOPS, AUTO_LARGE_INPUT, AUTO_MAX_TILES, BRIGHTNESS, MAX_ADAPT_EPOCHS, DECODERS, DEFAULT_MAX_PIXELS, ENGINES,
                       NORMALIZATIONS, POOLS, PRECISIONS, RESIZES, check_precision)
 
 MAP_METHODS = ("gaussian", "nearest")
@@ -283,6 +283,19 @@ PARAMS: tuple[Param, ...] = (
           "move its score; a defect that only makes the whole image brighter or darker is then not seen. keep: "
           "the pixels as decoded (the paper)", preset=True, features=True, legacy="keep", flag="--brightness",
           choices=BRIGHTNESS, report=True, extractor=True),
+    Param("adapt", 0, integer(0, MAX_ADAPT_EPOCHS),
+          "fine-tune the network's deeper half (EfficientNet: stage4 .. head) on the training images for up to N "
+          "epochs with Rippel et al.'s objective (arXiv 2108.04116: their pooled features drawn towards the "
+          "pretrained features' Gaussians; batch norm frozen, Adam 1e-4); the adapted weights go into the model file "
+          "(about 13 MB for EfficientNet-Lite0). 0 = the pretrained network (every preset: no adaptation beat it on "
+          "the measured sets, EXPERIMENTS.md)", features=True, legacy=0, flag="--adapt", parse=_int_text,
+          metavar="N", report=True, extractor=True),
+    Param("adapt_stop", "validation", choice(ADAPT_STOPS),
+          "which adapted epoch to keep: validation = the authors' guard against forgetting: 0.15 of the images held "
+          "out with a pasted synthetic defect each, the epoch whose global score ranks them best (the pretrained "
+          "network where none beats it; 2 epochs without a better one stop it); last = every image trains, the "
+          "last epoch is kept", features=True, legacy="validation", flag="--adapt-stop", choices=ADAPT_STOPS,
+          report=True, needs="adapt", extractor=True),
     Param("pool", None, optional(choice(POOLS)),
           "global features of each level: avg = each channel's average over the feature map (the paper); avg+std "
           "= for the map levels also each channel's spread over the map, the square root of its standard deviation "
@@ -350,7 +363,7 @@ PARAMS: tuple[Param, ...] = (
     Param("calibration_folds", 5, integer(2, 1000),
           "folds of cross-conformal calibration (calibration='cv'); fewer images than folds: one image per fold",
           flag="--calibration-folds", parse=_int_text, metavar="K", group="threshold"),
-    Param("random_state", 0, optional(_seed), "seed of the random calibration split and of the coreset",
+    Param("random_state", 0, optional(_seed), "seed of the random calibration split, of the coreset and of the adaptation (its held-out images, defects and batch order)",
           flag="--seed", parse=_int_text, metavar="N", group="threshold"),
     Param("batch_size", 16, integer(1, 4096), "images per forward pass", stored=False, flag="--batch-size",
           parse=_int_text, metavar="N", group="intake"),
@@ -443,6 +456,8 @@ def validate(params: Mapping[str, Any]) -> None:
                 except GaussadError as exc:
                     raise InvalidParameterError(f"{name}: {exc}") from None
     check_precision(params)
+    if params.get("adapt") and "backbone" in params and params["backbone"] is None:
+        raise InvalidParameterError("adapt fine-tunes the backbone, backbone=None has none: use adapt=0")
     _check_fused(params)
     _check_tiles(params)
 

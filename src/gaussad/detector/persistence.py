@@ -25,7 +25,7 @@ from ..intake.files import open_regular_file, write_atomic
 from .params import MAX_INPUT_SIZE, MAX_MAP_TILES
 from .decision import DecisionRule
 from ..intake.engine import INT8_FORMATS, warn_if_int8_saturates
-from .state import DetectorState
+from .state import ADAPTED, DetectorState
 
 FORMAT_NAME = "gaussad-model"
 FORMAT_VERSION = 2  # 2: the checksum covers the metadata as well as the arrays
@@ -216,6 +216,25 @@ def validate_int8(meta: dict) -> None:
           "int8 calibrated_on must be a short instruction-set name or null")
 
 
+def validate_adaptation(meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """An adapted model (``adapt`` > 0) records its adaptation and holds its adapted tensors (float32, finite, none
+    empty) unless the validation kept the pretrained network (``kept_epoch`` 0); a model without adaptation holds
+    neither. Whether the tensors fit the network is checked when the network is built (names and shapes)."""
+    record, adapt = meta.get("adaptation"), meta.get("adapt", 0)
+    tensors = {k: a for k, a in arrays.items() if k.startswith(ADAPTED)}
+    if not adapt:
+        _need(record is None and not tensors, "adapted tensors or an adaptation record in a model with adapt 0")
+        return
+    _need(isinstance(record, dict) and _is_int(record.get("kept_epoch"), 0, adapt)
+          and isinstance(record.get("history"), list), "an adapted model needs its adaptation record (kept_epoch "
+          f"0..{adapt}, history)")
+    _need(bool(tensors) == (record["kept_epoch"] > 0), "adapted tensors must be stored exactly when an adapted epoch "
+          "was kept (kept_epoch > 0)")
+    for key, a in tensors.items():
+        _need(a.dtype == np.float32 and a.size > 0, f"array {key} must be a non-empty float32 array")
+        _need(bool(np.isfinite(a).all()), f"array {key} contains NaN or infinite values")
+
+
 def validate_arrays(arrays: dict[str, np.ndarray], n_levels: int, n_maps: int, n_banks: int,
                     precision: str = "fp32") -> None:
     """Every array the model reads is float64 (sample counts and bank image ids int64, bank vectors float32) and
@@ -262,6 +281,7 @@ def read_model(path: str | os.PathLike) -> tuple[dict[str, Any], DetectorState]:
     try:
         validate_meta(meta)
         validate_int8(meta)
+        validate_adaptation(meta, arrays)
         validate_arrays(arrays, len(meta["levels"]), len(meta["map_gaussians"]), len(meta.get("map_banks", [])),
                         meta.get("precision", "fp32"))
         values = params.from_stored(meta)

@@ -25,6 +25,7 @@ FEATURE_DEFAULTS = params.FEATURE_LEGACY
 # How calibration scores were made: a held-out fraction (split conformal), out-of-fold scores (cross-conformal), or
 # other normal images scored by the final model (``calibrate``).
 CALIBRATIONS = ("split", "cv", "calibrate")
+ADAPTED = "adapted."  # model-file array names of the adapted network's tensors: ADAPTED + the backbone's state-dict key
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,10 @@ class DetectorState:
     network: bytes | None = None
     int8_format: str | None = None
     int8_isa: str | None = None
+    # The adapted network (adapt > 0, gaussad.intake.adapt): the trained tensors by the backbone's state-dict key (None
+    # where the validation kept the pretrained network), and the adaptation's record (epoch kept, per-epoch figures).
+    adapted: dict[str, np.ndarray] | None = None
+    adaptation: dict[str, Any] | None = None
 
     # ----- building --------------------------------------------------------------------------------------------
     @classmethod
@@ -165,6 +170,9 @@ class DetectorState:
         if self.network is not None or other.network is not None:
             raise GaussadError("merge of int8 models is not supported (each network is calibrated on its own training "
                                "images): fit the union with precision='int8', or merge fp32 models")
+        if self.adaptation is not None or other.adaptation is not None:
+            raise GaussadError("merge of adapted models is not supported (each network is fine-tuned on its own "
+                               "training images): fit the union with adapt")
         map_stats = [a.merge(b) for a, b in zip(self.map_stats, other.map_stats)]
         banks = [a.merge(b) for a, b in zip(self.map_banks, other.map_banks)]
         out = DetectorState.fit(self.layout, [a.merge(b) for a, b in zip(self.stats, other.stats)], estimator,
@@ -324,6 +332,7 @@ class DetectorState:
             arrays["calibration.map_peaks"] = np.asarray(self.map_calibration, dtype=np.float64)
         if self.network is not None:
             arrays["network.int8"] = np.frombuffer(self.network, dtype=np.uint8)
+        arrays.update({ADAPTED + k: np.asarray(v, dtype=np.float32) for k, v in (self.adapted or {}).items()})
         return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
 
     def metadata(self) -> dict[str, Any]:
@@ -340,6 +349,7 @@ class DetectorState:
             "calibration_method": self.calibration_method,
             **({} if self.map_calibration is None else {"n_map_calibration": int(self.map_calibration.size)}),
             **({} if self.network is None else {"int8": self.int8_info()}),
+            **({} if self.adaptation is None else {"adaptation": self.adaptation}),
         }
 
     def int8_info(self) -> dict[str, str | None] | None:
@@ -388,10 +398,11 @@ class DetectorState:
         network = arrays.get("network.int8")
         # int8 files that record no format were written before formats were recorded, all in LEGACY_INT8_FORMAT
         int8 = meta.get("int8") or {"format": LEGACY_INT8_FORMAT, "calibrated_on": None}
+        adapted = {k.removeprefix(ADAPTED): v for k, v in arrays.items() if k.startswith(ADAPTED)} or None
         return cls(layout, stats, gaussians, meta["map_method"], int(meta["map_pool"]), map_stats, map_gaussians,
                    banks, calibration, method, meta.get("map_grid", "coarsest"), peaks,
                    *((None, None, None) if network is None else
-                     (network.tobytes(), int8["format"], int8["calibrated_on"])))
+                     (network.tobytes(), int8["format"], int8["calibrated_on"])), adapted, meta.get("adaptation"))
 
 
 def _learned(attr: str, doc: str, need_fit: bool = True) -> property:
@@ -427,6 +438,7 @@ class FittedAttributes:
     n_samples_ = _learned("n_samples", "Number of training images.")
     feature_dims_ = _learned("feature_dims", "Per-level feature dimension.")
     dofs_ = _learned("dofs", "Degrees of freedom of each level's chi-square law (dimension after reduction).")
+    adaptation_ = _learned("adaptation", "The adaptation's record (adapt > 0): epoch kept, per-epoch figures.")
 
     @property
     def calibration_scores_(self) -> np.ndarray:

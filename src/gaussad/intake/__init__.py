@@ -21,6 +21,11 @@ BRIGHTNESS = ("keep", "match")
 MATCH_GREY = 117.0
 # ITU-R 601 luma weights of R, G, B: the grey PIL's convert('L') computes.
 LUMA = (0.299, 0.587, 0.114)
+# When adaptation (adapt > 0 epochs, gaussad.intake.adapt) stops: at the epoch whose held-out goods and pasted defects
+# rank best (the authors' validation against forgetting; the pretrained network where no epoch beats it), or after
+# the last epoch.
+ADAPT_STOPS = ("validation", "last")
+MAX_ADAPT_EPOCHS = 50
 ENGINES = ("auto", "onnxruntime", "openvino", "torch")
 DECODERS = ("auto", "pil")
 PRECISIONS = ("fp32", "int8")

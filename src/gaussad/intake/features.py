@@ -6,11 +6,13 @@ import os
 from collections import deque
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
+from types import EllipsisType
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .backbones import get_spec, resolve_levels, weights_file
+from .adapt import weights_digest
 from .engine import Engine, calibration_order, cpu_count, graph_key, resolve_engine
 from ..errors import GaussadError, ImageError, InvalidParameterError
 from .images import IMAGENET, ImageSource, check_max_pixels, image_side, load_image, preprocess
@@ -40,7 +42,8 @@ class FeatureExtractor:
     ``pool="avg+std"`` pools each map level's channels by their spread over the map (the square root of their
     standard deviation) as well as their average (the other levels by their average, as the paper).
     ``brightness="match"`` scales each resized image to one mean grey level before normalising
-    (:func:`~gaussad.intake.images.match_brightness`).
+    (:func:`~gaussad.intake.images.match_brightness`). ``adapted``: a fitted model's adapted tensors of the network
+    (:meth:`adapt`, :mod:`gaussad.intake.adapt`), loaded into it when it is built.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class FeatureExtractor:
         map_tiles: int = 1,
         pool: str = "avg",
         brightness: str = "keep",
+        adapted: dict[str, np.ndarray] | None = None,
     ):
         spec = get_spec(backbone)
         if normalize not in NORMALIZATIONS:
@@ -104,6 +108,8 @@ class FeatureExtractor:
         # levels whose pooled vector also holds each channel's spread over the map (PooledLevels)
         self.spread_levels = [i for i in self.levels if i in self.map_levels] if pool == "avg+std" else []
         check_tiling(self.input_size, self.map_tiles)
+        self.adapted = adapted or None
+        self.adaptation: dict[str, Any] | None = None  # the record of :meth:`adapt` (None when it did not run here)
         self._module: "PooledLevels | None" = None
         self._runner: Engine | None = None
 
@@ -115,13 +121,19 @@ class FeatureExtractor:
             from .backbones.base import PooledLevels
 
             net = create_backbone(self.backbone_name, self.input_size, self.weights)
-            self._module = PooledLevels(net, self.levels, self.map_levels, self.spread_levels).eval()
+            module = PooledLevels(net, self.levels, self.map_levels, self.spread_levels).eval()
+            if self.adapted:
+                from .adapt import apply_weights
+
+                apply_weights(module, self.adapted, "this model")
+            self._module = module
         return self._module
 
     def _graph_key(self) -> dict[str, str]:
         """The on-disk cache key of this extractor's fp32 ONNX graph."""
         graph = (("pooled-maps" if self.map_levels else "pooled") + ("-anysize" if self.resize == "aspect" else "")
-                 + ("-spread" + "_".join(map(str, self.spread_levels)) if self.spread_levels else ""))
+                 + ("-spread" + "_".join(map(str, self.spread_levels)) if self.spread_levels else "")
+                 + (f"-adapted{weights_digest(self.adapted)}" if self.adapted else ""))
         return graph_key(graph, self.backbone_name, weights_file(self.backbone_name, self.weights), self.input_size,
                          self.levels, self.map_levels)
 
@@ -149,10 +161,35 @@ class FeatureExtractor:
         self.network_format, self.network_isa = INT8_FORMAT, cpu_isa()
         self._runner = None  # :attr:`runner` builds the int8 engine of the new network
 
+    def fit_network(self, sources: Sequence[ImageSource], settings: Mapping[str, Any], on_error: str = "fail",
+                    verbose: bool = False) -> None:
+        """What a fit learns of the network from its training images, in this order: with resolved ``settings``'
+        ``adapt`` > 0 the adapted weights (:meth:`adapt`), with int8 precision the quantized graph (:meth:`calibrate`)."""
+        if settings.get("adapt"):
+            self.adapt(sources, int(settings["adapt"]), settings["adapt_stop"], settings["random_state"], on_error,
+                       verbose)
+        self.calibrate(sources, on_error)
+
+    def adapt(self, sources: Sequence[ImageSource], epochs: int, stop: str, seed: int | None, on_error: str = "fail",
+              verbose: bool = False) -> None:
+        """Fine-tune the network on the good images ``sources`` (:func:`gaussad.intake.adapt.adapt`), from the
+        pretrained weights whatever this extractor ran before, and run it from now on: :attr:`adapted` becomes the
+        trained tensors (None where the validation kept the pretrained network), :attr:`adaptation` its record."""
+        from .adapt import adapt
+
+        self.adapted, self._module, self._runner = None, None, None
+        found = adapt(self, sources, epochs, stop, seed, on_error,
+                      (lambda total: progress_bar(total, "adapt", True, "epoch")) if verbose else None)
+        self.adapted = found.weights if found.record["kept_epoch"] else None
+        self.adaptation = found.record
+        self._module = None  # rebuilt from the pretrained weights and :attr:`adapted`, exactly as a loaded model's
+
     def fitted_network(self) -> dict[str, Any]:
         """The learned state's fields of the network this extractor runs: an int8 graph (None for fp32), the format
-        :meth:`calibrate` quantized it in and this CPU's instruction set then."""
-        return {"network": self.network, "int8_format": self.network_format, "int8_isa": self.network_isa}
+        :meth:`calibrate` quantized it in and this CPU's instruction set then, the adapted tensors and the
+        adaptation's record."""
+        return {"network": self.network, "int8_format": self.network_format, "int8_isa": self.network_isa,
+                "adapted": self.adapted, "adaptation": self.adaptation}
 
     @property
     def runner(self) -> Engine:
@@ -384,13 +421,13 @@ def normalization_meta(backbone: str | None, normalize: str, resize: str, bright
             "brightness": light}
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
     """A tqdm bar on stderr, or None when progress is off."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
 
 def refitting_differences(settings: Mapping[str, Any], layout) -> list[str]:
@@ -420,13 +457,16 @@ class ExtractorKey:
     map_tiles: int
     pool: str
     brightness: str
+    adapt: int
+    adapt_stop: str
 
-    def build(self, settings: Mapping[str, Any], network: bytes | None) -> FeatureExtractor:
+    def build(self, settings: Mapping[str, Any], network: bytes | None,
+              adapted: dict[str, np.ndarray] | None = None) -> FeatureExtractor:
         return FeatureExtractor(self.backbone, list(self.levels), self.input_size, self.weights,
                                 int(settings["batch_size"]), normalize=self.normalize, map_levels=list(self.map_levels),
                                 engine=self.engine, max_pixels=settings["max_pixels"], resize=self.resize,
                                 precision=self.precision, network=network, map_tiles=self.map_tiles, pool=self.pool,
-                                brightness=self.brightness)
+                                brightness=self.brightness, adapted=adapted)
 
 
 class ExtractorCache:
@@ -441,9 +481,12 @@ class ExtractorCache:
         """Decide the ``'auto'`` settings for a fit of resolved ``settings`` on ``images`` (:func:`auto_settings`)."""
         self.auto = auto_settings(images, settings)
 
-    def get(self, settings: dict, layout=None, network: bytes | None = None) -> FeatureExtractor:
+    def get(self, settings: dict, layout=None, network: bytes | None = None,
+            adapted: "dict[str, np.ndarray] | None | EllipsisType" = ...) -> FeatureExtractor:
         """The extractor for resolved model ``settings``; a fitted model's ``layout`` fixes levels, input size and
-        map tiles (else the ``'auto'`` ones are those of :meth:`decide`), its ``network`` is its int8 graph."""
+        map tiles (else the ``'auto'`` ones are those of :meth:`decide`), its ``network`` is its int8 graph and
+        ``adapted`` its adapted tensors (None: the pretrained network; ``...``: whatever the extractor holds, as
+        during a fit, which adapts it)."""
         spec = get_spec(settings["backbone"])
         decided = ({"input_size": layout.input_size, "map_tiles": layout.setting("map_tiles")} if layout
                    else self.auto)
@@ -461,9 +504,12 @@ class ExtractorCache:
                              resolve_levels(spec.level_names, map_levels) if map_levels else ()),
             engine=settings["engine"], precision=settings.get("precision", "fp32"),
             map_tiles=int(settings["map_tiles"]), pool=layout.setting("pool") if layout else settings["pool"],
-            brightness=layout.setting("brightness") if layout else settings["brightness"])
-        if self.extractor is None or self.key != key or (network is not None and self.extractor.network != network):
-            self.extractor = key.build(settings, network)
+            brightness=layout.setting("brightness") if layout else settings["brightness"],
+            adapt=layout.setting("adapt") if layout else settings["adapt"],
+            adapt_stop=layout.setting("adapt_stop") if layout else settings["adapt_stop"])
+        if (self.extractor is None or self.key != key or (network is not None and self.extractor.network != network)
+                or (adapted is not ... and self.extractor.adapted is not adapted)):
+            self.extractor = key.build(settings, network, None if adapted is ... else adapted)
             self.key = key
         self.extractor.batch_size, self.extractor.max_pixels = int(settings["batch_size"]), int(settings["max_pixels"])
         self.extractor.decoder = settings.get("decoder", "pil")

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import operator
 import os
 import threading
 from collections import deque
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -124,15 +126,16 @@ def _worker_threads() -> int | None:
     return getattr(worker, "nthreads", None) or getattr(getattr(worker, "state", None), "nthreads", None)
 
 
-def _extractor(settings: dict, layout=None):
-    """This worker's feature extractor for ``settings`` (built once per worker, sized to the worker's threads)."""
+def _extractor(settings: dict, layout=None, adapted=None):
+    """This worker's feature extractor for ``settings`` and ``adapted`` tensors (None: the pretrained network; built
+    once per worker, sized to the worker's threads)."""
     from ..intake.engine import set_threads
     from ..intake.features import ExtractorCache
 
     if _WORKER["cache"] is None:
         set_threads(_worker_threads())
         _WORKER["cache"] = ExtractorCache()
-    return _WORKER["cache"].get(settings, layout)
+    return _WORKER["cache"].get(settings, layout, None, adapted)
 
 
 def _batches(extractor):
@@ -146,11 +149,19 @@ def _layout_task(settings: dict):
         return layout_of(_extractor(settings), settings)
 
 
-def _fit_task(settings: dict, images: list, lo: int, n_total: int, on_error: str):
+def _adapt_task(settings: dict, images: list, on_error: str):
+    """The network adapted once, on one worker (which reads the images): (adapted tensors or None, the record)."""
+    with _WORKER["lock"]:
+        extractor = _extractor(settings)
+        extractor.adapt(images, int(settings["adapt"]), settings["adapt_stop"], settings["random_state"], on_error)
+        return extractor.adapted, extractor.adaptation
+
+
+def _fit_task(settings: dict, images: list, lo: int, n_total: int, on_error: str, adapted=None):
     from ..detector.fitting import Trainer, layout_of
 
     with _WORKER["lock"]:
-        extractor = _extractor(settings)
+        extractor = _extractor(settings, None, adapted)
         trainer = Trainer(settings, _batches(extractor), layout_of(extractor, settings))
         return trainer.fit_part(images, range(lo, lo + len(images)), n_total, on_error)
 
@@ -161,7 +172,7 @@ def _peaks_task(settings: dict, state, images: list, lo: int, on_error: str):
     import numpy as np
 
     with _WORKER["lock"]:
-        extractor = _extractor(settings, state.layout)
+        extractor = _extractor(settings, state.layout, state.adapted)
         positions, peaks = [np.zeros(0, np.int64)], [np.zeros(0)]
         for idx, _, fmaps in extractor.iter_features_and_maps(images, None, on_error, []):
             positions.append(lo + np.asarray(idx, dtype=np.int64))
@@ -276,12 +287,16 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
     if "auto" in (settings["input_size"], settings["map_tiles"]):  # decided on a worker, which sees the files
         settings = _result(client.submit(resolve, settings, tiles_sample(images), pure=False))
     progress = model.verbose if progress is None else progress
+    # adapt: the network fine-tuned once, then every partition's statistics taken with it (the tensors go to each
+    # worker once, as one future)
+    adapted = client.submit(_adapt_task, settings, images, on_error, pure=False) if settings["adapt"] else None
+    network = client.submit(operator.itemgetter(0), adapted, pure=False) if adapted is not None else None
     layout_future = client.submit(_layout_task, settings, pure=False)
     stats = TreeReduction(client, _merge)
 
     def submit(span: tuple[int, int]) -> tuple[int, Any]:
         lo, hi = span
-        part = client.submit(_fit_task, settings, images[lo:hi], lo, len(images), on_error, pure=False)
+        part = client.submit(_fit_task, settings, images[lo:hi], lo, len(images), on_error, network, pure=False)
         stats.add(client.submit(_stats_of, part, pure=False))
         return hi - lo, client.submit(_banks_of, part, pure=False)
 
@@ -303,6 +318,8 @@ def fit(model, images: Sequence, client, partition_size: int = DEFAULT_PARTITION
         bar.close()
     trainer.layout = _result(layout_future)
     state = trainer.fit_parts(merged, coresets)
+    if adapted is not None:
+        state = replace(state, **dict(zip(("adapted", "adaptation"), _result(adapted))))
     if trainer.fused:
         state = state.with_map_calibration(_map_calibration(client, settings, state, images, partition_size,
                                                             on_error, progress))

@@ -233,9 +233,11 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
     results: dict[str, Any] = {}
     for cat in categories:
         # input_size and map_tiles 'auto' decided per category from its training images, as fit decides them
-        extractor = resolve.extractor(resolve.resolve(given, cat.train_files), cache)
+        settings = resolve.resolve(given, cat.train_files)
+        extractor = resolve.extractor(settings, cache)
         with_maps = bool(extractor.map_levels)  # the fused score needs map peaks, masks or not
-        extractor.calibrate(cat.train_files)  # int8: the network quantized on this category's training images
+        # adapt: the network fine-tuned on this category's training images (never its test images); int8: quantized
+        extractor.fit_network(cat.train_files, settings, verbose=verbose)
         train, train_maps = resolve.features(extractor, cat.train_files, f"{cat.name} train", with_maps, verbose)
         test, test_maps = resolve.features(extractor, cat.test_files, f"{cat.name} test", with_maps, verbose)
         masks = load_masks(cat, extractor.input_size) if with_maps and cat.has_masks else None
@@ -244,7 +246,8 @@ def evaluate(root: str | os.PathLike, protocol: str = "paper", verbose: bool = F
         results[cat.name] = {**evaluate_category(cat, (train, test), params, protocol, feature_maps=fmaps,
                                                  level_names=extractor.level_names, details=extra,
                                                  map_size=extractor.input_size),
-                             "input_size": extractor.input_size, "map_tiles": extractor.map_tiles}
+                             "input_size": extractor.input_size, "map_tiles": extractor.map_tiles,
+                             **({"adaptation": extractor.adaptation} if settings.get("adapt") else {})}
     aurocs = [r["image_auroc"] for r in results.values()]
     setting = lambda name: parameters.effective(given, name)  # noqa: E731
     sem = float(np.std(aurocs, ddof=1) / math.sqrt(len(aurocs))) if len(aurocs) > 1 else 0.0

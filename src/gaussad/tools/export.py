@@ -457,6 +457,9 @@ def _metadata(model, state: DetectorState, rule: DecisionRule, extractor, maps: 
         "gaussad.backbone": str(model.backbone), "gaussad.levels": ",".join(layout.level_names),
         "gaussad.input_size": str(layout.input_size), "gaussad.resize": extractor.resize,
         "gaussad.brightness": extractor.brightness,
+        # the network's weights: pretrained, or fine-tuned at fit (adapt; the epoch kept, 0 = the pretrained network)
+        "gaussad.adapt": ("none" if state.adaptation is None else
+                          f"{state.adaptation['kept_epoch']} of {state.adaptation['epochs']} epochs"),
         "gaussad.normalize": str(model.setting("normalize")), "gaussad.threshold": rule.method,
         "gaussad.fpr": repr(rule.target_fpr(state)),
         "gaussad.image_score": rule.image_score,

@@ -81,6 +81,8 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "scores": {"image_score": ("global", "fused")},
     "tiles": {"map_tiles": (1, 2, 3)},  # the global score does not change: the pixel AUROC decides
     "brightness": {"brightness": ("match", "keep")},  # the recommended preset's first, so a tie keeps it
+    # the pretrained network first (every preset's), so a tie keeps it; 5 epochs at most, the validation choosing
+    "adapt": {"adapt": (0, 5)},
 }
 
 
@@ -365,9 +367,14 @@ def _group_features(first: dict[str, Any], union: list[int], images: list, fit_f
 
     names = get_spec(first["backbone"]).level_names
     # input_size and map_tiles 'auto' decided as the refit on these images decides them
-    extractor = resolve.extractor(resolve.resolve({**first, **SEARCH_ONLY, "verbose": verbose,
-                                                   "map_levels": [names[i] for i in union]}, images))
+    settings = resolve.resolve({**first, **SEARCH_ONLY, "verbose": verbose, "map_levels": [names[i] for i in union]},
+                               images)
+    extractor = resolve.extractor(settings)
     t0 = time.perf_counter()
+    if settings["adapt"]:  # the network fine-tuned on the fit part only, as a fit on it would be; never on held-out
+        extractor.adapt(fit_files, settings["adapt"], settings["adapt_stop"], settings["random_state"], verbose=verbose)
+        timings["adapt_s"] = timings.get("adapt_s", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
     size = extractor.input_size
     fit = resolve.features(extractor, fit_files, f"tune {size} px: fit", bool(union), verbose)
     held = resolve.features(extractor, scored, f"tune {size} px: held-out", bool(union), verbose)

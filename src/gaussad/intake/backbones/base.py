@@ -19,8 +19,15 @@ class Backbone(nn.Module):
     level_names: tuple[str, ...] = ()
     level_channels: tuple[int, ...] = ()
 
-    def forward_levels(self, x: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
-        """Feature maps (B, C, H, W) for the given sorted level indices; stops after the deepest one."""
+    def forward_levels(self, x: torch.Tensor, levels: Sequence[int], start: int = 0) -> list[torch.Tensor]:
+        """Feature maps (B, C, H, W) for the given sorted level indices; stops after the deepest one. With ``start``
+        > 0, ``x`` is the feature map of level ``start - 1`` and only the levels from ``start`` on are computed (the
+        part that adaptation trains, :mod:`gaussad.intake.adapt`, run from its cached input)."""
+        raise NotImplementedError
+
+    def tail_modules(self, start: int) -> list[nn.Module]:
+        """The modules that compute level ``start`` and the deeper ones from level ``start - 1``'s map: the part of the
+        network that adaptation trains."""
         raise NotImplementedError
 
 

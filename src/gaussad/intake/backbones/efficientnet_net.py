@@ -31,19 +31,24 @@ class EfficientNetBackbone(Backbone):
             + (net._conv_head.out_channels,)
         )
 
-    def forward_levels(self, x: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
+    def _first_block(self, level: int) -> int:
+        """Index of the first block of stage ``level`` (1-7)."""
+        return 0 if level == 1 else self.stage_ends[level - 2] + 1
+
+    def forward_levels(self, x: torch.Tensor, levels: Sequence[int], start: int = 0) -> list[torch.Tensor]:
         net = self.net
         wanted = set(levels)
         deepest = max(levels)
         out: list[torch.Tensor] = []
-        x = net._swish(net._bn0(net._conv_stem(x)))
-        if 0 in wanted:
-            out.append(x)
-        if deepest == 0:
-            return out
-        level = 1
-        for i, block in enumerate(net._blocks):
-            x = block(x)
+        if start == 0:
+            x = net._swish(net._bn0(net._conv_stem(x)))
+            if 0 in wanted:
+                out.append(x)
+            if deepest == 0:
+                return out
+        level = max(start, 1)
+        for i in range(self._first_block(level) if level < 8 else len(net._blocks), len(net._blocks)):
+            x = net._blocks[i](x)
             if i == self.stage_ends[level - 1]:
                 if level in wanted:
                     out.append(x)
@@ -53,6 +58,11 @@ class EfficientNetBackbone(Backbone):
         x = net._swish(net._bn1(net._conv_head(x)))
         out.append(x)
         return out
+
+    def tail_modules(self, start: int) -> list[nn.Module]:
+        net = self.net
+        head = [net._conv_head, net._bn1]
+        return head if start >= 8 else list(net._blocks)[self._first_block(max(start, 1)):] + head
 
 
 def _load_into(net: nn.Module, weights: str | os.PathLike) -> None:

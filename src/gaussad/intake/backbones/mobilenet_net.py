@@ -77,15 +77,19 @@ class MobileNetV2(Backbone):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def forward_levels(self, x: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
+    def forward_levels(self, x: torch.Tensor, levels: Sequence[int], start: int = 0) -> list[torch.Tensor]:
         wanted = {self.level_ends[i] for i in levels}
         deepest = self.level_ends[max(levels)]
+        first = self.level_ends[start - 1] + 1 if start else 0
         out = []
-        for i, module in enumerate(self.features[:deepest + 1]):
-            x = module(x)
+        for i in range(first, deepest + 1):
+            x = self.features[i](x)
             if i in wanted:
                 out.append(x)
         return out
+
+    def tail_modules(self, start: int) -> list[nn.Module]:
+        return list(self.features)[self.level_ends[start - 1] + 1 if start else 0:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits, as torchvision's ``MobileNetV2.forward``."""

@@ -116,21 +116,30 @@ class ResNet(Backbone):
         layers += [block(self.inplanes, planes, base_width=self.base_width) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward_levels(self, x: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
+    def forward_levels(self, x: torch.Tensor, levels: Sequence[int], start: int = 0) -> list[torch.Tensor]:
         wanted = set(levels)
         deepest = max(levels)
-        x = self.relu(self.bn1(self.conv1(x)))
-        out = [x] if 0 in wanted else []
-        if deepest == 0:
-            return out
-        x = self.maxpool(x)
-        for level, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), start=1):
+        out = []
+        if start == 0:
+            x = self.relu(self.bn1(self.conv1(x)))
+            out = [x] if 0 in wanted else []
+            if deepest == 0:
+                return out
+        if start <= 1:
+            x = self.maxpool(x)
+        for level, layer in enumerate(self._layers()[max(start, 1) - 1:], start=max(start, 1)):
             x = layer(x)
             if level in wanted:
                 out.append(x)
             if level == deepest:
                 break
         return out
+
+    def _layers(self) -> tuple[nn.Module, ...]:
+        return (self.layer1, self.layer2, self.layer3, self.layer4)
+
+    def tail_modules(self, start: int) -> list[nn.Module]:
+        return ([self.conv1, self.bn1] if start == 0 else []) + list(self._layers()[max(start, 1) - 1:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits, as torchvision's ``ResNet.forward``."""
