@@ -16,7 +16,8 @@ DESCRIPTION = (
     "where image AUROCs tie exactly), refit the choice on all images and write it to MODEL. Grids start from --preset "
     "recommended. small: input size native / ~1.4x / ~1.7x times map grid coarsest (stage2-7) / finest (stage4-7); "
     "sizes: the input sizes only; maps: the map grids only; scores: the global against the fused image score; tiles: "
-    "map tiles 1 / 2 / 3 (--map-tiles); brightness: --brightness match against keep. The choice is a hint: "
+    "map tiles 1 / 2 / 3 (--map-tiles); brightness: --brightness match against keep; adapt: the pretrained network "
+    "against --adapt 5 (fine-tuned on the search's fit part, the epoch kept by its validation). The choice is a hint: "
     "synthetic defects do not always rank settings as real ones do (docs/guide/tune.md, EXPERIMENTS.md).")
 
 

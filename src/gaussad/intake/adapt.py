@@ -100,43 +100,51 @@ def weights_digest(weights: dict[str, np.ndarray] | None) -> str | None:
 
 class _Cached:
     """The frozen part's output for a set of images, in batches of equal input shape: the trained part's input
-    (float16) and the pooled features of the model's frozen levels."""
+    (float16) and the pooled features of the model's frozen levels. Images are added one at a time and run through
+    the frozen part a batch per input shape at once, so that only those batches of network inputs are held."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: "PooledLevels", start: int) -> None:
+        self.module, self.start = module, start
+        self.frozen_levels = [lv for lv in module.levels if lv < start]
         self.groups: list[tuple[np.ndarray, np.ndarray]] = []  # (image indices, level start-1 maps)
-        self.frozen: list[list[np.ndarray]] = []  # per frozen model level, per image
+        self.rows: list[dict[int, np.ndarray]] = [{} for _ in self.frozen_levels]
+        self.frozen: list[np.ndarray] = []  # per frozen model level, (n, C) in image order (after :meth:`done`)
+        self.pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
         self.n = 0
 
+    def add(self, x: np.ndarray) -> None:
+        """The next image's network input (3, H, W)."""
+        batch = self.pending.setdefault(tuple(x.shape), [])
+        batch.append((self.n, x))
+        self.n += 1
+        if len(batch) == BATCH:
+            self._run(self.pending.pop(tuple(x.shape)))
 
-def _head(module: "PooledLevels", inputs: Sequence[np.ndarray], start: int) -> _Cached:
-    import torch
+    def done(self) -> "_Cached":
+        for batch in self.pending.values():
+            self._run(batch)
+        self.pending = {}
+        self.frozen = [np.stack([r[i] for i in range(self.n)]) for r in self.rows]
+        self.rows = []
+        return self
 
-    frozen_levels = [lv for lv in module.levels if lv < start]
-    by_shape: dict[tuple, list[int]] = {}
-    for i, x in enumerate(inputs):
-        by_shape.setdefault(tuple(x.shape), []).append(i)
-    out = _Cached()
-    out.n = len(inputs)
-    rows: list[list[Any]] = [[None] * len(inputs) for _ in frozen_levels]
-    with torch.no_grad():
-        for idx in by_shape.values():
-            for lo in range(0, len(idx), BATCH):
-                chunk = idx[lo:lo + BATCH]
-                maps = module.backbone.forward_levels(torch.from_numpy(np.stack([inputs[i] for i in chunk])),
-                                                      sorted(set(frozen_levels) | {start - 1}))
-                by_level = dict(zip(sorted(set(frozen_levels) | {start - 1}), maps))
-                for r, lv in enumerate(frozen_levels):
-                    pooled = module._pool(by_level[lv], lv in module.spread_levels).double().numpy()
-                    for j, i in enumerate(chunk):
-                        rows[r][i] = pooled[j]
-                out.groups.append((np.array(chunk), by_level[start - 1].numpy().astype(np.float16)))
-    out.frozen = [np.stack(r) for r in rows]
-    return out
+    def _run(self, batch: list[tuple[int, np.ndarray]]) -> None:
+        import torch
+
+        wanted = sorted(set(self.frozen_levels) | {self.start - 1})
+        with torch.no_grad():
+            maps = self.module.backbone.forward_levels(torch.from_numpy(np.stack([x for _, x in batch])), wanted)
+        by_level = dict(zip(wanted, maps))
+        for r, lv in enumerate(self.frozen_levels):
+            pooled = self.module._pool(by_level[lv], lv in self.module.spread_levels).double().numpy()
+            for j, (i, _) in enumerate(batch):
+                self.rows[r][i] = pooled[j]
+        self.groups.append((np.array([i for i, _ in batch]), by_level[self.start - 1].numpy().astype(np.float16)))
 
 
 def _subset(cached: _Cached, idx: np.ndarray) -> _Cached:
     where = {int(i): k for k, i in enumerate(idx)}
-    out = _Cached()
+    out = _Cached(cached.module, cached.start)
     out.n = len(idx)
     for g, maps in cached.groups:
         keep = [j for j, i in enumerate(g) if int(i) in where]
@@ -184,21 +192,9 @@ def _auroc(good: np.ndarray, bad: np.ndarray) -> float:
     return float((ranks[len(good):].sum() - len(bad) * (len(bad) + 1) / 2) / (len(good) * len(bad)))
 
 
-def _read(extractor: Any, sources: Sequence[ImageSource], on_error: str
-          ) -> tuple[list[np.ndarray], list[Any]]:
-    """(decoded uint8 images, network inputs) of the readable ``sources``, as the extractor prepares them."""
-    images, inputs = [], []
-    for i, source in enumerate(sources):
-        try:
-            img = load_image(source, i, extractor.max_pixels, extractor.input_size if extractor.draft else None,
-                             decoder=extractor.decoder)
-        except ImageError:
-            if on_error != "skip":
-                raise
-            continue
-        images.append(np.asarray(img))
-        inputs.append(_prepare(extractor, img))
-    return images, inputs
+def _load(extractor: Any, source: ImageSource, index: int) -> Any:
+    return load_image(source, index, extractor.max_pixels, extractor.input_size if extractor.draft else None,
+                      decoder=extractor.decoder)
 
 
 def _prepare(extractor: Any, img: Any) -> np.ndarray:
@@ -208,30 +204,39 @@ def _prepare(extractor: Any, img: Any) -> np.ndarray:
 def _sets(extractor: Any, sources: Sequence[ImageSource], stop: str, seed: int | None, on_error: str, start: int
           ) -> tuple[_Cached, _Cached | None, _Cached | None, int]:
     """The frozen part's output of the training part, of the held-out goods and of their pasted-defect copies
-    (None with ``stop='last'``), and the number of readable images."""
+    (None with ``stop='last'``), and the number of readable images. The held-out images and their donors (other
+    training images) are decoded a second time to paste the defects, rather than every image held decoded."""
     from PIL import Image
 
-    images, inputs = _read(extractor, sources, on_error)
-    n = len(inputs)
-    fit_idx, val_idx = np.arange(n), np.arange(0)
-    if stop == "validation":
-        n_val = max(2, int(round(HELD_OUT * n)))
-        if n - n_val < 2:
-            raise DataError(f"adapt with stop='validation' holds out {n_val} of {n} images, leaving fewer than 2 to "
-                            "train on: give more images, or adapt_stop='last'")
-        order = np.random.default_rng(seed).permutation(n)
-        fit_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
-    elif n < 2:
-        raise DataError(f"adapt needs at least 2 readable training images, got {n}")
+    cached = _Cached(extractor.module, start)
+    readable = []
+    for i, source in enumerate(sources):
+        try:
+            img = _load(extractor, source, i)
+        except ImageError:
+            if on_error != "skip":
+                raise
+            continue
+        readable.append(i)
+        cached.add(_prepare(extractor, img))
+    n = len(readable)
+    if stop == "last":
+        if n < 2:
+            raise DataError(f"adapt needs at least 2 readable training images, got {n}")
+        return cached.done(), None, None, n
+    n_val = max(2, int(round(HELD_OUT * n)))
+    if n - n_val < 2:
+        raise DataError(f"adapt with stop='validation' holds out {n_val} of {n} images, leaving fewer than 2 to "
+                        "train on: give more images, or adapt_stop='last'")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    fit_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
     for k, i in enumerate(val_idx):
-        donor = images[int(fit_idx[(k * 7919) % len(fit_idx)])]
-        pasted, _ = add_defect(images[i], donor, np.random.default_rng([seed or 0, k]),
-                               PASTED_DEFECTS[k % len(PASTED_DEFECTS)])
-        inputs.append(_prepare(extractor, Image.fromarray(pasted)))
-    del images
-    cached = _head(extractor.module, inputs, start)
-    if not len(val_idx):
-        return cached, None, None, n
+        d = int(fit_idx[(k * 7919) % len(fit_idx)])
+        good, donor = (np.asarray(_load(extractor, sources[readable[j]], readable[j])) for j in (int(i), d))
+        pasted, _ = add_defect(good, donor, rng, PASTED_DEFECTS[k % len(PASTED_DEFECTS)])
+        cached.add(_prepare(extractor, Image.fromarray(pasted)))
+    cached.done()
     return (_subset(cached, fit_idx), _subset(cached, val_idx), _subset(cached, n + np.arange(len(val_idx))), n)
 
 

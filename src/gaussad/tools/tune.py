@@ -428,7 +428,10 @@ def tune(images: Sequence[Any], *, grid: str | Mapping[str, Sequence[Any]] = "sm
                                                    verbose)
             for i in members:
                 rows[i] = {"candidate": i, "default": same[i] and i == same.index(True),
-                           **_score(settings[i], fit, held, extractor, union, masks, labels)}
+                           **_score(settings[i], fit, held, extractor, union, masks, labels),
+                           # an adapted network: the epoch its validation kept (0: the pretrained one)
+                           **({"adapt_kept_epoch": extractor.adaptation["kept_epoch"]} if extractor.adaptation
+                              else {})}
                 if bar is not None:
                     bar.update(1)
             del fit, held
@@ -501,7 +504,9 @@ def format_ranking(result: TuneResult) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     se = lambda v: "-" if v is None else f"{auroc_se(v, result.n_held_out, result.n_held_out):.4f}"  # noqa: E731
     rows = [[str(r["rank"]), fmt(r["image_auroc"]), se(r["image_auroc"]), fmt(r["global_auroc"]), fmt(r["map_max_auroc"]),
-             fmt(r["pixel_auroc"]), f"{r['seconds']:.1f}", _marks(r), describe(r["settings"])] for r in result.ranking]
+             fmt(r["pixel_auroc"]), f"{r['seconds']:.1f}", _marks(r),
+             describe(r["settings"]) + (f" (kept epoch {r['adapt_kept_epoch']})" if "adapt_kept_epoch" in r else "")]
+            for r in result.ranking]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     title = (f"held-out goods vs synthetic defects ({result.n_held_out} + {result.n_held_out}; fitted on "
