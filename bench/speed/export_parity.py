@@ -1,7 +1,7 @@
 """Parity of the exported ONNX detector with the Python path on real images.
 
     python -m bench.speed.export_parity --data ../shared/data/mvtec_ad/bottle [--preset recommended] [--threshold conformal]
-        [--limit 100] [--train-limit N] [--maps]
+        [--limit 100] [--train-limit N] [--maps] [--adapt N [--adapt-stop last]]
 
 ``--preset recommended`` (the default's fused score: its graph always has the map) compares the fused score and
 its full-conformal p-value.
@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="score the first N sorted test images")
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--maps", action="store_true", help="export and compare the anomaly maps too")
+    ap.add_argument("--adapt", type=int, default=0, help="fit with the network adapted for up to N epochs")
+    ap.add_argument("--adapt-stop", default="validation")
     args = ap.parse_args()
 
     import onnxruntime as ort
@@ -42,7 +44,8 @@ def main() -> None:
     root = Path(args.data)
     train = list_images(root / "train" / "good", recursive=True)[:args.train_limit]
     test = list_images(root / "test", recursive=True)[:args.limit]
-    model = gaussad.GaussianAD(preset=args.preset, threshold=args.threshold, fpr=args.fpr).fit(train)
+    model = gaussad.GaussianAD(preset=args.preset, threshold=args.threshold, fpr=args.fpr, adapt=args.adapt,
+                               adapt_stop=args.adapt_stop).fit(train)
     maps = args.maps or model.rule().fused  # a fused score's graph always has the map
     data, _ = export_detector(model, maps=args.maps)
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -68,6 +71,7 @@ def main() -> None:
     rel = lambda a, b: float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))  # noqa: E731
     print(json.dumps({
         "data": str(root), "preset": args.preset, "threshold": model.setting("threshold"),
+        "adapt": None if model.adaptation_ is None else {k: model.adaptation_[k] for k in ("epochs", "stop", "kept_epoch")},
         "image_score": model.setting("image_score"), "fpr": args.fpr, "input_size": model.input_size_,
         "n_train": len(train), "n_test": len(test), "graph_mib": round(len(data) / 2**20, 1),
         "max_rel_score": rel(g_score, scores), "max_rel_levels": rel(g_levels, levels),
