@@ -278,7 +278,10 @@ def test_cli_fit_adapts_and_reports_it(train, tiny_category, tmp_path, capsys):
 
     out = tmp_path / "m.gaussad"
     main(["fit", str(tiny_category / "train" / "good"), "-o", str(out), "--preset", "paper", "--input-size", "64",
-          "--levels", "stage2,stage4,head", "--adapt", "2", "--adapt-stop", "last", "--quiet"])
+          "--levels", "stage2,stage4,head", "--adapt", "2", "--adapt-stop", "last"])
+    said = capsys.readouterr().out
+    assert "adapted the network: 2 of 2 epochs run" in said and "kept epoch 2" in said
     model = load(out)
     assert model.adapt == 2 and model.adaptation_["kept_epoch"] == 2 and model.state_.adapted
+    assert model.summary()["adaptation"]["kept_epoch"] == 2
     assert gaussad.GaussianAD().adapt == 0  # every preset keeps the pretrained network

@@ -67,6 +67,7 @@ def _summary(args: argparse.Namespace, model, brief: dict, name_of: dict[str, st
     rule = brief["threshold"]
     return {"model": str(args.output), "n_images": model.n_samples_, "backbone": model.backbone,
             "precision": model.precision, **({"int8": brief["int8"]} if "int8" in brief else {}),
+            **({"adaptation": brief["adaptation"]} if "adaptation" in brief else {}),
             "levels": model.level_names_, "input_size": model.input_size_, "feature_dims": model.feature_dims_,
             "image_score": model.setting("image_score"), "threshold": model.setting("threshold"), "fpr": rule["fpr"],
             **({"fpr_requested": model.fpr} if rule["fpr"] != model.fpr else {}),
@@ -85,6 +86,14 @@ def _print_summary(args: argparse.Namespace, model, brief: dict) -> None:
     if model.map_tiles_ > 1:
         print(f"anomaly maps from {model.map_tiles_} x {model.map_tiles_} tiles per image (map_tiles="
               f"{model.setting('map_tiles')}; --map-tiles 1 or --preset fast for untiled, faster maps)")
+    if "adaptation" in brief:
+        a = brief["adaptation"]
+        kept = ("the pretrained network (no epoch ranked the held-out defects better)" if not a["kept_epoch"]
+                else f"epoch {a['kept_epoch']}")
+        figures = ("; held-out AUROC by epoch " + ", ".join(f"{v:.4f}" for v in a["validation_auroc"])
+                   if a["stop"] == "validation" else "")
+        print(f"adapted the network: {a['run']} of {a['epochs']} epochs run in {a['seconds']:.0f} s, kept {kept}"
+              f"{figures}")
     if "int8" in brief:
         print(f"int8 network: format {brief['int8']['format']} (scores alike on every CPU), calibrated on "
               f"{brief['int8']['calibrated_on']}")
