@@ -285,3 +285,19 @@ def test_cli_fit_adapts_and_reports_it(train, tiny_category, tmp_path, capsys):
     assert model.adapt == 2 and model.adaptation_["kept_epoch"] == 2 and model.state_.adapted
     assert model.summary()["adaptation"]["kept_epoch"] == 2
     assert gaussad.GaussianAD().adapt == 0  # every preset keeps the pretrained network
+
+
+def test_the_service_scores_with_the_adapted_network_and_says_so(adapted, test_images, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from gaussad.service.app import create_app, load_models
+
+    adapted.save(tmp_path / "tuned.gaussad")
+    with TestClient(create_app(load_models(tmp_path))) as c:
+        info = c.get("/models").json()[0]
+        files = [("files", (p.name, p.read_bytes(), "image/png")) for p in test_images[:3]]
+        body = c.post("/models/tuned/score", files=files).json()
+    assert info["adaptation"]["kept_epoch"] == 3 and info["adaptation"]["stop"] == "last"
+    np.testing.assert_allclose([r["score"] for r in body["results"]], adapted.score_samples(test_images[:3]),
+                               rtol=1e-6)

@@ -48,7 +48,7 @@ def main() -> None:
             epochs = [h["seconds"] for h in record.get("history", [])[1:]]
             print(f"{name}: fit {fit_s[name]:.1f} s ({fit_s[name] / fit_s['pretrained']:.2f}x pretrained)"
                   + (f", of which adaptation {record['seconds']:.1f} s (kept epoch {record['kept_epoch']} of "
-                     f"{len(epochs)} run, {sum(epochs) / max(len(epochs), 1):.1f} s an epoch with its validation)"
+                     f"{len(epochs)} run, {sum(epochs) / max(len(epochs), 1):.1f} s an epoch, its validation included where it ran)"
                      if record else "")
                   + f"; scoring {len(test) / score[name]:.1f} img/s ({score['pretrained'] / score[name]:.2f}x); "
                   f"model file {path.stat().st_size / 2**20:.1f} MiB")

@@ -346,14 +346,6 @@ def summary(rule: DecisionRule, state: Calibrated) -> dict:
             "image_score": rule.image_score, "threshold": describe(rule, state),
             **({"precision": "fp32"} if getattr(state, "network", None) is None
                else {"precision": "int8", "int8": state.int8_info()}),
-            **({"adaptation": adaptation_brief(state.adaptation)} if getattr(state, "adaptation", None) else {}),
+            **({"adaptation": state.adaptation_brief()} if getattr(state, "adaptation", None) else {}),
             "calibration": calibration_summary(state, rule.target_fpr(state))}
 
-
-def adaptation_brief(record: dict) -> dict:
-    """An adaptation's record in brief: epochs asked and run, the one kept, how it chose, the held-out AUROC by
-    epoch (validation) and the seconds."""
-    history = record.get("history", [])
-    return {"epochs": record.get("epochs"), "run": max(len(history) - 1, 0), "kept_epoch": record.get("kept_epoch"),
-            "stop": record.get("stop"), "validation_auroc": [h.get("validation_auroc") for h in history],
-            "seconds": record.get("seconds")}

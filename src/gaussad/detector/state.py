@@ -352,6 +352,16 @@ class DetectorState:
             **({} if self.adaptation is None else {"adaptation": self.adaptation}),
         }
 
+    def adaptation_brief(self) -> dict[str, Any] | None:
+        """The adaptation's record in brief (None without one): epochs asked and run, the one kept, how it chose, the
+        held-out AUROC by epoch (validation) and the seconds."""
+        if self.adaptation is None:
+            return None
+        a = self.adaptation
+        return {"epochs": a.get("epochs"), "run": max(len(a.get("history", [])) - 1, 0), "kept_epoch": a.get("kept_epoch"),
+                "stop": a.get("stop"), "validation_auroc": [h.get("validation_auroc") for h in a.get("history", [])],
+                "seconds": a.get("seconds")}
+
     def int8_info(self) -> dict[str, str | None] | None:
         """The int8 network's weight format and the instruction set it was calibrated on (None for fp32)."""
         return None if self.network is None else {"format": self.int8_format, "calibrated_on": self.int8_isa}

@@ -56,6 +56,7 @@ def model_info(name: str, model: GaussianAD, fpr: float) -> dict:
     return {"name": name, **params.reported(model.get_params(), fitted), "n_samples": int(model.n_samples_),
             "maps": model.has_maps,
             "int8": None if model.state_.network is None else int8_summary(model.state_.int8_format, model.state_.int8_isa),
+            "adaptation": model.state_.adaptation_brief(),
             "threshold": inference.decision(model, fpr),
             "heat_scale": asdict(heat_scale(model.state_.map_calibration)) if model.has_maps else None,
             "calibration": inference.calibration(model, fpr)}

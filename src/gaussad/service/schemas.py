@@ -49,6 +49,8 @@ class ModelInfo(BaseModel):
     precision: str = Field(description="the network's arithmetic: fp32 or int8")
     int8: dict | None = Field(None, description="an int8 network's weight format, the instruction set it was "
                               "calibrated on, this CPU's, and whether the format saturates here")
+    adaptation: dict | None = Field(None, description="a network adapted at fit (--adapt): epochs asked and run, the "
+                                    "one kept (0: the pretrained network), how it chose, held-out AUROC by epoch")
     threshold: dict
     heat_scale: dict | None = Field(None, description="heat-map colours (models with maps): none up to `low`, full "
                                     "from `high`; `source`: what `low` is (the training images' largest map peak)")
