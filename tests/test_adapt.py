@@ -212,9 +212,15 @@ def test_damaged_adapted_files_are_refused(adapted, tmp_path):
     for change, words in (({"array_change": nan}, "NaN"), ({"meta_change": unadapted}, "adapt 0")):
         with pytest.raises(ModelFormatError, match=words):
             load(_resave(good, tmp_path / "bad.gaussad", **change))
+    def dropped(arrays):
+        del arrays["adapted." + key]
+
     strayed = load(_resave(good, tmp_path / "stray.gaussad", array_change=stray))  # a tensor it does not train
     with pytest.raises(GaussadError, match="adapted weights do not fit this network.*_conv_stem"):
         strayed.score_samples([np.zeros((64, 64, 3), np.uint8)])
+    partial = load(_resave(good, tmp_path / "partial.gaussad", array_change=dropped))  # one trained tensor missing
+    with pytest.raises(GaussadError, match=f"missing: {key}"):
+        partial.score_samples([np.zeros((64, 64, 3), np.uint8)])
 
 
 def test_export_and_int8_run_the_adapted_network(adapted, train, test_images):

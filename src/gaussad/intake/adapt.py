@@ -68,17 +68,18 @@ def trained_keys(module: "PooledLevels") -> list[str]:
 
 
 def apply_weights(module: "PooledLevels", weights: dict[str, np.ndarray], source: str) -> None:
-    """Load adapted tensors into ``module``'s backbone; keys that are not its trained parameters, or shapes that
-    differ, are refused naming ``source`` (a model file fitted with another backbone or version)."""
+    """Load adapted tensors into ``module``'s backbone: exactly its trained parameters, each of its shape; anything
+    else is refused naming ``source`` (a model file fitted with another backbone or version, or damaged)."""
     import torch
 
     own = dict(module.backbone.named_parameters())
     allowed = set(trained_keys(module))
     bad = sorted(k for k in weights if k not in allowed)
+    missing = sorted(allowed - set(weights))
     shape = sorted(k for k in weights if k in allowed and tuple(own[k].shape) != tuple(weights[k].shape))
-    if bad or shape or not weights:
+    if bad or missing or shape:
         detail = (f"not trained parameters of this backbone: {', '.join(bad[:3])}" if bad else
-                  f"wrong shape: {', '.join(shape[:3])}" if shape else "no tensors")
+                  f"missing: {', '.join(missing[:3])}" if missing else f"wrong shape: {', '.join(shape[:3])}")
         raise GaussadError(f"{source}: adapted weights do not fit this network ({detail})")
     with torch.no_grad():
         for k, v in weights.items():
