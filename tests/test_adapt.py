@@ -307,3 +307,13 @@ def test_the_service_scores_with_the_adapted_network_and_says_so(adapted, test_i
     assert info["adaptation"]["kept_epoch"] == 3 and info["adaptation"]["stop"] == "last"
     np.testing.assert_allclose([r["score"] for r in body["results"]], adapted.score_samples(test_images[:3]),
                                rtol=1e-6)
+
+
+def test_mobilenet_adapts_its_deeper_half(train):
+    """The adaptation knows no backbone: MobileNetV2 trains the modules after its stage3 (levels from stage4)."""
+    model = GaussianAD(**{**ADAPT, "backbone": "mobilenet_v2", "adapt": 1})
+    model.fit(train)
+    net = model.feature_extractor().module.backbone
+    first = net.level_ends[3] + 1
+    assert model.adaptation_["trained_from"] == "stage4"
+    assert {int(k.split(".")[1]) for k in model.state_.adapted} == set(range(first, len(net.features)))
