@@ -129,17 +129,25 @@ def test_fit_and_score_with_the_default_preset_match_one_process(client, tiny_ca
 
 def test_fit_adapts_once_then_takes_every_partition_with_the_adapted_network(client, tiny_category, tmp_path):
     """adapt (issue 33): one worker adapts the network on every image, the partitions' statistics are taken with
-    it; the adapted tensors, the record and the scores are one process's (the worker runs 1 thread, whose float
-    sums differ in the last bits: each tensor within 1e-3 of its norm, scores to 1e-3)."""
+    it; the adapted tensors, the record and the scores are one process's. The worker's torch runs 1 thread (Dask
+    sets OMP_NUM_THREADS=1), so this process adapts on 1 thread too: with other thread counts float sums differ in
+    their last bits, which Adam's normalised steps make visible in parameters whose gradients are near zero."""
+    import torch
+
     settings = dict(TINY, levels=["stage2", "stage4", "head"], adapt=2, adapt_stop="last")
-    one = GaussianAD(**settings).fit(_train(tiny_category))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = GaussianAD(**settings).fit(_train(tiny_category))
+    finally:
+        torch.set_num_threads(threads)
     dist = distributed.fit(GaussianAD(**settings), _train(tiny_category), client, partition_size=3)
     assert dist.adaptation_["kept_epoch"] == one.adaptation_["kept_epoch"] == 2
     assert set(dist.state_.adapted) == set(one.state_.adapted)
     for k, v in one.state_.adapted.items():
-        assert np.linalg.norm(dist.state_.adapted[k] - v) <= 1e-3 * np.linalg.norm(v), k
+        np.testing.assert_allclose(dist.state_.adapted[k], v, rtol=1e-5, atol=1e-8, err_msg=k)
     test = _test(tiny_category)
-    np.testing.assert_allclose(dist.score_samples(test), one.score_samples(test), rtol=1e-3)
+    np.testing.assert_allclose(dist.score_samples(test), one.score_samples(test), rtol=1e-5)
     pretrained = GaussianAD(**{**settings, "adapt": 0}).fit(_train(tiny_category))
     assert np.abs(pretrained.score_samples(test) - one.score_samples(test)).max() > 1e-3
 
