@@ -317,3 +317,17 @@ def test_mobilenet_adapts_its_deeper_half(train):
     first = net.level_ends[3] + 1
     assert model.adaptation_["trained_from"] == "stage4"
     assert {int(k.split(".")[1]) for k in model.state_.adapted} == set(range(first, len(net.features)))
+
+
+def test_cli_tune_ranks_the_adapted_network_with_every_epoch_kept(tiny_category, tmp_path, capsys):
+    import json
+
+    from gaussad.cli import main
+
+    out = tmp_path / "t.gaussad"
+    main(["tune", str(tiny_category / "train" / "good"), "-o", str(out), "--grid", "adapt", "--adapt-stop", "last",
+          "--json"])
+    said = json.loads(capsys.readouterr().out)
+    rows = {r["settings"].get("adapt", 0): r for r in said["ranking"]}
+    assert set(rows) == {0, 5} and rows[5]["adapt_kept_epoch"] == 5 and "adapt_kept_epoch" not in rows[0]
+    assert load(out).adapt_stop == "last"

@@ -17,7 +17,7 @@ DESCRIPTION = (
     "recommended. small: input size native / ~1.4x / ~1.7x times map grid coarsest (stage2-7) / finest (stage4-7); "
     "sizes: the input sizes only; maps: the map grids only; scores: the global against the fused image score; tiles: "
     "map tiles 1 / 2 / 3 (--map-tiles); brightness: --brightness match against keep; adapt: the pretrained network "
-    "against --adapt 5 (fine-tuned on the search's fit part, the epoch kept by its validation). The choice is a hint: "
+    "against --adapt 5 (fine-tuned on the search's fit part, the epoch kept as --adapt-stop says). The choice is a hint: "
     "synthetic defects do not always rank settings as real ones do (docs/guide/tune.md, EXPERIMENTS.md).")
 
 
@@ -34,6 +34,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="training images the search uses at most, drawn with --seed (default %(default)s); the "
                         "final fit uses all")
     threshold_options(p)
+    params.add_options(p.add_argument_group("adapt"), ["adapt_stop"])  # which epoch --grid adapt's candidate keeps
     params.add_options(p.add_argument_group("intake"), params.cli_names("intake"))
     p.add_argument("--quiet", action="store_true", help="no progress bars or ranking")
     p.add_argument("--json", action="store_true", help="print the ranking and the chosen settings as JSON")
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from ..intake.files import check_output
 
     check_output(args.output, "model file")
-    settings = params.from_args(args, params.cli_names("intake", "threshold"))
+    settings = params.from_args(args, [*params.cli_names("intake", "threshold"), "adapt_stop"])
     seed = settings.pop("random_state")
     base = {**settings, "preset": "recommended"}
     params.validate({**params.defaults(), **base})
