@@ -348,4 +348,3 @@ def summary(rule: DecisionRule, state: Calibrated) -> dict:
                else {"precision": "int8", "int8": state.int8_info()}),
             **({"adaptation": state.adaptation_brief()} if getattr(state, "adaptation", None) else {}),
             "calibration": calibration_summary(state, rule.target_fpr(state))}
-
